@@ -1,0 +1,47 @@
+# The README names these targets; .ci/run calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck format edge-deps bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sluice serve --demo
+
+# nginx from Debian and workerd from npm: the edge tests run the real programs.
+edge-deps:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; \
+	  else echo "nginx is missing: run 'sudo apt-get install -y nginx' (Debian/Ubuntu) and retry" >&2; exit 1; fi; }
+	@[ -x cloudflare/node_modules/.bin/workerd ] || (cd cloudflare && npm ci --no-audit --no-fund --silent)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy resolves `sluice.*` through a tree of links, since the editable install maps folders
+# with an import hook that type checkers cannot follow.
+typecheck: $(STAMP)
+	@mkdir -p build/typecheck/sluice
+	@for d in proxy control sim; do ln -sfn "$(CURDIR)/$$d" build/typecheck/sluice/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p sluice.proxy -p sluice.control -p sluice.sim
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(STAMP) edge-deps lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP) edge-deps
+	$(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

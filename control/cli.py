@@ -1,0 +1,174 @@
+"""The `sluice` command line.
+
+Each subcommand's arguments are declared here, in one place, so `sluice --help` documents
+the whole interface; the work is done by a function in the module that owns the concept,
+imported lazily so `sluice check` does not import the server and `sluice sim` not the schema.
+Errors the user can fix end in one line on stderr and exit status 1 (`CliError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import CliError
+
+DEFAULT_CONFIG_DIR = "presets"
+
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("sim", help="run the built-in vLLM-compatible simulator (no GPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token (default 20)")
+    p.add_argument("--itl-ms", type=float, default=10.0, help="inter-token latency (default 10)")
+    p.add_argument("--model", default="sim-model", help="served model name (default sim-model)")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens when the request sets no max_tokens"
+    )
+    p.add_argument(
+        "--tokens-per-chunk", type=int, default=1, help="tokens merged into one SSE chunk"
+    )
+    p.add_argument(
+        "--ignore-stop", action="store_true", help="do not honour `stop` (tests the proxy's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="base seed for the generated text")
+    p.set_defaults(target="sluice.sim.cli:run")
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--config", default=None, help="config directory (default ./presets)")
+    p.add_argument("--backend", default=None, help="route every model to this backend URL")
+    p.add_argument("--host", default=None, help="listen address (default: Gateway or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: Gateway or 8000)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
+    p.add_argument("--demo", action="store_true", help="also start the simulator; print a curl")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="json", choices=["json", "console"])
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM"
+    )
+    p.set_defaults(target="sluice.control.serve:run")
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="bounded streaming load generator")
+    p.add_argument("--url", default=None, help="base URL to load (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--model", default="sim-model")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--compare", action="store_true", help="sim vs nginx vs sluice, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds with --compare")
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="simulator TTFT with --compare")
+    p.add_argument("--itl-ms", type=float, default=10.0, help="simulator ITL with --compare")
+    p.add_argument("--config", default=None, help="sluice config directory with --compare")
+    p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(target="sluice.control.bench:run")
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check", help="validate a config directory (exit 0/1)")
+    p.add_argument("dir", nargs="?", default=DEFAULT_CONFIG_DIR)
+    p.set_defaults(target="sluice.control.check:run_check")
+
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="inspect a config directory")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print resolved presets and policies")
+    show.add_argument("--config", default=DEFAULT_CONFIG_DIR)
+    show.set_defaults(target="sluice.control.check:run_show")
+
+
+def _add_preset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("preset", help="import/export Hugging Face generation_config.json")
+    psub = p.add_subparsers(dest="preset_command", required=True)
+    imp = psub.add_parser("import", help="generation_config.json (or its directory) -> preset")
+    imp.add_argument("path")
+    imp.add_argument("--name", default=None, help="preset name (default: from the path)")
+    imp.add_argument("--out", default=None, help="write the preset YAML here (default stdout)")
+    imp.set_defaults(target="sluice.control.presets:run_import")
+    exp = psub.add_parser("export", help="preset -> DIR/generation_config.json")
+    exp.add_argument("name")
+    exp.add_argument("dir")
+    exp.add_argument("--config", default=DEFAULT_CONFIG_DIR)
+    exp.set_defaults(target="sluice.control.presets:run_export")
+
+
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("render", help="render edge configs from the Gateway document")
+    p.add_argument("target_kind", choices=["nginx", "cloudflare"])
+    p.add_argument("--config", default=DEFAULT_CONFIG_DIR)
+    p.add_argument("--out", default=None, help="output directory (default stdout)")
+    p.set_defaults(target="sluice.control.render:run")
+
+
+def _add_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("key", help="API keys")
+    ksub = p.add_subparsers(dest="key_command", required=True)
+    new = ksub.add_parser("new", help="print a fresh key once, and the hash line to paste")
+    new.add_argument("app")
+    new.set_defaults(target="sluice.control.keys:run_new")
+
+
+def _add_ab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ab", help="A/B experiments")
+    asub = p.add_subparsers(dest="ab_command", required=True)
+    rep = asub.add_parser("report", help="per-variant statistics")
+    rep.add_argument("experiment")
+    rep.add_argument("--since", default=None, help="ISO time or age like 24h")
+    rep.add_argument("--json", action="store_true")
+    rep.add_argument("--db", default=None, help="records database (default from the config)")
+    rep.add_argument("--config", default=DEFAULT_CONFIG_DIR)
+    rep.set_defaults(target="sluice.control.report:run")
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="print a running proxy's /admin/status")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--token", default=None, help="admin token (default $SLUICE_ADMIN_TOKEN)")
+    p.set_defaults(target="sluice.control.status:run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice", description="Edge proxy and config control plane for LLM serving."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_serve,
+        _add_sim,
+        _add_bench,
+        _add_check,
+        _add_config,
+        _add_preset,
+        _add_render,
+        _add_key,
+        _add_ab,
+        _add_status,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, _, func_name = str(args.target).partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except CliError as exc:
+        print(f"sluice {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The immutable config the data plane runs on.
+
+The control plane builds a `Snapshot` (everything that can fail happens there) and the data
+plane swaps it in with one assignment to `SnapshotRef.current`. A request reads
+`ref.current` once and uses that object until it ends, so a stream is never served by half
+of one config and half of another. Every type here is frozen and holds no Optionals that a
+request would have to resolve: references are already resolved to objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTimeouts:
+    """Per-route stream deadlines in seconds; None disables one.
+
+    first_token: request start -> first content token. inter_token: between content tokens
+    (keep-alives, role-only and empty deltas do not reset it). total: request start -> end.
+    """
+
+    first_token: float | None = None
+    inter_token: float | None = None
+    total: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("first_token", "inter_token", "total"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} timeout must be > 0 seconds, got {value}")
+        if (
+            self.total is not None
+            and self.first_token is not None
+            and self.first_token > self.total
+        ):
+            raise ValueError(
+                f"first_token timeout {self.first_token}s exceeds total timeout {self.total}s"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return (
+            self.first_token is not None or self.inter_token is not None or self.total is not None
+        )
+
+
+NO_TIMEOUTS = StreamTimeouts()
+
+
+@dataclass(frozen=True, slots=True)
+class CutPattern:
+    """A regular expression that ends the stream with finish_reason content_filter.
+
+    max_len bounds the text a match can span, and so the text the guard may hold back.
+    """
+
+    pattern: str
+    max_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepetitionGuard:
+    """Ends a stream whose last words repeat a sequence of at most `ngram` words `repeats`
+    times in a row."""
+
+    ngram: int
+    repeats: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    """A resolved `kind: Policy`: what the stream guard enforces and the stream deadlines."""
+
+    name: str
+    stop: tuple[str, ...] = ()
+    cut_patterns: tuple[CutPattern, ...] = ()
+    repetition_guard: RepetitionGuard | None = None
+    timeouts: StreamTimeouts = NO_TIMEOUTS
+
+    @property
+    def guards_text(self) -> bool:
+        return bool(self.stop or self.cut_patterns or self.repetition_guard)
+
+
+NO_POLICY = StreamPolicy(name="")
+
+
+ClampBounds = tuple[float | None, float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingPlan:
+    """A resolved preset (after `extends`) in vLLM request vocabulary.
+
+    Field names are those of vLLM's OpenAI-compatible request body (`max_tokens`, not
+    `max_new_tokens`): the GenerationConfig mapping ran when the snapshot was built.
+    Merge order: defaults <- request <- forced; then clamps; a request that sets a denied
+    field is rejected with 400.
+    """
+
+    name: str
+    defaults: Mapping[str, Any] = EMPTY_MAPPING
+    forced: Mapping[str, Any] = EMPTY_MAPPING
+    clamps: Mapping[str, ClampBounds] = EMPTY_MAPPING
+    denied: frozenset[str] = frozenset()
+
+
+NO_PRESET = SamplingPlan(name="")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """A semaphore's bounded FIFO wait queue: length and the longest wait in seconds."""
+
+    max_len: int = 1024
+    max_wait: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/health"
+    interval: float = 5.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """An upstream pool: one or more replicas of an OpenAI-compatible server."""
+
+    name: str
+    urls: tuple[str, ...]
+    max_concurrency: int = 256
+    queue: QueueLimits = field(default_factory=QueueLimits)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    health: HealthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    preset: SamplingPlan
+    policy: StreamPolicy | None
+    weight: int
+
+
+StickyKind = Literal["header", "user", "app"]
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    name: str
+    route: str
+    sticky_kind: StickyKind
+    sticky_name: str  # header name (lower case) when sticky_kind == "header"
+    variants: tuple[Variant, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Public model name -> backend, upstream model, preset and policy.
+
+    upstream_model None means "send the request's model unchanged" (pass-through routes).
+    """
+
+    model: str
+    backend: Backend
+    upstream_model: str | None
+    preset: SamplingPlan = NO_PRESET
+    policy: StreamPolicy = NO_POLICY
+    experiment: Experiment | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    name: str
+    key_hashes: frozenset[bytes]  # sha256 digests of the app's API keys
+    routes: frozenset[str] | None  # None: every route
+    max_concurrency: int | None = None
+    queue: QueueLimits = field(default_factory=QueueLimits)
+    default_preset: SamplingPlan | None = None
+    allow_preset_header: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One complete, validated config. Built by `sluice.control`, read by the data plane."""
+
+    version: str
+    routes: Mapping[str, Route]
+    backends: Mapping[str, Backend]
+    presets: Mapping[str, SamplingPlan] = EMPTY_MAPPING
+    policies: Mapping[str, StreamPolicy] = EMPTY_MAPPING
+    apps: tuple[App, ...] = ()
+    # sha256 digest -> app; empty means the gateway is open (no API keys configured).
+    apps_by_key: Mapping[bytes, App] = EMPTY_MAPPING
+    experiments: Mapping[str, Experiment] = EMPTY_MAPPING
+    # Route used for a model name that matches no route (pass-through mode); None -> 404.
+    fallback_route: Route | None = None
+    admin_token_hash: bytes | None = None
+    origin_secret_hash: bytes | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    source: str = ""  # where it came from, for /admin/config ("presets/", "--backend URL")
+
+    @property
+    def requires_auth(self) -> bool:
+        return bool(self.apps_by_key)
+
+
+class SnapshotRef:
+    """Holds the current snapshot. Swapping is one reference assignment."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
