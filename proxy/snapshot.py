@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .stopwords import CutPattern, GuardSpec, RepetitionGuard
+
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
@@ -57,26 +59,6 @@ NO_TIMEOUTS = StreamTimeouts()
 
 
 @dataclass(frozen=True, slots=True)
-class CutPattern:
-    """A regular expression that ends the stream with finish_reason content_filter.
-
-    max_len bounds the text a match can span, and so the text the guard may hold back.
-    """
-
-    pattern: str
-    max_len: int
-
-
-@dataclass(frozen=True, slots=True)
-class RepetitionGuard:
-    """Ends a stream whose last words repeat a sequence of at most `ngram` words `repeats`
-    times in a row."""
-
-    ngram: int
-    repeats: int
-
-
-@dataclass(frozen=True, slots=True)
 class StreamPolicy:
     """A resolved `kind: Policy`: what the stream guard enforces and the stream deadlines."""
 
@@ -85,10 +67,9 @@ class StreamPolicy:
     cut_patterns: tuple[CutPattern, ...] = ()
     repetition_guard: RepetitionGuard | None = None
     timeouts: StreamTimeouts = NO_TIMEOUTS
-
-    @property
-    def guards_text(self) -> bool:
-        return bool(self.stop or self.cut_patterns or self.repetition_guard)
+    # Compiled from stop, cut_patterns and repetition_guard by the control plane (where a
+    # bad pattern is a config error with file:line); None when the policy guards no text.
+    guard: GuardSpec | None = None
 
 
 NO_POLICY = StreamPolicy(name="")
@@ -205,6 +186,8 @@ class Snapshot:
     experiments: Mapping[str, Experiment] = EMPTY_MAPPING
     # Route used for a model name that matches no route (pass-through mode); None -> 404.
     fallback_route: Route | None = None
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
     admin_token_hash: bytes | None = None
     origin_secret_hash: bytes | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -222,3 +205,22 @@ class SnapshotRef:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.current = snapshot
+
+
+__all__ = [
+    "App",
+    "Backend",
+    "CutPattern",
+    "Experiment",
+    "GuardSpec",
+    "HealthCheck",
+    "QueueLimits",
+    "RepetitionGuard",
+    "Route",
+    "SamplingPlan",
+    "Snapshot",
+    "SnapshotRef",
+    "StreamPolicy",
+    "StreamTimeouts",
+    "Variant",
+]
