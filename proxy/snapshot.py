@@ -22,6 +22,10 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
 
 
+def _empty_mapping() -> Mapping[Any, Any]:
+    return EMPTY_MAPPING
+
+
 @dataclass(frozen=True, slots=True)
 class StreamTimeouts:
     """Per-route stream deadlines in seconds; None disables one.
@@ -89,9 +93,9 @@ class SamplingPlan:
     """
 
     name: str
-    defaults: Mapping[str, Any] = EMPTY_MAPPING
-    forced: Mapping[str, Any] = EMPTY_MAPPING
-    clamps: Mapping[str, ClampBounds] = EMPTY_MAPPING
+    defaults: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    forced: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    clamps: Mapping[str, ClampBounds] = field(default_factory=_empty_mapping)
     denied: frozenset[str] = frozenset()
 
 
@@ -178,12 +182,12 @@ class Snapshot:
     version: str
     routes: Mapping[str, Route]
     backends: Mapping[str, Backend]
-    presets: Mapping[str, SamplingPlan] = EMPTY_MAPPING
-    policies: Mapping[str, StreamPolicy] = EMPTY_MAPPING
+    presets: Mapping[str, SamplingPlan] = field(default_factory=_empty_mapping)
+    policies: Mapping[str, StreamPolicy] = field(default_factory=_empty_mapping)
     apps: tuple[App, ...] = ()
     # sha256 digest -> app; empty means the gateway is open (no API keys configured).
-    apps_by_key: Mapping[bytes, App] = EMPTY_MAPPING
-    experiments: Mapping[str, Experiment] = EMPTY_MAPPING
+    apps_by_key: Mapping[bytes, App] = field(default_factory=_empty_mapping)
+    experiments: Mapping[str, Experiment] = field(default_factory=_empty_mapping)
     # Route used for a model name that matches no route (pass-through mode); None -> 404.
     fallback_route: Route | None = None
     listen_host: str = "127.0.0.1"
