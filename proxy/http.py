@@ -62,7 +62,16 @@ Header = tuple[bytes, bytes]
 class Request:
     """One parsed request. Header names are lower-case bytes; repeated headers are joined."""
 
-    __slots__ = ("body", "client", "headers", "http_version", "keep_alive", "method", "path", "query")
+    __slots__ = (
+        "body",
+        "client",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+    )
 
     def __init__(
         self,
@@ -406,7 +415,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         response = Response(
-            self, keep_alive=request.keep_alive and not self.state.closing,
+            self,
+            keep_alive=request.keep_alive and not self.state.closing,
             head_only=request.method == "HEAD",
         )
         self._task = self.loop.create_task(self._run(request, response))

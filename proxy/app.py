@@ -1,0 +1,473 @@
+"""The request handler: route, authenticate, resolve, merge, take permits, relay.
+
+Reads `ref.current` once per request. Everything a client can get wrong ends in an
+OpenAI-shaped error with a precise status; permits and upstream connections are released
+in `finally` blocks, which also run when the client goes away (the HTTP layer cancels the
+handler) or a timeout fires (the watchdog cancels it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+
+from .backends import BackendPools, Replica
+from .errors import (
+    JSON_HEADERS,
+    ApiError,
+    bad_gateway,
+    bad_request,
+    error_event,
+    method_not_allowed,
+    not_found,
+    send_error,
+)
+from .exchange import Exchange
+from .http import Header, Request, Response
+from .limits import LimiterRegistry, LimitExceeded
+from .relay import MAX_NONSTREAM_BODY, guard_completion, relay_stream
+from .routing import RouteChoice, choose_route
+from .sampling import apply_plan, merge_stop
+from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
+from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
+from .upstream import UpstreamConnection, UpstreamError, open_exchange
+
+SSE_HEADERS: list[Header] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+MAX_REQUEST_ID = 128
+ORIGIN_SECRET_HEADER = b"x-sluice-origin-secret"
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+CompletionHook = Callable[[Exchange], None]
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(b"x-request-id")
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.strip() == given:
+        text = given.decode("ascii")
+        if text.isprintable():
+            return text
+    return os.urandom(12).hex()
+
+
+def _api_key(request: Request) -> bytes | None:
+    auth = request.headers.get(b"authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.headers.get(b"x-api-key")
+
+
+class ProxyApp:
+    """The data plane's HTTP handler."""
+
+    def __init__(
+        self,
+        ref: SnapshotRef,
+        pools: BackendPools | None = None,
+        limiters: LimiterRegistry | None = None,
+        *,
+        extra_routes: Mapping[str, Handler] | None = None,
+        on_complete: list[CompletionHook] | None = None,
+    ) -> None:
+        self.ref = ref
+        self.pools = pools or BackendPools()
+        self.limiters = limiters or LimiterRegistry()
+        self.extra_routes = dict(extra_routes or {})
+        self.on_complete = on_complete or []
+        self.ready = True
+        self.active_streams = 0
+        self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
+
+    def interrupt_all(self, kind: str) -> int:
+        """Ends every exchange in flight (drain deadline passed); returns how many."""
+        watchdogs = list(self.watchdogs)
+        for watchdog in watchdogs:
+            watchdog.interrupt(kind)
+        return len(watchdogs)
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        path = request.path
+        try:
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                if request.method != "POST":
+                    raise method_not_allowed(request.method, path, "POST")
+                await self.completions(request, response, chat=path == "/v1/chat/completions")
+            elif path == "/v1/models":
+                if request.method not in ("GET", "HEAD"):
+                    raise method_not_allowed(request.method, path, "GET")
+                await self.models(request, response)
+            elif path == "/healthz":
+                response.send(200, JSON_HEADERS, b'{"status":"ok"}')
+            elif path == "/readyz":
+                if self.ready:
+                    response.send(200, JSON_HEADERS, b'{"status":"ready"}')
+                else:
+                    response.send(503, JSON_HEADERS, b'{"status":"draining"}')
+            else:
+                handler = self.extra_routes.get(path)
+                if handler is None:
+                    raise not_found(f"no route for {request.method} {path}", code="unknown_url")
+                await handler(request, response)
+        except ApiError as exc:
+            if not response.started:
+                send_error(response, exc)
+
+    # -- /v1/models ----------------------------------------------------------------------
+
+    async def models(self, request: Request, response: Response) -> None:
+        snap = self.ref.current
+        app = self._check_origin_and_auth(request, snap)
+        if not snap.routes and snap.fallback_route is not None:
+            await self._forward_models(snap, response)
+            return
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
+            for name in snap.routes
+            if app is None or app.routes is None or name in app.routes
+        ]
+        body = orjson.dumps({"object": "list", "data": data})
+        response.send(200, [*JSON_HEADERS, (b"x-sluice-config", snap.version.encode())], body)
+
+    async def _forward_models(self, snap: Snapshot, response: Response) -> None:
+        route = snap.fallback_route
+        assert route is not None
+        replica = self.pools.choose(route.backend)
+        try:
+            conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
+            body = await conn.read_all(MAX_NONSTREAM_BODY)
+        except UpstreamError as exc:
+            raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
+        replica.pool.release(conn)
+        response.send(conn.status, JSON_HEADERS, body)
+
+    # -- auth ----------------------------------------------------------------------------
+
+    def _check_origin_and_auth(self, request: Request, snap: Snapshot) -> App | None:
+        if snap.origin_secret_hash is not None:
+            given = request.headers.get(ORIGIN_SECRET_HEADER, b"")
+            if not hmac.compare_digest(hashlib.sha256(given).digest(), snap.origin_secret_hash):
+                raise ApiError(
+                    403,
+                    "requests must come through the edge (origin secret missing or wrong)",
+                    type="permission_error",
+                    code="origin_secret_required",
+                )
+        if not snap.requires_auth:
+            return None
+        key = _api_key(request)
+        if not key:
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
+                type="authentication_error",
+                code="missing_api_key",
+            )
+        digest = hashlib.sha256(key).digest()
+        app = snap.apps_by_key.get(digest)
+        # The lookup is by SHA-256 digest, which leaks nothing usable about the key; the
+        # explicit constant-time comparison documents the intent.
+        if app is None or not any(hmac.compare_digest(digest, h) for h in app.key_hashes):
+            raise ApiError(
+                401, "invalid API key", type="authentication_error", code="invalid_api_key"
+            )
+        return app
+
+    # -- completions ---------------------------------------------------------------------
+
+    async def completions(self, request: Request, response: Response, *, chat: bool) -> None:
+        loop = asyncio.get_running_loop()
+        snap = self.ref.current
+        ex = Exchange(_request_id(request), loop.time())
+        ex.chat = chat
+        ex.config_version = snap.version
+        base_headers: list[Header] = [
+            (b"x-request-id", ex.request_id.encode()),
+            (b"x-sluice-config", snap.version.encode()),
+        ]
+        try:
+            await self._completions(request, response, snap, ex, base_headers)
+        except ApiError as exc:
+            ex.status = exc.status
+            ex.error_code = exc.code
+            if not response.started:
+                send_error(response, exc, base_headers)
+        except LimitExceeded as exc:
+            app_limit = exc.limiter.startswith("app:")
+            status = 429 if app_limit else 503
+            ex.status = status
+            ex.error_code = exc.reason
+            what = "this app's concurrency limit" if app_limit else "the backend"
+            why = "its queue is full" if exc.reason == "queue_full" else "the queue wait expired"
+            send_error(
+                response,
+                ApiError(
+                    status,
+                    f"{what} is saturated: {why}; retry after {exc.retry_after}s",
+                    type="rate_limit_error" if app_limit else "server_error",
+                    code="app_concurrency_limit" if app_limit else "backend_saturated",
+                    headers=[(b"retry-after", str(exc.retry_after).encode())],
+                ),
+                base_headers,
+            )
+        except asyncio.CancelledError:
+            ex.client_disconnected = True
+            if not ex.status:
+                ex.status = 499
+            raise
+        finally:
+            ex.ended_at = loop.time()
+            for hook in self.on_complete:
+                hook(ex)
+
+    async def _completions(
+        self,
+        request: Request,
+        response: Response,
+        snap: Snapshot,
+        ex: Exchange,
+        base_headers: list[Header],
+    ) -> None:
+        try:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(
+                f"request body is not valid JSON: {exc}", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object", code="invalid_json")
+        app = self._check_origin_and_auth(request, snap)
+        if app is not None:
+            ex.app = app.name
+        choice = choose_route(snap, body, app, request)
+        ex.route = choice.route.model
+        ex.backend = choice.route.backend.name
+        ex.preset = choice.plan.name
+        ex.experiment = choice.experiment
+        ex.variant = choice.variant
+        policy = choice.policy
+        stream = body.get("stream") is True
+        ex.stream = stream
+        modified = choice.plan.name != "" or bool(policy.stop)
+        if choice.plan.name:
+            apply_plan(body, choice.plan)
+        merge_stop(body, policy.stop)
+        route = choice.route
+        if route.upstream_model is not None and body.get("model") != route.upstream_model:
+            body["model"] = route.upstream_model
+            modified = True
+        payload = orjson.dumps(body) if modified else request.body
+        n_choices = body.get("n", 1)
+        if not isinstance(n_choices, int) or isinstance(n_choices, bool):
+            n_choices = 1
+        extra_headers = base_headers + choice.headers
+
+        app_limiter = None
+        if app is not None and app.max_concurrency is not None:
+            app_limiter = self.limiters.get("app:" + app.name, app.max_concurrency, app.queue)
+        backend = route.backend
+        backend_limiter = self.limiters.get(
+            "backend:" + backend.name, backend.max_concurrency, backend.queue
+        )
+        loop = asyncio.get_running_loop()
+        if app_limiter is not None:
+            ex.queue_wait += await app_limiter.acquire()
+        try:
+            ex.queue_wait += await backend_limiter.acquire()
+            started = loop.time()
+            try:
+                await self._exchange(
+                    request,
+                    response,
+                    ex,
+                    route.backend,
+                    payload,
+                    policy.timeouts,
+                    policy,
+                    stream,
+                    n_choices,
+                    extra_headers,
+                )
+            finally:
+                backend_limiter.release()
+                backend_limiter.observe_service_time(loop.time() - started)
+        finally:
+            if app_limiter is not None:
+                app_limiter.release()
+
+    async def _exchange(
+        self,
+        request: Request,
+        response: Response,
+        ex: Exchange,
+        backend: Backend,
+        payload: bytes,
+        timeouts: StreamTimeouts,
+        policy: StreamPolicy,
+        stream: bool,
+        n_choices: int,
+        extra_headers: list[Header],
+    ) -> None:
+        path = b"/v1/chat/completions" if ex.chat else b"/v1/completions"
+        upstream_headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", ex.request_id.encode()),
+        ]
+        effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
+        watchdog = StreamWatchdog(effective)
+        self.watchdogs.add(watchdog)
+        conn: UpstreamConnection | None = None
+        replica: Replica | None = None
+        clean = False
+        try:
+            try:
+                conn, replica = await self._open(backend, path, upstream_headers, payload)
+                if (
+                    not stream
+                    or conn.status != 200
+                    or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
+                ):
+                    clean = await self._relay_whole(ex, conn, response, policy, extra_headers)
+                    return
+                ex.status = 200
+                response.start(200, SSE_HEADERS + extra_headers)
+                self.active_streams += 1
+                try:
+                    clean = await relay_stream(ex, conn, response, policy, watchdog, n_choices)
+                finally:
+                    self.active_streams -= 1
+            except asyncio.CancelledError:
+                if not watchdog.claim_cancellation():
+                    raise
+                kind = watchdog.expired or "timeout"
+                message = timeout_message(kind, effective)
+                if kind == SHUTDOWN:
+                    ex.error_code = kind
+                    error_type, status = "server_error", 503
+                else:
+                    ex.timeout = kind
+                    error_type, status = "timeout", 504
+                if response.started:
+                    response.write(error_event(message, error_type, kind))
+                elif stream:
+                    ex.status = 200
+                    response.start(200, SSE_HEADERS + extra_headers)
+                    response.write(error_event(message, error_type, kind))
+                else:
+                    raise ApiError(status, message, type=error_type, code=kind) from None
+        finally:
+            watchdog.stop()
+            self.watchdogs.discard(watchdog)
+            if conn is not None and replica is not None:
+                replica.pool.outstanding -= 1
+                if clean:
+                    replica.pool.release(conn)
+                else:
+                    conn.abort()
+
+    async def _open(
+        self, backend: Backend, path: bytes, headers: list[Header], payload: bytes
+    ) -> tuple[UpstreamConnection, Replica]:
+        """Opens the upstream exchange, trying another replica if one cannot be reached
+        (only ever before a byte went to the client)."""
+        tried: Replica | None = None
+        attempts = min(2, len(backend.urls))
+        last: UpstreamError | None = None
+        for _ in range(attempts):
+            replica = self.pools.choose(backend, exclude=tried)
+            replica.pool.outstanding += 1
+            try:
+                conn = await open_exchange(replica.pool, b"POST", path, headers, payload)
+            except UpstreamError as exc:
+                replica.pool.outstanding -= 1
+                replica.record_failure()
+                last = exc
+                tried = replica
+                if not exc.before_response:
+                    break
+                continue
+            except BaseException:
+                replica.pool.outstanding -= 1
+                raise
+            replica.record_success()
+            return conn, replica
+        assert last is not None
+        raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
+
+    async def _relay_whole(
+        self,
+        ex: Exchange,
+        conn: UpstreamConnection,
+        response: Response,
+        policy: StreamPolicy,
+        extra_headers: list[Header],
+    ) -> bool:
+        """A non-stream response, or a backend error answered to a stream request."""
+        try:
+            body = await conn.read_all(MAX_NONSTREAM_BODY)
+        except UpstreamError as exc:
+            ex.upstream_error = exc.kind
+            raise bad_gateway(
+                f"backend response broke: {exc}", code="upstream_" + exc.kind
+            ) from None
+        status = conn.status
+        ex.status = status
+        content_type = conn.headers.get(b"content-type", b"application/json")
+        if (
+            status == 200
+            and policy.guard is not None
+            and content_type.startswith(b"application/json")
+        ):
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                ex.record_usage(obj.get("usage"))
+                if guard_completion(obj, policy.guard, ex.chat, ex):
+                    body = orjson.dumps(obj)
+        elif status == 200 and content_type.startswith(b"application/json"):
+            ex.record_usage(_usage_of(body))
+        elif status >= 400 and not _is_openai_error(body):
+            ex.upstream_error = f"http_{status}"
+            message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
+            if status >= 500:
+                raise ApiError(
+                    502 if status != 503 else 503,
+                    f"backend answered {status}: {message}",
+                    type="upstream_error",
+                    code=f"upstream_http_{status}",
+                )
+            raise ApiError(status, f"backend answered {status}: {message}", code="upstream_error")
+        response.send(status, [(b"content-type", content_type), *extra_headers], body)
+        return conn.complete
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+
+
+def _usage_of(body: bytes) -> Any:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return obj.get("usage") if isinstance(obj, dict) else None
+
+
+__all__ = ["SSE_HEADERS", "ProxyApp", "RouteChoice"]

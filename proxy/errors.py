@@ -1,0 +1,81 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
+
+Every error a client sees from the proxy has this shape and a precise status; the terminal
+event of a broken stream carries the same object inside an SSE `data:` line.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from .http import Header, Response
+
+JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+
+
+class ApiError(Exception):
+    """An error answered to the client as OpenAI-shaped JSON with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: list[Header] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or []
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def error_event(message: str, type: str, code: str) -> bytes:
+    """The terminal SSE event of a stream that cannot finish normally, with `[DONE]` after."""
+    return b"data: " + error_body(message, type, code) + b"\n\ndata: [DONE]\n\n"
+
+
+def server_error_body(status: int, message: str, code: str) -> bytes:
+    """Errors written by the HTTP layer itself (bad framing, 413, 408...)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return error_body(message, kind, code)
+
+
+def send_error(response: Response, exc: ApiError, extra: list[Header] | None = None) -> None:
+    headers = JSON_HEADERS + exc.headers
+    if extra:
+        headers = headers + extra
+    response.send(exc.status, headers, exc.body())
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def not_found(message: str, code: str = "not_found", param: str | None = None) -> ApiError:
+    return ApiError(404, message, code=code, param=param)
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
+    return ApiError(
+        405,
+        f"method {method} is not allowed on {path}; use {allowed}",
+        code="method_not_allowed",
+        headers=[(b"allow", allowed.encode())],
+    )
+
+
+def bad_gateway(message: str, code: str = "upstream_unavailable") -> ApiError:
+    return ApiError(502, message, type="upstream_error", code=code)

@@ -1,0 +1,112 @@
+"""The record of one request, filled in along the hot path and read once at its end.
+
+Metrics, the access log line and the experiment records all read this object after the
+response is complete, so the per-token work is a few attribute updates and no callback.
+Inter-token gaps are aggregated here (count, sum, max) and observed into the histograms
+once per stream, without a lock or an object per token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class Exchange:
+    __slots__ = (
+        "app",
+        "backend",
+        "chat",
+        "client_disconnected",
+        "completion_tokens",
+        "config_version",
+        "content_chunks",
+        "cut",
+        "ended_at",
+        "error_code",
+        "experiment",
+        "finish_reason",
+        "first_token_at",
+        "gap_count",
+        "gap_max",
+        "gap_sum",
+        "last_token_at",
+        "preset",
+        "prompt_tokens",
+        "queue_wait",
+        "request_id",
+        "route",
+        "started_at",
+        "started_wall",
+        "status",
+        "stream",
+        "timeout",
+        "upstream_error",
+        "variant",
+    )
+
+    def __init__(self, request_id: str, started_at: float) -> None:
+        self.request_id = request_id
+        self.started_at = started_at  # loop time
+        self.started_wall = time.time()
+        self.app = ""
+        self.route = ""
+        self.backend = ""
+        self.preset = ""
+        self.experiment = ""
+        self.variant = ""
+        self.config_version = ""
+        self.chat = True
+        self.stream = False
+        self.status = 0
+        self.queue_wait = 0.0
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.ended_at = 0.0
+        self.gap_count = 0
+        self.gap_sum = 0.0
+        self.gap_max = 0.0
+        self.content_chunks = 0
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.finish_reason: str | None = None
+        self.cut: str | None = None
+        self.timeout: str | None = None
+        self.upstream_error: str | None = None
+        self.client_disconnected = False
+        self.error_code: str | None = None
+
+    def add_gap(self, gap: float) -> None:
+        self.gap_count += 1
+        self.gap_sum += gap
+        if gap > self.gap_max:  # noqa: PLR1730 - cheaper than max() per token
+            self.gap_max = gap
+
+    def record_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                self.prompt_tokens = prompt
+            if isinstance(completion, int):
+                self.completion_tokens = completion
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    @property
+    def duration(self) -> float:
+        return self.ended_at - self.started_at
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens from usage when the backend sent it, else content chunks (a lower bound:
+        vLLM merges several tokens into one chunk under load)."""
+        if self.completion_tokens is not None:
+            return self.completion_tokens
+        return self.content_chunks
+
+    @property
+    def mean_itl(self) -> float | None:
+        return self.gap_sum / self.gap_count if self.gap_count else None

@@ -1,0 +1,142 @@
+"""Concurrency limits: a semaphore with a FIFO wait queue bounded in length and in time.
+
+Limiters are long-lived state, kept in a `LimiterRegistry` keyed by name that survives
+reloads; a snapshot only carries the numbers. A reload that changes a limit updates the
+limiter in place: raising it admits queued requests at once; lowering it lets in-flight
+requests finish and admits no one until the in-use count is under the new limit. Queued
+requests keep their place; a shorter max_wait applies to requests that queue after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import time
+
+from .snapshot import QueueLimits
+
+# Weight of the newest sample in the service-time average behind Retry-After.
+SERVICE_TIME_EWMA_ALPHA = 0.2
+DEFAULT_SERVICE_TIME = 1.0
+
+
+class LimitExceeded(Exception):
+    """No permit: the queue is full or the wait expired. `retry_after` is in whole seconds."""
+
+    def __init__(self, limiter: str, reason: str, retry_after: int) -> None:
+        super().__init__(f"{limiter}: {reason}")
+        self.limiter = limiter
+        self.reason = reason  # "queue_full" | "queue_timeout"
+        self.retry_after = retry_after
+
+
+class Limiter:
+    """max_concurrency permits; waiters queue FIFO up to queue.max_len for queue.max_wait."""
+
+    def __init__(self, name: str, max_concurrency: int, queue: QueueLimits) -> None:
+        self.name = name
+        self.max_concurrency = max_concurrency
+        self.queue = queue
+        self.in_use = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._service_time = DEFAULT_SERVICE_TIME
+        self.rejected = 0
+        self.wait_seconds_total = 0.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def configure(self, max_concurrency: int, queue: QueueLimits) -> None:
+        self.max_concurrency = max_concurrency
+        self.queue = queue
+        self._admit()
+
+    def retry_after(self) -> int:
+        """Seconds until a permit is likely free: queue ahead / throughput, at least 1."""
+        ahead = len(self._waiters) + 1
+        estimate = ahead * self._service_time / max(self.max_concurrency, 1)
+        return max(1, math.ceil(estimate))
+
+    def observe_service_time(self, seconds: float) -> None:
+        self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
+
+    async def acquire(self) -> float:
+        """Takes a permit, waiting in the queue if needed; returns the seconds waited."""
+        if self.in_use < self.max_concurrency and not self._waiters:
+            self.in_use += 1
+            return 0.0
+        if len(self._waiters) >= self.queue.max_len:
+            self.rejected += 1
+            raise LimitExceeded(self.name, "queue_full", self.retry_after())
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        started = time.monotonic()
+        timer = loop.call_later(self.queue.max_wait, _expire, waiter)
+        try:
+            await waiter
+        except _Expired:
+            self._forget(waiter)
+            self.rejected += 1
+            raise LimitExceeded(self.name, "queue_timeout", self.retry_after()) from None
+        except BaseException:
+            # Cancelled (client gone): leave the queue at once. A permit handed over in the
+            # same tick as the cancellation is passed on, not lost.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()
+            else:
+                self._forget(waiter)
+            raise
+        finally:
+            timer.cancel()
+        waited = time.monotonic() - started
+        self.wait_seconds_total += waited
+        return waited
+
+    def release(self) -> None:
+        """Frees a permit, handing it straight to the first live waiter (FIFO)."""
+        self.in_use -= 1
+        self._admit()
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _admit(self) -> None:
+        while self._waiters and self.in_use < self.max_concurrency:
+            waiter = self._waiters.popleft()
+            if waiter.done():
+                continue
+            self.in_use += 1
+            waiter.set_result(None)
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
+
+
+class LimiterRegistry:
+    """Limiters by name; they outlive snapshots so in-flight counts survive a reload."""
+
+    def __init__(self) -> None:
+        self._limiters: dict[str, Limiter] = {}
+
+    def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> Limiter:
+        limiter = self._limiters.get(name)
+        if limiter is None:
+            limiter = self._limiters[name] = Limiter(name, max_concurrency, queue)
+        elif limiter.max_concurrency != max_concurrency or limiter.queue != queue:
+            limiter.configure(max_concurrency, queue)
+        return limiter
+
+    def all(self) -> list[Limiter]:
+        return list(self._limiters.values())

@@ -1,0 +1,271 @@
+"""Relaying a backend's response to the client: SSE event by event, never buffered.
+
+`ChunkFilter` is the per-event logic (token detection for the timers, the stream guard per
+choice index, rewriting a chunk only when the guard changed it) with no I/O, so property
+tests drive the exact code the server runs. `relay_stream` is the pull loop around it:
+`await upstream.read()`, filter, `response.write()`; backpressure is the client's drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from .errors import error_event
+from .exchange import Exchange
+from .http import Response
+from .snapshot import StreamPolicy
+from .sse import SEPARATOR, SseSplitter
+from .stopwords import GuardSpec, StreamGuard
+from .timeouts import StreamWatchdog
+from .upstream import UpstreamConnection, UpstreamError
+
+DONE_EVENT = b"data: [DONE]\n\n"
+MAX_NONSTREAM_BODY = 64 * 1024 * 1024
+
+
+class ChunkFilter:
+    """Per-stream state: which choices finished, their guards, token timing."""
+
+    __slots__ = (
+        "_loop",
+        "_template",
+        "chat",
+        "done",
+        "ex",
+        "finished",
+        "guard_spec",
+        "guards",
+        "n_choices",
+        "upstream_error",
+        "watchdog",
+    )
+
+    def __init__(
+        self,
+        ex: Exchange,
+        chat: bool,
+        guard_spec: GuardSpec | None,
+        n_choices: int,
+        watchdog: StreamWatchdog | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.ex = ex
+        self.chat = chat
+        self.guard_spec = guard_spec
+        self.n_choices = max(1, n_choices)
+        self.watchdog = watchdog
+        self._loop = loop or asyncio.get_event_loop()
+        self.guards: dict[int, StreamGuard] = {}
+        self.finished: set[int] = set()  # choices the guard ended
+        self.done = False  # the client has its [DONE]: stop reading the backend
+        self.upstream_error = False
+        self._template: dict[str, Any] | None = None
+
+    def on_event(self, event: bytes) -> bytes | None:
+        """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
+        if not event.startswith(b"data:"):
+            return event  # comments (keep-alives) and other fields pass through untouched
+        payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
+        if payload == b"[DONE]":
+            self.done = True
+            return self._flush_held() + DONE_EVENT
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if usage:
+            self.ex.record_usage(usage)
+        if not choices:
+            if "error" in obj:
+                self.upstream_error = True
+                self.ex.upstream_error = "stream_error"
+            return event
+        if self._template is None:
+            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        guard_spec = self.guard_spec
+        modified = False
+        kept: list[Any] = []
+        for choice in choices:
+            index = choice.get("index", 0)
+            if index in self.finished:
+                modified = True  # the guard already ended this choice: drop its late chunks
+                continue
+            kept.append(choice)
+            if self.chat:
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if not text and (
+                    delta.get("reasoning")
+                    or delta.get("reasoning_content")
+                    or delta.get("tool_calls")
+                ):
+                    self._token()
+            else:
+                delta = choice
+                text = choice.get("text")
+            if text:
+                self._token()
+            finish = choice.get("finish_reason")
+            if finish is not None and index not in self.finished:
+                self.ex.finish_reason = finish
+            if guard_spec is None:
+                continue
+            guard = self.guards.get(index)
+            if guard is None:
+                guard = self.guards[index] = guard_spec.start()
+            out = guard.feed(text) if text else ""
+            if guard.finish_reason is None and finish is not None:
+                out += guard.finish()
+            if guard.finish_reason is not None:
+                self._end_choice(choice, guard)
+                modified = True
+            if text is not None and out is not text:
+                if self.chat:
+                    delta["content"] = out
+                else:
+                    choice["text"] = out
+                modified = True
+            elif text is None and out:
+                delta["content" if self.chat else "text"] = out
+                modified = True
+        if not modified:
+            return event
+        if not kept:
+            return None
+        obj["choices"] = kept
+        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        if len(self.finished) >= self.n_choices:
+            self.done = True
+            return out_event + DONE_EVENT
+        return out_event
+
+    def _token(self) -> None:
+        now = self._loop.time()
+        ex = self.ex
+        if ex.first_token_at is None:
+            ex.first_token_at = now
+        else:
+            ex.add_gap(now - ex.last_token_at)
+        ex.last_token_at = now
+        ex.content_chunks += 1
+        if self.watchdog is not None:
+            self.watchdog.last_token = now
+
+    def _end_choice(self, choice: dict[str, Any], guard: StreamGuard) -> None:
+        index = choice.get("index", 0)
+        self.finished.add(index)
+        choice["finish_reason"] = guard.finish_reason
+        choice["stop_reason"] = guard.matched
+        if "logprobs" in choice:
+            choice["logprobs"] = None  # they may describe tokens of the removed text
+        self.ex.finish_reason = guard.finish_reason
+        self.ex.cut = guard.matched
+
+    def _flush_held(self) -> bytes:
+        """Text still held back when the backend ended without a finish chunk."""
+        out = b""
+        for index, guard in self.guards.items():
+            if index in self.finished:
+                continue
+            tail = guard.finish()
+            if not tail and guard.finish_reason is None:
+                continue
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["delta"] = {"content": tail}
+            else:
+                choice["text"] = tail
+            choice["logprobs"] = None
+            choice["finish_reason"] = guard.finish_reason
+            if guard.finish_reason is not None:
+                self.finished.add(index)
+                choice["stop_reason"] = guard.matched
+            obj = dict(self._template or {})
+            obj["choices"] = [choice]
+            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+        return out
+
+
+async def relay_stream(
+    ex: Exchange,
+    upstream: UpstreamConnection,
+    response: Response,
+    policy: StreamPolicy,
+    watchdog: StreamWatchdog | None,
+    n_choices: int,
+) -> bool:
+    """Relays an SSE response. Returns True when the backend stream ended cleanly (its
+    connection may be reused); False when the relay ended it early (cut, timeout)."""
+    chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
+    splitter = SseSplitter()
+    write = response.write
+    try:
+        while True:
+            data = await upstream.read()
+            if not data:
+                break
+            # vLLM sends one event per chunk: the common case needs no split and no copy.
+            if splitter.pending or data.find(SEPARATOR) != len(data) - 2:
+                events = [e + SEPARATOR for e in splitter.feed(data)]
+            else:
+                events = [data]
+            for event in events:
+                out = chunk_filter.on_event(event)
+                if out is not None:
+                    write(out)
+                if chunk_filter.done:
+                    break
+            if chunk_filter.done:
+                break
+            if response.must_drain:
+                await response.drain()
+    except UpstreamError as exc:
+        ex.upstream_error = exc.kind
+        write(error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind))
+        return False
+    if chunk_filter.done:
+        return upstream.complete
+    # The backend ended without [DONE]: never leave the client with a silently cut stream.
+    held = chunk_filter._flush_held()
+    if held:
+        write(held)
+    if not upstream.complete:
+        ex.upstream_error = "truncated"
+        write(error_event("backend ended the stream early", "upstream_error", "upstream_truncated"))
+        return False
+    write(DONE_EVENT)
+    return True
+
+
+def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exchange) -> bool:
+    """Applies the guard to a non-stream response body in place; True when changed."""
+    changed = False
+    for choice in body.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        holder = choice.get("message") if chat else choice
+        if not isinstance(holder, dict):
+            continue
+        key = "content" if chat else "text"
+        text = holder.get(key)
+        if not isinstance(text, str) or not text:
+            continue
+        result = spec.apply(text)
+        if result.finish_reason is None:
+            continue
+        holder[key] = result.text
+        choice["finish_reason"] = result.finish_reason
+        choice["stop_reason"] = result.matched
+        if "logprobs" in choice:
+            choice["logprobs"] = None
+        ex.finish_reason = result.finish_reason
+        ex.cut = result.matched
+        changed = True
+    return changed

@@ -1,0 +1,102 @@
+"""Stream deadlines with one timer per stream, whatever the token count.
+
+A token only stores the loop time in an attribute. The single timer is armed at the
+earliest possible deadline; when it fires it recomputes the deadline from the latest
+token time and re-arms if the stream moved on. So a stream with an inter-token timeout of
+5 s and tokens every 10 ms creates one timer handle per 5 s, not one per token.
+
+On expiry the watchdog cancels the task it guards (like `asyncio.timeout`, which re-arms
+with a new handle on every reschedule); the relay tells its own cancellation from a client
+disconnect by `expired` and `Task.uncancel()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .snapshot import StreamTimeouts
+
+FIRST_TOKEN = "first_token_timeout"
+INTER_TOKEN = "inter_token_timeout"
+TOTAL = "total_timeout"
+SHUTDOWN = "shutdown"
+
+
+class StreamWatchdog:
+    __slots__ = ("_handle", "_loop", "_task", "expired", "last_token", "started", "timeouts")
+
+    def __init__(self, timeouts: StreamTimeouts, task: asyncio.Task[object] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = task if task is not None else asyncio.current_task()
+        self.timeouts = timeouts
+        self.started = self._loop.time()
+        self.last_token: float | None = None  # set by the relay on each content token
+        self.expired: str | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _deadline(self) -> tuple[float, str] | None:
+        t = self.timeouts
+        best: tuple[float, str] | None = None
+        if t.total is not None:
+            best = (self.started + t.total, TOTAL)
+        if self.last_token is None:
+            if t.first_token is not None:
+                candidate = (self.started + t.first_token, FIRST_TOKEN)
+                if best is None or candidate[0] < best[0]:
+                    best = candidate
+        elif t.inter_token is not None:
+            candidate = (self.last_token + t.inter_token, INTER_TOKEN)
+            if best is None or candidate[0] < best[0]:
+                best = candidate
+        return best
+
+    def _arm(self) -> None:
+        if not self.timeouts.enabled:
+            return
+        deadline = self._deadline()
+        if deadline is not None:
+            self._handle = self._loop.call_at(deadline[0], self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self._deadline()
+        if deadline is None:
+            return
+        when, kind = deadline
+        if when > self._loop.time():
+            self._handle = self._loop.call_at(when, self._fire)
+            return
+        self.expired = kind
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def interrupt(self, kind: str) -> None:
+        """Ends the guarded exchange now (graceful shutdown past its drain deadline)."""
+        self.stop()
+        if self.expired is None:
+            self.expired = kind
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def claim_cancellation(self) -> bool:
+        """True when the pending CancelledError is this watchdog's own (a timeout), not a
+        client disconnect or shutdown; the cancellation is then withdrawn from the task."""
+        if self.expired is None or self._task is None:
+            return False
+        return self._task.uncancel() == 0
+
+
+def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
+    if kind == SHUTDOWN:
+        return "the proxy is shutting down; retry the request"
+    if kind == FIRST_TOKEN:
+        return f"no token from the backend within {timeouts.first_token:g}s"
+    if kind == INTER_TOKEN:
+        return f"no token from the backend for {timeouts.inter_token:g}s"
+    return f"stream exceeded its total time limit of {timeouts.total:g}s"

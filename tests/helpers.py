@@ -1,0 +1,312 @@
+"""Test helpers: real servers on loopback (subprocesses or a proxy on its own loop thread),
+and small raw clients that show exactly what arrived and when."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+from sluice.proxy.app import ProxyApp
+from sluice.proxy.errors import server_error_body
+from sluice.proxy.http import HttpServer, ServerState
+from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, SnapshotRef
+
+REPO = Path(__file__).resolve().parent.parent
+LISTEN_RE = re.compile(r"(?:listening|serving) on (http://[0-9.:\[\]a-z]+)")
+
+
+def sluice_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sluice.control.cli", *args]
+
+
+class ProcessServer:
+    """A real server process; `url` is read from its 'listening on' / 'serving on' line."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+        self.stderr_lines: list[str] = []
+        self.stdout_lines: list[str] = []
+        self.url = self._wait_for_url(timeout)
+        threading.Thread(
+            target=self._drain, args=(self.proc.stderr, self.stderr_lines), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._drain, args=(self.proc.stdout, self.stdout_lines), daemon=True
+        ).start()
+
+    def _wait_for_url(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        result: list[str] = []
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.stdout_lines.append(line)
+                match = LISTEN_RE.search(line)
+                if match:
+                    result.append(match.group(1))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not result:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=5)
+            raise RuntimeError(f"{self.argv} did not start: {err[-2000:]}")
+        return result[0]
+
+    @staticmethod
+    def _drain(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def json_logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr_lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+def start_sim(*args: str) -> ProcessServer:
+    return ProcessServer(sluice_cmd("sim", "--port", "0", *args))
+
+
+class SimClient:
+    """The simulator's test endpoints."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/sim/stats", timeout=5).json()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(self.url + "/sim/requests", timeout=5).json()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/sim/reset", timeout=5)
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 2.0) -> float:
+        """Polls /sim/stats until predicate holds; returns the seconds it took."""
+        start = time.monotonic()
+        while True:
+            if predicate(self.stats()):
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"sim stats never matched: {self.stats()}")
+            time.sleep(0.02)
+
+
+class LoopThread:
+    """An event loop (uvloop) on a thread, for servers the test inspects directly."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        async def wrapper() -> Any:
+            return fn()
+
+        return self.run(wrapper())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+@dataclass
+class ProxyHarness:
+    """The proxy's data plane on a loop thread, with a snapshot the test controls."""
+
+    snapshot: Snapshot
+    lt: LoopThread = field(default_factory=LoopThread)
+
+    def __post_init__(self) -> None:
+        self.ref = SnapshotRef(self.snapshot)
+        self.finished: list[Any] = []
+        self.app = ProxyApp(self.ref, on_complete=[self.finished.append])
+        self.server = HttpServer(
+            ServerState(
+                self.app, lambda: self.ref.current.max_body_bytes, error_body=server_error_body
+            )
+        )
+        self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def swap(self, snapshot: Snapshot) -> None:
+        self.lt.call(lambda: setattr(self.ref, "current", snapshot))
+
+    def open_upstream_connections(self) -> int:
+        return int(self.lt.call(self.app.pools.open_connections))
+
+    def busy_upstream_connections(self) -> int:
+        def busy() -> int:
+            return sum(len(r.pool.open) - len(r.pool.idle) for r in self.app.pools.all())
+
+        return int(self.lt.call(busy))
+
+    def permits_in_use(self) -> int:
+        return int(
+            self.lt.call(lambda: sum(lim.in_use + lim.queued for lim in self.app.limiters.all()))
+        )
+
+    def close(self) -> None:
+        self.lt.run(self.server.close())
+        self.lt.call(self.app.pools.close)
+        self.lt.stop()
+
+
+def passthrough_snapshot(backend_url: str, **backend_kw: Any) -> Snapshot:
+    backend = Backend(name="sim", urls=(backend_url,), **backend_kw)
+    route = Route(model="*", backend=backend, upstream_model=None)
+    return Snapshot(version="test-1", routes={}, backends={"sim": backend}, fallback_route=route)
+
+
+def routed_snapshot(
+    backend_url: str, models: dict[str, dict[str, Any]], version: str = "test-1", **snap_kw: Any
+) -> Snapshot:
+    backend = snap_kw.pop("backend", None) or Backend(
+        name="sim", urls=(backend_url,), queue=QueueLimits()
+    )
+    routes = {
+        name: Route(
+            model=name, backend=backend, upstream_model=kw.pop("upstream_model", "sim-model"), **kw
+        )
+        for name, kw in models.items()
+    }
+    return Snapshot(version=version, routes=routes, backends={"sim": backend}, **snap_kw)
+
+
+# -- raw streaming client -----------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    status: int
+    headers: dict[str, str]
+    events: list[tuple[float, bytes]]  # (seconds since request sent, raw event)
+    body: bytes
+
+    def data(self) -> list[Any]:
+        out: list[Any] = []
+        for _, event in self.events:
+            if event.startswith(b"data: "):
+                payload = event[6:]
+                out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+        return out
+
+    def text(self) -> str:
+        parts = []
+        for obj in self.data():
+            if isinstance(obj, dict):
+                for choice in obj.get("choices") or []:
+                    parts.append(
+                        (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    )
+        return "".join(parts)
+
+    def content_times(self) -> list[float]:
+        times = []
+        for t, event in self.events:
+            if event.startswith(b"data: {"):
+                obj = json.loads(event[6:])
+                for choice in obj.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content") or choice.get("text"):
+                        times.append(t)
+                        break
+        return times
+
+
+def stream_request(
+    url: str,
+    body: dict[str, Any],
+    *,
+    path: str = "/v1/chat/completions",
+    headers: Mapping[str, str] | None = None,
+    stop_after_events: int | None = None,
+    timeout: float = 30.0,
+) -> StreamResult:
+    """POSTs with httpx streaming and records each SSE event with its arrival time."""
+    events: list[tuple[float, bytes]] = []
+    with httpx.Client(timeout=timeout) as client:
+        start = time.monotonic()
+        with client.stream("POST", url + path, json=body, headers=dict(headers or {})) as resp:
+            if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                raw = resp.read()
+                return StreamResult(resp.status_code, dict(resp.headers), [], raw)
+            buffer = b""
+            for chunk in resp.iter_raw():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    events.append((time.monotonic() - start, event))
+                if stop_after_events is not None and len(events) >= stop_after_events:
+                    break
+            return StreamResult(resp.status_code, dict(resp.headers), events, b"")
+
+
+def iter_sse(lines: Iterator[bytes]) -> Iterator[bytes]:
+    for line in lines:
+        if line.startswith(b"data: "):
+            yield line[6:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
