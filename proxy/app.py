@@ -31,7 +31,7 @@ from .errors import (
 from .exchange import Exchange
 from .http import Header, Request, Response
 from .limits import LimiterRegistry, LimitExceeded
-from .relay import MAX_NONSTREAM_BODY, guard_completion, relay_stream
+from .relay import MAX_NONSTREAM_BODY, MESSAGE_END_TIMEOUT, guard_completion, relay_stream
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
 from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
@@ -371,10 +371,12 @@ class ProxyApp:
             self.watchdogs.discard(watchdog)
             if conn is not None and replica is not None:
                 replica.pool.outstanding -= 1
-                if clean:
-                    replica.pool.release(conn)
-                else:
+                if not clean:
                     conn.abort()
+                elif stream:
+                    replica.pool.release_when_complete(conn, MESSAGE_END_TIMEOUT)
+                else:
+                    replica.pool.release(conn)
 
     async def _open(
         self, backend: Backend, path: bytes, headers: list[Header], payload: bytes

@@ -22,6 +22,7 @@ from email.utils import formatdate
 from typing import cast
 
 import httptools
+import orjson
 
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -138,12 +139,25 @@ class Response:
     """Writes one response. `start` + `write`* + `end` for a streamed (chunked) body,
     or `send` for a complete one. `write` never blocks; call `drain` when `must_drain`."""
 
-    __slots__ = ("_conn", "_head_only", "_transport", "ended", "keep_alive", "started", "status")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_only",
+        "_transport",
+        "ended",
+        "keep_alive",
+        "started",
+        "status",
+    )
 
-    def __init__(self, conn: HttpConnection, keep_alive: bool, head_only: bool) -> None:
+    def __init__(
+        self, conn: HttpConnection, keep_alive: bool, head_only: bool, http11: bool = True
+    ) -> None:
         self._conn = conn
         self._transport = conn.transport
         self._head_only = head_only
+        # HTTP/1.0 clients get no chunked framing: the body ends when the connection does.
+        self._chunked = http11
         self.keep_alive = keep_alive
         self.started = False
         self.ended = False
@@ -173,7 +187,11 @@ class Response:
             raise RuntimeError("response already started")
         self.started = True
         self.status = status
-        extra = self._connection_header() + b"transfer-encoding: chunked\r\n"
+        if self._chunked:
+            extra = self._connection_header() + b"transfer-encoding: chunked\r\n"
+        else:
+            self.keep_alive = False
+            extra = b"connection: close\r\n"
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(_head(status, headers, extra))
 
@@ -184,7 +202,10 @@ class Response:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ClientGone()
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        if self._chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
 
     @property
     def must_drain(self) -> bool:
@@ -194,12 +215,22 @@ class Response:
         """Waits while the client reads slower than we write (transport backpressure)."""
         await self._conn.wait_writable()
 
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once the client's socket accepts writes again (push mode's
+        backpressure: the relay pauses its upstream until then)."""
+        self._conn.resume_callbacks.append(callback)
+
     def end(self) -> None:
         if self.ended:
             return
         self.ended = True
         transport = self._transport
-        if transport is not None and not transport.is_closing() and not self._head_only:
+        if (
+            self._chunked
+            and transport is not None
+            and not transport.is_closing()
+            and not self._head_only
+        ):
             transport.write(b"0\r\n\r\n")
 
     def abort(self) -> None:
@@ -228,9 +259,8 @@ class ServerState:
 
 
 def _plain_error_body(status: int, message: str, code: str) -> bytes:
-    return b'{"error":{"message":"%s","type":"invalid_request_error","code":"%s"}}' % (
-        message.encode(),
-        code.encode(),
+    return orjson.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
     )
 
 
@@ -250,6 +280,7 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._pipeline: collections.deque[Request] = collections.deque()
         self._reading_paused = False
+        self.resume_callbacks: list[Callable[[], None]] = []
         # Per-message parse state.
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
@@ -284,6 +315,7 @@ class HttpConnection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._pipeline.clear()
+        self.resume_callbacks.clear()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ClientGone())
@@ -299,6 +331,10 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.resume_callbacks:
+            callbacks, self.resume_callbacks = self.resume_callbacks, []
+            for callback in callbacks:
+                callback()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -418,6 +454,7 @@ class HttpConnection(asyncio.Protocol):
             self,
             keep_alive=request.keep_alive and not self.state.closing,
             head_only=request.method == "HEAD",
+            http11=request.http_version != "1.0",
         )
         self._task = self.loop.create_task(self._run(request, response))
 
@@ -493,6 +530,10 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    @property
     def idle(self) -> bool:
         return self._task is None and not self._pipeline and self._request is None
 
@@ -560,9 +601,15 @@ class HttpServer:
         return sum(1 for conn in self.state.connections if not conn.idle)
 
     async def close(self) -> None:
+        """Closes everything; running handlers are cancelled and awaited."""
         self.stop_accepting()
+        tasks = [c.task for c in self.state.connections if c.task is not None]
         for conn in list(self.state.connections):
             conn.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
 

@@ -88,23 +88,25 @@ class Metrics:
         self.upstream_errors = Counter(
             "sluice_upstream_errors", "Backend failures", ["backend", "kind"], registry=r
         )
-        gauge_mode = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
         self.active_streams = Gauge(
-            "sluice_active_streams", "Streams being relayed", registry=r, **gauge_mode
+            "sluice_active_streams",
+            "Streams being relayed",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_depth = Gauge(
             "sluice_queue_depth",
             "Requests waiting for a permit",
             ["limiter"],
             registry=r,
-            **gauge_mode,
+            multiprocess_mode="livesum",
         )
         self.config_info = Gauge(
             "sluice_config_info",
             "The config version being served (value 1)",
             ["version"],
             registry=r,
-            **({"multiprocess_mode": "liveall"} if self.multiprocess else {}),
+            multiprocess_mode="liveall",
         )
         self.config_reloads = Counter(
             "sluice_config_reload", "Config reloads by result", ["result"], registry=r
@@ -144,6 +146,6 @@ class Metrics:
     def render(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)

@@ -23,7 +23,14 @@ from .timeouts import StreamWatchdog
 from .upstream import UpstreamConnection, UpstreamError
 
 DONE_EVENT = b"data: [DONE]\n\n"
+_CONTENT_KEY = b'"content":"'
+_TEXT_KEY = b'"text":"'
+_QUOTE = ord('"')
+_ERROR_PREFIX = b'data: {"error"'
 MAX_NONSTREAM_BODY = 64 * 1024 * 1024
+# How long a backend may take to send its chunked terminator after [DONE] before its
+# connection is closed instead of pooled.
+MESSAGE_END_TIMEOUT = 1.0
 
 
 class ChunkFilter:
@@ -68,10 +75,12 @@ class ChunkFilter:
         """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
         if not event.startswith(b"data:"):
             return event  # comments (keep-alives) and other fields pass through untouched
+        if self.guard_spec is None:
+            return self._observe(event)
         payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
         if payload == b"[DONE]":
             self.done = True
-            return self._flush_held() + DONE_EVENT
+            return self.flush_held() + DONE_EVENT
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -146,6 +155,43 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
+    def _observe(self, event: bytes) -> bytes:
+        """No guard: the event goes out unchanged, and a few byte searches find what the
+        timers and metrics need, without parsing the JSON of every token."""
+        if event.startswith(DONE_EVENT):
+            self.done = True
+            return event
+        key = _CONTENT_KEY if self.chat else _TEXT_KEY
+        at = event.find(key)
+        if at >= 0 and event[at + len(key)] != _QUOTE:
+            self._token()
+        elif self.chat and (b'"reasoning' in event or b'"tool_calls":[' in event):
+            self._token()  # reasoning and tool-call deltas are tokens for the timers
+        if (
+            b'"finish_reason":"' in event
+            or b'"usage":{' in event
+            or event.startswith(_ERROR_PREFIX)
+        ):
+            self._bookkeep(event)
+        return event
+
+    def _bookkeep(self, event: bytes) -> None:
+        try:
+            obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        usage = obj.get("usage")
+        if usage:
+            self.ex.record_usage(usage)
+        if "error" in obj and not obj.get("choices"):
+            self.upstream_error = True
+            self.ex.upstream_error = "stream_error"
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                self.ex.finish_reason = choice["finish_reason"]
+
     def _token(self) -> None:
         now = self._loop.time()
         ex = self.ex
@@ -168,7 +214,7 @@ class ChunkFilter:
         self.ex.finish_reason = guard.finish_reason
         self.ex.cut = guard.matched
 
-    def _flush_held(self) -> bytes:
+    def flush_held(self) -> bytes:
         """Text still held back when the backend ended without a finish chunk."""
         out = b""
         for index, guard in self.guards.items():
@@ -193,6 +239,64 @@ class ChunkFilter:
         return out
 
 
+class StreamRelay:
+    """Push-mode relay of one SSE response: the upstream connection calls `feed` from its
+    data callback, so an event goes backend socket -> filter -> client socket without a
+    future or a task switch. The handler awaits `outcome` once per stream:
+    "done" (backend's [DONE] relayed), "cut" (the guard ended every choice) or "eof"
+    (the backend ended the message without [DONE]); an UpstreamError or ClientGone is set
+    as its exception."""
+
+    __slots__ = ("filter", "outcome", "response", "splitter", "upstream")
+
+    def __init__(
+        self, chunk_filter: ChunkFilter, upstream: UpstreamConnection, response: Response
+    ) -> None:
+        self.filter = chunk_filter
+        self.upstream = upstream
+        self.response = response
+        self.splitter = SseSplitter()
+        self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def feed(self, data: bytes) -> None:
+        if self.outcome.done():
+            return
+        chunk_filter = self.filter
+        try:
+            # vLLM sends one event per chunk: the common case needs no split and no copy.
+            if self.splitter.pending or data.find(SEPARATOR) != len(data) - 2:
+                parts = []
+                for event in self.splitter.feed(data):
+                    out = chunk_filter.on_event(event + SEPARATOR)
+                    if out is not None:
+                        parts.append(out)
+                    if chunk_filter.done:
+                        break
+                out = b"".join(parts)
+            else:
+                out = chunk_filter.on_event(data)
+            if out:
+                self.response.write(out)
+        except BaseException as exc:  # a broken client or a bug: end this stream only
+            self.outcome.set_exception(exc)
+            return
+        if chunk_filter.done:
+            self.outcome.set_result("cut" if chunk_filter.finished else "done")
+        elif self.response.must_drain:
+            # The client reads slower than the backend writes: stop reading the backend
+            # until the client's socket drains (TCP backpressure all the way to vLLM).
+            self.upstream.pause_reading()
+            self.response.when_writable(self.upstream.resume_reading)
+
+    def complete(self) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result("eof")
+
+    def error(self, exc: BaseException) -> None:
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
+
+
 async def relay_stream(
     ex: Exchange,
     upstream: UpstreamConnection,
@@ -201,46 +305,33 @@ async def relay_stream(
     watchdog: StreamWatchdog | None,
     n_choices: int,
 ) -> bool:
-    """Relays an SSE response. Returns True when the backend stream ended cleanly (its
-    connection may be reused); False when the relay ended it early (cut, timeout)."""
+    """Relays an SSE response; True when the backend's message ended cleanly, so its
+    connection may be reused (possibly after its last bytes: see release_when_complete).
+    Cancellation (client gone, timeout) propagates to the caller, which aborts upstream."""
     chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
-    splitter = SseSplitter()
-    write = response.write
+    relay = StreamRelay(chunk_filter, upstream, response)
+    upstream.set_consumer(relay)
     try:
-        while True:
-            data = await upstream.read()
-            if not data:
-                break
-            # vLLM sends one event per chunk: the common case needs no split and no copy.
-            if splitter.pending or data.find(SEPARATOR) != len(data) - 2:
-                events = [e + SEPARATOR for e in splitter.feed(data)]
-            else:
-                events = [data]
-            for event in events:
-                out = chunk_filter.on_event(event)
-                if out is not None:
-                    write(out)
-                if chunk_filter.done:
-                    break
-            if chunk_filter.done:
-                break
-            if response.must_drain:
-                await response.drain()
+        outcome = await relay.outcome
     except UpstreamError as exc:
         ex.upstream_error = exc.kind
-        write(error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind))
+        response.write(
+            error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
+        )
         return False
-    if chunk_filter.done:
-        return upstream.complete
+    finally:
+        upstream.set_consumer(None)
+        upstream.resume_reading()
+    if outcome == "done":
+        response.end()  # the client has its [DONE]; what follows is only HTTP framing
+        return True
+    if outcome == "cut":
+        return False  # closing the connection aborts the generation
     # The backend ended without [DONE]: never leave the client with a silently cut stream.
-    held = chunk_filter._flush_held()
+    held = chunk_filter.flush_held()
     if held:
-        write(held)
-    if not upstream.complete:
-        ex.upstream_error = "truncated"
-        write(error_event("backend ended the stream early", "upstream_error", "upstream_truncated"))
-        return False
-    write(DONE_EVENT)
+        response.write(held)
+    response.write(DONE_EVENT)
     return True
 
 

@@ -185,7 +185,7 @@ class Snapshot:
     presets: Mapping[str, SamplingPlan] = field(default_factory=_empty_mapping)
     policies: Mapping[str, StreamPolicy] = field(default_factory=_empty_mapping)
     apps: tuple[App, ...] = ()
-    # sha256 digest -> app; empty means the gateway is open (no API keys configured).
+    # sha256 digest -> app. With no apps declared the gateway is open.
     apps_by_key: Mapping[bytes, App] = field(default_factory=_empty_mapping)
     experiments: Mapping[str, Experiment] = field(default_factory=_empty_mapping)
     # Route used for a model name that matches no route (pass-through mode); None -> 404.
@@ -199,7 +199,9 @@ class Snapshot:
 
     @property
     def requires_auth(self) -> bool:
-        return bool(self.apps_by_key)
+        # Declared apps mean keys are required, even when none of their keys resolved
+        # (an unset env variable must close the gateway, not open it).
+        return bool(self.apps)
 
 
 class SnapshotRef:

@@ -35,20 +35,24 @@ class StreamWatchdog:
         self._handle: asyncio.TimerHandle | None = None
         self._arm()
 
-    def _deadline(self) -> tuple[float, str] | None:
+    def _deadline(self) -> tuple[float, str | None] | None:
+        """The next time to look, and the timeout that expires then (None: only a check)."""
         t = self.timeouts
-        best: tuple[float, str] | None = None
+        best: tuple[float, str | None] | None = None
         if t.total is not None:
             best = (self.started + t.total, TOTAL)
+        candidate: tuple[float, str | None] | None = None
         if self.last_token is None:
             if t.first_token is not None:
                 candidate = (self.started + t.first_token, FIRST_TOKEN)
-                if best is None or candidate[0] < best[0]:
-                    best = candidate
+            elif t.inter_token is not None:
+                # No first-token limit: look again later, the inter-token clock starts with
+                # the first token.
+                candidate = (self._loop.time() + t.inter_token, None)
         elif t.inter_token is not None:
             candidate = (self.last_token + t.inter_token, INTER_TOKEN)
-            if best is None or candidate[0] < best[0]:
-                best = candidate
+        if candidate is not None and (best is None or candidate[0] < best[0]):
+            best = candidate
         return best
 
     def _arm(self) -> None:
@@ -64,7 +68,7 @@ class StreamWatchdog:
         if deadline is None:
             return
         when, kind = deadline
-        if when > self._loop.time():
+        if kind is None or when > self._loop.time():
             self._handle = self._loop.call_at(when, self._fire)
             return
         self.expired = kind

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -54,8 +54,23 @@ class Origin:
         self.host_header = (host if self.port == default_port else f"{host}:{self.port}").encode()
 
 
+class BodyConsumer(Protocol):
+    """Receives a response body as it arrives, inside the transport's callbacks (push
+    mode: no future and no task switch per chunk)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def complete(self) -> None: ...
+
+    def error(self, exc: BaseException) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection; serves one response at a time."""
+    """One keep-alive connection; serves one response at a time.
+
+    The body is either pulled (`read`, `read_all`) or pushed to a `BodyConsumer`
+    (`set_consumer`); the relay of a stream uses push mode.
+    """
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -75,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._consumer: BodyConsumer | None = None
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -98,6 +114,10 @@ class UpstreamConnection(asyncio.Protocol):
                 + (" before responding" if before else " mid-response"),
                 before_response=before,
             )
+        consumer = self._consumer
+        if consumer is not None and not self._complete:
+            self._consumer = None
+            consumer.error(self._exc or UpstreamError("reset", "connection lost", False))
         self._wake()
 
     def data_received(self, data: bytes) -> None:
@@ -122,6 +142,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.feed(body)
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._waiter is not None:
@@ -129,6 +153,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        consumer = self._consumer
+        if consumer is not None:
+            self._consumer = None
+            consumer.complete()
         self._wake()
 
     # -- the one reader ------------------------------------------------------------------
@@ -153,6 +181,35 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
+    def set_consumer(self, consumer: BodyConsumer | None) -> None:
+        """Switches to push mode: what was buffered is fed at once, the rest as it comes."""
+        self._consumer = consumer
+        if consumer is None:
+            return
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._buffered = 0
+            consumer.feed(data)
+        if self._consumer is not consumer:
+            return
+        if self._complete:
+            self._consumer = None
+            consumer.complete()
+        elif self._exc is not None:
+            self._consumer = None
+            consumer.error(self._exc)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._reading_paused = False
+
     def send(self, head: bytes, body: bytes) -> None:
         self.status = 0
         self.headers = {}
@@ -162,6 +219,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False
         self._got_bytes = False
         self._exc = None
+        self._consumer = None
         assert self.transport is not None
         self.transport.write(head + body)
 
@@ -273,6 +331,15 @@ class UpstreamPool:
         else:
             conn.abort()
 
+    def release_when_complete(self, conn: UpstreamConnection, within: float) -> None:
+        """Pools a connection once its response has fully arrived (after the client got
+        its [DONE], only the chunked terminator may still be in flight); closes it if the
+        backend does not finish the message `within` seconds."""
+        if conn.complete or conn.closed:
+            self.release(conn)
+            return
+        _TailWatcher(self, conn, within)
+
     def forget(self, conn: UpstreamConnection) -> None:
         self.open.discard(conn)
         if conn in self.idle:
@@ -291,6 +358,28 @@ class UpstreamPool:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"content-length: %d\r\n\r\n" % n)
         return b"".join(parts)
+
+
+class _TailWatcher:
+    """Waits for a response's last bytes, then returns its connection to the pool."""
+
+    __slots__ = ("conn", "pool", "timer")
+
+    def __init__(self, pool: UpstreamPool, conn: UpstreamConnection, within: float) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.timer = conn.loop.call_later(within, conn.abort)
+        conn.set_consumer(self)
+
+    def feed(self, data: bytes) -> None:
+        pass  # only framing is expected after [DONE]
+
+    def complete(self) -> None:
+        self.timer.cancel()
+        self.pool.release(self.conn)
+
+    def error(self, exc: BaseException) -> None:
+        self.timer.cancel()
 
 
 async def open_exchange(

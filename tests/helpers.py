@@ -56,12 +56,15 @@ class ProcessServer:
         self.stderr_lines: list[str] = []
         self.stdout_lines: list[str] = []
         self.url = self._wait_for_url(timeout)
-        threading.Thread(
-            target=self._drain, args=(self.proc.stderr, self.stderr_lines), daemon=True
-        ).start()
-        threading.Thread(
-            target=self._drain, args=(self.proc.stdout, self.stdout_lines), daemon=True
-        ).start()
+        self._drains = [
+            threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
+            for stream, sink in (
+                (self.proc.stderr, self.stderr_lines),
+                (self.proc.stdout, self.stdout_lines),
+            )
+        ]
+        for thread in self._drains:
+            thread.start()
 
     def _wait_for_url(self, timeout: float) -> str:
         assert self.proc.stdout is not None
@@ -83,6 +86,9 @@ class ProcessServer:
         if not result:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=5)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
             raise RuntimeError(f"{self.argv} did not start: {err[-2000:]}")
         return result[0]
 
@@ -104,6 +110,12 @@ class ProcessServer:
             self.proc.kill()
             self.proc.wait()
             raise
+        finally:
+            for t in self._drains:
+                t.join(timeout=5)
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
 
     def json_logs(self) -> list[dict[str, Any]]:
         out = []

@@ -23,27 +23,48 @@ ALPHABET = st.sampled_from(list("ab #\nUser:。用户🛑xIgnore previous instru
 
 
 class FakeUpstream:
-    """Serves pre-split bytes as the backend connection would."""
+    """Pushes pre-split bytes to the relay as the backend connection would, one piece per
+    loop iteration."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = list(pieces)
         self.complete = False
+        self.consumer: Any = None
 
-    async def read(self) -> bytes:
-        await asyncio.sleep(0)
+    def set_consumer(self, consumer: Any) -> None:
+        self.consumer = consumer
+        if consumer is not None:
+            asyncio.get_running_loop().call_soon(self._next)
+
+    def _next(self) -> None:
+        if self.consumer is None:
+            return
         if self.pieces:
-            return self.pieces.pop(0)
-        self.complete = True
-        return b""
+            self.consumer.feed(self.pieces.pop(0))
+            asyncio.get_running_loop().call_soon(self._next)
+        else:
+            self.complete = True
+            self.consumer.complete()
+
+    def pause_reading(self) -> None:
+        raise AssertionError("no backpressure in this test")
+
+    def resume_reading(self) -> None:
+        pass
 
 
 class CollectingResponse:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.must_drain = False
+        self.ended = False
 
     def write(self, data: bytes) -> None:
+        assert not self.ended
         self.writes.append(data)
+
+    def end(self) -> None:
+        self.ended = True
 
 
 def chat_events(tokens: list[str]) -> bytes:

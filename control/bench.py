@@ -1,0 +1,588 @@
+"""`sluice bench`: load one URL, or compare a simulator direct, through nginx and through sluice.
+
+`--compare` starts the simulator (or uses `--url` as the backend), nginx with an SSE
+pass-through config, and `sluice serve`, then runs the same load against each in
+interleaved rounds, rotating the order per round so drift on the shared machine falls on
+every target alike, and reports the medians. Each relay's CPU time (user + system of its
+process tree, from /proc, before and after each run) per token relayed is the figure that
+is stable on a busy 2-core machine and the one ops pay for. Every child is stopped at the
+end, on error and on Ctrl-C/SIGTERM; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvloop
+
+from .errors import CliError
+from .loadgen import LoadResult, LoadSpec, run_load
+
+NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+WARMUP_MAX_TOKENS = 8
+# The foundation issue's bar at 256 streams (64 tokens, ITL 10 ms, TTFT 20 ms); the policy
+# issue lowers tok/s to 85% with stop strings, cut patterns and timeouts on.
+GOAL_TOK_RATIO = 0.90
+GOAL_TOK_RATIO_POLICY = 0.85
+GOAL_TTFT_P50_EXTRA_MS = 20.0
+GOAL_TTFT_P99_EXTRA_MS = 50.0
+GOAL_CPU_RATIO = 1.5
+
+SIM_READY = re.compile(r"sluice sim listening on (http://\S+)")
+SERVE_READY = re.compile(r"sluice serving on (http://\S+)")
+_PR_SET_PDEATHSIG = 1
+
+
+def _spec(args: argparse.Namespace, url: str) -> LoadSpec:
+    try:
+        return LoadSpec(
+            url=url,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            model=args.model,
+            api_key=args.api_key,
+            timeout=args.timeout,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        # The URL is each target's, set per run; --url, if given, is the backend.
+        spec = _spec(args, args.url or "http://127.0.0.1")
+        if args.rounds < 1:
+            raise CliError("--rounds must be at least 1")
+        if args.config and not Path(args.config).is_dir():
+            raise CliError(f"config directory {args.config} does not exist")
+        report = compare(args, spec)
+        print(json.dumps(report, indent=2) if args.json else format_compare(report))
+        return 0
+    if not args.url:
+        raise CliError("--url is required (or --compare to start the targets itself)")
+    spec = _spec(args, args.url)
+    with _interruptible():
+        result = uvloop.run(run_load(spec))
+    if args.json:
+        print(json.dumps({"url": spec.url, "settings": _settings(spec), **_as_dict(result)}))
+    else:
+        print(format_single(spec, result))
+    return 0
+
+
+# -- child processes ---------------------------------------------------------------------
+
+
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """A pre-exec hook that has the child SIGTERMed if the bench process dies (even by
+    SIGKILL); None where prctl is unavailable. prctl is looked up here, in the parent, so
+    the child between fork and exec runs no dynamic loading."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_pdeathsig
+
+
+class Child:
+    """A target process; its output goes to files in the run's temp dir (a pipe nobody
+    reads would stall it), and its readiness is read from there."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.out_path = workdir / f"{name}.out"
+        self.err_path = workdir / f"{name}.err"
+        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
+            # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_pdeathsig_setter(),  # noqa: PLW1509 -- loads nothing after fork
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_line(self, pattern: re.Pattern[str], timeout: float = START_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = pattern.search(self.out_path.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise CliError(self._failure(f"did not print {pattern.pattern!r} within {timeout:g}s"))
+
+    def wait_port(self, port: int, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                return
+            time.sleep(0.02)
+        raise CliError(self._failure(f"did not listen on 127.0.0.1:{port} within {timeout:g}s"))
+
+    def _failure(self, what: str) -> str:
+        code = self.proc.poll()
+        state = "running" if code is None else f"exit status {code}"
+        tail = self.err_path.read_text(errors="replace").strip().splitlines()[-3:]
+        return f"{self.name} ({state}) {what}: {' | '.join(tail) or 'no output'}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        # The session holds nginx's workers too; anything left in it goes now.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime (+ reaped children's) of `root` and all its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited while we looked
+        # Fields after "(comm)": state ppid ... utime(14) stime(15) cutime(16) cstime(17).
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = sum(int(x) for x in fields[11:15])
+    total = 0
+    frontier = [root]
+    seen: set[int] = set()
+    while frontier:
+        pid = frontier.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += times.get(pid, 0)
+        frontier.extend(child for child, parent in parents.items() if parent == pid)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_nginx() -> str:
+    for path in (shutil.which("nginx"), *NGINX_PATHS):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise CliError("nginx is not installed (needed by --compare): apt-get install nginx")
+
+
+def nginx_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    return (out.stderr or out.stdout).strip().rpartition("/")[2] or "unknown"
+
+
+def render_nginx_conf(workdir: Path, listen_port: int, backend: str) -> str:
+    """One worker (sluice serves from one process too), an access log like sluice's, and
+    nothing between the stream and the client: no buffering, cache or gzip."""
+    upstream = backend.removeprefix("http://").rstrip("/")
+    temp = "\n".join(
+        f"  {kind}_temp_path {workdir}/nginx-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log {workdir}/nginx-access.log;
+{temp}
+  upstream backend {{
+    server {upstream};
+    keepalive 1024;
+  }}
+  server {{
+    listen 127.0.0.1:{listen_port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_cache off;
+      gzip off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+"""
+
+
+def sluice_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sluice.control.cli", *args]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    pid: int | None  # the relay's process (tree) whose CPU is counted; None: no relay
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` that stops a child runs.
+
+    It is passed on as SIGINT rather than raised here: inside the event loop asyncio.Runner
+    turns SIGINT into a cancellation of the run, while an exception raised in a signal
+    handler could land in a protocol callback, where the loop would swallow it."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _targets(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[list[Target], int | None]]:
+    """direct, nginx and sluice, started and ready; the simulator's pid (None with --url)."""
+    nginx = find_nginx()
+    children: list[Child] = []
+    try:
+        sim_pid: int | None = None
+        if args.url:
+            backend = args.url.rstrip("/")
+        else:
+            sim = Child(
+                "sim",
+                sluice_argv(
+                    "sim",
+                    *("--host", "127.0.0.1", "--port", "0", "--model", args.model),
+                    *("--ttft-ms", f"{args.ttft_ms:g}", "--itl-ms", f"{args.itl_ms:g}"),
+                ),
+                workdir,
+            )
+            children.append(sim)
+            backend = sim.wait_line(SIM_READY)
+            sim_pid = sim.pid
+        port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(render_nginx_conf(workdir, port, backend))
+        error_log = str(workdir / "nginx-error.log")  # -e: not the packaged /var/log path
+        proxy = Child(
+            "nginx", [nginx, "-p", str(workdir), "-e", error_log, "-c", str(conf)], workdir
+        )
+        children.append(proxy)
+        serve_argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--backend", backend]
+        if args.config:
+            serve_argv += ["--config", str(Path(args.config).resolve())]
+        sluice = Child("sluice", sluice_argv(*serve_argv), workdir)
+        children.append(sluice)
+        proxy.wait_port(port)
+        sluice_url = sluice.wait_line(SERVE_READY)
+        yield (
+            [
+                Target("direct", backend, None),
+                Target("nginx", f"http://127.0.0.1:{port}", proxy.pid),
+                Target("sluice", sluice_url, sluice.pid),
+            ],
+            sim_pid,
+        )
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+# -- the comparison ----------------------------------------------------------------------
+
+
+def compare(args: argparse.Namespace, spec: LoadSpec) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "nginx": [], "sluice": []}
+    with (
+        _interruptible(),
+        tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp,
+        _targets(args, Path(tmp)) as (targets, sim_pid),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        for target in targets:
+            _warm_up(runner, spec, target)
+        for round_no in range(args.rounds):
+            shift = round_no % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                runs[target.name].append(_measure(runner, spec, target, sim_pid))
+    return build_report(args, spec, runs)
+
+
+def _warm_up(runner: asyncio.Runner, spec: LoadSpec, target: Target) -> None:
+    """Opens the relays' upstream keep-alive pools and warms caches; not measured."""
+    n = min(spec.concurrency, spec.requests)
+    warm = dataclasses.replace(
+        spec, url=target.url, requests=n, max_tokens=min(spec.max_tokens, WARMUP_MAX_TOKENS)
+    )
+    result = runner.run(run_load(warm))
+    if result.ok == 0:
+        raise CliError(f"{target.name} ({target.url}): every warm-up request failed: "
+                       f"{result.first_error}")  # fmt: skip
+
+
+def _measure(
+    runner: asyncio.Runner, spec: LoadSpec, target: Target, sim_pid: int | None
+) -> dict[str, Any]:
+    relay0, sim0 = _cpu(target.pid), _cpu(sim_pid)
+    result = runner.run(run_load(dataclasses.replace(spec, url=target.url)))
+    relay_s, sim_s = _cpu(target.pid) - relay0, _cpu(sim_pid) - sim0
+    out = _as_dict(result)
+    out["relay_cpu_s"] = relay_s if target.pid else None
+    out["sim_cpu_s"] = sim_s if sim_pid else None
+    return out
+
+
+def _cpu(pid: int | None) -> float:
+    return tree_cpu_seconds(pid) if pid else 0.0
+
+
+def _per_1k(cpu_s: float | None, tokens: int) -> float | None:
+    return None if cpu_s is None or tokens == 0 else cpu_s / tokens * 1000
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize_target(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians across rounds; error counts add up."""
+    keys = ("tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "wall_s")
+    out: dict[str, Any] = {key: _median([r[key] for r in rounds]) for key in keys}
+    out["relay_cpu_s_per_1k_tokens"] = _median(
+        [_per_1k(r["relay_cpu_s"], r["tokens"]) for r in rounds]
+    )
+    out["sim_cpu_s_per_1k_tokens"] = _median([_per_1k(r["sim_cpu_s"], r["tokens"]) for r in rounds])
+    out["client_cpu_s_per_1k_tokens"] = _median(
+        [_per_1k(r["client_cpu_s"], r["tokens"]) for r in rounds]
+    )
+    out["requests"] = sum(r["requests"] for r in rounds)
+    out["tokens"] = sum(r["tokens"] for r in rounds)
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["first_error"] = next((r["first_error"] for r in rounds if r["first_error"]), "")
+    out["rounds"] = rounds
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _meets(
+    value: float | None, *, minimum: float | None = None, maximum: float | None = None
+) -> bool | None:
+    if value is None or math.isnan(value):
+        return None
+    return (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+
+
+def build_report(
+    args: argparse.Namespace, spec: LoadSpec, runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    targets = {name: summarize_target(rounds) for name, rounds in runs.items()}
+    ng = targets["nginx"]
+    vs = {
+        name: {
+            "tok_per_s_ratio": _ratio(t["tok_per_s"], ng["tok_per_s"]),
+            "ttft_p50_delta_ms": _delta(t["ttft_p50_ms"], ng["ttft_p50_ms"]),
+            "ttft_p99_delta_ms": _delta(t["ttft_p99_ms"], ng["ttft_p99_ms"]),
+            "cpu_per_token_ratio": _ratio(
+                t["relay_cpu_s_per_1k_tokens"], ng["relay_cpu_s_per_1k_tokens"]
+            ),
+        }
+        for name, t in targets.items()
+        if name != "nginx"
+    }
+    s = vs["sluice"]
+    tok_goal = GOAL_TOK_RATIO_POLICY if args.config else GOAL_TOK_RATIO
+    goals = {
+        "tok_per_s_ratio_min": tok_goal,
+        "ttft_p50_delta_ms_max": GOAL_TTFT_P50_EXTRA_MS,
+        "ttft_p99_delta_ms_max": GOAL_TTFT_P99_EXTRA_MS,
+        "cpu_per_token_ratio_max": GOAL_CPU_RATIO,
+        # None: not measurable in this run (no tokens, or too little CPU for the clock tick).
+        "met": {
+            "tok_per_s": _meets(s["tok_per_s_ratio"], minimum=tok_goal),
+            "ttft_p50": _meets(s["ttft_p50_delta_ms"], maximum=GOAL_TTFT_P50_EXTRA_MS),
+            "ttft_p99": _meets(s["ttft_p99_delta_ms"], maximum=GOAL_TTFT_P99_EXTRA_MS),
+            "cpu_per_token": _meets(s["cpu_per_token_ratio"], maximum=GOAL_CPU_RATIO),
+        },
+    }
+    settings = {
+        **_settings(spec),
+        "rounds": args.rounds,
+        "backend": args.url or "sluice sim",
+        "sim_ttft_ms": None if args.url else args.ttft_ms,
+        "sim_itl_ms": None if args.url else args.itl_ms,
+        "sluice_config": args.config or "pass-through (--backend)",
+        "nginx": f"{nginx_version(find_nginx())}, 1 worker process",
+        "sluice": "1 process",
+    }
+    return {"settings": settings, "targets": targets, "vs_nginx": vs, "goals": goals}
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _settings(spec: LoadSpec) -> dict[str, Any]:
+    return {
+        "concurrency": spec.concurrency,
+        "requests": spec.requests,
+        "max_tokens": spec.max_tokens,
+        "model": spec.model,
+        "timeout_s": spec.timeout,
+    }
+
+
+def _as_dict(result: LoadResult) -> dict[str, Any]:
+    """JSON has no NaN: a percentile of no samples is null."""
+    return {
+        k: None if isinstance(v, float) and math.isnan(v) else v
+        for k, v in dataclasses.asdict(result).items()
+    }
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec) + unit
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def format_single(spec: LoadSpec, r: LoadResult) -> str:
+    head = (
+        f"sluice bench {spec.url}: {spec.requests} requests x {spec.max_tokens} tokens, "
+        f"{spec.concurrency} concurrent, model {spec.model}"
+    )
+    table = _table(
+        ["", "ok", "errors", "tokens", "wall s", "tok/s", "TTFT p50", "TTFT p99",
+         "ITL p50", "ITL p99", "client CPU s/1k tok"],
+        [["result", str(r.ok), str(r.errors), str(r.tokens), _fmt(r.wall_s, ".2f"),
+          _fmt(r.tok_per_s, ".0f"), _fmt(r.ttft_p50_ms, ".1f"), _fmt(r.ttft_p99_ms, ".1f"),
+          _fmt(r.itl_p50_ms, ".1f"), _fmt(r.itl_p99_ms, ".1f"),
+          _fmt(_per_1k(r.client_cpu_s, r.tokens), ".4f")]],
+    )  # fmt: skip
+    lines = [head, "(latencies in ms)", table]
+    if r.errors:
+        kinds = ", ".join(f"{k} {n}" for k, n in r.error_kinds.items())
+        lines.append(f"errors: {kinds}; first: {r.first_error}")
+    return "\n".join(lines)
+
+
+def format_compare(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    sim = (
+        f"sim TTFT {s['sim_ttft_ms']:g} ms, ITL {s['sim_itl_ms']:g} ms"
+        if s["sim_ttft_ms"] is not None
+        else f"backend {s['backend']}"
+    )
+    lines = [
+        f"sluice bench --compare: {s['concurrency']} streams, {s['requests']} requests x "
+        f"{s['max_tokens']} tokens, {s['rounds']} interleaved rounds (medians); {sim}",
+        f"nginx {s['nginx']}; sluice {s['sluice']}, config {s['sluice_config']}",
+        "(latencies in ms; CPU = user+system seconds of the process tree per 1000 tokens)",
+        "",
+    ]
+    rows = []
+    for name, t in report["targets"].items():
+        rows.append([
+            name, _fmt(t["tok_per_s"], ".0f"), _fmt(t["ttft_p50_ms"], ".1f"),
+            _fmt(t["ttft_p99_ms"], ".1f"), _fmt(t["itl_p50_ms"], ".1f"),
+            _fmt(t["itl_p99_ms"], ".1f"), str(t["errors"]),
+            _fmt(t["relay_cpu_s_per_1k_tokens"], ".4f"), _fmt(t["sim_cpu_s_per_1k_tokens"], ".4f"),
+            _fmt(t["client_cpu_s_per_1k_tokens"], ".4f"),
+        ])  # fmt: skip
+    lines.append(_table(
+        ["relay", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "errors",
+         "relay CPU", "sim CPU", "loadgen CPU"], rows))  # fmt: skip
+    lines += ["", "ratio to nginx:"]
+    vs_rows = [
+        [name, _fmt(v["tok_per_s_ratio"], ".3f", "x"),
+         _fmt(v["ttft_p50_delta_ms"], "+.1f", " ms"), _fmt(v["ttft_p99_delta_ms"], "+.1f", " ms"),
+         _fmt(v["cpu_per_token_ratio"], ".2f", "x")]
+        for name, v in report["vs_nginx"].items()
+    ]  # fmt: skip
+    lines.append(_table(["relay", "tok/s", "TTFT p50", "TTFT p99", "CPU/token"], vs_rows))
+    g = report["goals"]
+    missed = [name for name, ok in g["met"].items() if ok is False]
+    unknown = [name for name, ok in g["met"].items() if ok is None]
+    verdict = "missed: " + ", ".join(missed) if missed else "met"
+    if unknown:
+        verdict += " (not measurable in this run: " + ", ".join(unknown) + ")"
+    lines += [
+        "",
+        f"goal (issue, at 256 streams): tok/s >= {g['tok_per_s_ratio_min']:.2f}x, "
+        f"TTFT p50 <= +{g['ttft_p50_delta_ms_max']:g} ms, "
+        f"p99 <= +{g['ttft_p99_delta_ms_max']:g} ms, CPU/token <= {g['cpu_per_token_ratio_max']:g}x"
+        f": {verdict}",
+    ]
+    for name, t in report["targets"].items():
+        if t["errors"]:
+            lines.append(f"{name} errors: {t['first_error']}")
+    return "\n".join(lines)

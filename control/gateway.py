@@ -1,0 +1,256 @@
+"""The Gateway document -> the snapshot's backends, routes, apps and experiments.
+
+References are resolved to objects here (a route holds its Backend, SamplingPlan and
+StreamPolicy), so every unknown name is found before anything is served. A reference to a
+document that failed validation is not reported again: its own error is on the list.
+Secrets are resolved here and kept only as SHA-256 digests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sluice.proxy.snapshot import (
+    NO_POLICY,
+    NO_PRESET,
+    App,
+    Backend,
+    Experiment,
+    HealthCheck,
+    QueueLimits,
+    Route,
+    SamplingPlan,
+    StickyKind,
+    StreamPolicy,
+    Variant,
+)
+
+from .gateway_schema import BackendSection, GatewayFile, QueueSection
+from .issues import ConfigIssue
+from .loader import Document
+
+Path = tuple[str | int, ...]
+
+
+@dataclass(slots=True)
+class GatewayParts:
+    backends: dict[str, Backend] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
+    apps: list[App] = field(default_factory=list)
+    apps_by_key: dict[bytes, App] = field(default_factory=dict)
+    experiments: dict[str, Experiment] = field(default_factory=dict)
+    admin_token_hash: bytes | None = None
+    origin_secret_hash: bytes | None = None
+
+
+def hash_secret(secret: str, environ: Mapping[str, str]) -> bytes | None:
+    """The SHA-256 digest a secret stands for; None when its variable is unset or empty."""
+    if secret.startswith("sha256:"):
+        return bytes.fromhex(secret.removeprefix("sha256:"))
+    value = environ.get(secret.removeprefix("env:"), "")
+    return hashlib.sha256(value.encode()).digest() if value else None
+
+
+def _queue(section: QueueSection) -> QueueLimits:
+    return QueueLimits(max_len=section.max, max_wait=section.max_wait)
+
+
+def _backend(section: BackendSection, override: str | None) -> Backend:
+    health = section.health
+    return Backend(
+        name=section.name,
+        urls=(override,) if override is not None else section.urls,
+        max_concurrency=section.max_concurrency,
+        queue=_queue(section.queue),
+        connect_timeout=section.connect_timeout,
+        health=None
+        if health is None
+        else HealthCheck(path=health.path, interval=health.interval, timeout=health.timeout),
+    )
+
+
+def _sticky(value: str) -> tuple[StickyKind, str]:
+    if value.startswith("header:"):
+        return "header", value.removeprefix("header:").lower()
+    return ("user", "") if value == "user" else ("app", "")
+
+
+class _Builder:
+    def __init__(
+        self,
+        doc: Document,
+        presets: Mapping[str, SamplingPlan],
+        policies: Mapping[str, StreamPolicy],
+        broken: Mapping[str, set[str]],
+        environ: Mapping[str, str],
+    ) -> None:
+        assert isinstance(doc.model, GatewayFile)
+        self.doc = doc
+        self.gw: GatewayFile = doc.model
+        self.presets = presets
+        self.policies = policies
+        self.broken = broken
+        self.environ = environ
+        self.issues: list[ConfigIssue] = []
+        self.warnings: list[ConfigIssue] = []
+
+    def error(self, path: Path, message: str) -> None:
+        self.issues.append(self.doc.issue(path, message))
+
+    def warn(self, path: Path, message: str) -> None:
+        self.warnings.append(self.doc.issue(path, message, severity="warning"))
+
+    def unknown(self, path: Path, what: str, name: str, known: list[str]) -> None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
+        self.error(path, f"unknown {what} {name!r} ({hint})")
+
+    def preset(self, path: Path, name: str) -> SamplingPlan | None:
+        if name in self.presets:
+            return self.presets[name]
+        if name not in self.broken["Preset"]:
+            self.unknown(path, "preset", name, sorted(self.presets))
+        return None
+
+    def policy(self, path: Path, name: str) -> StreamPolicy | None:
+        if name in self.policies:
+            return self.policies[name]
+        if name not in self.broken["Policy"]:
+            self.unknown(path, "policy", name, sorted(self.policies))
+        return None
+
+    def secret(self, path: Path, secret: str, unset: str) -> bytes | None:
+        digest = hash_secret(secret, self.environ)
+        if digest is None:
+            self.warn(path, f"{secret} is unset or empty in this environment; {unset}")
+        return digest
+
+    def build(self, override: str | None) -> GatewayParts:
+        parts = GatewayParts()
+        gw = self.gw
+        parts.backends = {b.name: _backend(b, override) for b in gw.backends}
+        experiments = self.experiments(set(r.model for r in gw.routes))
+        used_backends: set[str] = set()
+        for i, section in enumerate(gw.routes):
+            preset = policy = None
+            if section.preset is not None:
+                preset = self.preset(("routes", i, "preset"), section.preset)
+            if section.policy is not None:
+                policy = self.policy(("routes", i, "policy"), section.policy)
+            backend = parts.backends.get(section.backend)
+            used_backends.add(section.backend)
+            if backend is None:
+                self.unknown(
+                    ("routes", i, "backend"), "backend", section.backend, sorted(parts.backends)
+                )
+                continue
+            parts.routes[section.model] = Route(
+                model=section.model,
+                backend=backend,
+                upstream_model=section.upstream_model,
+                preset=preset or NO_PRESET,
+                policy=policy or NO_POLICY,
+                experiment=experiments.get(section.model),
+            )
+        for i, b in enumerate(gw.backends):
+            if b.name not in used_backends:
+                self.warn(("backends", i, "name"), f"backend {b.name!r} is not used by any route")
+        parts.experiments = {e.name: e for e in experiments.values()}
+        self.apps(parts)
+        admin = gw.admin.token
+        if admin is not None:
+            parts.admin_token_hash = self.secret(
+                ("admin", "token"), admin, "the admin API is disabled"
+            )
+        origin = gw.edge.origin_secret
+        if origin is not None:
+            parts.origin_secret_hash = self.secret(
+                ("edge", "origin_secret"), origin, "sluice will not require the origin secret"
+            )
+        return parts
+
+    def experiments(self, routes: set[str]) -> dict[str, Experiment]:
+        by_route: dict[str, Experiment] = {}
+        for i, section in enumerate(self.gw.experiments):
+            variants = []
+            for j, v in enumerate(section.variants):
+                base: Path = ("experiments", i, "variants", j)
+                preset = self.preset((*base, "preset"), v.preset)
+                policy = self.policy((*base, "policy"), v.policy) if v.policy else None
+                if preset is not None:
+                    variants.append(Variant(v.name, preset, policy, v.weight))
+            if section.route not in routes:
+                self.unknown(("experiments", i, "route"), "route", section.route, sorted(routes))
+            elif section.route in by_route:
+                first = by_route[section.route].name
+                self.error(
+                    ("experiments", i, "route"),
+                    f"route {section.route!r} already has experiment {first!r}; "
+                    "a route runs one experiment at a time",
+                )
+            else:
+                kind, name = _sticky(section.sticky)
+                by_route[section.route] = Experiment(
+                    section.name, section.route, kind, name, tuple(variants)
+                )
+        return by_route
+
+    def apps(self, parts: GatewayParts) -> None:
+        first_key: dict[bytes, tuple[str, Path]] = {}
+        for i, section in enumerate(self.gw.apps):
+            digests: set[bytes] = set()
+            for j, key in enumerate(section.keys):
+                path: Path = ("apps", i, "keys", j)
+                digest = self.secret(path, key, f"app {section.name!r} cannot use this key")
+                if digest is None:
+                    continue
+                if digest in first_key and first_key[digest][0] != section.name:
+                    other = first_key[digest][0]
+                    self.error(path, f"the same key is also a key of app {other!r}")
+                first_key.setdefault(digest, (section.name, path))
+                digests.add(digest)
+            if section.keys and not digests:
+                self.warn(("apps", i, "keys"), f"app {section.name!r} has no usable key")
+            allowed = None
+            if section.routes is not None:
+                for j, model in enumerate(section.routes):
+                    # A route with an unknown backend is not built but is declared.
+                    if not any(r.model == model for r in self.gw.routes):
+                        self.unknown(("apps", i, "routes", j), "route", model, sorted(parts.routes))
+                allowed = frozenset(section.routes)
+            default = None
+            if section.default_preset is not None:
+                default = self.preset(("apps", i, "default_preset"), section.default_preset)
+            app = App(
+                name=section.name,
+                key_hashes=frozenset(digests),
+                routes=allowed,
+                max_concurrency=section.max_concurrency,
+                queue=_queue(section.queue),
+                default_preset=default,
+                allow_preset_header=section.allow_preset_header,
+            )
+            parts.apps.append(app)
+            for digest in digests:
+                parts.apps_by_key.setdefault(digest, app)
+        if not self.gw.apps:
+            self.warn(("apps",), "no apps: the gateway accepts requests without an API key")
+
+
+def build_gateway(
+    doc: Document,
+    presets: Mapping[str, SamplingPlan],
+    policies: Mapping[str, StreamPolicy],
+    broken: Mapping[str, set[str]],
+    *,
+    backend_override: str | None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[GatewayParts, list[ConfigIssue], list[ConfigIssue]]:
+    """(parts, errors, warnings); the parts are only meaningful when errors is empty."""
+    builder = _Builder(doc, presets, policies, broken, os.environ if environ is None else environ)
+    parts = builder.build(backend_override)
+    return parts, builder.issues, builder.warnings

@@ -1,0 +1,259 @@
+"""The `kind: Gateway` document as ops write it: listen address, backends, routes, apps,
+experiments, records and the edge renderers' input. File models only (see schema.py);
+`gateway.py` resolves the references into the snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .schema import DocumentIssue, Path, Section
+from .values import (
+    Bool,
+    Duration,
+    FilePath,
+    Host,
+    HostPort,
+    HttpPath,
+    Int,
+    ModelName,
+    Name,
+    Origin,
+    Port,
+    Rate,
+    RoutePattern,
+    Secret,
+    ServerName,
+    Sticky,
+    UpstreamModel,
+    Url,
+    WorkerName,
+)
+
+
+class ListenSection(Section):
+    host: Host = Field(default="127.0.0.1", description="Address sluice listens on.")
+    port: Port = Field(default=8000, ge=1, le=65535, description="Port sluice listens on.")
+
+
+class AdminSection(Section):
+    token: Secret | None = Field(
+        default=None,
+        description="Admin API bearer token (sha256:<hex> or env:VAR); null or an unset "
+        "variable: the admin API is disabled.",
+    )
+
+
+class LimitsSection(Section):
+    max_body_bytes: Int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+
+
+class QueueSection(Section):
+    max: Int = Field(default=1024, ge=0, description="Requests that may wait for a permit.")
+    max_wait: Duration = Field(default=10.0, description="Longest wait for a permit.")
+
+
+class HealthSection(Section):
+    path: HttpPath = Field(default="/health", description="GET this path on every replica.")
+    interval: Duration = Field(default=5.0, description="Time between checks.")
+    timeout: Duration = Field(default=2.0, description="A check slower than this fails.")
+
+
+class BackendSection(Section):
+    name: Name = Field(description="Backend name, referenced by routes.")
+    urls: tuple[Url, ...] = Field(
+        min_length=1, description="Replica base URLs, http(s)://host[:port] (no path)."
+    )
+    max_concurrency: Int = Field(default=256, ge=1, description="Requests in flight, all replicas.")
+    queue: QueueSection = Field(
+        default_factory=QueueSection, description="Wait queue (503 when full)."
+    )
+    connect_timeout: Duration = Field(default=5.0, description="TCP connect deadline.")
+    health: HealthSection | None = Field(
+        default=None, description="Active health check; null: off."
+    )
+
+
+class RouteSection(Section):
+    model: ModelName = Field(description="Public model name clients send.")
+    backend: Name = Field(description="Backend that serves it.")
+    upstream_model: UpstreamModel | None = Field(
+        default=None, description="Model name sent upstream; null: the public name unchanged."
+    )
+    preset: Name | None = Field(default=None, description="Preset applied; null: none.")
+    policy: Name | None = Field(default=None, description="Policy applied; null: none.")
+
+
+class AppSection(Section):
+    name: Name = Field(description="App name (logs, metrics, records).")
+    keys: tuple[Secret, ...] = Field(
+        min_length=1, description="API keys as sha256:<hex> or env:VAR; never plaintext."
+    )
+    routes: tuple[ModelName, ...] | None = Field(
+        default=None, description="Routes (public model names) allowed; null: all."
+    )
+    max_concurrency: Int | None = Field(
+        default=None, ge=1, description="Requests in flight for this app; null: no limit."
+    )
+    queue: QueueSection = Field(
+        default_factory=QueueSection, description="Wait queue (429 when full)."
+    )
+    default_preset: Name | None = Field(
+        default=None, description="Preset for routes that set none; null: none."
+    )
+    allow_preset_header: Bool = Field(
+        default=False, description="Let requests pick a preset with the x-sluice-preset header."
+    )
+
+
+class VariantSection(Section):
+    name: Name = Field(description="Variant name (x-sluice-variant, records).")
+    preset: Name = Field(description="Preset this variant applies.")
+    policy: Name | None = Field(default=None, description="Policy; null: the route's.")
+    weight: Int = Field(ge=1, description="Relative share of traffic.")
+
+
+class ExperimentSection(Section):
+    name: Name = Field(description="Experiment name (`sluice ab report NAME`).")
+    route: ModelName = Field(description="Route (public model name) whose traffic is split.")
+    sticky: Sticky = Field(
+        description="Assignment key: header:<name>, user (the body's user field) or app."
+    )
+    variants: tuple[VariantSection, ...] = Field(min_length=2, description="At least two.")
+
+
+class RecordsSection(Section):
+    path: FilePath = Field(
+        default="sluice-records.sqlite",
+        description="SQLite file, relative to the working directory.",
+    )
+    batch_size: Int = Field(default=256, ge=1, description="Records per write transaction.")
+    flush_interval: Duration = Field(default=1.0, description="Longest time a record waits.")
+    max_buffer: Int = Field(
+        default=10000, ge=1, description="Records buffered at most; beyond, new ones are dropped."
+    )
+
+
+class TlsSection(Section):
+    cert: FilePath = Field(description="Certificate chain file (PEM).")
+    key: FilePath = Field(description="Private key file (PEM).")
+
+
+class LimitReqSection(Section):
+    rate: Rate = Field(description="Like 20r/s or 600r/m.")
+    burst: Int = Field(default=0, ge=0, description="Requests above the rate that may queue.")
+
+
+class NginxSection(Section):
+    server_name: ServerName = Field(description="Public host name.")
+    listen: Port = Field(default=8080, ge=1, le=65535, description="Port nginx listens on.")
+    replicas: tuple[HostPort, ...] = Field(
+        default=(), description="sluice replicas as host:port; empty: the Gateway's listen."
+    )
+    tls: TlsSection | None = Field(default=None, description="TLS certificate; null: plain HTTP.")
+    limit_conn: Int | None = Field(
+        default=None, ge=1, description="Connections per client address; null: no limit."
+    )
+    limit_req: LimitReqSection | None = Field(
+        default=None, description="Request rate per client address; null: no limit."
+    )
+
+
+class CloudflareSection(Section):
+    worker_name: WorkerName = Field(description="Worker script name.")
+    routes: tuple[RoutePattern, ...] = Field(
+        min_length=1, description="Route patterns like api.example.com/v1/*."
+    )
+    origin: Url = Field(description="Origin the Worker forwards to (nginx), no path.")
+    allowed_origins: tuple[Origin, ...] = Field(
+        default=(), description="CORS origins allowed; empty: no CORS headers."
+    )
+    keepalive_interval: Duration = Field(
+        default=30.0, description="SSE comment sent when a stream is idle this long (< 100s)."
+    )
+
+
+class EdgeSection(Section):
+    origin_secret: Secret | None = Field(
+        default=None,
+        description="Shared secret the edge sends in x-sluice-origin-secret; when set, sluice "
+        "rejects requests without it. sha256:<hex> or env:VAR.",
+    )
+    nginx: NginxSection | None = Field(default=None, description="`sluice render nginx` input.")
+    cloudflare: CloudflareSection | None = Field(
+        default=None, description="`sluice render cloudflare` input."
+    )
+
+
+class GatewayFile(Section):
+    """`kind: Gateway` - the one document that says what sluice serves (at most one)."""
+
+    kind: Literal["Gateway"] = Field(description="Gateway.")
+    listen: ListenSection = Field(default_factory=ListenSection, description="Listen address.")
+    admin: AdminSection = Field(default_factory=AdminSection, description="Admin API.")
+    limits: LimitsSection = Field(default_factory=LimitsSection, description="Request limits.")
+    backends: tuple[BackendSection, ...] = Field(default=(), description="Upstream pools.")
+    routes: tuple[RouteSection, ...] = Field(default=(), description="Public model names.")
+    apps: tuple[AppSection, ...] = Field(
+        default=(), description="Clients and their keys; none: the gateway needs no API key."
+    )
+    experiments: tuple[ExperimentSection, ...] = Field(default=(), description="A/B tests.")
+    records: RecordsSection = Field(
+        default_factory=RecordsSection, description="Per-request records (A/B reports)."
+    )
+    edge: EdgeSection = Field(default_factory=EdgeSection, description="Edge renderers' input.")
+
+
+def _duplicates(items: tuple[Any, ...], attr: str, base: Path) -> Iterator[DocumentIssue]:
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        value = getattr(item, attr)
+        if value in seen:
+            yield (
+                (*base, index, attr),
+                f"duplicate {attr} {value!r} (also {base[-1]}[{seen[value]}])",
+            )
+        else:
+            seen[value] = index
+
+
+def gateway_issues(doc: GatewayFile) -> list[DocumentIssue]:
+    """Rules that relate fields of the Gateway document; each names the path to blame."""
+    issues: list[DocumentIssue] = []
+    issues += _duplicates(doc.backends, "name", ("backends",))
+    issues += _duplicates(doc.routes, "model", ("routes",))
+    issues += _duplicates(doc.apps, "name", ("apps",))
+    issues += _duplicates(doc.experiments, "name", ("experiments",))
+    for i, exp in enumerate(doc.experiments):
+        issues += _duplicates(exp.variants, "name", ("experiments", i, "variants"))
+    for i, backend in enumerate(doc.backends):
+        health = backend.health
+        if health is not None and health.timeout >= health.interval:
+            issues.append(
+                (
+                    ("backends", i, "health", "timeout"),
+                    f"timeout {health.timeout:g}s must be < interval {health.interval:g}s",
+                )
+            )
+    records = doc.records
+    if records.max_buffer < records.batch_size:
+        issues.append(
+            (
+                ("records", "max_buffer"),
+                f"max_buffer {records.max_buffer} < batch_size {records.batch_size}",
+            )
+        )
+    cloudflare = doc.edge.cloudflare
+    if cloudflare is not None and cloudflare.keepalive_interval >= 100:
+        issues.append(
+            (
+                ("edge", "cloudflare", "keepalive_interval"),
+                "must be < 100s: Cloudflare closes a connection idle for 100s",
+            )
+        )
+    return issues

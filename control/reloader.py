@@ -1,0 +1,205 @@
+"""Hot reload: watch the config directory, build a new snapshot, hand it over whole.
+
+A reload reads every `*.yaml` file once, and if the bytes hash to the version already
+serving it is "unchanged" and nothing else happens. Otherwise it builds through the one
+code path (`build_config`); only a config that validates completely reaches `apply`, the
+caller's single assignment into `SnapshotRef`. An invalid edit is logged and kept in
+`last_error`, and the previous snapshot keeps serving.
+
+The watcher watches the directory rather than the files, because editors replace files:
+vim and `sed -i` write a temporary file and rename it over the original, some tools delete
+and re-create, others truncate and write in several steps. After the events go quiet for
+`debounce_s` the files are read until two reads `settle_s` apart are identical, so a file
+caught half-written is not applied, and then the reload runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from watchfiles import Change, awatch
+
+from .build import BuiltConfig, build_config, config_version, load_config
+from .issues import ConfigInvalid
+from .loader import CONFIG_SUFFIX, ConfigFiles, read_config_files
+
+ReloadOutcome = Literal["ok", "error", "unchanged"]
+# A directory whose files keep changing is built anyway after this long; if it was caught
+# mid-write the build most likely fails, and the next event reloads again.
+MAX_SETTLE_S = 2.0
+# Kubernetes ConfigMap volumes swap a `..data` symlink instead of touching the files.
+K8S_DATA_LINK = "..data"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    result: ReloadOutcome
+    version: str  # the version serving after this reload
+    errors: tuple[str, ...] = ()  # one line per issue, as `sluice check` prints them
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result != "error"
+
+
+def _relevant(change: Change, path: str) -> bool:
+    name = os.path.basename(path)
+    return name == K8S_DATA_LINK or (name.endswith(CONFIG_SUFFIX) and not name.startswith("."))
+
+
+class ConfigReloader:
+    """Rebuilds the config on demand (`reload_now`) or on file changes (`watch`).
+
+    `initial` is the config already serving; without it the constructor loads the
+    directory (raising ConfigInvalid) and does not call `apply`.
+    """
+
+    def __init__(
+        self,
+        config_dir: Path | str,
+        apply: Callable[[BuiltConfig], None],
+        *,
+        backend_override: str | None = None,
+        debounce_s: float = 0.05,
+        settle_s: float = 0.1,
+        log: Any = None,
+        initial: BuiltConfig | None = None,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self._dir = Path(config_dir)
+        self._on_result = on_result  # e.g. the sluice_config_reload_total counter
+        self._apply = apply
+        self._override = backend_override
+        self._debounce_s = debounce_s
+        self._settle_s = settle_s
+        self._log = log if log is not None else structlog.get_logger("sluice.config")
+        self._lock = threading.Lock()
+        self._current = (
+            initial
+            if initial is not None
+            else load_config(self._dir, backend_override=backend_override)
+        )
+        self._last_result: Literal["ok", "error"] = "ok"
+        self._last_error: str | None = None
+        self._last_reload_at: float | None = None
+        self._counts: dict[str, int] = {"ok": 0, "error": 0, "unchanged": 0}
+
+    @property
+    def current(self) -> BuiltConfig:
+        return self._current
+
+    @property
+    def last_result(self) -> Literal["ok", "error"]:
+        return self._last_result
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
+    def last_reload_at(self) -> float | None:
+        """Unix time of the last reload attempt; None before the first."""
+        return self._last_reload_at
+
+    @property
+    def reload_counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def reload_now(self) -> ReloadResult:
+        """Read, build and apply if valid and changed. Thread-safe; blocks while building."""
+        # Read under the lock: two overlapping reloads must not apply an older read last.
+        with self._lock:
+            self._last_reload_at = time.time()
+            version: str | None = None
+            try:
+                files = read_config_files(self._dir)
+                version = config_version(files, self._override)
+                if version == self._current.version:
+                    return self._unchanged()
+                built = build_config(files, backend_override=self._override)
+            except ConfigInvalid as exc:
+                errors = [str(i) for i in exc.issues]
+                return self._failed(version, errors, [str(w) for w in exc.warnings])
+            except Exception as exc:  # a bug in a builder must not stop the watcher
+                self._log.exception("config_reload_crashed", version=version)
+                return self._failed(version, [f"{self._dir}: internal error: {exc!r}"], [])
+            previous = self._current.version
+            self._apply(built)
+            self._current = built
+            self._count("ok", None)
+            warnings = tuple(str(w) for w in built.warnings)
+            self._log.info(
+                "config_reloaded",
+                version=built.version,
+                previous=previous,
+                files=len(built.files),
+                warnings=list(warnings),
+            )
+            return ReloadResult("ok", built.version, (), warnings)
+
+    def _count(self, outcome: ReloadOutcome, error: str | None) -> None:
+        self._counts[outcome] += 1
+        if self._on_result is not None:
+            self._on_result(outcome)
+        self._last_result = "error" if outcome == "error" else "ok"
+        self._last_error = error
+
+    def _unchanged(self) -> ReloadResult:
+        # The files equal what is serving: a previous bad edit has been reverted, if any.
+        self._count("unchanged", None)
+        self._log.debug("config_unchanged", version=self._current.version)
+        return ReloadResult("unchanged", self._current.version)
+
+    def _failed(self, version: str | None, errors: list[str], warnings: list[str]) -> ReloadResult:
+        self._count("error", "\n".join(errors))
+        self._log.error(
+            "config_reload_failed",
+            version=version,  # of the files that failed; None when they could not be read
+            keeping=self._current.version,
+            error_count=len(errors),
+            errors=errors,
+            warnings=warnings,
+        )
+        return ReloadResult("error", self._current.version, tuple(errors), tuple(warnings))
+
+    def _read(self) -> ConfigFiles | None:
+        try:
+            return read_config_files(self._dir)
+        except ConfigInvalid:
+            return None  # directory gone for now; reload_now reports it
+
+    async def _settle(self) -> None:
+        """Wait until two reads of the files, settle_s apart, are identical."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_SETTLE_S
+        previous = await asyncio.to_thread(self._read)
+        while loop.time() < deadline:
+            await asyncio.sleep(self._settle_s)
+            current = await asyncio.to_thread(self._read)
+            if current == previous:
+                return
+            previous = current
+
+    async def watch(self, stop_event: asyncio.Event | None = None) -> None:
+        """Reload on every settled change in the directory, until cancelled or stopped."""
+        step_ms = max(1, int(self._debounce_s * 1000))
+        self._log.info("config_watch_started", directory=str(self._dir))
+        async for _changes in awatch(
+            self._dir,
+            watch_filter=_relevant,
+            step=step_ms,
+            debounce=max(1000, step_ms),
+            stop_event=stop_event,
+            recursive=False,
+        ):
+            await self._settle()
+            await asyncio.to_thread(self.reload_now)

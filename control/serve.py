@@ -1,0 +1,250 @@
+"""`sluice serve`: load the config, run the data plane, reload, drain on SIGTERM.
+
+With `--workers N` a supervisor starts N worker processes that share the listening port
+through SO_REUSEPORT; each worker watches the config directory and reloads itself (the
+`x-sluice-config` header shows that they agree), and the supervisor forwards signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import uvloop
+from sluice.proxy.app import ProxyApp
+from sluice.proxy.errors import server_error_body
+from sluice.proxy.http import HttpServer, ServerState
+from sluice.proxy.observe import Observer
+from sluice.proxy.snapshot import SnapshotRef
+from sluice.proxy.timeouts import SHUTDOWN
+
+from .admin import admin_routes
+from .build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
+from .errors import CliError
+from .logs import configure_logging
+from .reloader import ConfigReloader
+
+DEMO_SIM_PORT = 8100
+WORKER_ENV = "SLUICE_WORKER_ID"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_dir: Path | None
+    backend: str | None
+    host: str | None
+    port: int | None
+    workers: int
+    drain_timeout: float
+    log_level: str
+    log_format: str
+
+
+def _options(args: argparse.Namespace) -> ServeOptions:
+    config_dir: Path | None
+    if args.config is not None:
+        config_dir = Path(args.config)
+        if not config_dir.is_dir():
+            raise CliError(f"config directory {config_dir} does not exist")
+    elif args.backend is not None:
+        config_dir = None
+    else:
+        config_dir = default_config_dir()
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    return ServeOptions(
+        config_dir=config_dir,
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def default_config_dir() -> Path:
+    """./presets when it exists, else the example config shipped in the package."""
+    local = Path("presets")
+    if local.is_dir():
+        return local
+    spec = importlib.util.find_spec("sluice.examples")
+    if spec is None or not spec.submodule_search_locations:
+        raise CliError("no ./presets directory and no packaged example config; use --config")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load(options: ServeOptions) -> BuiltConfig:
+    try:
+        if options.config_dir is None:
+            assert options.backend is not None
+            return passthrough_config(options.backend)
+        return load_config(options.config_dir, backend_override=options.backend)
+    except ConfigInvalid as exc:
+        raise CliError(f"invalid config, not starting:\n{exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    options = _options(args)
+    configure_logging(options.log_level, options.log_format)
+    demo = None
+    if args.demo:
+        demo = _start_demo_sim()
+    try:
+        built = load(options)
+        if options.workers > 1 and os.environ.get(WORKER_ENV) is None:
+            return _supervise(options, built)
+        return uvloop.run(serve(options, built, demo=demo is not None))
+    finally:
+        if demo is not None:
+            demo.terminate()
+            demo.wait(timeout=10)
+
+
+def _start_demo_sim() -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.control.cli", "sim", "--port", str(DEMO_SIM_PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening" not in line:
+        proc.terminate()
+        raise CliError(f"the demo simulator did not start on port {DEMO_SIM_PORT}")
+    return proc
+
+
+async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False) -> int:
+    log = structlog.get_logger("sluice")
+    snapshot = built.snapshot
+    ref = SnapshotRef(snapshot)
+    observer = Observer(ref)
+    reloader: ConfigReloader | None = None
+
+    def apply(new: BuiltConfig) -> None:
+        ref.current = new.snapshot  # the one assignment: infallible, everything ran in build
+
+    if options.config_dir is not None:
+        reloader = ConfigReloader(
+            options.config_dir,
+            apply,
+            backend_override=options.backend,
+            initial=built,
+            on_result=lambda result: observer.metrics.config_reloads.labels(result).inc(),
+        )
+    app = ProxyApp(ref, on_complete=[observer.on_complete])
+    app.extra_routes.update(admin_routes(ref, app, reloader, observer))
+    state = ServerState(
+        app,
+        lambda: ref.current.max_body_bytes,
+        on_error=lambda exc: log.error("handler_error", exc_info=exc),
+        error_body=server_error_body,
+    )
+    server = HttpServer(state)
+    host = options.host or snapshot.listen_host
+    port = options.port if options.port is not None else snapshot.listen_port
+    try:
+        bound = await server.listen(host, port, reuse_port=options.workers > 1)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    url = f"http://{host}:{bound}"
+    print(f"sluice serving on {url} config={snapshot.version}", flush=True)
+    log.info("serving", url=url, config_version=snapshot.version, pid=os.getpid())
+    if demo:
+        _print_demo_help(url, snapshot.requires_auth)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    watch_task: asyncio.Task[None] | None = None
+    if reloader is not None:
+        reloader_ = reloader
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: loop.create_task(asyncio.to_thread(reloader_.reload_now))
+        )
+        watch_task = loop.create_task(reloader.watch())
+
+    await stop.wait()
+    await drain(app, server, options.drain_timeout, log)
+    if watch_task is not None:
+        watch_task.cancel()
+        try:
+            await watch_task
+        except asyncio.CancelledError:
+            pass
+    return 0
+
+
+async def drain(
+    app: ProxyApp, server: HttpServer, deadline: float, log: structlog.BoundLogger
+) -> None:
+    """Readiness off at once, no new connections, in-flight requests get `deadline`
+    seconds; the rest end with the terminal SSE error event."""
+    app.ready = False
+    server.stop_accepting()
+    log.info("draining", in_flight=server.active_connections, deadline_s=deadline)
+    end = time.monotonic() + deadline
+    # Polling is bounded by the deadline and runs once per shutdown.
+    while server.active_connections and time.monotonic() < end:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    interrupted = app.interrupt_all(SHUTDOWN)
+    if interrupted:
+        log.warning("drain_deadline_passed", interrupted=interrupted)
+        settle = time.monotonic() + 2.0
+        while app.watchdogs and time.monotonic() < settle:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await server.close()
+    app.pools.close()
+    log.info("stopped")
+
+
+def _print_demo_help(url: str, auth: bool) -> None:
+    key = ' -H "Authorization: Bearer sk-demo-support"' if auth else ""
+    print(
+        "\nTry it:\n"
+        f"  curl -N {url}/v1/chat/completions{key} -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"model": "chat", "stream": true, '
+        '"messages": [{"role": "user", "content": "Hello!"}]}\'\n',
+        flush=True,
+    )
+
+
+def _supervise(options: ServeOptions, built: BuiltConfig) -> int:
+    """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they have."""
+    host = options.host or built.snapshot.listen_host
+    port = options.port if options.port is not None else built.snapshot.listen_port
+    if port == 0:
+        # Workers must share one port: pick it here.
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
+    argv = [a for a in argv if a != "--demo"]
+    argv += ["--port", str(port)]
+    workers = []
+    for worker_id in range(options.workers):
+        env = dict(os.environ, **{WORKER_ENV: str(worker_id)})
+        workers.append(subprocess.Popen(argv, env=env))
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    codes = [proc.wait() for proc in workers]
+    return max(codes, default=0)

@@ -1,0 +1,282 @@
+"""Value types of the config files: names, durations, secrets, hosts and URLs.
+
+Each is a `str`/`float` annotated with a validator whose ValueError message is what
+`sluice check` prints, so the wording here is user-facing. Strings that end up in a
+rendered nginx config or Worker script (hosts, URLs, paths, rates) are matched against
+strict patterns: nothing that could close a directive or a string literal (`;`, `{`, `}`,
+quotes, whitespace, newlines) can pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Strict
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+# Upstream model ids are whatever the backend serves (`/models/llama`, `org/name:tag`);
+# they go into a JSON body only, so anything printable without whitespace or quotes.
+UPSTREAM_MODEL_RE = re.compile(r"[^\s\"'\\;{}$`]{1,256}")
+ENV_RE = re.compile(r"env:([A-Za-z_][A-Za-z0-9_]*)")
+SHA256_RE = re.compile(r"sha256:([0-9a-fA-F]*)")
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"(?=.{{1,253}}$){LABEL}(?:\.{LABEL})*\.?")
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+HTTP_PATH_RE = re.compile(r"/[A-Za-z0-9._~/-]*")
+FILE_PATH_RE = re.compile(r"[A-Za-z0-9._/+-]+")
+HEADER_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class TypeLabel:
+    """How docs/CONFIG.md names a value type (pydantic ignores unknown metadata)."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+
+def check_name(value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, at most 64 characters"
+        )
+    return value
+
+
+def check_model(value: str) -> str:
+    if not MODEL_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid model name: use letters, digits and '._:/-', "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return value
+
+
+def check_upstream_model(value: str) -> str:
+    if not UPSTREAM_MODEL_RE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid model id: 1-256 characters, no whitespace or quotes"
+        )
+    return value
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string with a unit: 250ms, 5s, 2m, 1h."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration (seconds, or like 250ms, 5s, 2m), got {value}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = DURATION_RE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(
+                f"expected a duration (seconds, or like 250ms, 5s, 2m, 1h), got {value!r}"
+            )
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError("expected a duration (seconds, or like 250ms, 5s, 2m, 1h)")
+    if seconds <= 0:
+        raise ValueError(f"a duration must be > 0, got {value!r}")
+    return seconds
+
+
+def check_secret(value: str) -> str:
+    """`sha256:<64 hex>` or `env:VAR`. The message never echoes the value: it may be a key."""
+    if ENV_RE.fullmatch(value):
+        return value
+    match = SHA256_RE.fullmatch(value)
+    if match is not None:
+        digest = match.group(1)
+        if len(digest) != 64:
+            raise ValueError(f"sha256: needs 64 hex digits, got {len(digest)}")
+        return "sha256:" + digest.lower()
+    if value.startswith("sha256:"):
+        raise ValueError("sha256: needs 64 hex digits (0-9, a-f)")
+    if value.startswith("env:"):
+        raise ValueError("env: needs a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    raise ValueError(
+        "plaintext secret: a key or token in a file must be sha256:<64 hex digits> "
+        "(`sluice key new APP` prints one) or env:VAR"
+    )
+
+
+def _check_host_text(value: str) -> str | None:
+    """None when `value` is a hostname or an IP address; otherwise why not."""
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if HOSTNAME_RE.fullmatch(value):
+        return None
+    return f"{value!r} is not a hostname or IP address"
+
+
+def check_host(value: str) -> str:
+    problem = _check_host_text(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def check_server_name(value: str) -> str:
+    """An nginx server_name: a hostname, `*.` + hostname, or `_` (catch-all)."""
+    if value == "_":
+        return value
+    host = value[2:] if value.startswith("*.") else value
+    if HOSTNAME_RE.fullmatch(host) is None:
+        raise ValueError(f"{value!r} is not a server name (hostname, *.hostname or _)")
+    return value
+
+
+def split_url(value: str) -> tuple[str, str, int | None]:
+    """`http(s)://host[:port]` -> (scheme, host, port); ValueError otherwise."""
+    if CONTROL_RE.search(value) or any(c.isspace() for c in value):
+        raise ValueError("a URL must not contain whitespace or control characters")
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not a URL: expected http://host[:port] or https://...")
+    rest = rest.removesuffix("/")
+    for char, what in (("@", "user info"), ("/", "a path"), ("?", "a query"), ("#", "a fragment")):
+        if char in rest:
+            raise ValueError(f"{value!r}: a URL here is scheme://host[:port], without {what}")
+    port: int | None = None
+    if rest.startswith("["):  # [IPv6]:port
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{value!r}: unclosed '[' in the host")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+        port_text = tail.removeprefix(":") if tail else ""
+        if tail and not tail.startswith(":"):
+            raise ValueError(f"{value!r} is not a URL")
+    else:
+        host, colon, port_text = rest.partition(":")
+        if colon and not port_text:
+            raise ValueError(f"{value!r}: empty port")
+        problem = _check_host_text(host)
+        if problem is not None:
+            raise ValueError(f"{value!r}: {problem}")
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{value!r}: port must be 1-65535")
+        port = int(port_text)
+    return scheme, host, port
+
+
+def check_url(value: str) -> str:
+    split_url(value)
+    return value.removesuffix("/")
+
+
+def check_origin(value: str) -> str:
+    """A CORS origin: a URL without a path, or `*`."""
+    return value if value == "*" else check_url(value)
+
+
+def check_host_port(value: str) -> str:
+    """`host:port` of an nginx upstream server line."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    problem = _check_host_text(bare)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def check_http_path(value: str) -> str:
+    if not HTTP_PATH_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not an HTTP path (starts with /; letters, digits, ._~/-)")
+    return value
+
+
+def check_file_path(value: str) -> str:
+    if not FILE_PATH_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a file path (letters, digits and ._/+- only)")
+    return value
+
+
+def check_sticky(value: str) -> str:
+    """`header:<name>`, `user` or `app`."""
+    if value in ("user", "app"):
+        return value
+    kind, _, header = value.partition(":")
+    if kind == "header" and HEADER_RE.fullmatch(header):
+        return f"header:{header.lower()}"
+    raise ValueError(f"{value!r} is not a sticky key: expected header:<name>, user or app")
+
+
+RATE_RE = re.compile(r"[1-9]\d{0,6}r/[sm]")
+WORKER_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_ROUTE_LABEL = r"(?:\*|[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+ROUTE_PATTERN_RE = re.compile(rf"\*?{_ROUTE_LABEL}(?:\.{_ROUTE_LABEL})*(?:/[A-Za-z0-9._~%/*-]*)?")
+
+
+def check_rate(value: str) -> str:
+    if not RATE_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a rate like 20r/s or 600r/m")
+    return value
+
+
+def check_worker_name(value: str) -> str:
+    if not WORKER_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Worker name (lower-case letters, digits, '-')")
+    return value
+
+
+def check_route_pattern(value: str) -> str:
+    if not ROUTE_PATTERN_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a route pattern like api.example.com/v1/*")
+    return value
+
+
+def check_text(value: str) -> str:
+    """Free text that may be logged or rendered in a comment: one line, no control chars."""
+    if CONTROL_RE.search(value):
+        raise ValueError("must be one line without control characters")
+    return value
+
+
+def check_nonempty(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+Name = Annotated[str, Strict(), AfterValidator(check_name), TypeLabel("name")]
+ModelName = Annotated[str, Strict(), AfterValidator(check_model), TypeLabel("model name")]
+UpstreamModel = Annotated[
+    str, Strict(), AfterValidator(check_upstream_model), TypeLabel("model id")
+]
+Secret = Annotated[str, Strict(), AfterValidator(check_secret), TypeLabel("secret")]
+Host = Annotated[str, Strict(), AfterValidator(check_host), TypeLabel("host")]
+ServerName = Annotated[str, Strict(), AfterValidator(check_server_name), TypeLabel("server name")]
+Url = Annotated[str, Strict(), AfterValidator(check_url), TypeLabel("URL")]
+Origin = Annotated[str, Strict(), AfterValidator(check_origin), TypeLabel("origin")]
+HostPort = Annotated[str, Strict(), AfterValidator(check_host_port), TypeLabel("host:port")]
+HttpPath = Annotated[str, Strict(), AfterValidator(check_http_path), TypeLabel("HTTP path")]
+FilePath = Annotated[str, Strict(), AfterValidator(check_file_path), TypeLabel("file path")]
+Sticky = Annotated[str, Strict(), AfterValidator(check_sticky), TypeLabel("sticky key")]
+Rate = Annotated[str, Strict(), AfterValidator(check_rate), TypeLabel("rate")]
+WorkerName = Annotated[str, Strict(), AfterValidator(check_worker_name), TypeLabel("worker name")]
+RoutePattern = Annotated[
+    str, Strict(), AfterValidator(check_route_pattern), TypeLabel("route pattern")
+]
+Text = Annotated[str, Strict(), AfterValidator(check_text), TypeLabel("string")]
+NonEmptyText = Annotated[str, Strict(), AfterValidator(check_nonempty), TypeLabel("string")]
+Duration = Annotated[float, BeforeValidator(parse_duration), TypeLabel("duration")]
+Int = Annotated[int, Strict(), TypeLabel("integer")]
+Float = Annotated[float, Strict(), TypeLabel("number")]
+Bool = Annotated[bool, Strict(), TypeLabel("boolean")]
+Port = Annotated[int, Strict(), TypeLabel("port")]
