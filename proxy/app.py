@@ -9,14 +9,13 @@ handler) or a timeout fires (the watchdog cancels it).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
+from .auth import authenticate
 from .backends import BackendPools, Replica
 from .errors import (
     JSON_HEADERS,
@@ -34,7 +33,7 @@ from .limits import LimiterRegistry, LimitExceeded
 from .relay import MAX_NONSTREAM_BODY, MESSAGE_END_TIMEOUT, guard_completion, relay_stream
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
-from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
+from .snapshot import Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
@@ -44,7 +43,6 @@ SSE_HEADERS: list[Header] = [
     (b"x-accel-buffering", b"no"),
 ]
 MAX_REQUEST_ID = 128
-ORIGIN_SECRET_HEADER = b"x-sluice-origin-secret"
 
 Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
@@ -57,16 +55,6 @@ def _request_id(request: Request) -> str:
         if text.isprintable():
             return text
     return os.urandom(12).hex()
-
-
-def _api_key(request: Request) -> bytes | None:
-    auth = request.headers.get(b"authorization")
-    if auth is not None:
-        scheme, _, token = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and token.strip():
-            return token.strip()
-        return None
-    return request.headers.get(b"x-api-key")
 
 
 class ProxyApp:
@@ -128,7 +116,7 @@ class ProxyApp:
 
     async def models(self, request: Request, response: Response) -> None:
         snap = self.ref.current
-        app = self._check_origin_and_auth(request, snap)
+        app = authenticate(request, snap)
         if not snap.routes and snap.fallback_route is not None:
             await self._forward_models(snap, response)
             return
@@ -151,38 +139,6 @@ class ProxyApp:
             raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
         replica.pool.release(conn)
         response.send(conn.status, JSON_HEADERS, body)
-
-    # -- auth ----------------------------------------------------------------------------
-
-    def _check_origin_and_auth(self, request: Request, snap: Snapshot) -> App | None:
-        if snap.origin_secret_hash is not None:
-            given = request.headers.get(ORIGIN_SECRET_HEADER, b"")
-            if not hmac.compare_digest(hashlib.sha256(given).digest(), snap.origin_secret_hash):
-                raise ApiError(
-                    403,
-                    "requests must come through the edge (origin secret missing or wrong)",
-                    type="permission_error",
-                    code="origin_secret_required",
-                )
-        if not snap.requires_auth:
-            return None
-        key = _api_key(request)
-        if not key:
-            raise ApiError(
-                401,
-                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
-                type="authentication_error",
-                code="missing_api_key",
-            )
-        digest = hashlib.sha256(key).digest()
-        app = snap.apps_by_key.get(digest)
-        # The lookup is by SHA-256 digest, which leaks nothing usable about the key; the
-        # explicit constant-time comparison documents the intent.
-        if app is None or not any(hmac.compare_digest(digest, h) for h in app.key_hashes):
-            raise ApiError(
-                401, "invalid API key", type="authentication_error", code="invalid_api_key"
-            )
-        return app
 
     # -- completions ---------------------------------------------------------------------
 
@@ -247,7 +203,7 @@ class ProxyApp:
             ) from None
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object", code="invalid_json")
-        app = self._check_origin_and_auth(request, snap)
+        app = authenticate(request, snap)
         if app is not None:
             ex.app = app.name
         choice = choose_route(snap, body, app, request)
