@@ -50,6 +50,31 @@ GOAL_TOK_RATIO_POLICY = 0.85
 GOAL_TTFT_P50_EXTRA_MS = 20.0
 GOAL_TTFT_P99_EXTRA_MS = 50.0
 GOAL_CPU_RATIO = 1.5
+# The stream-safety issue's bar with a policy on: TTFT p50 within 30 ms, CPU within 1.7x.
+GOAL_TTFT_P50_EXTRA_MS_POLICY = 30.0
+GOAL_CPU_RATIO_POLICY = 1.7
+
+# `--policy`: what the stream-safety benchmark enforces. The stop strings also go out in
+# every target's requests, so the backend holds back the same text whoever relays.
+POLICY_STOP = ("###", "\n\nUser:", "\n\nHuman:", "<|im_end|>")
+POLICY_CONFIG = """\
+kind: Gateway
+backends:
+  - name: sim
+    urls: ["http://127.0.0.1:9"]  # replaced by --backend
+    max_concurrency: 4096
+    queue: {{max: 4096, max_wait: 10s}}
+routes:
+  - {{model: {model}, backend: sim, upstream_model: {model}, policy: bench-guard}}
+---
+kind: Policy
+name: bench-guard
+stop: {stop}
+cut_patterns:
+  - {{pattern: "(?i)ignore (all )?(the )?previous instructions", max_len: 64}}
+  - {{pattern: "BEGIN [A-Z ]*PRIVATE KEY", max_len: 40}}
+timeouts: {{first_token: 30s, inter_token: 5s, total: 300s}}
+"""
 
 SIM_READY = re.compile(r"sluice sim listening on (http://\S+)")
 SERVE_READY = re.compile(r"sluice serving on (http://\S+)")
@@ -66,6 +91,7 @@ def _spec(args: argparse.Namespace, url: str) -> LoadSpec:
             model=args.model,
             api_key=args.api_key,
             timeout=args.timeout,
+            stop=POLICY_STOP if getattr(args, "policy", False) else (),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -79,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError("--rounds must be at least 1")
         if args.config and not Path(args.config).is_dir():
             raise CliError(f"config directory {args.config} does not exist")
+        if args.policy and args.config:
+            raise CliError("--policy writes its own config: give --policy or --config")
         report = compare(args, spec)
         print(json.dumps(report, indent=2) if args.json else format_compare(report))
         return 0
@@ -326,6 +354,14 @@ def _targets(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[list[Tar
         serve_argv = ["serve", "--host", "127.0.0.1", "--port", "0", "--backend", backend]
         if args.config:
             serve_argv += ["--config", str(Path(args.config).resolve())]
+        elif args.policy:
+            policy_dir = workdir / "policy"
+            policy_dir.mkdir()
+            stop = json.dumps(list(POLICY_STOP))
+            (policy_dir / "bench.yaml").write_text(
+                POLICY_CONFIG.format(model=json.dumps(args.model), stop=stop)
+            )
+            serve_argv += ["--config", str(policy_dir)]
         sluice = Child("sluice", sluice_argv(*serve_argv), workdir)
         children.append(sluice)
         proxy.wait_port(port)
@@ -453,18 +489,22 @@ def build_report(
         if name != "nginx"
     }
     s = vs["sluice"]
-    tok_goal = GOAL_TOK_RATIO_POLICY if args.config else GOAL_TOK_RATIO
+    policy = bool(args.config or args.policy)
+    tok_goal = GOAL_TOK_RATIO_POLICY if policy else GOAL_TOK_RATIO
+    ttft_goal = GOAL_TTFT_P50_EXTRA_MS_POLICY if policy else GOAL_TTFT_P50_EXTRA_MS
+    cpu_goal = GOAL_CPU_RATIO_POLICY if policy else GOAL_CPU_RATIO
     goals = {
+        "issue": "stream safety (policy on)" if policy else "foundation (pass-through)",
         "tok_per_s_ratio_min": tok_goal,
-        "ttft_p50_delta_ms_max": GOAL_TTFT_P50_EXTRA_MS,
+        "ttft_p50_delta_ms_max": ttft_goal,
         "ttft_p99_delta_ms_max": GOAL_TTFT_P99_EXTRA_MS,
-        "cpu_per_token_ratio_max": GOAL_CPU_RATIO,
+        "cpu_per_token_ratio_max": cpu_goal,
         # None: not measurable in this run (no tokens, or too little CPU for the clock tick).
         "met": {
             "tok_per_s": _meets(s["tok_per_s_ratio"], minimum=tok_goal),
-            "ttft_p50": _meets(s["ttft_p50_delta_ms"], maximum=GOAL_TTFT_P50_EXTRA_MS),
+            "ttft_p50": _meets(s["ttft_p50_delta_ms"], maximum=ttft_goal),
             "ttft_p99": _meets(s["ttft_p99_delta_ms"], maximum=GOAL_TTFT_P99_EXTRA_MS),
-            "cpu_per_token": _meets(s["cpu_per_token_ratio"], maximum=GOAL_CPU_RATIO),
+            "cpu_per_token": _meets(s["cpu_per_token_ratio"], maximum=cpu_goal),
         },
     }
     settings = {
@@ -473,7 +513,13 @@ def build_report(
         "backend": args.url or "sluice sim",
         "sim_ttft_ms": None if args.url else args.ttft_ms,
         "sim_itl_ms": None if args.url else args.itl_ms,
-        "sluice_config": args.config or "pass-through (--backend)",
+        "sluice_config": args.config
+        or (
+            "--policy: 4 stop strings, 2 cut patterns, timeouts"
+            if args.policy
+            else "pass-through (--backend)"
+        ),
+        "stop_in_requests": list(spec.stop),
         "nginx": f"{nginx_version(find_nginx())}, 1 worker process",
         "sluice": "1 process",
     }
@@ -577,7 +623,7 @@ def format_compare(report: dict[str, Any]) -> str:
         verdict += " (not measurable in this run: " + ", ".join(unknown) + ")"
     lines += [
         "",
-        f"goal (issue, at 256 streams): tok/s >= {g['tok_per_s_ratio_min']:.2f}x, "
+        f"goal ({g['issue']} issue, at 256 streams): tok/s >= {g['tok_per_s_ratio_min']:.2f}x, "
         f"TTFT p50 <= +{g['ttft_p50_delta_ms_max']:g} ms, "
         f"p99 <= +{g['ttft_p99_delta_ms_max']:g} ms, CPU/token <= {g['cpu_per_token_ratio_max']:g}x"
         f": {verdict}",

@@ -51,6 +51,17 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM"
     )
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=0.0,
+        help="seconds to keep accepting after SIGTERM with /readyz at 503, so load balancers "
+        "that poll readiness stop routing here before the listener closes (default 0)",
+    )
+    p.add_argument(
+        "--no-metrics", action="store_true", help="no Prometheus metrics (and no /metrics)"
+    )
+    p.add_argument("--no-access-log", action="store_true", help="no log line per request")
     p.set_defaults(target="sluice.control.serve:run")
 
 
@@ -67,6 +78,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ttft-ms", type=float, default=20.0, help="simulator TTFT with --compare")
     p.add_argument("--itl-ms", type=float, default=10.0, help="simulator ITL with --compare")
     p.add_argument("--config", default=None, help="sluice config directory with --compare")
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="with --compare: sluice enforces 4 stop strings, 2 cut patterns and timeouts; "
+        "every target's requests carry the same stop list",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(target="sluice.control.bench:run")

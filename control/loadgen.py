@@ -46,6 +46,7 @@ class LoadSpec:
     model: str = "sim-model"
     api_key: str | None = None
     timeout: float = 120.0
+    stop: tuple[str, ...] = ()  # sent as `stop`, so every relay's backend does the same work
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -281,17 +282,18 @@ def build_request(spec: LoadSpec) -> bytes:
     parts = urlsplit(spec.url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 80
-    body = orjson.dumps(
-        {
-            "model": spec.model,
-            "messages": [{"role": "user", "content": PROMPT}],
-            "stream": True,
-            "max_tokens": spec.max_tokens,
-            # vLLM: generate exactly max_tokens, so every relay moves the same bytes.
-            "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
+    payload: dict[str, object] = {
+        "model": spec.model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "max_tokens": spec.max_tokens,
+        # vLLM: generate exactly max_tokens, so every relay moves the same bytes.
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    if spec.stop:
+        payload["stop"] = list(spec.stop)
+    body = orjson.dumps(payload)
     prefix = parts.path.rstrip("/").encode()
     head = [
         b"POST " + prefix + CHAT_PATH + b" HTTP/1.1",

@@ -249,8 +249,13 @@ class ServerState:
         max_body_bytes: Callable[[], int],
         on_error: Callable[[BaseException], None] | None = None,
         error_body: Callable[[int, str, str], bytes] | None = None,
+        *,
+        keepalive_timeout: float = KEEPALIVE_IDLE_TIMEOUT,
+        request_timeout: float = REQUEST_READ_TIMEOUT,
     ) -> None:
         self.handler = handler
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
         self.error_body = error_body or _plain_error_body
@@ -306,7 +311,7 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.client = f"{peer[0]}:{peer[1]}"
         self.state.connections.add(self)
-        self._set_timer(KEEPALIVE_IDLE_TIMEOUT)
+        self._set_timer(self.state.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -369,7 +374,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         self._body_len = 0
         self._request = None
-        self._set_timer(REQUEST_READ_TIMEOUT)
+        self._set_timer(self.state.request_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -436,6 +441,7 @@ class HttpConnection(asyncio.Protocol):
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
         self._body = []
+        self._body_len = 0
         self._cancel_timer()
         if self._task is None and not self._pipeline:
             self._start(request)
@@ -503,7 +509,7 @@ class HttpConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self.transport.resume_reading()
             self._reading_paused = False
-        self._set_timer(KEEPALIVE_IDLE_TIMEOUT)
+        self._set_timer(self.state.keepalive_timeout)
 
     def _reject(self, status: int, message: str, code: str) -> None:
         """Answers a request we will not parse further, then closes the connection."""

@@ -2,13 +2,15 @@
 
 `ChunkFilter` is the per-event logic (token detection for the timers, the stream guard per
 choice index, rewriting a chunk only when the guard changed it) with no I/O, so property
-tests drive the exact code the server runs. `relay_stream` is the pull loop around it:
-`await upstream.read()`, filter, `response.write()`; backpressure is the client's drain.
+tests drive the exact code the server runs. `StreamRelay` pushes each upstream chunk
+through it to the client from the connection's data callback; `relay_stream` is the
+coroutine that waits for the stream's outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -31,6 +33,23 @@ MAX_NONSTREAM_BODY = 64 * 1024 * 1024
 # How long a backend may take to send its chunked terminator after [DONE] before its
 # connection is closed instead of pooled.
 MESSAGE_END_TIMEOUT = 1.0
+# vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
+_CHAT_TEXT = re.compile(
+    rb'"choices":\[\{"index":(\d+),"delta":\{"content":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)"\},'
+    rb'"logprobs":null,"finish_reason":null(?:,"token_ids":null)?\}\]'
+)
+_COMPLETION_TEXT = re.compile(
+    rb'"choices":\[\{"index":(\d+),"text":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)","logprobs":null,'
+    rb'"finish_reason":null(?:,"stop_reason":null)?(?:,"prompt_token_ids":null)?'
+    rb'(?:,"token_ids":null)?\}\]'
+)
+
+
+class _Slow:
+    """ChunkFilter._guard_fast's answer "this event needs the full parse"."""
+
+
+_SLOW = _Slow()
 
 
 class ChunkFilter:
@@ -77,6 +96,9 @@ class ChunkFilter:
             return event  # comments (keep-alives) and other fields pass through untouched
         if self.guard_spec is None:
             return self._observe(event)
+        fast = self._guard_fast(event)
+        if not isinstance(fast, _Slow):
+            return fast
         payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
         if payload == b"[DONE]":
             self.done = True
@@ -149,6 +171,50 @@ class ChunkFilter:
         if not kept:
             return None
         obj["choices"] = kept
+        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        if len(self.finished) >= self.n_choices:
+            self.done = True
+            return out_event + DONE_EVENT
+        return out_event
+
+    def _guard_fast(self, event: bytes) -> bytes | _Slow:
+        """The common guarded event (vLLM's layout: one choice, one text delta, no finish
+        and no logprobs) matched by one regular expression over the bytes: the text is
+        decoded without parsing the chunk, and the event goes out unchanged when the guard
+        passes the text through. Anything else returns _SLOW for the full parse."""
+        match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
+        if match is None:
+            return _SLOW
+        index = int(match[1])
+        if index in self.finished:
+            return _SLOW
+        raw = match[2]
+        text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        self._token()
+        guard = self.guards.get(index)
+        if guard is None:
+            assert self.guard_spec is not None
+            guard = self.guards[index] = self.guard_spec.start()
+        out = guard.feed(text)
+        if out is text and guard.finish_reason is None:
+            return event
+        return self._rewrite(event, index, out, guard)
+
+    def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:
+        """The event with its text replaced by what the guard released (and the choice
+        finished when the guard matched)."""
+        obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        if self._template is None:
+            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        for choice in obj["choices"]:
+            if choice.get("index", 0) != index:
+                continue
+            if self.chat:
+                choice["delta"]["content"] = out
+            else:
+                choice["text"] = out
+            if guard.finish_reason is not None:
+                self._end_choice(choice, guard)
         out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
         if len(self.finished) >= self.n_choices:
             self.done = True

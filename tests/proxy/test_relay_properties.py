@@ -19,7 +19,7 @@ from sluice.proxy.stopwords import CutPattern, GuardSpec
 
 STOPS = ("###", "\n\nUser:", "。\n\n用户", "🛑x")
 CUT = CutPattern(pattern=r"(?i)ignore (all )?previous instructions", max_len=64)
-ALPHABET = st.sampled_from(list("ab #\nUser:。用户🛑xIgnore previous instructions"))
+ALPHABET = st.sampled_from(list('ab #\nUser:。用户🛑xIgnore previous instructions"\\\té'))
 
 
 class FakeUpstream:
@@ -97,7 +97,10 @@ def chat_events(tokens: list[str]) -> bytes:
                 ],
             }
         )
-    data = b"".join(b"data: " + json.dumps(o, ensure_ascii=False).encode() + b"\n\n" for o in out)
+    data = b"".join(
+        b"data: " + json.dumps(o, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        for o in out
+    )
     return data + b"data: [DONE]\n\n"
 
 

@@ -216,3 +216,50 @@ def test_keep_alive_and_pipelining_on_the_client_side(proxy: ProxyHarness) -> No
             data += s.recv(65536)
     assert data.count(b"HTTP/1.1 200 OK") == 2
     assert data.count(b'"object":"chat.completion"') == 2
+
+
+def test_a_client_that_stops_reading_pauses_the_backend(
+    proxy: ProxyHarness, sim_client: SimClient
+) -> None:
+    """Backpressure end to end: the proxy stops reading the backend instead of buffering."""
+    # 6 choices x 1500 tokens of 1 KiB: ~9 MiB of events, more than the socket buffers hold.
+    script = ["y" * 1024] * 1500
+    body = json.dumps(
+        {
+            **CHAT,
+            "stream": True,
+            "n": 6,
+            "max_tokens": 1500,
+            "sim": {"itl_ms": 0, "ttft_ms": 0, "script": script},
+        }
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.connect(("127.0.0.1", proxy.port))
+    try:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+
+        def paused() -> bool:
+            return any(c._reading_paused for r in proxy.app.pools.all() for c in r.pool.open)
+
+        deadline = time.monotonic() + 5
+        while not proxy.lt.call(paused) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.lt.call(paused)
+
+        def buffered() -> int:
+            return max(
+                c.transport.get_write_buffer_size()
+                for c in proxy.server.state.connections
+                if c.transport
+            )
+
+        # What waits for the client in sluice's memory stays bounded (no 3 MiB buffer).
+        time.sleep(0.3)
+        assert proxy.lt.call(buffered) < 1024 * 1024
+    finally:
+        s.close()
+    sim_client.wait_for(lambda st: st["aborted"] >= 1, timeout=2.0)
