@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 from helpers import LoopThread
-
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import HttpServer, Request, Response, ServerState
 
