@@ -15,7 +15,7 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.control import bench
+from sluice.control import bench, benchprocs
 from sluice.control.cli import main
 from sluice.control.errors import CliError
 from sluice.control.loadgen import LoadSpec, Samples, StreamConnection, percentile, run_load
@@ -95,10 +95,10 @@ def load_against(handler: Handler, **spec: Any) -> Any:
 @pytest.fixture(scope="module")
 def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The simulator (TTFT 20 ms, ITL 10 ms), started the way `--compare` starts it."""
-    argv = bench.sluice_argv("sim", "--port", "0", "--ttft-ms", "20", "--itl-ms", "10")
-    child = bench.Child("sim", argv, tmp_path_factory.mktemp("sim"))
+    argv = benchprocs.sluice_argv("sim", "--port", "0", "--ttft-ms", "20", "--itl-ms", "10")
+    child = benchprocs.Child("sim", argv, tmp_path_factory.mktemp("sim"))
     try:
-        yield child.wait_line(bench.SIM_READY)
+        yield child.wait_line(benchprocs.SIM_READY)
     finally:
         child.stop()
 
@@ -151,7 +151,7 @@ def test_broken_streams_are_errors_and_the_run_goes_on():
 
 
 def test_connection_refused_is_counted_not_raised():
-    port = bench.free_port()  # nothing listens there any more
+    port = benchprocs.free_port()  # nothing listens there any more
     result = uvloop.run(run_load(LoadSpec(url=f"http://127.0.0.1:{port}", requests=5)))
     assert (result.ok, result.errors, result.error_kinds) == (0, 5, {"connect": 5})
 
@@ -233,9 +233,9 @@ def test_tree_cpu_counts_descendants():
     parent = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 10
-        while bench.tree_cpu_seconds(parent.pid) < 0.3 and time.monotonic() < deadline:
+        while benchprocs.tree_cpu_seconds(parent.pid) < 0.3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert bench.tree_cpu_seconds(parent.pid) >= 0.3
+        assert benchprocs.tree_cpu_seconds(parent.pid) >= 0.3
     finally:
         parent.kill()
         parent.wait()
@@ -254,7 +254,7 @@ def test_cli_prints_one_json_object(sim_url, capsys):
 
 
 def test_cli_table_names_the_errors(capsys):
-    port = bench.free_port()
+    port = benchprocs.free_port()
     assert main(["bench", "--url", f"http://127.0.0.1:{port}", "--requests", "3"]) == 0
     out = capsys.readouterr().out
     assert "TTFT p50" in out
@@ -268,14 +268,14 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 def test_missing_nginx_is_one_line_with_the_fix(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "NGINX_PATHS", ())
+    monkeypatch.setattr(benchprocs, "NGINX_PATHS", ())
     monkeypatch.setenv("PATH", "/nonexistent")
     assert main(["bench", "--compare"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "apt-get install nginx" in err
     with pytest.raises(CliError):
-        bench.find_nginx()
+        benchprocs.find_nginx()
 
 
 def descendants(root: int) -> set[int]:
