@@ -1,0 +1,177 @@
+"""Writing one HTTP/1.1 response: a complete body, or a chunked stream written as it
+is produced (every `write` goes to the socket at once; nothing here buffers)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .http import HttpConnection
+
+Header = tuple[bytes, bytes]
+
+_REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    411: b"Length Required",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    422: b"Unprocessable Entity",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class ClientGone(Exception):
+    """The client connection closed while a response was being written."""
+
+
+class _DateHeader:
+    """The Date header, formatted at most once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def get(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode()
+        return self._value
+
+
+_date = _DateHeader()
+
+
+def head_bytes(status: int, headers: list[Header], extra: bytes) -> bytes:
+    reason = _REASONS.get(status, b"Unknown")
+    parts = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, reason, _date.get())]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(extra)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class Response:
+    """Writes one response. `start` + `write`* + `end` for a streamed (chunked) body,
+    or `send` for a complete one. `write` never blocks; call `drain` when `must_drain`."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_only",
+        "_transport",
+        "ended",
+        "keep_alive",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self, conn: HttpConnection, keep_alive: bool, head_only: bool, http11: bool = True
+    ) -> None:
+        self._conn = conn
+        self._transport = conn.transport
+        self._head_only = head_only
+        # HTTP/1.0 clients get no chunked framing: the body ends when the connection does.
+        self._chunked = http11
+        self.keep_alive = keep_alive
+        self.started = False
+        self.ended = False
+        self.status = 0
+
+    def _connection_header(self) -> bytes:
+        if self._conn.closing:
+            self.keep_alive = False
+        return b"" if self.keep_alive else b"connection: close\r\n"
+
+    def send(self, status: int, headers: list[Header], body: bytes) -> None:
+        """A complete response with a Content-Length."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.ended = True
+        self.status = status
+        extra = self._connection_header() + b"content-length: %d\r\n" % len(body)
+        head = head_bytes(status, headers, extra)
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(head if self._head_only else head + body)
+
+    def start(self, status: int, headers: list[Header]) -> None:
+        """Starts a chunked response; the head is written at once (unbuffered streams)."""
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.status = status
+        if self._chunked:
+            extra = self._connection_header() + b"transfer-encoding: chunked\r\n"
+        else:
+            self.keep_alive = False
+            extra = b"connection: close\r\n"
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(head_bytes(status, headers, extra))
+
+    def write(self, data: bytes) -> None:
+        """Writes one chunk; the bytes go to the socket now (no buffering here)."""
+        if not data or self._head_only:
+            return
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        if self._chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    @property
+    def must_drain(self) -> bool:
+        return self._conn.write_paused
+
+    async def drain(self) -> None:
+        """Waits while the client reads slower than we write (transport backpressure)."""
+        await self._conn.wait_writable()
+
+    def when_writable(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once the client's socket accepts writes again (push mode's
+        backpressure: the relay pauses its upstream until then)."""
+        self._conn.resume_callbacks.append(callback)
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        transport = self._transport
+        if (
+            self._chunked
+            and transport is not None
+            and not transport.is_closing()
+            and not self._head_only
+        ):
+            transport.write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        """Ends a started response that cannot be completed: the connection is closed."""
+        self.ended = True
+        self.keep_alive = False
+        self._conn.close()
