@@ -5,10 +5,11 @@ experiments, records and the edge renderers' input. File models only (see schema
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, Strict
 
 from .schema import DocumentIssue, Path, Section
 from .values import (
@@ -28,10 +29,24 @@ from .values import (
     Secret,
     ServerName,
     Sticky,
+    TypeLabel,
     UpstreamModel,
     Url,
     WorkerName,
 )
+
+
+def _check_network(value: str) -> str:
+    """An address or network in CIDR form (173.245.48.0/20, 2400:cb00::/32), normalised."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address or network like 173.245.48.0/20"
+        ) from None
+
+
+Network = Annotated[str, Strict(), AfterValidator(_check_network), TypeLabel("IP network")]
 
 
 class ListenSection(Section):
@@ -128,9 +143,10 @@ class ExperimentSection(Section):
 
 
 class RecordsSection(Section):
-    path: FilePath = Field(
+    path: FilePath | None = Field(
         default="sluice-records.sqlite",
-        description="SQLite file, relative to the working directory.",
+        description="SQLite file, relative to the working directory; null: no records and "
+        "no /v1/feedback. This section is read at start-up (a change needs a restart).",
     )
     batch_size: Int = Field(default=256, ge=1, description="Records per write transaction.")
     flush_interval: Duration = Field(default=1.0, description="Longest time a record waits.")
@@ -142,6 +158,9 @@ class RecordsSection(Section):
 class TlsSection(Section):
     cert: FilePath = Field(description="Certificate chain file (PEM).")
     key: FilePath = Field(description="Private key file (PEM).")
+    port: Port = Field(
+        default=443, ge=1, le=65535, description="Port of the TLS server block (HTTP/2 and 1.1)."
+    )
 
 
 class LimitReqSection(Section):
@@ -161,6 +180,16 @@ class NginxSection(Section):
     )
     limit_req: LimitReqSection | None = Field(
         default=None, description="Request rate per client address; null: no limit."
+    )
+    trusted_proxies: tuple[Network, ...] = Field(
+        default=(),
+        description="Addresses of the proxies in front of nginx (Cloudflare's ranges): from "
+        "them, the x-sluice-client-ip header the rendered Worker sets is the client address "
+        "for limit_conn, limit_req and the log; empty: the TCP peer is the client.",
+    )
+    access_log: FilePath = Field(
+        default="/var/log/nginx/sluice-access.log",
+        description="JSON access log file (relative: to nginx's prefix).",
     )
 
 
