@@ -147,3 +147,28 @@ def test_wheel_serves_the_packaged_example_config(wheel_venv: Path, tmp_path: Pa
         assert [m["id"] for m in r.json()["data"]] == ["chat"]  # support-bot may use chat only
     finally:
         assert proxy.stop() == 0
+
+
+def test_wheel_renders_the_committed_edge_examples(wheel_venv: Path, tmp_path: Path) -> None:
+    """The templates are package data: the installed wheel reproduces the examples."""
+    site = subprocess.run(
+        [
+            str(wheel_venv / "bin" / "python"),
+            "-c",
+            "import importlib.util as u; print(list(u.find_spec('sluice.examples').submodule_search_locations)[0])",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    sluice = str(wheel_venv / "bin" / "sluice")
+    out = tmp_path / "out"
+    subprocess.run(
+        [sluice, "render", "nginx", "--config", site, "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert (out / "sluice.conf").read_text() == (
+        REPO / "nginx" / "example" / "sluice.conf"
+    ).read_text()
