@@ -1,0 +1,67 @@
+"""Services `sluice serve` wires around the ProxyApp, each with what to close on shutdown.
+
+- `attach_records`: the per-request records (an `on_complete` hook feeding the SQLite
+  writer thread) and `POST /v1/feedback`. The `records` section is read at start-up: a
+  reload that changes it takes effect at the next restart. No Gateway document (the
+  `--backend URL` pass-through) or `records.path: null`: no records and no feedback route.
+- `attach_health`: the active health probes of the backends that set `health`; these
+  follow reloads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+from sluice.proxy.app import ProxyApp
+from sluice.proxy.feedback import FEEDBACK_PATH, feedback_handler
+from sluice.proxy.health import HealthMetrics, HealthProber
+from sluice.proxy.records import RecordMetrics, RecordWriter
+
+from .build import BuiltConfig
+from .errors import CliError
+
+
+class Closer(Protocol):
+    async def aclose(self) -> None: ...
+
+
+class _Nothing:
+    async def aclose(self) -> None:
+        return None
+
+
+def attach_records(
+    built: BuiltConfig, app: ProxyApp, *, registry: CollectorRegistry | None = None
+) -> Closer:
+    """Starts the records writer and routes /v1/feedback; close it after the drain so the
+    last requests' records are written. Raises CliError when the database cannot be opened."""
+    section = built.gateway.records if built.gateway is not None else None
+    if section is None or section.path is None:
+        return _Nothing()
+    try:
+        writer = RecordWriter(
+            section.path,
+            batch_size=section.batch_size,
+            flush_interval=section.flush_interval,
+            max_buffer=section.max_buffer,
+            metrics=RecordMetrics(registry),
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise CliError(f"cannot open the records database {section.path}: {exc}") from None
+    app.on_complete.append(writer.submit)
+    app.extra_routes[FEEDBACK_PATH] = feedback_handler(
+        app.ref, writer, recheck_after=section.flush_interval
+    )
+    return writer
+
+
+def attach_health(app: ProxyApp, *, registry: CollectorRegistry | None = None) -> Closer:
+    """Starts the health probes (call it with the event loop running)."""
+    prober = HealthProber(app.ref, app.pools, HealthMetrics(registry))
+    prober.start()
+    return prober
+
+
+__all__ = ["Closer", "attach_health", "attach_records"]

@@ -1,0 +1,123 @@
+"""POST /v1/feedback: an app rates one of its own requests.
+
+    {"request_id": "<x-request-id of the response>", "score": 4.5}
+    {"request_id": "<x-request-id of the response>", "label": "good"}   # or "bad"
+
+Authenticated with the app's key, like a completion. Only the app that made a request may
+rate it (403 otherwise); an id that is in no record is 404. Rating again replaces the
+earlier score or label in the report (all are kept in the store).
+
+With several worker processes the request may have been served by another worker whose
+record is still in its buffer; an id not found is therefore looked up once more after one
+flush interval before the 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .auth import authenticate
+from .errors import JSON_HEADERS, ApiError, bad_request, method_not_allowed, not_found
+from .http import Handler, Request, Response
+from .records import RecordWriter, StoreUnavailable
+from .snapshot import SnapshotRef
+
+FEEDBACK_PATH = "/v1/feedback"
+LABELS = ("good", "bad")
+MAX_REQUEST_ID = 128  # as the x-request-id the proxy accepts
+FIELDS = frozenset({"request_id", "score", "label"})
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    request_id: str
+    score: float | None = None
+    label: str | None = None
+
+
+def parse_feedback(raw: bytes) -> Feedback:
+    """The request body, or a 400 naming the field at fault."""
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    for key in body:
+        if key not in FIELDS:
+            raise bad_request(
+                f"unknown field '{str(key)[:64]}'; expected request_id and score or label",
+                param=str(key)[:64],
+            )
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID:
+        raise bad_request(
+            f"'request_id' must be the x-request-id of a response (1-{MAX_REQUEST_ID} chars)",
+            param="request_id",
+        )
+    score, label = body.get("score"), body.get("label")
+    if (score is None) == (label is None):
+        raise bad_request("send exactly one of 'score' (a number) or 'label' (good or bad)")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise bad_request("'score' must be a number", param="score")
+        if not math.isfinite(score):
+            raise bad_request("'score' must be a finite number", param="score")
+        return Feedback(request_id, score=float(score))
+    if label not in LABELS:
+        raise bad_request('\'label\' must be "good" or "bad"', param="label")
+    return Feedback(request_id, label=label)
+
+
+def feedback_handler(ref: SnapshotRef, store: RecordWriter, *, recheck_after: float) -> Handler:
+    """The handler for FEEDBACK_PATH; `recheck_after` is the store's flush interval."""
+
+    async def handle(request: Request, response: Response) -> None:
+        if request.method != "POST":
+            raise method_not_allowed(request.method, request.path, "POST")
+        app = authenticate(request, ref.current)
+        feedback = parse_feedback(request.body)
+        app_name = app.name if app is not None else ""
+        try:
+            result = await store.rate(feedback.request_id, app_name, feedback.score, feedback.label)
+            if result == "unknown":
+                await asyncio.sleep(recheck_after)
+                result = await store.rate(
+                    feedback.request_id, app_name, feedback.score, feedback.label
+                )
+        except StoreUnavailable as exc:
+            store.metrics.feedback.labels("unavailable").inc()
+            raise ApiError(
+                503,
+                f"feedback cannot be stored now ({exc}); retry later",
+                type="server_error",
+                code="feedback_unavailable",
+                headers=[(b"retry-after", b"1")],
+            ) from None
+        store.metrics.feedback.labels(result).inc()
+        if result == "unknown":
+            raise not_found(f"no request with id '{feedback.request_id}'", code="request_not_found")
+        if result == "forbidden":
+            raise ApiError(
+                403,
+                "this request was made by another app; only its app may rate it",
+                type="permission_error",
+                code="not_your_request",
+                param="request_id",
+            )
+        answer: dict[str, Any] = {"object": "feedback", "request_id": feedback.request_id}
+        if feedback.score is not None:
+            answer["score"] = feedback.score
+        else:
+            answer["label"] = feedback.label
+        response.send(200, JSON_HEADERS, orjson.dumps(answer))
+
+    return handle
+
+
+__all__ = ["FEEDBACK_PATH", "LABELS", "Feedback", "feedback_handler", "parse_feedback"]
