@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -143,9 +144,8 @@ class ProxyApp:
     # -- completions ---------------------------------------------------------------------
 
     async def completions(self, request: Request, response: Response, *, chat: bool) -> None:
-        loop = asyncio.get_running_loop()
         snap = self.ref.current
-        ex = Exchange(_request_id(request), loop.time())
+        ex = Exchange(_request_id(request), monotonic())
         ex.chat = chat
         ex.config_version = snap.version
         base_headers: list[Header] = [
@@ -183,7 +183,7 @@ class ProxyApp:
                 ex.status = 499
             raise
         finally:
-            ex.ended_at = loop.time()
+            ex.ended_at = monotonic()
             for hook in self.on_complete:
                 hook(ex)
 
@@ -236,12 +236,11 @@ class ProxyApp:
         backend_limiter = self.limiters.get(
             "backend:" + backend.name, backend.max_concurrency, backend.queue
         )
-        loop = asyncio.get_running_loop()
         if app_limiter is not None:
             ex.queue_wait += await app_limiter.acquire()
         try:
             ex.queue_wait += await backend_limiter.acquire()
-            started = loop.time()
+            started = monotonic()
             try:
                 await self._exchange(
                     request,
@@ -257,7 +256,7 @@ class ProxyApp:
                 )
             finally:
                 backend_limiter.release()
-                backend_limiter.observe_service_time(loop.time() - started)
+                backend_limiter.observe_service_time(monotonic() - started)
         finally:
             if app_limiter is not None:
                 app_limiter.release()
@@ -382,21 +381,16 @@ class ProxyApp:
         status = conn.status
         ex.status = status
         content_type = conn.headers.get(b"content-type", b"application/json")
-        if (
-            status == 200
-            and policy.guard is not None
-            and content_type.startswith(b"application/json")
-        ):
+        if status == 200 and content_type.startswith(b"application/json"):
             try:
                 obj = orjson.loads(body)
             except orjson.JSONDecodeError:
                 obj = None
             if isinstance(obj, dict):
                 ex.record_usage(obj.get("usage"))
-                if guard_completion(obj, policy.guard, ex.chat, ex):
+                _record_finish(ex, obj)
+                if policy.guard is not None and guard_completion(obj, policy.guard, ex.chat, ex):
                     body = orjson.dumps(obj)
-        elif status == 200 and content_type.startswith(b"application/json"):
-            ex.record_usage(_usage_of(body))
         elif status >= 400 and not _is_openai_error(body):
             ex.upstream_error = f"http_{status}"
             message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
@@ -420,12 +414,12 @@ def _is_openai_error(body: bytes) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
 
 
-def _usage_of(body: bytes) -> Any:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return obj.get("usage") if isinstance(obj, dict) else None
+def _record_finish(ex: Exchange, obj: dict[str, Any]) -> None:
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        finish = choices[0].get("finish_reason")
+        if isinstance(finish, str):
+            ex.finish_reason = finish
 
 
 __all__ = ["SSE_HEADERS", "ProxyApp", "RouteChoice"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from time import monotonic
 from typing import Any
 
 import orjson
@@ -56,7 +57,6 @@ class ChunkFilter:
     """Per-stream state: which choices finished, their guards, token timing."""
 
     __slots__ = (
-        "_loop",
         "_template",
         "chat",
         "done",
@@ -76,14 +76,12 @@ class ChunkFilter:
         guard_spec: GuardSpec | None,
         n_choices: int,
         watchdog: StreamWatchdog | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.ex = ex
         self.chat = chat
         self.guard_spec = guard_spec
         self.n_choices = max(1, n_choices)
         self.watchdog = watchdog
-        self._loop = loop or asyncio.get_event_loop()
         self.guards: dict[int, StreamGuard] = {}
         self.finished: set[int] = set()  # choices the guard ended
         self.done = False  # the client has its [DONE]: stop reading the backend
@@ -259,7 +257,7 @@ class ChunkFilter:
                 self.ex.finish_reason = choice["finish_reason"]
 
     def _token(self) -> None:
-        now = self._loop.time()
+        now = monotonic()
         ex = self.ex
         if ex.first_token_at is None:
             ex.first_token_at = now

@@ -8,11 +8,15 @@ token time and re-arms if the stream moved on. So a stream with an inter-token t
 On expiry the watchdog cancels the task it guards (like `asyncio.timeout`, which re-arms
 with a new handle on every reschedule); the relay tells its own cancellation from a client
 disconnect by `expired` and `Task.uncancel()`.
+
+Times are `time.monotonic()` (the relay stamps tokens with it: uvloop's `loop.time()` has
+millisecond resolution and is cached per loop pass); timers are scheduled on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 
 from .snapshot import StreamTimeouts
 
@@ -29,7 +33,7 @@ class StreamWatchdog:
         self._loop = asyncio.get_running_loop()
         self._task = task if task is not None else asyncio.current_task()
         self.timeouts = timeouts
-        self.started = self._loop.time()
+        self.started = monotonic()
         self.last_token: float | None = None  # set by the relay on each content token
         self.expired: str | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -48,7 +52,7 @@ class StreamWatchdog:
             elif t.inter_token is not None:
                 # No first-token limit: look again later, the inter-token clock starts with
                 # the first token.
-                candidate = (self._loop.time() + t.inter_token, None)
+                candidate = (monotonic() + t.inter_token, None)
         elif t.inter_token is not None:
             candidate = (self.last_token + t.inter_token, INTER_TOKEN)
         if candidate is not None and (best is None or candidate[0] < best[0]):
@@ -60,7 +64,12 @@ class StreamWatchdog:
             return
         deadline = self._deadline()
         if deadline is not None:
-            self._handle = self._loop.call_at(deadline[0], self._fire)
+            self._schedule(deadline[0])
+
+    def _schedule(self, when: float) -> None:
+        """A timer at monotonic time `when`; the loop's own clock may differ by an offset."""
+        delay = max(0.0, when - monotonic())
+        self._handle = self._loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
@@ -68,8 +77,8 @@ class StreamWatchdog:
         if deadline is None:
             return
         when, kind = deadline
-        if kind is None or when > self._loop.time():
-            self._handle = self._loop.call_at(when, self._fire)
+        if kind is None or when > monotonic():
+            self._schedule(when)
             return
         self.expired = kind
         if self._task is not None and not self._task.done():
