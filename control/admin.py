@@ -3,6 +3,8 @@
 `/admin/*` needs the admin token (`Authorization: Bearer <token>`, compared by SHA-256
 digest in constant time); with no token configured the admin API answers 403. `/metrics`
 is open, as Prometheus scrapers expect; it names apps and routes but holds no secret.
+`/admin/status` is what `sluice status` prints: config version and last reload, backends
+with health and in-flight counts, queue depths, per-app usage.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import ApiError, send_error
 from sluice.proxy.http import Request, Response
@@ -48,8 +53,14 @@ def _authorize(request: Request, ref: SnapshotRef) -> None:
 
 
 def admin_routes(
-    ref: SnapshotRef, app: ProxyApp, reloader: ConfigReloader | None, observer: Observer
+    ref: SnapshotRef,
+    app: ProxyApp,
+    reloader: ConfigReloader | None,
+    observer: Observer,
+    *,
+    worker: str | None = None,
 ) -> dict[str, Handler]:
+    """`worker`: this process's index under `--workers N` (None: a single process)."""
     started = time.time()
 
     def config_state() -> dict[str, object]:
@@ -100,62 +111,106 @@ def admin_routes(
         )
 
     async def get_status(request: Request, response: Response) -> None:
-        snap = ref.current
-        backends = []
-        for name, backend in snap.backends.items():
-            replicas = app.pools.replicas(backend)
-            backends.append(
-                {
-                    "name": name,
-                    "replicas": [
-                        {
-                            "url": r.pool.origin.url,
-                            "healthy": r.healthy,
-                            "ejected": r.ejected_until > time.monotonic(),
-                            "in_flight": r.pool.outstanding,
-                            "open_connections": len(r.pool.open),
-                            "idle_connections": len(r.pool.idle),
-                        }
-                        for r in replicas
-                    ],
-                }
-            )
-        limiters = [
-            {
-                "name": lim.name,
-                "in_use": lim.in_use,
-                "limit": lim.max_concurrency,
-                "queued": lim.queued,
-                "rejected": lim.rejected,
-            }
-            for lim in app.limiters.all()
-        ]
-        body = {
-            "config": config_state(),
-            "uptime_s": round(time.time() - started, 1),
-            "ready": app.ready,
-            "active_streams": app.active_streams,
-            "backends": backends,
-            "limiters": limiters,
-        }
+        body = status_body(ref, app, observer, config_state(), started, worker)
         response.send(200, JSON, orjson.dumps(body))
 
     async def metrics(request: Request, response: Response) -> None:
         if request.method not in ("GET", "HEAD"):
             send_error(response, ApiError(405, "use GET", code="method_not_allowed"))
             return
-        observer.refresh_gauges(
-            app.active_streams, {lim.name: lim.queued for lim in app.limiters.all()}
-        )
-        response.send(
-            200,
-            [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
-            observer.metrics.render(),
-        )
+        if observer.metrics is None:
+            send_error(
+                response,
+                ApiError(404, "metrics are disabled (--no-metrics)", code="metrics_disabled"),
+            )
+            return
+        observer.sample(app)
+        body = observer.metrics.render()
+        response.send(200, [(b"content-type", CONTENT_TYPE_LATEST.encode())], body)
 
     return {
         "/admin/config": guarded("GET", get_config),
         "/admin/reload": guarded("POST", post_reload),
         "/admin/status": guarded("GET", get_status),
         "/metrics": metrics,
+    }
+
+
+def status_body(
+    ref: SnapshotRef,
+    app: ProxyApp,
+    observer: Observer,
+    config: dict[str, object],
+    started: float,
+    worker: str | None,
+) -> dict[str, Any]:
+    """GET /admin/status. Everything but `apps` is this worker's own state; `apps` sums
+    every worker's when metrics run in multiprocess mode (--workers N)."""
+    snap = ref.current
+    now = time.monotonic()
+    backends = []
+    for name, backend in snap.backends.items():
+        replicas = app.pools.replicas(backend)
+        backends.append(
+            {
+                "name": name,
+                "in_flight": sum(r.pool.outstanding for r in replicas),
+                "replicas": [
+                    {
+                        "url": r.pool.origin.url,
+                        "healthy": r.healthy,
+                        "ejected": r.ejected_until > now,
+                        "in_flight": r.pool.outstanding,
+                        "open_connections": len(r.pool.open),
+                        "idle_connections": len(r.pool.idle),
+                    }
+                    for r in replicas
+                ],
+            }
+        )
+    limiters = {lim.name: lim for lim in app.limiters.all()}
+    queues = [
+        {
+            "name": lim.name,
+            "in_use": lim.in_use,
+            "limit": lim.max_concurrency,
+            "queued": lim.queued,
+            "max_queue": lim.queue.max_len,
+            "rejected": lim.rejected,
+        }
+        for lim in limiters.values()
+    ]
+    usage = observer.metrics.app_usage() if observer.metrics is not None else {}
+    limited = {a.name for a in snap.apps if a.max_concurrency is not None}
+    names = [a.name for a in snap.apps]
+    names += sorted(n for n in usage if n not in names)
+    apps = []
+    for name in names:
+        used = usage.get(name)
+        limiter = limiters.get("app:" + name)
+        # In flight and queued are known where the app has a concurrency limit; else null.
+        idle = 0 if name in limited else None
+        apps.append(
+            {
+                "name": name,
+                "requests": used.requests if used else 0,
+                "by_status": used.by_status if used else {},
+                "tokens_in": used.tokens_in if used else 0,
+                "tokens_out": used.tokens_out if used else 0,
+                "in_flight": limiter.in_use if limiter else idle,
+                "queued": limiter.queued if limiter else idle,
+            }
+        )
+    return {
+        "pid": os.getpid(),
+        "worker": worker,
+        "uptime_s": round(time.time() - started, 1),
+        "ready": app.ready,
+        "config": config,
+        "active_streams": app.active_streams,
+        "backends": backends,
+        "queues": queues,
+        "apps": apps,
+        "metrics": observer.metrics is not None,
+        "access_log": observer.access_log,
     }

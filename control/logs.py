@@ -1,34 +1,82 @@
-"""Logging setup: structlog, JSON lines (default) or console, at a configurable level."""
+"""Logging setup: structlog, JSON lines (default) or console, at a configurable level.
+
+JSON is rendered by orjson straight to bytes (structlog's stdlib-json renderer showed up at
+~5% of the proxy's CPU under load, as the access log line is written once per request).
+Records from the standard library's `logging` (asyncio, watchfiles) are rendered as the
+same JSON lines, so the stream stays one JSON object per line.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
+from typing import Any, TextIO
 
+import orjson
 import structlog
 
-_LEVELS = {
+LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+FORMATS = ("json", "console")
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Configures structlog and the root logger; `stream` defaults to stderr."""
+    if level not in LEVELS or fmt not in FORMATS:
+        raise ValueError(f"log level {level!r} / format {fmt!r} not in {list(LEVELS)} / {FORMATS}")
+    out = stream if stream is not None else sys.stderr
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    common: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        timestamper,
+        structlog.processors.format_exc_info,
+    ]
+    factory: Any
+    if fmt == "json":
+        renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(
+            serializer=orjson.dumps
+        )
+        factory = structlog.BytesLoggerFactory(file=out.buffer)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        processors=[*common, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        _JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+
+
+class _JsonFormatter(logging.Formatter):
+    """A standard-library record as the same JSON line structlog writes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, Any] = {
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": self.formatTime(record),
+        }
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(event, default=repr).decode()
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # ISO 8601 in UTC, as structlog's TimeStamper(fmt="iso", utc=True) writes it.
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -2,14 +2,22 @@
 
 Metrics, the access log line and the experiment records all read this object after the
 response is complete, so the per-token work is a few attribute updates and no callback.
-Inter-token gaps are aggregated here (count, sum, max) and observed into the histograms
-once per stream, without a lock or an object per token.
+Inter-token gaps are aggregated here (count, sum, max, and a count per histogram bucket)
+and folded into the histogram once per stream, without a lock or an object per token.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import Any
+
+# Upper bounds of the inter-token latency histogram (seconds; +Inf follows): a gap between
+# content chunks, from merged chunks (~0) and a healthy GPU (10-50 ms) to stalls.
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class Exchange:
@@ -27,6 +35,8 @@ class Exchange:
         "experiment",
         "finish_reason",
         "first_token_at",
+        "first_token_overhead",
+        "gap_buckets",
         "gap_count",
         "gap_max",
         "gap_sum",
@@ -66,6 +76,9 @@ class Exchange:
         self.gap_count = 0
         self.gap_sum = 0.0
         self.gap_max = 0.0
+        self.gap_buckets = [0] * (len(ITL_BUCKETS) + 1)  # le semantics; the last is +Inf
+        # Upstream chunk carrying the first token received -> written to the client (s).
+        self.first_token_overhead: float | None = None
         self.content_chunks = 0
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -79,6 +92,7 @@ class Exchange:
     def add_gap(self, gap: float) -> None:
         self.gap_count += 1
         self.gap_sum += gap
+        self.gap_buckets[bisect_left(ITL_BUCKETS, gap)] += 1
         if gap > self.gap_max:  # noqa: PLR1730 - cheaper than max() per token
             self.gap_max = gap
 

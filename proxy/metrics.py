@@ -1,14 +1,22 @@
 """Prometheus metrics of the data plane.
 
-Everything per token is aggregated in the `Exchange` and observed here once per request,
-so a stream of 1,000 tokens costs the same handful of metric updates as one of 10.
-With several workers, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
-set by the supervisor before any worker imports this module) sums them at scrape time.
+Per-token work happens in the `Exchange` (counts, sums and a count per inter-token bucket);
+`Metrics.observe` folds one finished exchange in once per request, so a stream of 1,000
+tokens costs the same handful of updates as one of 10. Gauges (active streams, queue
+depths, the config version) are set from the app's state by `set_gauges`, which the
+`Observer` calls on every scrape and once a second.
+
+With several workers, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set
+by the supervisor before a worker starts) keeps every value in a file per process and sums
+them at scrape time; the gauges are `live*` modes, so a dead worker's values drop out once
+the supervisor calls `mark_process_dead`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,16 +26,55 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
-from .exchange import Exchange
-
-# LLM streams span milliseconds (TTFT of a warm GPU) to minutes (long generations).
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+from .exchange import ITL_BUCKETS, Exchange
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# LLM streams span milliseconds (a warm GPU's first token) to minutes (long generations).
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+)  # fmt: skip
+DURATION_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
+    60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+)  # fmt: skip
+QUEUE_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+# Sluice's own time on a chunk: tens of microseconds, unless the event loop is saturated.
+OVERHEAD_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25,
+)  # fmt: skip
+
+# Limiter rejections: the request waited (or could not queue) but never got a permit.
+_REJECTED = frozenset({"queue_full", "queue_timeout"})
+_SHUTDOWN = "shutdown"  # ex.error_code of a stream ended by the drain deadline
+
+
+@dataclass(slots=True)
+class AppUsage:
+    """One app's totals since start (across workers in multiprocess mode)."""
+
+    requests: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class _RouteSeries:
+    """The per-(route, variant) histogram children, looked up once and cached."""
+
+    __slots__ = ("duration", "itl", "overhead", "ttft")
+
+    def __init__(self, m: Metrics, route: str, variant: str) -> None:
+        self.ttft = m.ttft.labels(route, variant)
+        self.itl = m.inter_token.labels(route, variant)
+        self.duration = m.duration.labels(route, variant)
+        self.overhead = m.overhead.labels(route, variant)
 
 
 class Metrics:
@@ -37,56 +84,63 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sluice_requests",
-            "Completion requests by outcome",
+            "Completion requests by outcome (status 499: the client went away)",
             ["app", "route", "preset", "variant", "status"],
             registry=r,
         )
         self.ttft = Histogram(
             "sluice_ttft_seconds",
-            "Request start to first content token sent",
+            "Request received to first content token relayed",
             ["route", "variant"],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.inter_token = Histogram(
             "sluice_inter_token_seconds",
-            "Mean gap between content tokens, one observation per stream",
-            ["route", "variant"],
-            buckets=ITL_BUCKETS,
-            registry=r,
-        )
-        self.inter_token_max = Histogram(
-            "sluice_inter_token_max_seconds",
-            "Longest gap between content tokens, one observation per stream",
+            "Gaps between content chunks of a stream, every gap (folded in at stream end)",
             ["route", "variant"],
             buckets=ITL_BUCKETS,
             registry=r,
         )
         self.duration = Histogram(
             "sluice_stream_duration_seconds",
-            "Request start to end of response",
+            "Request received to end of response",
             ["route", "variant"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.overhead = Histogram(
+            "sluice_proxy_overhead_seconds",
+            "Upstream chunk carrying a stream's first token received -> written to the "
+            "client, one observation per stream",
+            ["route", "variant"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter(
-            "sluice_tokens", "Tokens by direction (from usage when sent)", ["direction"], registry=r
+            "sluice_tokens",
+            "Tokens by direction (in: prompt, from usage; out: usage, else content chunks)",
+            ["app", "route", "direction"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             "sluice_queue_wait_seconds",
-            "Time spent waiting for concurrency permits",
+            "Time spent waiting for concurrency permits (app, then backend)",
             buckets=QUEUE_BUCKETS,
             registry=r,
         )
         self.timeouts = Counter("sluice_timeouts", "Stream timeouts by kind", ["kind"], registry=r)
         self.cuts = Counter(
-            "sluice_stream_cuts", "Streams ended by the guard", ["reason"], registry=r
+            "sluice_stream_cuts",
+            "Streams ended by sluice: stop, content_filter, repetition (the guard), shutdown",
+            ["reason"],
+            registry=r,
         )
         self.disconnects = Counter(
             "sluice_client_disconnects", "Clients that went away mid-request", registry=r
         )
         self.upstream_errors = Counter(
-            "sluice_upstream_errors", "Backend failures", ["backend", "kind"], registry=r
+            "sluice_upstream_errors", "Backend failures by kind", ["backend", "kind"], registry=r
         )
         self.active_streams = Gauge(
             "sluice_active_streams",
@@ -96,52 +150,99 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "sluice_queue_depth",
-            "Requests waiting for a permit",
+            "Requests waiting for a permit, per limiter (app:NAME, backend:NAME)",
             ["limiter"],
             registry=r,
             multiprocess_mode="livesum",
         )
         self.config_info = Gauge(
             "sluice_config_info",
-            "The config version being served (value 1)",
+            "1 for the config version being served (by any worker)",
             ["version"],
             registry=r,
-            multiprocess_mode="liveall",
+            multiprocess_mode="livemax",
         )
         self.config_reloads = Counter(
             "sluice_config_reload", "Config reloads by result", ["result"], registry=r
         )
+        self.config_last_reload_ok = Gauge(
+            "sluice_config_last_reload_success",
+            "0 while the last reload failed (the previous config keeps serving; every worker)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.config_last_reload_ok.set(1)
+        self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
+        self._routes: dict[tuple[str, str], _RouteSeries] = {}
+        self._tokens: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._config_version = ""
+
+    # -- once per request ----------------------------------------------------------------
 
     def observe(self, ex: Exchange) -> None:
-        status = str(ex.status or 0)
-        self.requests.labels(ex.app, ex.route, ex.preset, ex.variant, status).inc()
+        key = (ex.app, ex.route, ex.preset, ex.variant, ex.status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(*key[:4], str(ex.status))
+        counter.inc()
         if ex.client_disconnected:
             self.disconnects.inc()
         if ex.timeout is not None:
             self.timeouts.labels(ex.timeout).inc()
         if ex.cut is not None:
-            reason = "content_filter" if ex.finish_reason == "content_filter" else "stop"
-            if ex.cut.startswith("repetition"):
-                reason = "repetition"
-            self.cuts.labels(reason).inc()
+            self.cuts.labels(_cut_reason(ex)).inc()
+        elif ex.error_code == _SHUTDOWN:
+            self.cuts.labels(_SHUTDOWN).inc()
         if ex.upstream_error is not None:
             self.upstream_errors.labels(ex.backend, ex.upstream_error).inc()
-        if ex.queue_wait:
-            self.queue_wait.observe(ex.queue_wait)
         if not ex.route:
-            return
-        ttft = ex.ttft
-        if ttft is not None:
-            self.ttft.labels(ex.route, ex.variant).observe(ttft)
+            return  # rejected before routing: no latency to speak of
+        if ex.error_code not in _REJECTED:
+            self.queue_wait.observe(ex.queue_wait)
+        series = self._routes.get((ex.route, ex.variant))
+        if series is None:
+            series = self._routes[(ex.route, ex.variant)] = _RouteSeries(self, ex.route, ex.variant)
+        first = ex.first_token_at
+        if first is not None:
+            series.ttft.observe(first - ex.started_at)
         if ex.gap_count:
-            self.inter_token.labels(ex.route, ex.variant).observe(ex.gap_sum / ex.gap_count)
-            self.inter_token_max.labels(ex.route, ex.variant).observe(ex.gap_max)
-        self.duration.labels(ex.route, ex.variant).observe(ex.duration)
-        if ex.prompt_tokens:
-            self.tokens.labels("in").inc(ex.prompt_tokens)
-        out = ex.output_tokens
-        if out:
-            self.tokens.labels("out").inc(out)
+            _fold(series.itl, ex.gap_buckets, ex.gap_sum)
+        if ex.first_token_overhead is not None:
+            series.overhead.observe(ex.first_token_overhead)
+        series.duration.observe(ex.ended_at - ex.started_at)
+        tokens_in, tokens_out = ex.prompt_tokens, ex.output_tokens
+        if tokens_in or tokens_out:
+            pair = self._tokens.get((ex.app, ex.route))
+            if pair is None:
+                pair = self._tokens[(ex.app, ex.route)] = (
+                    self.tokens.labels(ex.app, ex.route, "in"),
+                    self.tokens.labels(ex.app, ex.route, "out"),
+                )
+            if tokens_in:
+                pair[0].inc(tokens_in)
+            if tokens_out:
+                pair[1].inc(tokens_out)
+
+    # -- state, sampled ------------------------------------------------------------------
+
+    def set_gauges(self, active_streams: int, queues: Mapping[str, int], version: str) -> None:
+        self.active_streams.set(active_streams)
+        for name, depth in queues.items():
+            self.queue_depth.labels(name).set(depth)
+        if version != self._config_version:
+            if self._config_version:
+                self.config_info.labels(self._config_version).set(0)
+                if not self.multiprocess:  # files keep the 0 there; removal is unsupported
+                    self.config_info.remove(self._config_version)
+            self.config_info.labels(version).set(1)
+            self._config_version = version
+
+    def record_reload(self, result: str) -> None:
+        """A reload's outcome: "ok", "unchanged" or "error" (called from any thread)."""
+        self.config_reloads.labels(result).inc()
+        self.config_last_reload_ok.set(0 if result == "error" else 1)
+
+    # -- reading -------------------------------------------------------------------------
 
     def render(self) -> bytes:
         if self.multiprocess:
@@ -149,3 +250,51 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def _families(self) -> Iterable[Metric]:
+        if self.multiprocess:
+            collector = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+            families: Iterable[Metric] = collector.collect()  # type: ignore[no-untyped-call]
+            return families
+        return [*self.requests.collect(), *self.tokens.collect()]
+
+    def app_usage(self) -> dict[str, AppUsage]:
+        """Requests by status and tokens per app, from the same values /metrics shows."""
+        usage: dict[str, AppUsage] = {}
+        for family in self._families():
+            if family.name not in ("sluice_requests", "sluice_tokens"):
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue  # _created
+                n = int(sample.value)
+                app = usage.setdefault(sample.labels["app"], AppUsage())
+                if family.name == "sluice_requests":
+                    app.requests += n
+                    status = sample.labels["status"]
+                    app.by_status[status] = app.by_status.get(status, 0) + n
+                elif sample.labels["direction"] == "in":
+                    app.tokens_in += n
+                else:
+                    app.tokens_out += n
+        return usage
+
+
+def _fold(child: Histogram, counts: list[int], total: float) -> None:
+    """Adds a stream's pre-bucketed observations to a histogram child.
+
+    prometheus-client has no "observe these n values" call; its per-bucket values and sum
+    are what `observe` itself increments (tests/ops check the result equals observe's).
+    """
+    buckets = child._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    child._sum.inc(total)
+
+
+def _cut_reason(ex: Exchange) -> str:
+    cut = ex.cut or ""
+    if cut.startswith("repetition:"):
+        return "repetition"
+    return "content_filter" if ex.finish_reason == "content_filter" else "stop"

@@ -1,8 +1,13 @@
-"""What happens once per request after it ends: metrics and the access log line."""
+"""What happens once per request after it ends: metrics and the access log line.
+
+The access log line never holds an API key, a header or any prompt or completion text:
+only the fields of the `Exchange`, which records none of them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -10,41 +15,77 @@ from .exchange import Exchange
 from .metrics import Metrics
 from .snapshot import SnapshotRef
 
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+# How often each worker writes its gauges (active streams, queue depths, config version).
+# A scrape also refreshes the answering worker's own; with several workers the others'
+# are at most this old.
+GAUGE_INTERVAL_S = 1.0
+
 _log = structlog.get_logger("sluice.access")
 
 
 class Observer:
-    """Turns each finished `Exchange` into metric updates and one structured log line."""
+    """Turns each finished `Exchange` into metric updates and one structured log line.
+
+    `metrics=None` turns metrics off (no /metrics, nothing observed); `access_log=False`
+    the log line. With both off, `enabled` is False and the server skips the hook."""
 
     def __init__(
-        self, ref: SnapshotRef, metrics: Metrics | None = None, *, access_log: bool = True
+        self, ref: SnapshotRef, metrics: Metrics | None, *, access_log: bool = True
     ) -> None:
         self.ref = ref
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         self.access_log = access_log
-        self.extra_hooks: list[Any] = []
-        self._config_version = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.metrics is not None or self.access_log
 
     def on_complete(self, ex: Exchange) -> None:
-        self.metrics.observe(ex)
+        if self.metrics is not None:
+            self.metrics.observe(ex)
         if self.access_log:
             log_exchange(ex)
 
-    def refresh_gauges(self, active_streams: int, queues: dict[str, int]) -> None:
-        m = self.metrics
-        m.active_streams.set(active_streams)
-        for name, depth in queues.items():
-            m.queue_depth.labels(name).set(depth)
-        version = self.ref.current.version
-        if version != self._config_version:
-            if self._config_version:
-                m.config_info.remove(self._config_version)
-            m.config_info.labels(version).set(1)
-            self._config_version = version
+    def on_reload(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_reload(result)
+
+    def sample(self, app: ProxyApp) -> None:
+        """Writes the gauges from the app's live state."""
+        if self.metrics is not None:
+            queues = {lim.name: lim.queued for lim in app.limiters.all()}
+            self.metrics.set_gauges(app.active_streams, queues, self.ref.current.version)
+
+    async def sample_forever(self, app: ProxyApp, interval: float = GAUGE_INTERVAL_S) -> None:
+        while True:
+            self.sample(app)
+            await asyncio.sleep(interval)
 
 
 def log_exchange(ex: Exchange) -> None:
-    ttft = ex.ttft
+    """The access log line: these keys always, the rest only when they apply."""
+    first = ex.first_token_at
+    extra: dict[str, object] = {}
+    if ex.experiment:
+        extra["experiment"] = ex.experiment
+    if ex.cut is not None:
+        extra["cut"] = ex.cut
+    if ex.timeout is not None:
+        extra["timeout"] = ex.timeout
+    if ex.upstream_error is not None:
+        extra["upstream_error"] = ex.upstream_error
+    if ex.error_code is not None:
+        extra["error"] = ex.error_code
+    if ex.client_disconnected:
+        extra["client_disconnected"] = True
+    if ex.queue_wait:
+        extra["queue_ms"] = round(ex.queue_wait * 1000, 1)
+    if ex.gap_count:
+        extra["itl_mean_ms"] = round(ex.gap_sum / ex.gap_count * 1000, 2)
+        extra["itl_max_ms"] = round(ex.gap_max * 1000, 1)
     _log.info(
         "request",
         request_id=ex.request_id,
@@ -52,20 +93,14 @@ def log_exchange(ex: Exchange) -> None:
         route=ex.route,
         backend=ex.backend,
         preset=ex.preset,
-        experiment=ex.experiment or None,
-        variant=ex.variant or None,
+        variant=ex.variant,
         config_version=ex.config_version,
         status=ex.status,
         stream=ex.stream,
-        ttft_ms=None if ttft is None else round(ttft * 1000, 1),
+        ttft_ms=None if first is None else round((first - ex.started_at) * 1000, 1),
         tokens_in=ex.prompt_tokens,
         tokens_out=ex.output_tokens,
         finish_reason=ex.finish_reason,
-        cut=ex.cut,
-        timeout=ex.timeout,
-        upstream_error=ex.upstream_error,
-        error=ex.error_code,
-        client_disconnected=ex.client_disconnected or None,
-        queue_ms=round(ex.queue_wait * 1000, 1) if ex.queue_wait else None,
-        duration_ms=round(ex.duration * 1000, 1),
+        duration_ms=round((ex.ended_at - ex.started_at) * 1000, 1),
+        **extra,
     )

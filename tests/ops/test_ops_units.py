@@ -1,0 +1,226 @@
+"""In-process checks of the metrics, the access log line and the logging setup."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
+from sluice.control.logs import configure_logging
+from sluice.proxy.exchange import ITL_BUCKETS, Exchange
+from sluice.proxy.metrics import Metrics
+from sluice.proxy.observe import Observer
+from sluice.proxy.snapshot import Snapshot, SnapshotRef
+from structlog.testing import capture_logs
+
+
+def samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, tuple[Any, ...]], float]:
+    out = {}
+    for family in registry.collect():
+        if family.name == name:
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def streamed(gaps: list[float], **fields: Any) -> Exchange:
+    ex = Exchange("r1", 100.0)
+    ex.app, ex.route, ex.backend, ex.status, ex.stream = "app", "chat", "sim", 200, True
+    for key, value in fields.items():
+        setattr(ex, key, value)
+    t = 100.05
+    ex.first_token_at = ex.last_token_at = t
+    for gap in gaps:
+        t += gap
+        ex.add_gap(gap)
+    ex.content_chunks = len(gaps) + 1
+    ex.ended_at = t + 0.001
+    return ex
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0.0, max_value=30.0), max_size=60))
+def test_folded_gaps_equal_one_observe_per_gap(gaps: list[float]) -> None:
+    """The per-stream bucket counts folded in at the end give exactly the histogram that
+    one `observe` per gap gives (this leans on prometheus-client's bucket storage)."""
+    metrics = Metrics()
+    metrics.observe(streamed(gaps))
+    reference = CollectorRegistry()
+    ref = Histogram("sluice_inter_token_seconds", "", ["route", "variant"],
+                    buckets=ITL_BUCKETS, registry=reference)  # fmt: skip
+    child = ref.labels("chat", "")
+    for gap in gaps:
+        child.observe(gap)
+    got = samples(metrics.registry, "sluice_inter_token_seconds")
+    want = samples(reference, "sluice_inter_token_seconds")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_outcomes_map_to_their_counters() -> None:
+    m = Metrics()
+    m.observe(streamed([0.01], cut="###", finish_reason="stop"))
+    m.observe(streamed([0.01], cut="(?i)ignore", finish_reason="content_filter"))
+    m.observe(streamed([0.01], cut="repetition:3", finish_reason="stop"))
+    m.observe(streamed([0.01], error_code="shutdown"))
+    m.observe(streamed([], timeout="inter_token_timeout"))
+    m.observe(streamed([], upstream_error="reset", client_disconnected=True, status=200))
+    rejected = Exchange("r2", 1.0)
+    rejected.status, rejected.error_code, rejected.ended_at = 401, "invalid_api_key", 1.001
+    m.observe(rejected)
+    queued_out = streamed([], error_code="queue_timeout", status=429)
+    queued_out.first_token_at = None
+    m.observe(queued_out)
+
+    r = m.registry
+    assert samples(r, "sluice_stream_cuts") == {
+        ("sluice_stream_cuts_total", (("reason", reason),)): 1.0
+        for reason in ("stop", "content_filter", "repetition", "shutdown")
+    }
+    assert samples(r, "sluice_timeouts") == {
+        ("sluice_timeouts_total", (("kind", "inter_token_timeout"),)): 1.0
+    }
+    assert samples(r, "sluice_upstream_errors") == {
+        ("sluice_upstream_errors_total", (("backend", "sim"), ("kind", "reset"))): 1.0
+    }
+    assert samples(r, "sluice_client_disconnects") == {("sluice_client_disconnects_total", ()): 1}
+    requests = samples(r, "sluice_requests")
+    blank = (("app", ""), ("preset", ""), ("route", ""))
+    assert requests[("sluice_requests_total", (*blank, ("status", "401"), ("variant", "")))] == 1
+    assert sum(requests.values()) == 8
+    # Every routed request but the limiter's rejection waited (0 s here) for its permits.
+    assert samples(r, "sluice_queue_wait_seconds")[("sluice_queue_wait_seconds_count", ())] == 6
+    ttft = samples(r, "sluice_ttft_seconds")
+    assert ttft[("sluice_ttft_seconds_count", (("route", "chat"), ("variant", "")))] == 6
+    assert ttft[("sluice_ttft_seconds_sum", (("route", "chat"), ("variant", "")))] == (
+        pytest.approx(6 * 0.05)
+    )
+    overhead = samples(r, "sluice_proxy_overhead_seconds")
+    assert set(overhead.values()) == {0.0}  # no exchange carried one
+
+
+def test_tokens_and_overhead_and_app_usage() -> None:
+    m = Metrics()
+    ex = streamed([0.01, 0.02], prompt_tokens=7, completion_tokens=3, first_token_overhead=4e-5)
+    m.observe(ex)
+    m.observe(streamed([0.01], app="other", prompt_tokens=None))  # no usage: 2 chunks out
+    tokens = samples(m.registry, "sluice_tokens")
+    assert tokens == {
+        ("sluice_tokens_total", (("app", "app"), ("direction", "in"), ("route", "chat"))): 7,
+        ("sluice_tokens_total", (("app", "app"), ("direction", "out"), ("route", "chat"))): 3,
+        ("sluice_tokens_total", (("app", "other"), ("direction", "in"), ("route", "chat"))): 0,
+        ("sluice_tokens_total", (("app", "other"), ("direction", "out"), ("route", "chat"))): 2,
+    }
+    overhead = samples(m.registry, "sluice_proxy_overhead_seconds")
+    lv = (("route", "chat"), ("variant", ""))
+    assert overhead[("sluice_proxy_overhead_seconds_count", lv)] == 1
+    assert overhead[("sluice_proxy_overhead_seconds_bucket", (("le", "5e-05"), *lv))] == 1
+    usage = m.app_usage()
+    assert (usage["app"].requests, usage["app"].tokens_in, usage["app"].tokens_out) == (1, 7, 3)
+    assert usage["other"].by_status == {"200": 1}
+
+
+def test_gauges_follow_the_state() -> None:
+    m = Metrics()
+    m.set_gauges(3, {"app:a": 2, "backend:sim": 0}, "v1")
+    m.set_gauges(1, {"app:a": 0, "backend:sim": 4}, "v2")
+    r = m.registry
+    assert samples(r, "sluice_active_streams") == {("sluice_active_streams", ()): 1}
+    assert samples(r, "sluice_queue_depth") == {
+        ("sluice_queue_depth", (("limiter", "app:a"),)): 0,
+        ("sluice_queue_depth", (("limiter", "backend:sim"),)): 4,
+    }
+    assert samples(r, "sluice_config_info") == {("sluice_config_info", (("version", "v2"),)): 1}
+    m.record_reload("error")
+    m.record_reload("error")
+    assert samples(r, "sluice_config_last_reload_success") == {
+        ("sluice_config_last_reload_success", ()): 0
+    }
+    m.record_reload("unchanged")
+    assert samples(r, "sluice_config_last_reload_success") == {
+        ("sluice_config_last_reload_success", ()): 1
+    }
+    reloads = samples(r, "sluice_config_reload")
+    assert reloads[("sluice_config_reload_total", (("result", "error"),))] == 2
+
+
+def test_access_log_line_fields() -> None:
+    observer = Observer(SnapshotRef(Snapshot("v1", {}, {})), None)
+    ex = streamed([0.01, 0.03], prompt_tokens=5, completion_tokens=3, finish_reason="length")
+    quiet = Exchange("r9", 1.0)
+    quiet.status, quiet.error_code, quiet.ended_at = 401, "invalid_api_key", 1.0005
+    with capture_logs() as logs:
+        observer.on_complete(ex)
+        observer.on_complete(quiet)
+    assert logs[0] == {
+        "event": "request",
+        "log_level": "info",
+        "request_id": "r1",
+        "app": "app",
+        "route": "chat",
+        "backend": "sim",
+        "preset": "",
+        "variant": "",
+        "config_version": "",
+        "status": 200,
+        "stream": True,
+        "ttft_ms": 50.0,
+        "tokens_in": 5,
+        "tokens_out": 3,
+        "finish_reason": "length",
+        "duration_ms": 91.0,
+        "itl_mean_ms": 20.0,
+        "itl_max_ms": 30.0,
+    }
+    assert logs[1]["error"] == "invalid_api_key" and logs[1]["ttft_ms"] is None
+    assert "itl_mean_ms" not in logs[1] and "cut" not in logs[1]
+    with capture_logs() as logs:
+        Observer(observer.ref, None, access_log=False).on_complete(ex)
+    assert logs == []
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_lines_rendered_by_orjson(restore_logging: None) -> None:
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    configure_logging("info", "json", stream=stream)
+    log = structlog.get_logger("test")
+    log.info("hello", n=1, path=b"x", obj=object())
+    log.debug("hidden")
+    logging.getLogger("asyncio").warning("from %s", "stdlib")
+    stream.flush()
+    lines = stream.buffer.getvalue().decode().splitlines()  # type: ignore[attr-defined]
+    first, second = (orjson.loads(line) for line in lines)
+    assert len(lines) == 2
+    assert (first["event"], first["n"], first["level"]) == ("hello", 1, "info")
+    assert first["timestamp"].endswith("Z") and "object object" in first["obj"]
+    assert second == second | {"event": "from stdlib", "logger": "asyncio", "level": "warning"}
+    assert second["timestamp"].endswith("Z")
+
+
+def test_console_format_and_bad_settings(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("warning", "console", stream=stream)
+    structlog.get_logger("test").warning("careful", n=2)
+    structlog.get_logger("test").info("hidden")
+    assert "careful" in stream.getvalue() and "n=2" in stream.getvalue()
+    assert "hidden" not in stream.getvalue()
+    with pytest.raises(ValueError):
+        configure_logging("loud", "json")
