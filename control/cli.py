@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # serve reloads on SIGHUP: one that arrives while the server modules still import
+        # must not end the process (start-up reads the current files anyway).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     module_name, _, func_name = str(args.target).partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

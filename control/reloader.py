@@ -56,6 +56,10 @@ def _relevant(change: Change, path: str) -> bool:
     return name == K8S_DATA_LINK or (name.endswith(CONFIG_SUFFIX) and not name.startswith("."))
 
 
+# How long the watcher waits for an event before yielding an empty set (its "I am live").
+WATCH_LIVE_PROBE_MS = 500
+
+
 class ConfigReloader:
     """Rebuilds the config on demand (`reload_now`) or on file changes (`watch`).
 
@@ -114,14 +118,16 @@ class ConfigReloader:
     def reload_counts(self) -> dict[str, int]:
         return dict(self._counts)
 
-    def reload_now(self) -> ReloadResult:
-        """Read, build and apply if valid and changed. Thread-safe; blocks while building."""
+    def reload_now(self, files: ConfigFiles | None = None) -> ReloadResult:
+        """Read (or take the settled `files`), build, and apply if valid and changed.
+        Thread-safe; blocks while building."""
         # Read under the lock: two overlapping reloads must not apply an older read last.
         with self._lock:
             self._last_reload_at = time.time()
             version: str | None = None
             try:
-                files = read_config_files(self._dir)
+                if files is None:
+                    files = read_config_files(self._dir)
                 version = config_version(files, self._override)
                 if version == self._current.version:
                     return self._unchanged()
@@ -177,8 +183,10 @@ class ConfigReloader:
         except ConfigInvalid:
             return None  # directory gone for now; reload_now reports it
 
-    async def _settle(self) -> None:
-        """Wait until two reads of the files, settle_s apart, are identical."""
+    async def _settle(self) -> ConfigFiles | None:
+        """The files once two reads, settle_s apart, are identical: exactly those bytes are
+        built, so a write that starts after the settling is never built half-written.
+        None when they did not settle in time (or could not be read): reload_now reads."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + MAX_SETTLE_S
         previous = await asyncio.to_thread(self._read)
@@ -186,20 +194,32 @@ class ConfigReloader:
             await asyncio.sleep(self._settle_s)
             current = await asyncio.to_thread(self._read)
             if current == previous:
-                return
+                return current
             previous = current
+        return None
 
     async def watch(self, stop_event: asyncio.Event | None = None) -> None:
         """Reload on every settled change in the directory, until cancelled or stopped."""
         step_ms = max(1, int(self._debounce_s * 1000))
         self._log.info("config_watch_started", directory=str(self._dir))
-        async for _changes in awatch(
+        live = False
+        async for changes in awatch(
             self._dir,
             watch_filter=_relevant,
             step=step_ms,
             debounce=max(1000, step_ms),
             stop_event=stop_event,
             recursive=False,
+            # An empty yield after rust_timeout tells that the watcher is live.
+            yield_on_timeout=True,
+            rust_timeout=WATCH_LIVE_PROBE_MS,
         ):
-            await self._settle()
-            await asyncio.to_thread(self.reload_now)
+            if not changes:
+                if live:
+                    continue
+                # The watch began only now: an edit made since start-up raised no event,
+                # so look once (it counts as "unchanged" when nothing moved).
+                live = True
+                self._log.info("config_watch_live", directory=str(self._dir))
+            files = await self._settle()
+            await asyncio.to_thread(self.reload_now, files)

@@ -10,20 +10,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import uvloop
+from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import HttpServer, ServerState
+from sluice.proxy.metrics import MULTIPROC_ENV, Metrics
 from sluice.proxy.observe import Observer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
@@ -32,10 +37,12 @@ from .admin import admin_routes
 from .build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
 from .errors import CliError
 from .logs import configure_logging
+from .plugins import attach_health, attach_records
 from .reloader import ConfigReloader
 
 DEMO_SIM_PORT = 8100
 WORKER_ENV = "SLUICE_WORKER_ID"
+SUPERVISOR_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,9 @@ class ServeOptions:
     drain_timeout: float
     log_level: str
     log_format: str
+    drain_grace: float = 0.0
+    metrics: bool = True
+    access_log: bool = True
 
 
 def _options(args: argparse.Namespace) -> ServeOptions:
@@ -62,6 +72,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         config_dir = default_config_dir()
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
+    if args.drain_timeout < 0 or args.drain_grace < 0:
+        raise CliError("--drain-timeout and --drain-grace must not be negative")
     return ServeOptions(
         config_dir=config_dir,
         backend=args.backend,
@@ -71,6 +83,9 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
         log_format=args.log_format,
+        drain_grace=args.drain_grace,
+        metrics=not args.no_metrics,
+        access_log=not args.no_access_log,
     )
 
 
@@ -96,6 +111,10 @@ def load(options: ServeOptions) -> BuiltConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # A reload request during start-up must not kill the process (cli.main ignores SIGHUP
+    # before importing this module; so it stays until the loop's handler exists). Workers
+    # inherit the ignore across exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     options = _options(args)
     configure_logging(options.log_level, options.log_format)
     demo = None
@@ -130,7 +149,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     log = structlog.get_logger("sluice")
     snapshot = built.snapshot
     ref = SnapshotRef(snapshot)
-    observer = Observer(ref)
+    observer = Observer(ref, Metrics() if options.metrics else None, access_log=options.access_log)
     reloader: ConfigReloader | None = None
 
     def apply(new: BuiltConfig) -> None:
@@ -142,10 +161,15 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             apply,
             backend_override=options.backend,
             initial=built,
-            on_result=lambda result: observer.metrics.config_reloads.labels(result).inc(),
+            on_result=observer.on_reload,
         )
-    app = ProxyApp(ref, on_complete=[observer.on_complete])
-    app.extra_routes.update(admin_routes(ref, app, reloader, observer))
+    app = ProxyApp(ref, on_complete=[observer.on_complete] if observer.enabled else [])
+    app.extra_routes.update(
+        admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
+    )
+    registry = observer.metrics.registry if observer.metrics is not None else None
+    records = attach_records(built, app, registry=registry)
+    health = attach_health(app, registry=registry)
     state = ServerState(
         app,
         lambda: ref.current.max_body_bytes,
@@ -176,26 +200,44 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             signal.SIGHUP, lambda: loop.create_task(asyncio.to_thread(reloader_.reload_now))
         )
         watch_task = loop.create_task(reloader.watch())
+    gauge_task = loop.create_task(observer.sample_forever(app)) if observer.metrics else None
 
     await stop.wait()
-    await drain(app, server, options.drain_timeout, log)
-    if watch_task is not None:
-        watch_task.cancel()
-        try:
-            await watch_task
-        except asyncio.CancelledError:
-            pass
+    await drain(app, server, options.drain_timeout, log, grace=options.drain_grace)
+    await health.aclose()
+    await records.aclose()  # after the drain, so the last requests' records are written too
+    for task in (watch_task, gauge_task):
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
     return 0
 
 
 async def drain(
-    app: ProxyApp, server: HttpServer, deadline: float, log: structlog.BoundLogger
+    app: ProxyApp,
+    server: HttpServer,
+    deadline: float,
+    log: structlog.BoundLogger,
+    *,
+    grace: float = 0.0,
 ) -> None:
-    """Readiness off at once, no new connections, in-flight requests get `deadline`
-    seconds; the rest end with the terminal SSE error event."""
+    """Readiness off at once; after `grace` seconds (default 0) no new connections and idle
+    keep-alive ones closed; in-flight requests get `deadline` seconds more, then the
+    streams left end with the terminal SSE error event (code "shutdown")."""
     app.ready = False
+    log.info(
+        "draining",
+        in_flight=server.active_connections,
+        active_streams=app.active_streams,
+        grace_s=grace,
+        deadline_s=deadline,
+    )
+    if grace > 0:
+        await asyncio.sleep(grace)  # still serving; /readyz answers 503
     server.stop_accepting()
-    log.info("draining", in_flight=server.active_connections, deadline_s=deadline)
     end = time.monotonic() + deadline
     # Polling is bounded by the deadline and runs once per shutdown.
     while server.active_connections and time.monotonic() < end:  # noqa: ASYNC110
@@ -223,7 +265,14 @@ def _print_demo_help(url: str, auth: bool) -> None:
 
 
 def _supervise(options: ServeOptions, built: BuiltConfig) -> int:
-    """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they have."""
+    """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they all have.
+
+    Metrics: the workers share a fresh PROMETHEUS_MULTIPROC_DIR (set in their environment,
+    so before they import prometheus_client); a worker that exits is marked dead there at
+    once, so its live gauges drop out of the sums; the directory goes when all have exited.
+    Exit status: 0 when every worker exited 0, else the first failure's (128+N: signal N).
+    """
+    log = structlog.get_logger("sluice")
     host = options.host or built.snapshot.listen_host
     port = options.port if options.port is not None else built.snapshot.listen_port
     if port == 0:
@@ -234,17 +283,53 @@ def _supervise(options: ServeOptions, built: BuiltConfig) -> int:
     argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
     argv = [a for a in argv if a != "--demo"]
     argv += ["--port", str(port)]
-    workers = []
-    for worker_id in range(options.workers):
-        env = dict(os.environ, **{WORKER_ENV: str(worker_id)})
-        workers.append(subprocess.Popen(argv, env=env))
+    env = dict(os.environ)
+    metrics_dir = None
+    if options.metrics:
+        metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
+        env[MULTIPROC_ENV] = metrics_dir
+    workers: dict[int, subprocess.Popen[bytes]] = {}
+    codes: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in workers:
+        for proc in workers.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    codes = [proc.wait() for proc in workers]
-    return max(codes, default=0)
+    # A reload request (SIGHUP) while a worker still starts must not kill it: an ignored
+    # signal stays ignored across exec until the worker's serve() handles SIGHUP itself,
+    # and a starting worker loads the current config anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        for worker_id in range(options.workers):
+            proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(worker_id)})
+            workers[proc.pid] = proc
+        signal.signal(signal.SIGHUP, forward)
+        log.info("workers_started", pids=list(workers), port=port, metrics_dir=metrics_dir)
+        while workers:
+            time.sleep(SUPERVISOR_POLL_S)
+            for pid, proc in list(workers.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del workers[pid]
+                codes.append(code)
+                if metrics_dir is not None:
+                    mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
+                log.log(
+                    logging.INFO if code == 0 else logging.ERROR,
+                    "worker_exited",
+                    pid=pid,
+                    code=code,
+                    left=len(workers),
+                )
+    finally:
+        for proc in workers.values():  # only on an error in the loop above
+            proc.kill()
+            proc.wait()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    failed = next((code for code in codes if code != 0), 0)
+    return 128 - failed if failed < 0 else failed

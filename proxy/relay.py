@@ -326,6 +326,10 @@ class StreamRelay:
         if self.outcome.done():
             return
         chunk_filter = self.filter
+        ex = chunk_filter.ex
+        # Until the stream's first token: when these bytes reached sluice (for
+        # sluice_proxy_overhead_seconds; one clock read per chunk before it, none after).
+        arrived = monotonic() if ex.first_token_at is None else 0.0
         try:
             # vLLM sends one event per chunk: the common case needs no split and no copy.
             if self.splitter.pending or data.find(SEPARATOR) != len(data) - 2:
@@ -344,6 +348,8 @@ class StreamRelay:
         except BaseException as exc:  # a broken client or a bug: end this stream only
             self.outcome.set_exception(exc)
             return
+        if arrived and ex.first_token_at is not None:
+            ex.first_token_overhead = monotonic() - arrived
         if chunk_filter.done:
             self.outcome.set_result("cut" if chunk_filter.finished else "done")
         elif self.response.must_drain:

@@ -1,0 +1,222 @@
+"""`sluice serve --workers 2`: each worker watches and reloads the config itself; an edit
+is served by both within 2 s. Which worker answered a connection is read from /proc (the
+worker whose file descriptors hold the accepted socket), not guessed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import ProcessServer, sluice_cmd
+from reload_helpers import (
+    ADMIN_TOKEN,
+    DEADLINE_S,
+    MODES,
+    ConfigDir,
+    Gateway,
+    PinnedClient,
+    StartGateway,
+    auth,
+    chat_body,
+    connection_owner,
+    modes_with_temperature,
+    sim_request,
+    truncate_and_write,
+    write_in_place,
+)
+
+WORKERS = 2
+BOTH_WITHIN_S = 2.0
+pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+
+
+def worker_pids(gateway: Gateway) -> set[int]:
+    """The pids of the workers, from their `serving` log lines (each logs its own)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        pids = {e["pid"] for e in gateway.log_events("serving")}
+        if len(pids) == WORKERS:
+            break
+        assert time.monotonic() < deadline, f"workers that said they serve: {pids}"
+        time.sleep(0.05)
+    supervisor = gateway.server.proc.pid
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    assert pids <= {int(pid) for pid in children}, (pids, children)
+    return pids
+
+
+@pytest.fixture
+def pinned(
+    config: ConfigDir, start_gateway: StartGateway
+) -> Iterator[tuple[Gateway, dict[int, PinnedClient]]]:
+    """A 2-worker gateway, one keep-alive connection to each worker, both watchers live."""
+    gateway = start_gateway(config, "--workers", str(WORKERS), watching=False)
+    pids = worker_pids(gateway)
+    clients: dict[int, PinnedClient] = {}
+    for _ in range(200):  # SO_REUSEPORT hashes each new connection to one worker
+        client = PinnedClient(gateway.url, pids)
+        assert client.pid in pids, f"connection owned by {client.pid}, workers {pids}"
+        if client.pid in clients:
+            client.close()
+        else:
+            clients[client.pid] = client
+        if len(clients) == WORKERS:
+            break
+    assert len(clients) == WORKERS, f"200 connections all went to {set(clients)}"
+    # Each worker's watcher is live once it reports a no-op reload of a rewritten file.
+    probe = config.path / "gateway.yaml"
+    data = probe.read_bytes()
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(c.admin_config()["reloads"]["unchanged"] for c in clients.values()):
+        assert time.monotonic() < deadline, "a worker's watcher never reported a change"
+        write_in_place(probe, data.decode())
+        time.sleep(0.1)
+    time.sleep(0.3)
+    yield gateway, clients
+    for client in clients.values():
+        client.close()
+
+
+@pytest.mark.slow
+def test_both_workers_serve_an_edit_within_2s(
+    pinned: tuple[Gateway, dict[int, PinnedClient]], config: ConfigDir, sim: ProcessServer
+) -> None:
+    gateway, clients = pinned
+    before = config.version()
+    assert {c.version() for c in clients.values()} == {before}
+
+    written = time.monotonic()
+    expected = config.save("modes.yaml", modes_with_temperature(0.6), truncate_and_write)
+    assert expected is not None
+    first_new: dict[int, float] = {}
+    while len(first_new) < WORKERS:
+        for pid, client in clients.items():
+            if pid not in first_new and client.version() == expected:
+                first_new[pid] = time.monotonic() - written
+        elapsed = time.monotonic() - written
+        assert elapsed < BOTH_WITHIN_S, (
+            f"after {elapsed:.2f}s only workers {sorted(first_new)} serve {expected}; "
+            f"{[c.admin_config() for c in clients.values()]}"
+        )
+        time.sleep(0.005)
+
+    # Every new connection, whichever worker takes it, gets the new version and preset.
+    owners: list[int] = []
+    server_port = int(gateway.url.rsplit(":", 1)[1])
+    for i in range(30):
+        with httpx.Client(base_url=gateway.url, timeout=10) as fresh:
+            request_id = f"workers-{i}"
+            resp = fresh.post(
+                "/v1/chat/completions",
+                json=chat_body(max_tokens=4),
+                headers=auth(**{"x-request-id": request_id}),
+            )
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-sluice-config"] == expected
+            _, port = resp.extensions["network_stream"].get_extra_info("client_addr")
+            owner = connection_owner(port, server_port, clients)
+            assert owner is not None
+            owners.append(owner)
+        assert sim_request(sim.url, request_id)["body"]["temperature"] == 0.6
+    assert set(owners) == set(clients), f"30 new connections all went to {set(owners)}"
+
+    # One apply per worker, each logged.
+    assert gateway.reloaded_versions(at_least=WORKERS) == [expected] * WORKERS
+
+
+@pytest.mark.slow
+def test_both_workers_keep_serving_through_an_invalid_edit_and_reload_on_sighup(
+    pinned: tuple[Gateway, dict[int, PinnedClient]], config: ConfigDir
+) -> None:
+    gateway, clients = pinned
+    before = config.version()
+    invalid = MODES.replace("top_k: 40\n", "top_k: many\n")
+    assert config.save("modes.yaml", invalid, truncate_and_write) is None
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(c.admin_config()["last_result"] == "error" for c in clients.values()):
+        assert time.monotonic() < deadline, [c.admin_config() for c in clients.values()]
+        time.sleep(0.02)
+    for client in clients.values():
+        state = client.admin_config()
+        assert state["version"] == before
+        assert "modes.yaml:5:10: generation.top_k" in state["last_error"], state
+        assert client.version() == before
+    gateway.wait_logged("config_reload_failed", WORKERS)
+
+    # SIGHUP to the supervisor reaches every worker: each runs one more reload.
+    errors = {pid: c.admin_config()["reloads"]["error"] for pid, c in clients.items()}
+    gateway.server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(c.admin_config()["reloads"]["error"] > errors[p] for p, c in clients.items()):
+        assert time.monotonic() < deadline, [c.admin_config() for c in clients.values()]
+        time.sleep(0.02)
+    assert gateway.server.proc.poll() is None  # the supervisor forwarded it, did not die of it
+    assert {c.version() for c in clients.values()} == {before}
+    assert gateway.served_version() == before
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sighup_while_workers_start_does_not_kill_them(config: ConfigDir, tmp_path: Path) -> None:
+    """A reload request (systemctl reload, a config agent) right after `sluice serve
+    --workers 2` was started must not stop anything: the workers load the current config
+    when they start anyway."""
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    argv = sluice_cmd("serve", "--config", str(config.path), "--port", "0", "--workers", "2")
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            argv,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=tmp_path,
+            env={**os.environ, "SLUICE_ADMIN_TOKEN": ADMIN_TOKEN},
+        )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 10.0
+        while len(workers := children_of(proc.pid)) < WORKERS:
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGHUP)  # the workers are still importing
+
+        deadline = time.monotonic() + 15.0
+        while out.read_text().count("serving on") < WORKERS:
+            dead = [pid for pid in workers if not is_alive(pid)]
+            assert not dead and proc.poll() is None, (
+                f"SIGHUP during start-up: workers {dead} of {workers} died, supervisor "
+                f"exit code {proc.poll()}; stderr: {err.read_text()[-1500:]}"
+            )
+            assert time.monotonic() < deadline, "the workers never said they serve"
+            time.sleep(0.05)
+        assert all(is_alive(pid) for pid in workers) and proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        for pid in workers:  # orphans, if the supervisor died first
+            if is_alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
