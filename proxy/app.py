@@ -296,7 +296,7 @@ class ProxyApp:
                     clean = await self._relay_whole(ex, conn, response, policy, extra_headers)
                     return
                 ex.status = 200
-                response.start(200, SSE_HEADERS + extra_headers)
+                response.start(200, SSE_HEADERS + extra_headers, with_first_write=True)
                 self.active_streams += 1
                 try:
                     clean = await relay_stream(ex, conn, response, policy, watchdog, n_choices)

@@ -17,12 +17,13 @@ import asyncio
 import collections
 import socket
 from collections.abc import Awaitable, Callable
+from time import monotonic
 from typing import cast
 
 import httptools
 import orjson
 
-from .response import ClientGone, Header, Response, head_bytes
+from .response import ClientGone, FlowListener, Header, Response, head_bytes
 
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -116,11 +117,13 @@ class HttpConnection(asyncio.Protocol):
         self.closing = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # When the idle / request-read timeout ends (monotonic; 0: none). HttpServer's
+        # sweeper checks all connections periodically: no timer object per request.
+        self._deadline = 0.0
         self._task: asyncio.Task[None] | None = None
         self._pipeline: collections.deque[Request] = collections.deque()
         self._reading_paused = False
-        self.resume_callbacks: list[Callable[[], None]] = []
+        self.flow_listener: FlowListener | None = None  # a push-mode relay, while streaming
         # Per-message parse state.
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
@@ -155,7 +158,7 @@ class HttpConnection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._pipeline.clear()
-        self.resume_callbacks.clear()
+        self.flow_listener = None
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ClientGone())
@@ -168,13 +171,13 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.flow_listener is not None:
+            self.flow_listener.pause()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.resume_callbacks:
-            callbacks, self.resume_callbacks = self.resume_callbacks, []
-            for callback in callbacks:
-                callback()
+        if self.flow_listener is not None:
+            self.flow_listener.resume()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -381,17 +384,17 @@ class HttpConnection(asyncio.Protocol):
     # -- timers --------------------------------------------------------------------------
 
     def _set_timer(self, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self._on_timer)
+        self._deadline = monotonic() + delay
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = 0.0
+
+    def expire_if_due(self, now: float) -> None:
+        if self._deadline and now >= self._deadline:
+            self._deadline = 0.0
+            self._on_timer()
 
     def _on_timer(self) -> None:
-        self._timer = None
         if self._task is not None:
             return
         if self._request is not None or self._body_len:
@@ -406,6 +409,9 @@ class HttpServer:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._servers: list[asyncio.base_events.Server] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        # Timeouts fire within one sweep interval after they end.
+        self.sweep_interval = min(1.0, state.keepalive_timeout / 4, state.request_timeout / 4)
 
     async def listen(
         self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None
@@ -425,8 +431,16 @@ class HttpServer:
                 backlog=2048,
             )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
         sockets = server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
+
+    def _sweep(self) -> None:
+        now = monotonic()
+        for conn in list(self.state.connections):
+            conn.expire_if_due(now)
+        self._sweeper = asyncio.get_running_loop().call_later(self.sweep_interval, self._sweep)
 
     def stop_accepting(self) -> None:
         """Closes the listeners and idle keep-alive connections; in-flight ones finish."""
@@ -444,6 +458,9 @@ class HttpServer:
     async def close(self) -> None:
         """Closes everything; running handlers are cancelled and awaited."""
         self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         tasks = [c.task for c in self.state.connections if c.task is not None]
         for conn in list(self.state.connections):
             conn.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -44,13 +45,6 @@ _COMPLETION_TEXT = re.compile(
     rb'"finish_reason":null(?:,"stop_reason":null)?(?:,"prompt_token_ids":null)?'
     rb'(?:,"token_ids":null)?\}\]'
 )
-
-
-class _Slow:
-    """ChunkFilter._guard_fast's answer "this event needs the full parse"."""
-
-
-_SLOW = _Slow()
 
 
 class ChunkFilter:
@@ -90,13 +84,14 @@ class ChunkFilter:
 
     def on_event(self, event: bytes) -> bytes | None:
         """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
-        if not event.startswith(b"data:"):
-            return event  # comments (keep-alives) and other fields pass through untouched
         if self.guard_spec is None:
             return self._observe(event)
-        fast = self._guard_fast(event)
-        if not isinstance(fast, _Slow):
-            return fast
+        return self._guarded(event)
+
+    def _parse_event(self, event: bytes) -> bytes | None:
+        """The full path: parse the chunk, guard each choice, rewrite when changed."""
+        if not event.startswith(b"data:"):
+            return event  # comments (keep-alives) and other fields pass through untouched
         payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
         if payload == b"[DONE]":
             self.done = True
@@ -175,20 +170,30 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
-    def _guard_fast(self, event: bytes) -> bytes | _Slow:
-        """The common guarded event (vLLM's layout: one choice, one text delta, no finish
-        and no logprobs) matched by one regular expression over the bytes: the text is
-        decoded without parsing the chunk, and the event goes out unchanged when the guard
-        passes the text through. Anything else returns _SLOW for the full parse."""
+    def _guarded(self, event: bytes) -> bytes | None:
+        """A guarded stream's event. The common one (vLLM's layout: one choice, one text
+        delta, no finish and no logprobs) is matched by one regular expression over the
+        bytes: the text is decoded without parsing the chunk, and the event goes out
+        unchanged when the guard passes the text through. Anything else is parsed."""
         match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
         if match is None:
-            return _SLOW
+            return self._parse_event(event)
         index = int(match[1])
         if index in self.finished:
-            return _SLOW
+            return self._parse_event(event)
         raw = match[2]
         text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
-        self._token()
+        # A content token (as _token, inlined: this runs for every token).
+        now = monotonic()
+        ex = self.ex
+        if ex.first_token_at is None:
+            ex.first_token_at = now
+        else:
+            ex.add_gap(now - ex.last_token_at)
+        ex.last_token_at = now
+        ex.content_chunks += 1
+        if self.watchdog is not None:
+            self.watchdog.last_token = now
         guard = self.guards.get(index)
         if guard is None:
             assert self.guard_spec is not None
@@ -221,16 +226,27 @@ class ChunkFilter:
 
     def _observe(self, event: bytes) -> bytes:
         """No guard: the event goes out unchanged, and a few byte searches find what the
-        timers and metrics need, without parsing the JSON of every token."""
+        timers and metrics need, without parsing the JSON of every token. (This runs for
+        every token of every stream, so `_token` is inlined here.)"""
         if event.startswith(DONE_EVENT):
             self.done = True
             return event
         key = _CONTENT_KEY if self.chat else _TEXT_KEY
         at = event.find(key)
-        if at >= 0 and event[at + len(key)] != _QUOTE:
-            self._token()
-        elif self.chat and (b'"reasoning' in event or b'"tool_calls":[' in event):
-            self._token()  # reasoning and tool-call deltas are tokens for the timers
+        if (at >= 0 and event[at + len(key)] != _QUOTE) or (
+            self.chat and (b'"reasoning' in event or b'"tool_calls":[' in event)
+        ):
+            # A content token (reasoning and tool-call deltas count for the timers).
+            now = monotonic()
+            ex = self.ex
+            if ex.first_token_at is None:
+                ex.first_token_at = now
+            else:
+                ex.add_gap(now - ex.last_token_at)
+            ex.last_token_at = now
+            ex.content_chunks += 1
+            if self.watchdog is not None:
+                self.watchdog.last_token = now
         if (
             b'"finish_reason":"' in event
             or b'"usage":{' in event
@@ -307,11 +323,15 @@ class StreamRelay:
     """Push-mode relay of one SSE response: the upstream connection calls `feed` from its
     data callback, so an event goes backend socket -> filter -> client socket without a
     future or a task switch. The handler awaits `outcome` once per stream:
-    "done" (backend's [DONE] relayed), "cut" (the guard ended every choice) or "eof"
-    (the backend ended the message without [DONE]); an UpstreamError or ClientGone is set
-    as its exception."""
+    "done" (backend's [DONE] relayed, the client's response ended), "cut" (the guard ended
+    every choice) or "eof" (the backend ended the message without [DONE]); an
+    UpstreamError or ClientGone is set as its exception.
 
-    __slots__ = ("filter", "outcome", "response", "splitter", "upstream")
+    Backpressure: the client connection calls `pause`/`resume` (a FlowListener) when its
+    socket stops and starts taking writes; reading from the backend follows.
+    """
+
+    __slots__ = ("_on_event", "filter", "outcome", "response", "splitter", "upstream")
 
     def __init__(
         self, chunk_filter: ChunkFilter, upstream: UpstreamConnection, response: Response
@@ -321,9 +341,14 @@ class StreamRelay:
         self.response = response
         self.splitter = SseSplitter()
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # Without a guard the per-event work is _observe's byte searches only.
+        self._on_event: Callable[[bytes], bytes | None] = (
+            chunk_filter._observe if chunk_filter.guard_spec is None else chunk_filter._guarded
+        )
 
     def feed(self, data: bytes) -> None:
-        if self.outcome.done():
+        outcome = self.outcome
+        if outcome.done():
             return
         chunk_filter = self.filter
         ex = chunk_filter.ex
@@ -332,31 +357,35 @@ class StreamRelay:
         arrived = monotonic() if ex.first_token_at is None else 0.0
         try:
             # vLLM sends one event per chunk: the common case needs no split and no copy.
+            out: bytes | None
             if self.splitter.pending or data.find(SEPARATOR) != len(data) - 2:
-                parts = []
-                for event in self.splitter.feed(data):
-                    out = chunk_filter.on_event(event + SEPARATOR)
-                    if out is not None:
-                        parts.append(out)
-                    if chunk_filter.done:
-                        break
-                out = b"".join(parts)
+                out = self._feed_split(data)
             else:
-                out = chunk_filter.on_event(data)
-            if out:
+                out = self._on_event(data)
+            if chunk_filter.done:
+                # The last event and the end of the body go out in one send.
+                self.response.write_last(out or b"")
+            elif out:
                 self.response.write(out)
         except BaseException as exc:  # a broken client or a bug: end this stream only
-            self.outcome.set_exception(exc)
+            outcome.set_exception(exc)
             return
         if arrived and ex.first_token_at is not None:
             ex.first_token_overhead = monotonic() - arrived
         if chunk_filter.done:
-            self.outcome.set_result("cut" if chunk_filter.finished else "done")
-        elif self.response.must_drain:
-            # The client reads slower than the backend writes: stop reading the backend
-            # until the client's socket drains (TCP backpressure all the way to vLLM).
-            self.upstream.pause_reading()
-            self.response.when_writable(self.upstream.resume_reading)
+            outcome.set_result("cut" if chunk_filter.finished else "done")
+
+    def _feed_split(self, data: bytes) -> bytes:
+        """Several events in one read, or one split across reads."""
+        chunk_filter = self.filter
+        parts = []
+        for event in self.splitter.feed(data):
+            out = self._on_event(event + SEPARATOR)
+            if out is not None:
+                parts.append(out)
+            if chunk_filter.done:
+                break
+        return b"".join(parts)
 
     def complete(self) -> None:
         if not self.outcome.done():
@@ -365,6 +394,13 @@ class StreamRelay:
     def error(self, exc: BaseException) -> None:
         if not self.outcome.done():
             self.outcome.set_exception(exc)
+
+    # FlowListener: the client's socket stopped / started taking writes.
+    def pause(self) -> None:
+        self.upstream.pause_reading()
+
+    def resume(self) -> None:
+        self.upstream.resume_reading()
 
 
 async def relay_stream(
@@ -375,12 +411,15 @@ async def relay_stream(
     watchdog: StreamWatchdog | None,
     n_choices: int,
 ) -> bool:
-    """Relays an SSE response; True when the backend's message ended cleanly, so its
-    connection may be reused (possibly after its last bytes: see release_when_complete).
-    Cancellation (client gone, timeout) propagates to the caller, which aborts upstream."""
+    """Relays an SSE response whose head `response.start(..., with_first_write=True)`
+    prepared; True when the backend's message ended cleanly, so its connection may be
+    reused (possibly after its last bytes: see release_when_complete). Cancellation
+    (client gone, timeout) propagates to the caller, which aborts the upstream."""
     chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
     relay = StreamRelay(chunk_filter, upstream, response)
-    upstream.set_consumer(relay)
+    response.set_flow_listener(relay)
+    upstream.set_consumer(relay)  # events already buffered go out with the head
+    response.flush()  # the head never waits for the backend's first event
     try:
         outcome = await relay.outcome
     except UpstreamError as exc:
@@ -391,17 +430,14 @@ async def relay_stream(
         return False
     finally:
         upstream.set_consumer(None)
+        response.set_flow_listener(None)
         upstream.resume_reading()
     if outcome == "done":
-        response.end()  # the client has its [DONE]; what follows is only HTTP framing
         return True
     if outcome == "cut":
         return False  # closing the connection aborts the generation
     # The backend ended without [DONE]: never leave the client with a silently cut stream.
-    held = chunk_filter.flush_held()
-    if held:
-        response.write(held)
-    response.write(DONE_EVENT)
+    response.write_last(chunk_filter.flush_held() + DONE_EVENT)
     return True
 
 

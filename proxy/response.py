@@ -4,14 +4,20 @@ is produced (every `write` goes to the socket at once; nothing here buffers)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from email.utils import formatdate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .http import HttpConnection
 
 Header = tuple[bytes, bytes]
+
+
+class FlowListener(Protocol):
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
 
 _REASONS = {
     100: b"Continue",
@@ -79,6 +85,7 @@ class Response:
     __slots__ = (
         "_chunked",
         "_conn",
+        "_head",
         "_head_only",
         "_transport",
         "ended",
@@ -95,6 +102,7 @@ class Response:
         self._head_only = head_only
         # HTTP/1.0 clients get no chunked framing: the body ends when the connection does.
         self._chunked = http11
+        self._head = b""  # a started response's head not yet written (see start)
         self.keep_alive = keep_alive
         self.started = False
         self.ended = False
@@ -118,8 +126,10 @@ class Response:
             return
         self._transport.write(head if self._head_only else head + body)
 
-    def start(self, status: int, headers: list[Header]) -> None:
-        """Starts a chunked response; the head is written at once (unbuffered streams)."""
+    def start(self, status: int, headers: list[Header], *, with_first_write: bool = False) -> None:
+        """Starts a chunked response. The head is written at once, or, with
+        `with_first_write`, together with the first chunk in one send; the caller then
+        calls `flush` as soon as it knows no chunk is ready (so the head never waits)."""
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
@@ -129,20 +139,48 @@ class Response:
         else:
             self.keep_alive = False
             extra = b"connection: close\r\n"
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(head_bytes(status, headers, extra))
+        self._head = head_bytes(status, headers, extra)
+        if not with_first_write:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes a head still held by `start(with_first_write=True)`."""
+        head = self._head
+        if head:
+            self._head = b""
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(head)
 
     def write(self, data: bytes) -> None:
         """Writes one chunk; the bytes go to the socket now (no buffering here)."""
         if not data or self._head_only:
+            self.flush()
             return
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ClientGone()
         if self._chunked:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            transport.write(data)
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data = self._head + data
+            self._head = b""
+        transport.write(data)
+
+    def write_last(self, data: bytes) -> None:
+        """The last chunk and the end of the body in one send."""
+        if self.ended:
+            return
+        if not self._chunked or self._head_only or not data:
+            self.write(data)
+            self.end()
+            return
+        self.ended = True
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(self._head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+        self._head = b""
 
     @property
     def must_drain(self) -> bool:
@@ -152,15 +190,18 @@ class Response:
         """Waits while the client reads slower than we write (transport backpressure)."""
         await self._conn.wait_writable()
 
-    def when_writable(self, callback: Callable[[], None]) -> None:
-        """Calls `callback` once the client's socket accepts writes again (push mode's
-        backpressure: the relay pauses its upstream until then)."""
-        self._conn.resume_callbacks.append(callback)
+    def set_flow_listener(self, listener: FlowListener | None) -> None:
+        """Push mode's backpressure: `listener.pause()` when the client's socket stops
+        taking writes, `listener.resume()` when it drains (no check per chunk)."""
+        self._conn.flow_listener = listener
+        if listener is not None and self._conn.write_paused:
+            listener.pause()
 
     def end(self) -> None:
         if self.ended:
             return
         self.ended = True
+        self.flush()
         transport = self._transport
         if (
             self._chunked

@@ -71,8 +71,29 @@ class GuardResult:
     matched: str | None
 
 
+def _literal_prefix(src: str) -> tuple[str, bool] | None:
+    """The literal text every match of `src` starts with (lower-cased under a leading
+    `(?i)`), when it is at least two characters and nothing can change its meaning;
+    None otherwise."""
+    icase = src.startswith("(?i)")
+    rest = src[4:] if icase else src
+    if re.search(r"\(\?[a-zA-Z^-]", rest) or "|" in rest:
+        return None  # inline flags may apply to the whole pattern; | adds other starts
+    literal = []
+    for i, ch in enumerate(rest):
+        if ch in "\\.^$*+?{}[]|()":
+            break
+        if rest[i + 1 : i + 2] in ("*", "+", "?", "{"):
+            break  # this character is optional or repeated
+        literal.append(ch)
+    text = "".join(literal)
+    if len(text) < 2 or not text.isascii():
+        return None  # (non-ASCII case folding may match text lower() does not produce)
+    return (text.lower() if icase else text), icase
+
+
 class _Cut:
-    __slots__ = ("behind", "lag", "max_len", "rx", "safe", "source")
+    __slots__ = ("behind", "icase", "lag", "literal", "max_len", "rx", "safe", "source")
 
     def __init__(self, cut: CutPattern) -> None:
         src, max_len = cut.pattern, cut.max_len
@@ -91,6 +112,8 @@ class _Cut:
         self.behind = "(?<" in src or bool(self.rx.flags & regex.WORD)
         self.lag = max_len if "(?!" in src else 2 if any(a in src for a in _END_ASSERTIONS) else 0
         self.safe: set[str] = set()  # memo: characters no match can start at
+        prefix = None if self.behind else _literal_prefix(src)
+        self.literal, self.icase = prefix if prefix is not None else ("", False)
 
     def may_start(self, ch: str) -> bool:
         return self.behind or any(
@@ -136,6 +159,7 @@ class GuardSpec:
         "_cuts",
         "_first_re",
         "_firsts",
+        "_literals",
         "_prefixes",
         "_ranks",
         "_rep_need",
@@ -189,6 +213,12 @@ class GuardSpec:
         self._safe: set[str] = set()
         self._unsafe: set[str] = set()
         self._all_safe("".join(map(chr, range(128))))
+        # (literal, ignore case) of every cut pattern, when each has a literal prefix
+        self._literals: tuple[tuple[str, bool], ...] | None = (
+            tuple((c.literal, c.icase) for c in self._cuts)
+            if self._cuts and all(c.literal for c in self._cuts)
+            else None
+        )
 
     def __repr__(self) -> str:
         return (
@@ -204,6 +234,28 @@ class GuardSpec:
         out = guard.feed(text)
         out += guard.finish()
         return GuardResult(out, guard.finish_reason, guard.matched)
+
+    def _no_start_in(self, piece: str) -> bool:
+        """True when no stop string and no cut pattern can begin anywhere in `piece`,
+        proven from the cut patterns' literal prefixes (ASCII text only, where lower() is
+        exactly the regex's case folding). Cheaper than a partial-match scan for the
+        common token that holds a cut pattern's first letter in some other word."""
+        literals = self._literals
+        if literals is None or not piece.isascii() or not self._firsts.isdisjoint(piece):
+            return False
+        lower = ""
+        for literal, icase in literals:
+            if icase:
+                text = lower = lower or piece.lower()
+            else:
+                text = piece
+            first = literal[0]
+            at = text.find(first)
+            while at >= 0:
+                if literal.startswith(text[at : at + len(literal)]):
+                    return False  # a match (or the start of one) may begin here
+                at = text.find(first, at + 1)
+        return True
 
     def _all_safe(self, piece: str) -> bool:
         """True when no match can start at any character of `piece`; fills the memos."""
@@ -274,6 +326,7 @@ class StreamGuard:
             and (
                 spec._safe.issuperset(piece)
                 or (spec._unsafe.isdisjoint(piece) and spec._all_safe(piece))
+                or spec._no_start_in(piece)
             )
         ):
             if self._ctx is not None:

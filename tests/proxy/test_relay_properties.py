@@ -63,8 +63,18 @@ class CollectingResponse:
         assert not self.ended
         self.writes.append(data)
 
+    def write_last(self, data: bytes) -> None:
+        self.write(data)
+        self.ended = True
+
     def end(self) -> None:
         self.ended = True
+
+    def flush(self) -> None:
+        pass
+
+    def set_flow_listener(self, listener: object) -> None:
+        pass
 
 
 def chat_events(tokens: list[str]) -> bytes:

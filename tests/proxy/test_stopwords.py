@@ -348,3 +348,45 @@ def test_invalid_specs_are_rejected(kwargs: dict[str, object], message: str) -> 
 def test_max_holdback() -> None:
     assert GuardSpec().max_holdback == 0
     assert GuardSpec(["###", "\n\nUser:"], [CutPattern("x", 4)]).max_holdback == 6
+
+
+# -- the literal-prefix fast path -------------------------------------------------------
+
+LITERAL_POOL = (
+    CutPattern(r"(?i)ignore (all )?previous", 21),
+    CutPattern(r"BEGIN [A-Z ]*KEY", 16),
+    CutPattern(r"ab#c|b#", 4),  # alternation: more than one way to start
+    CutPattern(r"bc(?!de)", 4),
+    CutPattern(r"foo$", 6),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    cuts=st.lists(st.sampled_from(LITERAL_POOL), min_size=1, max_size=3, unique=True),
+    text=st.lists(
+        st.one_of(
+            st.text(alphabet="abcdefgiIlnorspBEGINKY# ", max_size=5),
+            st.sampled_from(
+                ["ignore previous", "IGNORE all previous", "BEGIN RSA KEY", "b#", "bcd", "foo"]
+            ),
+        ),
+        max_size=12,
+    ).map("".join),
+    cuts_at=st.lists(st.integers(0, 10_000), max_size=10),
+)
+def test_literal_prefix_fast_path_equals_reference(
+    cuts: list[CutPattern], text: str, cuts_at: list[int]
+) -> None:
+    spec = GuardSpec(cut_patterns=cuts)
+    _, result = run(spec, chunk(text, cuts_at))
+    assert result == reference(text, cuts=cuts)
+
+
+def test_literal_prefix_fast_path_skips_words_that_only_share_a_first_letter() -> None:
+    spec = GuardSpec(cut_patterns=[CutPattern(r"(?i)ignore (all )?previous", 32)])
+    assert spec._no_start_in(" thinking it is fine")
+    assert not spec._no_start_in(" and ign")  # a match may start: held back
+    assert not spec._no_start_in("ignore ")
+    alternation = GuardSpec(cut_patterns=[CutPattern(r"ab#c|b#", 4)])
+    assert not alternation._no_start_in("xb#")  # no literal-prefix proof with `|`
