@@ -51,6 +51,7 @@ class ChunkFilter:
     """Per-stream state: which choices finished, their guards, token timing."""
 
     __slots__ = (
+        "_last_event",
         "_template",
         "chat",
         "done",
@@ -81,6 +82,7 @@ class ChunkFilter:
         self.done = False  # the client has its [DONE]: stop reading the backend
         self.upstream_error = False
         self._template: dict[str, Any] | None = None
+        self._last_event = b""  # an event whose id/model a synthesized chunk can copy
 
     def on_event(self, event: bytes) -> bytes | None:
         """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
@@ -199,8 +201,12 @@ class ChunkFilter:
             assert self.guard_spec is not None
             guard = self.guards[index] = self.guard_spec.start()
         out = guard.feed(text)
-        if out is text and guard.finish_reason is None:
-            return event
+        if guard.finish_reason is None:
+            if out is text:
+                return event
+            # Held back (part of) the text: splice the released part into the bytes.
+            self._last_event = event
+            return event[: match.start(2)] + orjson.dumps(out)[1:-1] + event[match.end(2) :]
         return self._rewrite(event, index, out, guard)
 
     def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:
@@ -294,6 +300,15 @@ class ChunkFilter:
         self.ex.finish_reason = guard.finish_reason
         self.ex.cut = guard.matched
 
+    def _chunk_template(self) -> dict[str, Any]:
+        if self._template is None and self._last_event:
+            try:
+                last = orjson.loads(self._last_event[6:])
+            except orjson.JSONDecodeError:
+                last = {}
+            self._template = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+        return self._template or {}
+
     def flush_held(self) -> bytes:
         """Text still held back when the backend ended without a finish chunk."""
         out = b""
@@ -313,7 +328,7 @@ class ChunkFilter:
             if guard.finish_reason is not None:
                 self.finished.add(index)
                 choice["stop_reason"] = guard.matched
-            obj = dict(self._template or {})
+            obj = dict(self._chunk_template())
             obj["choices"] = [choice]
             out += b"data: " + orjson.dumps(obj) + SEPARATOR
         return out
