@@ -80,11 +80,13 @@ class ProxyApp:
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
 
     def interrupt_all(self, kind: str) -> int:
-        """Ends every exchange in flight (drain deadline passed); returns how many."""
+        """Ends every request in flight (drain deadline passed): exchanges with a backend
+        end with the terminal error event or 503, queued requests get 503. Returns how
+        many."""
         watchdogs = list(self.watchdogs)
         for watchdog in watchdogs:
             watchdog.interrupt(kind)
-        return len(watchdogs)
+        return len(watchdogs) + sum(lim.reject_waiters() for lim in self.limiters.all())
 
     async def __call__(self, request: Request, response: Response) -> None:
         path = request.path
@@ -160,6 +162,21 @@ class ProxyApp:
             if not response.started:
                 send_error(response, exc, base_headers)
         except LimitExceeded as exc:
+            if exc.reason == "shutdown":
+                ex.status = 503
+                ex.error_code = "shutdown"
+                send_error(
+                    response,
+                    ApiError(
+                        503,
+                        "the proxy is shutting down; retry the request",
+                        type="server_error",
+                        code="shutdown",
+                        headers=[(b"retry-after", b"1")],
+                    ),
+                    base_headers,
+                )
+                return
             app_limit = exc.limiter.startswith("app:")
             status = 429 if app_limit else 503
             ex.status = status

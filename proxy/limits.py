@@ -81,6 +81,8 @@ class Limiter:
             self._forget(waiter)
             self.rejected += 1
             raise LimitExceeded(self.name, "queue_timeout", self.retry_after()) from None
+        except _ShuttingDown:
+            raise LimitExceeded(self.name, "shutdown", 1) from None
         except BaseException:
             # Cancelled (client gone): leave the queue at once. A permit handed over in the
             # same tick as the cancellation is passed on, not lost.
@@ -100,6 +102,16 @@ class Limiter:
         self.in_use -= 1
         self._admit()
 
+    def reject_waiters(self) -> int:
+        """Sends every queued request away (drain deadline passed); returns how many."""
+        waiters, self._waiters = self._waiters, collections.deque()
+        count = 0
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(_ShuttingDown())
+                count += 1
+        return count
+
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         try:
             self._waiters.remove(waiter)
@@ -116,6 +128,10 @@ class Limiter:
 
 
 class _Expired(Exception):
+    pass
+
+
+class _ShuttingDown(Exception):
     pass
 
 

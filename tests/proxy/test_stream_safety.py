@@ -412,3 +412,36 @@ async def _count_tasks(harness: ProxyHarness) -> int:
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     yield
+
+
+def test_shutdown_interrupt_ends_streams_and_sends_queued_requests_away(sim: ProcessServer) -> None:
+    harness = ProxyHarness(_limited(sim.url, 1, 4, 30.0))
+    try:
+        long_body = {
+            "model": "chat",
+            "messages": MSG,
+            "stream": True,
+            "max_tokens": 400,
+            "sim": {"itl_ms": 20},
+        }
+        with ThreadPoolExecutor(2) as pool:
+            streaming = pool.submit(stream_request, harness.url, long_body)
+            time.sleep(0.3)
+            queued = pool.submit(
+                httpx.post,
+                harness.url + "/v1/chat/completions",
+                json={"model": "chat", "messages": MSG},
+                timeout=10,
+            )
+            time.sleep(0.3)
+            assert harness.lt.call(lambda: harness.app.interrupt_all("shutdown")) == 2
+            result = streaming.result(timeout=10)
+            rejected = queued.result(timeout=10)
+        assert result.data()[-2]["error"]["code"] == "shutdown"
+        assert result.data()[-1] == "[DONE]"
+        assert rejected.status_code == 503
+        assert rejected.json()["error"]["code"] == "shutdown"
+        assert rejected.headers["retry-after"] == "1"
+        assert harness.permits_in_use() == 0
+    finally:
+        harness.close()
