@@ -18,12 +18,12 @@ import collections
 import socket
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import cast
 
 import httptools
 import orjson
 
 from .response import ClientGone, FlowListener, Header, Response, head_bytes
+from .tcp import stream_transport
 
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -137,14 +137,7 @@ class HttpConnection(asyncio.Protocol):
     # -- transport callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        self.transport = stream_transport(transport)
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = f"{peer[0]}:{peer[1]}"

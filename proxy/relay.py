@@ -185,17 +185,7 @@ class ChunkFilter:
             return self._parse_event(event)
         raw = match[2]
         text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
-        # A content token (as _token, inlined: this runs for every token).
-        now = monotonic()
-        ex = self.ex
-        if ex.first_token_at is None:
-            ex.first_token_at = now
-        else:
-            ex.add_gap(now - ex.last_token_at)
-        ex.last_token_at = now
-        ex.content_chunks += 1
-        if self.watchdog is not None:
-            self.watchdog.last_token = now
+        self._token()
         guard = self.guards.get(index)
         if guard is None:
             assert self.guard_spec is not None
@@ -232,8 +222,7 @@ class ChunkFilter:
 
     def _observe(self, event: bytes) -> bytes:
         """No guard: the event goes out unchanged, and a few byte searches find what the
-        timers and metrics need, without parsing the JSON of every token. (This runs for
-        every token of every stream, so `_token` is inlined here.)"""
+        timers and metrics need, without parsing the JSON of every token."""
         if event.startswith(DONE_EVENT):
             self.done = True
             return event
@@ -242,17 +231,7 @@ class ChunkFilter:
         if (at >= 0 and event[at + len(key)] != _QUOTE) or (
             self.chat and (b'"reasoning' in event or b'"tool_calls":[' in event)
         ):
-            # A content token (reasoning and tool-call deltas count for the timers).
-            now = monotonic()
-            ex = self.ex
-            if ex.first_token_at is None:
-                ex.first_token_at = now
-            else:
-                ex.add_gap(now - ex.last_token_at)
-            ex.last_token_at = now
-            ex.content_chunks += 1
-            if self.watchdog is not None:
-                self.watchdog.last_token = now
+            self._token()  # reasoning and tool-call deltas count for the timers too
         if (
             b'"finish_reason":"' in event
             or b'"usage":{' in event

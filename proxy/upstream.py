@@ -11,12 +11,13 @@ when its socket closes, which frees the GPU slot.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-from typing import Protocol, cast
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
+
+from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
 READ_HIGH_WATER = 256 * 1024
@@ -95,13 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- transport callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        self.transport = stream_transport(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
