@@ -28,9 +28,10 @@ import uvloop
 from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import HttpServer, ServerState
+from sluice.proxy.http import ServerState
 from sluice.proxy.metrics import MULTIPROC_ENV, Metrics
 from sluice.proxy.observe import Observer
+from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
 

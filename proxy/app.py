@@ -12,7 +12,6 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
-from typing import Any
 
 import orjson
 
@@ -31,7 +30,8 @@ from .errors import (
 from .exchange import Exchange
 from .http import Header, Request, Response
 from .limits import LimiterRegistry, LimitExceeded
-from .relay import MAX_NONSTREAM_BODY, MESSAGE_END_TIMEOUT, guard_completion, relay_stream
+from .nonstream import MAX_NONSTREAM_BODY, relay_whole
+from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
 from .snapshot import Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
@@ -310,7 +310,7 @@ class ProxyApp:
                     or conn.status != 200
                     or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
                 ):
-                    clean = await self._relay_whole(ex, conn, response, policy, extra_headers)
+                    clean = await relay_whole(ex, conn, response, policy, extra_headers)
                     return
                 ex.status = 200
                 response.start(200, SSE_HEADERS + extra_headers, with_first_write=True)
@@ -378,65 +378,6 @@ class ProxyApp:
             return conn, replica
         assert last is not None
         raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
-
-    async def _relay_whole(
-        self,
-        ex: Exchange,
-        conn: UpstreamConnection,
-        response: Response,
-        policy: StreamPolicy,
-        extra_headers: list[Header],
-    ) -> bool:
-        """A non-stream response, or a backend error answered to a stream request."""
-        try:
-            body = await conn.read_all(MAX_NONSTREAM_BODY)
-        except UpstreamError as exc:
-            ex.upstream_error = exc.kind
-            raise bad_gateway(
-                f"backend response broke: {exc}", code="upstream_" + exc.kind
-            ) from None
-        status = conn.status
-        ex.status = status
-        content_type = conn.headers.get(b"content-type", b"application/json")
-        if status == 200 and content_type.startswith(b"application/json"):
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                obj = None
-            if isinstance(obj, dict):
-                ex.record_usage(obj.get("usage"))
-                _record_finish(ex, obj)
-                if policy.guard is not None and guard_completion(obj, policy.guard, ex.chat, ex):
-                    body = orjson.dumps(obj)
-        elif status >= 400 and not _is_openai_error(body):
-            ex.upstream_error = f"http_{status}"
-            message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
-            if status >= 500:
-                raise ApiError(
-                    502 if status != 503 else 503,
-                    f"backend answered {status}: {message}",
-                    type="upstream_error",
-                    code=f"upstream_http_{status}",
-                )
-            raise ApiError(status, f"backend answered {status}: {message}", code="upstream_error")
-        response.send(status, [(b"content-type", content_type), *extra_headers], body)
-        return conn.complete
-
-
-def _is_openai_error(body: bytes) -> bool:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
-
-
-def _record_finish(ex: Exchange, obj: dict[str, Any]) -> None:
-    choices = obj.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        finish = choices[0].get("finish_reason")
-        if isinstance(finish, str):
-            ex.finish_reason = finish
 
 
 __all__ = ["SSE_HEADERS", "ProxyApp", "RouteChoice"]

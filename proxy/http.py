@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 from collections.abc import Awaitable, Callable
 from time import monotonic
 
@@ -396,95 +395,12 @@ class HttpConnection(asyncio.Protocol):
             self.close()
 
 
-class HttpServer:
-    """Listening sockets plus the connections they accepted."""
-
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self._servers: list[asyncio.base_events.Server] = []
-        self._sweeper: asyncio.TimerHandle | None = None
-        # Timeouts fire within one sweep interval after they end.
-        self.sweep_interval = min(1.0, state.keepalive_timeout / 4, state.request_timeout / 4)
-
-    async def listen(
-        self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None
-    ) -> int:
-        """Starts listening; returns the bound port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-        if sock is not None:
-            server = await loop.create_server(
-                lambda: HttpConnection(self.state), sock=sock, backlog=2048
-            )
-        else:
-            server = await loop.create_server(
-                lambda: HttpConnection(self.state),
-                host=host,
-                port=port,
-                reuse_port=reuse_port or None,
-                backlog=2048,
-            )
-        self._servers.append(server)
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
-        sockets = server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else port
-
-    def _sweep(self) -> None:
-        now = monotonic()
-        for conn in list(self.state.connections):
-            conn.expire_if_due(now)
-        self._sweeper = asyncio.get_running_loop().call_later(self.sweep_interval, self._sweep)
-
-    def stop_accepting(self) -> None:
-        """Closes the listeners and idle keep-alive connections; in-flight ones finish."""
-        self.state.closing = True
-        for server in self._servers:
-            server.close()
-        for conn in list(self.state.connections):
-            if conn.idle:
-                conn.close()
-
-    @property
-    def active_connections(self) -> int:
-        return sum(1 for conn in self.state.connections if not conn.idle)
-
-    async def close(self) -> None:
-        """Closes everything; running handlers are cancelled and awaited."""
-        self.stop_accepting()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        tasks = [c.task for c in self.state.connections if c.task is not None]
-        for conn in list(self.state.connections):
-            conn.close()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
-
-
-def plain_headers(*pairs: tuple[str, str]) -> list[Header]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
-
-
-def json_response_headers(extra: list[Header] | None = None) -> list[Header]:
-    headers: list[Header] = [(b"content-type", b"application/json")]
-    if extra:
-        headers.extend(extra)
-    return headers
-
-
 __all__ = [
     "ClientGone",
     "Handler",
     "Header",
     "HttpConnection",
-    "HttpServer",
     "Request",
     "Response",
     "ServerState",
-    "json_response_headers",
-    "plain_headers",
 ]

@@ -12,7 +12,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import orjson
-from sluice.proxy.http import ClientGone, HttpServer, Request, Response, ServerState
+from sluice.proxy.http import ClientGone, Request, Response, ServerState
+from sluice.proxy.server import HttpServer
 
 from .chunks import KEEPALIVE_COMMENT, ChatFormat, ChunkFormat, CompletionFormat, error_event
 from .config import SimConfig, SimOptions, parse_sim_options

@@ -23,7 +23,8 @@ import httpx
 import uvloop
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import HttpServer, ServerState
+from sluice.proxy.http import ServerState
+from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, SnapshotRef
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 from helpers import LoopThread
 from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import HttpServer, Request, Response, ServerState
+from sluice.proxy.http import Request, Response, ServerState
+from sluice.proxy.server import HttpServer
 
 STREAM_CHUNK = b"x" * 65536
 

@@ -1,0 +1,304 @@
+"""Filtering one stream's SSE events: token timing for the timers and metrics, and the
+stream guard per choice index.
+
+`ChunkFilter.on_event` takes one event (with its trailing blank line) and returns the bytes
+to send, rewriting a chunk only when the guard changed its text. It does no I/O, so the
+property tests drive the exact code the relay runs. Without a guard an event is never
+parsed (byte searches find what the timers need); with one, vLLM's token chunks are
+matched by one regular expression and only finish chunks and other layouts are parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from time import monotonic
+from typing import Any
+
+import orjson
+
+from .exchange import Exchange
+from .sse import SEPARATOR
+from .stopwords import GuardSpec, StreamGuard
+from .timeouts import StreamWatchdog
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_CONTENT_KEY = b'"content":"'
+_TEXT_KEY = b'"text":"'
+_QUOTE = ord('"')
+_ERROR_PREFIX = b'data: {"error"'
+# vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
+_CHAT_TEXT = re.compile(
+    rb'"choices":\[\{"index":(\d+),"delta":\{"content":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)"\},'
+    rb'"logprobs":null,"finish_reason":null(?:,"token_ids":null)?\}\]'
+)
+_COMPLETION_TEXT = re.compile(
+    rb'"choices":\[\{"index":(\d+),"text":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)","logprobs":null,'
+    rb'"finish_reason":null(?:,"stop_reason":null)?(?:,"prompt_token_ids":null)?'
+    rb'(?:,"token_ids":null)?\}\]'
+)
+
+
+class ChunkFilter:
+    """Per-stream state: which choices finished, their guards, token timing."""
+
+    __slots__ = (
+        "_last_event",
+        "_template",
+        "chat",
+        "done",
+        "ex",
+        "finished",
+        "guard_spec",
+        "guards",
+        "n_choices",
+        "upstream_error",
+        "watchdog",
+    )
+
+    def __init__(
+        self,
+        ex: Exchange,
+        chat: bool,
+        guard_spec: GuardSpec | None,
+        n_choices: int,
+        watchdog: StreamWatchdog | None = None,
+    ) -> None:
+        self.ex = ex
+        self.chat = chat
+        self.guard_spec = guard_spec
+        self.n_choices = max(1, n_choices)
+        self.watchdog = watchdog
+        self.guards: dict[int, StreamGuard] = {}
+        self.finished: set[int] = set()  # choices the guard ended
+        self.done = False  # the client has its [DONE]: stop reading the backend
+        self.upstream_error = False
+        self._template: dict[str, Any] | None = None
+        self._last_event = b""  # an event whose id/model a synthesized chunk can copy
+
+    def on_event(self, event: bytes) -> bytes | None:
+        """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
+        if self.guard_spec is None:
+            return self._observe(event)
+        return self._guarded(event)
+
+    def _parse_event(self, event: bytes) -> bytes | None:
+        """The full path: parse the chunk, guard each choice, rewrite when changed."""
+        if not event.startswith(b"data:"):
+            return event  # comments (keep-alives) and other fields pass through untouched
+        payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
+        if payload == b"[DONE]":
+            self.done = True
+            return self.flush_held() + DONE_EVENT
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if usage:
+            self.ex.record_usage(usage)
+        if not choices:
+            if "error" in obj:
+                self.upstream_error = True
+                self.ex.upstream_error = "stream_error"
+            return event
+        if self._template is None:
+            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        guard_spec = self.guard_spec
+        modified = False
+        kept: list[Any] = []
+        for choice in choices:
+            index = choice.get("index", 0)
+            if index in self.finished:
+                modified = True  # the guard already ended this choice: drop its late chunks
+                continue
+            kept.append(choice)
+            if self.chat:
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if not text and (
+                    delta.get("reasoning")
+                    or delta.get("reasoning_content")
+                    or delta.get("tool_calls")
+                ):
+                    self._token()
+            else:
+                delta = choice
+                text = choice.get("text")
+            if text:
+                self._token()
+            finish = choice.get("finish_reason")
+            if finish is not None and index not in self.finished:
+                self.ex.finish_reason = finish
+            if guard_spec is None:
+                continue
+            guard = self.guards.get(index)
+            if guard is None:
+                guard = self.guards[index] = guard_spec.start()
+            out = guard.feed(text) if text else ""
+            if guard.finish_reason is None and finish is not None:
+                out += guard.finish()
+            if guard.finish_reason is not None:
+                self._end_choice(choice, guard)
+                modified = True
+            if text is not None and out is not text:
+                if self.chat:
+                    delta["content"] = out
+                else:
+                    choice["text"] = out
+                modified = True
+            elif text is None and out:
+                delta["content" if self.chat else "text"] = out
+                modified = True
+        if not modified:
+            return event
+        if not kept:
+            return None
+        obj["choices"] = kept
+        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        if len(self.finished) >= self.n_choices:
+            self.done = True
+            return out_event + DONE_EVENT
+        return out_event
+
+    def _guarded(self, event: bytes) -> bytes | None:
+        """A guarded stream's event. The common one (vLLM's layout: one choice, one text
+        delta, no finish and no logprobs) is matched by one regular expression over the
+        bytes: the text is decoded without parsing the chunk, and the event goes out
+        unchanged when the guard passes the text through. Anything else is parsed."""
+        match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
+        if match is None:
+            return self._parse_event(event)
+        index = int(match[1])
+        if index in self.finished:
+            return self._parse_event(event)
+        raw = match[2]
+        text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        self._token()
+        guard = self.guards.get(index)
+        if guard is None:
+            assert self.guard_spec is not None
+            guard = self.guards[index] = self.guard_spec.start()
+        out = guard.feed(text)
+        if guard.finish_reason is None:
+            if out is text:
+                return event
+            # Held back (part of) the text: splice the released part into the bytes.
+            self._last_event = event
+            return event[: match.start(2)] + orjson.dumps(out)[1:-1] + event[match.end(2) :]
+        return self._rewrite(event, index, out, guard)
+
+    def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:
+        """The event with its text replaced by what the guard released (and the choice
+        finished when the guard matched)."""
+        obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        if self._template is None:
+            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        for choice in obj["choices"]:
+            if choice.get("index", 0) != index:
+                continue
+            if self.chat:
+                choice["delta"]["content"] = out
+            else:
+                choice["text"] = out
+            if guard.finish_reason is not None:
+                self._end_choice(choice, guard)
+        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        if len(self.finished) >= self.n_choices:
+            self.done = True
+            return out_event + DONE_EVENT
+        return out_event
+
+    def _observe(self, event: bytes) -> bytes:
+        """No guard: the event goes out unchanged, and a few byte searches find what the
+        timers and metrics need, without parsing the JSON of every token."""
+        if event.startswith(DONE_EVENT):
+            self.done = True
+            return event
+        key = _CONTENT_KEY if self.chat else _TEXT_KEY
+        at = event.find(key)
+        if (at >= 0 and event[at + len(key)] != _QUOTE) or (
+            self.chat and (b'"reasoning' in event or b'"tool_calls":[' in event)
+        ):
+            self._token()  # reasoning and tool-call deltas count for the timers too
+        if (
+            b'"finish_reason":"' in event
+            or b'"usage":{' in event
+            or event.startswith(_ERROR_PREFIX)
+        ):
+            self._bookkeep(event)
+        return event
+
+    def _bookkeep(self, event: bytes) -> None:
+        try:
+            obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        usage = obj.get("usage")
+        if usage:
+            self.ex.record_usage(usage)
+        if "error" in obj and not obj.get("choices"):
+            self.upstream_error = True
+            self.ex.upstream_error = "stream_error"
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason") is not None:
+                self.ex.finish_reason = choice["finish_reason"]
+
+    def _token(self) -> None:
+        now = monotonic()
+        ex = self.ex
+        if ex.first_token_at is None:
+            ex.first_token_at = now
+        else:
+            ex.add_gap(now - ex.last_token_at)
+        ex.last_token_at = now
+        ex.content_chunks += 1
+        if self.watchdog is not None:
+            self.watchdog.last_token = now
+
+    def _end_choice(self, choice: dict[str, Any], guard: StreamGuard) -> None:
+        index = choice.get("index", 0)
+        self.finished.add(index)
+        choice["finish_reason"] = guard.finish_reason
+        choice["stop_reason"] = guard.matched
+        if "logprobs" in choice:
+            choice["logprobs"] = None  # they may describe tokens of the removed text
+        self.ex.finish_reason = guard.finish_reason
+        self.ex.cut = guard.matched
+
+    def _chunk_template(self) -> dict[str, Any]:
+        if self._template is None and self._last_event:
+            try:
+                last = orjson.loads(self._last_event[6:])
+            except orjson.JSONDecodeError:
+                last = {}
+            self._template = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+        return self._template or {}
+
+    def flush_held(self) -> bytes:
+        """Text still held back when the backend ended without a finish chunk."""
+        out = b""
+        for index, guard in self.guards.items():
+            if index in self.finished:
+                continue
+            tail = guard.finish()
+            if not tail and guard.finish_reason is None:
+                continue
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["delta"] = {"content": tail}
+            else:
+                choice["text"] = tail
+            choice["logprobs"] = None
+            choice["finish_reason"] = guard.finish_reason
+            if guard.finish_reason is not None:
+                self.finished.add(index)
+                choice["stop_reason"] = guard.matched
+            obj = dict(self._chunk_template())
+            obj["choices"] = [choice]
+            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+        return out

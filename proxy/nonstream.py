@@ -1,0 +1,102 @@
+"""Relaying a complete (non-stream) response, or a backend's error answer to a stream
+request: read it whole (bounded), record usage and finish reason, apply the guard to each
+choice's text, and answer with the backend's status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import ApiError, bad_gateway
+from .exchange import Exchange
+from .http import Header, Response
+from .snapshot import StreamPolicy
+from .stopwords import GuardSpec
+from .upstream import UpstreamConnection, UpstreamError
+
+MAX_NONSTREAM_BODY = 64 * 1024 * 1024
+
+
+async def relay_whole(
+    ex: Exchange,
+    conn: UpstreamConnection,
+    response: Response,
+    policy: StreamPolicy,
+    extra_headers: list[Header],
+) -> bool:
+    """A non-stream response, or a backend error answered to a stream request."""
+    try:
+        body = await conn.read_all(MAX_NONSTREAM_BODY)
+    except UpstreamError as exc:
+        ex.upstream_error = exc.kind
+        raise bad_gateway(f"backend response broke: {exc}", code="upstream_" + exc.kind) from None
+    status = conn.status
+    ex.status = status
+    content_type = conn.headers.get(b"content-type", b"application/json")
+    if status == 200 and content_type.startswith(b"application/json"):
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            ex.record_usage(obj.get("usage"))
+            _record_finish(ex, obj)
+            if policy.guard is not None and guard_completion(obj, policy.guard, ex.chat, ex):
+                body = orjson.dumps(obj)
+    elif status >= 400 and not _is_openai_error(body):
+        ex.upstream_error = f"http_{status}"
+        message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
+        if status >= 500:
+            raise ApiError(
+                502 if status != 503 else 503,
+                f"backend answered {status}: {message}",
+                type="upstream_error",
+                code=f"upstream_http_{status}",
+            )
+        raise ApiError(status, f"backend answered {status}: {message}", code="upstream_error")
+    response.send(status, [(b"content-type", content_type), *extra_headers], body)
+    return conn.complete
+
+
+def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exchange) -> bool:
+    """Applies the guard to a non-stream response body in place; True when changed."""
+    changed = False
+    for choice in body.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        holder = choice.get("message") if chat else choice
+        if not isinstance(holder, dict):
+            continue
+        key = "content" if chat else "text"
+        text = holder.get(key)
+        if not isinstance(text, str) or not text:
+            continue
+        result = spec.apply(text)
+        if result.finish_reason is None:
+            continue
+        holder[key] = result.text
+        choice["finish_reason"] = result.finish_reason
+        choice["stop_reason"] = result.matched
+        if "logprobs" in choice:
+            choice["logprobs"] = None
+        ex.finish_reason = result.finish_reason
+        ex.cut = result.matched
+        changed = True
+    return changed
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+
+
+def _record_finish(ex: Exchange, obj: dict[str, Any]) -> None:
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        finish = choices[0].get("finish_reason")
+        if isinstance(finish, str):
+            ex.finish_reason = finish
