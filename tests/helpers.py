@@ -4,6 +4,7 @@ and small raw clients that show exactly what arrived and when."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,11 @@ from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, Snapsho
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"(?:listening|serving) on (http://[0-9.:\[\]a-z]+)")
+
+
+def key_line(key: str) -> str:
+    """How a Gateway document holds an API key: its SHA-256 digest."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 def sluice_cmd(*args: str) -> list[str]:

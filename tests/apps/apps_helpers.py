@@ -3,14 +3,13 @@ data plane on a loop thread (ProxyHarness) with the records writer and feedback 
 
 from __future__ import annotations
 
-import hashlib
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProxyHarness
+from helpers import ProxyHarness, key_line
 from sluice.control.build import BuiltConfig, build_config
 from sluice.control.loader import read_config_files
 from sluice.control.plugins import Closer, attach_health, attach_records
@@ -27,8 +26,7 @@ BATCH_KEY = "sk-test-batch"
 ANALYTICS_KEY = "sk-test-analytics"
 
 
-def digest(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+digest = key_line  # the Gateway document's line for an API key
 
 
 def write_config(directory: Path, gateway: str, extra: Mapping[str, str] | None = None) -> Path:

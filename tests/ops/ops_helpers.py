@@ -6,7 +6,6 @@ Imported by name (tests/ops is on sys.path, as tests/control is for its helpers)
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, StreamResult, sluice_cmd, stream_request
+from helpers import ProcessServer, StreamResult, key_line, sluice_cmd, stream_request
 from prometheus_client.parser import text_string_to_metric_families
 
 ADMIN_TOKEN = "adm-ops-7f3c9a1e55d2"
@@ -26,10 +25,6 @@ KEYS = {  # app -> API key; the tests check that no log line ever holds one
     "solo": "sk-ops-solo-94e2f7c0a1b35d",
 }
 BOUNDED_S = 10.0  # every wait in these tests is bounded; none should come close
-
-
-def key_line(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 GATEWAY = """\

@@ -6,7 +6,6 @@ Imported by name (tests/reload is on sys.path, as tests/control is for its helpe
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, sluice_cmd
+from helpers import ProcessServer, key_line, sluice_cmd
 from sluice.control.build import ConfigInvalid, load_config
 
 ADMIN_TOKEN = "adm-reload-e2e-token"
@@ -27,10 +26,6 @@ PICKER_KEY = "sk-reload-picker"  # may choose a preset with x-sluice-preset
 FIXED_KEY = "sk-reload-fixed"  # may not; gets `alt` where a route names no preset
 DEADLINE_S = 3.0  # a reload that takes longer than this is a failure, not a slow machine
 POLL_S = 0.005
-
-
-def key_line(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
 GATEWAY = """\
