@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import sqlite3
 import threading
 import time
@@ -113,7 +114,22 @@ class StoreUnavailable(Exception):
 
 
 def open_store(path: str | Path) -> sqlite3.Connection:
-    """Opens (creating if needed) the records database: WAL, schema in place."""
+    """Opens (creating if needed) the records database: WAL, schema in place.
+
+    Workers starting together race to create the file and switch it to WAL; SQLite answers
+    the loser "database is locked" at once for the journal-mode switch (no busy handler
+    there), so the whole opening is retried until BUSY_TIMEOUT."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            return _open_store_once(path)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.05)
+
+
+def _open_store_once(path: str | Path) -> sqlite3.Connection:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False)
     try:

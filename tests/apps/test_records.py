@@ -253,3 +253,34 @@ def test_feedback_that_cannot_be_written_is_unavailable_not_a_crash(tmp_path: Pa
             asyncio.run(writer.rate("r1", "bot", 1.0, None))
     finally:
         writer.close()
+
+
+def test_workers_opening_a_new_database_together_all_succeed(tmp_path) -> None:
+    """--workers N: every worker process opens the same new file at start-up; the race to
+    create it and switch it to WAL must not fail the losers ("database is locked")."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from sluice.proxy.records import open_store\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "open_store(sys.argv[1]).close()\n"
+    )
+    for attempt in range(4):
+        path = tmp_path / f"race-{attempt}.sqlite"
+        start_at = time.time() + 1.0  # all processes imported by then
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(path), str(start_at)], stderr=subprocess.PIPE
+            )
+            for _ in range(4)
+        ]
+        results = [
+            (p.wait(timeout=30), p.stderr.read().decode() if p.stderr else "") for p in procs
+        ]
+        for p in procs:
+            if p.stderr:
+                p.stderr.close()
+        assert [status for status, _ in results] == [0] * 4, [err for _, err in results if err]
