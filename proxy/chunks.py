@@ -104,8 +104,7 @@ class ChunkFilter:
                 self.upstream_error = True
                 self.ex.upstream_error = "stream_error"
             return event
-        if self._template is None:
-            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        self._last_event = event
         guard_spec = self.guard_spec
         modified = False
         kept: list[Any] = []
@@ -194,8 +193,7 @@ class ChunkFilter:
         """The event with its text replaced by what the guard released (and the choice
         finished when the guard matched)."""
         obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
-        if self._template is None:
-            self._template = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        self._last_event = event
         for choice in obj["choices"]:
             if choice.get("index", 0) != index:
                 continue
@@ -271,9 +269,10 @@ class ChunkFilter:
         self.ex.cut = guard.matched
 
     def _chunk_template(self) -> dict[str, Any]:
-        if self._template is None and self._last_event:
+        event = self._last_event
+        if self._template is None and event:
             try:
-                last = orjson.loads(self._last_event[6:])
+                last = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
             except orjson.JSONDecodeError:
                 last = {}
             self._template = {k: last[k] for k in ("id", "object", "created", "model") if k in last}

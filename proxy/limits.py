@@ -42,7 +42,6 @@ class Limiter:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._service_time = DEFAULT_SERVICE_TIME
         self.rejected = 0
-        self.wait_seconds_total = 0.0
 
     @property
     def queued(self) -> int:
@@ -93,9 +92,7 @@ class Limiter:
             raise
         finally:
             timer.cancel()
-        waited = time.monotonic() - started
-        self.wait_seconds_total += waited
-        return waited
+        return time.monotonic() - started
 
     def release(self) -> None:
         """Frees a permit, handing it straight to the first live waiter (FIFO)."""

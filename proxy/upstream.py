@@ -79,7 +79,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.keep_alive = True
@@ -313,7 +312,6 @@ class UpstreamPool:
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed:
-                conn.reused = True
                 return conn
         return None
 
