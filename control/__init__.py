@@ -1,0 +1,9 @@
+"""The control plane and the CLI: everything that is not the request hot path.
+
+`cli.py` parses the command line and imports the command's module lazily; the packages
+below it are the architecture: `config` (the config directory -> a validated `Snapshot`),
+`runtime` (`sluice serve`: the process, the reloader, the admin API and the services wired
+around the data plane), `edge` (nginx and Cloudflare Worker renderers), `ab` (A/B records,
+feedback and the report) and `bench` (`sluice bench`). The data plane (`sluice.proxy`)
+never imports any of them.
+"""

@@ -63,7 +63,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-metrics", action="store_true", help="no Prometheus metrics (and no /metrics)"
     )
     p.add_argument("--no-access-log", action="store_true", help="no log line per request")
-    p.set_defaults(target="sluice.control.serve:run")
+    p.set_defaults(target="sluice.control.runtime.serve:run")
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,13 +87,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(target="sluice.control.bench:run")
+    p.set_defaults(target="sluice.control.bench.bench:run")
 
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="validate a config directory (exit 0/1)")
     p.add_argument("dir", nargs="?", default=DEFAULT_CONFIG_DIR)
-    p.set_defaults(target="sluice.control.check:run_check")
+    p.set_defaults(target="sluice.control.config.check:run_check")
 
 
 def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,7 +101,7 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     csub = p.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print resolved presets and policies")
     show.add_argument("--config", default=DEFAULT_CONFIG_DIR)
-    show.set_defaults(target="sluice.control.check:run_show")
+    show.set_defaults(target="sluice.control.config.check:run_show")
 
 
 def _add_preset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -111,12 +111,12 @@ def _add_preset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     imp.add_argument("path")
     imp.add_argument("--name", default=None, help="preset name (default: from the path)")
     imp.add_argument("--out", default=None, help="write the preset YAML here (default stdout)")
-    imp.set_defaults(target="sluice.control.presets:run_import")
+    imp.set_defaults(target="sluice.control.config.hfconfig:run_import")
     exp = psub.add_parser("export", help="preset -> DIR/generation_config.json")
     exp.add_argument("name")
     exp.add_argument("dir")
     exp.add_argument("--config", default=DEFAULT_CONFIG_DIR)
-    exp.set_defaults(target="sluice.control.presets:run_export")
+    exp.set_defaults(target="sluice.control.config.hfconfig:run_export")
 
 
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -124,7 +124,7 @@ def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("target_kind", choices=["nginx", "cloudflare"])
     p.add_argument("--config", default=DEFAULT_CONFIG_DIR)
     p.add_argument("--out", default=None, help="output directory (default stdout)")
-    p.set_defaults(target="sluice.control.render:run")
+    p.set_defaults(target="sluice.control.edge.render:run")
 
 
 def _add_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -132,7 +132,7 @@ def _add_key(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ksub = p.add_subparsers(dest="key_command", required=True)
     new = ksub.add_parser("new", help="print a fresh key once, and the hash line to paste")
     new.add_argument("app")
-    new.set_defaults(target="sluice.control.keys:run_new")
+    new.set_defaults(target="sluice.control.config.keys:run_new")
 
 
 def _add_ab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,14 +144,14 @@ def _add_ab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep.add_argument("--json", action="store_true")
     rep.add_argument("--db", default=None, help="records database (default from the config)")
     rep.add_argument("--config", default=DEFAULT_CONFIG_DIR)
-    rep.set_defaults(target="sluice.control.report:run")
+    rep.set_defaults(target="sluice.control.ab.report:run")
 
 
 def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="print a running proxy's /admin/status")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--token", default=None, help="admin token (default $SLUICE_ADMIN_TOKEN)")
-    p.set_defaults(target="sluice.control.status:run")
+    p.set_defaults(target="sluice.control.runtime.status:run")
 
 
 def build_parser() -> argparse.ArgumentParser:

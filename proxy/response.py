@@ -3,12 +3,10 @@ is produced (every `write` goes to the socket at once; nothing here buffers)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from .http import HttpConnection
+from typing import Protocol
 
 Header = tuple[bytes, bytes]
 
@@ -17,6 +15,19 @@ class FlowListener(Protocol):
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
+
+
+class Connection(Protocol):
+    """What a response needs of its connection (`http.HttpConnection` is the one)."""
+
+    transport: asyncio.Transport | None
+    closing: bool
+    write_paused: bool
+    flow_listener: FlowListener | None
+
+    async def wait_writable(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 _REASONS = {
@@ -95,7 +106,7 @@ class Response:
     )
 
     def __init__(
-        self, conn: HttpConnection, keep_alive: bool, head_only: bool, http11: bool = True
+        self, conn: Connection, keep_alive: bool, head_only: bool, http11: bool = True
     ) -> None:
         self._conn = conn
         self._transport = conn.transport

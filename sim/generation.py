@@ -16,7 +16,6 @@ import asyncio
 import enum
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import orjson
 from sluice.proxy.http import Response
@@ -25,9 +24,6 @@ from .chunks import DONE_EVENT, ChunkFormat, usage_json
 from .params import GenerationParams
 from .stats import Stats
 from .text import sample_logprobs, sample_tokens
-
-if TYPE_CHECKING:
-    from .scheduler import Ticker
 
 
 class Outcome(enum.Enum):
@@ -148,7 +144,6 @@ class Generation:
         # Scheduler state.
         self.next_due = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.ticker: Ticker | None = None
 
     @staticmethod
     def _plan_choices(params: GenerationParams) -> list[Choice]:

@@ -43,17 +43,14 @@ class Ticker:
 
     def add(self, gen: Generation, due: float) -> None:
         gen.next_due = due
-        gen.ticker = self
         self._gens[id(gen)] = gen
         if self._handle is None:
             self._next = due
             self._handle = self._loop.call_at(due, self._tick)
 
     def remove(self, gen: Generation) -> None:
-        if self._gens.pop(id(gen), None) is not None:
-            gen.ticker = None
-            if not self._gens:
-                self.stop()
+        if self._gens.pop(id(gen), None) is not None and not self._gens:
+            self.stop()
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -80,7 +77,6 @@ class Ticker:
                 leave = True
             if leave:
                 del gens[key]
-                gen.ticker = None
         if not gens:
             self._on_idle(self)
             return
@@ -114,7 +110,9 @@ class Scheduler:
         if gen.timer is not None:
             gen.timer.cancel()
             gen.timer = None
-        ticker = gen.ticker
+        # A generation's ticker is the one of its ITL (params are frozen), so the scheduler's
+        # own map finds it: Generation need not know about tickers.
+        ticker = self._tickers.get(gen.params.sim.itl_s)
         if ticker is not None:
             ticker.remove(gen)
 

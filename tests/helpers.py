@@ -198,7 +198,8 @@ class ProxyHarness:
     def __post_init__(self) -> None:
         self.ref = SnapshotRef(self.snapshot)
         self.finished: list[Any] = []
-        self.app = ProxyApp(self.ref, on_complete=[self.finished.append])
+        self._finished_changed = threading.Condition()
+        self.app = ProxyApp(self.ref, on_complete=[self._record_finished])
         self.server = HttpServer(
             ServerState(
                 self.app, lambda: self.ref.current.max_body_bytes, error_body=server_error_body
@@ -206,6 +207,20 @@ class ProxyHarness:
         )
         self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def _record_finished(self, exchange: Any) -> None:
+        with self._finished_changed:
+            self.finished.append(exchange)
+            self._finished_changed.notify_all()
+
+    def wait_finished(self, count: int, timeout: float = 10.0) -> list[Any]:
+        """The finished exchanges once there are at least `count`. The completion hook runs
+        after the response's last byte went out, so a client can have read a whole response
+        before its exchange is recorded: wait for it, never read `finished` straight away."""
+        with self._finished_changed:
+            if not self._finished_changed.wait_for(lambda: len(self.finished) >= count, timeout):
+                raise AssertionError(f"{len(self.finished)} exchanges finished, not {count}")
+            return list(self.finished)
 
     def swap(self, snapshot: Snapshot) -> None:
         self.lt.call(lambda: setattr(self.ref, "current", snapshot))

@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 from helpers import ProxyHarness, key_line
-from sluice.control.build import BuiltConfig, build_config
-from sluice.control.loader import read_config_files
-from sluice.control.plugins import Closer, attach_health, attach_records
+from sluice.control.config.build import BuiltConfig, build_config
+from sluice.control.config.loader import read_config_files
+from sluice.control.runtime.plugins import Closer, attach_health, attach_records
 
 PRESETS = {
     "precise.yaml": "kind: Preset\ngeneration: {temperature: 0.3, max_new_tokens: 3}\n",

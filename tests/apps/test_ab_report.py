@@ -19,8 +19,8 @@ import httpx
 import pytest
 from apps_helpers import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from helpers import ProcessServer, sluice_cmd
-from sluice.control.report import build_report, render_text
-from sluice.proxy.records import StoredRecord, read_experiment
+from sluice.control.ab.records import StoredRecord, read_experiment
+from sluice.control.ab.report import build_report, render_text
 
 GATEWAY = """\
 kind: Gateway

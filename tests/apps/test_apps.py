@@ -74,7 +74,7 @@ def test_each_app_gets_in_with_its_key_in_either_header(gateway: AppsProxy) -> N
                 client, gateway.url, None, model=model, max_tokens=2, headers={"x-api-key": key}
             )
             assert api_key.status_code == 200, api_key.text
-    apps = [ex.app for ex in gateway.harness.finished]
+    apps = [ex.app for ex in gateway.harness.wait_finished(6)]
     assert apps == ["support", "support", "batch", "batch", "analytics", "analytics"]
 
 
@@ -233,9 +233,10 @@ def test_one_app_saturating_its_limit_adds_no_queueing_to_another(gateway: AppsP
             ids.append(result.headers["x-request-id"])
         assert [f.result() for f in batch] == [200] * 8
 
-    by_id = {ex.request_id: ex for ex in gateway.harness.finished}
+    finished = gateway.harness.wait_finished(3 + 8 + 5)
+    by_id = {ex.request_id: ex for ex in finished}
     assert [by_id[i].queue_wait for i in ids] == [0.0] * 5
-    batch_waits = [ex.queue_wait for ex in gateway.harness.finished if ex.app == "batch"]
+    batch_waits = [ex.queue_wait for ex in finished if ex.app == "batch"]
     assert max(batch_waits) > 0.5  # the saturated app did queue
     # TTFT of support while batch is saturated: as without it (sim TTFT 20 ms), not a wait
     # for one of batch's 0.6 s streams.
@@ -282,12 +283,14 @@ def test_concurrent_apps_are_each_counted_as_themselves(gateway: AppsProxy) -> N
 
     with httpx.Client(timeout=10) as client, ThreadPoolExecutor(12) as pool:
         list(pool.map(one, range(60)))
-    for ex in gateway.harness.finished:
+    finished = gateway.harness.wait_finished(60)
+    assert len(finished) == 60
+    for ex in finished:
         assert ex.app == seen[ex.request_id]
 
 
 def test_keys_appear_in_no_admin_output(gateway: AppsProxy) -> None:
-    from sluice.control.admin import admin_routes
+    from sluice.control.runtime.admin import admin_routes
     from sluice.proxy.metrics import Metrics
     from sluice.proxy.observe import Observer
 

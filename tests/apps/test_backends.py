@@ -14,7 +14,7 @@ import httpx
 import pytest
 from apps_helpers import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from helpers import ProcessServer, SimClient, free_port, stream_request
-from sluice.control.build import BuiltConfig
+from sluice.control.config.build import BuiltConfig
 from sluice.proxy.backends import Replica
 from sluice.proxy.health import UNHEALTHY_AFTER, HealthProber, probe
 from sluice.proxy.snapshot import HealthCheck

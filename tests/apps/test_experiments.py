@@ -13,7 +13,7 @@ import httpx
 import pytest
 from apps_helpers import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from helpers import ProcessServer, SimClient
-from sluice.control.build import BuiltConfig
+from sluice.control.config.build import BuiltConfig
 from sluice.proxy.routing import BUCKETS, assign_variant, bucket_of
 from sluice.proxy.snapshot import NO_PRESET, Experiment, Variant
 
@@ -86,7 +86,7 @@ def test_response_headers_and_the_preset_sent(
     temperatures = Counter(r["body"]["temperature"] for r in sim_client.requests())
     assert set(temperatures) == {0.3, 0.9}
     assert sum(temperatures.values()) == 40
-    exchanges = experiment_proxy.harness.finished
+    exchanges = experiment_proxy.harness.wait_finished(40)
     assert {(ex.experiment, ex.variant) for ex in exchanges} == {
         ("temp-test", "a"),
         ("temp-test", "b"),

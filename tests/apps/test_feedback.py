@@ -12,7 +12,7 @@ import httpx
 import pytest
 from apps_helpers import BATCH_KEY, SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from helpers import ProcessServer
-from sluice.proxy.records import RecordWriter
+from sluice.control.ab.records import RecordWriter
 
 GATEWAY = """\
 kind: Gateway

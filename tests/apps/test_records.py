@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sluice.proxy.exchange import Exchange
-from sluice.proxy.records import (
+from sluice.control.ab.records import (
     MAX_PENDING_JOBS,
     RECORD_COLUMNS,
     RecordWriter,
@@ -19,6 +18,7 @@ from sluice.proxy.records import (
     experiments_recorded,
     read_experiment,
 )
+from sluice.proxy.exchange import Exchange
 
 
 def exchange(
@@ -264,7 +264,7 @@ def test_workers_opening_a_new_database_together_all_succeed(tmp_path) -> None:
 
     code = (
         "import sys, time\n"
-        "from sluice.proxy.records import open_store\n"
+        "from sluice.control.ab.records import open_store\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
         "open_store(sys.argv[1]).close()\n"
     )

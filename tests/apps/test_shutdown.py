@@ -1,7 +1,7 @@
 """Acceptance: a SIGTERM during load loses no record of a completed request.
 
-Runs a real `sluice serve` (it needs control/serve.py to call
-`sluice.control.plugins.attach_records` and close it after the drain). The records'
+Runs a real `sluice serve` (it needs control/runtime/serve.py to call
+`sluice.control.runtime.plugins.attach_records` and close it after the drain). The records'
 flush interval is an hour: whatever reaches the database was written by the shutdown.
 """
 

@@ -1,4 +1,4 @@
-"""control/stats.py against published values: Student's t tables, R's and Rosetta Code's
+"""control/ab/stats.py against published values: Student's t tables, R's and Rosetta Code's
 Welch t-tests, closed forms of the incomplete beta function, Wilson's interval."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from sluice.control import stats
+from sluice.control.ab import stats
 
 # Two-sided 5% critical values of Student's t (any statistics textbook's table, e.g.
 # NIST/SEMATECH e-Handbook 1.3.6.7.2).

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sluice.control.build import BuiltConfig, ConfigInvalid, load_config
+from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "presets"

@@ -15,10 +15,11 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.control import bench, benchprocs
+from sluice.control.bench import bench
+from sluice.control.bench import processes as benchprocs
+from sluice.control.bench.loadgen import LoadSpec, Samples, StreamConnection, percentile, run_load
 from sluice.control.cli import main
 from sluice.control.errors import CliError
-from sluice.control.loadgen import LoadSpec, Samples, StreamConnection, percentile, run_load
 
 # -- a tiny SSE server that breaks streams on purpose ----------------------------------------
 

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 import pytest
 from control_helpers import EXAMPLES, GATEWAY, KEY_HASH, Writer, built, issues_of
-from sluice.control.build import (
+from sluice.control.config.build import (
     ConfigInvalid,
     ConfigIssue,
     load_config,

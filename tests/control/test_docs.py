@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from control_helpers import REPO
-from sluice.control import reference
+from sluice.control.config import reference
 
 DOC = REPO / "docs" / "CONFIG.md"
 
@@ -13,7 +13,7 @@ def test_config_reference_is_up_to_date() -> None:
     expected = reference.render_reference()
     assert DOC.read_text(encoding="utf-8") == expected, (
         "docs/CONFIG.md is stale: run "
-        "`.venv/bin/python -m sluice.control.reference --write docs/CONFIG.md`"
+        "`.venv/bin/python -m sluice.control.config.reference --write docs/CONFIG.md`"
     )
 
 
@@ -39,7 +39,7 @@ def test_there_are_ten_mistakes_and_the_doc_shows_each() -> None:
 
 def test_every_schema_field_has_a_description() -> None:
     from pydantic import BaseModel
-    from sluice.control import schema
+    from sluice.control.config import schema
 
     for value in vars(schema).values():
         if isinstance(value, type) and issubclass(value, BaseModel) and value is not BaseModel:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from control_helpers import Writer, built, issues_of
-from sluice.control import presets
-from sluice.control.schema import GenerationSection
+from sluice.control.config import presets
+from sluice.control.config.schema import GenerationSection
 
 
 def preset_dir(config_dir: Writer, **files: str) -> object:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from control_helpers import GATEWAY, KEY_HASH, PRECISE, Writer
-from sluice.control.build import BuiltConfig
-from sluice.control.reloader import ConfigReloader
+from sluice.control.config.build import BuiltConfig
+from sluice.control.runtime.reloader import ConfigReloader
 from structlog.testing import capture_logs
 
 DEADLINE_S = 2.0

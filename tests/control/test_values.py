@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from control_helpers import GATEWAY, KEY_HASH, Writer, built, issues_of
-from sluice.control import values
+from sluice.control.config import values
 
 PLAINTEXT = (
     "plaintext secret: a key or token in a file must be sha256:<64 hex digits> "

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, sluice_cmd
-from sluice.control.build import ConfigInvalid, load_config
-from sluice.control.edge_templates import RenderError, environment
-from sluice.control.edge_timing import EdgeTiming
-from sluice.control.render import render
+from sluice.control.config.build import ConfigInvalid, load_config
+from sluice.control.edge.render import render
+from sluice.control.edge.templates import RenderError, environment
+from sluice.control.edge.timing import EdgeTiming
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SEPARATOR = re.compile(r"^=== (\S+)\n", re.MULTILINE)

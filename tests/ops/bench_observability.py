@@ -30,8 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from sluice.control.benchprocs import SERVE_READY, SIM_READY, Child, sluice_argv, tree_cpu_seconds
-from sluice.control.loadgen import LoadSpec, run_load
+from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.processes import (
+    SERVE_READY,
+    SIM_READY,
+    Child,
+    sluice_argv,
+    tree_cpu_seconds,
+)
 
 GOAL_CPU_RATIO = 1.10
 GOAL_TTFT_P50_EXTRA_MS = 5.0
@@ -113,7 +119,7 @@ def run_macro(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_micro() -> dict[str, float]:
     """Microseconds per request of Observer.on_complete (a 64-token stream's Exchange)."""
-    from sluice.control.logs import configure_logging
+    from sluice.control.runtime.logs import configure_logging
     from sluice.proxy.exchange import Exchange
     from sluice.proxy.metrics import Metrics
     from sluice.proxy.observe import Observer

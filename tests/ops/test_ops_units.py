@@ -13,7 +13,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
-from sluice.control.logs import configure_logging
+from sluice.control.runtime.logs import configure_logging
 from sluice.proxy.exchange import ITL_BUCKETS, Exchange
 from sluice.proxy.metrics import Metrics
 from sluice.proxy.observe import Observer

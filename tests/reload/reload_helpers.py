@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 from helpers import ProcessServer, key_line, sluice_cmd
-from sluice.control.build import ConfigInvalid, load_config
+from sluice.control.config.build import ConfigInvalid, load_config
 
 ADMIN_TOKEN = "adm-reload-e2e-token"
 PICKER_KEY = "sk-reload-picker"  # may choose a preset with x-sluice-preset

@@ -31,7 +31,7 @@ from reload_helpers import (
     modes_with_temperature,
     sim_request,
 )
-from sluice.control.build import load_config
+from sluice.control.config.build import load_config
 
 NEW_MODES = modes_with_temperature(0.6)
 INVALID_TEMPERATURE = MODES.replace("temperature: 0.3\n", "temperature: hot\n")

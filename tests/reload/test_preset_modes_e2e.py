@@ -22,7 +22,7 @@ from reload_helpers import (
     sim_request,
     sim_request_ids,
 )
-from sluice.control.build import load_config
+from sluice.control.config.build import load_config
 from sluice.proxy.routing import assign_variant
 
 MESSAGES = [{"role": "user", "content": "Hello"}]

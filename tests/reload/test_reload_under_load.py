@@ -35,7 +35,7 @@ from reload_helpers import (
     write_in_place,
     write_temp_and_mv,
 )
-from sluice.control.build import ConfigInvalid
+from sluice.control.config.build import ConfigInvalid
 
 CONCURRENCY = 200
 EDITS = 50

@@ -1,8 +1,8 @@
 """`sluice serve`: load the config, run the data plane, reload, drain on SIGTERM.
 
-With `--workers N` a supervisor starts N worker processes that share the listening port
-through SO_REUSEPORT; each worker watches the config directory and reloads itself (the
-`x-sluice-config` header shows that they agree), and the supervisor forwards signals.
+With `--workers N` the supervisor (`supervisor.py`) starts N worker processes that share
+the listening port through SO_REUSEPORT; each worker watches the config directory and
+reloads itself (the `x-sluice-config` header shows that they agree).
 """
 
 from __future__ import annotations
@@ -11,40 +11,34 @@ import argparse
 import asyncio
 import gc
 import importlib.util
-import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import uvloop
-from prometheus_client.multiprocess import mark_process_dead
+from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
+from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
-from sluice.proxy.metrics import MULTIPROC_ENV, Metrics
+from sluice.proxy.metrics import Metrics
 from sluice.proxy.observe import Observer
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
 
 from .admin import admin_routes
-from .build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
-from .errors import CliError
 from .logs import configure_logging
 from .plugins import attach_health, attach_records
 from .reloader import ConfigReloader
+from .supervisor import WORKER_ENV, supervise
 
 DEMO_SIM_PORT = 8100
-WORKER_ENV = "SLUICE_WORKER_ID"
-SUPERVISOR_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -125,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         built = load(options)
         if options.workers > 1 and os.environ.get(WORKER_ENV) is None:
-            return _supervise(options, built)
+            host = options.host or built.snapshot.listen_host
+            port = options.port if options.port is not None else built.snapshot.listen_port
+            return supervise(options.workers, host, port, metrics=options.metrics)
         return uvloop.run(serve(options, built, demo=demo is not None))
     finally:
         if demo is not None:
@@ -268,74 +264,3 @@ def _print_demo_help(url: str, auth: bool) -> None:
         '"messages": [{"role": "user", "content": "Hello!"}]}\'\n',
         flush=True,
     )
-
-
-def _supervise(options: ServeOptions, built: BuiltConfig) -> int:
-    """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they all have.
-
-    Metrics: the workers share a fresh PROMETHEUS_MULTIPROC_DIR (set in their environment,
-    so before they import prometheus_client); a worker that exits is marked dead there at
-    once, so its live gauges drop out of the sums; the directory goes when all have exited.
-    Exit status: 0 when every worker exited 0, else the first failure's (128+N: signal N).
-    """
-    log = structlog.get_logger("sluice")
-    host = options.host or built.snapshot.listen_host
-    port = options.port if options.port is not None else built.snapshot.listen_port
-    if port == 0:
-        # Workers must share one port: pick it here.
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
-    argv = [a for a in argv if a != "--demo"]
-    argv += ["--port", str(port)]
-    env = dict(os.environ)
-    metrics_dir = None
-    if options.metrics:
-        metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
-        env[MULTIPROC_ENV] = metrics_dir
-    workers: dict[int, subprocess.Popen[bytes]] = {}
-    codes: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    # A reload request (SIGHUP) while a worker still starts must not kill it: an ignored
-    # signal stays ignored across exec until the worker's serve() handles SIGHUP itself,
-    # and a starting worker loads the current config anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        for worker_id in range(options.workers):
-            proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(worker_id)})
-            workers[proc.pid] = proc
-        signal.signal(signal.SIGHUP, forward)
-        log.info("workers_started", pids=list(workers), port=port, metrics_dir=metrics_dir)
-        while workers:
-            time.sleep(SUPERVISOR_POLL_S)
-            for pid, proc in list(workers.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                del workers[pid]
-                codes.append(code)
-                if metrics_dir is not None:
-                    mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-                log.log(
-                    logging.INFO if code == 0 else logging.ERROR,
-                    "worker_exited",
-                    pid=pid,
-                    code=code,
-                    left=len(workers),
-                )
-    finally:
-        for proc in workers.values():  # only on an error in the loop above
-            proc.kill()
-            proc.wait()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    failed = next((code for code in codes if code != 0), 0)
-    return 128 - failed if failed < 0 else failed

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from sluice.control.config.build import BuiltConfig, build_config, config_version, load_config
+from sluice.control.config.issues import ConfigInvalid
+from sluice.control.config.loader import CONFIG_SUFFIX, ConfigFiles, read_config_files
 from watchfiles import Change, awatch
-
-from .build import BuiltConfig, build_config, config_version, load_config
-from .issues import ConfigInvalid
-from .loader import CONFIG_SUFFIX, ConfigFiles, read_config_files
 
 ReloadOutcome = Literal["ok", "error", "unchanged"]
 # A directory whose files keep changing is built anyway after this long; if it was caught

@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .build import BuiltConfig, ConfigInvalid, load_config
-from .edge_templates import RenderedFiles, RenderError
-from .errors import CliError
-from .gateway_schema import GatewayFile
-from .render_cloudflare import render_cloudflare
-from .render_nginx import render_nginx
+from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config
+from sluice.control.config.gateway_schema import GatewayFile
+from sluice.control.errors import CliError
+
+from .cloudflare import render_cloudflare
+from .nginx import render_nginx
+from .templates import RenderedFiles, RenderError
 
 RENDERERS = {"nginx": render_nginx, "cloudflare": render_cloudflare}
 

@@ -13,7 +13,8 @@ import secrets
 import sys
 from typing import TextIO
 
-from .errors import CliError
+from sluice.control.errors import CliError
+
 from .values import check_name
 
 KEY_PREFIX = "sk-sluice-"

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from sluice.control.errors import CliError
 
 from .build import ConfigInvalid, load_config
-from .errors import CliError
 from .issues import display_path
 from .loader import describe_error
 from .presets import MAPPING, MAPPING_BY_NAME, METADATA_KEYS, UNSUPPORTED, preset_document_issues

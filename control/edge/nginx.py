@@ -12,19 +12,19 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from sluice.control.config.build import BuiltConfig
+from sluice.control.config.gateway_schema import GatewayFile
+from sluice.control.errors import CliError
 from sluice.proxy.http import KEEPALIVE_IDLE_TIMEOUT
 
-from .build import BuiltConfig
-from .edge_templates import RenderedFiles, environment
-from .edge_timing import (
+from .templates import RenderedFiles, environment
+from .timing import (
     EDGE_TIMEOUT_MARGIN,
     UNBOUNDED_STREAM_SECONDS,
     EdgeTiming,
     edge_timing,
     seconds,
 )
-from .errors import CliError
-from .gateway_schema import GatewayFile
 
 TEMPLATES = "sluice.edge.nginx"
 CONFIG_FILE = "sluice.conf"

@@ -422,17 +422,3 @@ def _inside(value: Any, bounds: tuple[Any, Any]) -> bool:
 
 def _bounds_text(bounds: tuple[Any, Any]) -> str:
     return "[" + ", ".join("null" if b is None else str(b) for b in bounds) + "]"
-
-
-def run_import(args: Any) -> int:
-    """`sluice preset import PATH`: generation_config.json -> preset YAML."""
-    from .hfconfig import run_import as run  # noqa: PLC0415 (hfconfig imports this module)
-
-    return run(args)
-
-
-def run_export(args: Any) -> int:
-    """`sluice preset export NAME DIR`: preset -> DIR/generation_config.json."""
-    from .hfconfig import run_export as run  # noqa: PLC0415 (hfconfig imports this module)
-
-    return run(args)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-
-from .errors import CliError
+from sluice.control.errors import CliError
 
 # An nginx argument that needs no quoting and can neither end a directive (`;`, `{`, `}`),
 # start a comment (`#`), interpolate a variable (`$`), nor escape (`\`, quotes, spaces).

@@ -8,8 +8,7 @@ import os
 from typing import Any
 
 import httpx
-
-from .errors import CliError
+from sluice.control.errors import CliError
 
 TOKEN_ENV = "SLUICE_ADMIN_TOKEN"
 TIMEOUT_S = 5.0

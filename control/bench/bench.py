@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from sluice.control.errors import CliError
 
-from .benchprocs import (
+from .loadgen import LoadResult, LoadSpec, run_load
+from .processes import (
     POLICY_STOP,
     Target,
     find_nginx,
@@ -32,8 +34,6 @@ from .benchprocs import (
     start_targets,
     tree_cpu_seconds,
 )
-from .errors import CliError
-from .loadgen import LoadResult, LoadSpec, run_load
 
 WARMUP_MAX_TOKENS = 8
 # The foundation issue's bar at 256 streams (64 tokens, ITL 10 ms, TTFT 20 ms); the policy

@@ -24,12 +24,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sluice.proxy.records import StoredRecord, experiments_recorded, read_experiment
+from sluice.control.ab.records import StoredRecord, experiments_recorded, read_experiment
+from sluice.control.config.build import ConfigInvalid, load_config
+from sluice.control.config.gateway_schema import RecordsSection
+from sluice.control.config.values import parse_duration
+from sluice.control.errors import CliError
 from sluice.proxy.snapshot import Experiment
 
-from .build import ConfigInvalid, load_config
-from .errors import CliError
-from .gateway_schema import RecordsSection
 from .stats import (
     ALPHA,
     MeanEstimate,
@@ -44,7 +45,6 @@ from .stats import (
     two_proportion_z_test,
     welch_t_test,
 )
-from .values import parse_duration
 
 TABLE_HEADER = (
     "variant",

@@ -14,13 +14,12 @@ import sqlite3
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
+from sluice.control.ab.feedback import FEEDBACK_PATH, feedback_handler
+from sluice.control.ab.records import RecordMetrics, RecordWriter
+from sluice.control.config.build import BuiltConfig
+from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
-from sluice.proxy.feedback import FEEDBACK_PATH, feedback_handler
 from sluice.proxy.health import HealthMetrics, HealthProber
-from sluice.proxy.records import RecordMetrics, RecordWriter
-
-from .build import BuiltConfig
-from .errors import CliError
 
 
 class Closer(Protocol):

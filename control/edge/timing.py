@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .build import BuiltConfig
-from .gateway_schema import GatewayFile
+from sluice.control.config.build import BuiltConfig
+from sluice.control.config.gateway_schema import GatewayFile
 
 # What the edge adds to the proxy's longest stream before it gives up on the origin.
 EDGE_TIMEOUT_MARGIN = 30.0

@@ -29,8 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
-
-from .exchange import Exchange
+from sluice.proxy.exchange import Exchange
 
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_FLUSH_INTERVAL = 1.0

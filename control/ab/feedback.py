@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from sluice.proxy.auth import authenticate
+from sluice.proxy.errors import JSON_HEADERS, ApiError, bad_request, method_not_allowed, not_found
+from sluice.proxy.http import Handler, Request, Response
+from sluice.proxy.snapshot import SnapshotRef
 
-from .auth import authenticate
-from .errors import JSON_HEADERS, ApiError, bad_request, method_not_allowed, not_found
-from .http import Handler, Request, Response
 from .records import RecordWriter, StoreUnavailable
-from .snapshot import SnapshotRef
 
 FEEDBACK_PATH = "/v1/feedback"
 LABELS = ("good", "bad")

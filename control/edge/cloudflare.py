@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .build import BuiltConfig
-from .edge_templates import RenderedFiles, environment
-from .edge_timing import edge_timing, seconds
-from .errors import CliError
-from .gateway_schema import GatewayFile
+from sluice.control.config.build import BuiltConfig
+from sluice.control.config.gateway_schema import GatewayFile
+from sluice.control.errors import CliError
+
+from .templates import RenderedFiles, environment
+from .timing import edge_timing, seconds
 
 TEMPLATES = "sluice.edge.cloudflare"
 WORKER_FILE = "worker.js"
