@@ -34,7 +34,7 @@ from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
-from .snapshot import Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
+from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
@@ -145,7 +145,11 @@ class ProxyApp:
 
     # -- completions ---------------------------------------------------------------------
 
-    async def completions(self, request: Request, response: Response, *, chat: bool) -> None:
+    async def completions(
+        self, request: Request, response: Response, *, chat: bool, caller: App | None = None
+    ) -> None:
+        """`caller`: an identity already established by the caller's own authentication
+        (the console's session); None authenticates the request's API key as usual."""
         snap = self.ref.current
         ex = Exchange(_request_id(request), monotonic())
         ex.chat = chat
@@ -155,7 +159,7 @@ class ProxyApp:
             (b"x-sluice-config", snap.version.encode()),
         ]
         try:
-            await self._completions(request, response, snap, ex, base_headers)
+            await self._completions(request, response, snap, ex, base_headers, caller)
         except ApiError as exc:
             ex.status = exc.status
             ex.error_code = exc.code
@@ -211,6 +215,7 @@ class ProxyApp:
         snap: Snapshot,
         ex: Exchange,
         base_headers: list[Header],
+        caller: App | None = None,
     ) -> None:
         try:
             body = orjson.loads(request.body)
@@ -220,7 +225,7 @@ class ProxyApp:
             ) from None
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object", code="invalid_json")
-        app = authenticate(request, snap)
+        app = caller if caller is not None else authenticate(request, snap)
         if app is not None:
             ex.app = app.name
         choice = choose_route(snap, body, app, request)

@@ -95,6 +95,9 @@ class ConfigReloader:
         self._last_error: str | None = None
         self._last_reload_at: float | None = None
         self._counts: dict[str, int] = {"ok": 0, "error": 0, "unchanged": 0}
+        # Called after each reload that changed something or failed, with what triggered
+        # it, the result and the files that now serve (None when it failed).
+        self.listeners: list[Callable[[str, ReloadResult, ConfigFiles | None], None]] = []
 
     @property
     def current(self) -> BuiltConfig:
@@ -117,39 +120,48 @@ class ConfigReloader:
     def reload_counts(self) -> dict[str, int]:
         return dict(self._counts)
 
-    def reload_now(self, files: ConfigFiles | None = None) -> ReloadResult:
+    def reload_now(
+        self, files: ConfigFiles | None = None, *, trigger: str = "admin API"
+    ) -> ReloadResult:
         """Read (or take the settled `files`), build, and apply if valid and changed.
-        Thread-safe; blocks while building."""
+        Thread-safe; blocks while building. `trigger` names the cause for the listeners."""
         # Read under the lock: two overlapping reloads must not apply an older read last.
         with self._lock:
-            self._last_reload_at = time.time()
-            version: str | None = None
-            try:
-                if files is None:
-                    files = read_config_files(self._dir)
-                version = config_version(files, self._override)
-                if version == self._current.version:
-                    return self._unchanged()
-                built = build_config(files, backend_override=self._override)
-            except ConfigInvalid as exc:
-                errors = [str(i) for i in exc.issues]
-                return self._failed(version, errors, [str(w) for w in exc.warnings])
-            except Exception as exc:  # a bug in a builder must not stop the watcher
-                self._log.exception("config_reload_crashed", version=version)
-                return self._failed(version, [f"{self._dir}: internal error: {exc!r}"], [])
-            previous = self._current.version
-            self._apply(built)
-            self._current = built
-            self._count("ok", None)
-            warnings = tuple(str(w) for w in built.warnings)
-            self._log.info(
-                "config_reloaded",
-                version=built.version,
-                previous=previous,
-                files=len(built.files),
-                warnings=list(warnings),
-            )
-            return ReloadResult("ok", built.version, (), warnings)
+            result, served = self._reload(files)
+            if result.result != "unchanged":
+                for listener in self.listeners:
+                    listener(trigger, result, served)
+            return result
+
+    def _reload(self, files: ConfigFiles | None) -> tuple[ReloadResult, ConfigFiles | None]:
+        self._last_reload_at = time.time()
+        version: str | None = None
+        try:
+            if files is None:
+                files = read_config_files(self._dir)
+            version = config_version(files, self._override)
+            if version == self._current.version:
+                return self._unchanged(), files
+            built = build_config(files, backend_override=self._override)
+        except ConfigInvalid as exc:
+            errors = [str(i) for i in exc.issues]
+            return self._failed(version, errors, [str(w) for w in exc.warnings]), None
+        except Exception as exc:  # a bug in a builder must not stop the watcher
+            self._log.exception("config_reload_crashed", version=version)
+            return self._failed(version, [f"{self._dir}: internal error: {exc!r}"], []), None
+        previous = self._current.version
+        self._apply(built)
+        self._current = built
+        self._count("ok", None)
+        warnings = tuple(str(w) for w in built.warnings)
+        self._log.info(
+            "config_reloaded",
+            version=built.version,
+            previous=previous,
+            files=len(built.files),
+            warnings=list(warnings),
+        )
+        return ReloadResult("ok", built.version, (), warnings), files
 
     def _count(self, outcome: ReloadOutcome, error: str | None) -> None:
         self._counts[outcome] += 1
@@ -221,4 +233,4 @@ class ConfigReloader:
                 live = True
                 self._log.info("config_watch_live", directory=str(self._dir))
             files = await self._settle()
-            await asyncio.to_thread(self.reload_now, files)
+            await asyncio.to_thread(self.reload_now, files, trigger="file change")

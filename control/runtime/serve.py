@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 import uvloop
 from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
+from sluice.control.console.wiring import attach_console
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
@@ -32,7 +33,7 @@ from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
 
-from .admin import admin_routes
+from .admin import admin_routes, status_body
 from .logs import configure_logging
 from .plugins import attach_health, attach_records
 from .reloader import ConfigReloader
@@ -165,6 +166,17 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     app.extra_routes.update(
         admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
     )
+    worker = os.environ.get(WORKER_ENV)
+    started = time.time()
+    attach_console(
+        app,
+        observer,
+        built,
+        reloader,
+        options.config_dir,
+        options.backend,
+        lambda: status_body(ref, app, observer, {"version": ref.current.version}, started, worker),
+    )
     registry = observer.metrics.registry if observer.metrics is not None else None
     records = attach_records(built, app, registry=registry)
     health = attach_health(app, registry=registry)
@@ -199,7 +211,8 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     if reloader is not None:
         reloader_ = reloader
         loop.add_signal_handler(
-            signal.SIGHUP, lambda: loop.create_task(asyncio.to_thread(reloader_.reload_now))
+            signal.SIGHUP,
+            lambda: loop.create_task(asyncio.to_thread(reloader_.reload_now, trigger="SIGHUP")),
         )
         watch_task = loop.create_task(reloader.watch())
     gauge_task = loop.create_task(observer.sample_forever(app)) if observer.metrics else None

@@ -1,0 +1,68 @@
+"""`attach_console`: what `sluice serve` calls to plug the console into a ProxyApp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sluice.control.config.build import BuiltConfig, config_version
+from sluice.control.config.issues import ConfigInvalid
+from sluice.control.config.loader import ConfigFiles, read_config_files
+from sluice.control.runtime.reloader import ConfigReloader, ReloadResult
+from sluice.proxy.app import ProxyApp
+from sluice.proxy.observe import Observer
+
+from .history import ConfigHistory
+from .live import LiveSeries
+from .routes import ConsoleServices, console_routes
+
+
+def _texts(files: ConfigFiles | None) -> dict[str, bytes] | None:
+    return None if files is None else {f.name: f.data for f in files.files}
+
+
+def attach_console(
+    app: ProxyApp,
+    observer: Observer,
+    built: BuiltConfig,
+    reloader: ConfigReloader | None,
+    config_dir: Path | None,
+    backend_override: str | None,
+    status: Callable[[], dict[str, Any]],
+) -> ConsoleServices:
+    """Routes /console on `app`, feeds the live series from its completion hook and the
+    history from the reloader. Call before serving."""
+    history = ConfigHistory()
+    startup: ConfigFiles | None = None
+    if config_dir is not None:
+        try:
+            files = read_config_files(config_dir)
+        except ConfigInvalid:  # the directory moved since the load: no text for this one
+            files = None
+        if files is not None and config_version(files, backend_override) == built.version:
+            startup = files
+    history.served(built.version, "startup", _texts(startup))
+    live = LiveSeries()
+    app.on_complete.append(live.on_complete)
+
+    def on_reload(trigger: str, result: ReloadResult, files: ConfigFiles | None) -> None:
+        if result.ok:
+            history.served(result.version, trigger, _texts(files))
+        else:
+            history.failed(trigger, "\n".join(result.errors))
+
+    if reloader is not None:
+        reloader.listeners.append(on_reload)
+    records = built.gateway.records if built.gateway is not None else None
+    services = ConsoleServices(
+        ref=app.ref,
+        app=app,
+        observer=observer,
+        history=history,
+        live=live,
+        status=status,
+        records_db=None if records is None or records.path is None else str(records.path),
+    )
+    app.extra_routes.update(console_routes(services))
+    return services
