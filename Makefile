@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps bench clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ edge-deps:
 	  else echo "nginx is missing: run 'sudo apt-get install -y nginx' (Debian/Ubuntu) and retry" >&2; exit 1; fi; }
 	@[ -x cloudflare/node_modules/.bin/workerd ] || (cd cloudflare && npm ci --no-audit --no-fund --silent)
 
+# Debian's chromium: the console tests drive it with Playwright (which downloads no browser).
+browser-deps:
+	@[ -x /usr/bin/chromium ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "chromium is missing: run 'sudo apt-get install -y chromium' (Debian) and retry" >&2; exit 1; fi; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -37,7 +43,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) edge-deps lint typecheck
+test: $(STAMP) edge-deps browser-deps lint typecheck
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP) edge-deps

@@ -20,6 +20,10 @@ PRESETS = {
         name: guarded
         stop: ["ZZQX"]
         cut_patterns: [{pattern: "never-said-[0-9]+", max_len: 24}]
+        ---
+        kind: Policy
+        name: cutting
+        stop: ["e"]
         """
     ),
 }
@@ -36,6 +40,7 @@ def gateway(sim_url: str, records: Path) -> str:
         routes:
           - {{model: chat, backend: sim, upstream_model: sim-model, preset: precise, policy: guarded}}
           - {{model: other, backend: sim, upstream_model: sim-model, preset: creative}}
+          - {{model: cut, backend: sim, upstream_model: sim-model, preset: precise, policy: cutting}}
         apps:
           - {{name: web, keys: ["{key_line(APP_KEY)}"]}}
         experiments:
@@ -53,8 +58,8 @@ def write_config(directory: Path, sim_url: str, records: Path) -> Path:
     return directory
 
 
-def start_sluice(config: Path) -> ProcessServer:
+def start_sluice(config: Path, *extra: str) -> ProcessServer:
     return ProcessServer(
-        sluice_cmd("serve", "--config", str(config), "--port", "0"),
+        sluice_cmd("serve", "--config", str(config), "--port", "0", *extra),
         env={"SLUICE_ADMIN_TOKEN": ADMIN_TOKEN},
     )

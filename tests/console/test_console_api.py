@@ -162,3 +162,41 @@ def test_config_history_and_a_redacted_diff_after_a_reload(stack) -> None:
             time.sleep(0.1)
         assert err is not None and "creative.yaml:2:" in err["message"]
         assert "temperature" in err["message"]
+
+
+def test_playground_shows_the_rule_that_ended_the_stream(stack) -> None:
+    proxy, _ = stack
+    with httpx.Client() as client:
+        login(client, proxy.url)
+        csrf = client.get(proxy.url + "/console/api/session").json()["csrf"]
+        body = {"route": "cut", "prompt": "Tell me a story", "max_tokens": 64}
+        plan = client.post(
+            proxy.url + "/console/api/playground/plan", json=body, headers={"x-csrf-token": csrf}
+        ).json()
+        assert plan["policy"] == "cutting" and plan["stop"] == ["e"]
+        assert plan["fields"]["stop"] == ["e"] and plan["fields"]["temperature"] == 0.3
+        text = client.post(
+            proxy.url + "/console/api/playground", json=body, headers={"x-csrf-token": csrf}
+        ).text
+    finals = [line for line in text.splitlines() if '"finish_reason":"stop"' in line]
+    assert finals and '"stop_reason":"e"' in finals[-1]
+
+
+def test_a_session_holds_across_workers(tmp_path: Path) -> None:
+    sim = start_sim("--ttft-ms", "1", "--itl-ms", "0")
+    config = write_config(tmp_path / "config", sim.url, tmp_path / "records.sqlite")
+    proxy = start_sluice(config, "--workers", "2")
+    try:
+        with httpx.Client() as client:
+            assert login(client, proxy.url).status_code == 303
+        cookie = client.cookies.get("sluice_console")
+        pids = set()
+        for _ in range(20):  # fresh connections: the kernel spreads them over both workers
+            with httpx.Client(cookies={"sluice_console": cookie}) as fresh:
+                resp = fresh.get(proxy.url + "/console/api/live")
+                assert resp.status_code == 200
+                pids.add(resp.json()["status"]["pid"])
+        assert len(pids) == 2
+    finally:
+        proxy.stop()
+        sim.stop()

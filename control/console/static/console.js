@@ -61,9 +61,22 @@ function lineChart(title, points, fmt) {
     const y = h - pad - (v / max) * (h - 2 * pad);
     d += (d ? " L" : "M") + x.toFixed(1) + " " + y.toFixed(1);
   });
+  const axis = document.createElementNS("http://www.w3.org/2000/svg", "line");
+  axis.setAttribute("x1", pad); axis.setAttribute("x2", w - pad);
+  axis.setAttribute("y1", h - pad); axis.setAttribute("y2", h - pad);
+  axis.setAttribute("class", "axis");
   const path = document.createElementNS("http://www.w3.org/2000/svg", "path");
   path.setAttribute("d", d || "M0 0");
-  svg.append(path);
+  svg.append(axis, path);
+  // A dot per bin with data: a single busy bin still shows.
+  points.forEach(([_, v], i) => {
+    if (v === null) return;
+    const dot = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+    dot.setAttribute("cx", (pad + (i * (w - 2 * pad)) / Math.max(1, points.length - 1)).toFixed(1));
+    dot.setAttribute("cy", (h - pad - (v / max) * (h - 2 * pad)).toFixed(1));
+    dot.setAttribute("r", "2.5");
+    svg.append(dot);
+  });
   return el("figure", { class: "chart-box" }, el("figcaption", { text: `${title} (max ${fmt(max)})` }), svg);
 }
 
