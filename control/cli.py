@@ -36,6 +36,11 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--ignore-stop", action="store_true", help="do not honour `stop` (tests the proxy's)"
     )
     p.add_argument("--seed", type=int, default=0, help="base seed for the generated text")
+    p.add_argument(
+        "--drop-usage-chunk",
+        action="store_true",
+        help="never send the usage chunk (a drifting backend, to test `sluice verify`)",
+    )
     p.set_defaults(target="sluice.sim.cli:run")
 
 
@@ -154,6 +159,24 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(target="sluice.control.runtime.status:run")
 
 
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "verify", help="probe a live backend: can sluice serve it correctly? (exit 0/1)"
+    )
+    p.add_argument("--backend", required=True, help="backend base URL, e.g. http://127.0.0.1:8100")
+    p.add_argument("--model", default=None, help="model to probe (default: the first listed)")
+    p.add_argument("--config", default=None, help="sluice config whose pool expiry to compare")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--keepalive-window", type=float, default=10.0,
+        help="seconds to wait for the backend to close an idle connection (default 10)",
+    )  # fmt: skip
+    p.add_argument("--load-concurrency", type=int, default=16, help="overhead load streams")
+    p.add_argument("--load-requests", type=int, default=64, help="requests per load run")
+    p.add_argument("--load-tokens", type=int, default=32, help="max_tokens per load request")
+    p.set_defaults(target="sluice.control.verify.command:run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sluice", description="Edge proxy and config control plane for LLM serving."
@@ -170,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_key,
         _add_ab,
         _add_status,
+        _add_verify,
     ):
         add(sub)
     return parser

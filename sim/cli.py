@@ -29,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             seed=args.seed,
             max_model_len=getattr(args, "max_model_len", None) or defaults.max_model_len,
             api_key=getattr(args, "api_key", None),
+            drop_usage_chunk=getattr(args, "drop_usage_chunk", False),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -28,6 +28,8 @@ class SimConfig:
     max_model_len: int = 8192
     api_key: str | None = None  # as `vllm serve --api-key`: /v1/* then needs the bearer token
     request_log_size: int = 100
+    # A drifting backend for `sluice verify`'s own tests: include_usage is ignored.
+    drop_usage_chunk: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +65,7 @@ class SimOptions:
     keepalive_s: float | None
     empty_deltas: int
     ignore_stop: bool
+    drop_usage_chunk: bool = False
 
 
 def default_options(config: SimConfig) -> SimOptions:
@@ -79,6 +82,7 @@ def default_options(config: SimConfig) -> SimOptions:
         keepalive_s=None,
         empty_deltas=0,
         ignore_stop=config.ignore_stop,
+        drop_usage_chunk=config.drop_usage_chunk,
     )
 
 
@@ -180,4 +184,5 @@ def parse_sim_options(raw: object, config: SimConfig) -> SimOptions:
         keepalive_s=_millis(raw, "keepalive_comments_ms", positive=True),
         empty_deltas=empty_deltas,
         ignore_stop=base.ignore_stop if ignore_stop is None else ignore_stop,
+        drop_usage_chunk=base.drop_usage_chunk,
     )

@@ -324,7 +324,7 @@ class Generation:
 
     def _finish(self) -> None:
         if self.response is not None:
-            if self.params.include_usage:
+            if self.params.include_usage and not self.params.sim.drop_usage_chunk:
                 self._emit(
                     self.fmt.usage_chunk(usage_json(self.prompt_tokens, self.completion_tokens))
                 )
