@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps bench verify-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ test: $(STAMP) edge-deps browser-deps lint typecheck
 
 bench: $(STAMP) edge-deps
 	$(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64
+
+# A GPU host with vLLM installed (python3 -m vllm): serve a tiny random Llama, run
+# `sluice verify` against it, then `sluice bench --compare --url` at 64 and 256 streams.
+# Output in build/verify-gpu/; docs/VLLM.md says what it checks. Not part of `make test`.
+verify-gpu: $(STAMP) edge-deps
+	SLUICE="$(CURDIR)/$(VENV)/bin/sluice" bash scripts/gpu/verify_gpu.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
