@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"config directory {args.config} does not exist")
     plan = LoadPlan(concurrency=args.load_concurrency, requests=args.load_requests,
                     max_tokens=args.load_tokens, rounds=2)  # fmt: skip
-    if min(plan.concurrency, plan.requests, plan.max_tokens) < 1 or plan.requests > 1024:
-        raise CliError("--load-* must be at least 1, and --load-requests at most 1024")
+    if min(plan.concurrency, plan.requests, plan.max_tokens) < 1:
+        raise CliError("--load-concurrency, --load-requests and --load-tokens must be >= 1")
+    if plan.concurrency > 256 or plan.requests > 1024 or plan.max_tokens > 512:
+        raise CliError("verify's load is bounded: --load-concurrency <= 256, "
+                       "--load-requests <= 1024, --load-tokens <= 512")  # fmt: skip
     client = ProbeClient()
     try:
         report = verify(client, backend, args.model, args.config, args.keepalive_window, plan)
@@ -72,7 +75,7 @@ def verify(
         report.checks.append(keepalive.result(pool_idle_expiry(expiry_from)))
         report.requests_sent = client.sent
         report.checks.append(overhead(backend, proxy, model, plan))
-        report.load_requests = plan.requests * plan.rounds * 2
+        report.load_requests = plan.total_requests
     finally:
         proxy.close()
     return report

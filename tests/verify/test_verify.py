@@ -65,7 +65,8 @@ def test_verify_passes_against_the_simulator(sim_tiny: ProcessServer) -> None:
     overhead = checks["overhead"]["data"]
     assert overhead["sluice_tokens"] == 2 * 8 * 8 and overhead["sluice_cpu_us_per_token"] > 0
     # The probes are bounded: well under the client's cap.
-    assert report["requests_sent"] == {"probes": report["requests_sent"]["probes"], "load": 32}
+    # 4 warm-up streams to each target, then 2 rounds of 8 to each.
+    assert report["requests_sent"] == {"probes": report["requests_sent"]["probes"], "load": 40}
     assert report["requests_sent"]["probes"] <= 80
 
 
