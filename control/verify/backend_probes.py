@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import uvloop
-from sluice.control.loadgen import LoadResult, LoadSpec, run_load
+from sluice.control.bench.loadgen import LoadResult, LoadSpec, run_load
 
 from .client import MESSAGES, ProbeClient
 from .harness import InProcessSluice

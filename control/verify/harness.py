@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import orjson
 import uvloop
-from sluice.control.build import BuiltConfig, ConfigInvalid, load_config
+from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config
+from sluice.control.config.presets import MAPPING
 from sluice.control.errors import CliError
-from sluice.control.presets import MAPPING
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState

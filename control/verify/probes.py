@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sluice.control.presets import MAPPING
+from sluice.control.config.presets import MAPPING
 
 from .client import GREEDY, MESSAGES, PROMPT, Answer, ProbeClient
 from .harness import ALL_FIELDS_ROUTE, FIELD_VALUES, STOP_ROUTE, field_route
