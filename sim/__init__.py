@@ -53,6 +53,9 @@ request; an unknown key or a wrong type is a 400 (param "sim"):
 
 Faults count tokens per choice; the earliest applies. A fault at or beyond the last token
 never fires.
+
+A server-wide drift, for `sluice verify`'s tests: `--drop-usage-chunk`
+(`SimConfig.drop_usage_chunk`) never sends the usage chunk, whatever `stream_options` says.
 """
 
 from .config import SimConfig, SimOptions
