@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,11 @@ from .backend_probes import KeepAliveProbe, LoadPlan, disconnect_abort, overhead
 from .client import ProbeClient
 from .harness import InProcessSluice, build_verify_config, load_user_config, pool_idle_expiry
 from .probes import Probes, pick_stop
-from .report import Report
+from .report import Check, Report
+
+# The Policy's stop string when the greedy text was too short to pick one (the stop check
+# then fails and says so): a string no model emits.
+NO_STOP = "sluice-verify: no stop string"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,26 +65,43 @@ def verify(
     probes = Probes(client, backend, model)
     text = probes.direct_greedy_text()
     stop = pick_stop(text)
-    built = build_verify_config(backend, model, stop or "\x00never\x00")
+    built = build_verify_config(backend, model, stop or NO_STOP)
     expiry_from = load_user_config(Path(config), backend) if config else built
     proxy = InProcessSluice(built)
     try:
         probes.sluice = proxy.url
-        for chat in (True, False):
-            for stream in (True, False):
-                report.checks.append(probes.equal(chat=chat, stream=stream))
-        report.checks.append(probes.wire_shapes())
-        report.checks.append(probes.errors())
-        report.checks.append(probes.generation_fields())
-        report.checks.append(probes.stop_strings(text, stop))
-        report.checks.append(disconnect_abort(client, backend, proxy.url, model))
-        report.checks.append(keepalive.result(pool_idle_expiry(expiry_from)))
+        steps: list[tuple[str, Callable[[], Check]]] = [
+            (f"{kind}_{mode}_equal", partial(probes.equal, chat=kind == "chat", stream=s))
+            for kind in ("chat", "completions")
+            for mode, s in (("stream", True), ("nonstream", False))
+        ]
+        steps += [
+            ("wire_shapes", probes.wire_shapes),
+            ("error_bodies", probes.errors),
+            ("generation_config_fields", probes.generation_fields),
+            ("stop_string_holdback", partial(probes.stop_strings, text, stop)),
+            ("disconnect_aborts_backend",
+             partial(disconnect_abort, client, backend, proxy.url, model)),
+            ("keepalive_vs_pool_expiry",
+             partial(keepalive.result, pool_idle_expiry(expiry_from))),
+        ]  # fmt: skip
+        for name, step in steps:
+            report.checks.append(_guarded(name, step))
         report.requests_sent = client.sent
-        report.checks.append(overhead(backend, proxy, model, plan))
+        report.checks.append(_guarded("overhead", partial(overhead, backend, proxy, model, plan)))
         report.load_requests = plan.total_requests
     finally:
         proxy.close()
     return report
+
+
+def _guarded(name: str, step: Callable[[], Check]) -> Check:
+    """A probe that broke on what the backend did (a dropped connection, a body that is not
+    what vLLM sends) is a failed check with the reason, not a traceback."""
+    try:
+        return step()
+    except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return Check(name, problems=[f"the probe broke: {type(exc).__name__}: {exc}"[:300]])
 
 
 def _first_model(client: ProbeClient, backend: str) -> str:

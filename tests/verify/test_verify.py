@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -158,3 +159,42 @@ def test_stream_without_done_or_role_is_a_problem() -> None:
     problems = check_stream(raw, chat=True, usage=False).problems
     assert "the stream does not end with `data: [DONE]`" in problems
     assert any("role chunk" in p for p in problems)
+
+
+class NotVllm(BaseHTTPRequestHandler):
+    """Lists a model, then answers every other request with a 200 that is not JSON."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        body = b'{"data":[{"id":"m"}]}' if self.path == "/v1/models" else b"oops"
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_backend_that_is_not_vllm_fails_each_check_with_a_reason() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rc, report, stderr = verify(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 1 and "Traceback" not in stderr
+    assert report["model"] == "m"
+    failed = set(report["failed"])
+    assert {"chat_stream_equal", "wire_shapes", "error_bodies", "stop_string_holdback",
+            "disconnect_aborts_backend", "overhead"} <= failed  # fmt: skip
+    checks = {c["name"]: c for c in report["checks"]}
+    assert all(checks[name]["problems"] for name in failed)
+    assert "no vllm:num_requests_running" in checks["disconnect_aborts_backend"]["problems"][0]
