@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+# The chunk filter's own fast-path patterns: a backend whose token chunks miss them is served
+# correctly but parsed (more CPU), which verify reports.
 from sluice.proxy.chunks import _CHAT_TEXT, _COMPLETION_TEXT
 
 DONE = "[DONE]"
