@@ -29,9 +29,11 @@ from .errors import (
 )
 from .exchange import Exchange
 from .http import Header, Request, Response
-from .limits import LimiterRegistry, LimitExceeded
+from .keepalive import KeepAlive, error_as_event, relay_refusal
+from .limits import Limiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
+from .resume import STREAMS_PREFIX, StreamRegistry
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
 from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
@@ -78,6 +80,7 @@ class ProxyApp:
         self.ready = True
         self.active_streams = 0
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
+        self.streams: StreamRegistry | None = StreamRegistry()  # resumable streams
 
     def interrupt_all(self, kind: str) -> int:
         """Ends every request in flight (drain deadline passed): exchanges with a backend
@@ -86,7 +89,8 @@ class ProxyApp:
         watchdogs = list(self.watchdogs)
         for watchdog in watchdogs:
             watchdog.interrupt(kind)
-        return len(watchdogs) + sum(lim.reject_waiters() for lim in self.limiters.all())
+        away = self.streams.abort_all() if self.streams is not None else 0
+        return len(watchdogs) + away + sum(lim.reject_waiters() for lim in self.limiters.all())
 
     async def __call__(self, request: Request, response: Response) -> None:
         path = request.path
@@ -99,6 +103,8 @@ class ProxyApp:
                 if request.method not in ("GET", "HEAD"):
                     raise method_not_allowed(request.method, path, "GET")
                 await self.models(request, response)
+            elif path.startswith(STREAMS_PREFIX) and self.streams is not None:
+                await self.streams.resume(request, response, self.ref.current)
             elif path == "/healthz":
                 response.send(200, JSON_HEADERS, b'{"status":"ok"}')
             elif path == "/readyz":
@@ -160,44 +166,8 @@ class ProxyApp:
         ]
         try:
             await self._completions(request, response, snap, ex, base_headers, caller)
-        except ApiError as exc:
-            ex.status = exc.status
-            ex.error_code = exc.code
-            if not response.started:
-                send_error(response, exc, base_headers)
-        except LimitExceeded as exc:
-            if exc.reason == "shutdown":
-                ex.status = 503
-                ex.error_code = "shutdown"
-                send_error(
-                    response,
-                    ApiError(
-                        503,
-                        "the proxy is shutting down; retry the request",
-                        type="server_error",
-                        code="shutdown",
-                        headers=[(b"retry-after", b"1")],
-                    ),
-                    base_headers,
-                )
-                return
-            app_limit = exc.limiter.startswith("app:")
-            status = 429 if app_limit else 503
-            ex.status = status
-            ex.error_code = exc.reason
-            what = "this app's concurrency limit" if app_limit else "the backend"
-            why = "its queue is full" if exc.reason == "queue_full" else "the queue wait expired"
-            send_error(
-                response,
-                ApiError(
-                    status,
-                    f"{what} is saturated: {why}; retry after {exc.retry_after}s",
-                    type="rate_limit_error" if app_limit else "server_error",
-                    code="app_concurrency_limit" if app_limit else "backend_saturated",
-                    headers=[(b"retry-after", str(exc.retry_after).encode())],
-                ),
-                base_headers,
-            )
+        except (ApiError, LimitExceeded) as exc:
+            _fail(response, ex, exc, base_headers)
         except asyncio.CancelledError:
             ex.client_disconnected = True
             if not ex.status:
@@ -258,34 +228,94 @@ class ProxyApp:
         backend_limiter = self.limiters.get(
             "backend:" + backend.name, backend.max_concurrency, backend.queue
         )
-        if app_limiter is not None:
-            ex.queue_wait += await app_limiter.acquire()
-        try:
-            ex.queue_wait += await backend_limiter.acquire()
-            started = monotonic()
+        if (
+            stream
+            and policy.resume_window is not None
+            and self.streams is not None
+            and type(response) is Response  # an SSE client (not a WebSocket)
+        ):
+            resumable = self.streams.open(ex, response, policy, request)
             try:
-                await self._exchange(
-                    request,
-                    response,
+                await self._limited(
+                    resumable,
                     ex,
-                    route.backend,
+                    app_limiter,
+                    backend_limiter,
                     payload,
-                    policy.timeouts,
                     policy,
                     stream,
                     n_choices,
                     extra_headers,
+                    route.backend,
                 )
+            except (ApiError, LimitExceeded) as exc:
+                _fail(resumable, ex, exc, base_headers)
             finally:
-                backend_limiter.release()
-                backend_limiter.observe_service_time(monotonic() - started)
-        finally:
+                resumable.close()
+            return
+        await self._limited(
+            response,
+            ex,
+            app_limiter,
+            backend_limiter,
+            payload,
+            policy,
+            stream,
+            n_choices,
+            extra_headers,
+            route.backend,
+        )
+
+    async def _limited(
+        self,
+        response: Response,
+        ex: Exchange,
+        app_limiter: Limiter | None,
+        backend_limiter: Limiter,
+        payload: bytes,
+        policy: StreamPolicy,
+        stream: bool,
+        n_choices: int,
+        extra_headers: list[Header],
+        backend: Backend,
+    ) -> None:
+        """Permits (app, then backend), then the exchange with the backend."""
+        keepalive = None
+        if stream and policy.keepalive_interval is not None:
+            keepalive = KeepAlive(
+                response, policy.keepalive_interval, ex, SSE_HEADERS + extra_headers
+            )
+        try:
             if app_limiter is not None:
-                app_limiter.release()
+                ex.queue_wait += await app_limiter.acquire()
+            try:
+                ex.queue_wait += await backend_limiter.acquire()
+                started = monotonic()
+                try:
+                    await self._exchange(
+                        response,
+                        ex,
+                        backend,
+                        payload,
+                        policy.timeouts,
+                        policy,
+                        stream,
+                        n_choices,
+                        extra_headers,
+                        keepalive,
+                    )
+                finally:
+                    backend_limiter.release()
+                    backend_limiter.observe_service_time(monotonic() - started)
+            finally:
+                if app_limiter is not None:
+                    app_limiter.release()
+        finally:
+            if keepalive is not None:
+                keepalive.stop()
 
     async def _exchange(
         self,
-        request: Request,
         response: Response,
         ex: Exchange,
         backend: Backend,
@@ -295,6 +325,7 @@ class ProxyApp:
         stream: bool,
         n_choices: int,
         extra_headers: list[Header],
+        keepalive: KeepAlive | None = None,
     ) -> None:
         path = b"/v1/chat/completions" if ex.chat else b"/v1/completions"
         upstream_headers = [
@@ -310,15 +341,21 @@ class ProxyApp:
         try:
             try:
                 conn, replica = await self._open(backend, path, upstream_headers, payload)
+                if keepalive is not None:
+                    keepalive.may_start = False
                 if (
                     not stream
                     or conn.status != 200
                     or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
                 ):
-                    clean = await relay_whole(ex, conn, response, policy, extra_headers)
+                    if response.started:  # the SSE head went out early (a keep-alive)
+                        clean = await relay_refusal(ex, conn, response)
+                    else:
+                        clean = await relay_whole(ex, conn, response, policy, extra_headers)
                     return
                 ex.status = 200
-                response.start(200, SSE_HEADERS + extra_headers, with_first_write=True)
+                if not response.started:
+                    response.start(200, SSE_HEADERS + extra_headers, with_first_write=True)
                 self.active_streams += 1
                 try:
                     clean = await relay_stream(ex, conn, response, policy, watchdog, n_choices)
@@ -383,6 +420,51 @@ class ProxyApp:
             return conn, replica
         assert last is not None
         raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
+
+
+def _fail(
+    response: Response, ex: Exchange, exc: ApiError | LimitExceeded, headers: list[Header]
+) -> None:
+    """Answers a refused request: its OpenAI-shaped error with the precise status."""
+    if isinstance(exc, ApiError):
+        ex.status = exc.status
+        ex.error_code = exc.code
+        _refuse(response, exc, headers)
+        return
+    if exc.reason == "shutdown":
+        ex.status = 503
+        ex.error_code = "shutdown"
+        error = ApiError(
+            503,
+            "the proxy is shutting down; retry the request",
+            type="server_error",
+            code="shutdown",
+            headers=[(b"retry-after", b"1")],
+        )
+        _refuse(response, error, headers)
+        return
+    app_limit = exc.limiter.startswith("app:")
+    status = 429 if app_limit else 503
+    ex.status = status
+    ex.error_code = exc.reason
+    what = "this app's concurrency limit" if app_limit else "the backend"
+    why = "its queue is full" if exc.reason == "queue_full" else "the queue wait expired"
+    error = ApiError(
+        status,
+        f"{what} is saturated: {why}; retry after {exc.retry_after}s",
+        type="rate_limit_error" if app_limit else "server_error",
+        code="app_concurrency_limit" if app_limit else "backend_saturated",
+        headers=[(b"retry-after", str(exc.retry_after).encode())],
+    )
+    _refuse(response, error, headers)
+
+
+def _refuse(response: Response, exc: ApiError, headers: list[Header]) -> None:
+    """The error answer, or, after the SSE head went out early, the terminal error event."""
+    if not response.started:
+        send_error(response, exc, headers)
+    else:
+        error_as_event(response, exc)
 
 
 __all__ = ["SSE_HEADERS", "ProxyApp", "RouteChoice"]

@@ -123,6 +123,9 @@ class HttpConnection(asyncio.Protocol):
         self._pipeline: collections.deque[Request] = collections.deque()
         self._reading_paused = False
         self.flow_listener: FlowListener | None = None  # a push-mode relay, while streaming
+        # Set by a resumable stream (proxy/resume.py): a lost client calls it instead of
+        # cancelling the handler, whose generation runs on for the stream's window.
+        self.keep_task_on_loss: Callable[[], None] | None = None
         # Per-message parse state.
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
@@ -148,7 +151,10 @@ class HttpConnection(asyncio.Protocol):
         self.state.connections.discard(self)
         self._cancel_timer()
         if self._task is not None and not self._task.done():
-            self._task.cancel()
+            if self.keep_task_on_loss is not None:
+                self.keep_task_on_loss()
+            else:
+                self._task.cancel()
         self._pipeline.clear()
         self.flow_listener = None
         waiter = self._drain_waiter

@@ -18,6 +18,9 @@ from .stopwords import CutPattern, GuardSpec, RepetitionGuard
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# Below the idle limits of the usual intermediaries (Cloudflare 100 s, proxies 30-60 s).
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+DEFAULT_RESUME_BUFFER = 1024 * 1024
 
 EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
 
@@ -74,6 +77,10 @@ class StreamPolicy:
     # Compiled from stop, cut_patterns and repetition_guard by the control plane (where a
     # bad pattern is a config error with file:line); None when the policy guards no text.
     guard: GuardSpec | None = None
+    # Streams (seconds / bytes; see proxy/keepalive.py and proxy/resume.py). None: off.
+    keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
+    resume_window: float | None = None
+    resume_buffer: int = DEFAULT_RESUME_BUFFER
 
 
 NO_POLICY = StreamPolicy(name="")

@@ -46,6 +46,9 @@ def build_policy(doc: Document) -> tuple[StreamPolicy | None, list[ConfigIssue]]
             repetition_guard=repetition,
             timeouts=timeouts,
             guard=guard,
+            keepalive_interval=model.keepalive_interval,
+            resume_window=model.resume_window,
+            resume_buffer=model.resume_buffer,
         ),
         [],
     )

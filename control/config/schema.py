@@ -190,6 +190,22 @@ class PolicyFile(Section):
     timeouts: TimeoutsSection = Field(
         default_factory=TimeoutsSection, description="Stream deadlines."
     )
+    keepalive_interval: Duration | None = Field(
+        default=15.0,
+        description="SSE comment `: keep-alive` after this long without a write while a "
+        "stream waits (queue, first token, silent backend); null: off.",
+    )
+    resume_window: Duration | None = Field(
+        default=None,
+        description="Keep a stream's generation running this long after its client went "
+        "away, resumable with GET /v1/streams/<request id>; null: abort on disconnect.",
+    )
+    resume_buffer: Int = Field(
+        default=1048576,
+        ge=1024,
+        description="Replay buffer per resumable stream, in bytes of events; a resume "
+        "older than it answers 410.",
+    )
 
 
 def policy_issues(doc: PolicyFile) -> list[DocumentIssue]:

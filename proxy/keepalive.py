@@ -1,0 +1,147 @@
+"""SSE keep-alives: a comment line while a stream waits, so idle timeouts of intermediaries
+(Cloudflare's 100 s, corporate proxies' 30-60 s, nginx's proxy_read_timeout) do not cut it.
+
+One timer per stream, never one per token: the timer fires `interval` after the last
+write it knows of (its own keep-alive, or the last content token the relay stamped on the
+Exchange), so a stream that flows never writes a comment, and one whose backend is silent
+gets `: keep-alive` every `interval`.
+
+A streaming request still waiting when the first keep-alive is due (in the limiter's
+queue, or for the backend's response head) is answered 200 with the SSE head at that
+moment; a refusal after that (queue wait expired, backend error) becomes the stream's
+terminal error event. A request refused sooner keeps its plain 429/503 with Retry-After.
+
+The timer checks `response.ended` before every write and is stopped in the handler's
+`finally`: there is never a write after the response ended (the bug of sse-starlette's
+ping task, which raced the end of the response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import monotonic
+
+import orjson
+
+from .errors import ApiError, bad_gateway
+from .exchange import Exchange
+from .http import Header, Response
+from .response import ClientGone
+from .upstream import UpstreamConnection, UpstreamError
+
+# A backend's refusal is a short JSON error; read at most this much of it.
+MAX_ERROR_BODY = 64 * 1024
+
+KEEPALIVE_EVENT = b": keep-alive\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class KeepAlive:
+    """Writes `: keep-alive` on `response` whenever nothing was written for `interval`."""
+
+    __slots__ = ("_ex", "_handle", "_head", "_last", "_loop", "interval", "may_start", "response")
+
+    def __init__(
+        self, response: Response, interval: float, ex: Exchange, head: list[Header]
+    ) -> None:
+        self.response = response
+        self.interval = interval
+        self._ex = ex
+        self._head = head
+        self._last = monotonic()
+        # The SSE head may go out early only before the backend answered: once its status
+        # is known the exchange answers (a non-stream error keeps its own status).
+        self.may_start = True
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(interval, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        response = self.response
+        if response.ended:
+            return
+        now = monotonic()
+        due = max(self._last, self._ex.last_token_at) + self.interval
+        if now < due:
+            self._handle = self._loop.call_later(due - now, self._fire)
+            return
+        if not response.started:
+            if not self.may_start:
+                self._handle = self._loop.call_later(self.interval, self._fire)
+                return
+            self._ex.status = 200
+            response.start(200, self._head)
+        try:
+            response.write(KEEPALIVE_EVENT)
+        except ClientGone:
+            return  # the handler learns it from the connection; nothing more to write
+        self._last = now
+        self._handle = self._loop.call_later(self.interval, self._fire)
+
+    def stop(self) -> None:
+        self.may_start = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+def error_as_event(response: Response, exc: ApiError) -> None:
+    """A refusal after the SSE head went out: the terminal error event (with the retry
+    delay in the error object, since headers are gone), then `[DONE]`."""
+    if response.ended:
+        return
+    error: dict[str, object] = {
+        "message": exc.message,
+        "type": exc.type,
+        "param": exc.param,
+        "code": exc.code,
+    }
+    retry = next((v for k, v in exc.headers if k == b"retry-after"), None)
+    if retry is not None and retry.isdigit():
+        error["retry_after"] = int(retry)
+    body = orjson.dumps({"error": error})
+    try:
+        response.write_last(b"data: " + body + b"\n\n" + DONE_EVENT)
+    except ClientGone:
+        pass
+
+
+async def relay_refusal(ex: Exchange, conn: UpstreamConnection, response: Response) -> bool:
+    """The backend refused a stream whose SSE head already went out: its error becomes the
+    terminal error event. True when its connection may be reused."""
+    try:
+        body = await conn.read_all(MAX_ERROR_BODY)
+    except UpstreamError as exc:
+        ex.upstream_error = exc.kind
+        error_as_event(
+            response, bad_gateway(f"backend response broke: {exc}", "upstream_" + exc.kind)
+        )
+        return False
+    status = conn.status
+    ex.upstream_error = f"http_{status}"
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(error, dict):
+        event = b"data: " + orjson.dumps({"error": error}) + b"\n\n" + DONE_EVENT
+        try:
+            response.write_last(event)
+        except ClientGone:
+            pass
+    else:
+        message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
+        error_as_event(
+            response,
+            ApiError(
+                502,
+                f"backend answered {status}: {message}",
+                type="upstream_error",
+                code=f"upstream_http_{status}",
+            ),
+        )
+    return conn.complete
+
+
+__all__ = ["KEEPALIVE_EVENT", "KeepAlive", "error_as_event", "relay_refusal"]
