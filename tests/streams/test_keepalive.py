@@ -1,0 +1,178 @@
+"""Keep-alives: `: keep-alive` comments while a stream waits (queue, first token, silent
+backend), none while tokens flow, and never a byte after the response ended."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+from helpers import ProcessServer, ProxyHarness, routed_snapshot
+from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy, StreamTimeouts
+from stream_helpers import raw_stream
+
+FAST = StreamPolicy(name="ka", keepalive_interval=0.3)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "stream": True,
+        "max_tokens": 10,
+        **extra,
+    }
+
+
+def proxy_for(
+    sim_url: str, policy: StreamPolicy, *, concurrency: int = 8, max_wait: float = 10.0
+) -> ProxyHarness:
+    backend = Backend(
+        name="sim",
+        urls=(sim_url,),
+        max_concurrency=concurrency,
+        queue=QueueLimits(max_len=16, max_wait=max_wait),
+    )
+    return ProxyHarness(routed_snapshot(sim_url, {"chat": {"policy": policy}}, backend=backend))
+
+
+def comments_before_first_data(result: Any) -> int:
+    count = 0
+    for event in result.events:
+        if event.data is not None:
+            return count
+        count += event.comment
+    return count
+
+
+def test_keepalives_while_waiting_for_the_first_token(sim: ProcessServer) -> None:
+    h = proxy_for(sim.url, FAST)
+    try:
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat(sim={"ttft_ms": 1400}))
+        assert result.status == 200 and result.complete
+        assert 3 <= comments_before_first_data(result) <= 5
+        # Tokens every 10 ms: no comment once they flow.
+        assert not any(e.comment for e in result.events[comments_before_first_data(result) :])
+        assert result.data_events()[-1].data == "[DONE]"
+    finally:
+        h.close()
+
+
+def test_keepalives_between_tokens_when_the_backend_is_silent(sim: ProcessServer) -> None:
+    policy = StreamPolicy(
+        name="ka", keepalive_interval=0.3, timeouts=StreamTimeouts(inter_token=1.5)
+    )
+    h = proxy_for(sim.url, policy)
+    try:
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat(sim={"stall_after": 3}))
+        assert result.complete
+        kinds = ["c" if e.comment else "d" for e in result.events]
+        # Three tokens (after the role chunk), comments during the stall (keep-alives do
+        # not reset the inter-token timeout), then the terminal error event and [DONE].
+        first_comment = kinds.index("c")
+        assert result.data_events()[-2].data is not None
+        assert "inter_token_timeout" in (result.data_events()[-2].data or "")
+        assert 3 <= kinds.count("c") <= 6, kinds
+        assert "c" not in kinds[kinds.index("d", first_comment) :]
+    finally:
+        h.close()
+
+
+def test_no_write_after_the_response_ended(sim: ProcessServer) -> None:
+    """On a kept-alive connection, nothing follows the end of the chunked body: the
+    keep-alive timer stopped with the response."""
+    h = proxy_for(sim.url, FAST)
+    try:
+        with socket.create_connection(("127.0.0.1", h.port), timeout=5) as sock:
+            body = json.dumps(chat(sim={"ttft_ms": 500})).encode()
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                b"\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+            )
+            received = b""
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = sock.recv(65536)
+                assert chunk, "connection closed before the end of the body"
+                received += chunk
+            assert b": keep-alive" in received
+            sock.settimeout(1.2)  # four keep-alive intervals
+            try:
+                late = sock.recv(65536)
+            except TimeoutError:
+                late = b""
+            assert late == b"", f"bytes after the response ended: {late!r}"
+    finally:
+        h.close()
+
+
+def _occupy(url: str, seconds: float) -> threading.Thread:
+    body = chat(max_tokens=int(seconds * 50), sim={"itl_ms": 20})
+    thread = threading.Thread(
+        target=raw_stream, args=(url, "POST", "/v1/chat/completions", body), daemon=True
+    )
+    thread.start()
+    time.sleep(0.3)
+    return thread
+
+
+def test_a_long_queue_wait_is_answered_200_with_keepalives(sim: ProcessServer) -> None:
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=10.0)
+    try:
+        busy = _occupy(h.url, 1.5)
+        start = time.monotonic()
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat())
+        assert result.status == 200 and result.complete
+        assert comments_before_first_data(result) >= 2
+        assert result.data_events()[-1].data == "[DONE]"
+        assert time.monotonic() - start > 0.8
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_a_refusal_after_the_head_is_the_terminal_error_event(sim: ProcessServer) -> None:
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
+    try:
+        busy = _occupy(h.url, 2.5)
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat())
+        assert result.status == 200 and result.complete
+        data = [e.data for e in result.data_events()]
+        assert data[-1] == "[DONE]"
+        error = json.loads(data[-2] or "")["error"]
+        assert error["code"] == "backend_saturated"
+        assert isinstance(error["retry_after"], int) and error["retry_after"] >= 1
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_a_short_queue_wait_keeps_the_plain_503(sim: ProcessServer) -> None:
+    policy = StreamPolicy(name="ka", keepalive_interval=2.0)
+    h = proxy_for(sim.url, policy, concurrency=1, max_wait=0.3)
+    try:
+        busy = _occupy(h.url, 1.5)
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat())
+        assert result.status == 503
+        assert int(result.headers["retry-after"]) >= 1
+        assert b"backend_saturated" in result.body
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_backend_refusal_after_an_early_head_keeps_its_error(sim: ProcessServer) -> None:
+    """The SSE head went out while queued; the backend then answers 400: its OpenAI error
+    object is the terminal event."""
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=10.0)
+    try:
+        busy = _occupy(h.url, 1.0)
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat(sim={"status": 400}))
+        assert result.status == 200 and result.complete
+        data = [e.data for e in result.data_events()]
+        assert data[-1] == "[DONE]"
+        assert "error" in json.loads(data[-2] or "")
+        busy.join(10)
+    finally:
+        h.close()
