@@ -17,6 +17,7 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 from time import monotonic
+from typing import Protocol
 
 import httptools
 import orjson
@@ -75,6 +76,15 @@ class Request:
 Handler = Callable[[Request, "Response"], Awaitable[None]]
 
 
+class UpgradeHook(Protocol):
+    """Takes over a connection whose request asks for a protocol upgrade (proxy/websocket.py).
+    Only requests it `claims` are handed over; the HTTP layer answers the others."""
+
+    def claims(self, request: Request) -> bool: ...
+
+    async def run(self, conn: HttpConnection, request: Request, rest: bytes) -> None: ...
+
+
 class ServerState:
     """What all connections of one server share: the handler, limits and the open connections."""
 
@@ -96,6 +106,7 @@ class ServerState:
         self.error_body = error_body or _plain_error_body
         self.connections: set[HttpConnection] = set()
         self.closing = False
+        self.upgrade: UpgradeHook | None = None
 
 
 def _plain_error_body(status: int, message: str, code: str) -> bytes:
@@ -135,6 +146,7 @@ class HttpConnection(asyncio.Protocol):
         self._body_limit = 0
         self._request: Request | None = None
         self._rejected = False
+        self._upgrade: Request | None = None  # a request the upgrade hook claimed
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -195,7 +207,10 @@ class HttpConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is not None:
+                self._hand_over(self._upgrade, data[exc.args[0] :] if exc.args else b"")
+                return
             self._reject(400, "protocol upgrades are not supported", "upgrade_not_supported")
         except httptools.HttpParserError as exc:
             if not self._rejected:
@@ -279,6 +294,16 @@ class HttpConnection(asyncio.Protocol):
         self._body = []
         self._body_len = 0
         self._cancel_timer()
+        hook = self.state.upgrade
+        if (
+            hook is not None
+            and self.parser.should_upgrade()
+            and self._task is None
+            and not self._pipeline
+            and hook.claims(request)
+        ):
+            self._upgrade = request  # handed over when the parser stops at the upgrade
+            return
         if self._task is None and not self._pipeline:
             self._start(request)
         else:
@@ -333,6 +358,22 @@ class HttpConnection(asyncio.Protocol):
                     self.state.error_body(500, "handler sent no response", "internal_error"),
                 )
         self._next_request(response)
+
+    def _hand_over(self, request: Request, rest: bytes) -> None:
+        """The upgrade hook owns the connection from here; it is closed when it returns."""
+        hook = self.state.upgrade
+        assert hook is not None
+        self._rejected = True  # no more HTTP parsing on this connection
+        self._cancel_timer()
+        self._task = self.loop.create_task(hook.run(self, request, rest))
+        self._task.add_done_callback(self._upgrade_done)
+
+    def _upgrade_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        error = None if task.cancelled() else task.exception()
+        if error is not None and self.state.on_error is not None:
+            self.state.on_error(error)
+        self.close()
 
     def _next_request(self, response: Response) -> None:
         """After a response: the next pipelined request, an idle wait, or close."""

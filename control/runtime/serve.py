@@ -32,6 +32,7 @@ from sluice.proxy.observe import Observer
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
+from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
 from .logs import configure_logging
@@ -186,6 +187,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
         on_error=lambda exc: log.error("handler_error", exc_info=exc),
         error_body=server_error_body,
     )
+    state.upgrade = WebSocketUpgrade(app)  # WebSocket on the two completion paths
     server = HttpServer(state)
     host = options.host or snapshot.listen_host
     port = options.port if options.port is not None else snapshot.listen_port

@@ -1,0 +1,307 @@
+"""WebSocket on /v1/chat/completions and /v1/completions, for clients that cannot read SSE.
+
+The handshake is claimed by `WebSocketUpgrade` (the server's upgrade hook, nothing else in
+the HTTP layer knows about WebSocket); wsproto does the protocol. The first text message is
+the request body (`"stream": true` is implied when absent). It then runs through the same
+`ProxyApp.completions` as an SSE request (auth from the upgrade request's headers, presets,
+policies, limits, deadlines, metrics) with a `WebSocketResponse`: each SSE event's data
+becomes one text message, the last one `[DONE]`; keep-alive comments become pings.
+
+Close codes: 1000 after a complete answer; an error answered before the stream began
+(401, 429, 503...) is sent as its OpenAI-shaped JSON message, then closed with 4000 +
+the HTTP status (4429, 4503...). A client that closes (or loses) the connection aborts the
+generation at once, as a gone SSE client does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import orjson
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from .app import MAX_REQUEST_ID, ProxyApp
+from .errors import error_body
+from .http import Header, HttpConnection, Request, Response
+from .response import ClientGone, head_bytes
+
+WEBSOCKET_PATHS = ("/v1/chat/completions", "/v1/completions")
+PING_PAYLOAD = b"keep-alive"
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED = 1003
+CLOSE_TOO_BIG = 1009
+
+
+class WebSocketUpgrade:
+    """The HTTP server's upgrade hook: claims `Upgrade: websocket` on the two completion
+    paths only (every other upgrade request is answered by the HTTP layer as before)."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+
+    def claims(self, request: Request) -> bool:
+        return (
+            request.path in WEBSOCKET_PATHS
+            and request.method == "GET"
+            and request.headers.get(b"upgrade", b"").lower() == b"websocket"
+        )
+
+    async def run(self, conn: HttpConnection, request: Request, rest: bytes) -> None:
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        session = WebSocketSession(conn, conn.state.max_body_bytes())
+        given = request.headers.get(b"x-request-id")
+        if not given or len(given) > MAX_REQUEST_ID:
+            # The id is known before the stream: the client reads it from the 101 response.
+            request.headers[b"x-request-id"] = os.urandom(12).hex().encode()
+        if not session.handshake(request, transport):
+            return
+        transport.set_protocol(session)
+        if rest:
+            session.data_received(rest)
+        try:
+            body = await asyncio.wait_for(session.first_message, conn.state.request_timeout)
+        except TimeoutError:
+            session.close(4408, "no request message in time")
+            return
+        if body is None:
+            return  # closed by the client, or a protocol error already answered
+        request.method = "POST"
+        request.body = _streaming(body)
+        response = WebSocketResponse(conn, session)
+        try:
+            await self.app.completions(request, response, chat=request.path == WEBSOCKET_PATHS[0])
+        except ClientGone:
+            return  # the client went away mid-stream: the exchange was aborted
+        session.close(response.close_code)
+
+
+def _streaming(body: bytes) -> bytes:
+    """`"stream": true` unless the message says otherwise (a non-JSON body is left for the
+    pipeline's own 400)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if isinstance(obj, dict) and "stream" not in obj:
+        obj["stream"] = True
+        return orjson.dumps(obj)
+    return body
+
+
+class WebSocketSession(asyncio.Protocol):
+    """The connection's protocol after the handshake: frames in through wsproto; flow
+    control and connection loss forwarded to the HttpConnection, whose task (the handler)
+    is cancelled on loss as for any request."""
+
+    def __init__(self, conn: HttpConnection, max_message: int) -> None:
+        self.conn = conn
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.max_message = max_message
+        self.first_message: asyncio.Future[bytes | None] = conn.loop.create_future()
+        self._parts: list[str] = []
+        self._size = 0
+        self.closed = False
+
+    def handshake(self, request: Request, transport: asyncio.Transport) -> bool:
+        # wsproto checks the handshake itself (key, version, upgrade headers): it gets the
+        # request back as the client sent it (as uvicorn does).
+        target = request.path + ("?" + request.query if request.query else "")
+        parts = [b"GET " + target.encode("latin-1") + b" HTTP/1.1\r\n"]
+        for name, value in request.headers.items():
+            parts.append(name + b": " + value + b"\r\n")
+        parts.append(b"\r\n")
+        try:
+            self.ws.receive_data(b"".join(parts))
+            event = next(self.ws.events(), None)
+        except RemoteProtocolError as exc:
+            _reject(transport, 400, f"bad WebSocket handshake: {exc}")
+            return False
+        if not isinstance(event, WsRequest):
+            _reject(transport, 400, "bad WebSocket handshake")
+            return False
+        extra: list[Header] = [(b"x-request-id", request.headers[b"x-request-id"])]
+        transport.write(self.ws.send(AcceptConnection(extra_headers=extra)))
+        return True
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, TextMessage):
+                    self._text(event)
+                elif isinstance(event, Ping):
+                    self._send(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self._client_closed(event)
+                    return
+                elif isinstance(event, BytesMessage):
+                    self.close(CLOSE_UNSUPPORTED, "send the request body as a text message")
+                    self._client_gone()
+                    return
+        except RemoteProtocolError:
+            self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
+            self._client_gone()
+
+    def _text(self, event: TextMessage) -> None:
+        if self.first_message.done():
+            return  # one request per connection: later messages are ignored
+        self._size += len(event.data)
+        if self._size > self.max_message:
+            self.close(CLOSE_TOO_BIG, f"request message exceeds {self.max_message} bytes")
+            self.first_message.set_result(None)
+            return
+        self._parts.append(event.data)
+        if event.message_finished:
+            self.first_message.set_result("".join(self._parts).encode())
+            self._parts = []
+
+    def _client_closed(self, event: CloseConnection) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self._send(self.ws.send(event.response()))
+            except LocalProtocolError:  # the peer's close is final whatever we answer
+                pass
+        self._client_gone()
+        if self.conn.transport is not None:
+            self.conn.transport.close()
+
+    def _client_gone(self) -> None:
+        if not self.first_message.done():
+            self.first_message.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._client_gone()
+        self.conn.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        transport = self.conn.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(data)
+
+    def send_text(self, text: str) -> None:
+        self._send(self.ws.send(TextMessage(data=text)))
+
+    def ping(self) -> None:
+        self._send(self.ws.send(Ping(payload=PING_PAYLOAD)))
+
+    def close(self, code: int, reason: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        transport = self.conn.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            transport.write(self.ws.send(CloseConnection(code=code, reason=reason)))
+        except LocalProtocolError:  # wsproto refuses a close in a closing state
+            pass
+        transport.close()
+
+
+class WebSocketResponse(Response):
+    """What the completion pipeline writes to: SSE events in, WebSocket messages out."""
+
+    __slots__ = ("close_code", "session")
+
+    def __init__(self, conn: HttpConnection, session: WebSocketSession) -> None:
+        Response.__init__(self, conn, keep_alive=False, head_only=False)
+        self.session = session
+        self.close_code = CLOSE_NORMAL
+
+    def send(self, status: int, headers: list[Header], body: bytes) -> None:
+        self.started = self.ended = True
+        self.status = status
+        if status >= 300:
+            self.close_code = 4000 + status if status < 1000 else 4000
+        try:
+            self.session.send_text(body.decode("utf-8", "replace"))
+        except ClientGone:
+            pass
+
+    def start(self, status: int, headers: list[Header], *, with_first_write: bool = False) -> None:
+        self.started = True
+        self.status = status
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        session = self.session
+        for event in data.split(b"\n\n"):
+            if not event:
+                continue
+            if event[0] == 58:  # ":" a comment: SSE's keep-alive is a ping here
+                session.ping()
+                continue
+            payload = _event_data(event)
+            if payload is not None:
+                session.send_text(payload.decode("utf-8", "replace"))
+
+    def write_last(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.write(data)
+        self.ended = True
+
+    def end(self) -> None:
+        self.ended = True
+
+    def abort(self) -> None:
+        self.ended = True
+        self.close_code = 1011
+        self.session.close(1011, "internal error")
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (fields other than data, such as id, are dropped)."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the common case: one data line
+    lines = [
+        line[6:] if line.startswith(b"data: ") else line[5:]
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None
+
+
+def _reject(transport: asyncio.Transport, status: int, message: str) -> None:
+    body = error_body(message, "invalid_request_error", "bad_websocket_handshake")
+    head = head_bytes(
+        status,
+        [(b"content-type", b"application/json")],
+        b"connection: close\r\ncontent-length: %d\r\n" % len(body),
+    )
+    transport.write(head + body)
+    transport.close()
+
+
+__all__ = ["WEBSOCKET_PATHS", "WebSocketResponse", "WebSocketUpgrade"]

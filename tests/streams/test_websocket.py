@@ -1,0 +1,177 @@
+"""WebSocket on the completion paths, driven by a real client library (`websockets`):
+same auth, limits, deadlines, abort-on-close and completion records as SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import websockets
+from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
+from sluice.proxy.snapshot import App, Backend, QueueLimits, StreamPolicy, StreamTimeouts
+from sluice.proxy.websocket import WebSocketUpgrade
+
+KEY = "sk-ws-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def make(sim_url: str, policy: StreamPolicy | None = None, **backend_kw: Any) -> ProxyHarness:
+    digest = hashlib.sha256(KEY.encode()).digest()
+    app = App(name="ws-app", key_hashes=frozenset({digest}), routes=None)
+    backend = Backend(name="sim", urls=(sim_url,), **backend_kw)
+    route: dict[str, Any] = {"policy": policy} if policy else {}
+    snap = routed_snapshot(
+        sim_url, {"chat": route}, backend=backend, apps=(app,), apps_by_key={digest: app}
+    )
+    h = ProxyHarness(snap)
+    h.server.state.upgrade = WebSocketUpgrade(h.app)
+    return h
+
+
+@pytest.fixture
+def proxy(sim: ProcessServer) -> Iterator[ProxyHarness]:
+    h = make(sim.url)
+    yield h
+    h.close()
+
+
+def body(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 12,
+        "seed": 3,
+        **extra,
+    }
+
+
+async def exchange(
+    url: str,
+    request: dict[str, Any] | str,
+    *,
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+    stop_after: int | None = None,
+) -> tuple[list[str], int | None, dict[str, str]]:
+    """Messages received, the server's close code, and the 101 response's headers."""
+    ws_url = url.replace("http://", "ws://") + path
+    messages: list[str] = []
+    async with websockets.connect(ws_url, additional_headers=headers or AUTH) as ws:
+        assert ws.response is not None
+        response_headers = dict(ws.response.headers)
+        await ws.send(request if isinstance(request, str) else json.dumps(request))
+        try:
+            while True:
+                message = await ws.recv()
+                assert isinstance(message, str)
+                messages.append(message)
+                if stop_after is not None and len(messages) >= stop_after:
+                    break
+        except websockets.ConnectionClosed:
+            pass
+    rcvd = ws.protocol.close_rcvd.code if ws.protocol.close_rcvd is not None else None
+    return messages, rcvd, response_headers
+
+
+def text(messages: list[str]) -> str:
+    out = []
+    for message in messages:
+        if message == "[DONE]":
+            continue
+        for choice in json.loads(message).get("choices") or []:
+            out.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    return "".join(out)
+
+
+def test_chat_stream_as_messages_equals_the_sse_stream(proxy: ProxyHarness) -> None:
+    messages, code, headers = asyncio.run(exchange(proxy.url, body()))
+    assert code == 1000
+    assert messages[-1] == "[DONE]"
+    assert headers.get("x-request-id")
+    sse = stream_request(proxy.url, {**body(), "stream": True}, headers=AUTH)
+    assert text(messages) == sse.text()
+    assert len(messages) == len(sse.data())
+    record = proxy.finished[0]
+    assert (record.app, record.route, record.status, record.stream) == ("ws-app", "chat", 200, True)
+
+
+def test_completions_path(proxy: ProxyHarness) -> None:
+    request = {"model": "chat", "prompt": "Once", "max_tokens": 5, "seed": 3}
+    messages, code, _ = asyncio.run(exchange(proxy.url, request, path="/v1/completions"))
+    assert code == 1000 and messages[-1] == "[DONE]"
+    assert json.loads(messages[0])["object"] == "text_completion"
+
+
+def test_same_auth_as_sse(proxy: ProxyHarness) -> None:
+    messages, code, _ = asyncio.run(exchange(proxy.url, body(), headers={"x-other": "1"}))
+    assert code == 4401
+    assert json.loads(messages[0])["error"]["code"] == "missing_api_key"
+    messages, code, _ = asyncio.run(exchange(proxy.url, "not json"))
+    assert code == 4400
+    assert json.loads(messages[0])["error"]["code"] == "invalid_json"
+
+
+def test_closing_the_socket_aborts_the_generation(
+    proxy: ProxyHarness, sim_client: SimClient
+) -> None:
+    request = body(max_tokens=2000, sim={"itl_ms": 10})
+    messages, _, _ = asyncio.run(exchange(proxy.url, request, stop_after=3))
+    assert len(messages) == 3
+    assert sim_client.wait_for(lambda s: s["aborted"] >= 1, timeout=2.0) < 2.0
+    deadline = time.monotonic() + 2.0
+    while proxy.permits_in_use() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.permits_in_use() == 0
+    assert proxy.finished[-1].client_disconnected
+
+
+def test_limits_and_deadlines_apply(sim: ProcessServer) -> None:
+    policy = StreamPolicy(
+        name="p", timeouts=StreamTimeouts(first_token=0.3), keepalive_interval=None
+    )
+    h = make(sim.url, policy, max_concurrency=1, queue=QueueLimits(max_len=1, max_wait=0.2))
+    try:
+
+        async def both() -> tuple[Any, Any]:
+            slow = exchange(h.url, body(max_tokens=30, sim={"ttft_ms": 50, "itl_ms": 20}))
+            first = asyncio.ensure_future(slow)
+            await asyncio.sleep(0.2)
+            second = await exchange(h.url, body())
+            return await first, second
+
+        (ok, ok_code, _), (refused, refused_code, _) = asyncio.run(both())
+        assert ok_code == 1000 and ok[-1] == "[DONE]"
+        assert refused_code == 4503
+        assert json.loads(refused[0])["error"]["code"] == "backend_saturated"
+        late, code, _ = asyncio.run(exchange(h.url, body(sim={"ttft_ms": 3000})))
+        assert code == 1000
+        assert json.loads(late[-2])["error"]["code"] == "first_token_timeout"
+        assert late[-1] == "[DONE]"
+    finally:
+        h.close()
+
+
+def test_other_upgrades_are_not_claimed(proxy: ProxyHarness) -> None:
+    def raw(path: str, extra: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                f"connection: upgrade\r\n{extra}\r\n".encode()
+            )
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    assert not raw("/v1/models", "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n").startswith(
+        b"HTTP/1.1 101"
+    )
+    missing_key = raw("/v1/chat/completions", "sec-websocket-version: 13\r\n")
+    assert missing_key.startswith(b"HTTP/1.1 400")
+    assert b"bad_websocket_handshake" in missing_key
