@@ -36,8 +36,8 @@ lint: $(STAMP)
 # with an import hook that type checkers cannot follow.
 typecheck: $(STAMP)
 	@mkdir -p build/typecheck/sluice
-	@for d in proxy control sim; do ln -sfn "$(CURDIR)/$$d" build/typecheck/sluice/$$d; done
-	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p sluice.proxy -p sluice.control -p sluice.sim
+	@for d in proxy control sim client; do ln -sfn "$(CURDIR)/$$d" build/typecheck/sluice/$$d; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p sluice.proxy -p sluice.control -p sluice.sim -p sluice.client
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

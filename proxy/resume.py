@@ -29,7 +29,7 @@ from collections.abc import Callable
 from .auth import api_key, authenticate
 from .errors import ApiError, not_found
 from .exchange import Exchange
-from .http import Header, Request, Response
+from .http import Header, HttpConnection, Request, Response
 from .response import ClientGone, FlowListener
 from .snapshot import Snapshot, StreamPolicy
 
@@ -279,8 +279,9 @@ class ResumableStream(Response):
 
     def close(self) -> None:
         """The exchange is over (normally or not); stop claiming its client's loss."""
-        if self._conn.keep_task_on_loss == self.client_lost:
-            self._conn.keep_task_on_loss = None
+        conn = self._conn
+        if isinstance(conn, HttpConnection) and conn.keep_task_on_loss == self.client_lost:
+            conn.keep_task_on_loss = None
         if not self.ended:
             self.ended = True
             self._finished()
@@ -343,7 +344,8 @@ class StreamRegistry:
         )
         self.streams[ex.request_id] = stream
         self._tombstones.pop(ex.request_id, None)
-        response._conn.keep_task_on_loss = stream.client_lost
+        if isinstance(response._conn, HttpConnection):  # a client socket (not in-process)
+            response._conn.keep_task_on_loss = stream.client_lost
         return stream
 
     def forget(self, stream: ResumableStream) -> None:
