@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         built = load(options)
         if options.workers > 1 and os.environ.get(WORKER_ENV) is None:
+            _warn_single_process_features(built)
             host = options.host or built.snapshot.listen_host
             port = options.port if options.port is not None else built.snapshot.listen_port
             return supervise(options.workers, host, port, metrics=options.metrics)
@@ -143,6 +144,18 @@ def _start_demo_sim() -> subprocess.Popen[str]:
         proc.terminate()
         raise CliError(f"the demo simulator did not start on port {DEMO_SIM_PORT}")
     return proc
+
+
+def _warn_single_process_features(built: BuiltConfig) -> None:
+    """Resumable streams live in the process that runs the generation (docs/STREAMS.md)."""
+    resumable = sorted(n for n, p in built.snapshot.policies.items() if p.resume_window)
+    if resumable:
+        structlog.get_logger("sluice").warning(
+            "resume_is_per_process",
+            policies=resumable,
+            detail="with --workers N a resume reaches the generation's worker only by chance "
+            "(404 stream_not_found otherwise); see docs/STREAMS.md",
+        )
 
 
 async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False) -> int:
