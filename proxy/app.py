@@ -51,7 +51,8 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
 
 
-def _request_id(request: Request) -> str:
+def request_id(request: Request) -> str:
+    """The client's x-request-id when it is sane, else a random one."""
     given = request.headers.get(b"x-request-id")
     if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.strip() == given:
         text = given.decode("ascii")
@@ -89,8 +90,9 @@ class ProxyApp:
         watchdogs = list(self.watchdogs)
         for watchdog in watchdogs:
             watchdog.interrupt(kind)
-        away = self.streams.abort_all() if self.streams is not None else 0
-        return len(watchdogs) + away + sum(lim.reject_waiters() for lim in self.limiters.all())
+        # Resumable streams whose client is away end the same way (their watchdog or their
+        # queue place); a resume then gets the terminal shutdown event from the buffer.
+        return len(watchdogs) + sum(lim.reject_waiters() for lim in self.limiters.all())
 
     async def __call__(self, request: Request, response: Response) -> None:
         path = request.path
@@ -157,7 +159,7 @@ class ProxyApp:
         """`caller`: an identity already established by the caller's own authentication
         (the console's session); None authenticates the request's API key as usual."""
         snap = self.ref.current
-        ex = Exchange(_request_id(request), monotonic())
+        ex = Exchange(request_id(request), monotonic())
         ex.chat = chat
         ex.config_version = snap.version
         base_headers: list[Header] = [

@@ -371,13 +371,6 @@ class StreamRegistry:
                 elif wanted == "away" and stream.target is None and not stream.ended:
                     stream.abort_generation("dropped: replay memory full")
 
-    def abort_all(self) -> int:
-        """Shutdown: generations whose client is away end now."""
-        away = [s for s in self.streams.values() if s.target is None and not s.ended]
-        for stream in away:
-            stream.abort_generation("shutdown")
-        return len(away)
-
     # -- GET /v1/streams/<request id> ----------------------------------------------------
 
     async def resume(self, request: Request, response: Response, snap: Snapshot) -> None:

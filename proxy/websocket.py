@@ -16,7 +16,6 @@ generation at once, as a gone SSE client does.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import orjson
 from wsproto import ConnectionType, WSConnection
@@ -30,7 +29,7 @@ from wsproto.events import (
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .app import MAX_REQUEST_ID, ProxyApp
+from .app import ProxyApp, request_id
 from .errors import error_body
 from .http import Header, HttpConnection, Request, Response
 from .response import ClientGone, head_bytes
@@ -62,10 +61,8 @@ class WebSocketUpgrade:
         if transport is None or transport.is_closing():
             return
         session = WebSocketSession(conn, conn.state.max_body_bytes())
-        given = request.headers.get(b"x-request-id")
-        if not given or len(given) > MAX_REQUEST_ID:
-            # The id is known before the stream: the client reads it from the 101 response.
-            request.headers[b"x-request-id"] = os.urandom(12).hex().encode()
+        # The id is known before the stream: the client reads it from the 101 response.
+        request.headers[b"x-request-id"] = request_id(request).encode()
         if not session.handshake(request, transport):
             return
         transport.set_protocol(session)
