@@ -33,7 +33,7 @@ from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import Limiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
-from .resume import STREAMS_PREFIX, StreamRegistry
+from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
 from .sampling import apply_plan, merge_stop
 from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
@@ -81,7 +81,7 @@ class ProxyApp:
         self.ready = True
         self.active_streams = 0
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
-        self.streams: StreamRegistry | None = StreamRegistry()  # resumable streams
+        self.streams: StreamStore | None = StreamRegistry()  # resumable streams
 
     def interrupt_all(self, kind: str) -> int:
         """Ends every request in flight (drain deadline passed): exchanges with a backend

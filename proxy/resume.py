@@ -25,6 +25,7 @@ import collections
 import hashlib
 import hmac
 from collections.abc import Callable
+from typing import Protocol
 
 from .auth import api_key, authenticate
 from .errors import ApiError, not_found
@@ -313,6 +314,18 @@ class ResumableStream(Response):
             self._expiry = None
 
 
+class StreamStore(Protocol):
+    """Where resumable streams live. `StreamRegistry` keeps them in this process; a store
+    shared by all processes (Redis Streams, with the scale-out work's `limits.store`) is
+    the planned second implementation (docs/STREAMS.md)."""
+
+    def open(
+        self, ex: Exchange, response: Response, policy: StreamPolicy, request: Request
+    ) -> ResumableStream: ...
+
+    async def resume(self, request: Request, response: Response, snap: Snapshot) -> None: ...
+
+
 class StreamRegistry:
     """This process's resumable streams by request id, bounded in total bytes."""
 
@@ -433,4 +446,4 @@ def _gone(request_id: str, why: str) -> ApiError:
     )
 
 
-__all__ = ["STREAMS_PREFIX", "ResumableStream", "StreamRegistry"]
+__all__ = ["STREAMS_PREFIX", "ResumableStream", "StreamRegistry", "StreamStore"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from helpers import ProcessServer, ProxyHarness, SimClient, passthrough_snapshot, routed_snapshot
+from sluice.proxy.resume import StreamRegistry
 from sluice.proxy.snapshot import App, StreamPolicy
 from stream_helpers import RawStream, raw_stream, text_of
 
@@ -194,7 +195,7 @@ def test_memory_is_bounded_with_1000_abandoned_streams(sim: ProcessServer) -> No
     h = harness(sim.url, policy)
     try:
         registry = h.app.streams
-        assert registry is not None
+        assert isinstance(registry, StreamRegistry)
         peak = peak_count = 0
         for _ in range(1000):
             post(h, chat(30, sim={"itl_ms": 1, "ttft_ms": 0}), stop_after=1)
