@@ -44,6 +44,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert top_level == {"sluice"}, top_level  # no generic `proxy` / `control` packages
     assert any(n.startswith("sluice/examples/") and n.endswith(".yaml") for n in names)
     assert any(n.startswith("sluice/edge/nginx/") for n in names)
+    assert "sluice/client/__init__.py" in names  # the app developers' helper
 
     venv = root / "venv"
     subprocess.run(
@@ -87,7 +88,7 @@ def test_wheel_layout_and_cli(wheel_venv: Path, tmp_path: Path) -> None:
         [
             str(python),
             "-c",
-            "import sluice.proxy.http, sluice.control.cli, sluice.sim; print(sluice.proxy.http.__file__)",
+            "import sluice.proxy.http, sluice.control.cli, sluice.sim, sluice.client; print(sluice.proxy.http.__file__)",
         ],
         check=True,
         capture_output=True,
