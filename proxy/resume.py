@@ -178,6 +178,13 @@ class ResumableStream(Response):
 
     def _record(self, data: bytes) -> bytes:
         """Numbers each event of `data` and keeps it; returns the framed events."""
+        if data.find(SEPARATOR) == len(data) - 2:  # one event per write: vLLM's common case
+            n = self.next_n
+            framed = b"id: %b:%d\n%b" % (self._rid, n, data)
+            self.events.append((n, framed))
+            self.next_n = n + 1
+            self._grown(len(framed))
+            return framed
         parts = data.split(SEPARATOR)
         if parts[-1] == b"":
             parts.pop()
@@ -195,13 +202,17 @@ class ResumableStream(Response):
             self.next_n += 1
             added += len(framed)
             out.append(framed)
+        self._grown(added)
+        return b"".join(out)
+
+    def _grown(self, added: int) -> None:
         self.size += added
-        self.registry.total_bytes += added
+        registry = self.registry
+        registry.total_bytes += added
         if self.size > self.max_bytes:
             self._trim()
-        if self.registry.total_bytes > self.registry.max_total_bytes:
-            self.registry.shed()
-        return b"".join(out)
+        if registry.total_bytes > registry.max_total_bytes:
+            registry.shed()
 
     def _trim(self) -> None:
         dropped = 0
