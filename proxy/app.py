@@ -15,6 +15,7 @@ from time import monotonic
 
 import orjson
 
+from .affinity import RoutingHint
 from .auth import authenticate
 from .backends import BackendPools, Replica
 from .errors import (
@@ -218,6 +219,8 @@ class ProxyApp:
             body["model"] = route.upstream_model
             modified = True
         payload = orjson.dumps(body) if modified else request.body
+        # After the request policy: the prompt and cache_salt as the backend will see them.
+        hint = self.pools.router.hint(route.backend, body, ex.chat, request)
         n_choices = body.get("n", 1)
         if not isinstance(n_choices, int) or isinstance(n_choices, bool):
             n_choices = 1
@@ -249,6 +252,7 @@ class ProxyApp:
                     n_choices,
                     extra_headers,
                     route.backend,
+                    hint,
                 )
             except (ApiError, LimitExceeded) as exc:
                 _fail(resumable, ex, exc, base_headers)
@@ -266,6 +270,7 @@ class ProxyApp:
             n_choices,
             extra_headers,
             route.backend,
+            hint,
         )
 
     async def _limited(
@@ -280,6 +285,7 @@ class ProxyApp:
         n_choices: int,
         extra_headers: list[Header],
         backend: Backend,
+        hint: RoutingHint | None = None,
     ) -> None:
         """Permits (app, then backend), then the exchange with the backend."""
         keepalive = None
@@ -305,6 +311,7 @@ class ProxyApp:
                         n_choices,
                         extra_headers,
                         keepalive,
+                        hint,
                     )
                 finally:
                     backend_limiter.release()
@@ -328,6 +335,7 @@ class ProxyApp:
         n_choices: int,
         extra_headers: list[Header],
         keepalive: KeepAlive | None = None,
+        hint: RoutingHint | None = None,
     ) -> None:
         path = b"/v1/chat/completions" if ex.chat else b"/v1/completions"
         upstream_headers = [
@@ -342,7 +350,7 @@ class ProxyApp:
         clean = False
         try:
             try:
-                conn, replica = await self._open(backend, path, upstream_headers, payload)
+                conn, replica = await self._open(backend, path, upstream_headers, payload, hint)
                 if keepalive is not None:
                     keepalive.may_start = False
                 if (
@@ -395,7 +403,12 @@ class ProxyApp:
                     replica.pool.release(conn)
 
     async def _open(
-        self, backend: Backend, path: bytes, headers: list[Header], payload: bytes
+        self,
+        backend: Backend,
+        path: bytes,
+        headers: list[Header],
+        payload: bytes,
+        hint: RoutingHint | None = None,
     ) -> tuple[UpstreamConnection, Replica]:
         """Opens the upstream exchange, trying another replica if one cannot be reached
         (only ever before a byte went to the client)."""
@@ -403,7 +416,7 @@ class ProxyApp:
         attempts = min(2, len(backend.urls))
         last: UpstreamError | None = None
         for _ in range(attempts):
-            replica = self.pools.choose(backend, exclude=tried)
+            replica = self.pools.choose(backend, exclude=tried, hint=hint)
             replica.pool.outstanding += 1
             try:
                 conn = await open_exchange(replica.pool, b"POST", path, headers, payload)

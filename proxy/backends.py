@@ -2,13 +2,16 @@
 
 Pools are long-lived (keyed by replica URL, they survive reloads and keep their warm
 connections); the snapshot's `Backend` only names the URLs. A replica is chosen by least
-outstanding requests; one whose connections keep failing is ejected for a cool-down.
+outstanding requests, or by score (prefix and session affinity + load, proxy/affinity.py)
+when the request carries a routing hint; one whose connections keep failing is ejected for
+a cool-down.
 """
 
 from __future__ import annotations
 
 import time
 
+from .affinity import AffinityRouter, RoutingHint
 from .snapshot import Backend
 from .upstream import Origin, UpstreamPool
 
@@ -44,6 +47,7 @@ class BackendPools:
     def __init__(self) -> None:
         self._replicas: dict[str, Replica] = {}
         self._by_backend: dict[tuple[str, tuple[str, ...]], tuple[Replica, ...]] = {}
+        self.router = AffinityRouter()
 
     def replicas(self, backend: Backend) -> tuple[Replica, ...]:
         key = (backend.name, backend.urls)
@@ -62,13 +66,20 @@ class BackendPools:
         self._by_backend[key] = result
         return result
 
-    def choose(self, backend: Backend, exclude: Replica | None = None) -> Replica:
-        """Least outstanding requests among available replicas; all ejected -> the one
-        whose ejection ends first (better to try than to fail without trying)."""
+    def choose(
+        self, backend: Backend, exclude: Replica | None = None, hint: RoutingHint | None = None
+    ) -> Replica:
+        """By score with a hint, else least outstanding requests, among available replicas;
+        all ejected -> the one whose ejection ends first (better to try than to fail
+        without trying)."""
         replicas = self.replicas(backend)
         if len(replicas) == 1:
             return replicas[0]
         now = time.monotonic()
+        if hint is not None:
+            scored = self.router.choose(backend, replicas, hint, exclude, now)
+            if scored is not None:
+                return scored
         best: Replica | None = None
         for replica in replicas:
             if replica is exclude or not replica.available(now):

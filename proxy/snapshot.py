@@ -124,6 +124,36 @@ class HealthCheck:
     timeout: float = 2.0
 
 
+RoutingStrategy = Literal["score", "least_outstanding"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """How a request picks one of a backend's replicas (see proxy/affinity.py).
+
+    `score`: prefix affinity + session affinity + load, each a weighted scorer; a replica
+    over `max_waiting`, `max_kv_usage` or `max_imbalance` loses its affinity bonuses.
+    `least_outstanding`: the replica with the fewest requests in flight from this process.
+    """
+
+    strategy: RoutingStrategy = "score"
+    block_chars: int = 256  # prompt characters per hashed block (about 64 tokens)
+    index_blocks: int = 65536  # blocks remembered per replica (LRU)
+    prefix_weight: float = 3.0
+    load_weight: float = 2.0
+    kv_weight: float = 1.0
+    session_header: str | None = None  # lower case
+    session_weight: float = 10.0
+    max_waiting: int = 8
+    max_kv_usage: float = 0.95
+    max_imbalance: int = 16
+    scrape_interval: float | None = 0.5  # GET /metrics every this many seconds; None: off
+    scrape_path: str = "/metrics"
+
+
+DEFAULT_ROUTING = RoutingPolicy()
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     """An upstream pool: one or more replicas of an OpenAI-compatible server."""
@@ -134,6 +164,7 @@ class Backend:
     queue: QueueLimits = field(default_factory=QueueLimits)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     health: HealthCheck | None = None
+    routing: RoutingPolicy = DEFAULT_ROUTING
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +261,7 @@ __all__ = [
     "QueueLimits",
     "RepetitionGuard",
     "Route",
+    "RoutingPolicy",
     "SamplingPlan",
     "Snapshot",
     "SnapshotRef",
