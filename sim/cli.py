@@ -30,6 +30,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             max_model_len=getattr(args, "max_model_len", None) or defaults.max_model_len,
             api_key=getattr(args, "api_key", None),
             drop_usage_chunk=getattr(args, "drop_usage_chunk", False),
+            prefix_cache_blocks=getattr(args, "prefix_cache", None) or 0,
+            prefill_ms_per_block=getattr(args, "prefill_ms_per_block", None) or 0.0,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

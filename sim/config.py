@@ -30,6 +30,10 @@ class SimConfig:
     request_log_size: int = 100
     # A drifting backend for `sluice verify`'s own tests: include_usage is ignored.
     drop_usage_chunk: bool = False
+    # Prefix cache model (sim/prefixcache.py): LRU capacity in 16-token blocks, and the
+    # prefill time of one uncached block. Both 0: no model, TTFT is ttft_ms alone.
+    prefix_cache_blocks: int = 0
+    prefill_ms_per_block: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +47,14 @@ class SimConfig:
             problems.append(f"tokens_per_chunk must be at least 1, got {self.tokens_per_chunk}")
         if self.max_model_len < 2:
             problems.append(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if not 0 <= self.prefix_cache_blocks <= 100_000_000:
+            problems.append(
+                f"prefix_cache_blocks must be in [0, 100000000], got {self.prefix_cache_blocks}"
+            )
+        if not 0 <= self.prefill_ms_per_block <= 1000:
+            problems.append(
+                f"prefill_ms_per_block must be in [0, 1000], got {self.prefill_ms_per_block}"
+            )
         if not self.model:
             problems.append("model must not be empty")
         if problems:

@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import orjson
 from sluice.proxy.http import ClientGone, Request, Response, ServerState
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .generation import Generation, Outcome
 from .params import GenerationParams, Kind, check_content_type, parse_generation, parse_json
+from .prefixcache import Admission, PrefixCache
 from .scheduler import Scheduler
 from .stats import Stats
 
@@ -48,6 +50,11 @@ class SimApp:
         self.stats = Stats(config.request_log_size)
         self.scheduler = Scheduler(loop)
         self.health_status = 200
+        self.prefix_cache = (
+            PrefixCache(config.prefix_cache_blocks, config.prefill_ms_per_block / 1000.0)
+            if config.prefix_cache_blocks or config.prefill_ms_per_block
+            else None
+        )
         self.tasks: set[asyncio.Task[object]] = set()
         self.routes: dict[str, dict[str, Endpoint]] = {
             "/v1/chat/completions": {"POST": self.chat},
@@ -114,6 +121,7 @@ class SimApp:
             self._send_error(response, error)
             return
         stats.active += 1
+        admission: Admission | None = None
         if task is not None:
             self.tasks.add(task)
         try:
@@ -128,6 +136,9 @@ class SimApp:
                 raise api_error(sim.status, message)
             params = parse_generation(kind, body, self.config, sim)
             stats.prompt_tokens += sum(params.prompt_tokens)
+            if self.prefix_cache is not None:
+                admission = self._admit(params, body)
+                params = replace(params, sim=replace(sim, ttft_s=sim.ttft_s + admission.delay_s))
             fmt = self._format(params, request)
             if params.stream:
                 await self._stream(params, fmt, response)
@@ -140,8 +151,17 @@ class SimApp:
             raise
         finally:
             stats.active -= 1
+            if admission is not None and self.prefix_cache is not None:
+                self.prefix_cache.release(admission)
             if task is not None:
                 self.tasks.discard(task)
+
+    def _admit(self, params: GenerationParams, body: object) -> Admission:
+        assert self.prefix_cache is not None
+        salt = body.get("cache_salt") if isinstance(body, dict) else None
+        return self.prefix_cache.admit(
+            params.prompts, salt if isinstance(salt, str) and salt else None, self.loop.time()
+        )
 
     def _format(self, params: GenerationParams, request: Request) -> ChunkFormat:
         # vLLM: the X-Request-Id header, else the body's request_id, else random.
@@ -254,7 +274,18 @@ class SimApp:
         response.send(200, JSON_HEADERS, orjson.dumps({"version": VLLM_VERSION}))
 
     async def metrics(self, request: Request, response: Response) -> None:
-        response.send(200, METRICS_HEADERS, self.stats.render_metrics(self.config.model))
+        cache = self.prefix_cache
+        if cache is None:
+            body = self.stats.render_metrics(self.config.model)
+        else:
+            body = self.stats.render_metrics(
+                self.config.model,
+                prefill_waiting=cache.waiting(self.loop.time()),
+                kv_usage=cache.kv_usage(),
+                cache_queries=cache.query_tokens,
+                cache_hits=cache.hit_tokens,
+            )
+        response.send(200, METRICS_HEADERS, body)
 
     # -- /sim/* ----------------------------------------------------------------------
 
@@ -266,6 +297,8 @@ class SimApp:
 
     async def sim_reset(self, request: Request, response: Response) -> None:
         self.stats.reset()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self.health_status = 200
         response.send(200, JSON_HEADERS, orjson.dumps(self.stats.snapshot()))
 

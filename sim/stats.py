@@ -93,17 +93,38 @@ class Stats:
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }
 
-    def render_metrics(self, model: str) -> bytes:
-        """Prometheus text with vLLM's metric names and labels."""
+    def render_metrics(
+        self,
+        model: str,
+        *,
+        prefill_waiting: int = 0,
+        kv_usage: float = 0.0,
+        cache_queries: int = 0,
+        cache_hits: int = 0,
+    ) -> bytes:
+        """Prometheus text with vLLM's metric names and labels. `prefill_waiting`: requests
+        queued behind another's prefill (the prefix cache model), counted as waiting."""
         labels = f'engine="0",model_name="{_escape(model)}"'
-        running = self.active - self.waiting
+        waiting = min(self.active, self.waiting + prefill_waiting)
+        running = self.active - waiting
         lines = [
             "# HELP vllm:num_requests_running Number of requests in model execution batches.",
             "# TYPE vllm:num_requests_running gauge",
             f"vllm:num_requests_running{{{labels}}} {float(running)}",
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
             "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{labels}}} {float(self.waiting)}",
+            f"vllm:num_requests_waiting{{{labels}}} {float(waiting)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {float(kv_usage)}",
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number "
+            "of queried tokens.",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{{{labels}}} {float(cache_queries)}",
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of "
+            "cached tokens.",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{{{labels}}} {float(cache_hits)}",
             "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{labels}}} {float(self.prompt_tokens)}",
