@@ -8,7 +8,7 @@ gets
   + load_weight    * (1 - load / (highest load among candidates + 1))
   + kv_weight      * (1 - KV-cache usage)
 
-and the highest score wins (ties: the lower load, then the backend's order). `load` is
+and the highest score wins (ties: the lower load, then the next replica in turn). `load` is
 this process's requests in flight on the replica, or vLLM's `num_requests_running` when
 that is higher (other workers and proxies send there too), plus `num_requests_waiting`.
 The load guard: a replica with more than `max_waiting` queued requests, more than
@@ -127,6 +127,7 @@ class AffinityRouter:
     def __init__(self) -> None:
         self.states: dict[str, ReplicaState] = {}
         self._sessions: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+        self._turn = 0
 
     def state(self, url: str) -> ReplicaState:
         state = self.states.get(url)
@@ -171,7 +172,9 @@ class AffinityRouter:
         total = len(hint.blocks)
         best: Candidate[R] | None = None
         best_score = 0.0
-        for c in candidates:
+        # Ties (an idle backend, a new prefix) go round the replicas, not to the first.
+        self._turn = turn = (self._turn + 1) % len(candidates)
+        for c in candidates[turn:] + candidates[:turn]:
             c.guarded = _overloaded(c, policy, min_load)
             score = policy.load_weight * (1.0 - c.load / (max_load + 1.0))
             score += policy.kv_weight * (1.0 - min(c.kv_usage, 1.0))
