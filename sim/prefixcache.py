@@ -5,7 +5,8 @@ simulator hashes: `role: text` lines for chat, the prompt for completions) is cu
 blocks of BLOCK_TOKENS tokens (the simulator counts 4 bytes a token) and each block is keyed
 by a hash chained over every block before it and the request's `cache_salt`, as vLLM keys
 its KV blocks. An LRU of BLOCKS keys stands for the cache. A request's leading blocks that
-are in it are hits; each other block costs MS of prefill.
+are in it are hits; each other block costs MS of prefill. BLOCKS is the whole KV cache:
+blocks held by requests in flight leave that much less room for cached prefixes.
 
 Prefill is serialized per simulator, as one GPU's compute is: a request's prefill starts
 when the one before it ends, and its first token comes `--ttft-ms` after its own prefill
@@ -71,8 +72,13 @@ class PrefixCache:
         """Looks the prompts up, caches their blocks, and queues their prefill."""
         lru = self._lru
         hits = queries = uncached = held = 0
-        for prompt in prompts:
-            keys = block_keys(prompt, salt)
+        per_prompt = [block_keys(prompt, salt) for prompt in prompts]
+        self.held_blocks += sum(len(keys) + 1 for keys in per_prompt)
+        # Blocks held by requests in flight are not free to cache others' (vLLM caches in
+        # its free blocks). Counting a running request's cached prefix twice makes the
+        # cache a little smaller than vLLM's: conservative for prefix-aware routing.
+        room = max(0, self.capacity - self.held_blocks)
+        for keys in per_prompt:
             matched = 0
             for key in keys:
                 if key not in lru:
@@ -85,7 +91,7 @@ class PrefixCache:
                     lru.move_to_end(key)
                 else:
                     lru[key] = None
-            while len(lru) > self.capacity:
+            while len(lru) > room:
                 lru.popitem(last=False)
             hits += matched
             queries += len(keys)
@@ -98,7 +104,6 @@ class PrefixCache:
         self._busy_until = start + uncached * self.prefill_s_per_block
         if start > now:
             self._starts.append(start)
-        self.held_blocks += held
         return Admission(self._busy_until - now, held, hits, queries)
 
     def release(self, admission: Admission) -> None:
