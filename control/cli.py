@@ -41,6 +41,20 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="never send the usage chunk (a drifting backend, to test `sluice verify`)",
     )
+    p.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=0,
+        metavar="BLOCKS",
+        help="model vLLM's prefix cache: KV cache of BLOCKS 16-token blocks, LRU (default off)",
+    )
+    p.add_argument(
+        "--prefill-ms-per-block",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="prefill time of each uncached prompt block, serialized per replica (default 0)",
+    )
     p.set_defaults(target="sluice.sim.cli:run")
 
 

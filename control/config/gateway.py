@@ -23,13 +23,14 @@ from sluice.proxy.snapshot import (
     HealthCheck,
     QueueLimits,
     Route,
+    RoutingPolicy,
     SamplingPlan,
     StickyKind,
     StreamPolicy,
     Variant,
 )
 
-from .gateway_schema import BackendSection, GatewayFile, QueueSection
+from .gateway_schema import BackendSection, GatewayFile, QueueSection, RoutingSection
 from .issues import ConfigIssue
 from .loader import Document
 
@@ -70,6 +71,25 @@ def _backend(section: BackendSection, override: str | None) -> Backend:
         health=None
         if health is None
         else HealthCheck(path=health.path, interval=health.interval, timeout=health.timeout),
+        routing=_routing(section.routing),
+    )
+
+
+def _routing(section: RoutingSection) -> RoutingPolicy:
+    return RoutingPolicy(
+        strategy=section.strategy,
+        block_chars=section.block_chars,
+        index_blocks=section.index_blocks,
+        prefix_weight=section.prefix_weight,
+        load_weight=section.load_weight,
+        kv_weight=section.kv_weight,
+        session_header=section.session_header,
+        session_weight=section.session_weight,
+        max_waiting=section.max_waiting,
+        max_kv_usage=section.max_kv_usage,
+        max_imbalance=section.max_imbalance,
+        scrape_interval=section.scrape_interval,
+        scrape_path=section.scrape_path,
     )
 
 

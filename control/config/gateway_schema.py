@@ -16,6 +16,8 @@ from .values import (
     Bool,
     Duration,
     FilePath,
+    Float,
+    HeaderName,
     Host,
     HostPort,
     HttpPath,
@@ -79,6 +81,67 @@ class HealthSection(Section):
     timeout: Duration = Field(default=2.0, description="A check slower than this fails.")
 
 
+class RoutingSection(Section):
+    strategy: Literal["score", "least_outstanding"] = Field(
+        default="score",
+        description="How a request picks a replica: score (prefix affinity, session "
+        "affinity and load; docs/ROUTING.md) or least_outstanding (fewest requests in flight).",
+    )
+    block_chars: Int = Field(
+        default=256,
+        ge=16,
+        le=65536,
+        description="Prompt characters (UTF-8 bytes) per hashed block, about 4 per token.",
+    )
+    index_blocks: Int = Field(
+        default=65536,
+        ge=1,
+        le=10_000_000,
+        description="Block hashes remembered per replica (LRU); about a replica's KV cache.",
+    )
+    prefix_weight: Float = Field(
+        default=3.0, ge=0, description="Weight of the share of the prompt a replica has cached."
+    )
+    load_weight: Float = Field(
+        default=2.0, ge=0, description="Weight of a replica's load (in flight + vLLM's queue)."
+    )
+    kv_weight: Float = Field(
+        default=1.0, ge=0, description="Weight of a replica's free KV cache (vLLM's /metrics)."
+    )
+    session_header: HeaderName | None = Field(
+        default=None,
+        description="Header whose value pins a session to the replica it last used; null: off.",
+    )
+    session_weight: Float = Field(
+        default=10.0, ge=0, description="Weight of the session pin (when session_header is set)."
+    )
+    max_waiting: Int = Field(
+        default=8,
+        ge=0,
+        description="Load guard: a replica with more queued requests (vllm:num_requests_waiting) "
+        "gets no affinity bonus.",
+    )
+    max_kv_usage: Float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="Load guard: a replica with more KV cache in use gets no affinity bonus.",
+    )
+    max_imbalance: Int = Field(
+        default=16,
+        ge=0,
+        description="Load guard: a replica with this many more requests in flight than the least "
+        "loaded one gets no affinity bonus.",
+    )
+    scrape_interval: Duration | None = Field(
+        default=0.5,
+        gt=0,
+        description="How often vLLM's /metrics is read on each replica; null: never (load is "
+        "this process's requests in flight only).",
+    )
+    scrape_path: HttpPath = Field(default="/metrics", description="Path of vLLM's metrics.")
+
+
 class BackendSection(Section):
     name: Name = Field(description="Backend name, referenced by routes.")
     urls: tuple[Url, ...] = Field(
@@ -91,6 +154,10 @@ class BackendSection(Section):
     connect_timeout: Duration = Field(default=5.0, description="TCP connect deadline.")
     health: HealthSection | None = Field(
         default=None, description="Active health check; null: off."
+    )
+    routing: RoutingSection = Field(
+        default_factory=RoutingSection,
+        description="Replica choice when the backend has several URLs.",
     )
 
 

@@ -217,6 +217,12 @@ def check_sticky(value: str) -> str:
     raise ValueError(f"{value!r} is not a sticky key: expected header:<name>, user or app")
 
 
+def check_header_name(value: str) -> str:
+    if not HEADER_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not an HTTP header name")
+    return value.lower()
+
+
 RATE_RE = re.compile(r"[1-9]\d{0,6}r/[sm]")
 WORKER_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ROUTE_LABEL = r"(?:\*|[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
@@ -268,6 +274,7 @@ HostPort = Annotated[str, Strict(), AfterValidator(check_host_port), TypeLabel("
 HttpPath = Annotated[str, Strict(), AfterValidator(check_http_path), TypeLabel("HTTP path")]
 FilePath = Annotated[str, Strict(), AfterValidator(check_file_path), TypeLabel("file path")]
 Sticky = Annotated[str, Strict(), AfterValidator(check_sticky), TypeLabel("sticky key")]
+HeaderName = Annotated[str, Strict(), AfterValidator(check_header_name), TypeLabel("header name")]
 Rate = Annotated[str, Strict(), AfterValidator(check_rate), TypeLabel("rate")]
 WorkerName = Annotated[str, Strict(), AfterValidator(check_worker_name), TypeLabel("worker name")]
 RoutePattern = Annotated[

@@ -6,6 +6,8 @@
   `--backend URL` pass-through) or `records.path: null`: no records and no feedback route.
 - `attach_health`: the active health probes of the backends that set `health`; these
   follow reloads.
+- `attach_load_scraper`: vLLM's load figures for replica choice by score; these follow
+  reloads too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sluice.control.config.build import BuiltConfig
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.health import HealthMetrics, HealthProber
+from sluice.proxy.loadscrape import LoadScraper
 
 
 class Closer(Protocol):
@@ -63,4 +66,12 @@ def attach_health(app: ProxyApp, *, registry: CollectorRegistry | None = None) -
     return prober
 
 
-__all__ = ["Closer", "attach_health", "attach_records"]
+def attach_load_scraper(app: ProxyApp) -> Closer:
+    """Starts reading vLLM's /metrics on the replicas of backends that route by score (call
+    it with the event loop running); these follow reloads."""
+    scraper = LoadScraper(app.ref, app.pools.router)
+    scraper.start()
+    return scraper
+
+
+__all__ = ["Closer", "attach_health", "attach_load_scraper", "attach_records"]

@@ -36,7 +36,7 @@ from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
 from .logs import configure_logging
-from .plugins import attach_health, attach_records
+from .plugins import attach_health, attach_load_scraper, attach_records
 from .reloader import ConfigReloader
 from .supervisor import WORKER_ENV, supervise
 
@@ -194,6 +194,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     registry = observer.metrics.registry if observer.metrics is not None else None
     records = attach_records(built, app, registry=registry)
     health = attach_health(app, registry=registry)
+    load_scraper = attach_load_scraper(app)
     state = ServerState(
         app,
         lambda: ref.current.max_body_bytes,
@@ -235,6 +236,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     await stop.wait()
     await drain(app, server, options.drain_timeout, log, grace=options.drain_grace)
     await health.aclose()
+    await load_scraper.aclose()
     await records.aclose()  # after the drain, so the last requests' records are written too
     for task in (watch_task, gauge_task):
         if task is not None:
