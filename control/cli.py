@@ -107,6 +107,35 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(target="sluice.control.bench.bench:run")
+    _add_bench_routing(p.add_subparsers(dest="bench_command", required=False))
+
+
+def _add_bench_routing(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "routing", help="TTFT of round-robin, least-outstanding and sluice's replica choice"
+    )
+    p.add_argument("--urls", default=None, help="comma-separated replica URLs (default: sims)")
+    p.add_argument("--model", default="sim-model", help="model the replicas serve")
+    p.add_argument("--replicas", type=int, default=4, help="simulated replicas (default 4)")
+    p.add_argument("--tenants", type=int, default=40)
+    p.add_argument("--system-chars", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--requests", type=int, default=1200, help="per run (default 1200)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="simulator TTFT before prefill")
+    p.add_argument("--itl-ms", type=float, default=20.0)
+    p.add_argument("--prefix-cache", type=int, default=1200, help="simulator KV blocks")
+    p.add_argument("--prefill-ms-per-block", type=float, default=1.5)
+    p.add_argument(
+        "--workload", choices=("shared", "unique", "both"), default="both", help="default both"
+    )
+    p.add_argument(
+        "--workers", default="", help="also run sluice's default with these worker counts: 2,4"
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(target="sluice.control.bench.routing:run")
 
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,508 @@
+"""`sluice bench routing`: TTFT of round-robin (nginx), least-outstanding and sluice's
+default replica choice on a multi-tenant workload (docs/ROUTING.md).
+
+Starts REPLICAS simulators with the prefix cache model (or uses `--urls`, e.g. real vLLM
+replicas with prefix caching on), nginx round-robin over them, and one `sluice serve` with
+two routes over the same replicas: `lo` (least_outstanding) and `score` (the default).
+Two workloads: `shared` (TENANTS tenants, each with its own SYSTEM_CHARS-character system
+prompt, and a random question per request) and `unique` (a fresh system prompt per
+request: nothing to share, the never-worse-than-load case). Each run uses prompts no run
+before it used and the replicas' caches are reset before it (the simulator's
+/sim/reset; vLLM's POST /reset_prefix_cache where the server allows it). With `--workers`,
+sluice's default also runs with that many worker processes (each keeps its own index) on
+the shared workload: the cost of not sharing the index. Every run is bounded by
+`--timeout`; every child is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import uvloop
+from sluice.control.errors import CliError
+
+from .loadgen import CONNECT_TIMEOUT, Samples, StreamConnection, percentile
+from .processes import SERVE_READY, SIM_READY, Child, find_nginx, free_port, sluice_argv
+
+GOAL_SHARED_P90_RATIO = 1 / 3  # sluice's p90 TTFT at most a third of round-robin's
+GOAL_UNIQUE_P90_RATIO = 1.2  # and within 1.2x of it with nothing to share
+_WORD_TEXT = (
+    "account billing invoice refund order shipping return policy warranty password login "
+    "profile address payment card plan upgrade cancel support ticket status delivery store "
+    "product price discount coupon email phone language region tax receipt subscription"
+)
+WORDS = tuple(_WORD_TEXT.split())
+_SERVING_LINE = re.compile(r"sluice serving on ")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    replicas: int = 4
+    tenants: int = 40
+    system_chars: int = 2000
+    concurrency: int = 64
+    requests: int = 1200
+    max_tokens: int = 16
+    ttft_ms: float = 20.0
+    itl_ms: float = 20.0
+    prefix_cache: int = 1200
+    prefill_ms_per_block: float = 1.5
+    workers: tuple[int, ...] = ()
+    urls: tuple[str, ...] = ()
+    model: str = "sim-model"
+    timeout: float = 120.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.urls and len(self.urls) < 2:
+            raise ValueError("--urls needs at least two replicas")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname:
+                raise ValueError(f"--urls: {url!r} is not http://host:port")
+        if not 2 <= self.replicas <= 16:
+            raise ValueError("--replicas must be in [2, 16]")
+        if self.tenants < 1 or self.system_chars < 0 or self.concurrency < 1:
+            raise ValueError("--tenants and --concurrency must be at least 1")
+        if not 1 <= self.requests <= 100_000 or not 1 <= self.max_tokens <= 4096:
+            raise ValueError("--requests must be in [1, 100000], --max-tokens in [1, 4096]")
+        if any(not 1 <= w <= 16 for w in self.workers):
+            raise ValueError("--workers must be in [1, 16]")
+
+
+class Workload:
+    """Chat bodies: `shared` (tenants' system prompts) or `unique` (one per request)."""
+
+    def __init__(self, spec: RoutingSpec, kind: str, tag: str) -> None:
+        self.spec = spec
+        self.kind = kind
+        self.rng = random.Random(f"{spec.seed}/{kind}/{tag}")
+        self.tag = tag
+        self.systems = [self._system(f"tenant {t}") for t in range(spec.tenants)]
+
+    def _words(self, chars: int) -> str:
+        out: list[str] = []
+        size = 0
+        while size < chars:
+            word = self.rng.choice(WORDS)
+            out.append(word)
+            size += len(word) + 1
+        return " ".join(out)[:chars]
+
+    def _system(self, who: str) -> str:
+        head = f"[{self.tag}] You are the assistant of {who}. "
+        return head + self._words(max(0, self.spec.system_chars - len(head)))
+
+    def body(self, model: str) -> dict[str, Any]:
+        if self.kind == "shared":
+            system = self.rng.choice(self.systems)
+        else:
+            system = self._system(f"customer {self.rng.randrange(1 << 30)}")
+        question = self._words(self.rng.randint(40, 120)) + "?"
+        return {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question},
+            ],
+            "stream": True,
+            "max_tokens": self.spec.max_tokens,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+        }
+
+
+def _request(url: str, body: dict[str, Any]) -> bytes:
+    parts = urlsplit(url)
+    payload = orjson.dumps(body)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\n"
+        "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+async def run_requests(
+    url: str, model: str, workload: Workload, spec: RoutingSpec
+) -> tuple[Samples, float]:
+    """`spec.requests` streams, `spec.concurrency` at a time, within `spec.timeout`."""
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    samples = Samples()
+    remaining = spec.requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        conn: StreamConnection | None = None
+        try:
+            while remaining > 0:
+                remaining -= 1
+                request = _request(url, workload.body(model))
+                try:
+                    if conn is None or conn.closed or not conn.keep_alive:
+                        if conn is not None:
+                            conn.abort()
+                        async with asyncio.timeout(CONNECT_TIMEOUT):
+                            _, conn = await loop.create_connection(
+                                lambda: StreamConnection(samples), host, port
+                            )
+                    await conn.exchange(request)
+                except (OSError, TimeoutError) as exc:
+                    samples.fail("connect", str(exc) or type(exc).__name__)
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.abort()
+
+    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(min(spec.concurrency, spec.requests))]
+    try:
+        async with asyncio.timeout(spec.timeout):
+            await asyncio.gather(*tasks)
+    except TimeoutError:
+        samples.fail("timeout", f"run unfinished after {spec.timeout:g}s")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return samples, time.perf_counter() - started
+
+
+def _cache_counters(urls: tuple[str, ...]) -> tuple[float, float]:
+    """(queried tokens, hit tokens) summed over the replicas' /metrics (0, 0 if absent)."""
+    queries = hits = 0.0
+    for url in urls:
+        try:
+            text = httpx.get(url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")):
+                value = float(line.rsplit(" ", 1)[1])
+                if line.startswith("vllm:prefix_cache_queries_total"):
+                    queries += value
+                else:
+                    hits += value
+    return queries, hits
+
+
+def _reset_caches(urls: tuple[str, ...], simulated: bool) -> bool:
+    ok = True
+    for url in urls:
+        path = "/sim/reset" if simulated else "/reset_prefix_cache"
+        try:
+            response = httpx.post(url + path, timeout=10)
+            ok = ok and response.status_code < 300
+        except httpx.HTTPError:
+            ok = False
+    return ok
+
+
+@dataclass
+class RunResult:
+    target: str
+    workload: str
+    ok: int
+    errors: dict[str, int]
+    first_error: str
+    wall_s: float
+    ttft_ms: dict[str, float]
+    hit_rate: float | None
+    cache_reset: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(
+    runner: asyncio.Runner,
+    spec: RoutingSpec,
+    target: str,
+    url: str,
+    model: str,
+    kind: str,
+    urls: tuple[str, ...],
+    simulated: bool,
+) -> RunResult:
+    reset = _reset_caches(urls, simulated)
+    workload = Workload(spec, kind, f"{target}-{time.monotonic_ns()}")
+    before = _cache_counters(urls)
+    samples, wall = runner.run(run_requests(url, model, workload, spec))
+    after = _cache_counters(urls)
+    queried = after[0] - before[0]
+    ttfts = samples.ttfts
+    return RunResult(
+        target=target,
+        workload=kind,
+        ok=samples.ok,
+        errors=dict(samples.errors),
+        first_error=samples.first_error,
+        wall_s=round(wall, 2),
+        ttft_ms={
+            q: round(percentile(ttfts, float(q[1:])) * 1000, 1) for q in ("p50", "p90", "p99")
+        },
+        hit_rate=round((after[1] - before[1]) / queried, 3) if queried > 0 else None,
+        cache_reset=reset,
+    )
+
+
+def _nginx_conf(workdir: Path, port: int, urls: tuple[str, ...]) -> str:
+    servers = "\n".join(f"    server {u.removeprefix('http://').rstrip('/')};" for u in urls)
+    temp = "\n".join(
+        f"  {kind}_temp_path {workdir}/nginx-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+  upstream backend {{
+{servers}
+    keepalive 256;
+  }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+"""
+
+
+def _sluice_config(workdir: Path, urls: tuple[str, ...], model: str) -> Path:
+    config = workdir / "routing-config"
+    config.mkdir(exist_ok=True)
+    listed = json.dumps(list(urls))
+    common = f"urls: {listed}, max_concurrency: 4096, queue: {{max: 4096, max_wait: 60s}}"
+    (config / "gateway.yaml").write_text(
+        "kind: Gateway\nrecords: {path: null}\nbackends:\n"
+        f"  - {{name: lo, {common}, routing: {{strategy: least_outstanding}}}}\n"
+        f"  - {{name: score, {common}}}\n"
+        "routes:\n"
+        f"  - {{model: lo, backend: lo, upstream_model: {json.dumps(model)}}}\n"
+        f"  - {{model: score, backend: score, upstream_model: {json.dumps(model)}}}\n"
+    )
+    return config
+
+
+def _start_sluice(workdir: Path, config: Path, workers: int) -> tuple[Child, str]:
+    child = Child(
+        f"sluice-w{workers}",
+        sluice_argv(
+            "serve",
+            *("--config", str(config), "--host", "127.0.0.1", "--port", str(free_port())),
+            *("--workers", str(workers), "--no-access-log"),
+        ),
+        workdir,
+    )
+    url = child.wait_line(SERVE_READY)
+    deadline = time.monotonic() + 20
+    while len(_SERVING_LINE.findall(child.out_path.read_text(errors="replace"))) < workers:
+        if time.monotonic() > deadline or child.proc.poll() is not None:
+            child.stop()
+            raise CliError(f"sluice --workers {workers}: not every worker started")
+        time.sleep(0.05)
+    return child, url
+
+
+@contextlib.contextmanager
+def _replicas(spec: RoutingSpec, workdir: Path) -> Iterator[tuple[tuple[str, ...], list[Child]]]:
+    children: list[Child] = []
+    try:
+        if spec.urls:
+            yield tuple(u.rstrip("/") for u in spec.urls), children
+            return
+        urls = []
+        for i in range(spec.replicas):
+            sim = Child(
+                f"sim{i}",
+                sluice_argv(
+                    "sim",
+                    *("--host", "127.0.0.1", "--port", "0", "--model", spec.model),
+                    *("--ttft-ms", f"{spec.ttft_ms:g}", "--itl-ms", f"{spec.itl_ms:g}"),
+                    *("--prefix-cache", str(spec.prefix_cache)),
+                    *("--prefill-ms-per-block", f"{spec.prefill_ms_per_block:g}"),
+                ),
+                workdir,
+            )
+            children.append(sim)
+            urls.append(sim.wait_line(SIM_READY))
+        yield tuple(urls), children
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def run_bench(spec: RoutingSpec, workloads: tuple[str, ...]) -> dict[str, Any]:
+    simulated = not spec.urls
+    results: list[RunResult] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="sluice-bench-routing-") as tmp,
+        _replicas(spec, Path(tmp)) as (urls, _),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        workdir = Path(tmp)
+        nginx_port = free_port()
+        conf = workdir / "nginx.conf"
+        conf.write_text(_nginx_conf(workdir, nginx_port, urls))
+        nginx = Child(
+            "nginx",
+            [
+                find_nginx(),
+                "-p",
+                str(workdir),
+                "-e",
+                str(workdir / "nginx-error.log"),
+                "-c",
+                str(conf),
+            ],
+            workdir,
+        )
+        config = _sluice_config(workdir, urls, spec.model)
+        sluice: Child | None = None
+        try:
+            nginx.wait_port(nginx_port)
+            sluice, sluice_url = _start_sluice(workdir, config, 1)
+            nginx_url = f"http://127.0.0.1:{nginx_port}"
+            for kind in workloads:
+                for target, url, model in (
+                    ("round-robin (nginx)", nginx_url, spec.model),
+                    ("least-outstanding (sluice)", sluice_url, "lo"),
+                    ("sluice default", sluice_url, "score"),
+                ):
+                    results.append(measure(runner, spec, target, url, model, kind, urls, simulated))
+            sluice.stop()
+            sluice = None
+            for workers in spec.workers:
+                if "shared" not in workloads:
+                    break
+                sluice, url = _start_sluice(workdir, config, workers)
+                name = f"sluice default, --workers {workers}"
+                results.append(measure(runner, spec, name, url, "score", "shared", urls, simulated))
+                sluice.stop()
+                sluice = None
+        finally:
+            if sluice is not None:
+                sluice.stop()
+            nginx.stop()
+    return report(spec, results)
+
+
+def report(spec: RoutingSpec, results: list[RunResult]) -> dict[str, Any]:
+    verdicts: dict[str, Any] = {}
+    for kind, goal in (("shared", GOAL_SHARED_P90_RATIO), ("unique", GOAL_UNIQUE_P90_RATIO)):
+        rr = next((r for r in results if r.workload == kind and r.target.startswith("round")), None)
+        ours = next(
+            (r for r in results if r.workload == kind and r.target == "sluice default"), None
+        )
+        if rr is None or ours is None or not rr.ttft_ms["p90"]:
+            continue
+        ratio = ours.ttft_ms["p90"] / rr.ttft_ms["p90"]
+        verdicts[kind] = {
+            "p90_ratio": round(ratio, 3),
+            "goal": round(goal, 3),
+            "met": ratio <= goal,
+        }
+    settings = {k: v for k, v in spec.__dict__.items() if k not in ("urls",) or spec.urls}
+    return {"settings": settings, "runs": [r.__dict__ for r in results], "verdicts": verdicts}
+
+
+def format_report(data: dict[str, Any]) -> str:
+    lines = []
+    s = data["settings"]
+    where = (
+        f"replicas {', '.join(s['urls'])}"
+        if s.get("urls")
+        else (
+            f"{s['replicas']} simulated replicas (--prefix-cache {s['prefix_cache']}, "
+            f"--prefill-ms-per-block {s['prefill_ms_per_block']:g}, --ttft-ms {s['ttft_ms']:g}, "
+            f"--itl-ms {s['itl_ms']:g})"
+        )
+    )
+    lines.append(
+        f"{where}; {s['tenants']} tenants x {s['system_chars']}-char system prompts, "
+        f"{s['requests']} requests, {s['concurrency']} concurrent, {s['max_tokens']} tokens"
+    )
+    header = ["workload", "target", "TTFT p50 ms", "p90", "p99", "cache hits", "ok", "errors"]
+    rows = [header]
+    for r in data["runs"]:
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate'] * 100:.0f}%"
+        errors = sum(r["errors"].values())
+        rows.append(
+            [
+                r["workload"],
+                r["target"],
+                f"{r['ttft_ms']['p50']:.1f}",
+                f"{r['ttft_ms']['p90']:.1f}",
+                f"{r['ttft_ms']['p99']:.1f}",
+                hit,
+                str(r["ok"]),
+                str(errors),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for kind, v in data["verdicts"].items():
+        mark = "met" if v["met"] else "NOT met"
+        lines.append(
+            f"{kind}: sluice default p90 / round-robin p90 = {v['p90_ratio']:.2f} "
+            f"(goal <= {v['goal']:.2f}): {mark}"
+        )
+    for r in data["runs"]:
+        if r["first_error"]:
+            lines.append(f"{r['target']} ({r['workload']}): first error: {r['first_error']}")
+        if not r["cache_reset"]:
+            lines.append(f"{r['target']} ({r['workload']}): could not reset the replicas' caches")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = RoutingSpec(
+            replicas=args.replicas,
+            tenants=args.tenants,
+            system_chars=args.system_chars,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            ttft_ms=args.ttft_ms,
+            itl_ms=args.itl_ms,
+            prefix_cache=args.prefix_cache,
+            prefill_ms_per_block=args.prefill_ms_per_block,
+            workers=tuple(int(w) for w in args.workers.split(",") if w) if args.workers else (),
+            urls=tuple(u for u in args.urls.split(",") if u) if args.urls else (),
+            model=args.model,
+            timeout=args.timeout,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    workloads = ("shared", "unique") if args.workload == "both" else (args.workload,)
+    data = run_bench(spec, workloads)
+    print(json.dumps(data, indent=2) if args.json else format_report(data), flush=True)
+    return 0
