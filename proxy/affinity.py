@@ -9,8 +9,9 @@ gets
   + kv_weight      * (1 - KV-cache usage)
 
 and the highest score wins (ties: the lower load, then the next replica in turn). `load` is
-this process's requests in flight on the replica, or vLLM's `num_requests_running` when
-that is higher (other workers and proxies send there too), plus `num_requests_waiting`.
+this process's requests in flight on the replica (exact and current) plus the requests
+other processes had there at the last scrape (vLLM's `num_requests_running` +
+`num_requests_waiting` minus this process's in flight at that moment).
 The load guard: a replica with more than `max_waiting` queued requests, more than
 `max_kv_usage` of its KV cache in use, or more than `max_imbalance` requests above the
 least loaded candidate gets no affinity bonus, so a hot prefix or session spills over to
@@ -65,14 +66,15 @@ class RoutingHint:
 class ReplicaState:
     """One replica URL's prefix index and last scraped load."""
 
-    __slots__ = ("blocks", "kv_usage", "running", "scraped_at", "waiting")
+    __slots__ = ("blocks", "kv_usage", "others", "running", "scraped_at", "waiting")
 
     def __init__(self) -> None:
         self.blocks: OrderedDict[bytes, None] = OrderedDict()
         self.waiting = 0.0
         self.running = 0.0
         self.kv_usage = 0.0
-        self.scraped_at = -1e18  # loop-independent monotonic seconds; never scraped
+        self.others = 0.0  # requests there that this process did not send, at the scrape
+        self.scraped_at = -1e18  # time.monotonic(); never scraped
 
     def matched(self, blocks: list[bytes]) -> int:
         """Leading blocks found in the index (a chained hash implies all before it)."""
@@ -94,10 +96,14 @@ class ReplicaState:
         while len(index) > capacity:
             index.popitem(last=False)
 
-    def set_load(self, waiting: float, running: float, kv_usage: float, now: float) -> None:
+    def set_load(
+        self, waiting: float, running: float, kv_usage: float, own: int, now: float
+    ) -> None:
+        """vLLM's figures at `now`, when this process had `own` requests in flight there."""
         self.waiting = waiting
         self.running = running
         self.kv_usage = kv_usage
+        self.others = max(0.0, waiting + running - own)
         self.scraped_at = now
 
 
@@ -110,7 +116,9 @@ class Candidate(Generic[R]):
         self.replica = replica
         self.state = state
         if fresh:
-            self.load = max(float(outstanding), state.running) + state.waiting
+            # Our own count is exact and current; the scrape adds only what others sent
+            # (a stale copy of our own would make every process chase the same replica).
+            self.load = outstanding + state.others
             self.waiting = state.waiting
             self.kv_usage = state.kv_usage
         else:

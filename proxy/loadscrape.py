@@ -22,7 +22,7 @@ import time
 import httptools
 import structlog
 
-from .affinity import AffinityRouter
+from .backends import BackendPools, Replica
 from .snapshot import Backend, Snapshot, SnapshotRef
 from .upstream import Origin
 
@@ -157,12 +157,12 @@ class LoadScraper:
     def __init__(
         self,
         ref: SnapshotRef,
-        router: AffinityRouter,
+        pools: BackendPools,
         *,
         reconcile_interval: float = RECONCILE_INTERVAL,
     ) -> None:
         self.ref = ref
-        self.router = router
+        self.pools = pools
         self.reconcile_interval = reconcile_interval
         self._seen: Snapshot | None = None
         self._tasks: dict[str, tuple[float, str, asyncio.Task[None]]] = {}
@@ -189,36 +189,43 @@ class LoadScraper:
         if snap is self._seen:
             return
         self._seen = snap
-        wanted: dict[str, tuple[float, str]] = {}
+        wanted: dict[str, tuple[float, str, Replica]] = {}
         for backend in snap.backends.values():
             if self._scraped(backend):
                 interval = backend.routing.scrape_interval
                 assert interval is not None
-                for url in backend.urls:
+                replicas = self.pools.replicas(backend)
+                for url, replica in zip(backend.urls, replicas, strict=True):
                     previous = wanted.get(url)
                     if previous is None or interval < previous[0]:
-                        wanted[url] = (interval, backend.routing.scrape_path)
+                        wanted[url] = (interval, backend.routing.scrape_path, replica)
         for url, (interval, path, task) in list(self._tasks.items()):
-            if wanted.get(url) != (interval, path):
+            want = wanted.get(url)
+            if want is None or want[:2] != (interval, path):
                 task.cancel()
                 del self._tasks[url]
         loop = asyncio.get_running_loop()
-        for url, (interval, path) in wanted.items():
+        for url, (interval, path, replica) in wanted.items():
             if url not in self._tasks:
-                task = loop.create_task(self._scrape_loop(url, interval, path))
+                task = loop.create_task(self._scrape_loop(replica, interval, path))
                 self._tasks[url] = (interval, path, task)
 
-    async def _scrape_loop(self, url: str, interval: float, path: str) -> None:
-        origin = Origin(url)
-        state = self.router.state(origin.url)
+    async def _scrape_loop(self, replica: Replica, interval: float, path: str) -> None:
+        origin = replica.pool.origin
+        url = origin.url
+        state = self.pools.router.state(url)
         timeout = max(0.2, min(2.0, interval * 2))
         failing = False
         while True:
             try:
+                own = replica.pool.outstanding  # before the GET: vLLM counts it this soon
                 figures = parse_metrics(await fetch_metrics(origin, path, timeout))
                 if not figures.seen:
                     raise ValueError("no vllm:num_requests_* metric (not a vLLM server?)")
-                state.set_load(figures.waiting, figures.running, figures.kv_usage, time.monotonic())
+                own = min(own, replica.pool.outstanding)
+                state.set_load(
+                    figures.waiting, figures.running, figures.kv_usage, own, time.monotonic()
+                )
                 if failing:
                     _log.info("replica_metrics_ok", url=url)
                 failing = False

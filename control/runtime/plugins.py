@@ -69,7 +69,7 @@ def attach_health(app: ProxyApp, *, registry: CollectorRegistry | None = None) -
 def attach_load_scraper(app: ProxyApp) -> Closer:
     """Starts reading vLLM's /metrics on the replicas of backends that route by score (call
     it with the event loop running); these follow reloads."""
-    scraper = LoadScraper(app.ref, app.pools.router)
+    scraper = LoadScraper(app.ref, app.pools)
     scraper.start()
     return scraper
 

@@ -195,7 +195,7 @@ def test_session_header_pins_and_falls_back_when_overloaded(make_cluster: Any) -
 
 def test_scraper_reads_vllm_load_figures(make_cluster: Any) -> None:
     cluster = make_cluster(scrape_interval=0.05)
-    scraper = LoadScraper(cluster.proxy.ref, cluster.proxy.app.pools.router)
+    scraper = LoadScraper(cluster.proxy.ref, cluster.proxy.app.pools)
     cluster.lt.call(scraper.start)
     try:
         first = cluster.sims[0]
