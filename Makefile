@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench verify-gpu clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing verify-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: $(STAMP) edge-deps
 # Output in build/verify-gpu/; docs/VLLM.md says what it checks. Not part of `make test`.
 verify-gpu: $(STAMP) edge-deps
 	SLUICE="$(CURDIR)/$(VENV)/bin/sluice" bash scripts/gpu/verify_gpu.sh
+
+# docs/ROUTING.md: round-robin vs least-outstanding vs sluice's replica choice (~1-2 min)
+bench-routing: $(STAMP) edge-deps
+	$(VENV)/bin/sluice bench routing --workers 2,4
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -47,6 +47,7 @@ _WORD_TEXT = (
 )
 WORDS = tuple(_WORD_TEXT.split())
 _SERVING_LINE = re.compile(r"sluice serving on ")
+WORKERS_START_TIMEOUT = 90.0
 
 
 @dataclass(frozen=True)
@@ -319,8 +320,9 @@ def _start_sluice(workdir: Path, config: Path, workers: int) -> tuple[Child, str
         ),
         workdir,
     )
-    url = child.wait_line(SERVE_READY)
-    deadline = time.monotonic() + 20
+    # Generous: N workers importing at once on a busy 2-core machine take a while.
+    url = child.wait_line(SERVE_READY, timeout=WORKERS_START_TIMEOUT)
+    deadline = time.monotonic() + WORKERS_START_TIMEOUT
     while len(_SERVING_LINE.findall(child.out_path.read_text(errors="replace"))) < workers:
         if time.monotonic() > deadline or child.proc.poll() is not None:
             child.stop()
