@@ -91,6 +91,12 @@ class Cluster:
             wait_until(lambda n=i + 1: sum(self.in_flight()) == n, 10)
         return futures
 
+    def set_healthy(self, index: int, healthy: bool) -> None:
+        """What the active health probe sets (proxy/health.py) when a replica goes down."""
+        backend = self.proxy.ref.current.backends["sim"]
+        replica = self.proxy.app.pools.replicas(backend)[index]
+        self.lt.call(lambda: setattr(replica, "healthy", healthy))
+
     def close(self) -> None:
         self.client.close()
         self.lt.run(self.proxy.server.close())
@@ -191,6 +197,12 @@ def test_session_header_pins_and_falls_back_when_overloaded(make_cluster: Any) -
             future.result()
     # The pin follows the fallback: the session's latest turns are cached there now.
     assert cluster.chat("", "recovered", headers=session) == moved
+    # A pinned replica that fails its health check is skipped too.
+    cluster.set_healthy(moved, False)
+    elsewhere = cluster.chat("", "while down", headers=session)
+    assert elsewhere != moved
+    cluster.set_healthy(moved, True)
+    assert cluster.chat("", "back", headers=session) == elsewhere
 
 
 def test_scraper_reads_vllm_load_figures(make_cluster: Any) -> None:
