@@ -138,7 +138,7 @@ class RoutingPolicy:
 
     strategy: RoutingStrategy = "score"
     block_chars: int = 256  # prompt characters per hashed block (about 64 tokens)
-    index_blocks: int = 65536  # blocks remembered per replica (LRU)
+    index_blocks: int = 16384  # blocks remembered per replica (LRU): ~1M tokens, ~2 MB
     prefix_weight: float = 3.0
     load_weight: float = 2.0
     kv_weight: float = 1.0

@@ -94,10 +94,11 @@ class RoutingSection(Section):
         description="Prompt characters (UTF-8 bytes) per hashed block, about 4 per token.",
     )
     index_blocks: Int = Field(
-        default=65536,
+        default=16384,
         ge=1,
         le=10_000_000,
-        description="Block hashes remembered per replica (LRU); about a replica's KV cache.",
+        description="Block hashes remembered per replica (LRU; ~125 bytes each); the default "
+        "covers ~1M tokens, more than most replicas' KV cache.",
     )
     prefix_weight: Float = Field(
         default=3.0, ge=0, description="Weight of the share of the prompt a replica has cached."
