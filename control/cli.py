@@ -62,6 +62,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("serve", help="run the proxy")
     p.add_argument("--config", default=None, help="config directory (default ./presets)")
     p.add_argument("--backend", default=None, help="route every model to this backend URL")
+    p.add_argument(
+        "--no-unknown-paths",
+        action="store_true",
+        help="with --backend and no config: answer 404 for paths sluice does not know "
+        "instead of relaying them (a Gateway says limits.forward_unknown_paths: false)",
+    )
     p.add_argument("--host", default=None, help="listen address (default: Gateway or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: Gateway or 8000)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")

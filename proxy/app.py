@@ -15,20 +15,22 @@ from time import monotonic
 
 import orjson
 
+from .adapters import Adapter
 from .affinity import RoutingHint
 from .auth import authenticate
 from .backends import BackendPools, Replica
+from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (
     JSON_HEADERS,
     ApiError,
     bad_gateway,
     bad_request,
-    error_event,
     method_not_allowed,
     not_found,
     send_error,
 )
 from .exchange import Exchange
+from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import Header, Request, Response
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import Limiter, LimiterRegistry, LimitExceeded
@@ -36,7 +38,6 @@ from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
-from .sampling import apply_plan, merge_stop
 from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
@@ -83,6 +84,7 @@ class ProxyApp:
         self.active_streams = 0
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
         self.streams: StreamStore | None = StreamRegistry()  # resumable streams
+        self.forwarder = Forwarder(self)
 
     def interrupt_all(self, kind: str) -> int:
         """Ends every request in flight (drain deadline passed): exchanges with a backend
@@ -98,10 +100,18 @@ class ProxyApp:
     async def __call__(self, request: Request, response: Response) -> None:
         path = request.path
         try:
-            if path in ("/v1/chat/completions", "/v1/completions"):
+            adapter = GENERATING.get(path)
+            if adapter is not None:
                 if request.method != "POST":
+                    if path == "/" and request.method in ("GET", "HEAD"):
+                        await self.forwarder.local(request, response)  # TGI's info probe
+                        return
                     raise method_not_allowed(request.method, path, "POST")
-                await self.completions(request, response, chat=path == "/v1/chat/completions")
+                await self.completions(request, response, adapter)
+            elif path in LOCAL_PATHS:
+                await self.forwarder.local(request, response)
+            elif path.startswith("/v1/models/"):
+                await self.forwarder.model_card(request, response)
             elif path == "/v1/models":
                 if request.method not in ("GET", "HEAD"):
                     raise method_not_allowed(request.method, path, "GET")
@@ -117,9 +127,12 @@ class ProxyApp:
                     response.send(503, JSON_HEADERS, b'{"status":"draining"}')
             else:
                 handler = self.extra_routes.get(path)
-                if handler is None:
+                if handler is not None:
+                    await handler(request, response)
+                elif forwarded_path(path, self.ref.current):
+                    await self.completions(request, response, self.forwarder.adapter)
+                else:
                     raise not_found(f"no route for {request.method} {path}", code="unknown_url")
-                await handler(request, response)
         except ApiError as exc:
             if not response.started:
                 send_error(response, exc)
@@ -155,22 +168,33 @@ class ProxyApp:
     # -- completions ---------------------------------------------------------------------
 
     async def completions(
-        self, request: Request, response: Response, *, chat: bool, caller: App | None = None
+        self,
+        request: Request,
+        response: Response,
+        adapter: Adapter | None = None,
+        *,
+        chat: bool = True,
+        caller: App | None = None,
     ) -> None:
-        """`caller`: an identity already established by the caller's own authentication
-        (the console's session); None authenticates the request's API key as usual."""
+        """Every endpoint's exchange with a backend: the adapter says what differs (None:
+        chat or completions, as `chat` says). `caller`: an identity already established by
+        the caller's own authentication (the console's session); None authenticates the
+        request's API key as usual."""
+        if adapter is None:
+            adapter = GENERATING["/v1/chat/completions" if chat else "/v1/completions"]
         snap = self.ref.current
         ex = Exchange(request_id(request), monotonic())
-        ex.chat = chat
+        ex.chat = adapter.chat
+        ex.endpoint = request.path
         ex.config_version = snap.version
         base_headers: list[Header] = [
             (b"x-request-id", ex.request_id.encode()),
             (b"x-sluice-config", snap.version.encode()),
         ]
         try:
-            await self._completions(request, response, snap, ex, base_headers, caller)
+            await self._completions(request, response, snap, ex, base_headers, adapter, caller)
         except (ApiError, LimitExceeded) as exc:
-            _fail(response, ex, exc, base_headers)
+            _fail(response, ex, exc, base_headers, adapter)
         except asyncio.CancelledError:
             ex.client_disconnected = True
             if not ex.status:
@@ -188,19 +212,32 @@ class ProxyApp:
         snap: Snapshot,
         ex: Exchange,
         base_headers: list[Header],
+        adapter: Adapter,
         caller: App | None = None,
     ) -> None:
-        try:
-            body = orjson.loads(request.body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(
-                f"request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object", code="invalid_json")
-        app = caller if caller is not None else authenticate(request, snap)
-        if app is not None:
-            ex.app = app.name
+        if adapter.forwards:
+            # Authenticated before a streamed upload is read any further.
+            app = caller if caller is not None else authenticate(request, snap)
+            if app is not None:
+                ex.app = app.name
+            adapter, body = await adapter.begin_forward(request)
+        else:
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError as exc:
+                raise bad_request(
+                    f"request body is not valid JSON: {exc}", code="invalid_json"
+                ) from None
+            if not isinstance(body, dict):
+                raise bad_request("request body must be a JSON object", code="invalid_json")
+            app = caller if caller is not None else authenticate(request, snap)
+            if app is not None:
+                ex.app = app.name
+            adapter, body = adapter.begin(body)
+        if adapter.model_optional and "model" not in body:
+            only = only_route(snap, app)
+            if only is not None:
+                body["model"] = only
         choice = choose_route(snap, body, app, request)
         ex.route = choice.route.model
         ex.backend = choice.route.backend.name
@@ -208,22 +245,14 @@ class ProxyApp:
         ex.experiment = choice.experiment
         ex.variant = choice.variant
         policy = choice.policy
-        stream = body.get("stream") is True
+        stream = adapter.is_stream(body)
         ex.stream = stream
-        modified = choice.plan.name != "" or bool(policy.stop)
-        if choice.plan.name:
-            apply_plan(body, choice.plan)
-        merge_stop(body, policy.stop)
+        body, modified = adapter.prepare(body, choice, app)
         route = choice.route
-        if route.upstream_model is not None and body.get("model") != route.upstream_model:
-            body["model"] = route.upstream_model
-            modified = True
-        payload = orjson.dumps(body) if modified else request.body
+        payload = adapter.payload(body, request.body, modified, route)
         # After the request policy: the prompt and cache_salt as the backend will see them.
         hint = self.pools.router.hint(route.backend, body, ex.chat, request)
-        n_choices = body.get("n", 1)
-        if not isinstance(n_choices, int) or isinstance(n_choices, bool):
-            n_choices = 1
+        n_choices = adapter.n_choices(body)
         extra_headers = base_headers + choice.headers
 
         app_limiter = None
@@ -236,6 +265,7 @@ class ProxyApp:
         if (
             stream
             and policy.resume_window is not None
+            and adapter.resumable
             and self.streams is not None
             and type(response) is Response  # an SSE client (not a WebSocket)
         ):
@@ -252,10 +282,11 @@ class ProxyApp:
                     n_choices,
                     extra_headers,
                     route.backend,
+                    adapter,
                     hint,
                 )
             except (ApiError, LimitExceeded) as exc:
-                _fail(resumable, ex, exc, base_headers)
+                _fail(resumable, ex, exc, base_headers, adapter)
             finally:
                 resumable.close()
             return
@@ -270,6 +301,7 @@ class ProxyApp:
             n_choices,
             extra_headers,
             route.backend,
+            adapter,
             hint,
         )
 
@@ -285,13 +317,14 @@ class ProxyApp:
         n_choices: int,
         extra_headers: list[Header],
         backend: Backend,
+        adapter: Adapter,
         hint: RoutingHint | None = None,
     ) -> None:
         """Permits (app, then backend), then the exchange with the backend."""
         keepalive = None
         if stream and policy.keepalive_interval is not None:
             keepalive = KeepAlive(
-                response, policy.keepalive_interval, ex, SSE_HEADERS + extra_headers
+                response, policy.keepalive_interval, ex, adapter.sse_headers + extra_headers
             )
         try:
             if app_limiter is not None:
@@ -310,6 +343,7 @@ class ProxyApp:
                         stream,
                         n_choices,
                         extra_headers,
+                        adapter,
                         keepalive,
                         hint,
                     )
@@ -334,14 +368,12 @@ class ProxyApp:
         stream: bool,
         n_choices: int,
         extra_headers: list[Header],
+        adapter: Adapter,
         keepalive: KeepAlive | None = None,
         hint: RoutingHint | None = None,
     ) -> None:
-        path = b"/v1/chat/completions" if ex.chat else b"/v1/completions"
-        upstream_headers = [
-            (b"content-type", b"application/json"),
-            (b"x-request-id", ex.request_id.encode()),
-        ]
+        path = adapter.upstream_path
+        upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
         effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
         watchdog = StreamWatchdog(effective)
         self.watchdogs.add(watchdog)
@@ -350,7 +382,9 @@ class ProxyApp:
         clean = False
         try:
             try:
-                conn, replica = await self._open(backend, path, upstream_headers, payload, hint)
+                conn, replica = await self._open(
+                    backend, path, upstream_headers, payload, hint, adapter.method, adapter
+                )
                 if keepalive is not None:
                     keepalive.may_start = False
                 if (
@@ -361,14 +395,25 @@ class ProxyApp:
                     if response.started:  # the SSE head went out early (a keep-alive)
                         clean = await relay_refusal(ex, conn, response)
                     else:
-                        clean = await relay_whole(ex, conn, response, policy, extra_headers)
+                        clean = await relay_whole(
+                            ex,
+                            conn,
+                            response,
+                            policy,
+                            extra_headers,
+                            adapter.rewrite_body,
+                            adapter.reshape_errors,
+                        )
                     return
                 ex.status = 200
                 if not response.started:
-                    response.start(200, SSE_HEADERS + extra_headers, with_first_write=True)
+                    response.start(200, adapter.sse_headers + extra_headers, with_first_write=True)
                 self.active_streams += 1
                 try:
-                    clean = await relay_stream(ex, conn, response, policy, watchdog, n_choices)
+                    chunk_filter = adapter.chunk_filter(ex, policy, n_choices, watchdog)
+                    clean = await relay_stream(
+                        ex, conn, response, policy, watchdog, n_choices, chunk_filter
+                    )
                 finally:
                     self.active_streams -= 1
             except asyncio.CancelledError:
@@ -383,11 +428,11 @@ class ProxyApp:
                     ex.timeout = kind
                     error_type, status = "timeout", 504
                 if response.started:
-                    response.write(error_event(message, error_type, kind))
+                    response.write(adapter.stream_error(message, error_type, kind))
                 elif stream:
                     ex.status = 200
-                    response.start(200, SSE_HEADERS + extra_headers)
-                    response.write(error_event(message, error_type, kind))
+                    response.start(200, adapter.sse_headers + extra_headers)
+                    response.write(adapter.stream_error(message, error_type, kind))
                 else:
                     raise ApiError(status, message, type=error_type, code=kind) from None
         finally:
@@ -409,9 +454,16 @@ class ProxyApp:
         headers: list[Header],
         payload: bytes,
         hint: RoutingHint | None = None,
+        method: bytes = b"POST",
+        adapter: Adapter | None = None,
     ) -> tuple[UpstreamConnection, Replica]:
         """Opens the upstream exchange, trying another replica if one cannot be reached
-        (only ever before a byte went to the client)."""
+        (only ever before a byte went to the client, and never for a streamed upload)."""
+        if adapter is not None and adapter.body_stream is not None:
+            return await open_on_replica(
+                self.pools, backend, method, path, headers, payload, adapter.body_stream,
+                adapter.stream_length,
+            )  # fmt: skip
         tried: Replica | None = None
         attempts = min(2, len(backend.urls))
         last: UpstreamError | None = None
@@ -419,7 +471,7 @@ class ProxyApp:
             replica = self.pools.choose(backend, exclude=tried, hint=hint)
             replica.pool.outstanding += 1
             try:
-                conn = await open_exchange(replica.pool, b"POST", path, headers, payload)
+                conn = await open_exchange(replica.pool, method, path, headers, payload)
             except UpstreamError as exc:
                 replica.pool.outstanding -= 1
                 replica.record_failure()
@@ -436,15 +488,24 @@ class ProxyApp:
         assert last is not None
         raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
 
+    def wants_body_stream(self, request: Request) -> int:
+        """For the HTTP server: how much of this request's body to stream (0: buffer it)."""
+        return upload_limit(request, self.ref.current)
+
 
 def _fail(
-    response: Response, ex: Exchange, exc: ApiError | LimitExceeded, headers: list[Header]
+    response: Response,
+    ex: Exchange,
+    exc: ApiError | LimitExceeded,
+    headers: list[Header],
+    adapter: Adapter,
 ) -> None:
-    """Answers a refused request: its OpenAI-shaped error with the precise status."""
+    """Answers a refused request: its error (in the endpoint's shape) with the precise
+    status."""
     if isinstance(exc, ApiError):
         ex.status = exc.status
         ex.error_code = exc.code
-        _refuse(response, exc, headers)
+        _refuse(response, exc, headers, adapter)
         return
     if exc.reason == "shutdown":
         ex.status = 503
@@ -456,7 +517,7 @@ def _fail(
             code="shutdown",
             headers=[(b"retry-after", b"1")],
         )
-        _refuse(response, error, headers)
+        _refuse(response, error, headers, adapter)
         return
     app_limit = exc.limiter.startswith("app:")
     status = 429 if app_limit else 503
@@ -471,13 +532,14 @@ def _fail(
         code="app_concurrency_limit" if app_limit else "backend_saturated",
         headers=[(b"retry-after", str(exc.retry_after).encode())],
     )
-    _refuse(response, error, headers)
+    _refuse(response, error, headers, adapter)
 
 
-def _refuse(response: Response, exc: ApiError, headers: list[Header]) -> None:
+def _refuse(response: Response, exc: ApiError, headers: list[Header], adapter: Adapter) -> None:
     """The error answer, or, after the SSE head went out early, the terminal error event."""
     if not response.started:
-        send_error(response, exc, headers)
+        error_headers, body = adapter.error_response(exc)
+        response.send(exc.status, error_headers + headers, body)
     else:
         error_as_event(response, exc)
 

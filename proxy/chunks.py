@@ -278,6 +278,10 @@ class ChunkFilter:
             self._template = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
         return self._template or {}
 
+    def eof_tail(self) -> bytes:
+        """What the client gets when the backend ended without [DONE]."""
+        return self.flush_held() + DONE_EVENT
+
     def flush_held(self) -> bytes:
         """Text still held back when the backend ended without a finish chunk."""
         out = b""

@@ -31,6 +31,7 @@ class Exchange:
         "content_chunks",
         "cut",
         "ended_at",
+        "endpoint",
         "error_code",
         "experiment",
         "finish_reason",
@@ -67,6 +68,7 @@ class Exchange:
         self.variant = ""
         self.config_version = ""
         self.chat = True
+        self.endpoint = ""  # the request path, for the access log and metrics
         self.stream = False
         self.status = 0
         self.queue_wait = 0.0

@@ -24,6 +24,7 @@ import orjson
 
 from .response import ClientGone, FlowListener, Header, Response, head_bytes
 from .tcp import stream_transport
+from .upload import BodyStream, BodyTooLarge
 
 MAX_URL_BYTES = 8 * 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -40,6 +41,7 @@ class Request:
 
     __slots__ = (
         "body",
+        "body_stream",
         "client",
         "headers",
         "http_version",
@@ -67,6 +69,8 @@ class Request:
         self.keep_alive = keep_alive
         self.client = client
         self.body = b""
+        # Set when the server streams this request's body to the handler (proxy/upload.py).
+        self.body_stream: BodyStream | None = None
 
     def header(self, name: bytes) -> str | None:
         value = self.headers.get(name)
@@ -97,8 +101,12 @@ class ServerState:
         *,
         keepalive_timeout: float = KEEPALIVE_IDLE_TIMEOUT,
         request_timeout: float = REQUEST_READ_TIMEOUT,
+        stream_body: Callable[[Request], int] | None = None,
     ) -> None:
         self.handler = handler
+        # > 0: start the handler at the headers and stream the body to it, up to that many
+        # bytes (uploads); 0: buffer the body whole, as for every other request.
+        self.stream_body = stream_body
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
@@ -169,6 +177,9 @@ class HttpConnection(asyncio.Protocol):
                 self._task.cancel()
         self._pipeline.clear()
         self.flow_listener = None
+        request = self._request
+        if request is not None and request.body_stream is not None:
+            request.body_stream.fail(ClientGone())
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ClientGone())
@@ -192,6 +203,17 @@ class HttpConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         self._drain_waiter = None
+
+    # ReadingControl of a streamed request body.
+    def pause_body(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def resume_body(self) -> None:
+        if self.transport is not None and self._reading_paused and not self._pipeline:
+            self.transport.resume_reading()
+            self._reading_paused = False
 
     async def wait_writable(self) -> None:
         if not self.write_paused:
@@ -257,6 +279,11 @@ class HttpConnection(asyncio.Protocol):
         )
         self._request = request
         self._body_limit = self.state.max_body_bytes()
+        streamed = 0
+        if self.state.stream_body is not None and self._task is None and not self._pipeline:
+            streamed = self.state.stream_body(request)
+            if streamed:
+                self._body_limit = streamed
         length = self._headers.get(b"content-length")
         if length is not None:
             try:
@@ -272,8 +299,21 @@ class HttpConnection(asyncio.Protocol):
                 raise httptools.HttpParserError("body too large")
         if self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if streamed:
+            request.body_stream = BodyStream(self, streamed)
+            self._cancel_timer()  # the handler bounds the wait for the body (upload.py)
+            self._start(request, keep_alive=False)  # a body left unread ends the connection
 
     def on_body(self, body: bytes) -> None:
+        request = self._request
+        if request is not None and request.body_stream is not None:
+            try:
+                request.body_stream.feed(body)
+            except BodyTooLarge as exc:
+                # The handler answers 413 (its response closes the connection); read no more.
+                request.body_stream.fail(exc)
+                self.pause_body()
+            return
         self._body_len += len(body)
         if self._body_len > self._body_limit:
             self._reject(
@@ -289,6 +329,9 @@ class HttpConnection(asyncio.Protocol):
         if request is None:
             return
         self._request = None
+        if request.body_stream is not None:
+            request.body_stream.finish()
+            return
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
         self._body = []
@@ -316,10 +359,10 @@ class HttpConnection(asyncio.Protocol):
 
     # -- request lifecycle ---------------------------------------------------------------
 
-    def _start(self, request: Request) -> None:
+    def _start(self, request: Request, keep_alive: bool = True) -> None:
         response = Response(
             self,
-            keep_alive=request.keep_alive and not self.state.closing,
+            keep_alive=keep_alive and request.keep_alive and not self.state.closing,
             head_only=request.method == "HEAD",
             http11=request.http_version != "1.0",
         )

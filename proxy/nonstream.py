@@ -4,6 +4,7 @@ choice's text, and answer with the backend's status."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -24,6 +25,8 @@ async def relay_whole(
     response: Response,
     policy: StreamPolicy,
     extra_headers: list[Header],
+    rewrite: Callable[[Any, StreamPolicy, Exchange], Any] | None = None,
+    reshape_errors: bool = False,
 ) -> bool:
     """A non-stream response, or a backend error answered to a stream request."""
     try:
@@ -39,9 +42,13 @@ async def relay_whole(
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             obj = None
-        if isinstance(obj, dict):
+        if rewrite is not None:  # an endpoint adapter: its own guard and reply shape
+            rewritten = rewrite(obj, policy, ex)
+            if rewritten is not None:
+                body = orjson.dumps(rewritten)
+        elif isinstance(obj, dict):
             ex.record_usage(obj.get("usage"))
-            _record_finish(ex, obj)
+            record_finish(ex, obj)
             if policy.guard is not None and guard_completion(obj, policy.guard, ex.chat, ex):
                 body = orjson.dumps(obj)
     elif status >= 400 and not _is_openai_error(body):
@@ -55,6 +62,13 @@ async def relay_whole(
                 code=f"upstream_http_{status}",
             )
         raise ApiError(status, f"backend answered {status}: {message}", code="upstream_error")
+    if status >= 400 and reshape_errors:
+        # The backend's OpenAI-shaped error, for an endpoint that answers errors in its
+        # own protocol's shape (TGI): the caller's adapter writes it.
+        ex.upstream_error = f"http_{status}"
+        error = orjson.loads(body)["error"]
+        message = str(error.get("message") or f"backend answered {status}")
+        raise ApiError(status, message, code=f"upstream_http_{status}")
     response.send(status, [(b"content-type", content_type), *extra_headers], body)
     return conn.complete
 
@@ -94,7 +108,7 @@ def _is_openai_error(body: bytes) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
 
 
-def _record_finish(ex: Exchange, obj: dict[str, Any]) -> None:
+def record_finish(ex: Exchange, obj: dict[str, Any]) -> None:
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         finish = choices[0].get("finish_reason")

@@ -89,6 +89,7 @@ def log_exchange(ex: Exchange) -> None:
     _log.info(
         "request",
         request_id=ex.request_id,
+        endpoint=ex.endpoint,
         app=ex.app,
         route=ex.route,
         backend=ex.backend,

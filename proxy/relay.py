@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from time import monotonic
 
-from .chunks import DONE_EVENT, ChunkFilter
+from .chunks import ChunkFilter
 from .errors import error_event
 from .exchange import Exchange
 from .http import Response
@@ -116,12 +116,14 @@ async def relay_stream(
     policy: StreamPolicy,
     watchdog: StreamWatchdog | None,
     n_choices: int,
+    chunk_filter: ChunkFilter | None = None,
 ) -> bool:
     """Relays an SSE response whose head `response.start(..., with_first_write=True)`
     prepared; True when the backend's message ended cleanly, so its connection may be
     reused (possibly after its last bytes: see release_when_complete). Cancellation
     (client gone, timeout) propagates to the caller, which aborts the upstream."""
-    chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
+    if chunk_filter is None:  # an endpoint adapter may bring its own (TGI, messages, ...)
+        chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
     relay = StreamRelay(chunk_filter, upstream, response)
     response.set_flow_listener(relay)
     upstream.set_consumer(relay)  # events already buffered go out with the head
@@ -143,5 +145,5 @@ async def relay_stream(
     if outcome == "cut":
         return False  # closing the connection aborts the generation
     # The backend ended without [DONE]: never leave the client with a silently cut stream.
-    response.write_last(chunk_filter.flush_held() + DONE_EVENT)
+    response.write_last(chunk_filter.eof_tail())
     return True

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from .stopwords import CutPattern, GuardSpec, RepetitionGuard
+from .structured import StructuredOutputs
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -81,6 +82,8 @@ class StreamPolicy:
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL
     resume_window: float | None = None
     resume_buffer: int = DEFAULT_RESUME_BUFFER
+    # Whether requests may / must constrain their output (JSON schema, regex, grammar).
+    structured: StructuredOutputs | None = None
 
 
 NO_POLICY = StreamPolicy(name="")
@@ -211,6 +214,7 @@ class App:
     queue: QueueLimits = field(default_factory=QueueLimits)
     default_preset: SamplingPlan | None = None
     allow_preset_header: bool = False
+    structured: StructuredOutputs | None = None  # on top of the route policy's rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +237,10 @@ class Snapshot:
     admin_token_hash: bytes | None = None
     origin_secret_hash: bytes | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Multipart uploads to forwarded routes (audio) are streamed, not buffered: their limit.
+    max_upload_bytes: int = 100 * 1024 * 1024
+    # Pass-through mode (no routes, a fallback route): relay paths sluice does not know.
+    forward_unknown_paths: bool = True
     source: str = ""  # where it came from, for /admin/config ("presets/", "--backend URL")
 
     @property

@@ -91,6 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._consumer: BodyConsumer | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class UpstreamConnection(asyncio.Protocol):
         if consumer is not None and not self._complete:
             self._consumer = None
             consumer.error(self._exc or UpstreamError("reset", "connection lost", False))
+        self.resume_writing()
         self._wake()
 
     def data_received(self, data: bytes) -> None:
@@ -193,6 +195,22 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._exc is not None:
             self._consumer = None
             consumer.error(self._exc)
+
+    # Write backpressure, for request bodies streamed to the backend (proxy/upload.py).
+    def pause_writing(self) -> None:
+        self._write_waiter = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._write_waiter = self._write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def drain(self) -> None:
+        waiter = self._write_waiter
+        if waiter is not None:
+            await waiter
+        if self._exc is not None:
+            raise self._exc
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
@@ -349,7 +367,8 @@ class UpstreamPool:
         parts = [method, b" ", path, b" HTTP/1.1\r\n", self._head_prefix]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        parts.append(b"content-length: %d\r\n\r\n" % n)
+        # n < 0: the caller frames the body itself (transfer-encoding: chunked).
+        parts.append(b"content-length: %d\r\n\r\n" % n if n >= 0 else b"\r\n")
         return b"".join(parts)
 
 

@@ -30,6 +30,7 @@ from .errors import (
 from .generation import Generation, Outcome
 from .params import GenerationParams, Kind, check_content_type, parse_generation, parse_json
 from .prefixcache import Admission, PrefixCache
+from .routes_text import TextRoutes
 from .scheduler import Scheduler
 from .stats import Stats
 
@@ -69,6 +70,7 @@ class SimApp:
             "/sim/reset": {"POST": self.sim_reset},
             "/sim/health": {"POST": self.sim_health},
         }
+        self.routes.update(TextRoutes(self).table())
 
     async def handle(self, request: Request, response: Response) -> None:
         methods = self.routes.get(request.path)

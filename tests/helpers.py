@@ -202,7 +202,10 @@ class ProxyHarness:
         self.app = ProxyApp(self.ref, on_complete=[self._record_finished])
         self.server = HttpServer(
             ServerState(
-                self.app, lambda: self.ref.current.max_body_bytes, error_body=server_error_body
+                self.app,
+                lambda: self.ref.current.max_body_bytes,
+                error_body=server_error_body,
+                stream_body=self.app.wants_body_stream,
             )
         )
         self.port = self.lt.run(self.server.listen("127.0.0.1", 0))

@@ -31,7 +31,25 @@ const SETTINGS = {
   "corsMaxAge": 86400,
   "keepaliveMs": 30000,
   "originSecretRequired": true,
-  "pathPrefix": "/v1/"
+  "pathPrefix": "/v1/",
+  "rootPaths": [
+    "/",
+    "/classify",
+    "/detokenize",
+    "/generate",
+    "/generate_stream",
+    "/generative_scoring",
+    "/health",
+    "/inference/v1/generate",
+    "/invocations",
+    "/ping",
+    "/pooling",
+    "/rerank",
+    "/score",
+    "/tokenize",
+    "/v2/rerank",
+    "/version"
+  ]
 };
 
 const ORIGIN_SECRET_HEADER = "x-sluice-origin-secret";
@@ -57,7 +75,7 @@ export default {
   async fetch(request, env) {
     const url = new URL(request.url);
     const requestId = clientRequestId(request.headers) ?? crypto.randomUUID();
-    if (!url.pathname.startsWith(SETTINGS.pathPrefix)) {
+    if (!url.pathname.startsWith(SETTINGS.pathPrefix) && !SETTINGS.rootPaths.includes(url.pathname)) {
       return errorResponse(404, "not found", "invalid_request_error", "not_found", requestId);
     }
     const allowOrigin = corsOrigin(request.headers.get("origin"));
@@ -79,7 +97,8 @@ export default {
 
     let response;
     try {
-      // The path starts with the prefix ("/v1/"), so it cannot name another host.
+      // The path starts with the prefix ("/v1/") or is one of rootPaths, so it cannot name
+      // another host.
       response = await fetch(origin + url.pathname + url.search, {
         method: request.method,
         headers,

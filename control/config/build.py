@@ -93,8 +93,9 @@ def _fallback_route(url: str) -> tuple[Backend, Route]:
     return backend, Route(model="*", backend=backend, upstream_model=None)
 
 
-def passthrough_config(backend_url: str) -> BuiltConfig:
-    """`sluice serve --backend URL` without a config: one backend, no auth, no presets."""
+def passthrough_config(backend_url: str, *, forward_unknown_paths: bool = True) -> BuiltConfig:
+    """`sluice serve --backend URL` without a config: one backend, no auth, no presets;
+    paths sluice does not know are relayed unless `--no-unknown-paths`."""
     url = _check_override(backend_url)
     backend, route = _fallback_route(url)
     version = hashlib.sha256(b"--backend\0" + url.encode()).hexdigest()[:VERSION_CHARS]
@@ -103,6 +104,7 @@ def passthrough_config(backend_url: str) -> BuiltConfig:
         routes=MappingProxyType({}),
         backends=MappingProxyType({backend.name: backend}),
         fallback_route=route,
+        forward_unknown_paths=forward_unknown_paths,
         source=f"--backend {url}",
     )
     return BuiltConfig(snapshot, None, MappingProxyType({}), MappingProxyType({}))
@@ -229,6 +231,8 @@ def build_config(
         admin_token_hash=parts.admin_token_hash,
         origin_secret_hash=parts.origin_secret_hash,
         max_body_bytes=limits.max_body_bytes,
+        max_upload_bytes=limits.max_upload_bytes,
+        forward_unknown_paths=limits.forward_unknown_paths,
         source=str(files.directory),
     )
     return BuiltConfig(

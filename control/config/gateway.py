@@ -33,6 +33,7 @@ from sluice.proxy.snapshot import (
 from .gateway_schema import BackendSection, GatewayFile, QueueSection, RoutingSection
 from .issues import ConfigIssue
 from .loader import Document
+from .policies import structured_rule
 
 Path = tuple[str | int, ...]
 
@@ -253,6 +254,7 @@ class _Builder:
                 queue=_queue(section.queue),
                 default_preset=default,
                 allow_preset_header=section.allow_preset_header,
+                structured=structured_rule(section.structured_outputs),
             )
             parts.apps.append(app)
             for digest in digests:

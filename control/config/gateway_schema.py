@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, Strict
 
-from .schema import DocumentIssue, Path, Section
+from .schema import DocumentIssue, Path, Section, StructuredOutputsSection
 from .values import (
     Bool,
     Duration,
@@ -67,6 +67,16 @@ class AdminSection(Section):
 class LimitsSection(Section):
     max_body_bytes: Int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_upload_bytes: Int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        description="Largest multipart upload (audio) to a forwarded route; streamed through.",
+    )
+    forward_unknown_paths: bool = Field(
+        default=True,
+        description="Pass-through mode (--backend, no routes): relay paths sluice does not "
+        "know to the backend; false: answer 404.",
     )
 
 
@@ -191,6 +201,11 @@ class AppSection(Section):
     )
     allow_preset_header: Bool = Field(
         default=False, description="Let requests pick a preset with the x-sluice-preset header."
+    )
+    structured_outputs: StructuredOutputsSection | None = Field(
+        default=None,
+        description="Structured-output rule for this app's requests, on top of the "
+        "route policy's; null: none.",
     )
 
 

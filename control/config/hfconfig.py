@@ -29,6 +29,8 @@ from .schema import GenerationSection, PresetFile
 from .values import NAME_RE
 
 FILE_NAME = "generation_config.json"
+# The GenerationConfig fields that only act when do_sample is true.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
 def _note(text: str) -> None:
@@ -155,6 +157,22 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def transformers_view(data: dict[str, Any]) -> dict[str, Any]:
+    """The preset as transformers must read it to sample the same way: `do_sample: true`
+    when sampling fields are set (without it transformers decodes greedily and warns that
+    they "may be ignored"); for greedy decoding (do_sample false, or temperature 0 as vLLM
+    reads it) `do_sample: false` and no sampling fields, which would have no effect."""
+    out = dict(data)
+    if out.get("do_sample") is False or out.get("temperature") == 0:
+        out["do_sample"] = False
+        for field in SAMPLING_FIELDS:
+            if field in out:
+                _note(f"left out {field}: {out.pop(field)} (no effect with greedy decoding)")
+    elif any(field in out for field in SAMPLING_FIELDS):
+        out["do_sample"] = True
+    return out
+
+
 def run_export(args: argparse.Namespace) -> int:
     config = Path(args.config)
     try:
@@ -169,7 +187,9 @@ def run_export(args: argparse.Namespace) -> int:
     if preset is None:
         known = ", ".join(sorted(built.presets)) or "none"
         raise CliError(f"unknown preset {args.name!r} (known: {known})")
-    data = {k: list(v) if isinstance(v, tuple) else v for k, v in preset.generation.items()}
+    data = transformers_view(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in preset.generation.items()}
+    )
     out = Path(args.dir) / FILE_NAME
     _write_new(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if preset.policy:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from sluice.proxy.snapshot import StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import CutPattern, GuardSpec, RepetitionGuard
+from sluice.proxy.structured import StructuredOutputs
 
 from .issues import ConfigIssue
 from .loader import Document
-from .schema import PolicyFile, policy_issues
+from .schema import PolicyFile, StructuredOutputsSection, policy_issues
 
 
 def build_policy(doc: Document) -> tuple[StreamPolicy | None, list[ConfigIssue]]:
@@ -49,6 +50,7 @@ def build_policy(doc: Document) -> tuple[StreamPolicy | None, list[ConfigIssue]]
             keepalive_interval=model.keepalive_interval,
             resume_window=model.resume_window,
             resume_buffer=model.resume_buffer,
+            structured=structured_rule(model.structured_outputs),
         ),
         [],
     )
@@ -65,3 +67,9 @@ def _locate_guard_error(
         except ValueError as each:
             issues.append(doc.issue(("cut_patterns", index, "pattern"), str(each)))
     return issues or [doc.issue((), str(exc))]
+
+
+def structured_rule(section: StructuredOutputsSection | None) -> StructuredOutputs | None:
+    if section is None:
+        return None
+    return StructuredOutputs(mode=section.mode, max_schema_bytes=section.max_schema_bytes)

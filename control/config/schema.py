@@ -169,6 +169,18 @@ class TimeoutsSection(Section):
     total: Duration | None = Field(default=None, description="Whole request; null: none.")
 
 
+class StructuredOutputsSection(Section):
+    mode: Literal["allow", "deny", "require"] = Field(
+        default="allow",
+        description="allow: requests may constrain their output (response_format, "
+        "structured_outputs, text.format, TGI grammar); deny: 400 when they do; require: 400 "
+        "when they don't.",
+    )
+    max_schema_bytes: Int | None = Field(
+        default=None, ge=1, description="Largest constraint (schema, regex, grammar) as JSON."
+    )
+
+
 class PolicyFile(Section):
     """`kind: Policy` - what the stream guard enforces, and the stream deadlines."""
 
@@ -205,6 +217,9 @@ class PolicyFile(Section):
         ge=1024,
         description="Replay buffer per resumable stream, in bytes of events; a resume "
         "older than it answers 410.",
+    )
+    structured_outputs: StructuredOutputsSection | None = Field(
+        default=None, description="Structured-output rule on every endpoint; null: allow all."
     )
 
 

@@ -14,6 +14,7 @@ from sluice.control.config.build import BuiltConfig
 from sluice.control.config.gateway_schema import GatewayFile
 from sluice.control.errors import CliError
 
+from .nginx import root_paths
 from .templates import RenderedFiles, environment
 from .timing import edge_timing, seconds
 
@@ -71,6 +72,8 @@ def worker_settings(gateway: GatewayFile) -> dict[str, Any]:
         "keepaliveMs": round(section.keepalive_interval * 1000),
         "originSecretRequired": gateway.edge.origin_secret is not None,
         "pathPrefix": "/v1/",
+        # vLLM's and TGI's routes outside /v1/, exactly (see nginx.root_paths).
+        "rootPaths": ["/", *("/" + path for path in root_paths())],
     }
 
 

@@ -15,7 +15,9 @@ from typing import Any
 from sluice.control.config.build import BuiltConfig
 from sluice.control.config.gateway_schema import GatewayFile
 from sluice.control.errors import CliError
+from sluice.proxy.endpoints import FORWARDED, LOCAL_PATHS, UNGUARDED_GENERATING
 from sluice.proxy.http import KEEPALIVE_IDLE_TIMEOUT
+from sluice.proxy.tgi import TGI_PATHS
 
 from .templates import RenderedFiles, environment
 from .timing import (
@@ -86,6 +88,8 @@ def nginx_context(built: BuiltConfig, gateway: GatewayFile) -> dict[str, Any]:
         + f" + queue waits and connect {seconds(timing.first_byte)}"
         + f" + margin {seconds(EDGE_TIMEOUT_MARGIN)}",
         "max_body_bytes": max_body,
+        "max_upload_bytes": gateway.limits.max_upload_bytes,
+        "root_paths": root_paths(),
         "body_buffer": min(max_body, BODY_BUFFER_MAX),
         "limit_conn": section.limit_conn,
         "limit_req": section.limit_req,
@@ -95,6 +99,13 @@ def nginx_context(built: BuiltConfig, gateway: GatewayFile) -> dict[str, Any]:
         "tls": tls,
         "redirect_host": redirect_host,
     }
+
+
+def root_paths() -> list[str]:
+    """The routes sluice serves outside /v1/ (TGI's, vLLM's tokenizer, pooling and health
+    routes), without their leading slash; `/` itself has its own location."""
+    paths = {*FORWARDED, *UNGUARDED_GENERATING, *LOCAL_PATHS, *TGI_PATHS}
+    return sorted(p[1:] for p in paths if p != "/" and not p.startswith("/v1/"))
 
 
 def render_nginx(built: BuiltConfig, gateway: GatewayFile) -> RenderedFiles:

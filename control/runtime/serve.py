@@ -56,6 +56,7 @@ class ServeOptions:
     drain_grace: float = 0.0
     metrics: bool = True
     access_log: bool = True
+    forward_unknown_paths: bool = True
 
 
 def _options(args: argparse.Namespace) -> ServeOptions:
@@ -84,6 +85,7 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         drain_grace=args.drain_grace,
         metrics=not args.no_metrics,
         access_log=not args.no_access_log,
+        forward_unknown_paths=not getattr(args, "no_unknown_paths", False),
     )
 
 
@@ -102,7 +104,9 @@ def load(options: ServeOptions) -> BuiltConfig:
     try:
         if options.config_dir is None:
             assert options.backend is not None
-            return passthrough_config(options.backend)
+            return passthrough_config(
+                options.backend, forward_unknown_paths=options.forward_unknown_paths
+            )
         return load_config(options.config_dir, backend_override=options.backend)
     except ConfigInvalid as exc:
         raise CliError(f"invalid config, not starting:\n{exc}") from None
@@ -200,6 +204,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
         lambda: ref.current.max_body_bytes,
         on_error=lambda exc: log.error("handler_error", exc_info=exc),
         error_body=server_error_body,
+        stream_body=app.wants_body_stream,
     )
     state.upgrade = WebSocketUpgrade(app)  # WebSocket on the two completion paths
     server = HttpServer(state)

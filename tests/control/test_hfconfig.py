@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-from control_helpers import Writer, built
+from control_helpers import EXAMPLES, Writer, built
 from sluice.control.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -155,3 +156,25 @@ def test_export_errors(
     config_dir({"x.yaml": ""})
     assert main(["preset", "export", "precise", str(tmp_path / "p"), "--config", "presets"]) == 1
     assert "is not valid (1 error)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in EXAMPLES.glob("*.yaml") if "kind: Preset" in p.read_text())
+)
+def test_every_example_preset_exports_what_transformers_samples_with(
+    name: str, tmp_path: Path
+) -> None:
+    """Loaded with warnings as errors and validated strictly: no "generation flags are not
+    valid and may be ignored"; sampling presets carry do_sample: true, greedy ones false."""
+    out = tmp_path / name
+    assert main(["preset", "export", name, str(out), "--config", str(EXAMPLES)]) == 0
+    preset = built(EXAMPLES).presets[name].generation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = GenerationConfig.from_pretrained(out)
+        exported.validate(strict=True)
+    greedy = preset.get("do_sample") is False or preset.get("temperature") == 0
+    assert exported.do_sample is (not greedy)
+    for field in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
+        if field in preset and not (greedy and field in ("temperature", "top_p", "top_k")):
+            assert getattr(exported, field) == preset[field], field

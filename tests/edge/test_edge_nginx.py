@@ -218,3 +218,25 @@ def test_tls_server_block_serves_and_plain_http_redirects(
     # From a trusted proxy, the Worker's client-address header is the client.
     client = '"client":"203.0.113.7"'
     assert client in nginx.access_log(containing=client)
+
+
+def test_vllm_and_tgi_routes_outside_v1_pass_and_uploads_stream(stack: Stack) -> None:
+    """/health, /tokenize and TGI's /generate_stream reach sluice through the rendered
+    nginx; a multipart upload over the 64 KiB body limit streams through /v1/audio/."""
+    health = httpx.get(stack.url + "/health", timeout=5)
+    assert health.status_code == 200 and "x-request-id" in health.headers
+    tokens = httpx.post(stack.url + "/tokenize", json={"model": "chat", "prompt": "Hi"}, timeout=5)
+    assert tokens.status_code == 200 and tokens.json()["count"] >= 1
+    body = {"model": "chat", "inputs": "Hello", "parameters": {"max_new_tokens": 4}}
+    with httpx.stream("POST", stack.url + "/generate_stream", json=body, timeout=10) as resp:
+        raw = resp.read()
+    assert resp.status_code == 200
+    assert raw.startswith(b"data:{") and b'"generated_text":"' in raw and b"[DONE]" not in raw
+    upload = httpx.post(
+        stack.url + "/v1/audio/transcriptions",
+        files={"file": ("a.wav", b"\x01" * 300_000, "audio/wav")},
+        data={"model": "chat"},
+        timeout=10,
+    )
+    assert upload.status_code == 200, upload.text
+    assert "transcription of" in upload.json()["text"]

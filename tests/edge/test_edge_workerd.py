@@ -228,6 +228,14 @@ def scripted_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker
         thread.join(timeout=5)
 
 
+def test_tgi_and_vllm_root_routes_pass_the_worker(stack: Stack) -> None:
+    body = {"model": "chat", "inputs": "Hello", "parameters": {"max_new_tokens": 3}}
+    response = httpx.post(stack.worker.url + "/generate", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["generated_text"], str)
+    assert httpx.get(stack.worker.url + "/health", timeout=5).status_code == 200
+
+
 def test_internal_headers_from_the_client_are_stripped(scripted_worker: Workerd) -> None:
     response = httpx.get(
         scripted_worker.url + "/v1/echo",

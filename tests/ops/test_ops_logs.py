@@ -12,7 +12,7 @@ from helpers import ProcessServer, stream_request
 from ops_helpers import ADMIN, ADMIN_TOKEN, KEYS, auth, chat, wait_until
 
 ALWAYS = {
-    "request_id", "app", "route", "backend", "preset", "variant", "config_version",
+    "request_id", "endpoint", "app", "route", "backend", "preset", "variant", "config_version",
     "status", "stream", "ttft_ms", "tokens_in", "tokens_out", "finish_reason",
     "duration_ms", "event", "level", "timestamp",
 }  # fmt: skip

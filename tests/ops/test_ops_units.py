@@ -165,6 +165,7 @@ def test_access_log_line_fields() -> None:
         "event": "request",
         "log_level": "info",
         "request_id": "r1",
+        "endpoint": "",
         "app": "app",
         "route": "chat",
         "backend": "sim",

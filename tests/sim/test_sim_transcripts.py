@@ -17,8 +17,6 @@ from conftest import CurlRequest, Transcripts, parse_curl, shape
 
 # Sections with no request the simulator can answer like vLLM, and why.
 EXEMPT = {
-    "06e": "POST /tokenize and /detokenize: the simulator does not serve them (sluice does not "
-    "route them); test_tokenize_is_not_simulated keeps that true",
     "07b": "a non-stream request the client closed before any byte came back: nothing on the "
     "wire to compare (test_sim_faults covers the abort)",
 }
@@ -159,8 +157,3 @@ def test_simulator_answers_like_the_transcript(make_sim, transcripts, ident: str
                 assert line.rsplit(" ", 1)[0] + " " in real_metrics, line
         else:
             assert resp.body == b"", where  # /health, /ping: empty answers
-
-
-def test_tokenize_is_not_simulated(sim) -> None:
-    for path in ("/tokenize", "/detokenize"):
-        assert sim.request("POST", path, {"model": "tiny-llama", "prompt": "x"}).status == 404

@@ -1,0 +1,161 @@
+"""Endpoint adapters: what one generating endpoint adds to the shared pipeline.
+
+Every endpoint that generates text (chat, completions, responses, messages, TGI) runs the
+same stages in `ProxyApp`: parse, authenticate, route, request policy, limits, upstream,
+response policy, records. An adapter says only what differs: the upstream path, how the
+preset's fields are spelled in the endpoint's request ("vocabulary"), where the structured
+output constraint sits, and which filter finds the text deltas of its stream and the text
+of its complete response (so the route's Policy guards them). An endpoint whose text the
+guard cannot find is refused under a guarding Policy, never served unguarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import orjson
+
+from .chunks import ChunkFilter
+from .errors import JSON_HEADERS, ApiError, error_event
+from .exchange import Exchange
+from .http import Header, Request
+from .nonstream import guard_completion, record_finish
+from .routing import RouteChoice
+from .sampling import apply_plan, merge_stop
+from .snapshot import App, Route, SamplingPlan, StreamPolicy
+from .structured import check_structured, find_constraint
+from .timeouts import StreamWatchdog
+from .upload import BodyStream
+
+SSE_HEADERS: list[Header] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Adapter:
+    """The OpenAI chat completions endpoint; subclasses override what differs."""
+
+    name = "chat"
+    upstream_path = b"/v1/chat/completions"
+    chat = True  # which OpenAI chunk layout ChunkFilter reads
+    sse_headers = SSE_HEADERS
+    method = b"POST"
+    # vLLM request field -> this endpoint's name for it; None: every vLLM field, same name.
+    vocabulary: ClassVar[Mapping[str, str] | None] = None
+    forwards = False  # True: the body is relayed as it is (tokenize, embeddings, ...)
+    reshape_errors = False  # True: a backend's error is answered in error_response's shape
+    model_optional = False  # True: without `model`, the app's only route serves it
+    # Resumable streams (proxy/resume.py) number OpenAI chunk events; other layouts opt out.
+    resumable = True
+    body_stream: BodyStream | None = None  # the rest of a streamed upload, after payload()
+    stream_length: int | None = None  # its whole length upstream; None: chunked
+
+    def begin(self, body: dict[str, Any]) -> tuple[Adapter, dict[str, Any]]:
+        """The adapter for this request and the body in vLLM's terms (the body to route
+        on); an endpoint that translates its protocol does it here."""
+        return self, body
+
+    def prepare(
+        self, body: dict[str, Any], choice: RouteChoice, app: App | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Applies the structured-output rule, the preset and the policy's stop strings
+        to the request; returns the upstream body and whether it differs from the
+        client's bytes."""
+        policy = choice.policy
+        found = find_constraint(body)
+        check_structured(policy.structured, f"policy '{policy.name}'", found)
+        if app is not None:
+            check_structured(app.structured, f"app '{app.name}'", found)
+        plan = choice.plan
+        modified = bool(plan.name) or bool(policy.stop)
+        if self.vocabulary is None:
+            if plan.name:
+                apply_plan(body, plan)
+            merge_stop(body, policy.stop)
+            return body, modified
+        _check_vocabulary(plan, self.vocabulary, self.name)
+        if policy.stop and "stop" not in self.vocabulary:
+            raise _unguardable(self.name, policy, "its stop strings")
+        renamed = {v: k for k, v in self.vocabulary.items() if k != v}
+        for ours, theirs in renamed.items():
+            if ours in body:
+                body[theirs] = body.pop(ours)
+        if plan.name:
+            apply_plan(body, plan)
+        merge_stop(body, policy.stop)
+        for ours, theirs in renamed.items():
+            if theirs in body:
+                body[ours] = body.pop(theirs)
+        return body, modified
+
+    async def begin_forward(self, request: Request) -> tuple[Adapter, dict[str, Any]]:
+        raise NotImplementedError  # only forwarding adapters relay bodies unread
+
+    def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
+        """The bytes sent upstream (the route's upstream model named in them)."""
+        if route.upstream_model is not None and body.get("model") != route.upstream_model:
+            body["model"] = route.upstream_model
+            modified = True
+        return orjson.dumps(body) if modified else raw
+
+    def upstream_headers(self) -> list[Header]:
+        return [(b"content-type", b"application/json")]
+
+    def is_stream(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True
+
+    def n_choices(self, body: dict[str, Any]) -> int:
+        n = body.get("n", 1)
+        return n if isinstance(n, int) and not isinstance(n, bool) else 1
+
+    def chunk_filter(
+        self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None
+    ) -> ChunkFilter:
+        return ChunkFilter(ex, self.chat, policy.guard, n_choices, watchdog)
+
+    def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
+        """A complete 200 response, recorded and guarded; None when unchanged."""
+        if not isinstance(obj, dict):
+            return None
+        ex.record_usage(obj.get("usage"))
+        record_finish(ex, obj)
+        if policy.guard is not None and guard_completion(obj, policy.guard, self.chat, ex):
+            return obj
+        return None
+
+    def error_response(self, exc: ApiError) -> tuple[list[Header], bytes]:
+        return JSON_HEADERS + exc.headers, exc.body()
+
+    def stream_error(self, message: str, type: str, code: str) -> bytes:
+        return error_event(message, type, code)
+
+
+class CompletionsAdapter(Adapter):
+    name = "completions"
+    upstream_path = b"/v1/completions"
+    chat = False
+
+
+def _check_vocabulary(plan: SamplingPlan, vocabulary: Mapping[str, str], endpoint: str) -> None:
+    """A preset field the endpoint has no name for cannot be sent: refuse rather than
+    sample differently from what the preset says."""
+    missing = sorted(field for field in (*plan.defaults, *plan.forced) if field not in vocabulary)
+    if missing:
+        raise ApiError(
+            400,
+            f"preset '{plan.name}' sets {', '.join(missing)}, which {endpoint} cannot carry; "
+            "use /v1/chat/completions or /v1/completions for this route",
+            code="preset_not_expressible",
+        )
+
+
+def _unguardable(endpoint: str, policy: StreamPolicy, what: str) -> ApiError:
+    return ApiError(
+        400,
+        f"policy '{policy.name}' cannot be enforced on {endpoint} ({what}); "
+        "use /v1/chat/completions or /v1/completions for this route",
+        code="policy_not_enforceable",
+    )

@@ -1,0 +1,73 @@
+"""Which path is which kind of endpoint: vLLM 0.26's routes, as its server lists them at
+start-up ("Available routes are: ..." in vllm-transcripts/08_server.txt) plus the routes a
+pooling or speech-to-text model adds (`vllm/entrypoints/pooling/`, `.../speech_to_text/`).
+
+* generating: an adapter maps the request and guards the response (chat, completions,
+  responses, messages, TGI);
+* local: answered by sluice itself (`/health`, `/ping`, `/version`, `GET /`);
+* forwarded: relayed to the route's backend with the same authentication, route rules,
+  limits, deadlines, metrics and access log (tokenize, embeddings, audio, ...);
+* generating without an adapter (`/invocations`, `/inference/v1/generate`,
+  `/v1/chat/completions/batch`, stored responses): forwarded only when the route has no
+  preset and no guarding Policy, refused with a 400 naming them otherwise.
+
+In pass-through mode (`--backend URL`) any other path is forwarded too, unless the
+snapshot says `forward_unknown_paths: false`.
+"""
+
+from __future__ import annotations
+
+from .adapters import Adapter, CompletionsAdapter
+from .messages import MessagesAdapter
+from .responses_api import ResponsesAdapter
+from .snapshot import Snapshot
+from .tgi import TGI_PATHS, TgiAdapter
+
+GENERATING: dict[str, Adapter] = {
+    "/v1/chat/completions": Adapter(),
+    "/v1/completions": CompletionsAdapter(),
+    "/v1/responses": ResponsesAdapter(),
+    "/v1/messages": MessagesAdapter(),
+    **{path: TgiAdapter(path) for path in TGI_PATHS},
+}
+
+LOCAL_PATHS = frozenset(("/health", "/ping", "/version"))
+
+FORWARDED = frozenset(
+    (
+        "/tokenize",
+        "/detokenize",
+        "/v1/messages/count_tokens",
+        "/v1/chat/completions/render",
+        "/v1/completions/render",
+        "/v1/chat/completions/derender",
+        "/v1/completions/derender",
+        "/v1/embeddings",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/v1/score",
+        "/rerank",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/generative_scoring",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    )
+)
+
+# They generate text in a shape no adapter reads (or return text generated earlier).
+UNGUARDED_GENERATING = frozenset(
+    ("/invocations", "/inference/v1/generate", "/v1/chat/completions/batch")
+)
+UNGUARDED_PREFIXES = ("/v1/responses/",)
+
+
+def forwarded_path(path: str, snap: Snapshot) -> bool:
+    if path in FORWARDED or path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES):
+        return True
+    return not snap.routes and snap.fallback_route is not None and snap.forward_unknown_paths
+
+
+def generates_unguarded(path: str) -> bool:
+    return path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES)

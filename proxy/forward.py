@@ -1,0 +1,307 @@
+"""The routes sluice relays without reading their text (tokenize, embeddings, pooling,
+audio, ...) and the ones it answers itself (`/health`, `/ping`, `/version`,
+`GET /v1/models/{id}`).
+
+A forwarded request runs the generating endpoints' pipeline (`ProxyApp.completions`):
+authentication, the app's route rules, limits, deadlines, metrics and the access log. Its
+body goes upstream as the client sent it (only `model` is rewritten to the route's
+upstream model), any content type, multipart included; the route is the one the body's
+`model` names (a JSON body, or a multipart form's `model` field), else the app's only route.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .adapters import Adapter
+from .auth import authenticate
+from .backends import BackendPools, Replica
+from .chunks import ChunkFilter
+from .endpoints import FORWARDED, forwarded_path
+from .errors import JSON_HEADERS, ApiError, bad_gateway, bad_request, not_found
+from .exchange import Exchange
+from .http import Request, Response
+from .routing import RouteChoice
+from .snapshot import App, Backend, Route, Snapshot, StreamPolicy
+from .timeouts import StreamWatchdog
+from .upload import BodyStream, BodyTooLarge, open_streamed_exchange
+from .upstream import UpstreamConnection, UpstreamError, open_exchange
+
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+try:
+    SLUICE_VERSION: str | None = metadata.version("sluice-gateway")
+except metadata.PackageNotFoundError:  # a source tree without an install
+    SLUICE_VERSION = None
+MAX_VERSION_BODY = 4096
+_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+_SNIFF_BYTES = 64 * 1024
+MAX_MODELS_BODY = 4 * 1024 * 1024
+
+
+def only_route(snap: Snapshot, app: App | None) -> str | None:
+    """The route a request without `model` means: the only one the app may use."""
+    allowed = [m for m in snap.routes if app is None or app.routes is None or m in app.routes]
+    return allowed[0] if len(allowed) == 1 else None
+
+
+def upload_limit(request: Request, snap: Snapshot) -> int:
+    """A multipart upload to a forwarded route is streamed, up to max_upload_bytes; any
+    other body is buffered (0)."""
+    if request.method != "POST":
+        return 0
+    content_type = request.headers.get(b"content-type", b"")
+    if content_type.startswith(b"multipart/form-data") and forwarded_path(request.path, snap):
+        return snap.max_upload_bytes
+    return 0
+
+
+class ForwardAdapter(Adapter):
+    """One forwarded request: its method, path and content type travel as they came."""
+
+    forwards = True
+    model_optional = True
+    resumable = False
+
+    def __init__(self, request: Request | None = None) -> None:
+        self.request = request
+        self.name = request.path if request is not None else "forward"
+        self.method = request.method.encode() if request is not None else b"POST"
+        self.json = False
+        self.form_model: tuple[int, int] | None = None  # where a multipart `model` value is
+        if request is not None:
+            path = request.path + ("?" + request.query if request.query else "")
+            self.upstream_path = path.encode("latin-1")
+            self.content_type = request.headers.get(b"content-type", b"")
+
+    async def begin_forward(self, request: Request) -> tuple[Adapter, dict[str, Any]]:
+        adapter = ForwardAdapter(request)
+        content_type = adapter.content_type
+        body: Any = {}
+        stream = request.body_stream
+        if stream is not None:
+            # Streamed upload: the model field is looked for in the first bytes only.
+            try:
+                request.body = await stream.read_prefix(_SNIFF_BYTES)
+            except (BodyTooLarge, TimeoutError) as exc:
+                raise upload_error(exc) from None
+            adapter.body_stream = stream
+            length = request.headers.get(b"content-length")
+            adapter.stream_length = int(length) if length is not None else None
+        if request.body and content_type.startswith(b"application/json"):
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError as exc:
+                raise bad_request(
+                    f"request body is not valid JSON: {exc}", code="invalid_json"
+                ) from None
+            if isinstance(body, dict):
+                adapter.json = True
+            else:
+                body = {}
+        elif content_type.startswith(b"multipart/form-data"):
+            match = _FORM_MODEL.search(request.body, 0, _SNIFF_BYTES)
+            if match is not None:
+                adapter.form_model = match.span(1)
+                body = {"model": match[1].decode("utf-8", "replace")}
+        return adapter, body
+
+    def prepare(
+        self, body: dict[str, Any], choice: RouteChoice, app: App | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        policy = choice.policy
+        if self.name not in FORWARDED and (choice.plan.name or policy.guard is not None):
+            what = [f"preset '{choice.plan.name}'"] if choice.plan.name else []
+            if policy.guard is not None:
+                what.append(f"policy '{policy.name}'")
+            raise ApiError(
+                400,
+                f"{self.name} generates text that sluice cannot apply {' and '.join(what)} "
+                "to; use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages",
+                code="policy_not_enforceable",
+            )
+        return body, False
+
+    def is_stream(self, body: dict[str, Any]) -> bool:
+        return body.get("stream") is True
+
+    def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
+        upstream = route.upstream_model
+        if upstream is None or body.get("model") in (None, upstream):
+            return raw
+        if self.json:
+            body["model"] = upstream
+            return orjson.dumps(body)
+        if self.form_model is not None:
+            start, end = self.form_model
+            if self.stream_length is not None:
+                self.stream_length += len(upstream.encode()) - (end - start)
+            return raw[:start] + upstream.encode() + raw[end:]
+        return raw
+
+    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", self.content_type)] if self.content_type else []
+        if self.request is not None:
+            accept = self.request.headers.get(b"accept")
+            if accept:
+                headers.append((b"accept", accept))
+        return headers
+
+    def chunk_filter(
+        self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None
+    ) -> ChunkFilter:
+        return ChunkFilter(ex, True, None, 1, watchdog)  # timers only: nothing to guard
+
+    def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
+        if isinstance(obj, dict):
+            ex.record_usage(obj.get("usage"))
+        return None
+
+
+class Forwarder:
+    """The local answers and the forwarding adapter of one ProxyApp."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.adapter = ForwardAdapter()
+
+    async def local(self, request: Request, response: Response) -> None:
+        """`/health` and `/ping`: 200 (empty, as vLLM) while sluice is ready and a replica
+        of some backend is up, else 503. `/version`: the backend's version and sluice's."""
+        path = request.path
+        if path == "/version":
+            if request.method not in ("GET", "HEAD"):
+                raise ApiError(
+                    405, f"{request.method} is not allowed on /version", code="method_not_allowed"
+                )
+            await self._version(response)
+            return
+        if (
+            path == "/"
+            or request.method in ("GET", "HEAD")
+            or (path == "/ping" and request.method == "POST")
+        ):
+            ready = self.app.ready and self._backend_up()
+            response.send(200 if ready else 503, [], b"")
+            return
+        raise ApiError(405, f"{request.method} is not allowed on {path}", code="method_not_allowed")
+
+    def _backend_up(self) -> bool:
+        snap = self.app.ref.current
+        backends = list(snap.backends.values())
+        if not backends and snap.fallback_route is not None:
+            backends = [snap.fallback_route.backend]
+        if not backends:
+            return True
+        return any(
+            replica.healthy for backend in backends for replica in self.app.pools.replicas(backend)
+        )
+
+    async def _version(self, response: Response) -> None:
+        snap = self.app.ref.current
+        route = snap.fallback_route or next(iter(snap.routes.values()), None)
+        backend_version: Any = None
+        if route is not None:
+            replica = self.app.pools.choose(route.backend)
+            try:
+                conn = await open_exchange(replica.pool, b"GET", b"/version", [], b"")
+                body = await conn.read_all(MAX_VERSION_BODY)
+                if conn.status == 200:
+                    backend_version = orjson.loads(body).get("version")
+                replica.pool.release(conn)
+            except (UpstreamError, orjson.JSONDecodeError, AttributeError):
+                backend_version = None
+        out = {"version": backend_version, "sluice": SLUICE_VERSION}
+        response.send(200, JSON_HEADERS, orjson.dumps(out))
+
+    async def _upstream_card(self, route: Route, name: str, response: Response) -> None:
+        """Pass-through mode: the card from the backend's /v1/models (vLLM 0.26 has no
+        /v1/models/{id} route of its own)."""
+        replica = self.app.pools.choose(route.backend)
+        try:
+            conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
+            body = await conn.read_all(MAX_MODELS_BODY)
+        except UpstreamError as exc:
+            raise ApiError(
+                502, f"backend {route.backend.name}: {exc}", type="upstream_error",
+                code="upstream_" + exc.kind,
+            ) from None  # fmt: skip
+        replica.pool.release(conn)
+        try:
+            cards = orjson.loads(body).get("data") if conn.status == 200 else None
+        except (orjson.JSONDecodeError, AttributeError):
+            cards = None
+        if not isinstance(cards, list):
+            raise ApiError(
+                502, f"backend answered /v1/models with {conn.status}", code="upstream_error"
+            )
+        for card in cards:
+            if isinstance(card, dict) and card.get("id") == name:
+                response.send(200, JSON_HEADERS, orjson.dumps(card))
+                return
+        raise not_found(f"the model '{name}' does not exist", code="model_not_found", param="model")
+
+    async def model_card(self, request: Request, response: Response) -> None:
+        """`GET /v1/models/{id}`: the route's card, as one entry of `/v1/models`."""
+        if request.method not in ("GET", "HEAD"):
+            raise ApiError(405, f"{request.method} is not allowed here", code="method_not_allowed")
+        snap = self.app.ref.current
+        app = authenticate(request, snap)
+        name = request.path[len("/v1/models/") :]
+        if not snap.routes and snap.fallback_route is not None:
+            await self._upstream_card(snap.fallback_route, name, response)
+            return
+        if name not in snap.routes or (
+            app is not None and app.routes is not None and name not in app.routes
+        ):
+            raise not_found(
+                f"the model '{name}' does not exist", code="model_not_found", param="model"
+            )
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
+        response.send(
+            200, [*JSON_HEADERS, (b"x-sluice-config", snap.version.encode())], orjson.dumps(card)
+        )
+
+
+async def open_on_replica(
+    pools: BackendPools,
+    backend: Backend,
+    method: bytes,
+    path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    prefix: bytes,
+    body: BodyStream,
+    length: int | None,
+) -> tuple[UpstreamConnection, Replica]:
+    """`open_streamed_exchange` on one replica of the backend, with the bookkeeping of
+    ProxyApp._open (outstanding count, failure record); errors become API errors."""
+    replica = pools.choose(backend)
+    replica.pool.outstanding += 1
+    try:
+        conn = await open_streamed_exchange(
+            replica.pool, method, path, headers, prefix, body, length
+        )
+    except UpstreamError as exc:
+        replica.pool.outstanding -= 1
+        replica.record_failure()
+        raise bad_gateway(f"backend {backend.name}: {exc}", code="upstream_" + exc.kind) from None
+    except (BodyTooLarge, TimeoutError) as exc:
+        replica.pool.outstanding -= 1
+        raise upload_error(exc) from None
+    except BaseException:
+        replica.pool.outstanding -= 1
+        raise
+    replica.record_success()
+    return conn, replica
+
+
+def upload_error(exc: BaseException) -> ApiError:
+    """A streamed upload that could not be read whole, as the client's error."""
+    if isinstance(exc, BodyTooLarge):
+        return ApiError(413, str(exc), code="request_too_large")
+    return ApiError(408, "the request body stopped arriving", code="request_timeout")

@@ -1,0 +1,288 @@
+"""`POST /v1/responses` (the OpenAI Responses API vLLM serves): the adapter.
+
+The preset goes out in the Responses vocabulary (`max_output_tokens` for `max_tokens`;
+vLLM's extra fields `top_k`, `repetition_penalty`, `seed`, `stop` by their own names).
+The guard reads `response.output_text.delta` events; because the closing events repeat
+the whole text (`response.output_text.done`, `response.content_part.done`,
+`response.output_item.done`, `response.completed`), each is rewritten to the text the
+client was actually sent. A cut stream is closed with those events, synthesized from the
+`response.created` object: status `completed` for a stop string, `incomplete` with
+`incomplete_details.reason: content_filter` for a cut pattern.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from .adapters import Adapter
+from .chunks import ChunkFilter
+from .eventfilter import NamedEventFilter, named_event
+from .exchange import Exchange
+from .snapshot import StreamPolicy
+from .stopwords import GuardSpec, StreamGuard
+from .timeouts import StreamWatchdog
+
+_TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+
+
+def _key(obj: dict[str, Any]) -> int | None:
+    output_index = obj.get("output_index", 0)
+    content_index = obj.get("content_index", 0)
+    if not isinstance(output_index, int) or not isinstance(content_index, int):
+        return None
+    return output_index * 1024 + content_index
+
+
+def _record(ex: Exchange, response: Any) -> None:
+    if not isinstance(response, dict):
+        return
+    usage = response.get("usage")
+    if isinstance(usage, dict):
+        ex.record_usage(
+            {
+                "prompt_tokens": usage.get("input_tokens"),
+                "completion_tokens": usage.get("output_tokens"),
+            }
+        )
+    status = response.get("status")
+    if status == "completed":
+        ex.finish_reason = "stop"
+    elif status == "incomplete":
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        ex.finish_reason = "length" if reason == "max_output_tokens" else str(reason)
+
+
+def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
+    """Puts the released text into every output_text part of a response object."""
+    output = response.get("output")
+    if not isinstance(output, list):
+        return
+    for output_index, item in enumerate(output):
+        if not isinstance(item, dict) or not isinstance(item.get("content"), list):
+            continue
+        for content_index, part in enumerate(item["content"]):
+            key = output_index * 1024 + content_index
+            if isinstance(part, dict) and part.get("type") == "output_text" and key in texts:
+                part["text"] = texts[key]
+                if part.get("logprobs"):
+                    part["logprobs"] = []
+
+
+class ResponsesFilter(NamedEventFilter):
+    __slots__ = ("base", "items", "sequence")
+    delta_marker = b'.delta"'
+
+    def __init__(
+        self, ex: Exchange, guard_spec: GuardSpec | None, watchdog: StreamWatchdog | None
+    ) -> None:
+        super().__init__(ex, guard_spec, watchdog)
+        self.base: dict[str, Any] = {}  # the response object of response.created
+        self.items: dict[int, str] = {}  # guard key -> item id
+        self.sequence = 0
+
+    def is_terminal(self, event: bytes) -> bool:
+        return any(marker in event for marker in _TERMINAL)
+
+    def bookkeep(self, name: str, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        sequence = obj.get("sequence_number")
+        if isinstance(sequence, int):
+            self.sequence = sequence
+        if name == "response.created" and isinstance(obj.get("response"), dict):
+            self.base = obj["response"]
+        elif name in ("response.completed", "response.incomplete", "response.failed"):
+            _record(self.ex, obj.get("response"))
+            self.done = True
+        elif name == "error":
+            self.upstream_error = True
+            self.ex.upstream_error = "stream_error"
+
+    def on_named(self, event: bytes, name: str, obj: Any) -> bytes | None:
+        if not isinstance(obj, dict):
+            return event
+        if name == "response.output_text.delta":
+            key = _key(obj)
+            text = obj.get("delta")
+            if key is None or not isinstance(text, str):
+                return event
+            if isinstance(obj.get("item_id"), str):
+                self.items[key] = obj["item_id"]
+            out, guard = self.feed_text(key, text)
+            if guard.finish_reason is not None:
+                return self._end(key, obj, out, guard)
+            if out is text:
+                return event
+            obj["delta"] = out
+            if obj.get("logprobs"):
+                obj["logprobs"] = []
+            return named_event(name, obj)
+        if name == "response.output_text.done":
+            key = _key(obj)
+            if key is None or key not in self.guards:
+                return event
+            tail = self.finish_text(key)
+            prefix = b""
+            if tail is not None:
+                out, guard = tail
+                if guard.finish_reason is not None:
+                    return self._end(key, obj, out, guard)
+                if out:
+                    prefix = self._delta(key, obj, out)
+            obj["text"] = self.text_of(key)
+            return prefix + named_event(name, obj)
+        if name == "response.content_part.done":
+            key = _key(obj)
+            part = obj.get("part")
+            if key in self.guards and isinstance(part, dict) and "text" in part:
+                part["text"] = self.text_of(key)
+                return named_event(name, obj)
+            return event
+        if name == "response.output_item.done":
+            item = obj.get("item")
+            output_index = obj.get("output_index", 0)
+            if isinstance(item, dict) and isinstance(output_index, int):
+                holder = {"output": [None] * output_index + [item]}
+                _set_texts(holder, self._texts())
+                return named_event(name, obj)
+            return event
+        terminal = name in ("response.completed", "response.incomplete")
+        if terminal and self.guards and isinstance(obj.get("response"), dict):
+            _set_texts(obj["response"], self._texts())
+            return named_event(name, obj)
+        return event
+
+    def _texts(self) -> dict[int, str]:
+        return {key: self.text_of(key) for key in self.guards}
+
+    def _next(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    def _delta(self, key: int, like: dict[str, Any], text: str) -> bytes:
+        return named_event(
+            "response.output_text.delta",
+            {
+                "content_index": key % 1024,
+                "delta": text,
+                "item_id": self.items.get(key, like.get("item_id", "")),
+                "logprobs": [],
+                "output_index": key // 1024,
+                "sequence_number": self._next(),
+                "type": "response.output_text.delta",
+            },
+        )
+
+    def _end(self, key: int, like: dict[str, Any], out: str, guard: StreamGuard) -> bytes:
+        """Closes the cut text part, its message item and the response."""
+        self.cut(key, guard)
+        text = self.text_of(key)
+        item_id = self.items.get(key, like.get("item_id", ""))
+        output_index, content_index = key // 1024, key % 1024
+        part: dict[str, Any] = {
+            "annotations": [],
+            "text": text,
+            "type": "output_text",
+            "logprobs": None,
+        }
+        item = {
+            "id": item_id,
+            "content": [part],
+            "role": "assistant",
+            "status": "completed",
+            "type": "message",
+        }
+        events = [self._delta(key, like, out)] if out else []
+        events.append(
+            named_event(
+                "response.output_text.done",
+                {"content_index": content_index, "item_id": item_id, "logprobs": [],
+                 "output_index": output_index, "sequence_number": self._next(), "text": text,
+                 "type": "response.output_text.done"},
+            )
+        )  # fmt: skip
+        events.append(
+            named_event(
+                "response.content_part.done",
+                {"content_index": content_index, "item_id": item_id,
+                 "output_index": output_index, "part": part,
+                 "sequence_number": self._next(), "type": "response.content_part.done"},
+            )
+        )  # fmt: skip
+        events.append(
+            named_event(
+                "response.output_item.done",
+                {"item": item, "output_index": output_index, "sequence_number": self._next(),
+                 "type": "response.output_item.done"},
+            )
+        )  # fmt: skip
+        response = dict(self.base)
+        filtered = guard.finish_reason == "content_filter"
+        response["status"] = "incomplete" if filtered else "completed"
+        response["incomplete_details"] = {"reason": "content_filter"} if filtered else None
+        response["output"] = [item]
+        response.setdefault("created_at", int(time.time()))
+        kind = "response.incomplete" if filtered else "response.completed"
+        events.append(
+            named_event(kind, {"response": response, "sequence_number": self._next(), "type": kind})
+        )
+        return b"".join(events)
+
+
+class ResponsesAdapter(Adapter):
+    name = "/v1/responses"
+    upstream_path = b"/v1/responses"
+    resumable = False
+    vocabulary: ClassVar[Mapping[str, str]] = {
+        "max_tokens": "max_output_tokens",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "repetition_penalty": "repetition_penalty",
+        "seed": "seed",
+        "stop": "stop",
+    }
+
+    def n_choices(self, body: dict[str, Any]) -> int:
+        return 1
+
+    def chunk_filter(
+        self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None
+    ) -> ChunkFilter:
+        return ResponsesFilter(ex, policy.guard, watchdog)
+
+    def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
+        if not isinstance(obj, dict):
+            return None
+        _record(ex, obj)
+        spec = policy.guard
+        output = obj.get("output")
+        if spec is None or not isinstance(output, list):
+            return None
+        for output_index, item in enumerate(output):
+            if not isinstance(item, dict) or not isinstance(item.get("content"), list):
+                continue
+            for content_index, part in enumerate(item["content"]):
+                if not isinstance(part, dict) or part.get("type") != "output_text":
+                    continue
+                text = part.get("text")
+                if not isinstance(text, str):
+                    continue
+                result = spec.apply(text)
+                if result.finish_reason is None:
+                    continue
+                part["text"] = result.text
+                if part.get("logprobs"):
+                    part["logprobs"] = []
+                del item["content"][content_index + 1 :]
+                del output[output_index + 1 :]
+                if result.finish_reason == "content_filter":
+                    obj["status"] = "incomplete"
+                    obj["incomplete_details"] = {"reason": "content_filter"}
+                ex.finish_reason = result.finish_reason
+                ex.cut = result.matched
+                return obj
+        return None

@@ -1,0 +1,303 @@
+"""The TGI protocol (`POST /generate`, `/generate_stream`, `/`) on the route's vLLM
+completions endpoint.
+
+A TGI request is translated into a completions body (TGI's parameter names mapped onto
+vLLM's: `max_new_tokens` -> `max_tokens`, `do_sample: false` -> `temperature: 0`,
+`grammar` -> `structured_outputs`, ...), then the preset and policy apply to that body
+exactly as to a completions request, and the completions stream, guarded by the usual
+ChunkFilter, is rewritten into TGI events:
+`data:{"index":0,"token":{"id","text","logprob","special"},"generated_text","details"}`,
+`generated_text` and `details` on the last event only, no `[DONE]`. One event per vLLM
+chunk (a chunk can hold several tokens). vLLM's completions give no token ids here, so
+`id` is 0 and `logprob` null. Errors use TGI's shape `{"error", "error_type"}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .adapters import Adapter
+from .chunks import ChunkFilter
+from .errors import ApiError, bad_request
+from .exchange import Exchange
+from .http import Header
+from .nonstream import guard_completion
+from .routing import RouteChoice
+from .snapshot import App, StreamPolicy
+from .stopwords import GuardSpec
+from .timeouts import StreamWatchdog
+
+TGI_PATHS = ("/", "/generate", "/generate_stream")
+# TGI parameter -> vLLM completions field, copied as they are.
+_SAME = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+    "stop": "stop",
+    "max_new_tokens": "max_tokens",
+    "truncate": "truncate_prompt_tokens",
+}
+# Accepted and answered by sluice itself (they change the reply, not the sampling).
+_LOCAL = ("details", "return_full_text", "do_sample", "grammar", "top_n_tokens")
+# TGI parameters vLLM cannot honour: refused (when set to anything but their default).
+_UNSUPPORTED = {
+    "watermark": False,
+    "decoder_input_details": False,
+    "typical_p": None,
+    "best_of": 1,
+    "adapter_id": None,
+}
+_TGI_FIELDS = ("inputs", "parameters", "stream")
+_FINISH = {"length": "length", "stop": "eos_token", "content_filter": "stop_sequence"}
+
+
+def tgi_error(status: int, message: str, error_type: str) -> ApiError:
+    exc = ApiError(status, message, code=error_type)
+    exc.type = error_type
+    return exc
+
+
+def translate(body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    """A TGI request body -> a vLLM completions body; raises a TGI validation error."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str):
+        raise tgi_error(422, "`inputs` must be a string", "validation")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise tgi_error(422, "`parameters` must be an object", "validation")
+    for name, default in _UNSUPPORTED.items():
+        value = params.get(name)
+        if value is not None and value != default:
+            raise tgi_error(
+                422, f"`{name}` is not supported by this server (vLLM backend)", "validation"
+            )
+    unknown = sorted(
+        k for k in params if k not in _SAME and k not in _LOCAL and k not in _UNSUPPORTED
+    )
+    if unknown:
+        raise tgi_error(422, f"unknown parameters: {', '.join(unknown)}", "validation")
+    # Other top-level fields pass through, as unknown fields of an OpenAI body do.
+    out: dict[str, Any] = {k: v for k, v in body.items() if k not in _TGI_FIELDS}
+    out["prompt"] = inputs
+    for tgi_name, vllm_name in _SAME.items():
+        value = params.get(tgi_name)
+        if value is not None:
+            out[vllm_name] = value
+    if params.get("do_sample") is False and "temperature" not in out:
+        out["temperature"] = 0.0  # greedy, as TGI's do_sample=false means
+    top_n = params.get("top_n_tokens")
+    if top_n is not None:
+        out["logprobs"] = top_n
+    grammar = params.get("grammar")
+    if grammar is not None:
+        out["structured_outputs"] = _grammar(grammar)
+    if stream:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _grammar(grammar: Any) -> dict[str, Any]:
+    if not isinstance(grammar, dict) or "type" not in grammar:
+        raise tgi_error(
+            422, '`grammar` must be {"type": "json"|"regex", "value": ...}', "validation"
+        )
+    kind = grammar["type"]
+    value = grammar.get("value")
+    if kind == "json":
+        return {"json": value}
+    if kind == "regex" and isinstance(value, str):
+        return {"regex": value}
+    if kind == "json_object":
+        return {"json_object": True}
+    raise tgi_error(422, f"unsupported grammar type {kind!r}", "validation")
+
+
+def _details(finish: str | None, stop_reason: Any, tokens: int, seed: Any) -> dict[str, Any]:
+    reason = _FINISH.get(finish or "length", "length")
+    if finish == "stop" and isinstance(stop_reason, str):
+        reason = "stop_sequence"
+    return {"finish_reason": reason, "generated_tokens": tokens, "seed": seed}
+
+
+class TgiStreamFilter(ChunkFilter):
+    """The completions ChunkFilter (timers, guard) with its output rewritten to TGI
+    events. Tokens are counted from the usage chunk vLLM sends last."""
+
+    __slots__ = ("final", "prefix", "seed", "text", "tokens")
+
+    def __init__(
+        self,
+        ex: Exchange,
+        guard_spec: GuardSpec | None,
+        watchdog: StreamWatchdog | None,
+        prefix: str,
+        seed: Any,
+    ) -> None:
+        super().__init__(ex, False, guard_spec, 1, watchdog)
+        self.text: list[str] = []
+        self.prefix = prefix
+        self.seed = seed
+        self.tokens = 0
+        self.final: tuple[str, str | None, Any] | None = None  # last text, finish, stop_reason
+
+    def _observe(self, event: bytes) -> bytes:
+        return self._to_tgi(super()._observe(event))
+
+    def _guarded(self, event: bytes) -> bytes | None:
+        out = super()._guarded(event)
+        return None if out is None else self._to_tgi(out)
+
+    def eof_tail(self) -> bytes:
+        return self._to_tgi(self.flush_held()) + self._last()
+
+    def _to_tgi(self, data: bytes) -> bytes:
+        parts: list[bytes] = []
+        for event in data.split(b"\n\n"):
+            if not event.startswith(b"data:"):
+                continue
+            payload = event[5:].strip()
+            if payload == b"[DONE]":
+                parts.append(self._last())
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            error = obj.get("error")
+            if error is not None:
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                parts.append(_event({"error": message, "error_type": "generation"}))
+                continue
+            usage = obj.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                self.tokens = usage["completion_tokens"]
+            for choice in obj.get("choices") or ():
+                text = choice.get("text") or ""
+                finish = choice.get("finish_reason")
+                if finish is None:
+                    if text:
+                        self.text.append(text)
+                        parts.append(_token_event(text, None))
+                else:
+                    self.final = (text, finish, choice.get("stop_reason"))
+        return b"".join(parts)
+
+    def _last(self) -> bytes:
+        if self.final is None:
+            return b""
+        text, finish, stop_reason = self.final
+        self.final = None
+        self.text.append(text)
+        generated = self.prefix + "".join(self.text)
+        tokens = self.tokens or self.ex.completion_tokens or self.ex.content_chunks
+        details = _details(finish, stop_reason, tokens, self.seed)
+        special = not text and finish == "stop" and not isinstance(stop_reason, str)
+        return _token_event(text, (generated, details), special)
+
+
+def _token_event(
+    text: str, last: tuple[str, dict[str, Any]] | None, special: bool = False
+) -> bytes:
+    obj: dict[str, Any] = {
+        "index": 0,
+        "token": {"id": 0, "text": text, "logprob": None, "special": special},
+        "generated_text": None if last is None else last[0],
+        "details": None if last is None else last[1],
+    }
+    return _event(obj)
+
+
+def _event(obj: Any) -> bytes:
+    return b"data:" + orjson.dumps(obj) + b"\n\n"
+
+
+class TgiAdapter(Adapter):
+    """One TGI route: `/generate_stream` always streams, `/generate` never does, `/`
+    follows the body's `stream` (and answers a list, as TGI's compat route does)."""
+
+    upstream_path = b"/v1/completions"
+    chat = False
+    model_optional = True
+    reshape_errors = True
+    resumable = False
+
+    def __init__(self, path: str) -> None:
+        self.name = f"TGI {path}"
+        self.path = path
+
+    def begin(self, body: dict[str, Any]) -> tuple[Adapter, dict[str, Any]]:
+        stream = self.path == "/generate_stream" or (
+            self.path == "/" and body.get("stream") is True
+        )
+        translated = translate(body, stream)
+        params = body.get("parameters") or {}
+        adapter = TgiRequestAdapter(
+            self.path,
+            details=params.get("details") is True,
+            prefix=body["inputs"] if params.get("return_full_text") is True else "",
+            seed=params.get("seed"),
+        )
+        return adapter, translated
+
+    def error_response(self, exc: ApiError) -> tuple[list[Header], bytes]:
+        if exc.type in ("validation", "generation", "overloaded"):
+            kind = exc.type
+        elif exc.status in (429, 503):
+            kind = "overloaded"
+        else:
+            kind = "validation" if exc.status < 500 else "generation"
+        body = orjson.dumps({"error": exc.message, "error_type": kind})
+        return [(b"content-type", b"application/json"), *exc.headers], body
+
+    def stream_error(self, message: str, type: str, code: str) -> bytes:
+        return _event({"error": message, "error_type": "generation"})
+
+
+class TgiRequestAdapter(TgiAdapter):
+    """A TGI adapter bound to one request's reply options."""
+
+    def __init__(self, path: str, *, details: bool, prefix: str, seed: Any) -> None:
+        super().__init__(path)
+        self.details = details
+        self.prefix = prefix
+        self.seed = seed
+
+    def prepare(
+        self, body: dict[str, Any], choice: RouteChoice, app: App | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        return super().prepare(body, choice, app)[0], True  # a translated body is always new
+
+    def chunk_filter(
+        self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None
+    ) -> ChunkFilter:
+        return TgiStreamFilter(ex, policy.guard, watchdog, self.prefix, self.seed)
+
+    def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
+        if not isinstance(obj, dict):
+            raise bad_request("backend answered an unexpected body", code="upstream_error")
+        if policy.guard is not None:
+            guard_completion(obj, policy.guard, False, ex)
+        choices = obj.get("choices") or [{}]
+        choice = choices[0]
+        usage = obj.get("usage") or {}
+        ex.record_usage(usage)
+        finish = choice.get("finish_reason")
+        if isinstance(finish, str):
+            ex.finish_reason = finish
+        out: dict[str, Any] = {"generated_text": self.prefix + (choice.get("text") or "")}
+        if self.details:
+            out["details"] = _details(
+                finish, choice.get("stop_reason"), usage.get("completion_tokens", 0), self.seed
+            ) | {"prefill": [], "tokens": [], "best_of_sequences": None}
+        return [out] if self.path == "/" else out
+
+
+__all__ = ["TGI_PATHS", "TgiAdapter", "TgiRequestAdapter", "translate"]

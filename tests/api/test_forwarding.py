@@ -1,0 +1,288 @@
+"""vLLM's other routes through sluice: answered locally (/health, /ping, /version,
+/v1/models/{id}) or forwarded with the same authentication, route rules, limits and
+records as chat; multipart bodies; pass-through of unknown paths and its switch; the
+structured-output rule on every endpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from helpers import (
+    ProcessServer,
+    ProxyHarness,
+    SimClient,
+    passthrough_snapshot,
+    routed_snapshot,
+)
+from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy
+from sluice.proxy.structured import StructuredOutputs
+
+KEY = b"sk-app-a"
+AUTH = {"authorization": "Bearer " + KEY.decode()}
+MSG = [{"role": "user", "content": "hi"}]
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}}
+
+
+def _policy(mode: str, max_bytes: int | None = None) -> StreamPolicy:
+    rule = StructuredOutputs(mode=mode, max_schema_bytes=max_bytes)  # type: ignore[arg-type]
+    return StreamPolicy(name=f"so-{mode}", structured=rule)
+
+
+@pytest.fixture
+def routed(sim: ProcessServer) -> Iterator[ProxyHarness]:
+    app = App(
+        name="a",
+        key_hashes=frozenset({hashlib.sha256(KEY).digest()}),
+        routes=frozenset({"chat"}),
+        max_concurrency=1,
+        queue=QueueLimits(max_len=0, max_wait=1),
+    )
+    snap = routed_snapshot(
+        sim.url,
+        {"chat": {}, "other": {}},
+        apps=(app,),
+        apps_by_key={hashlib.sha256(KEY).digest(): app},
+    )
+    harness = ProxyHarness(snap)
+    SimClient(sim.url).reset()
+    yield harness
+    harness.close()
+
+
+def test_forwarded_routes_keep_auth_route_rules_and_records(
+    routed: ProxyHarness, sim: ProcessServer
+) -> None:
+    url = routed.url
+    assert httpx.post(url + "/tokenize", json={"prompt": "x"}, timeout=10).status_code == 401
+    denied = httpx.post(
+        url + "/tokenize", json={"model": "other", "prompt": "x"}, headers=AUTH, timeout=10
+    )
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
+    ok = httpx.post(url + "/tokenize", json={"prompt": "Hello there"}, headers=AUTH, timeout=10)
+    assert ok.status_code == 200, ok.text  # no model: the app's only route
+    assert ok.json()["count"] == 3
+    sent = SimClient(sim.url).requests()[-1]
+    assert sent["path"] == "/tokenize" and sent["body"]["model"] == "sim-model"
+    detok = httpx.post(
+        url + "/detokenize", json={"model": "chat", "tokens": [1, 2]}, headers=AUTH, timeout=10
+    )
+    assert detok.status_code == 200 and "prompt" in detok.json()
+    emb = httpx.post(
+        url + "/v1/embeddings", json={"model": "chat", "input": "a"}, headers=AUTH, timeout=10
+    )
+    assert emb.status_code == 200 and emb.headers["x-sluice-config"] == "test-1"
+    records = [ex for ex in routed.finished if ex.endpoint == "/v1/embeddings"]
+    assert records and records[-1].route == "chat" and records[-1].app == "a"
+    assert records[-1].status == 200 and records[-1].prompt_tokens == 1
+
+
+def test_forwarded_routes_share_the_app_limit(routed: ProxyHarness) -> None:
+    slow = {"model": "chat", "messages": MSG, "max_tokens": 30, "sim": {"itl_ms": 25}}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            httpx.post, routed.url + "/v1/chat/completions", json=slow, headers=AUTH, timeout=10
+        )
+        deadline = time.monotonic() + 5
+        while routed.permits_in_use() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = httpx.post(
+            routed.url + "/v1/embeddings", json={"model": "chat", "input": "a"},
+            headers=AUTH, timeout=10,
+        )  # fmt: skip
+        assert busy.status_code == 429
+        assert busy.json()["error"]["code"] == "app_concurrency_limit"
+        assert first.result().status_code == 200
+    assert routed.permits_in_use() == 0
+
+
+def test_multipart_audio_is_forwarded_with_the_upstream_model(routed: ProxyHarness) -> None:
+    audio = b"RIFF" + bytes(range(256)) * 64
+    resp = httpx.post(
+        routed.url + "/v1/audio/transcriptions",
+        files={"file": ("a.wav", audio, "audio/wav")},
+        data={"model": "chat", "language": "en"},
+        headers=AUTH,
+        timeout=10,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["text"].endswith("for sim-model")
+
+
+def test_health_ping_version_and_model_card(routed: ProxyHarness) -> None:
+    url = routed.url
+    for path in ("/health", "/ping"):
+        resp = httpx.get(url + path, timeout=10)
+        assert (resp.status_code, resp.content) == (200, b"")
+    assert httpx.post(url + "/ping", timeout=10).status_code == 200
+    version = httpx.get(url + "/version", timeout=10).json()
+    assert version["version"] == "0.26.0" and "sluice" in version
+    card = httpx.get(url + "/v1/models/chat", headers=AUTH, timeout=10)
+    assert card.status_code == 200 and card.json()["id"] == "chat"
+    other = httpx.get(url + "/v1/models/other", headers=AUTH, timeout=10)
+    assert other.status_code == 404  # exists, but not for this app
+    routed.lt.call(lambda: setattr(routed.app, "ready", False))
+    assert httpx.get(url + "/health", timeout=10).status_code == 503
+
+
+def test_passthrough_forwards_unknown_paths_unless_closed(sim: ProcessServer) -> None:
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    try:
+        stats = httpx.get(harness.url + "/sim/stats", timeout=10)
+        assert stats.status_code == 200 and "requests" in stats.json()
+        card = httpx.get(harness.url + "/v1/models/sim-model", timeout=10)
+        assert card.status_code == 200 and card.json()["owned_by"] == "vllm"
+        harness.swap(replace(passthrough_snapshot(sim.url), forward_unknown_paths=False))
+        closed = httpx.get(harness.url + "/sim/stats", timeout=10)
+        assert closed.status_code == 404
+        assert closed.json()["error"]["code"] == "unknown_url"
+        # Known vLLM routes still go through.
+        assert httpx.post(harness.url + "/tokenize", json={"prompt": "a"}, timeout=10).is_success
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "path", "body", "status", "code"),
+    [
+        ("deny", "/v1/chat/completions",
+         {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+         400, "structured_output_denied"),
+        ("deny", "/v1/responses",
+         {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}},
+         400, "structured_output_denied"),
+        ("require", "/v1/completions", {"prompt": "hi"}, 400, "structured_output_required"),
+        ("small", "/v1/chat/completions",
+         {"messages": MSG, "structured_outputs": {"json": SCHEMA}}, 400, "structured_output_too_large"),
+        ("require", "/v1/chat/completions",
+         {"messages": MSG, "max_tokens": 3, "structured_outputs": {"regex": "[a-z]+"}}, 200, None),
+    ],
+)  # fmt: skip
+def test_structured_output_rule(
+    sim: ProcessServer, mode: str, path: str, body: dict[str, Any], status: int, code: str | None
+) -> None:
+    policy = _policy("allow", 16) if mode == "small" else _policy(mode)
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {"policy": policy}}))
+    try:
+        resp = httpx.post(harness.url + path, json={"model": "m", **body}, timeout=10)
+        assert resp.status_code == status, resp.text
+        if code is not None:
+            error = resp.json()["error"]
+            assert error["code"] == code and policy.name in error["message"]
+    finally:
+        harness.close()
+
+
+def test_tgi_grammar_becomes_structured_outputs_and_obeys_the_rule(sim: ProcessServer) -> None:
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {}}))
+    tgi = {
+        "inputs": "hi",
+        "parameters": {"max_new_tokens": 3, "grammar": {"type": "json", "value": SCHEMA}},
+    }
+    try:
+        assert httpx.post(harness.url + "/generate", json=tgi, timeout=10).status_code == 200
+        sent = SimClient(sim.url).requests()[-1]["body"]
+        assert sent["structured_outputs"] == {"json": SCHEMA} and sent["max_tokens"] == 3
+        harness.swap(routed_snapshot(sim.url, {"m": {"policy": _policy("deny")}}))
+        refused = httpx.post(harness.url + "/generate", json=tgi, timeout=10)
+        assert refused.status_code == 400
+        assert refused.json()["error_type"] == "validation"
+        assert "does not allow structured output" in refused.json()["error"]
+    finally:
+        harness.close()
+
+
+def test_backend_errors_reach_tgi_clients_in_tgi_shape(sim: ProcessServer) -> None:
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {}}))
+    try:
+        body = {"inputs": "hi", "parameters": {"max_new_tokens": 100000}}
+        for path in ("/generate", "/generate_stream"):
+            resp = httpx.post(harness.url + path, json=body, timeout=10)
+            assert resp.status_code == 400
+            error = resp.json()
+            assert error["error_type"] == "validation" and "max_tokens" in error["error"]
+    finally:
+        harness.close()
+
+
+def _multipart(model: str, size: int) -> tuple[bytes, str]:
+    boundary = "sluice-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    body = head + b"\x01" * size + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_uploads_stream_through_beyond_the_body_limit(sim: ProcessServer) -> None:
+    """A 5 MiB upload, over the 4 MiB buffered-body limit, goes through, with a Content-Length
+    and chunked; the backend gets every byte (and the route's upstream model)."""
+    harness = ProxyHarness(routed_snapshot(sim.url, {"chat": {}}))
+    try:
+        body, content_type = _multipart("chat", 5 * 1024 * 1024)
+        expected = len(body) + len("sim-model") - len("chat")
+        url = harness.url + "/v1/audio/transcriptions"
+        resp = httpx.post(url, content=body, headers={"content-type": content_type}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["text"] == f"sim transcription of {expected} bytes for sim-model"
+
+        def pieces() -> Iterator[bytes]:
+            for start in range(0, len(body), 1 << 20):
+                yield body[start : start + (1 << 20)]
+
+        resp = httpx.post(url, content=pieces(), headers={"content-type": content_type}, timeout=30)
+        assert resp.status_code == 200, resp.text  # chunked both ways
+        assert resp.json()["text"] == f"sim transcription of {expected} bytes for sim-model"
+        # Over the upload limit: 413 before anything is relayed.
+        harness.swap(replace(routed_snapshot(sim.url, {"chat": {}}), max_upload_bytes=1 << 20))
+        resp = httpx.post(url, content=body, headers={"content-type": content_type}, timeout=30)
+        assert resp.status_code == 413
+        # Chunked, so only the bytes tell: sluice answers 413 mid-body and reads no more
+        # (the client may see that answer or a connection closed under its writes).
+        try:
+            resp = httpx.post(
+                url, content=pieces(), headers={"content-type": content_type}, timeout=30
+            )
+            assert resp.status_code == 413
+        except httpx.TransportError:
+            pass
+        deadline = time.monotonic() + 5
+        while not any(ex.status == 413 for ex in harness.finished):
+            assert time.monotonic() < deadline, [ex.status for ex in harness.finished]
+            time.sleep(0.02)
+        assert harness.permits_in_use() == 0
+    finally:
+        harness.close()
+
+
+def test_an_app_rule_applies_on_top_of_the_route_policy(sim: ProcessServer) -> None:
+    app = App(
+        name="strict",
+        key_hashes=frozenset({hashlib.sha256(KEY).digest()}),
+        routes=None,
+        structured=StructuredOutputs(mode="require"),
+    )
+    snap = routed_snapshot(
+        sim.url, {"m": {}}, apps=(app,), apps_by_key={hashlib.sha256(KEY).digest(): app}
+    )
+    harness = ProxyHarness(snap)
+    try:
+        free = {"model": "m", "messages": MSG, "max_tokens": 2}
+        resp = httpx.post(harness.url + "/v1/chat/completions", json=free, headers=AUTH, timeout=10)
+        assert resp.status_code == 400
+        assert resp.json()["error"]["message"].startswith("app 'strict' requires structured")
+        shaped = free | {"response_format": {"type": "json_object"}}
+        resp = httpx.post(
+            harness.url + "/v1/chat/completions", json=shaped, headers=AUTH, timeout=10
+        )
+        assert resp.status_code == 200, resp.text
+    finally:
+        harness.close()
