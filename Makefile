@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing verify-gpu clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(STAMP) edge-deps
 # Output in build/verify-gpu/; docs/VLLM.md says what it checks. Not part of `make test`.
 verify-gpu: $(STAMP) edge-deps
 	SLUICE="$(CURDIR)/$(VENV)/bin/sluice" bash scripts/gpu/verify_gpu.sh
+
+# On a GPU host with vLLM: two vLLM replicas + `sluice bench routing --urls` (docs/ROUTING.md).
+# Output in build/routing-gpu/. Not part of `make test`.
+bench-routing-gpu: $(STAMP) edge-deps
+	SLUICE="$(CURDIR)/$(VENV)/bin/sluice" bash scripts/gpu/routing_gpu.sh
 
 # docs/ROUTING.md: round-robin vs least-outstanding vs sluice's replica choice (~1-2 min)
 bench-routing: $(STAMP) edge-deps

@@ -5,6 +5,11 @@ Needs only torch, transformers (5.x) and tokenizers. Deterministic (fixed seed).
 Tokenizer: BPE with a Metaspace pre-tokenizer trained on an ASCII corpus, so
 every token decodes to ASCII (no partial UTF-8 in the random output).
 head_dim is 64 (hidden 128, 2 heads) so FlashAttention-3 accepts it.
+
+Environment knobs for a larger random model (the routing benchmark needs prefill to cost
+something): TINY_HIDDEN, TINY_LAYERS, TINY_HEADS, TINY_KV_HEADS, TINY_INTERMEDIATE,
+TINY_MAX_POS, TINY_INIT_RANGE, TINY_DEVICE (e.g. cuda: initializing a 1B model on the
+CPU takes minutes). Unset, the model is the tiny one the wire captures used.
 """
 
 import json
@@ -17,6 +22,15 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/tiny-llama"
 os.makedirs(out, exist_ok=True)
+
+
+def knob(name: str, default: str) -> str:
+    return os.environ.get("TINY_" + name, default)
+
+
+HIDDEN = int(knob("HIDDEN", "128"))
+HEADS = int(knob("HEADS", "2"))
+MAX_POS = int(knob("MAX_POS", "2048"))
 
 SPECIALS = ["<unk>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
@@ -58,7 +72,7 @@ fast = PreTrainedTokenizerFast(
     additional_special_tokens=["<|eos|>", "<|im_start|>"],
 )
 fast.chat_template = CHAT_TEMPLATE
-fast.model_max_length = 2048
+fast.model_max_length = MAX_POS
 fast.save_pretrained(out)
 
 # Make sure the chat template lives in tokenizer_config.json (transformers 5 may
@@ -77,21 +91,23 @@ ids = {t: tok.token_to_id(t) for t in SPECIALS}
 torch.manual_seed(1234)
 cfg = LlamaConfig(
     vocab_size=vocab_n,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=2048,
+    hidden_size=HIDDEN,
+    intermediate_size=int(knob("INTERMEDIATE", "256")),
+    num_hidden_layers=int(knob("LAYERS", "2")),
+    num_attention_heads=HEADS,
+    num_key_value_heads=int(knob("KV_HEADS", str(HEADS))),
+    head_dim=HIDDEN // HEADS,
+    max_position_embeddings=MAX_POS,
     bos_token_id=ids["<|bos|>"],
     eos_token_id=ids["<|im_end|>"],
     pad_token_id=ids["<|pad|>"],
     tie_word_embeddings=False,
-    initializer_range=0.5,  # larger init -> peakier (less uniform) logits
+    # larger init -> peakier (less uniform) logits; a deep model wants the usual 0.02
+    initializer_range=float(knob("INIT_RANGE", "0.5")),
 )
 cfg.torch_dtype = torch.bfloat16
-model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+with torch.device(knob("DEVICE", "cpu")):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
 model.save_pretrained(out)
 
 gen = GenerationConfig(
