@@ -64,5 +64,9 @@ bench-routing-gpu: $(STAMP) edge-deps
 bench-routing: $(STAMP) edge-deps
 	$(VENV)/bin/sluice bench routing --workers 2,4
 
+# Resident memory per open stream (bounded: about 30 s).
+bench-memory: $(STAMP)
+	$(VENV)/bin/python -m sluice.control.bench.memory --streams 1000,5000,9000
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
