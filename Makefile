@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
