@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "sluice",
             sluice_argv(
                 "serve", "--config", str(config), "--port", str(proxy_port), "--no-access-log"
-            ),  # fmt: skip
+            ),
             workdir,
         )
         proxy.wait_line(SERVE_READY)
