@@ -20,12 +20,17 @@ import time
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.metrics import MULTIPROC_ENV
+from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
+
+from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
 SUPERVISOR_POLL_S = 0.1
 
 
-def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> int:
+def supervise(
+    workers_wanted: int, host: str, port: int, *, metrics: bool, permit_server: bool = True
+) -> int:
     """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they all have.
 
     Metrics: the workers share a fresh PROMETHEUS_MULTIPROC_DIR (set in their environment,
@@ -47,6 +52,11 @@ def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> in
     if metrics:
         metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
         env[MULTIPROC_ENV] = metrics_dir
+    permits = None
+    if permit_server:
+        # No Redis: the supervisor owns the permits, so a limit holds across the workers.
+        permits = PermitServerThread()
+        env[PERMIT_SOCKET_ENV] = permits.path
     workers: dict[int, subprocess.Popen[bytes]] = {}
     codes: list[int] = []
 
@@ -90,5 +100,7 @@ def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> in
             proc.wait()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        if permits is not None:
+            permits.close()
     failed = next((code for code in codes if code != 0), 0)
     return 128 - failed if failed < 0 else failed
