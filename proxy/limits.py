@@ -200,9 +200,21 @@ class LimiterRegistry:
     `factory` makes a limiter for a name the first time it is needed: `Limiter` (this
     process) unless a shared store is configured (control/runtime injects it)."""
 
-    def __init__(self, factory: LimiterFactory | None = None) -> None:
+    def __init__(
+        self,
+        factory: LimiterFactory | None = None,
+        *,
+        store: str = "local",
+        store_up: Callable[[], bool] | None = None,
+    ) -> None:
         self._limiters: dict[str, ConcurrencyLimiter] = {}
         self.factory: LimiterFactory = factory or Limiter
+        self.store = store  # "local" | "supervisor" | "redis"
+        self._store_up = store_up
+
+    def store_state(self) -> dict[str, object]:
+        """Where the permits live and whether that store answers (else: the local share)."""
+        return {"store": self.store, "up": self._store_up() if self._store_up else True}
 
     def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> ConcurrencyLimiter:
         limiter = self._limiters.get(name)

@@ -84,13 +84,19 @@ async def start_limit_store(
         )
         _watch(redis_store.on_change, metrics, "redis")
         await redis_store.start()
-        return LimitStore(LimiterRegistry(store_factory(redis_store)), "redis", redis_store)
+        registry = LimiterRegistry(
+            store_factory(redis_store), store="redis", store_up=lambda: redis_store.up
+        )
+        return LimitStore(registry, "redis", redis_store)
     path = os.environ.get(PERMIT_SOCKET_ENV)
     if path:
         socket_store = SocketPermitStore(path, workers)
         _watch(socket_store.on_change, metrics, "supervisor")
         await socket_store.start()
-        return LimitStore(LimiterRegistry(store_factory(socket_store)), "supervisor", socket_store)
+        registry = LimiterRegistry(
+            store_factory(socket_store), store="supervisor", store_up=lambda: socket_store.up
+        )
+        return LimitStore(registry, "supervisor", socket_store)
     return LimitStore(LimiterRegistry(), "local")
 
 

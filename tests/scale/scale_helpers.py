@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,7 @@ class PostgresServer:
     def stop(self) -> None:
         subprocess.run(
             [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+            check=False,
             capture_output=True,
         )
 
@@ -218,3 +220,22 @@ def worker_pids(server: ProcessServer, workers: int) -> set[int]:
             raise AssertionError(f"only workers {seen} answered")
         seen.add(httpx.get(server.url + "/admin/status", headers=ADMIN, timeout=5).json()["pid"])
     return seen
+
+
+def wait_until(
+    what: str, check: Callable[[], bool], timeout: float = BOUNDED_S, step: float = 0.05
+) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def stream(url: str, max_tokens: int, timeout: float = 60.0) -> StreamResult | None:
+    """One stream; None when the connection broke (its server was killed)."""
+    try:
+        return stream_request(url, chat(max_tokens), timeout=timeout)
+    except httpx.HTTPError:
+        return None
