@@ -105,6 +105,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
 local n = #KEYS - 1
 for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   for id in string.gmatch(ARGV[3 + i], '%S+') do
     redis.call('ZADD', KEYS[i], now + lease_ms, id)
   end

@@ -81,6 +81,11 @@ class RedisServer:
     def zcard(self, key: str) -> int:
         return int(self.command("ZCARD", key).lstrip(":"))
 
+    def live(self, key: str) -> int:
+        """Members of a lease set whose lease has not run out (same host: same clock)."""
+        now_ms = int(time.time() * 1000)
+        return int(self.command("ZCOUNT", key, str(now_ms), "+inf").lstrip(":"))
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
