@@ -27,7 +27,6 @@ from sluice.proxy.metrics import Metrics
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV, PermitServer, SocketPermitStore
 
 
-
 class _Store(Protocol):
     async def aclose(self) -> None: ...
 
