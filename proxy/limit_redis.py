@@ -29,7 +29,7 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any
 
 import structlog
@@ -39,9 +39,10 @@ from .limits import LimitExceeded
 
 DEFAULT_PREFIX = "sluice:limit:"
 DEFAULT_LEASE = 10.0
-DEFAULT_TIMEOUT = 0.5  # one Redis call slower than this counts as "Redis is down"
+DEFAULT_TIMEOUT = 1.0  # one Redis call slower than this counts as "Redis is down"
 POLL_INTERVAL = 1.0
 PROBE_INTERVAL = 1.0
+SETTLE_MARGIN = 0.5
 
 _log = structlog.get_logger("sluice.limits")
 
@@ -136,9 +137,18 @@ class RedisPermitStore:
         self.lease = lease
         self.prefix = prefix
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.known_processes = max(1, expected_processes)
+        self.expected_processes = max(1, expected_processes)
+        self.known_processes = self.expected_processes
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+
+        # One retry on a fresh connection: after Redis restarts, the pooled connections
+        # fail once each; that is not an outage. Every script is idempotent (ids).
         self._client: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
         )
         self._take = self._client.register_script(_TAKE)
         self._give = self._client.register_script(_GIVE)
@@ -157,6 +167,9 @@ class RedisPermitStore:
         self._main: asyncio.Task[None] | None = None
         self.on_change: list[Callable[[bool], None]] = []
         self.round_trips = 0
+        self._renewing = False
+        self._reachable = False
+        self._late: list[tuple[StoreLimiter, str]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -170,7 +183,8 @@ class RedisPermitStore:
     async def start(self) -> None:
         """Checks Redis once (a failure only means starting on the local share) and starts
         the background work: renewals, heartbeat, grant messages, probing while down."""
-        await self._renew_all()
+        if await self._renew_all():
+            self._state(True)
         self._main = asyncio.get_running_loop().create_task(self._maintain())
 
     async def aclose(self) -> None:
@@ -215,10 +229,13 @@ class RedisPermitStore:
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         self.round_trips += 1
         try:
-            return await script(keys=keys, args=args)
-        except self._errors as exc:
+            result = await script(keys=keys, args=args)
+        except Exception as exc:  # whatever the client raises, Redis did not answer
+            self._reachable = False
             self._state(False, f"{type(exc).__name__}: {exc}")
             raise StoreDown(str(exc)) from None
+        self._reachable = True
+        return result
 
     async def take(self, limiter: StoreLimiter) -> tuple[Hashable, float]:
         rid = f"{self.process_id}/{next(self._ids)}"
@@ -240,8 +257,17 @@ class RedisPermitStore:
                 if grant.done():
                     result = 1
                     break
+                if not self._up:
+                    # Redis went away meanwhile: the local share decides from now on, even
+                    # if Redis answers again before it is trusted again (see _maintain).
+                    raise StoreDown("the store went down while this request waited")
                 args = [*self._args(limiter, rid), "check", 0, 0]
                 result, queued = await self._call(self._take, keys, args)
+                if result == -2:
+                    # The ticket is gone before its deadline: Redis lost its data
+                    # (restarted without persistence). Queue again, at the back.
+                    args = [*self._args(limiter, rid), "new", queue.max_len, int(left * 1000)]
+                    result, queued = await self._call(self._take, keys, args)
         except BaseException:
             self._grants.pop(rid, None)
             self._give_back_soon(limiter, rid)  # leaves the queue, or frees a late grant
@@ -255,12 +281,31 @@ class RedisPermitStore:
             raise LimitExceeded(limiter.name, "queue_timeout", limiter.retry_after(int(queued)))
         raise LimitExceeded(limiter.name, "queue_full", limiter.retry_after(int(queued)))
 
+    def adopt(self, limiter: StoreLimiter) -> Hashable:
+        """An id for a permit from the local share: the renewals register it in Redis once
+        Redis is back, so requests that started during the outage count until they end."""
+        rid = f"{self.process_id}/{next(self._ids)}"
+        self._held.setdefault(limiter.name, set()).add(rid)
+        if self._reachable:
+            # Redis answers but is not trusted yet (the other processes may not have
+            # registered theirs): register this permit now, not at the next renewal, for
+            # the processes that already went back to global limits.
+            self._spawn(self._renew_all())
+        return rid
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def give_back(self, limiter: StoreLimiter, handle: Hashable) -> None:
         rid = str(handle)
         held = self._held.get(limiter.name)
         if held is not None:
             held.discard(rid)
-        if self._up:
+        if self._renewing:
+            self._late.append((limiter, rid))
+        elif self._reachable:
             self._give_back_soon(limiter, rid)
         # While Redis is down the lease is not renewed and expires on its own.
 
@@ -271,17 +316,16 @@ class RedisPermitStore:
             with contextlib.suppress(StoreDown):
                 await self._call(self._give, keys, args)
 
-        task = asyncio.get_running_loop().create_task(give())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(give())
 
     # -- background ------------------------------------------------------------------------
 
     async def _renew_all(self) -> bool:
-        """Renews every lease this process holds and its heartbeat (one round trip).
-        After an outage this re-registers the leases that expired meanwhile, so Redis
-        counts every request still in flight again."""
-        names = [name for name, ids in self._held.items() if ids]
+        """Renews every lease this process holds and its heartbeat (one round trip), and
+        drops expired leases of every limiter it has used. After an outage this registers
+        again the permits still in use, those taken from the local share included, so
+        Redis counts every request in flight."""
+        names = list(self._held)
         keys = [self._keys(name)[0] for name in names] + [self.prefix + "processes"]
         args: list[Any] = [
             int(self.lease * 1000),
@@ -289,12 +333,23 @@ class RedisPermitStore:
             int(self.lease * 1000),
             *(" ".join(self._held[name]) for name in names),
         ]
+        self._renewing = True
         try:
             live = await self._call(self._renew, keys, args)
         except StoreDown:
             return False
-        self.known_processes = max(1, int(live))
-        self._state(True)
+        finally:
+            # Permits given back while the renewal was on its way go back after it, or
+            # the renewal would register them again.
+            self._renewing = False
+            late, self._late = self._late, []
+            for limiter, rid in late:
+                self._give_back_soon(limiter, rid)
+        # The larger of what the config says and what Redis has seen: a smaller share is
+        # the safe side while Redis is away. Right after an outage Redis has seen only the
+        # processes that came back so far, so the count only grows until limits are global.
+        live = max(self.expected_processes, int(live))
+        self.known_processes = live if self._up else max(live, self.known_processes)
         return True
 
     async def _maintain(self) -> None:
@@ -311,9 +366,16 @@ class RedisPermitStore:
                         await listener
                 if self._up:  # the subscription broke but calls work: resubscribe
                     self._state(False, "grant channel lost")
-            else:
-                await asyncio.sleep(PROBE_INTERVAL)
-                await self._renew_all()
+                continue
+            await asyncio.sleep(PROBE_INTERVAL)
+            if not await self._renew_all():
+                continue
+            # Redis answers again and holds this process's permits. The other processes
+            # register theirs at their next probe: keep to the local share until then, so
+            # Redis does not hand out permits that are in use elsewhere.
+            await asyncio.sleep(PROBE_INTERVAL + SETTLE_MARGIN)
+            if await self._renew_all():  # and the permits taken meanwhile
+                self._state(True)
 
     async def _listen(self) -> None:
         pubsub = self._client.pubsub()

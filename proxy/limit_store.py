@@ -37,9 +37,15 @@ class StoreDown(Exception):
     """The store did not answer in time or the connection is gone: use the local share."""
 
 
+class StoreBack(Exception):
+    """The store answers again: a request waiting for the local share queues there."""
+
+
 class PermitStore(Protocol):
     """Where shared permits live. `take` raises LimitExceeded (queue full, wait expired) or
     StoreDown; on cancellation it leaves the queue or gives a just-granted permit back."""
+
+    on_change: list[Callable[[bool], None]]  # called on each change of `up`
 
     @property
     def up(self) -> bool: ...
@@ -49,6 +55,11 @@ class PermitStore(Protocol):
     async def take(self, limiter: StoreLimiter) -> tuple[Hashable, float]: ...
 
     def give_back(self, limiter: StoreLimiter, handle: Hashable) -> None: ...
+
+    def adopt(self, limiter: StoreLimiter) -> Hashable:
+        """A handle for a permit taken from the local share, so that the store can count it
+        once it is back (None: the store does not); give it back with `give_back`."""
+        ...
 
 
 class StoreLimiter:
@@ -85,11 +96,13 @@ class StoreLimiter:
     def configure(self, max_concurrency: int, queue: QueueLimits) -> None:
         self.max_concurrency = max_concurrency
         self.queue = queue
-        self.fallback.configure(self.store.share(max_concurrency), queue)
+        self.fallback.queue = queue
+        self.refresh_share()
 
     def refresh_share(self) -> None:
-        """The number of processes changed: resize the local share."""
-        share = self.store.share(self.max_concurrency)
+        """Sizes the local share: this process's part of the limit, less the store's permits
+        it still holds (requests that started before the store went away)."""
+        share = max(0, self.store.share(self.max_concurrency) - self._remote_in_use)
         if share != self.fallback.max_concurrency:
             self.fallback.configure(share, self.queue)
 
@@ -103,6 +116,19 @@ class StoreLimiter:
         self.fallback.observe_service_time(seconds)
 
     async def acquire(self) -> Permit:
+        while True:
+            try:
+                return await self._acquire()
+            except StoreBack:
+                continue  # it waited for the local share; the store decides now
+
+    def store_changed(self, up: bool) -> None:
+        """Back to global limits: the requests queued for the local share move to the
+        store's queue, or they would be admitted beside the store's count."""
+        if up:
+            self.fallback.fail_waiters(StoreBack)
+
+    async def _acquire(self) -> Permit:
         if self.store.up:
             task = asyncio.current_task()
             assert task is not None
@@ -128,11 +154,21 @@ class StoreLimiter:
                 self._remote_queued -= 1
                 self._waiting.discard(task)
         self.refresh_share()
-        return Permit(self.fallback.release, await self.fallback.take())
+        waited = await self.fallback.take()
+        handle = self.store.adopt(self)
+
+        def release() -> None:
+            self.fallback.release()
+            if handle is not None:
+                self.store.give_back(self, handle)
+
+        return Permit(release, waited)
 
     def _give_back(self, handle: Hashable) -> None:
         self._remote_in_use -= 1
         self.store.give_back(self, handle)
+        if self.fallback.queued:
+            self.refresh_share()  # a request waiting for the local share may go now
 
     def reject_waiters(self) -> int:
         """Sends every queued request away (drain deadline passed); returns how many."""
@@ -149,9 +185,11 @@ def store_factory(store: PermitStore) -> Callable[[str, int, QueueLimits], Store
     """A LimiterRegistry factory making StoreLimiters on `store`."""
 
     def make(name: str, max_concurrency: int, queue: QueueLimits) -> StoreLimiter:
-        return StoreLimiter(store, name, max_concurrency, queue)
+        limiter = StoreLimiter(store, name, max_concurrency, queue)
+        store.on_change.append(limiter.store_changed)
+        return limiter
 
     return make
 
 
-__all__ = ["STORE_GRACE", "PermitStore", "StoreDown", "StoreLimiter", "store_factory"]
+__all__ = ["STORE_GRACE", "PermitStore", "StoreBack", "StoreDown", "StoreLimiter", "store_factory"]

@@ -155,11 +155,16 @@ class Limiter:
 
     def reject_waiters(self) -> int:
         """Sends every queued request away (drain deadline passed); returns how many."""
+        return self.fail_waiters(_ShuttingDown)
+
+    def fail_waiters(self, error: Callable[[], BaseException]) -> int:
+        """Ends every queued request's wait with `error()` raised from `take()`; returns
+        how many."""
         waiters, self._waiters = self._waiters, collections.deque()
         count = 0
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(_ShuttingDown())
+                waiter.set_exception(error())
                 count += 1
         return count
 
@@ -206,15 +211,23 @@ class LimiterRegistry:
         *,
         store: str = "local",
         store_up: Callable[[], bool] | None = None,
+        store_processes: Callable[[], int] | None = None,
     ) -> None:
         self._limiters: dict[str, ConcurrencyLimiter] = {}
         self.factory: LimiterFactory = factory or Limiter
         self.store = store  # "local" | "supervisor" | "redis"
         self._store_up = store_up
+        self._store_processes = store_processes
 
     def store_state(self) -> dict[str, object]:
         """Where the permits live and whether that store answers (else: the local share)."""
-        return {"store": self.store, "up": self._store_up() if self._store_up else True}
+        state: dict[str, object] = {
+            "store": self.store,
+            "up": self._store_up() if self._store_up else True,
+        }
+        if self._store_processes is not None:
+            state["processes"] = self._store_processes()  # the share is limit / this
+        return state
 
     def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> ConcurrencyLimiter:
         limiter = self._limiters.get(name)

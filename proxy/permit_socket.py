@@ -232,7 +232,14 @@ class SocketPermitStore:
             raise LimitExceeded(limiter.name, first, limiter.retry_after(int(second)))
         return (generation, rid), float(first)
 
+    def adopt(self, limiter: StoreLimiter) -> Hashable:
+        # The server counts this worker's permits by its connection; one taken while the
+        # connection was down is this worker's own until it is given back.
+        return None
+
     def give_back(self, limiter: StoreLimiter, handle: Hashable) -> None:
+        if handle is None:
+            return
         assert isinstance(handle, tuple)
         generation, rid = handle
         self._send(int(generation), f"R {rid}\n")

@@ -110,7 +110,7 @@ class LimitsSection(Section):
         default=10.0, description="A dead replica's permits return within this time (Redis)."
     )
     store_timeout: Duration = Field(
-        default=0.5, description="A Redis call slower than this falls back to the local share."
+        default=1.0, description="A Redis call slower than this falls back to the local share."
     )
 
 

@@ -84,7 +84,10 @@ async def start_limit_store(
         _watch(redis_store.on_change, metrics, "redis")
         await redis_store.start()
         registry = LimiterRegistry(
-            store_factory(redis_store), store="redis", store_up=lambda: redis_store.up
+            store_factory(redis_store),
+            store="redis",
+            store_up=lambda: redis_store.up,
+            store_processes=lambda: redis_store.known_processes,
         )
         return LimitStore(registry, "redis", redis_store)
     path = os.environ.get(PERMIT_SOCKET_ENV)
@@ -93,7 +96,10 @@ async def start_limit_store(
         _watch(socket_store.on_change, metrics, "supervisor")
         await socket_store.start()
         registry = LimiterRegistry(
-            store_factory(socket_store), store="supervisor", store_up=lambda: socket_store.up
+            store_factory(socket_store),
+            store="supervisor",
+            store_up=lambda: socket_store.up,
+            store_processes=lambda: socket_store.workers,
         )
         return LimitStore(registry, "supervisor", socket_store)
     return LimitStore(LimiterRegistry(), "local")

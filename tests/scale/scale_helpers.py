@@ -170,7 +170,9 @@ def write_gateway(
     extra: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    limits = f"limits: {{store: {store}, lease: {lease}}}" if store else ""
+    # A generous store timeout: on a loaded 2-core machine a loopback call can take 0.5 s,
+    # and the tests that mean to take Redis away kill it (refused at once).
+    limits = f"limits: {{store: {store}, lease: {lease}, store_timeout: 3s}}" if store else ""
     (directory / "gateway.yaml").write_text(
         GATEWAY.format(
             limits=limits,

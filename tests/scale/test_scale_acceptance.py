@@ -44,7 +44,7 @@ HELD = held_key("backend:sim")
 GATEWAY = """\
 kind: Gateway
 admin: {{token: env:SLUICE_ADMIN_TOKEN}}
-limits: {{store: env:SLUICE_TEST_REDIS, lease: {lease}s}}
+limits: {{store: env:SLUICE_TEST_REDIS, lease: {lease}s, store_timeout: 3s}}
 backends:
   - name: sim
     urls: ["{sim_url}"]

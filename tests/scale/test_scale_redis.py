@@ -22,12 +22,13 @@ def test_limit_is_global_across_replicas(start, slow_sim, sim_stats, redis, tmp_
     replicas = [start(config), start(config, "--workers", "2")]
     results = burst([r.url for r in replicas], 18, 100)
     counts = statuses(results)
-    assert counts[200] == 3, counts
+    downs = [e for r in replicas for e in r.json_logs() if "store" in e.get("event", "")]
+    assert counts[200] == 3, (counts, downs)
     assert counts[503] == 15, counts
     assert sim_stats.stats()["max_active"] == 3
     wait_until("every permit back in Redis", lambda: redis.zcard(HELD) == 0)
     status = httpx.get(replicas[0].url + "/admin/status", headers=ADMIN, timeout=5).json()
-    assert status["limit_store"] == {"store": "redis", "up": True}
+    assert status["limit_store"] == {"store": "redis", "up": True, "processes": 3}
 
 
 def test_sigkilled_replica_permits_return_within_lease(
@@ -64,6 +65,7 @@ def test_redis_outage_under_load(start, slow_sim, sim_stats, redis, tmp_path: Pa
     )
     replicas = [start(config), start(config)]
     urls = [r.url for r in replicas]
+    wait_until("both replicas count 2 processes", lambda: all(_processes(u) == 2 for u in urls))
     outcome: list[list[StreamResult]] = []
     load = threading.Thread(target=lambda: outcome.append(burst(urls, 24, 30, timeout=60)))
     load.start()
@@ -74,7 +76,8 @@ def test_redis_outage_under_load(start, slow_sim, sim_stats, redis, tmp_path: Pa
     load.join(60)
     assert outcome, "the load did not finish"
     counts = statuses(outcome[0])
-    assert counts == {200: 24}, counts
+    errors = [e for r in replicas for e in r.json_logs() if e.get("event") == "handler_error"]
+    assert counts == {200: 24}, (counts, errors)
     # During the outage each replica had its share (4 / 2): never more than the limit.
     assert sim_stats.stats()["max_active"] <= 4
     # Back to global: the store says up again, and a new burst is held to 4 in total.
@@ -82,10 +85,21 @@ def test_redis_outage_under_load(start, slow_sim, sim_stats, redis, tmp_path: Pa
     sim_stats.reset()
     counts = statuses(burst(urls, 12, 30))
     assert counts == {200: 12}, counts
-    assert sim_stats.stats()["max_active"] <= 4
-    wait_until("no permit leaked", lambda: redis.zcard(HELD) == 0)
+    events = [
+        (e["event"], e.get("error"), e["timestamp"])
+        for r in replicas
+        for e in r.json_logs()
+        if "limit_store" in e.get("event", "")
+    ]
+    assert sim_stats.stats()["max_active"] <= 4, events
+    wait_until("no permit leaked", lambda: redis.live(HELD) == 0)
     downs = [e for r in replicas for e in r.json_logs() if e.get("event") == "limit_store_down"]
     assert 1 <= len(downs) <= 2 * 2  # logged once per outage per replica, not per request
+
+
+def _processes(url: str) -> int:
+    status = httpx.get(url + "/admin/status", headers=ADMIN, timeout=5).json()
+    return int(status["limit_store"]["processes"])
 
 
 def _store_up(url: str) -> bool:
