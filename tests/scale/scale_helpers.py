@@ -225,7 +225,12 @@ def worker_pids(server: ProcessServer, workers: int) -> set[int]:
     while len(seen) < workers:
         if time.monotonic() > deadline:
             raise AssertionError(f"only workers {seen} answered")
-        seen.add(httpx.get(server.url + "/admin/status", headers=ADMIN, timeout=5).json()["pid"])
+        try:
+            reply = httpx.get(server.url + "/admin/status", headers=ADMIN, timeout=5)
+        except httpx.ConnectError:  # a worker still starting; the port is briefly closed
+            time.sleep(0.05)
+            continue
+        seen.add(reply.json()["pid"])
     return seen
 
 
