@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -88,6 +89,17 @@ class Replica:
                 pass
 
 
+def status_all(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        sluice_cmd("status", "--all", "--config", str(config)),
+        env={**os.environ, "SLUICE_ADMIN_TOKEN": ADMIN_TOKEN, "SLUICE_TEST_REDIS": "redis://x"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def pinned_clients(replica: Replica) -> dict[int, httpx.Client]:
     """One keep-alive connection to each worker of `replica` (SO_REUSEPORT hashes each new
     connection to one worker), keyed by the worker's pid."""
@@ -161,6 +173,14 @@ def test_three_replicas_two_workers_behind_nginx(slow_sim, sim_stats, redis, tmp
             assert time.monotonic() - written < 2.0, f"after 2 s only {reached}"
             time.sleep(0.01)
 
+        # `sluice status --all` reads the replicas from edge.nginx.replicas: all agree.
+        listing = status_all(config)
+        assert listing.returncode == 0, listing.stdout + listing.stderr
+        lines = listing.stdout.strip().splitlines()
+        assert len(lines) == REPLICAS + 1
+        assert lines[-1].startswith(f"all {REPLICAS} replicas serve config ")
+        assert all("limits redis" in line for line in lines[:-1])
+
         # SIGKILL one replica while it holds 4 permits; another holds 4 more.
         sim_stats.reset()
         victim, other = replicas[0], replicas[1]
@@ -177,6 +197,9 @@ def test_three_replicas_two_workers_behind_nginx(slow_sim, sim_stats, redis, tmp
         wait_until("the dead replica's permits back", lambda: redis.live(HELD) <= 4, timeout=10)
         returned = time.monotonic() - killed
         assert returned <= LEASE_S + 1.0, returned
+        listing = status_all(config)
+        assert listing.returncode == 1
+        assert f"1 of {REPLICAS} replicas did not answer" in listing.stdout
         # nginx steers around the dead replica; the freed permits serve new streams.
         after = burst([nginx.url], 4, 10)
         assert statuses(after) == {200: 4}
