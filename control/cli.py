@@ -196,7 +196,11 @@ def _add_ab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep.add_argument("experiment")
     rep.add_argument("--since", default=None, help="ISO time or age like 24h")
     rep.add_argument("--json", action="store_true")
-    rep.add_argument("--db", default=None, help="records database (default from the config)")
+    rep.add_argument(
+        "--db",
+        default=None,
+        help="records database: a SQLite file or a postgresql:// URL (default from the config)",
+    )
     rep.add_argument("--config", default=DEFAULT_CONFIG_DIR)
     rep.set_defaults(target="sluice.control.ab.report:run")
 

@@ -34,8 +34,8 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg"))
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
     yield server
     server.stop()
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -110,38 +112,45 @@ def postgres_bin() -> Path:
 
 class PostgresServer:
     """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a free loopback port; trust
-    authentication on loopback only, socket in the temporary directory."""
+    authentication on loopback only, its socket in its own directory. PostgreSQL refuses
+    to run as root: then it runs as the `postgres` user (Debian's package creates it) in
+    a directory of its own under /tmp (pytest's are private to root)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self) -> None:
         self.bin = postgres_bin()
-        self.data = directory / "data"
+        self.root = Path(tempfile.mkdtemp(prefix="sluice-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres"
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                user, entry = "nobody", pwd.getpwnam("nobody")
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+            self.as_user = ["runuser", "-u", user, "--"]
+        self.data = self.root / "data"
         self.port = free_port()
-        run = [str(self.bin / "initdb"), "-D", str(self.data), "-U", "sluice", "-A", "trust"]
-        subprocess.run([*run, "--no-sync"], check=True, capture_output=True)
-        opts = f"-p {self.port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run(
-            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-w", "-t", "30",
-             "-l", str(directory / "pg.log"), "start"],
-            check=True,
-            capture_output=True,
+        self._run("initdb", "-D", str(self.data), "-U", "sluice", "-A", "trust", "--no-sync")
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", opts, "-w", "-t", "30",
+            "-l", str(self.root / "pg.log"), "start",
         )  # fmt: skip
-        subprocess.run(
-            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "sluice",
-             "records"],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "sluice", "records")
+
+    def _run(self, program: str, *args: str, check: bool = True) -> None:
+        argv = [*self.as_user, str(self.bin / program), *args]
+        result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{program} failed: {result.stderr.strip()[-500:]}")
 
     @property
     def url(self) -> str:
         return f"postgresql://sluice@127.0.0.1:{self.port}/records"
 
     def stop(self) -> None:
-        subprocess.run(
-            [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
-            check=False,
-            capture_output=True,
-        )
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 GATEWAY = """\
