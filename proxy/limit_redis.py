@@ -41,6 +41,7 @@ DEFAULT_PREFIX = "sluice:limit:"
 DEFAULT_LEASE = 10.0
 DEFAULT_TIMEOUT = 1.0  # one Redis call slower than this counts as "Redis is down"
 POLL_INTERVAL = 1.0
+POOL_SIZE = 32  # connections per process (one more for the grant subscription)
 PROBE_INTERVAL = 1.0
 SETTLE_MARGIN = 0.5
 
@@ -144,12 +145,18 @@ class RedisPermitStore:
 
         # One retry on a fresh connection: after Redis restarts, the pooled connections
         # fail once each; that is not an outage. Every script is idempotent (ids).
-        self._client: Any = aioredis.Redis.from_url(
+        # A bounded pool that makes callers wait for a free connection (up to `timeout`):
+        # hundreds of concurrent requests share a few connections instead of opening one
+        # each (and hitting the client's connection limit, which would read as an outage).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_SIZE,
+            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1),
         )
+        self._client: Any = aioredis.Redis(connection_pool=pool)
         self._take = self._client.register_script(_TAKE)
         self._give = self._client.register_script(_GIVE)
         self._renew = self._client.register_script(_RENEW)
