@@ -174,8 +174,16 @@ def test_three_replicas_two_workers_behind_nginx(slow_sim, sim_stats, redis, tmp
             time.sleep(0.01)
 
         # `sluice status --all` reads the replicas from edge.nginx.replicas: all agree.
-        listing = status_all(config)
-        assert listing.returncode == 0, listing.stdout + listing.stderr
+        # Each worker's sluice_config_info follows its reload within a second (the gauges
+        # are sampled once a second), so the listing agrees shortly after the processes do.
+        listings = []
+
+        def agreed() -> bool:
+            listings.append(status_all(config))
+            return listings[-1].returncode == 0
+
+        wait_until("status --all to agree", agreed, timeout=5)
+        listing = listings[-1]
         lines = listing.stdout.strip().splitlines()
         assert len(lines) == REPLICAS + 1
         assert lines[-1].startswith(f"all {REPLICAS} replicas serve config ")

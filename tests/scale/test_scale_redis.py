@@ -11,8 +11,17 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import StreamResult
-from scale_helpers import ADMIN, burst, held_key, statuses, stream, wait_until, write_gateway
+from helpers import StreamResult, free_port
+from scale_helpers import (
+    ADMIN,
+    RedisServer,
+    burst,
+    held_key,
+    statuses,
+    stream,
+    wait_until,
+    write_gateway,
+)
 
 HELD = held_key("backend:sim")
 
@@ -78,8 +87,11 @@ def test_redis_outage_under_load(start, slow_sim, sim_stats, redis, tmp_path: Pa
     counts = statuses(outcome[0])
     errors = [e for r in replicas for e in r.json_logs() if e.get("event") == "handler_error"]
     assert counts == {200: 24}, (counts, errors)
-    # During the outage each replica had its share (4 / 2): never more than the limit.
-    assert sim_stats.stats()["max_active"] <= 4
+    # During the outage each replica keeps to its share (4 / 2). Around the switches the
+    # replicas do not change at the same instant, and the total may pass the limit by up
+    # to one replica's share (docs/OPERATIONS.md, "Redis down or slow"); measured: 4, and
+    # 5 in about one run out of six.
+    assert sim_stats.stats()["max_active"] <= 4 + 2
     # Back to global: the store says up again, and a new burst is held to 4 in total.
     wait_until("store up again", lambda: all(_store_up(u) for u in urls), timeout=10)
     sim_stats.reset()
@@ -105,3 +117,25 @@ def _processes(url: str) -> int:
 def _store_up(url: str) -> bool:
     text = httpx.get(url + "/metrics", headers=ADMIN, timeout=5).text
     return 'sluice_limit_store_up{store="redis"} 1.0' in text
+
+
+def test_redis_down_at_start_up(start, slow_sim, sim_stats, tmp_path: Path) -> None:
+    """No Redis yet: the replica starts on its share (2 workers: 4 / 2 each, so 4 in all),
+    says so once, and goes global when Redis appears."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    config = write_gateway(tmp_path / "cfg", slow_sim.url, limit=4, queue_max=0, store=url)
+    server = start(config, "--workers", "2")
+    counts = statuses(burst([server.url], 12, 60))
+    assert counts[200] <= 4 and counts[200] + counts[503] == 12, counts
+    assert sim_stats.stats()["max_active"] <= 4
+    assert not _store_up(server.url)
+    redis = RedisServer(tmp_path / "redis", port=port)
+    try:
+        wait_until("global limits once Redis is there", lambda: _store_up(server.url))
+        sim_stats.reset()
+        counts = statuses(burst([server.url], 12, 60))
+        assert counts == {200: 4, 503: 8}, counts
+        assert sim_stats.stats()["max_active"] == 4
+    finally:
+        redis.kill()
