@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test lint typecheck format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ browser-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else echo "chromium is missing: run 'sudo apt-get install -y chromium' (Debian) and retry" >&2; exit 1; fi; }
 
+# redis-server and PostgreSQL from Debian: the scale tests start their own servers (a
+# shared limit store and a shared records database) on free loopback ports.
+scale-deps:
+	@{ command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server postgresql; \
+	  else echo "redis-server or PostgreSQL is missing: run 'sudo apt-get install -y redis-server postgresql' (Debian/Ubuntu) and retry" >&2; exit 1; fi; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -43,7 +50,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) edge-deps browser-deps lint typecheck
+test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP) edge-deps

@@ -196,7 +196,11 @@ def _add_ab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rep.add_argument("experiment")
     rep.add_argument("--since", default=None, help="ISO time or age like 24h")
     rep.add_argument("--json", action="store_true")
-    rep.add_argument("--db", default=None, help="records database (default from the config)")
+    rep.add_argument(
+        "--db",
+        default=None,
+        help="records database: a SQLite file or a postgresql:// URL (default from the config)",
+    )
     rep.add_argument("--config", default=DEFAULT_CONFIG_DIR)
     rep.set_defaults(target="sluice.control.ab.report:run")
 
@@ -205,6 +209,16 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("status", help="print a running proxy's /admin/status")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--token", default=None, help="admin token (default $SLUICE_ADMIN_TOKEN)")
+    p.add_argument(
+        "--all",
+        dest="urls",
+        nargs="*",
+        default=None,
+        metavar="URL",
+        help="one line per replica and whether they serve one config version; the replicas "
+        "are the URLs given, else the Gateway's edge.nginx.replicas (--config)",
+    )
+    p.add_argument("--config", default=None, help="config directory for --all (default ./presets)")
     p.set_defaults(target="sluice.control.runtime.status:run")
 
 

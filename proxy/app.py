@@ -33,7 +33,7 @@ from .exchange import Exchange
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import Header, Request, Response
 from .keepalive import KeepAlive, error_as_event, relay_refusal
-from .limits import Limiter, LimiterRegistry, LimitExceeded
+from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
@@ -309,8 +309,8 @@ class ProxyApp:
         self,
         response: Response,
         ex: Exchange,
-        app_limiter: Limiter | None,
-        backend_limiter: Limiter,
+        app_limiter: ConcurrencyLimiter | None,
+        backend_limiter: ConcurrencyLimiter,
         payload: bytes,
         policy: StreamPolicy,
         stream: bool,
@@ -327,10 +327,13 @@ class ProxyApp:
                 response, policy.keepalive_interval, ex, adapter.sse_headers + extra_headers
             )
         try:
+            app_permit = None
             if app_limiter is not None:
-                ex.queue_wait += await app_limiter.acquire()
+                app_permit = await app_limiter.acquire()
+                ex.queue_wait += app_permit.waited
             try:
-                ex.queue_wait += await backend_limiter.acquire()
+                backend_permit = await backend_limiter.acquire()
+                ex.queue_wait += backend_permit.waited
                 started = monotonic()
                 try:
                     await self._exchange(
@@ -348,11 +351,11 @@ class ProxyApp:
                         hint,
                     )
                 finally:
-                    backend_limiter.release()
+                    backend_permit.release()
                     backend_limiter.observe_service_time(monotonic() - started)
             finally:
-                if app_limiter is not None:
-                    app_limiter.release()
+                if app_permit is not None:
+                    app_permit.release()
         finally:
             if keepalive is not None:
                 keepalive.stop()

@@ -5,6 +5,12 @@ reloads; a snapshot only carries the numbers. A reload that changes a limit upda
 limiter in place: raising it admits queued requests at once; lowering it lets in-flight
 requests finish and admits no one until the in-use count is under the new limit. Queued
 requests keep their place; a shorter max_wait applies to requests that queue after it.
+
+Where the permits live is the registry's choice (its `factory`): `Limiter` here, in this
+process (one process); a permit server in the supervisor (`--workers N`, permit_socket.py);
+Redis (several replicas, limit_redis.py). The handler sees one interface, `acquire()` ->
+`Permit`, `permit.release()`; what is shared across processes is described in
+docs/OPERATIONS.md ("Scaling out").
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import asyncio
 import collections
 import math
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from .snapshot import QueueLimits
 
@@ -29,6 +37,48 @@ class LimitExceeded(Exception):
         self.limiter = limiter
         self.reason = reason  # "queue_full" | "queue_timeout"
         self.retry_after = retry_after
+
+
+class Permit:
+    """One permit taken from a limiter; `release()` gives it back (once; later calls do
+    nothing). `waited` is the seconds spent in the queue."""
+
+    __slots__ = ("_release", "waited")
+
+    def __init__(self, release: Callable[[], None] | None, waited: float) -> None:
+        self._release = release
+        self.waited = waited
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+class ConcurrencyLimiter(Protocol):
+    """What the handler, the admin API and the metrics read from a limiter, wherever its
+    permits live. `in_use` and `queued` count this process's requests."""
+
+    name: str
+    max_concurrency: int
+    queue: QueueLimits
+
+    @property
+    def rejected(self) -> int: ...
+
+    @property
+    def in_use(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    def configure(self, max_concurrency: int, queue: QueueLimits) -> None: ...
+
+    async def acquire(self) -> Permit: ...
+
+    def observe_service_time(self, seconds: float) -> None: ...
+
+    def reject_waiters(self) -> int: ...
 
 
 class Limiter:
@@ -61,8 +111,12 @@ class Limiter:
     def observe_service_time(self, seconds: float) -> None:
         self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
 
-    async def acquire(self) -> float:
-        """Takes a permit, waiting in the queue if needed; returns the seconds waited."""
+    async def acquire(self) -> Permit:
+        """Takes a permit, waiting in the queue if needed."""
+        return Permit(self.release, await self.take())
+
+    async def take(self) -> float:
+        """Takes a permit (give it back with `release()`); returns the seconds waited."""
         if self.in_use < self.max_concurrency and not self._waiters:
             self.in_use += 1
             return 0.0
@@ -101,11 +155,16 @@ class Limiter:
 
     def reject_waiters(self) -> int:
         """Sends every queued request away (drain deadline passed); returns how many."""
+        return self.fail_waiters(_ShuttingDown)
+
+    def fail_waiters(self, error: Callable[[], BaseException]) -> int:
+        """Ends every queued request's wait with `error()` raised from `take()`; returns
+        how many."""
         waiters, self._waiters = self._waiters, collections.deque()
         count = 0
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(_ShuttingDown())
+                waiter.set_exception(error())
                 count += 1
         return count
 
@@ -137,19 +196,46 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(_Expired())
 
 
+LimiterFactory = Callable[[str, int, QueueLimits], ConcurrencyLimiter]
+
+
 class LimiterRegistry:
-    """Limiters by name; they outlive snapshots so in-flight counts survive a reload."""
+    """Limiters by name; they outlive snapshots so in-flight counts survive a reload.
 
-    def __init__(self) -> None:
-        self._limiters: dict[str, Limiter] = {}
+    `factory` makes a limiter for a name the first time it is needed: `Limiter` (this
+    process) unless a shared store is configured (control/runtime injects it)."""
 
-    def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> Limiter:
+    def __init__(
+        self,
+        factory: LimiterFactory | None = None,
+        *,
+        store: str = "local",
+        store_up: Callable[[], bool] | None = None,
+        store_processes: Callable[[], int] | None = None,
+    ) -> None:
+        self._limiters: dict[str, ConcurrencyLimiter] = {}
+        self.factory: LimiterFactory = factory or Limiter
+        self.store = store  # "local" | "supervisor" | "redis"
+        self._store_up = store_up
+        self._store_processes = store_processes
+
+    def store_state(self) -> dict[str, object]:
+        """Where the permits live and whether that store answers (else: the local share)."""
+        state: dict[str, object] = {
+            "store": self.store,
+            "up": self._store_up() if self._store_up else True,
+        }
+        if self._store_processes is not None:
+            state["processes"] = self._store_processes()  # the share is limit / this
+        return state
+
+    def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> ConcurrencyLimiter:
         limiter = self._limiters.get(name)
         if limiter is None:
-            limiter = self._limiters[name] = Limiter(name, max_concurrency, queue)
+            limiter = self._limiters[name] = self.factory(name, max_concurrency, queue)
         elif limiter.max_concurrency != max_concurrency or limiter.queue != queue:
             limiter.configure(max_concurrency, queue)
         return limiter
 
-    def all(self) -> list[Limiter]:
+    def all(self) -> list[ConcurrencyLimiter]:
         return list(self._limiters.values())

@@ -172,6 +172,14 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self.config_last_reload_ok.set(1)
+        self.limit_store_up = Gauge(
+            "sluice_limit_store_up",
+            "1 while limits are global through the shared store (store: supervisor | redis); "
+            "0 while this process falls back to its share of each limit (any worker)",
+            ["store"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self._requests: dict[tuple[str, str, str, str, int], Counter] = {}
         self._routes: dict[tuple[str, str], _RouteSeries] = {}
         self._tokens: dict[tuple[str, str], tuple[Counter, Counter]] = {}

@@ -123,6 +123,7 @@ class SimApp:
             self._send_error(response, error)
             return
         stats.active += 1
+        stats.max_active = max(stats.max_active, stats.active)
         admission: Admission | None = None
         if task is not None:
             self.tasks.add(task)

@@ -45,6 +45,8 @@ class Stats:
         self.errors = 0  # answered with an error status (validation, sim.status, ...)
         self.tokens = 0  # completion tokens generated (vllm:generation_tokens_total)
         self.prompt_tokens = 0
+        # High-water mark of `active` since the reset: what a gateway's limit let through.
+        self.max_active = self.active
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
         self._log.clear()
 
@@ -76,6 +78,7 @@ class Stats:
         return {
             "requests": self.requests,
             "active": self.active,
+            "max_active": self.max_active,
             "waiting": self.waiting,
             "completed": self.completed,
             "aborted": self.aborted,

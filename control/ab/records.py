@@ -31,6 +31,8 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 from sluice.proxy.exchange import Exchange
 
+from .database import DB_ERRORS, Connection, PgConnection, is_postgres, redact
+
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_BUFFER = 10_000
@@ -213,12 +215,16 @@ class RecordWriter:
         self.written = 0
         self.dropped: dict[str, int] = {"overflow": 0, "error": 0, "closed": 0}
         self._records: deque[RecordRow] = deque()
-        self._jobs: deque[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = deque()
+        self._jobs: deque[tuple[Callable[[Connection], Any], Future[Any]]] = deque()
         self._wake = threading.Event()
         self._closed = False
         # Opened here so that a bad path fails `sluice serve` at start-up; from now on only
         # the writer thread touches it.
-        self._conn = open_store(self.path)
+        self._conn: Connection = (
+            PgConnection(self.path, create=True)
+            if is_postgres(self.path)
+            else open_store(self.path)
+        )
         self._thread = threading.Thread(target=self._run, name="sluice-records", daemon=True)
         self._thread.start()
 
@@ -240,7 +246,7 @@ class RecordWriter:
     def pending(self) -> int:
         return len(self._records)
 
-    def call(self, job: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    def call(self, job: Callable[[Connection], T]) -> Future[T]:
         """Runs `job(conn)` on the writer thread, after every record submitted before."""
         if self._closed:
             raise StoreUnavailable("the records store is closed")
@@ -258,7 +264,7 @@ class RecordWriter:
         forbidden (the id belongs to another app). Raises StoreUnavailable (also when the
         disk refuses the write)."""
 
-        def job(conn: sqlite3.Connection) -> RateResult:
+        def job(conn: Connection) -> RateResult:
             owners = {
                 row[0]
                 for row in conn.execute(
@@ -277,7 +283,7 @@ class RecordWriter:
 
         try:
             return await asyncio.wrap_future(self.call(job))
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StoreUnavailable(f"the write failed: {exc}") from None
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> bool:
@@ -287,7 +293,7 @@ class RecordWriter:
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            _log.error("records_close_timeout", pending=len(self._records), path=self.path)
+            _log.error("records_close_timeout", pending=len(self._records), path=redact(self.path))
             return False
         return True
 
@@ -315,7 +321,7 @@ class RecordWriter:
                 future.cancel()
             conn.close()
 
-    def _drain(self, conn: sqlite3.Connection) -> None:
+    def _drain(self, conn: Connection) -> None:
         # Records before jobs: a job sees every record submitted before the job was.
         while self._records or self._jobs:
             while self._records:
@@ -330,18 +336,20 @@ class RecordWriter:
                 try:
                     future.set_result(job(conn))
                 except Exception as exc:
-                    _log.error("records_job_failed", error=str(exc), path=self.path)
+                    _log.error("records_job_failed", error=str(exc), path=redact(self.path))
                     future.set_exception(exc)
 
-    def _write(self, conn: sqlite3.Connection, batch: list[RecordRow]) -> None:
+    def _write(self, conn: Connection, batch: list[RecordRow]) -> None:
         try:
             with conn:
                 conn.executemany(_INSERT_RECORD, batch)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             # Dropped and counted, not retried: a full or failing disk must not grow the
             # buffer without bound; the next batch tries again.
             self._drop("error", len(batch))
-            _log.error("records_write_failed", error=str(exc), records=len(batch), path=self.path)
+            _log.error(
+                "records_write_failed", error=str(exc), records=len(batch), path=redact(self.path)
+            )
             return
         self.written += len(batch)
         self.metrics.written.inc(len(batch))
@@ -389,7 +397,9 @@ ORDER BY r.id
 """
 
 
-def _open_for_reading(path: str | Path) -> sqlite3.Connection:
+def _open_for_reading(path: str | Path) -> Connection:
+    if is_postgres(str(path)):
+        return PgConnection(str(path), create=False)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no records database at {path}")
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT)

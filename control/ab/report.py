@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from sluice.control.ab.database import DB_ERRORS, records_location, redact
 from sluice.control.ab.records import StoredRecord, experiments_recorded, read_experiment
 from sluice.control.config.build import ConfigInvalid, load_config
 from sluice.control.config.gateway_schema import RecordsSection
@@ -368,7 +368,7 @@ def _config_and_db(args: argparse.Namespace) -> tuple[Experiment | None, str]:
         return experiment, str(args.db)
     if built is None or built.gateway is None:
         return experiment, DEFAULT_DB
-    path = built.gateway.records.path
+    path = records_location(built.gateway.records)
     if path is None:
         raise CliError(f"records are off in {directory} (records.path: null); pass --db")
     return experiment, path
@@ -382,14 +382,14 @@ def run(args: argparse.Namespace) -> int:
         if not records:
             known = experiments_recorded(db)
             raise CliError(
-                f"no records of experiment {args.experiment!r} in {db}"
+                f"no records of experiment {args.experiment!r} in {redact(db)}"
                 + (" in that period" if since is not None else "")
                 + f"; experiments with records: {', '.join(known) or 'none'}"
             )
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None
-    except sqlite3.DatabaseError as exc:
-        raise CliError(f"cannot read the records database {db}: {exc}") from None
+    except DB_ERRORS as exc:
+        raise CliError(f"cannot read the records database {redact(db)}: {exc}") from None
     report = build_report(args.experiment, records, config=config, db=db, since=since)
     print(render_json(report) if args.json else render_text(report), end="")
     return 0

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, Strict
 
 from .schema import DocumentIssue, Path, Section, StructuredOutputsSection
 from .values import (
+    ENV_RE,
     Bool,
     Duration,
     FilePath,
@@ -64,6 +65,28 @@ class AdminSection(Section):
     )
 
 
+def _check_store_url(value: str) -> str:
+    """redis://, rediss:// or unix:// (a Redis URL), or env:VAR holding one."""
+    if ENV_RE.fullmatch(value) or value.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        return value
+    raise ValueError(f"expected a Redis URL (redis://host:6379/0) or env:VAR, got {value!r}")
+
+
+def _check_records_url(value: str) -> str:
+    """postgresql:// (or postgres://), or env:VAR holding one."""
+    if ENV_RE.fullmatch(value) or value.split("://", 1)[0] in ("postgresql", "postgres"):
+        return value
+    raise ValueError(
+        f"expected a PostgreSQL URL (postgresql://user@host/db) or env:VAR, got {value!r}"
+    )
+
+
+StoreUrl = Annotated[str, Strict(), AfterValidator(_check_store_url), TypeLabel("Redis URL")]
+RecordsUrl = Annotated[
+    str, Strict(), AfterValidator(_check_records_url), TypeLabel("PostgreSQL URL")
+]
+
+
 class LimitsSection(Section):
     max_body_bytes: Int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
@@ -77,6 +100,17 @@ class LimitsSection(Section):
         default=True,
         description="Pass-through mode (--backend, no routes): relay paths sluice does not "
         "know to the backend; false: answer 404.",
+    )
+    store: StoreUrl | None = Field(
+        default=None,
+        description="Redis URL (or env:VAR) that makes every backend and app limit global "
+        "across replicas and workers; null: one host (the supervisor shares them).",
+    )
+    lease: Duration = Field(
+        default=10.0, description="A dead replica's permits return within this time (Redis)."
+    )
+    store_timeout: Duration = Field(
+        default=1.0, description="A Redis call slower than this falls back to the local share."
     )
 
 
@@ -230,6 +264,11 @@ class RecordsSection(Section):
         default="sluice-records.sqlite",
         description="SQLite file, relative to the working directory; null: no records and "
         "no /v1/feedback. This section is read at start-up (a change needs a restart).",
+    )
+    url: RecordsUrl | None = Field(
+        default=None,
+        description="PostgreSQL URL (or env:VAR): every replica writes there instead of "
+        "`path`, so `sluice ab report` and feedback see all of them.",
     )
     batch_size: Int = Field(default=256, ge=1, description="Records per write transaction.")
     flush_interval: Duration = Field(default=1.0, description="Longest time a record waits.")

@@ -210,6 +210,7 @@ def status_body(
         "active_streams": app.active_streams,
         "backends": backends,
         "queues": queues,
+        "limit_store": app.limiters.store_state(),
         "apps": apps,
         "metrics": observer.metrics is not None,
         "access_log": observer.access_log,

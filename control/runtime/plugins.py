@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
+from sluice.control.ab.database import OPEN_ERRORS, records_location, redact
 from sluice.control.ab.feedback import FEEDBACK_PATH, feedback_handler
 from sluice.control.ab.records import RecordMetrics, RecordWriter
 from sluice.control.config.build import BuiltConfig
@@ -40,18 +40,20 @@ def attach_records(
     """Starts the records writer and routes /v1/feedback; close it after the drain so the
     last requests' records are written. Raises CliError when the database cannot be opened."""
     section = built.gateway.records if built.gateway is not None else None
-    if section is None or section.path is None:
+    if section is None or (section.path is None and section.url is None):
         return _Nothing()
+    location = records_location(section)
+    assert location is not None
     try:
         writer = RecordWriter(
-            section.path,
+            location,
             batch_size=section.batch_size,
             flush_interval=section.flush_interval,
             max_buffer=section.max_buffer,
             metrics=RecordMetrics(registry),
         )
-    except (OSError, sqlite3.Error) as exc:
-        raise CliError(f"cannot open the records database {section.path}: {exc}") from None
+    except OPEN_ERRORS as exc:
+        raise CliError(f"cannot open the records database {redact(location)}: {exc}") from None
     app.on_complete.append(writer.submit)
     app.extra_routes[FEEDBACK_PATH] = feedback_handler(
         app.ref, writer, recheck_after=section.flush_interval

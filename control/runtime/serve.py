@@ -35,6 +35,7 @@ from sluice.proxy.timeouts import SHUTDOWN
 from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
+from .limits import start_limit_store, store_url
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records
 from .reloader import ConfigReloader
@@ -128,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
             _warn_single_process_features(built)
             host = options.host or built.snapshot.listen_host
             port = options.port if options.port is not None else built.snapshot.listen_port
-            return supervise(options.workers, host, port, metrics=options.metrics)
+            return supervise(
+                options.workers,
+                host,
+                port,
+                metrics=options.metrics,
+                permit_server=store_url(built) is None,
+            )
         return uvloop.run(serve(options, built, demo=demo is not None))
     finally:
         if demo is not None:
@@ -180,7 +187,12 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             initial=built,
             on_result=observer.on_reload,
         )
-    app = ProxyApp(ref, on_complete=[observer.on_complete] if observer.enabled else [])
+    limits = await start_limit_store(built, options.workers, observer.metrics)
+    app = ProxyApp(
+        ref,
+        limiters=limits.registry,
+        on_complete=[observer.on_complete] if observer.enabled else [],
+    )
     app.extra_routes.update(
         admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
     )
@@ -243,6 +255,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     await health.aclose()
     await load_scraper.aclose()
     await records.aclose()  # after the drain, so the last requests' records are written too
+    await limits.aclose()
     for task in (watch_task, gauge_task):
         if task is not None:
             task.cancel()

@@ -20,13 +20,47 @@ import time
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.metrics import MULTIPROC_ENV
+from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
+
+from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
 SUPERVISOR_POLL_S = 0.1
+# A worker that dies is started again after 0.5 s, then 1, 2, 4... up to 30 s while it
+# keeps dying within STABLE_S of its start; one that ran that long starts over at 0.5 s.
+RESTART_BASE_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
 
 
-def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> int:
+class _Worker:
+    """One worker slot: its current process and its restart back-off."""
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self.proc: subprocess.Popen[bytes]
+        self.started = 0.0
+        self.restarts = 0
+        self.quick_failures = 0
+        self.restart_at = 0.0
+
+    def backoff(self, now: float) -> float:
+        """Schedules the restart after a death; returns the delay."""
+        self.quick_failures = 1 if now - self.started >= STABLE_S else self.quick_failures + 1
+        delay = min(RESTART_MAX_S, RESTART_BASE_S * (1 << min(self.quick_failures - 1, 10)))
+        self.restart_at = now + delay
+        self.restarts += 1
+        return delay
+
+
+def supervise(
+    workers_wanted: int, host: str, port: int, *, metrics: bool, permit_server: bool = True
+) -> int:
     """Starts the workers, forwards SIGTERM/SIGINT/SIGHUP, exits when they all have.
+
+    A worker that dies while no shutdown was asked for (a crash, the OOM killer, SIGKILL)
+    is logged (`worker_died`) and started again with back-off (`worker_restarted`); its
+    permits went back when its socket closed.
 
     Metrics: the workers share a fresh PROMETHEUS_MULTIPROC_DIR (set in their environment,
     so before they import prometheus_client); a worker that exits is marked dead there at
@@ -47,13 +81,29 @@ def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> in
     if metrics:
         metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
         env[MULTIPROC_ENV] = metrics_dir
-    workers: dict[int, subprocess.Popen[bytes]] = {}
+    permits = None
+    if permit_server:
+        # No Redis: the supervisor owns the permits, so a limit holds across the workers.
+        permits = PermitServerThread()
+        env[PERMIT_SOCKET_ENV] = permits.path
+    workers: dict[int, _Worker] = {}  # by pid
+    waiting: list[_Worker] = []  # dead, to be started again at their `restart_at`
     codes: list[int] = []
+    stopping = False
+
+    def start(slot: _Worker) -> None:
+        proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(slot.worker_id)})
+        slot.proc, slot.started = proc, time.monotonic()
+        workers[proc.pid] = slot
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True  # a worker that exits now is not restarted
+            waiting.clear()
+        for slot in workers.values():
+            if slot.proc.poll() is None:
+                slot.proc.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
@@ -63,32 +113,57 @@ def supervise(workers_wanted: int, host: str, port: int, *, metrics: bool) -> in
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         for worker_id in range(workers_wanted):
-            proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(worker_id)})
-            workers[proc.pid] = proc
+            start(_Worker(worker_id))
         signal.signal(signal.SIGHUP, forward)
         log.info("workers_started", pids=list(workers), port=port, metrics_dir=metrics_dir)
-        while workers:
+        while workers or waiting:
             time.sleep(SUPERVISOR_POLL_S)
-            for pid, proc in list(workers.items()):
-                code = proc.poll()
+            for pid, slot in list(workers.items()):
+                code = slot.proc.poll()
                 if code is None:
                     continue
                 del workers[pid]
-                codes.append(code)
                 if metrics_dir is not None:
                     mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
-                log.log(
-                    logging.INFO if code == 0 else logging.ERROR,
-                    "worker_exited",
+                if stopping:
+                    codes.append(code)
+                    log.log(
+                        logging.INFO if code == 0 else logging.ERROR,
+                        "worker_exited",
+                        pid=pid,
+                        code=code,
+                        left=len(workers),
+                    )
+                    continue
+                delay = slot.backoff(time.monotonic())
+                log.error(
+                    "worker_died",
                     pid=pid,
                     code=code,
-                    left=len(workers),
+                    worker=slot.worker_id,
+                    restart_in_s=round(delay, 2),
+                    restarts=slot.restarts,
+                )
+                waiting.append(slot)
+            now = time.monotonic()
+            for slot in [w for w in waiting if w.restart_at <= now]:
+                waiting.remove(slot)
+                old = slot.proc.pid
+                start(slot)
+                log.warning(
+                    "worker_restarted",
+                    pid=slot.proc.pid,
+                    replaced=old,
+                    worker=slot.worker_id,
+                    restarts=slot.restarts,
                 )
     finally:
-        for proc in workers.values():  # only on an error in the loop above
-            proc.kill()
-            proc.wait()
+        for slot in workers.values():  # only on an error in the loop above
+            slot.proc.kill()
+            slot.proc.wait()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        if permits is not None:
+            permits.close()
     failed = next((code for code in codes if code != 0), 0)
     return 128 - failed if failed < 0 else failed

@@ -1,0 +1,453 @@
+"""Permits shared by every replica and worker, in Redis (`limits.store: redis://...`).
+
+Per limiter, two sorted sets under `{prefix}{<name>}` (one hash slot):
+- `:held`  lease id -> lease expiry (ms, Redis clock). A holder renews its leases every
+  lease/3; a holder that dies stops renewing and its permits expire within `lease`.
+- `:queue` ticket -> the ticket's deadline (enqueue time + max_wait, Redis clock). With one
+  max_wait per limiter, deadline order is arrival order: the queue is FIFO across replicas
+  (ties within a millisecond are broken by id). Expired tickets drop out.
+
+Every change runs as one Lua script (atomic). Taking a permit is one round trip when one is
+free. Giving one back is one round trip and hands it straight to the head of the queue: the
+script moves the ticket into `:held` and publishes its id on the owner's channel, so the
+waiter learns of it with no further round trip. A waiter also polls every POLL_INTERVAL,
+which covers a lost message and permits freed by an expired lease. All times come from
+Redis (`TIME`), so the replicas' clocks do not matter.
+
+Approximate: a process that dies while queued keeps its place until its ticket's
+deadline, so the queue may look fuller than it is for up to max_wait; permits of a dead
+holder come back after at most `lease`.
+
+The `redis` package is imported only when a store is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any
+
+import structlog
+
+from .limit_store import StoreDown, StoreLimiter
+from .limits import LimitExceeded
+
+DEFAULT_PREFIX = "sluice:limit:"
+DEFAULT_LEASE = 10.0
+DEFAULT_TIMEOUT = 1.0  # one Redis call slower than this counts as "Redis is down"
+POLL_INTERVAL = 1.0
+POOL_SIZE = 32  # connections per process (one more for the grant subscription)
+PROBE_INTERVAL = 1.0
+SETTLE_MARGIN = 0.5
+
+_log = structlog.get_logger("sluice.limits")
+
+# Shared by the scripts: drop expired leases and tickets, then hand free permits to the
+# head of the queue, telling each new holder on its channel.
+_GRANT = """
+local held, queue = KEYS[1], KEYS[2]
+local limit, lease_ms, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', queue, '-inf', now)
+local free = limit - redis.call('ZCARD', held)
+while free > 0 do
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  if not head then break end
+  redis.call('ZREM', queue, head)
+  redis.call('ZADD', held, now + lease_ms, head)
+  redis.call('PUBLISH', prefix .. 'grant:' .. string.match(head, '^[^/]+'), head)
+  free = free - 1
+end
+"""
+
+# ARGV: limit, lease_ms, prefix, id, mode ('new' | 'check'), queue_max, max_wait_ms
+# Returns {1}: granted; {0, queued}: waiting; {-1, queued}: queue full; {-2, 0}: ticket gone.
+_TAKE = (
+    _GRANT
+    + """
+local id, mode = ARGV[4], ARGV[5]
+if redis.call('ZSCORE', held, id) then return {1, 0} end
+local waiting = redis.call('ZCARD', queue)
+if mode == 'check' then
+  if redis.call('ZSCORE', queue, id) then return {0, waiting} end
+  return {-2, 0}
+end
+if free > 0 then
+  redis.call('ZADD', held, now + lease_ms, id)
+  return {1, 0}
+end
+if waiting >= tonumber(ARGV[6]) then return {-1, waiting} end
+redis.call('ZADD', queue, now + tonumber(ARGV[7]), id)
+return {0, waiting + 1}
+"""
+)
+
+# ARGV: limit, lease_ms, prefix, id. Gives the permit (or the queue place) back.
+_GIVE = (
+    """
+redis.call('ZREM', KEYS[1], ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[4])
+"""
+    + _GRANT
+)
+
+# KEYS: held keys..., procs key; ARGV: lease_ms, process id, process ttl_ms, then one
+# space-separated list of lease ids per held key. Renews this process's leases and its
+# heartbeat; returns the number of live processes.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+local n = #KEYS - 1
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  for id in string.gmatch(ARGV[3 + i], '%S+') do
+    redis.call('ZADD', KEYS[i], now + lease_ms, id)
+  end
+end
+local procs = KEYS[n + 1]
+redis.call('ZADD', procs, now + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', procs, '-inf', now)
+return redis.call('ZCARD', procs)
+"""
+
+
+class RedisPermitStore:
+    """Shared permits in Redis; see the module docstring. `expected_processes` sizes the
+    local share until Redis has told how many processes are live."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: float = DEFAULT_LEASE,
+        timeout: float = DEFAULT_TIMEOUT,
+        prefix: str = DEFAULT_PREFIX,
+        expected_processes: int = 1,
+    ) -> None:
+        import redis.asyncio as aioredis  # noqa: PLC0415 (only when a store is configured)
+
+        self.url = url
+        self.lease = lease
+        self.prefix = prefix
+        self.process_id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.expected_processes = max(1, expected_processes)
+        self.known_processes = self.expected_processes
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+
+        # One retry on a fresh connection: after Redis restarts, the pooled connections
+        # fail once each; that is not an outage. Every script is idempotent (ids).
+        # A bounded pool that makes callers wait for a free connection (up to `timeout`):
+        # hundreds of concurrent requests share a few connections instead of opening one
+        # each (and hitting the client's connection limit, which would read as an outage).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._client: Any = aioredis.Redis(connection_pool=pool)
+        self._take = self._client.register_script(_TAKE)
+        self._give = self._client.register_script(_GIVE)
+        self._renew = self._client.register_script(_RENEW)
+        self._errors: tuple[type[BaseException], ...] = (
+            __import__("redis").exceptions.RedisError,
+            OSError,
+            TimeoutError,
+        )
+        self._up = False
+        self._was_up: bool | None = None
+        self._ids = itertools.count()
+        self._held: dict[str, set[str]] = {}  # limiter name -> lease ids this process holds
+        self._grants: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self.on_change: list[Callable[[bool], None]] = []
+        self.round_trips = 0
+        self._renewing = False
+        self._reachable = False
+        self._batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._no_script: type[Exception] = __import__("redis").exceptions.NoScriptError
+        self._late: list[tuple[StoreLimiter, str]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def share(self, max_concurrency: int) -> int:
+        return max(1, max_concurrency // self.known_processes)
+
+    async def start(self) -> None:
+        """Checks Redis once (a failure only means starting on the local share) and starts
+        the background work: renewals, heartbeat, grant messages, probing while down."""
+        if await self._renew_all():
+            self._state(True)
+        self._main = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def aclose(self) -> None:
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 1.0)
+        with contextlib.suppress(*self._errors):
+            await self._client.aclose()
+
+    def _state(self, up: bool, error: str = "") -> None:
+        self._up = up
+        if up == self._was_up:
+            return
+        first = self._was_up is None
+        self._was_up = up
+        if up and not first:
+            _log.info("limit_store_up", store="redis", processes=self.known_processes)
+        elif not up:
+            _log.warning(
+                "limit_store_down",
+                store="redis",
+                error=error,
+                fallback="share",
+                processes=self.known_processes,
+            )
+        for callback in self.on_change:
+            callback(up)
+
+    # -- permits ---------------------------------------------------------------------------
+
+    def _keys(self, name: str) -> list[str]:
+        base = f"{self.prefix}{{{name}}}"
+        return [base + ":held", base + ":queue"]
+
+    def _args(self, limiter: StoreLimiter, rid: str) -> list[Any]:
+        return [limiter.max_concurrency, int(self.lease * 1000), self.prefix, rid]
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs one script. Calls made in the same event-loop iteration go out together in
+        one pipeline (one round trip, one parse): under hundreds of concurrent requests a
+        call each would queue on the connections and cost TTFT."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((script, keys, args, future))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            result = await future
+        except Exception as exc:  # whatever the client raises, Redis did not answer
+            self._reachable = False
+            self._state(False, f"{type(exc).__name__}: {exc}")
+            raise StoreDown(str(exc)) from None
+        self._reachable = True
+        return result
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        self.round_trips += 1
+        self._spawn(self._send(batch))
+
+    async def _send(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            results = await self._pipeline(batch)
+            if any(isinstance(r, self._no_script) for r in results):
+                # Redis restarted and forgot the scripts: load them and send again.
+                for script in (self._take, self._give, self._renew):
+                    await self._client.script_load(script.script)
+                results = await self._pipeline(batch)
+        except Exception as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # the request went away; its own cleanup gives the permit back
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def take(self, limiter: StoreLimiter) -> tuple[Hashable, float]:
+        rid = f"{self.process_id}/{next(self._ids)}"
+        keys = self._keys(limiter.name)
+        queue = limiter.queue
+        started = time.monotonic()
+        deadline = started + queue.max_wait
+        grant = asyncio.get_running_loop().create_future()
+        self._grants[rid] = grant
+        try:
+            args = [*self._args(limiter, rid), "new", queue.max_len, int(queue.max_wait * 1000)]
+            result, queued = await self._call(self._take, keys, args)
+            while result == 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(grant), min(left, POLL_INTERVAL))
+                if grant.done():
+                    result = 1
+                    break
+                if not self._up:
+                    # Redis went away meanwhile: the local share decides from now on, even
+                    # if Redis answers again before it is trusted again (see _maintain).
+                    raise StoreDown("the store went down while this request waited")
+                args = [*self._args(limiter, rid), "check", 0, 0]
+                result, queued = await self._call(self._take, keys, args)
+                if result == -2:
+                    # The ticket is gone before its deadline: Redis lost its data
+                    # (restarted without persistence). Queue again, at the back.
+                    args = [*self._args(limiter, rid), "new", queue.max_len, int(left * 1000)]
+                    result, queued = await self._call(self._take, keys, args)
+        except BaseException:
+            self._grants.pop(rid, None)
+            self._give_back_soon(limiter, rid)  # leaves the queue, or frees a late grant
+            raise
+        self._grants.pop(rid, None)
+        if result == 1:
+            self._held.setdefault(limiter.name, set()).add(rid)
+            return rid, time.monotonic() - started
+        if result in (0, -2):
+            self._give_back_soon(limiter, rid)
+            raise LimitExceeded(limiter.name, "queue_timeout", limiter.retry_after(int(queued)))
+        raise LimitExceeded(limiter.name, "queue_full", limiter.retry_after(int(queued)))
+
+    def adopt(self, limiter: StoreLimiter) -> Hashable:
+        """An id for a permit from the local share: the renewals register it in Redis once
+        Redis is back, so requests that started during the outage count until they end."""
+        rid = f"{self.process_id}/{next(self._ids)}"
+        self._held.setdefault(limiter.name, set()).add(rid)
+        if self._reachable:
+            # Redis answers but is not trusted yet (the other processes may not have
+            # registered theirs): register this permit now, not at the next renewal, for
+            # the processes that already went back to global limits.
+            self._spawn(self._renew_all())
+        return rid
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def give_back(self, limiter: StoreLimiter, handle: Hashable) -> None:
+        rid = str(handle)
+        held = self._held.get(limiter.name)
+        if held is not None:
+            held.discard(rid)
+        if self._renewing:
+            self._late.append((limiter, rid))
+        elif self._reachable:
+            self._give_back_soon(limiter, rid)
+        # While Redis is down the lease is not renewed and expires on its own.
+
+    def _give_back_soon(self, limiter: StoreLimiter, rid: str) -> None:
+        keys, args = self._keys(limiter.name), self._args(limiter, rid)
+
+        async def give() -> None:
+            with contextlib.suppress(StoreDown):
+                await self._call(self._give, keys, args)
+
+        self._spawn(give())
+
+    # -- background ------------------------------------------------------------------------
+
+    async def _renew_all(self) -> bool:
+        """Renews every lease this process holds and its heartbeat (one round trip), and
+        drops expired leases of every limiter it has used. After an outage this registers
+        again the permits still in use, those taken from the local share included, so
+        Redis counts every request in flight."""
+        names = list(self._held)
+        keys = [self._keys(name)[0] for name in names] + [self.prefix + "processes"]
+        args: list[Any] = [
+            int(self.lease * 1000),
+            self.process_id,
+            int(self.lease * 1000),
+            *(" ".join(self._held[name]) for name in names),
+        ]
+        self._renewing = True
+        try:
+            live = await self._call(self._renew, keys, args)
+        except StoreDown:
+            return False
+        finally:
+            # Permits given back while the renewal was on its way go back after it, or
+            # the renewal would register them again.
+            self._renewing = False
+            late, self._late = self._late, []
+            for limiter, rid in late:
+                self._give_back_soon(limiter, rid)
+        # The larger of what the config says and what Redis has seen: a smaller share is
+        # the safe side while Redis is away. Right after an outage Redis has seen only the
+        # processes that came back so far, so the count only grows until limits are global.
+        live = max(self.expected_processes, int(live))
+        self.known_processes = live if self._up else max(live, self.known_processes)
+        return True
+
+    async def _maintain(self) -> None:
+        while True:
+            if self._up:
+                listener = asyncio.get_running_loop().create_task(self._listen())
+                try:
+                    while self._up and not listener.done():
+                        await asyncio.sleep(self.lease / 3)
+                        await self._renew_all()
+                finally:
+                    listener.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *self._errors):
+                        await listener
+                if self._up:  # the subscription broke but calls work: resubscribe
+                    self._state(False, "grant channel lost")
+                continue
+            await asyncio.sleep(PROBE_INTERVAL)
+            if not await self._renew_all():
+                continue
+            # Redis answers again and holds this process's permits. The other processes
+            # register theirs at their next probe: keep to the local share until then, so
+            # Redis does not hand out permits that are in use elsewhere.
+            await asyncio.sleep(PROBE_INTERVAL + SETTLE_MARGIN)
+            if await self._renew_all():  # and the permits taken meanwhile
+                self._state(True)
+
+    async def _listen(self) -> None:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(f"{self.prefix}grant:{self.process_id}")
+            while True:
+                message = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=self.lease
+                )
+                if message is None:
+                    continue
+                data = message.get("data")
+                rid = data.decode() if isinstance(data, bytes) else str(data)
+                future = self._grants.get(rid)
+                if future is not None and not future.done():
+                    future.set_result(None)
+        except self._errors as exc:
+            self._state(False, f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(*self._errors):
+                await pubsub.aclose()
+
+
+__all__ = ["DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisPermitStore"]
