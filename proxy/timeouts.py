@@ -1,9 +1,11 @@
 """Stream deadlines with one timer per stream, whatever the token count.
 
-A token only stores the loop time in an attribute. The single timer is armed at the
-earliest possible deadline; when it fires it recomputes the deadline from the latest
-token time and re-arms if the stream moved on. So a stream with an inter-token timeout of
-5 s and tokens every 10 ms creates one timer handle per 5 s, not one per token.
+A token only stores the time in an attribute. The single timer is armed at the earliest
+possible deadline; when it fires it recomputes the deadline from the latest token time and
+re-arms if the stream moved on. The first token re-arms it once (`first_token`): the
+inter-token deadline that starts then may come long before the first-token one. So a
+stream with an inter-token timeout of 5 s and tokens every 10 ms creates one timer handle
+per 5 s, not one per token.
 
 On expiry the watchdog cancels the task it guards (like `asyncio.timeout`, which re-arms
 with a new handle on every reschedule); the relay tells its own cancellation from a client
@@ -83,6 +85,16 @@ class StreamWatchdog:
         self.expired = kind
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def first_token(self, now: float) -> None:
+        """The stream's first content token: from now on the inter-token deadline applies,
+        which may be much sooner than the first-token one the timer waits for (first_token
+        30 s, inter_token 5 s). Called once per stream; later tokens only set last_token."""
+        self.last_token = now
+        if self._handle is not None and self.expired is None:
+            self._handle.cancel()
+            self._handle = None
+            self._arm()
 
     def interrupt(self, kind: str) -> None:
         """Ends the guarded exchange now (graceful shutdown past its drain deadline)."""
