@@ -38,7 +38,15 @@ from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
-from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
+from .snapshot import (
+    DEFAULT_RESPONSE_HEAD_TIMEOUT,
+    App,
+    Backend,
+    Snapshot,
+    SnapshotRef,
+    StreamPolicy,
+    StreamTimeouts,
+)
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
@@ -51,6 +59,7 @@ MAX_REQUEST_ID = 128
 
 Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
+SwapHook = Callable[[Snapshot], None]
 
 
 def request_id(request: Request) -> str:
@@ -85,6 +94,30 @@ class ProxyApp:
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
         self.streams: StreamStore | None = StreamRegistry()  # resumable streams
         self.forwarder = Forwarder(self)
+        self.on_swap: list[SwapHook] = []  # e.g. the health prober's reconcile
+        self.reconcile(ref.current)
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """The reload's commit, on the event loop: the one assignment, then hot state made
+        to match in the same loop step (no request runs between the two)."""
+        self.ref.current = snapshot
+        self.reconcile(snapshot)
+
+    def reconcile(self, snap: Snapshot) -> None:
+        """Limits, pools and probes follow the snapshot now, not lazily per request: an idle
+        limiter shows its new limit, a changed connect_timeout applies to the next connect,
+        and limiters and pools of removed apps and backends are dropped."""
+        wanted = {"backend:" + b.name: (b.max_concurrency, b.queue) for b in snap.backends.values()}
+        for app in snap.apps:
+            if app.max_concurrency is not None:
+                wanted["app:" + app.name] = (app.max_concurrency, app.queue)
+        self.limiters.reconcile(wanted)
+        backends = list(snap.backends.values())
+        if snap.fallback_route is not None:
+            backends.append(snap.fallback_route.backend)
+        self.pools.reconcile(backends)
+        for hook in self.on_swap:
+            hook(snap)
 
     def interrupt_all(self, kind: str) -> int:
         """Ends every request in flight (drain deadline passed): exchanges with a backend
@@ -157,12 +190,31 @@ class ProxyApp:
         route = snap.fallback_route
         assert route is not None
         replica = self.pools.choose(route.backend)
+        timeouts = route.policy.timeouts
+        limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
+        conn: UpstreamConnection | None = None
+        body = b""
         try:
-            conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-            body = await conn.read_all(MAX_NONSTREAM_BODY)
+            async with asyncio.timeout(limit):
+                conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
+                body = await conn.read_all(MAX_NONSTREAM_BODY)
         except UpstreamError as exc:
             raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
-        replica.pool.release(conn)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                f"backend {route.backend.name}: no answer to GET /v1/models within {limit:g}s",
+                type="timeout",
+                code="response_head_timeout",
+            ) from None
+        finally:
+            # Pooled only after a complete response; closed on any failure (never leaked).
+            if conn is not None:
+                if conn.complete:
+                    replica.pool.release(conn)
+                else:
+                    conn.abort()
+        assert conn is not None
         response.send(conn.status, JSON_HEADERS, body)
 
     # -- completions ---------------------------------------------------------------------
@@ -346,6 +398,7 @@ class ProxyApp:
                         adapter,
                         keepalive,
                         hint,
+                        backend_limiter.retry_after,
                     )
                 finally:
                     backend_limiter.release()
@@ -371,9 +424,11 @@ class ProxyApp:
         adapter: Adapter,
         keepalive: KeepAlive | None = None,
         hint: RoutingHint | None = None,
+        retry_after: Callable[[], int] | None = None,
     ) -> None:
         path = adapter.upstream_path
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
+        # A non-stream response's head comes with its whole body: only total bounds it.
         effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
         watchdog = StreamWatchdog(effective)
         self.watchdogs.add(watchdog)
@@ -387,6 +442,9 @@ class ProxyApp:
                 )
                 if keepalive is not None:
                     keepalive.may_start = False
+                watchdog.head()
+                if conn.retried:
+                    ex.upstream_retries += 1
                 if (
                     not stream
                     or conn.status != 200
@@ -403,6 +461,7 @@ class ProxyApp:
                             extra_headers,
                             adapter.rewrite_body,
                             adapter.reshape_errors,
+                            retry_after,
                         )
                     return
                 ex.status = 200

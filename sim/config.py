@@ -34,6 +34,9 @@ class SimConfig:
     # prefill time of one uncached block. Both 0: no model, TTFT is ttft_ms alone.
     prefix_cache_blocks: int = 0
     prefill_ms_per_block: float = 0.0
+    # Close a keep-alive connection idle this long, as vLLM's server (uvicorn) does after
+    # 5 s; None: the HTTP server's own long default.
+    keepalive_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,6 +57,10 @@ class SimConfig:
         if not 0 <= self.prefill_ms_per_block <= 1000:
             problems.append(
                 f"prefill_ms_per_block must be in [0, 1000], got {self.prefill_ms_per_block}"
+            )
+        if self.keepalive_timeout_s is not None and not 0 < self.keepalive_timeout_s <= 3600:
+            problems.append(
+                f"keepalive_timeout must be in (0, 3600] seconds, got {self.keepalive_timeout_s}"
             )
         if not self.model:
             problems.append("model must not be empty")

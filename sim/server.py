@@ -356,6 +356,10 @@ async def start_sim(config: SimConfig | None = None) -> SimServer:
     config = config or SimConfig()
     loop = asyncio.get_running_loop()
     app = SimApp(config, loop)
-    http = HttpServer(ServerState(app.handle, lambda: MAX_BODY_BYTES, error_body=http_error_body))
+    state = ServerState(app.handle, lambda: MAX_BODY_BYTES, error_body=http_error_body)
+    if config.keepalive_timeout_s is not None:
+        # Before HttpServer: its sweep interval follows this timeout.
+        state.keepalive_timeout = config.keepalive_timeout_s
+    http = HttpServer(state)
     port = await http.listen(config.host, config.port)
     return SimServer(app, http, port)
