@@ -81,6 +81,7 @@ class SimOptions:
     error_after: int | None
     slow_first_byte_s: float
     status: int | None
+    retry_after: int | None  # the Retry-After header sent with `status`
     keepalive_s: float | None
     empty_deltas: int
     ignore_stop: bool
@@ -98,6 +99,7 @@ def default_options(config: SimConfig) -> SimOptions:
         error_after=None,
         slow_first_byte_s=0.0,
         status=None,
+        retry_after=None,
         keepalive_s=None,
         empty_deltas=0,
         ignore_stop=config.ignore_stop,
@@ -116,6 +118,7 @@ _KNOWN_KEYS = frozenset(
         "error_after",
         "slow_first_byte_ms",
         "status",
+        "retry_after",
         "keepalive_comments_ms",
         "empty_deltas",
         "ignore_stop",
@@ -200,6 +203,7 @@ def parse_sim_options(raw: object, config: SimConfig) -> SimOptions:
         error_after=_count(raw, "error_after", 0),
         slow_first_byte_s=0.0 if slow is None else slow,
         status=None if status == 200 else status,
+        retry_after=_count(raw, "retry_after", 0),
         keepalive_s=_millis(raw, "keepalive_comments_ms", positive=True),
         empty_deltas=empty_deltas,
         ignore_stop=base.ignore_stop if ignore_stop is None else ignore_stop,

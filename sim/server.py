@@ -135,7 +135,11 @@ class SimApp:
                     stats.waiting -= 1
             if sim.status is not None:
                 message = f"simulated error (sim.status={sim.status})"
-                raise api_error(sim.status, message)
+                simulated = api_error(sim.status, message)
+                if sim.retry_after is not None:
+                    retry = (b"retry-after", b"%d" % sim.retry_after)
+                    simulated.headers = [*simulated.headers, retry]
+                raise simulated
             params = parse_generation(kind, body, self.config, sim)
             stats.prompt_tokens += sum(params.prompt_tokens)
             if self.prefix_cache is not None:
