@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
+from typing import Any
 
 import orjson
 
@@ -30,6 +31,7 @@ from .errors import (
     send_error,
 )
 from .exchange import Exchange
+from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import Header, Request, Response
 from .keepalive import KeepAlive, error_as_event, relay_refusal
@@ -95,6 +97,10 @@ class ProxyApp:
         self.streams: StreamStore | None = StreamRegistry()  # resumable streams
         self.forwarder = Forwarder(self)
         self.on_swap: list[SwapHook] = []  # e.g. the health prober's reconcile
+        # Key of the per-app cache_salt HMAC unless the config names one: `sluice serve`
+        # sets the key it keeps in a file, so workers and restarts agree.
+        self.salt_key = os.urandom(32)
+        self._salts: dict[tuple[bytes, str], str] = {}
         self.reconcile(ref.current)
 
     def swap(self, snapshot: Snapshot) -> None:
@@ -112,6 +118,7 @@ class ProxyApp:
             if app.max_concurrency is not None:
                 wanted["app:" + app.name] = (app.max_concurrency, app.queue)
         self.limiters.reconcile(wanted)
+        self._salts.clear()  # apps may be gone
         backends = list(snap.backends.values())
         if snap.fallback_route is not None:
             backends.append(snap.fallback_route.backend)
@@ -299,7 +306,11 @@ class ProxyApp:
         policy = choice.policy
         stream = adapter.is_stream(body)
         ex.stream = stream
-        body, modified = adapter.prepare(body, choice, app)
+        # Request-field rules and the app's cache_salt on the body in vLLM's field names
+        # (a forwarded body is relayed as sent).
+        modified = not adapter.forwards and self._request_fields(body, snap, choice, app)
+        body, prepared = adapter.prepare(body, choice, app)
+        modified = modified or prepared
         route = choice.route
         payload = adapter.payload(body, request.body, modified, route)
         # After the request policy: the prompt and cache_salt as the backend will see them.
@@ -356,6 +367,23 @@ class ProxyApp:
             adapter,
             hint,
         )
+
+    def _request_fields(
+        self, body: dict[str, Any], snap: Snapshot, choice: RouteChoice, app: App | None
+    ) -> bool:
+        """The request-field policy, then the app's cache_salt; True when body changed."""
+        rules = choice.route.request_fields
+        if app is not None and snap.app_field_rules:
+            rules = snap.app_field_rules.get((app.name, choice.route.model), rules)
+        modified = apply_field_rules(body, rules)
+        if app is not None and snap.cache_isolation:
+            key = snap.cache_salt_key or self.salt_key
+            salt = self._salts.get((key, app.name))
+            if salt is None:
+                salt = self._salts[(key, app.name)] = app_salt(key, app.name)
+            salt_request(body, key, app.name, salt)
+            modified = True
+        return modified
 
     async def _limited(
         self,

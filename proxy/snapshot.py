@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from .stopwords import CutPattern, GuardSpec, RepetitionGuard
 from .structured import StructuredOutputs
+from .upstream import DEFAULT_IDLE_TIMEOUT
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -23,7 +24,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_RESUME_BUFFER = 1024 * 1024
 # Below vLLM's own keep-alive idle timeout (uvicorn's 5 s): see proxy/upstream.py.
-DEFAULT_UPSTREAM_IDLE_TIMEOUT = 4.0
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = DEFAULT_IDLE_TIMEOUT
 
 EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
 
@@ -109,6 +110,33 @@ class StreamPolicy:
 
 
 NO_POLICY = StreamPolicy(name="")
+
+
+# Fields of a vLLM request that a client must not set unless a route or app allows them:
+# `priority` jumps the backend's queue (with --scheduling-policy priority), `chat_template`
+# is a template the backend executes, `kv_transfer_params` steers disaggregated prefill's KV
+# transfers, `vllm_xargs` reaches custom logits processors and plugins.
+DEFAULT_DENIED_FIELDS = ("priority", "chat_template", "kv_transfer_params", "vllm_xargs")
+DEFAULT_DENIER = "sluice's default request-field policy (allow it with request_fields)"
+DEFAULT_DENIED: Mapping[str, str] = MappingProxyType(
+    dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRules:
+    """The request-field policy of a route (and app): fields a request may not change
+    (field -> who denies it, for the message) and fields whose value is replaced."""
+
+    denied: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType(
+            dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)
+        )
+    )
+    forced: Mapping[str, Any] = field(default_factory=_empty_mapping)
+
+
+DEFAULT_FIELD_RULES = FieldRules()
 
 
 ClampBounds = tuple[float | None, float | None]
@@ -227,6 +255,7 @@ class Route:
     preset: SamplingPlan = NO_PRESET
     policy: StreamPolicy = NO_POLICY
     experiment: Experiment | None = None
+    request_fields: FieldRules = DEFAULT_FIELD_RULES
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +295,13 @@ class Snapshot:
     # Pass-through mode (no routes, a fallback route): relay paths sluice does not know.
     forward_unknown_paths: bool = True
     source: str = ""  # where it came from, for /admin/config ("presets/", "--backend URL")
+    # (app, route model) -> the route's request-field rules with the app's on top; only
+    # for apps that set their own.
+    app_field_rules: Mapping[tuple[str, str], FieldRules] = field(default_factory=_empty_mapping)
+    # Per-app cache_salt (prefix-cache isolation) with apps declared; the key of its HMAC
+    # (None: the process's generated key, see ProxyApp.salt_key).
+    cache_isolation: bool = True
+    cache_salt_key: bytes | None = None
 
     @property
     def requires_auth(self) -> bool:
@@ -288,6 +324,7 @@ __all__ = [
     "Backend",
     "CutPattern",
     "Experiment",
+    "FieldRules",
     "GuardSpec",
     "HealthCheck",
     "QueueLimits",

@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .snapshot import DEFAULT_UPSTREAM_IDLE_TIMEOUT
 from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
@@ -27,7 +26,7 @@ MAX_IDLE_PER_ORIGIN = 512
 # A pooled connection idle this long is not reused: vLLM's server (uvicorn) closes idle
 # keep-alive connections after 5 s, and a connection picked in the instant the backend
 # closes it fails. Below the backend's own idle timeout, sluice never races it.
-DEFAULT_IDLE_TIMEOUT = DEFAULT_UPSTREAM_IDLE_TIMEOUT
+DEFAULT_IDLE_TIMEOUT = 4.0
 
 
 class UpstreamError(Exception):

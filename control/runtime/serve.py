@@ -39,6 +39,7 @@ from .admin import admin_routes, status_body
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records
 from .reloader import ConfigReloader
+from .saltkey import load_or_create_key
 from .supervisor import WORKER_ENV, supervise
 
 DEMO_SIM_PORT = 8100
@@ -209,6 +210,9 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             on_result=observer.on_reload,
         )
     app = ProxyApp(ref, on_complete=[observer.on_complete] if observer.enabled else [])
+    gateway = built.gateway
+    if gateway is not None and gateway.apps and gateway.cache_isolation.mode == "per_app":
+        app.salt_key = load_or_create_key(Path(gateway.cache_isolation.secret_file))
     app.extra_routes.update(
         admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
     )

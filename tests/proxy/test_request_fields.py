@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import ProcessServer, ProxyHarness, SimClient
-from sluice.control.build import load_config
+from sluice.control.config.build import load_config
 
 MSG = [{"role": "user", "content": "Hello"}]
 

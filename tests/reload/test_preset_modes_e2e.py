@@ -81,7 +81,11 @@ def send(
         return resp, None
     if body.get("stream"):
         assert resp.text.rstrip().endswith("data: [DONE]"), resp.text
-    return resp, sim_request(sim.url, request_id)["body"]
+    received = sim_request(sim.url, request_id)["body"]
+    # Every request also carries its app's cache_salt (per-app prefix-cache isolation).
+    app = "picker" if key == PICKER_KEY else "fixed"
+    assert received.pop("cache_salt") == gateway.cache_salt(app)
+    return resp, received
 
 
 def chat(stream: bool = True, **fields: Any) -> dict[str, Any]:
