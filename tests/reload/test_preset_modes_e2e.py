@@ -175,9 +175,21 @@ def test_completions_endpoint_gets_the_same_merge(served: Gateway, fast_sim: Pro
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("n", 2), ("n", 1), ("seed", 7), ("seed", None)],
+    ("field", "value", "sent"),
+    [
+        ("n", 1, MODES_SENT),  # vLLM's default: changes nothing (LangChain always sends it)
+        ("seed", None, {**MODES_SENT, "seed": None}),  # null is "not set"
+    ],
 )
+def test_denied_field_with_the_value_sent_anyway_is_accepted(
+    served: Gateway, fast_sim: ProcessServer, field: str, value: Any, sent: dict[str, Any]
+) -> None:
+    resp, received = send(served, fast_sim, chat(**{field: value}))
+    assert resp.status_code == 200, resp.text
+    assert received == {"model": "sim-model", "messages": MESSAGES, "stream": True, **sent}
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", 2), ("seed", 7), ("n", "1")])
 def test_denied_field_is_rejected_with_400(
     served: Gateway, fast_sim: ProcessServer, version: str, field: str, value: Any
 ) -> None:
