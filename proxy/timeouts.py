@@ -104,7 +104,8 @@ class StreamWatchdog:
     def head(self) -> None:
         """The backend's response head arrived: its deadline no longer applies."""
         self.got_head = True
-        self._rearm()
+        if self.timeouts.response_head is not None:  # else the timer does not wait for it
+            self._rearm()
 
     def _rearm(self) -> None:
         if self._handle is not None and self.expired is None:
