@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from helpers import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
+from prometheus_client import CollectorRegistry
 from raw_backends import RawBackend
+from sluice.proxy.metrics import Metrics
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
@@ -42,6 +44,13 @@ def test_reused_connection_closed_before_responding_is_retried_once(raw: RawBack
         assert raw.requests_per_connection == [2, 1]
         assert [ex.upstream_retries for ex in harness.finished] == [0, 1]
         assert harness.lt.call(harness.app.pools.retries) == 1
+        metrics = Metrics(CollectorRegistry())
+        for ex in harness.finished:
+            metrics.observe(ex)
+        counted = metrics.registry.get_sample_value(
+            "sluice_upstream_retries_total", {"backend": "sim"}
+        )
+        assert counted == 1
     finally:
         harness.close()
 
