@@ -55,6 +55,13 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="MS",
         help="prefill time of each uncached prompt block, serialized per replica (default 0)",
     )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="close keep-alive connections idle this long, like vLLM's server (5); default: 75",
+    )
     p.set_defaults(target="sluice.sim.cli:run")
 
 

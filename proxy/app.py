@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
+from typing import Any
 
 import orjson
 
@@ -30,6 +31,7 @@ from .errors import (
     send_error,
 )
 from .exchange import Exchange
+from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import Header, Request, Response
 from .keepalive import KeepAlive, error_as_event, relay_refusal
@@ -38,7 +40,15 @@ from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
-from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
+from .snapshot import (
+    DEFAULT_RESPONSE_HEAD_TIMEOUT,
+    App,
+    Backend,
+    Snapshot,
+    SnapshotRef,
+    StreamPolicy,
+    StreamTimeouts,
+)
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
@@ -51,6 +61,7 @@ MAX_REQUEST_ID = 128
 
 Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
+SwapHook = Callable[[Snapshot], None]
 
 
 def request_id(request: Request) -> str:
@@ -85,6 +96,35 @@ class ProxyApp:
         self.watchdogs: set[StreamWatchdog] = set()  # one per exchange with the backend
         self.streams: StreamStore | None = StreamRegistry()  # resumable streams
         self.forwarder = Forwarder(self)
+        self.on_swap: list[SwapHook] = []  # e.g. the health prober's reconcile
+        # Key of the per-app cache_salt HMAC unless the config names one: `sluice serve`
+        # sets the key it keeps in a file, so workers and restarts agree.
+        self.salt_key = os.urandom(32)
+        self._salts: dict[tuple[bytes, str], str] = {}
+        self.reconcile(ref.current)
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """The reload's commit, on the event loop: the one assignment, then hot state made
+        to match in the same loop step (no request runs between the two)."""
+        self.ref.current = snapshot
+        self.reconcile(snapshot)
+
+    def reconcile(self, snap: Snapshot) -> None:
+        """Limits, pools and probes follow the snapshot now, not lazily per request: an idle
+        limiter shows its new limit, a changed connect_timeout applies to the next connect,
+        and limiters and pools of removed apps and backends are dropped."""
+        wanted = {"backend:" + b.name: (b.max_concurrency, b.queue) for b in snap.backends.values()}
+        for app in snap.apps:
+            if app.max_concurrency is not None:
+                wanted["app:" + app.name] = (app.max_concurrency, app.queue)
+        self.limiters.reconcile(wanted)
+        self._salts.clear()  # apps may be gone
+        backends = list(snap.backends.values())
+        if snap.fallback_route is not None:
+            backends.append(snap.fallback_route.backend)
+        self.pools.reconcile(backends)
+        for hook in self.on_swap:
+            hook(snap)
 
     def interrupt_all(self, kind: str) -> int:
         """Ends every request in flight (drain deadline passed): exchanges with a backend
@@ -157,12 +197,31 @@ class ProxyApp:
         route = snap.fallback_route
         assert route is not None
         replica = self.pools.choose(route.backend)
+        timeouts = route.policy.timeouts
+        limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
+        conn: UpstreamConnection | None = None
+        body = b""
         try:
-            conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-            body = await conn.read_all(MAX_NONSTREAM_BODY)
+            async with asyncio.timeout(limit):
+                conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
+                body = await conn.read_all(MAX_NONSTREAM_BODY)
         except UpstreamError as exc:
             raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
-        replica.pool.release(conn)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                f"backend {route.backend.name}: no answer to GET /v1/models within {limit:g}s",
+                type="timeout",
+                code="response_head_timeout",
+            ) from None
+        finally:
+            # Pooled only after a complete response; closed on any failure (never leaked).
+            if conn is not None:
+                if conn.complete:
+                    replica.pool.release(conn)
+                else:
+                    conn.abort()
+        assert conn is not None
         response.send(conn.status, JSON_HEADERS, body)
 
     # -- completions ---------------------------------------------------------------------
@@ -247,7 +306,11 @@ class ProxyApp:
         policy = choice.policy
         stream = adapter.is_stream(body)
         ex.stream = stream
-        body, modified = adapter.prepare(body, choice, app)
+        # Request-field rules and the app's cache_salt on the body in vLLM's field names
+        # (a forwarded body is relayed as sent).
+        modified = not adapter.forwards and self._request_fields(body, snap, choice, app)
+        body, prepared = adapter.prepare(body, choice, app)
+        modified = modified or prepared
         route = choice.route
         payload = adapter.payload(body, request.body, modified, route)
         # After the request policy: the prompt and cache_salt as the backend will see them.
@@ -305,6 +368,23 @@ class ProxyApp:
             hint,
         )
 
+    def _request_fields(
+        self, body: dict[str, Any], snap: Snapshot, choice: RouteChoice, app: App | None
+    ) -> bool:
+        """The request-field policy, then the app's cache_salt; True when body changed."""
+        rules = choice.route.request_fields
+        if app is not None and snap.app_field_rules:
+            rules = snap.app_field_rules.get((app.name, choice.route.model), rules)
+        modified = apply_field_rules(body, rules)
+        if app is not None and snap.cache_isolation:
+            key = snap.cache_salt_key or self.salt_key
+            salt = self._salts.get((key, app.name))
+            if salt is None:
+                salt = self._salts[(key, app.name)] = app_salt(key, app.name)
+            salt_request(body, key, app.name, salt)
+            modified = True
+        return modified
+
     async def _limited(
         self,
         response: Response,
@@ -349,6 +429,7 @@ class ProxyApp:
                         adapter,
                         keepalive,
                         hint,
+                        backend_limiter.retry_after,
                     )
                 finally:
                     backend_permit.release()
@@ -374,9 +455,11 @@ class ProxyApp:
         adapter: Adapter,
         keepalive: KeepAlive | None = None,
         hint: RoutingHint | None = None,
+        retry_after: Callable[[], int] | None = None,
     ) -> None:
         path = adapter.upstream_path
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
+        # A non-stream response's head comes with its whole body: only total bounds it.
         effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
         watchdog = StreamWatchdog(effective)
         self.watchdogs.add(watchdog)
@@ -390,6 +473,9 @@ class ProxyApp:
                 )
                 if keepalive is not None:
                     keepalive.may_start = False
+                watchdog.head()
+                if conn.retried:
+                    ex.upstream_retries += 1
                 if (
                     not stream
                     or conn.status != 200
@@ -406,6 +492,7 @@ class ProxyApp:
                             extra_headers,
                             adapter.rewrite_body,
                             adapter.reshape_errors,
+                            retry_after,
                         )
                     return
                 ex.status = 200

@@ -1,7 +1,11 @@
 """Upstream pools per backend replica, and replica choice.
 
 Pools are long-lived (keyed by replica URL, they survive reloads and keep their warm
-connections); the snapshot's `Backend` only names the URLs. A replica is chosen by least
+connections); the snapshot's `Backend` only names the URLs and the settings. `reconcile`
+runs once per snapshot swap, on the event loop: it applies changed pool settings
+(connect_timeout, idle_timeout), creates the pools of new replicas and retires those of
+replicas no backend names any more. Requests only look pools up, so a request still
+holding an older snapshot cannot set an old setting back. A replica is chosen by least
 outstanding requests, or by score (prefix and session affinity + load, proxy/affinity.py)
 when the request carries a routing hint; one whose connections keep failing is ejected for
 a cool-down.
@@ -10,6 +14,7 @@ a cool-down.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from .affinity import AffinityRouter, RoutingHint
 from .snapshot import Backend
@@ -41,6 +46,10 @@ class Replica:
         self.ejected_until = 0.0
 
 
+def _new_replica(url: str, backend: Backend) -> Replica:
+    return Replica(UpstreamPool(Origin(url), backend.connect_timeout, backend.idle_timeout))
+
+
 class BackendPools:
     """Replicas by URL; `replicas(backend)` returns them in the backend's order."""
 
@@ -48,6 +57,28 @@ class BackendPools:
         self._replicas: dict[str, Replica] = {}
         self._by_backend: dict[tuple[str, tuple[str, ...]], tuple[Replica, ...]] = {}
         self.router = AffinityRouter()
+
+    def reconcile(self, backends: Iterable[Backend]) -> list[str]:
+        """Makes the pools match the backends of a new snapshot; returns the URLs retired.
+        A URL named by two backends keeps one pool (the first backend's settings)."""
+        wanted: dict[str, Backend] = {}
+        for backend in backends:
+            for url in backend.urls:
+                wanted.setdefault(url, backend)
+        for url, backend in wanted.items():
+            replica = self._replicas.get(url)
+            if replica is None:
+                self._replicas[url] = _new_replica(url, backend)
+            else:
+                replica.pool.connect_timeout = backend.connect_timeout
+                replica.pool.idle_timeout = backend.idle_timeout
+                replica.pool.expire_idle()
+        retired = [url for url in self._replicas if url not in wanted]
+        for url in retired:
+            self._replicas.pop(url).pool.retire()
+            self.router.states.pop(url, None)  # its prefix index goes with it
+        self._by_backend.clear()
+        return retired
 
     def replicas(self, backend: Backend) -> tuple[Replica, ...]:
         key = (backend.name, backend.urls)
@@ -58,9 +89,10 @@ class BackendPools:
         for url in backend.urls:
             replica = self._replicas.get(url)
             if replica is None:
-                pool = UpstreamPool(Origin(url), backend.connect_timeout)
-                replica = self._replicas[url] = Replica(pool)
-            replica.pool.connect_timeout = backend.connect_timeout
+                # Not reconciled yet (a snapshot assigned without ProxyApp.swap), or a request
+                # of an older snapshot whose replica was removed: the next reconcile retires
+                # it again.
+                replica = self._replicas[url] = _new_replica(url, backend)
             replicas.append(replica)
         result = tuple(replicas)
         self._by_backend[key] = result
@@ -96,6 +128,9 @@ class BackendPools:
 
     def open_connections(self) -> int:
         return sum(len(r.pool.open) for r in self._replicas.values())
+
+    def retries(self) -> int:
+        return sum(r.pool.retries for r in self._replicas.values())
 
     def close(self) -> None:
         for replica in self._replicas.values():

@@ -249,14 +249,17 @@ class ChunkFilter:
     def _token(self) -> None:
         now = monotonic()
         ex = self.ex
+        watchdog = self.watchdog
         if ex.first_token_at is None:
             ex.first_token_at = now
+            if watchdog is not None:
+                watchdog.first_token(now)
         else:
             ex.add_gap(now - ex.last_token_at)
+            if watchdog is not None:
+                watchdog.last_token = now
         ex.last_token_at = now
         ex.content_chunks += 1
-        if self.watchdog is not None:
-            self.watchdog.last_token = now
 
     def _end_choice(self, choice: dict[str, Any], guard: StreamGuard) -> None:
         index = choice.get("index", 0)

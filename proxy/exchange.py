@@ -53,6 +53,7 @@ class Exchange:
         "stream",
         "timeout",
         "upstream_error",
+        "upstream_retries",
         "variant",
     )
 
@@ -88,6 +89,7 @@ class Exchange:
         self.cut: str | None = None
         self.timeout: str | None = None
         self.upstream_error: str | None = None
+        self.upstream_retries = 0  # resent once on a fresh connection (keep-alive race)
         self.client_disconnected = False
         self.error_code: str | None = None
 

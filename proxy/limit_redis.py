@@ -327,10 +327,11 @@ class RedisPermitStore:
         if result == 1:
             self._held.setdefault(limiter.name, set()).add(rid)
             return rid, time.monotonic() - started
+        retry_after = limiter.retry_after_with(int(queued))
         if result in (0, -2):
             self._give_back_soon(limiter, rid)
-            raise LimitExceeded(limiter.name, "queue_timeout", limiter.retry_after(int(queued)))
-        raise LimitExceeded(limiter.name, "queue_full", limiter.retry_after(int(queued)))
+            raise LimitExceeded(limiter.name, "queue_timeout", retry_after)
+        raise LimitExceeded(limiter.name, "queue_full", retry_after)
 
     def adopt(self, limiter: StoreLimiter) -> Hashable:
         """An id for a permit from the local share: the renewals register it in Redis once

@@ -106,7 +106,11 @@ class StoreLimiter:
         if share != self.fallback.max_concurrency:
             self.fallback.configure(share, self.queue)
 
-    def retry_after(self, ahead: int) -> int:
+    def retry_after(self) -> int:
+        """Seconds until a permit is likely free, from this process's own queue."""
+        return self.retry_after_with(self.queued)
+
+    def retry_after_with(self, ahead: int) -> int:
         """Seconds until a permit is likely free with `ahead` requests queued, at least 1."""
         estimate = (ahead + 1) * self._service_time / max(self.max_concurrency, 1)
         return max(1, math.ceil(estimate))

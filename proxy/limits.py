@@ -19,7 +19,7 @@ import asyncio
 import collections
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .snapshot import QueueLimits
@@ -77,6 +77,8 @@ class ConcurrencyLimiter(Protocol):
     async def acquire(self) -> Permit: ...
 
     def observe_service_time(self, seconds: float) -> None: ...
+
+    def retry_after(self) -> int: ...
 
     def reject_waiters(self) -> int: ...
 
@@ -230,12 +232,32 @@ class LimiterRegistry:
         return state
 
     def get(self, name: str, max_concurrency: int, queue: QueueLimits) -> ConcurrencyLimiter:
+        """The limiter `name`; the numbers only serve to create one that `reconcile` has not
+        (a request never reconfigures: one holding an older snapshot would set old limits
+        back)."""
         limiter = self._limiters.get(name)
         if limiter is None:
             limiter = self._limiters[name] = self.factory(name, max_concurrency, queue)
-        elif limiter.max_concurrency != max_concurrency or limiter.queue != queue:
-            limiter.configure(max_concurrency, queue)
         return limiter
+
+    def reconcile(self, wanted: Mapping[str, tuple[int, QueueLimits]]) -> list[str]:
+        """At a snapshot swap: set every wanted limiter's numbers now (an idle limiter shows
+        the new limits at once) and drop those no longer wanted once nothing holds or waits
+        for them (a busy one is dropped by a later reconcile). Returns the names dropped."""
+        for name, (max_concurrency, queue) in wanted.items():
+            limiter = self._limiters.get(name)
+            if limiter is None:
+                self._limiters[name] = self.factory(name, max_concurrency, queue)
+            elif limiter.max_concurrency != max_concurrency or limiter.queue != queue:
+                limiter.configure(max_concurrency, queue)
+        dropped = [
+            name
+            for name, limiter in self._limiters.items()
+            if name not in wanted and limiter.in_use == 0 and limiter.queued == 0
+        ]
+        for name in dropped:
+            self._limiters.pop(name).reject_waiters()  # none wait; a shared store's may
+        return dropped
 
     def all(self) -> list[ConcurrencyLimiter]:
         return list(self._limiters.values())

@@ -142,6 +142,13 @@ class Metrics:
         self.upstream_errors = Counter(
             "sluice_upstream_errors", "Backend failures by kind", ["backend", "kind"], registry=r
         )
+        self.upstream_retries = Counter(
+            "sluice_upstream_retries",
+            "Requests resent once on a fresh connection after a reused keep-alive connection "
+            "closed before any response byte",
+            ["backend"],
+            registry=r,
+        )
         self.active_streams = Gauge(
             "sluice_active_streams",
             "Streams being relayed",
@@ -203,6 +210,8 @@ class Metrics:
             self.cuts.labels(_SHUTDOWN).inc()
         if ex.upstream_error is not None:
             self.upstream_errors.labels(ex.backend, ex.upstream_error).inc()
+        if ex.upstream_retries:
+            self.upstream_retries.labels(ex.backend).inc(ex.upstream_retries)
         if not ex.route:
             return  # rejected before routing: no latency to speak of
         if ex.error_code not in _REJECTED:

@@ -17,6 +17,8 @@ from .stopwords import GuardSpec
 from .upstream import UpstreamConnection, UpstreamError
 
 MAX_NONSTREAM_BODY = 64 * 1024 * 1024
+# Backend answers that tell the client to come back later: relayed with a Retry-After.
+RETRY_STATUSES = (429, 503)
 
 
 async def relay_whole(
@@ -27,8 +29,11 @@ async def relay_whole(
     extra_headers: list[Header],
     rewrite: Callable[[Any, StreamPolicy, Exchange], Any] | None = None,
     reshape_errors: bool = False,
+    retry_after: Callable[[], int] | None = None,
 ) -> bool:
-    """A non-stream response, or a backend error answered to a stream request."""
+    """A non-stream response, or a backend error answered to a stream request. A 429 or
+    503 carries a Retry-After: the backend's own, else `retry_after()` (sluice's estimate
+    from the backend's observed service time), so SDKs do not retry at once."""
     try:
         body = await conn.read_all(MAX_NONSTREAM_BODY)
     except UpstreamError as exc:
@@ -37,6 +42,11 @@ async def relay_whole(
     status = conn.status
     ex.status = status
     content_type = conn.headers.get(b"content-type", b"application/json")
+    retry: list[Header] = []
+    if status in RETRY_STATUSES:
+        given = conn.headers.get(b"retry-after")
+        estimate = retry_after() if retry_after is not None else 1
+        retry = [(b"retry-after", given if given else str(estimate).encode())]
     if status == 200 and content_type.startswith(b"application/json"):
         try:
             obj = orjson.loads(body)
@@ -60,16 +70,22 @@ async def relay_whole(
                 f"backend answered {status}: {message}",
                 type="upstream_error",
                 code=f"upstream_http_{status}",
+                headers=retry,
             )
-        raise ApiError(status, f"backend answered {status}: {message}", code="upstream_error")
+        raise ApiError(
+            status,
+            f"backend answered {status}: {message}",
+            code="upstream_error",
+            headers=retry,
+        )
     if status >= 400 and reshape_errors:
         # The backend's OpenAI-shaped error, for an endpoint that answers errors in its
         # own protocol's shape (TGI): the caller's adapter writes it.
         ex.upstream_error = f"http_{status}"
         error = orjson.loads(body)["error"]
         message = str(error.get("message") or f"backend answered {status}")
-        raise ApiError(status, message, code=f"upstream_http_{status}")
-    response.send(status, [(b"content-type", content_type), *extra_headers], body)
+        raise ApiError(status, message, code=f"upstream_http_{status}", headers=retry)
+    response.send(status, [(b"content-type", content_type), *retry, *extra_headers], body)
     return conn.complete
 
 

@@ -229,7 +229,7 @@ class SocketPermitStore:
             self._send(generation, f"R {rid}\n")
             raise
         if not granted:
-            raise LimitExceeded(limiter.name, first, limiter.retry_after(int(second)))
+            raise LimitExceeded(limiter.name, first, limiter.retry_after_with(int(second)))
         return (generation, rid), float(first)
 
     def adopt(self, limiter: StoreLimiter) -> Hashable:

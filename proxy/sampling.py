@@ -1,12 +1,14 @@
 """Applying a preset's `SamplingPlan` and a policy's stop strings to a request body.
 
-Order: denied fields are rejected, then defaults fill what the request left out, forced
-values replace the request's, and clamps bound the result. Field names are vLLM's: the
-GenerationConfig mapping ran when the snapshot was built.
+Order: values outside vLLM's own domain are refused as vLLM would refuse them, denied
+fields are refused unless they carry the value that would be sent anyway, then defaults
+fill what the request left out, forced values replace the request's, and clamps bound the
+result. Field names are vLLM's: the GenerationConfig mapping ran when the snapshot was built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ApiError, bad_request
@@ -16,22 +18,90 @@ from .snapshot import SamplingPlan
 # former when both are set, so a rule on max_tokens governs whichever the request uses.
 _ALIASES: dict[str, tuple[str, ...]] = {"max_tokens": ("max_completion_tokens", "max_tokens")}
 
+# What vLLM uses when a request leaves a field out and the model's generation_config.json
+# does not set it either (vLLM's SamplingParams defaults). Only fields whose default does
+# not depend on the model are listed: temperature, top_p, top_k, min_p,
+# repetition_penalty and max_tokens may come from the model's own generation config.
+VLLM_DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "min_tokens": 0,
+    "stop": [],
+    "stop_token_ids": [],
+}
+
+# vLLM's own range checks (SamplingParams._verify_args), with its wording: a clamp must not
+# turn a request vLLM would refuse into a silently different one.
+_Check = tuple[Callable[[float], bool], str]
+VLLM_DOMAIN: dict[str, _Check] = {
+    "temperature": (lambda v: v >= 0, "must be non-negative"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "must be greater than zero"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
+    "max_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "max_completion_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "min_tokens": (lambda v: v >= 0, "must be greater than or equal to 0"),
+    "n": (lambda v: v >= 1, "must be at least 1"),
+}
+
 
 def _keys(field: str) -> tuple[str, ...]:
     return _ALIASES.get(field, (field,))
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values (1 == 1.0, a tuple equals a list), but a bool is no number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def unchanged_value(field: str, value: Any, plan: SamplingPlan) -> bool:
+    """True when a request's value for a denied field changes nothing: it is what the
+    preset sends anyway, or (the preset sends none) vLLM's fixed default."""
+    if field in plan.forced:
+        return _same(value, plan.forced[field])
+    if field in plan.defaults:
+        return _same(value, plan.defaults[field])
+    return field in VLLM_DEFAULTS and _same(value, VLLM_DEFAULTS[field])
+
+
+def _check_domain(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad_request(f"'{key}' must be a number", param=key, code="invalid_type")
+    check = VLLM_DOMAIN.get(key)
+    if check is not None and not check[0](value):
+        shown = float(value) if key in ("temperature", "top_p", "min_p") else value
+        raise ApiError(
+            400,
+            f"{key} {check[1]}, got {shown}. (parameter={key}, value={shown})",
+            type="BadRequestError",
+            param=key,
+            code="invalid_value",
+        )
+
+
 def apply_plan(body: dict[str, Any], plan: SamplingPlan) -> None:
-    """Merges the plan into `body` in place; raises ApiError(400) for a denied field."""
+    """Merges the plan into `body` in place; raises ApiError(400) for a denied field set to
+    another value, or a clamped field outside vLLM's domain."""
     for field in plan.denied:
         for key in _keys(field):
-            if key in body:
+            value = body.get(key)
+            if value is None:
+                continue
+            if not unchanged_value(field, value, plan):
                 raise ApiError(
                     400,
                     f"'{key}' may not be set by the client: preset '{plan.name}' denies it",
                     param=key,
                     code="field_denied",
                 )
+            del body[key]  # what the preset (or vLLM) applies is the same value
     for field, value in plan.defaults.items():
         if not any(key in body and body[key] is not None for key in _keys(field)):
             body[field] = value
@@ -44,12 +114,13 @@ def apply_plan(body: dict[str, Any], plan: SamplingPlan) -> None:
             value = body.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad_request(f"'{key}' must be a number", param=key, code="invalid_type")
+            _check_domain(key, value)
+            # The bound itself, never converted to the request value's type: an integer 0
+            # under a clamp [0.5, 1.5] becomes 0.5 (integer fields have integer bounds).
             if low is not None and value < low:
-                body[key] = type(value)(low) if isinstance(value, int) else low
+                body[key] = low
             elif high is not None and value > high:
-                body[key] = type(value)(high) if isinstance(value, int) else high
+                body[key] = high
 
 
 def merge_stop(body: dict[str, Any], stop: tuple[str, ...]) -> None:

@@ -16,12 +16,15 @@ from typing import Any, Literal
 
 from .stopwords import CutPattern, GuardSpec, RepetitionGuard
 from .structured import StructuredOutputs
+from .upstream import DEFAULT_IDLE_TIMEOUT
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # Below the idle limits of the usual intermediaries (Cloudflare 100 s, proxies 30-60 s).
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_RESUME_BUFFER = 1024 * 1024
+# Below vLLM's own keep-alive idle timeout (uvicorn's 5 s): see proxy/upstream.py.
+DEFAULT_UPSTREAM_IDLE_TIMEOUT = DEFAULT_IDLE_TIMEOUT
 
 EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
 
@@ -32,18 +35,21 @@ def _empty_mapping() -> Mapping[Any, Any]:
 
 @dataclass(frozen=True, slots=True)
 class StreamTimeouts:
-    """Per-route stream deadlines in seconds; None disables one.
+    """Per-route deadlines in seconds; None disables one.
 
     first_token: request start -> first content token. inter_token: between content tokens
     (keep-alives, role-only and empty deltas do not reset it). total: request start -> end.
+    response_head: request start -> the backend's response head, for streams (a
+    non-stream response's head comes with its whole body: `total` bounds it).
     """
 
     first_token: float | None = None
     inter_token: float | None = None
     total: float | None = None
+    response_head: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("first_token", "inter_token", "total"):
+        for name in ("first_token", "inter_token", "total", "response_head"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} timeout must be > 0 seconds, got {value}")
@@ -59,11 +65,28 @@ class StreamTimeouts:
     @property
     def enabled(self) -> bool:
         return (
-            self.first_token is not None or self.inter_token is not None or self.total is not None
+            self.first_token is not None
+            or self.inter_token is not None
+            or self.total is not None
+            or self.response_head is not None
         )
 
 
 NO_TIMEOUTS = StreamTimeouts()
+# Every route's deadlines unless the Gateway's `timeouts` or the route's Policy say
+# otherwise (pass-through `--backend` mode included): generous enough for a long prefill
+# under load, short enough that a hung backend or a stalled stream gives its permit and
+# its GPU slot back.
+DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
+DEFAULT_INTER_TOKEN_TIMEOUT = 30.0
+DEFAULT_TOTAL_TIMEOUT = 600.0
+DEFAULT_RESPONSE_HEAD_TIMEOUT = 60.0
+DEFAULT_TIMEOUTS = StreamTimeouts(
+    first_token=DEFAULT_FIRST_TOKEN_TIMEOUT,
+    inter_token=DEFAULT_INTER_TOKEN_TIMEOUT,
+    total=DEFAULT_TOTAL_TIMEOUT,
+    response_head=DEFAULT_RESPONSE_HEAD_TIMEOUT,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +97,7 @@ class StreamPolicy:
     stop: tuple[str, ...] = ()
     cut_patterns: tuple[CutPattern, ...] = ()
     repetition_guard: RepetitionGuard | None = None
-    timeouts: StreamTimeouts = NO_TIMEOUTS
+    timeouts: StreamTimeouts = DEFAULT_TIMEOUTS
     # Compiled from stop, cut_patterns and repetition_guard by the control plane (where a
     # bad pattern is a config error with file:line); None when the policy guards no text.
     guard: GuardSpec | None = None
@@ -87,6 +110,33 @@ class StreamPolicy:
 
 
 NO_POLICY = StreamPolicy(name="")
+
+
+# Fields of a vLLM request that a client must not set unless a route or app allows them:
+# `priority` jumps the backend's queue (with --scheduling-policy priority), `chat_template`
+# is a template the backend executes, `kv_transfer_params` steers disaggregated prefill's KV
+# transfers, `vllm_xargs` reaches custom logits processors and plugins.
+DEFAULT_DENIED_FIELDS = ("priority", "chat_template", "kv_transfer_params", "vllm_xargs")
+DEFAULT_DENIER = "sluice's default request-field policy (allow it with request_fields)"
+DEFAULT_DENIED: Mapping[str, str] = MappingProxyType(
+    dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRules:
+    """The request-field policy of a route (and app): fields a request may not change
+    (field -> who denies it, for the message) and fields whose value is replaced."""
+
+    denied: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType(
+            dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)
+        )
+    )
+    forced: Mapping[str, Any] = field(default_factory=_empty_mapping)
+
+
+DEFAULT_FIELD_RULES = FieldRules()
 
 
 ClampBounds = tuple[float | None, float | None]
@@ -168,6 +218,8 @@ class Backend:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     health: HealthCheck | None = None
     routing: RoutingPolicy = DEFAULT_ROUTING
+    # Pooled connections idle this long are not reused (keep it below the backend's own).
+    idle_timeout: float = DEFAULT_UPSTREAM_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +255,7 @@ class Route:
     preset: SamplingPlan = NO_PRESET
     policy: StreamPolicy = NO_POLICY
     experiment: Experiment | None = None
+    request_fields: FieldRules = DEFAULT_FIELD_RULES
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +295,13 @@ class Snapshot:
     # Pass-through mode (no routes, a fallback route): relay paths sluice does not know.
     forward_unknown_paths: bool = True
     source: str = ""  # where it came from, for /admin/config ("presets/", "--backend URL")
+    # (app, route model) -> the route's request-field rules with the app's on top; only
+    # for apps that set their own.
+    app_field_rules: Mapping[tuple[str, str], FieldRules] = field(default_factory=_empty_mapping)
+    # Per-app cache_salt (prefix-cache isolation) with apps declared; the key of its HMAC
+    # (None: the process's generated key, see ProxyApp.salt_key).
+    cache_isolation: bool = True
+    cache_salt_key: bytes | None = None
 
     @property
     def requires_auth(self) -> bool:
@@ -264,6 +324,7 @@ __all__ = [
     "Backend",
     "CutPattern",
     "Experiment",
+    "FieldRules",
     "GuardSpec",
     "HealthCheck",
     "QueueLimits",

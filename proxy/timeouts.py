@@ -1,9 +1,11 @@
 """Stream deadlines with one timer per stream, whatever the token count.
 
-A token only stores the loop time in an attribute. The single timer is armed at the
-earliest possible deadline; when it fires it recomputes the deadline from the latest
-token time and re-arms if the stream moved on. So a stream with an inter-token timeout of
-5 s and tokens every 10 ms creates one timer handle per 5 s, not one per token.
+A token only stores the time in an attribute. The single timer is armed at the earliest
+possible deadline; when it fires it recomputes the deadline from the latest token time and
+re-arms if the stream moved on. The first token re-arms it once (`first_token`): the
+inter-token deadline that starts then may come long before the first-token one. So a
+stream with an inter-token timeout of 5 s and tokens every 10 ms creates one timer handle
+per 5 s, not one per token.
 
 On expiry the watchdog cancels the task it guards (like `asyncio.timeout`, which re-arms
 with a new handle on every reschedule); the relay tells its own cancellation from a client
@@ -23,11 +25,21 @@ from .snapshot import StreamTimeouts
 FIRST_TOKEN = "first_token_timeout"
 INTER_TOKEN = "inter_token_timeout"
 TOTAL = "total_timeout"
+RESPONSE_HEAD = "response_head_timeout"
 SHUTDOWN = "shutdown"
 
 
 class StreamWatchdog:
-    __slots__ = ("_handle", "_loop", "_task", "expired", "last_token", "started", "timeouts")
+    __slots__ = (
+        "_handle",
+        "_loop",
+        "_task",
+        "expired",
+        "got_head",
+        "last_token",
+        "started",
+        "timeouts",
+    )
 
     def __init__(self, timeouts: StreamTimeouts, task: asyncio.Task[object] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -36,6 +48,7 @@ class StreamWatchdog:
         self.started = monotonic()
         self.last_token: float | None = None  # set by the relay on each content token
         self.expired: str | None = None
+        self.got_head = False
         self._handle: asyncio.TimerHandle | None = None
         self._arm()
 
@@ -57,6 +70,10 @@ class StreamWatchdog:
             candidate = (self.last_token + t.inter_token, INTER_TOKEN)
         if candidate is not None and (best is None or candidate[0] < best[0]):
             best = candidate
+        if not self.got_head and t.response_head is not None:
+            head = self.started + t.response_head
+            if best is None or head < best[0]:
+                best = (head, RESPONSE_HEAD)
         return best
 
     def _arm(self) -> None:
@@ -83,6 +100,25 @@ class StreamWatchdog:
         self.expired = kind
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def head(self) -> None:
+        """The backend's response head arrived: its deadline no longer applies."""
+        self.got_head = True
+        if self.timeouts.response_head is not None:  # else the timer does not wait for it
+            self._rearm()
+
+    def _rearm(self) -> None:
+        if self._handle is not None and self.expired is None:
+            self._handle.cancel()
+            self._handle = None
+            self._arm()
+
+    def first_token(self, now: float) -> None:
+        """The stream's first content token: from now on the inter-token deadline applies,
+        which may be much sooner than the first-token one the timer waits for (first_token
+        30 s, inter_token 5 s). Called once per stream; later tokens only set last_token."""
+        self.last_token = now
+        self._rearm()
 
     def interrupt(self, kind: str) -> None:
         """Ends the guarded exchange now (graceful shutdown past its drain deadline)."""
@@ -112,4 +148,6 @@ def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
         return f"no token from the backend within {timeouts.first_token:g}s"
     if kind == INTER_TOKEN:
         return f"no token from the backend for {timeouts.inter_token:g}s"
+    if kind == RESPONSE_HEAD:
+        return f"no response head from the backend within {timeouts.response_head:g}s"
     return f"stream exceeded its total time limit of {timeouts.total:g}s"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from time import monotonic
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -22,6 +23,10 @@ from .tcp import stream_transport
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
 READ_HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_ORIGIN = 512
+# A pooled connection idle this long is not reused: vLLM's server (uvicorn) closes idle
+# keep-alive connections after 5 s, and a connection picked in the instant the backend
+# closes it fails. Below the backend's own idle timeout, sluice never races it.
+DEFAULT_IDLE_TIMEOUT = 4.0
 
 
 class UpstreamError(Exception):
@@ -82,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.keep_alive = True
+        self.idle_since = 0.0  # monotonic time it went back to the pool
+        self.retried = False  # this exchange was resent once after a keep-alive race
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._headers_done = False
@@ -232,6 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False
         self._exc = None
         self._consumer = None
+        self.retried = False
         assert self.transport is not None
         self.transport.write(head + body)
 
@@ -287,11 +295,17 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one origin, reused LIFO (warmest socket first)."""
+    """Idle keep-alive connections to one origin, reused LIFO (warmest socket first), none
+    older than `idle_timeout` seconds."""
 
-    def __init__(self, origin: Origin, connect_timeout: float) -> None:
+    def __init__(
+        self, origin: Origin, connect_timeout: float, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ) -> None:
         self.origin = origin
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.retries = 0  # requests resent after a reused connection closed (keep-alive race)
+        self.retired = False  # its backend left the config: connections are not pooled
         self.idle: list[UpstreamConnection] = []
         self.open: set[UpstreamConnection] = set()
         self.outstanding = 0  # requests in flight; least-outstanding balancing reads it
@@ -327,17 +341,37 @@ class UpstreamPool:
         return protocol
 
     def take_idle(self) -> UpstreamConnection | None:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                return conn
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if monotonic() - conn.idle_since >= self.idle_timeout:
+                # LIFO: every connection left below this one has been idle even longer.
+                conn.abort()
+                self.expire_idle()
+                return None
+            return conn
         return None
+
+    def expire_idle(self, now: float | None = None) -> int:
+        """Closes the connections idle for idle_timeout or longer; returns how many."""
+        now = monotonic() if now is None else now
+        idle = self.idle
+        count = 0
+        while idle and now - idle[0].idle_since >= self.idle_timeout:
+            idle.pop(0).abort()
+            count += 1
+        return count
 
     def release(self, conn: UpstreamConnection) -> None:
         """Returns a connection whose response ended cleanly; anything else is closed."""
         if conn.closed:
             return
-        if conn.complete and conn.keep_alive and len(self.idle) < MAX_IDLE_PER_ORIGIN:
+        reusable = conn.complete and conn.keep_alive and not self.retired
+        if reusable and len(self.idle) < MAX_IDLE_PER_ORIGIN:
+            conn.idle_since = monotonic()
+            self.expire_idle(conn.idle_since)
             self.idle.append(conn)
         else:
             conn.abort()
@@ -358,6 +392,14 @@ class UpstreamPool:
 
     def close(self) -> None:
         for conn in list(self.open):
+            conn.abort()
+        self.idle.clear()
+
+    def retire(self) -> None:
+        """Its replica left the config: idle connections close now, busy ones when their
+        response ends (requests still in flight on an older snapshot finish normally)."""
+        self.retired = True
+        for conn in self.idle:
             conn.abort()
         self.idle.clear()
 
@@ -403,11 +445,14 @@ async def open_exchange(
 ) -> UpstreamConnection:
     """Sends a request and waits for the response head.
 
-    A reused connection that fails before any response byte was probably closed by the
-    backend while idle (a keep-alive race); the request is retried once on a fresh one.
+    A reused connection that closes before any response byte was most likely closed by the
+    backend while idle (a keep-alive race): the request is sent once more on a fresh
+    connection (`conn.retried`, `pool.retries`). That is the only resend: once a response
+    byte arrived the error goes to the caller, and a fresh connection is never retried.
     """
     head = pool.build_head(method, path, headers, len(body))
     conn = pool.take_idle()
+    retried = False
     if conn is not None:
         try:
             conn.send(head, body)
@@ -417,12 +462,15 @@ async def open_exchange(
             conn.abort()
             if not exc.before_response:
                 raise
+            retried = True
+            pool.retries += 1
         except BaseException:
             conn.abort()
             raise
     conn = await pool.connect()
     try:
         conn.send(head, body)
+        conn.retried = retried
         await conn.read_head()
     except BaseException:
         conn.abort()

@@ -8,7 +8,9 @@ Run it as `sluice sim --port 8100`, or in-process::
 
 Endpoints, as vLLM serves them: `POST /v1/chat/completions`, `POST /v1/completions`
 (stream and non-stream, n, stop, logprobs, usage), `GET /v1/models`, `GET /health`,
-`GET|POST /ping`, `GET /version`, `GET /metrics` (vLLM metric names). For tests:
+`GET|POST /ping`, `GET /version`, `GET /metrics` (vLLM metric names).
+`--keepalive-timeout 5` closes keep-alive connections idle for 5 s as vLLM's server
+(uvicorn) does; the default keeps them 75 s. For tests:
 
 - `GET /sim/stats`: `{"requests", "active", "waiting", "completed", "aborted", "closed",
   "stalled", "failed", "errors", "tokens", "prompt_tokens", "finished": {reason: n},
@@ -48,6 +50,7 @@ request; an unknown key or a wrong type is a 400 (param "sim"):
   validation); counted in `waiting` / `vllm:num_requests_waiting`.
 - `status`: answer with this HTTP status and a vLLM-shaped error body (e.g. 503),
   after `slow_first_byte_ms`. 200 means no fault.
+- `retry_after`: int seconds, with `status`: sent as the `Retry-After` header.
 - `empty_deltas`: true or an int k: after each token chunk, k chunks with empty content.
 - `ignore_stop`: as `--ignore-stop` for this request: `stop` is not honoured.
 

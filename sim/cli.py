@@ -32,6 +32,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             drop_usage_chunk=getattr(args, "drop_usage_chunk", False),
             prefix_cache_blocks=getattr(args, "prefix_cache", None) or 0,
             prefill_ms_per_block=getattr(args, "prefill_ms_per_block", None) or 0.0,
+            keepalive_timeout_s=getattr(args, "keepalive_timeout", None),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

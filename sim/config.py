@@ -34,6 +34,9 @@ class SimConfig:
     # prefill time of one uncached block. Both 0: no model, TTFT is ttft_ms alone.
     prefix_cache_blocks: int = 0
     prefill_ms_per_block: float = 0.0
+    # Close a keep-alive connection idle this long, as vLLM's server (uvicorn) does after
+    # 5 s; None: the HTTP server's own long default.
+    keepalive_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +58,10 @@ class SimConfig:
             problems.append(
                 f"prefill_ms_per_block must be in [0, 1000], got {self.prefill_ms_per_block}"
             )
+        if self.keepalive_timeout_s is not None and not 0 < self.keepalive_timeout_s <= 3600:
+            problems.append(
+                f"keepalive_timeout must be in (0, 3600] seconds, got {self.keepalive_timeout_s}"
+            )
         if not self.model:
             problems.append("model must not be empty")
         if problems:
@@ -74,6 +81,7 @@ class SimOptions:
     error_after: int | None
     slow_first_byte_s: float
     status: int | None
+    retry_after: int | None  # the Retry-After header sent with `status`
     keepalive_s: float | None
     empty_deltas: int
     ignore_stop: bool
@@ -91,6 +99,7 @@ def default_options(config: SimConfig) -> SimOptions:
         error_after=None,
         slow_first_byte_s=0.0,
         status=None,
+        retry_after=None,
         keepalive_s=None,
         empty_deltas=0,
         ignore_stop=config.ignore_stop,
@@ -109,6 +118,7 @@ _KNOWN_KEYS = frozenset(
         "error_after",
         "slow_first_byte_ms",
         "status",
+        "retry_after",
         "keepalive_comments_ms",
         "empty_deltas",
         "ignore_stop",
@@ -193,6 +203,7 @@ def parse_sim_options(raw: object, config: SimConfig) -> SimOptions:
         error_after=_count(raw, "error_after", 0),
         slow_first_byte_s=0.0 if slow is None else slow,
         status=None if status == 200 else status,
+        retry_after=_count(raw, "retry_after", 0),
         keepalive_s=_millis(raw, "keepalive_comments_ms", positive=True),
         empty_deltas=empty_deltas,
         ignore_stop=base.ignore_stop if ignore_stop is None else ignore_stop,

@@ -136,7 +136,11 @@ class SimApp:
                     stats.waiting -= 1
             if sim.status is not None:
                 message = f"simulated error (sim.status={sim.status})"
-                raise api_error(sim.status, message)
+                simulated = api_error(sim.status, message)
+                if sim.retry_after is not None:
+                    retry = (b"retry-after", b"%d" % sim.retry_after)
+                    simulated.headers = [*simulated.headers, retry]
+                raise simulated
             params = parse_generation(kind, body, self.config, sim)
             stats.prompt_tokens += sum(params.prompt_tokens)
             if self.prefix_cache is not None:
@@ -357,6 +361,10 @@ async def start_sim(config: SimConfig | None = None) -> SimServer:
     config = config or SimConfig()
     loop = asyncio.get_running_loop()
     app = SimApp(config, loop)
-    http = HttpServer(ServerState(app.handle, lambda: MAX_BODY_BYTES, error_body=http_error_body))
+    state = ServerState(app.handle, lambda: MAX_BODY_BYTES, error_body=http_error_body)
+    if config.keepalive_timeout_s is not None:
+        # Before HttpServer: its sweep interval follows this timeout.
+        state.keepalive_timeout = config.keepalive_timeout_s
+    http = HttpServer(state)
     port = await http.listen(config.host, config.port)
     return SimServer(app, http, port)

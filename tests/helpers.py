@@ -226,7 +226,7 @@ class ProxyHarness:
             return list(self.finished)
 
     def swap(self, snapshot: Snapshot) -> None:
-        self.lt.call(lambda: setattr(self.ref, "current", snapshot))
+        self.lt.call(lambda: self.app.swap(snapshot))
 
     def open_upstream_connections(self) -> int:
         return int(self.lt.call(self.app.pools.open_connections))

@@ -17,11 +17,13 @@ from pathlib import Path
 from types import MappingProxyType
 
 from sluice.proxy.snapshot import (
+    DEFAULT_TIMEOUTS,
     Backend,
     Route,
     SamplingPlan,
     Snapshot,
     StreamPolicy,
+    StreamTimeouts,
 )
 
 from .gateway import GatewayParts, build_gateway
@@ -155,14 +157,25 @@ def _build_presets(loaded: LoadedDocuments, issues: list[ConfigIssue]) -> dict[s
     return resolved
 
 
+def timeout_defaults(gateway: GatewayFile | None) -> StreamTimeouts:
+    """The Gateway's `timeouts` (every route's deadlines unless its Policy sets them)."""
+    if gateway is None:
+        return DEFAULT_TIMEOUTS
+    t = gateway.timeouts
+    try:
+        return StreamTimeouts(t.first_token, t.inter_token, t.total, t.response_head)
+    except ValueError:
+        return DEFAULT_TIMEOUTS  # gateway_issues reports it with its path
+
+
 def _build_policies(
-    loaded: LoadedDocuments, issues: list[ConfigIssue]
+    loaded: LoadedDocuments, issues: list[ConfigIssue], defaults: StreamTimeouts
 ) -> tuple[dict[str, StreamPolicy], dict[str, PolicyFile]]:
     policies: dict[str, StreamPolicy] = {}
     models: dict[str, PolicyFile] = {}
     for name, doc in _unique(loaded, "Policy", issues).items():
         assert isinstance(doc.model, PolicyFile)
-        policy, problems = build_policy(doc)
+        policy, problems = build_policy(doc, defaults)
         issues += problems
         if policy is None:
             loaded.broken["Policy"].add(name)
@@ -187,10 +200,12 @@ def build_config(
     ]
     resolved = _build_presets(loaded, issues)
     plans: dict[str, SamplingPlan] = {name: r.plan for name, r in resolved.items()}
-    policies, policy_models = _build_policies(loaded, issues)
-
     gateway_doc = _gateway_document(loaded, issues)
     gateway = gateway_doc.model if gateway_doc is not None else None
+    assert gateway is None or isinstance(gateway, GatewayFile)
+    defaults = timeout_defaults(gateway)
+    policies, policy_models = _build_policies(loaded, issues, defaults)
+
     parts = GatewayParts()
     fallback: Route | None = None
     if gateway_doc is not None:
@@ -201,6 +216,7 @@ def build_config(
             loaded.broken,
             backend_override=override,
             environ=os.environ if environ is None else environ,
+            timeouts=defaults,
         )
         issues += errors
         warnings += gateway_warnings
@@ -213,7 +229,6 @@ def build_config(
     if issues:
         raise ConfigInvalid(issues, warnings)
 
-    assert gateway is None or isinstance(gateway, GatewayFile)
     listen = gateway.listen if gateway is not None else ListenSection()
     limits = gateway.limits if gateway is not None else LimitsSection()
     snapshot = Snapshot(
@@ -234,6 +249,9 @@ def build_config(
         max_upload_bytes=limits.max_upload_bytes,
         forward_unknown_paths=limits.forward_unknown_paths,
         source=str(files.directory),
+        app_field_rules=MappingProxyType(parts.app_field_rules),
+        cache_isolation=gateway is None or gateway.cache_isolation.mode == "per_app",
+        cache_salt_key=parts.cache_salt_key,
     )
     return BuiltConfig(
         snapshot=snapshot,

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sluice.proxy.snapshot import StreamTimeouts
+
 from .build import BuiltConfig, ConfigInvalid, load_config
 from .issues import ConfigIssue, display_path
 from .presets import MAPPING, ResolvedPreset
@@ -134,7 +136,21 @@ def _show_preset(preset: ResolvedPreset) -> list[str]:
     return lines
 
 
-def _show_policy(policy: PolicyFile) -> list[str]:
+def _timeouts_text(t: StreamTimeouts) -> str:
+    """The deadlines in force (a policy's own, the Gateway's for the rest)."""
+    parts = [
+        f"{name}: " + ("none" if value is None else f"{value:g}s")
+        for name, value in (
+            ("first_token", t.first_token),
+            ("inter_token", t.inter_token),
+            ("total", t.total),
+            ("response_head", t.response_head),
+        )
+    ]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _show_policy(policy: PolicyFile, timeouts: StreamTimeouts) -> list[str]:
     lines = [f"  {policy.name}:"]
     if policy.description:
         lines.append(f"    description: {_yaml(policy.description)}")
@@ -148,16 +164,7 @@ def _show_policy(policy: PolicyFile) -> list[str]:
         lines.append(
             f"    repetition_guard: {_yaml({'ngram': guard.ngram, 'repeats': guard.repeats})}"
         )
-    t = policy.timeouts
-    timeouts = {
-        name: "none" if value is None else f"{value:g}s"
-        for name, value in (
-            ("first_token", t.first_token),
-            ("inter_token", t.inter_token),
-            ("total", t.total),
-        )
-    }
-    lines.append("    timeouts: {" + ", ".join(f"{k}: {v}" for k, v in timeouts.items()) + "}")
+    lines.append(f"    timeouts: {_timeouts_text(timeouts)}")
     return lines
 
 
@@ -175,7 +182,10 @@ def _show_routes(built: BuiltConfig) -> list[str]:
                 f"{v.name}={v.preset.name}:{v.weight}" for v in route.experiment.variants
             )
             fields["experiment"] = f"{route.experiment.name} ({variants})"
-        text = ", ".join(f"{k}: {v if k == 'experiment' else _yaml(v)}" for k, v in fields.items())
+        if not route.policy.name:
+            fields["timeouts"] = _timeouts_text(route.policy.timeouts)
+        raw = ("experiment", "timeouts")
+        text = ", ".join(f"{k}: {v if k in raw else _yaml(v)}" for k, v in fields.items())
         lines.append(f"  {_yaml(model)}: {{{text}}}")
     if built.snapshot.fallback_route is not None:
         lines.append(f"  '*': {{backend: {built.snapshot.fallback_route.backend.name}}}")
@@ -189,7 +199,7 @@ def render_show(built: BuiltConfig) -> str:
         lines += _show_preset(built.presets[name])
     lines.append("policies:" if built.policies else "policies: {}")
     for name in sorted(built.policies):
-        lines += _show_policy(built.policies[name])
+        lines += _show_policy(built.policies[name], built.snapshot.policies[name].timeouts)
     lines += _show_routes(built)
     return "\n".join(lines) + "\n"
 

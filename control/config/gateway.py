@@ -13,13 +13,17 @@ import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from sluice.proxy.snapshot import (
-    NO_POLICY,
+    DEFAULT_FIELD_RULES,
+    DEFAULT_TIMEOUTS,
     NO_PRESET,
     App,
     Backend,
     Experiment,
+    FieldRules,
     HealthCheck,
     QueueLimits,
     Route,
@@ -27,10 +31,17 @@ from sluice.proxy.snapshot import (
     SamplingPlan,
     StickyKind,
     StreamPolicy,
+    StreamTimeouts,
     Variant,
 )
 
-from .gateway_schema import BackendSection, GatewayFile, QueueSection, RoutingSection
+from .gateway_schema import (
+    BackendSection,
+    FieldRule,
+    GatewayFile,
+    QueueSection,
+    RoutingSection,
+)
 from .issues import ConfigIssue
 from .loader import Document
 from .policies import structured_rule
@@ -47,6 +58,24 @@ class GatewayParts:
     experiments: dict[str, Experiment] = field(default_factory=dict)
     admin_token_hash: bytes | None = None
     origin_secret_hash: bytes | None = None
+    app_field_rules: dict[tuple[str, str], FieldRules] = field(default_factory=dict)
+    cache_salt_key: bytes | None = None
+
+
+def layer_field_rules(base: FieldRules, rules: Mapping[str, FieldRule], who: str) -> FieldRules:
+    """`rules` on top of `base`: the more specific layer decides each field it names."""
+    if not rules:
+        return base
+    denied: dict[str, str] = dict(base.denied)
+    forced: dict[str, Any] = dict(base.forced)
+    for name, rule in rules.items():
+        denied.pop(name, None)
+        forced.pop(name, None)
+        if rule.mode == "deny":
+            denied[name] = who
+        elif rule.mode == "force":
+            forced[name] = rule.value
+    return FieldRules(MappingProxyType(denied), MappingProxyType(forced))
 
 
 def hash_secret(secret: str, environ: Mapping[str, str]) -> bytes | None:
@@ -69,6 +98,7 @@ def _backend(section: BackendSection, override: str | None) -> Backend:
         max_concurrency=section.max_concurrency,
         queue=_queue(section.queue),
         connect_timeout=section.connect_timeout,
+        idle_timeout=section.idle_timeout,
         health=None
         if health is None
         else HealthCheck(path=health.path, interval=health.interval, timeout=health.timeout),
@@ -108,10 +138,16 @@ class _Builder:
         policies: Mapping[str, StreamPolicy],
         broken: Mapping[str, set[str]],
         environ: Mapping[str, str],
+        timeouts: StreamTimeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         assert isinstance(doc.model, GatewayFile)
         self.doc = doc
         self.gw: GatewayFile = doc.model
+        # A route without a Policy still has deadlines: the Gateway's `timeouts`.
+        self.default_policy = StreamPolicy(name="", timeouts=timeouts)
+        self.base_fields = layer_field_rules(
+            DEFAULT_FIELD_RULES, self.gw.request_fields, "the Gateway's request_fields"
+        )
         self.presets = presets
         self.policies = policies
         self.broken = broken
@@ -174,14 +210,25 @@ class _Builder:
                 backend=backend,
                 upstream_model=section.upstream_model,
                 preset=preset or NO_PRESET,
-                policy=policy or NO_POLICY,
+                policy=policy or self.default_policy,
                 experiment=experiments.get(section.model),
+                request_fields=layer_field_rules(
+                    self.base_fields, section.request_fields, f"route {section.model!r}"
+                ),
             )
         for i, b in enumerate(gw.backends):
             if b.name not in used_backends:
                 self.warn(("backends", i, "name"), f"backend {b.name!r} is not used by any route")
         parts.experiments = {e.name: e for e in experiments.values()}
         self.apps(parts)
+        self.app_fields(parts)
+        isolation = gw.cache_isolation
+        if isolation.mode == "per_app" and isolation.secret is not None:
+            parts.cache_salt_key = self.secret(
+                ("cache_isolation", "secret"),
+                isolation.secret,
+                f"the generated key in {isolation.secret_file} salts the cache instead",
+            )
         admin = gw.admin.token
         if admin is not None:
             parts.admin_token_hash = self.secret(
@@ -193,6 +240,18 @@ class _Builder:
                 ("edge", "origin_secret"), origin, "sluice will not require the origin secret"
             )
         return parts
+
+    def app_fields(self, parts: GatewayParts) -> None:
+        """Each app that sets request_fields: its rules over every route's."""
+        routes = list(parts.routes.values())
+        for section in self.gw.apps:
+            if not section.request_fields:
+                continue
+            who = f"app {section.name!r}"
+            for route in routes:
+                parts.app_field_rules[(section.name, route.model)] = layer_field_rules(
+                    route.request_fields, section.request_fields, who
+                )
 
     def experiments(self, routes: set[str]) -> dict[str, Experiment]:
         by_route: dict[str, Experiment] = {}
@@ -271,8 +330,11 @@ def build_gateway(
     *,
     backend_override: str | None,
     environ: Mapping[str, str] | None = None,
+    timeouts: StreamTimeouts = DEFAULT_TIMEOUTS,
 ) -> tuple[GatewayParts, list[ConfigIssue], list[ConfigIssue]]:
-    """(parts, errors, warnings); the parts are only meaningful when errors is empty."""
-    builder = _Builder(doc, presets, policies, broken, os.environ if environ is None else environ)
+    """(parts, errors, warnings); the parts are only meaningful when errors is empty.
+    `timeouts`: the Gateway's default deadlines, for routes without a Policy."""
+    environ = os.environ if environ is None else environ
+    builder = _Builder(doc, presets, policies, broken, environ, timeouts)
     parts = builder.build(backend_override)
     return parts, builder.issues, builder.warnings

@@ -9,7 +9,14 @@ import ipaddress
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, Strict
+from pydantic import AfterValidator, BeforeValidator, Field, Strict, model_validator
+from sluice.proxy.snapshot import (
+    DEFAULT_FIRST_TOKEN_TIMEOUT,
+    DEFAULT_INTER_TOKEN_TIMEOUT,
+    DEFAULT_RESPONSE_HEAD_TIMEOUT,
+    DEFAULT_TOTAL_TIMEOUT,
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+)
 
 from .schema import DocumentIssue, Path, Section, StructuredOutputsSection
 from .values import (
@@ -50,6 +57,95 @@ def _check_network(value: str) -> str:
 
 
 Network = Annotated[str, Strict(), AfterValidator(_check_network), TypeLabel("IP network")]
+
+
+def _check_env_secret(value: str) -> str:
+    """`env:VAR` only: a secret sluice must know in full (not a digest)."""
+    if not ENV_RE.fullmatch(value):
+        raise ValueError("expected env:VAR (the variable holds the secret)")
+    return value
+
+
+EnvSecret = Annotated[str, Strict(), AfterValidator(_check_env_secret), TypeLabel("env:VAR")]
+
+FIELD_MODES_HINT = "allow, deny or {force: value}"
+
+
+class FieldRule(Section):
+    """What a request may do with one top-level body field: written `allow`, `deny` or
+    `{force: value}`."""
+
+    mode: Literal["allow", "deny", "force"] = Field(description="allow, deny or force.")
+    value: Any = Field(default=None, description="The value sent for mode force.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in ("allow", "deny"):
+                hint = " (write {force: value})" if value == "force" else ""
+                raise ValueError(f"unknown mode {value!r}; expected {FIELD_MODES_HINT}{hint}")
+            return {"mode": value}
+        if isinstance(value, dict):
+            if set(value) != {"force"}:
+                raise ValueError(f"expected {FIELD_MODES_HINT}, got a mapping with {sorted(value)}")
+            return {"mode": "force", "value": value["force"]}
+        raise ValueError(f"expected {FIELD_MODES_HINT}")
+
+
+RequestFields = dict[str, FieldRule]
+REQUEST_FIELDS_DESCRIPTION = (
+    "Per top-level request field: allow, deny (400 unless the value is vLLM's default) or "
+    "{force: value}. Layered: Gateway, then route, then app (the more specific wins); "
+    "priority, chat_template, kv_transfer_params and vllm_xargs are denied unless allowed."
+)
+
+
+class TimeoutDefaultsSection(Section):
+    """Every route's deadlines unless its Policy sets them (pass-through mode uses these
+    defaults too); null turns one off."""
+
+    first_token: Duration | None = Field(
+        default=DEFAULT_FIRST_TOKEN_TIMEOUT,
+        description="Request start to first content token; null: none.",
+    )
+    inter_token: Duration | None = Field(
+        default=DEFAULT_INTER_TOKEN_TIMEOUT,
+        description="Between content tokens (keep-alives don't count); null: none.",
+    )
+    total: Duration | None = Field(
+        default=DEFAULT_TOTAL_TIMEOUT, description="Whole request; null: none."
+    )
+    response_head: Duration | None = Field(
+        default=DEFAULT_RESPONSE_HEAD_TIMEOUT,
+        description="Request start to the backend's response head, for streams and "
+        "GET /v1/models forwarding; null: none.",
+    )
+
+
+def _off_is_false(value: Any) -> Any:
+    # YAML 1.1 (pyyaml) reads a bare `off` as false; that is what ops mean by it here.
+    return "off" if value is False else value
+
+
+class CacheIsolationSection(Section):
+    mode: Annotated[Literal["per_app", "off"], BeforeValidator(_off_is_false)] = Field(
+        default="per_app",
+        description="per_app: with apps declared, every request carries vLLM's cache_salt "
+        "derived from its app (HMAC-SHA256 of the app name, and of the client's own "
+        "cache_salt if it sent one), so one app cannot probe another's cached prompts by "
+        "timing; off: requests go upstream as sent.",
+    )
+    secret: EnvSecret | None = Field(
+        default=None,
+        description="Key of the HMAC (set it when several replicas must agree); null: a "
+        "random key generated once into secret_file.",
+    )
+    secret_file: FilePath = Field(
+        default="sluice-cache-salt.key",
+        description="Where the generated key is kept (mode 0600), relative to the working "
+        "directory; read at start-up (a change needs a restart).",
+    )
 
 
 class ListenSection(Section):
@@ -197,6 +293,11 @@ class BackendSection(Section):
         default_factory=QueueSection, description="Wait queue (503 when full)."
     )
     connect_timeout: Duration = Field(default=5.0, description="TCP connect deadline.")
+    idle_timeout: Duration = Field(
+        default=DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        description="Pooled connections idle this long are closed, not reused; keep it "
+        "below the backend's own keep-alive timeout (vLLM: 5 s).",
+    )
     health: HealthSection | None = Field(
         default=None, description="Active health check; null: off."
     )
@@ -213,7 +314,12 @@ class RouteSection(Section):
         default=None, description="Model name sent upstream; null: the public name unchanged."
     )
     preset: Name | None = Field(default=None, description="Preset applied; null: none.")
-    policy: Name | None = Field(default=None, description="Policy applied; null: none.")
+    policy: Name | None = Field(
+        default=None, description="Policy applied; null: none (the Gateway's timeouts apply)."
+    )
+    request_fields: RequestFields = Field(
+        default_factory=dict, description=REQUEST_FIELDS_DESCRIPTION
+    )
 
 
 class AppSection(Section):
@@ -240,6 +346,9 @@ class AppSection(Section):
         default=None,
         description="Structured-output rule for this app's requests, on top of the "
         "route policy's; null: none.",
+    )
+    request_fields: RequestFields = Field(
+        default_factory=dict, description=REQUEST_FIELDS_DESCRIPTION
     )
 
 
@@ -348,6 +457,17 @@ class GatewayFile(Section):
     listen: ListenSection = Field(default_factory=ListenSection, description="Listen address.")
     admin: AdminSection = Field(default_factory=AdminSection, description="Admin API.")
     limits: LimitsSection = Field(default_factory=LimitsSection, description="Request limits.")
+    timeouts: TimeoutDefaultsSection = Field(
+        default_factory=TimeoutDefaultsSection,
+        description="Default deadlines of every route; a Policy's timeouts override them.",
+    )
+    request_fields: RequestFields = Field(
+        default_factory=dict, description=REQUEST_FIELDS_DESCRIPTION
+    )
+    cache_isolation: CacheIsolationSection = Field(
+        default_factory=CacheIsolationSection,
+        description="Per-app prefix-cache isolation through vLLM's cache_salt.",
+    )
     backends: tuple[BackendSection, ...] = Field(default=(), description="Upstream pools.")
     routes: tuple[RouteSection, ...] = Field(default=(), description="Public model names.")
     apps: tuple[AppSection, ...] = Field(
@@ -373,9 +493,62 @@ def _duplicates(items: tuple[Any, ...], attr: str, base: Path) -> Iterator[Docum
             seen[value] = index
 
 
+def _sampling_fields() -> dict[str, str]:
+    """vLLM request field -> the GenerationConfig field a preset governs it by."""
+    from .presets import MAPPING  # noqa: PLC0415 (presets is heavier; only checks need it)
+
+    fields = {m.vllm: m.name for m in MAPPING if m.name != "do_sample"}
+    fields["max_completion_tokens"] = "max_new_tokens"
+    return fields
+
+
+# Fields the route itself decides (or sluice does): never a request-field rule.
+UNGOVERNED_FIELDS = {
+    "model": "the route decides the model",
+    "messages": "the prompt is the request itself",
+    "prompt": "the prompt is the request itself",
+    "stream": "streaming is the client's choice",
+    "cache_salt": "cache_isolation sets it",
+}
+
+
+def _field_rule_issues(rules: dict[str, FieldRule], base: Path) -> Iterator[DocumentIssue]:
+    sampling = _sampling_fields()
+    for name, rule in rules.items():
+        path = (*base, name)
+        if name in sampling:
+            yield (
+                path,
+                f"{name} is a sampling field: govern it in a preset's policy "
+                f"(policy.{sampling[name]})",
+            )
+        elif name in UNGOVERNED_FIELDS:
+            yield (path, f"{name} cannot have a request-field rule: {UNGOVERNED_FIELDS[name]}")
+        elif rule.mode == "force" and rule.value is None:
+            yield (path, "force needs a value (to drop a field, deny it)")
+
+
+def _timeout_issues(doc: GatewayFile) -> Iterator[DocumentIssue]:
+    t = doc.timeouts
+    for name in ("first_token", "response_head"):
+        value = getattr(t, name)
+        if value is not None and t.total is not None and value > t.total:
+            yield (("timeouts", name), f"{name} {value:g}s > total {t.total:g}s")
+    for name in ("first_token", "inter_token", "total", "response_head"):
+        value = getattr(t, name)
+        if value is not None and value <= 0:
+            yield (("timeouts", name), f"must be > 0 seconds (null turns it off), got {value:g}")
+
+
 def gateway_issues(doc: GatewayFile) -> list[DocumentIssue]:
     """Rules that relate fields of the Gateway document; each names the path to blame."""
     issues: list[DocumentIssue] = []
+    issues += _timeout_issues(doc)
+    issues += _field_rule_issues(doc.request_fields, ("request_fields",))
+    for i, route in enumerate(doc.routes):
+        issues += _field_rule_issues(route.request_fields, ("routes", i, "request_fields"))
+    for i, app in enumerate(doc.apps):
+        issues += _field_rule_issues(app.request_fields, ("apps", i, "request_fields"))
     issues += _duplicates(doc.backends, "name", ("backends",))
     issues += _duplicates(doc.routes, "model", ("routes",))
     issues += _duplicates(doc.apps, "name", ("apps",))

@@ -391,7 +391,7 @@ def _plan(
                 forced[vllm] = value  # the request may not set it: the preset's value is final
         else:
             if rule.mode == "clamp" and rule.clamp is not None:
-                clamps[vllm] = (rule.clamp[0], rule.clamp[1])
+                clamps[vllm] = _clamp_bounds(rule.clamp, MAPPING_BY_NAME[rule_field].integer)
                 if value is not None and not _inside(value, rule.clamp):
                     # Blame the nearer of the two: that is the edit that broke it.
                     path: Path
@@ -413,6 +413,14 @@ def _plan(
         clamps=MappingProxyType(clamps),
         denied=frozenset(denied),
     )
+
+
+def _clamp_bounds(bounds: tuple[Any, Any], integer: bool) -> ClampBounds:
+    """Bounds as the request sends them: integers for integer fields (YAML `1024.0` is 1024),
+    floats for the others (a bound is never truncated to the request value's type)."""
+    cast = int if integer else float
+    low, high = bounds
+    return (None if low is None else cast(low), None if high is None else cast(high))
 
 
 def _inside(value: Any, bounds: tuple[Any, Any]) -> bool:

@@ -159,14 +159,32 @@ class RepetitionSection(Section):
     repeats: Int = Field(ge=2, description="Repeats in a row that end the stream.")
 
 
+GATEWAY_DEFAULT: dict[str, Any] = {"doc_default": "the Gateway's `timeouts`"}
+
+
 class TimeoutsSection(Section):
+    """A Policy's deadlines: a field left out takes the Gateway's `timeouts` value (itself
+    defaulted); `null` turns that deadline off for the policy's routes."""
+
     first_token: Duration | None = Field(
-        default=None, description="Request start to first content token; null: none."
+        default=None,
+        description="Request start to first content token; null: none.",
+        json_schema_extra=GATEWAY_DEFAULT,
     )
     inter_token: Duration | None = Field(
-        default=None, description="Between content tokens (keep-alives don't count); null: none."
+        default=None,
+        description="Between content tokens (keep-alives don't count); null: none.",
+        json_schema_extra=GATEWAY_DEFAULT,
     )
-    total: Duration | None = Field(default=None, description="Whole request; null: none.")
+    total: Duration | None = Field(
+        default=None, description="Whole request; null: none.", json_schema_extra=GATEWAY_DEFAULT
+    )
+    response_head: Duration | None = Field(
+        default=None,
+        description="Request start to the backend's response head, for streams (a non-stream "
+        "response's head comes with its body: total bounds it); null: none.",
+        json_schema_extra=GATEWAY_DEFAULT,
+    )
 
 
 class StructuredOutputsSection(Section):
@@ -200,7 +218,8 @@ class PolicyFile(Section):
         default=None, description="End a stream stuck in a loop; null: off."
     )
     timeouts: TimeoutsSection = Field(
-        default_factory=TimeoutsSection, description="Stream deadlines."
+        default_factory=TimeoutsSection,
+        description="Stream deadlines; a field left out takes the Gateway's `timeouts`.",
     )
     keepalive_interval: Duration | None = Field(
         default=15.0,

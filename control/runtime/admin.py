@@ -72,6 +72,7 @@ def admin_routes(
                 last_error=reloader.last_error,
                 last_reload_at=reloader.last_reload_at,
                 reloads=reloader.reload_counts,
+                restart_required=reloader.restart_required,
             )
         return state
 

@@ -64,6 +64,7 @@ def attach_records(
 def attach_health(app: ProxyApp, *, registry: CollectorRegistry | None = None) -> Closer:
     """Starts the health probes (call it with the event loop running)."""
     prober = HealthProber(app.ref, app.pools, HealthMetrics(registry))
+    app.on_swap.append(prober.reconcile)  # probes follow a reload at the swap
     prober.start()
     return prober
 

@@ -26,11 +26,37 @@ from typing import Any, Literal
 
 import structlog
 from sluice.control.config.build import BuiltConfig, build_config, config_version, load_config
+from sluice.control.config.gateway_schema import GatewayFile
 from sluice.control.config.issues import ConfigInvalid
 from sluice.control.config.loader import CONFIG_SUFFIX, ConfigFiles, read_config_files
 from watchfiles import Change, awatch
 
 ReloadOutcome = Literal["ok", "error", "unchanged"]
+# Read once at start-up (the listening socket, the records writer, the cache-salt key): a
+# reload cannot apply a change to them, so it says so instead of ignoring it silently.
+RESTART_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("listen", "host"),
+    ("listen", "port"),
+    ("records",),
+    ("cache_isolation", "secret_file"),
+)
+_NO_GATEWAY = GatewayFile(kind="Gateway")
+
+
+def restart_required(running: BuiltConfig, new: BuiltConfig) -> list[str]:
+    """Dotted names of the fields that differ from the config the process started with
+    and take effect only at a restart."""
+    changed = []
+    for path in RESTART_FIELDS:
+        old_value: object = running.gateway or _NO_GATEWAY
+        new_value: object = new.gateway or _NO_GATEWAY
+        for key in path:
+            old_value, new_value = getattr(old_value, key), getattr(new_value, key)
+        if old_value != new_value:
+            changed.append(".".join(path))
+    return changed
+
+
 # A directory whose files keep changing is built anyway after this long; if it was caught
 # mid-write the build most likely fails, and the next event reloads again.
 MAX_SETTLE_S = 2.0
@@ -91,6 +117,8 @@ class ConfigReloader:
             if initial is not None
             else load_config(self._dir, backend_override=backend_override)
         )
+        self._started_with = self._current
+        self._restart_required: list[str] = []
         self._last_result: Literal["ok", "error"] = "ok"
         self._last_error: str | None = None
         self._last_reload_at: float | None = None
@@ -115,6 +143,11 @@ class ConfigReloader:
     def last_reload_at(self) -> float | None:
         """Unix time of the last reload attempt; None before the first."""
         return self._last_reload_at
+
+    @property
+    def restart_required(self) -> list[str]:
+        """Fields changed since start-up that only a restart applies (e.g. listen.port)."""
+        return list(self._restart_required)
 
     @property
     def reload_counts(self) -> dict[str, int]:
@@ -150,10 +183,19 @@ class ConfigReloader:
             self._log.exception("config_reload_crashed", version=version)
             return self._failed(version, [f"{self._dir}: internal error: {exc!r}"], []), None
         previous = self._current.version
-        self._apply(built)
+        # Recorded before the swap: whoever sees the new version also sees its count and
+        # what it needs a restart for.
         self._current = built
         self._count("ok", None)
+        self._restart_required = restart_required(self._started_with, built)
+        self._apply(built)
         warnings = tuple(str(w) for w in built.warnings)
+        if self._restart_required:
+            fields = ", ".join(self._restart_required)
+            warnings += (f"{self._dir}: changed but applied only at a restart: {fields}",)
+            self._log.warning(
+                "config_needs_restart", version=built.version, fields=self._restart_required
+            )
         self._log.info(
             "config_reloaded",
             version=built.version,

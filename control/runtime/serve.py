@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,20 @@ from .limits import start_limit_store, store_url
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records
 from .reloader import ConfigReloader
+from .saltkey import load_or_create_key
 from .supervisor import WORKER_ENV, supervise
 
 DEMO_SIM_PORT = 8100
+# Longest a reload thread waits for the event loop to run the swap (a loop that busy is
+# stopping anyway).
+SWAP_WAIT_S = 5.0
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -176,8 +188,25 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     observer = Observer(ref, Metrics() if options.metrics else None, access_log=options.access_log)
     reloader: ConfigReloader | None = None
 
+    loop = asyncio.get_running_loop()
+
     def apply(new: BuiltConfig) -> None:
-        ref.current = new.snapshot  # the one assignment: infallible, everything ran in build
+        # The one assignment (infallible: everything ran in build) and the reconcile of
+        # limits, pools and probes, in one step on the event loop; the reload thread waits
+        # for it, so a reload reported done is in force.
+        if _on_loop(loop):
+            app.swap(new.snapshot)
+            return
+        done = threading.Event()
+
+        def swap() -> None:
+            try:
+                app.swap(new.snapshot)
+            finally:
+                done.set()
+
+        loop.call_soon_threadsafe(swap)
+        done.wait(SWAP_WAIT_S)
 
     if options.config_dir is not None:
         reloader = ConfigReloader(
@@ -193,6 +222,9 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
         limiters=limits.registry,
         on_complete=[observer.on_complete] if observer.enabled else [],
     )
+    gateway = built.gateway
+    if gateway is not None and gateway.apps and gateway.cache_isolation.mode == "per_app":
+        app.salt_key = load_or_create_key(Path(gateway.cache_isolation.secret_file))
     app.extra_routes.update(
         admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
     )
@@ -236,7 +268,6 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     if demo:
         _print_demo_help(url, snapshot.requires_auth)
 
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

@@ -127,7 +127,10 @@ timeouts: {first_token: 500ms, inter_token: 2, total: 1m}
 """
     snap = built(config_dir({"chat.yaml": policy})).snapshot
     chat = snap.policies["chat"]
-    assert chat.timeouts == StreamTimeouts(first_token=0.5, inter_token=2.0, total=60.0)
+    # response_head was not set: the default (60 s) applies.
+    assert chat.timeouts == StreamTimeouts(
+        first_token=0.5, inter_token=2.0, total=60.0, response_head=60.0
+    )
     assert chat.cut_patterns == (CutPattern("(?i)ignore previous", 32),)
     assert chat.repetition_guard == RepetitionGuard(4, 3)
     assert isinstance(chat.guard, GuardSpec)

@@ -81,7 +81,10 @@ def test_config_show_prints_resolved_presets(capsys: pytest.CaptureFixture[str])
         in out
     )
     assert '    stop: ["###", "\\n\\nUser:", "\\n\\nHuman:"]\n' in out
-    assert "    timeouts: {first_token: 30s, inter_token: 5s, total: 300s}\n" in out
+    assert (
+        "    timeouts: {first_token: 30s, inter_token: 5s, total: 300s, response_head: 60s}\n"
+        in out
+    )
     assert "  chat: {backend: sim, upstream_model: sim-model, preset: precise" in out
 
 

@@ -177,7 +177,9 @@ def test_timeouts_fire_on_time_with_error_event_and_abort(
             times = result.content_times()
             assert len(times) == 3  # keep-alive comments did not reset the inter-token timer
             last_event_at = result.events[-1][0]
-            assert 0.25 <= last_event_at - times[-1] < 0.25 + 0.1 + 0.1
+            # Client-side times: the last token may reach the client a little later than
+            # sluice stamped it, so the gap seen here can be a few ms under 0.25 s.
+            assert 0.25 - 0.02 <= last_event_at - times[-1] < 0.25 + 0.1 + 0.1
         sim_client.wait_for(lambda s: s["aborted"] >= 1, timeout=1.0)
         assert harness.open_upstream_connections() == 0
     finally:

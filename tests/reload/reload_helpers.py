@@ -6,6 +6,8 @@ Imported by name (tests/reload is on sys.path, as tests/control is for its helpe
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import os
 import re
@@ -220,11 +222,18 @@ class Gateway:
 
     def __init__(self, config: ConfigDir, cwd: Path, *extra: str) -> None:
         self.config = config
+        self.cwd = cwd
         argv = sluice_cmd("serve", "--config", str(config.path), "--port", "0", *extra)
         self.server = ProcessServer(argv, env={"SLUICE_ADMIN_TOKEN": ADMIN_TOKEN}, cwd=cwd)
         self.url = self.server.url
         self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(10.0))
         self.admin_headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def cache_salt(self, app: str) -> str:
+        """The cache_salt sluice sends for `app`: HMAC-SHA256 of the app name under the key
+        it generated into its working directory."""
+        key = bytes.fromhex((self.cwd / "sluice-cache-salt.key").read_text().strip())
+        return hmac.new(key, app.encode(), hashlib.sha256).hexdigest()
 
     def wait_watching(self) -> None:
         """Waits until the watcher is live: the reloader then checks the files once (edits

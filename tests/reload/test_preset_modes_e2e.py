@@ -81,7 +81,11 @@ def send(
         return resp, None
     if body.get("stream"):
         assert resp.text.rstrip().endswith("data: [DONE]"), resp.text
-    return resp, sim_request(sim.url, request_id)["body"]
+    received = sim_request(sim.url, request_id)["body"]
+    # Every request also carries its app's cache_salt (per-app prefix-cache isolation).
+    app = "picker" if key == PICKER_KEY else "fixed"
+    assert received.pop("cache_salt") == gateway.cache_salt(app)
+    return resp, received
 
 
 def chat(stream: bool = True, **fields: Any) -> dict[str, Any]:
@@ -171,9 +175,21 @@ def test_completions_endpoint_gets_the_same_merge(served: Gateway, fast_sim: Pro
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("n", 2), ("n", 1), ("seed", 7), ("seed", None)],
+    ("field", "value", "sent"),
+    [
+        ("n", 1, MODES_SENT),  # vLLM's default: changes nothing (LangChain always sends it)
+        ("seed", None, {**MODES_SENT, "seed": None}),  # null is "not set"
+    ],
 )
+def test_denied_field_with_the_value_sent_anyway_is_accepted(
+    served: Gateway, fast_sim: ProcessServer, field: str, value: Any, sent: dict[str, Any]
+) -> None:
+    resp, received = send(served, fast_sim, chat(**{field: value}))
+    assert resp.status_code == 200, resp.text
+    assert received == {"model": "sim-model", "messages": MESSAGES, "stream": True, **sent}
+
+
+@pytest.mark.parametrize(("field", "value"), [("n", 2), ("seed", 7), ("n", "1")])
 def test_denied_field_is_rejected_with_400(
     served: Gateway, fast_sim: ProcessServer, version: str, field: str, value: Any
 ) -> None:

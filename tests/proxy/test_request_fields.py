@@ -1,0 +1,116 @@
+"""What reaches the backend: clamps on whole numbers, vLLM's own range errors, `deny` as
+"may not change", and Retry-After on a backend's 429/503. Each case runs a real sluice data
+plane against the real simulator and asserts the exact JSON the simulator received."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from helpers import ProcessServer, ProxyHarness, SimClient
+from sluice.control.config.build import load_config
+
+MSG = [{"role": "user", "content": "Hello"}]
+
+
+def _config(tmp_path: Path, sim_url: str, preset: str) -> Path:
+    (tmp_path / "gateway.yaml").write_text(
+        "kind: Gateway\n"
+        f'backends:\n  - {{name: sim, urls: ["{sim_url}"]}}\n'
+        "routes:\n  - {model: chat, backend: sim, upstream_model: sim-model, preset: p}\n"
+    )
+    (tmp_path / "p.yaml").write_text("kind: Preset\nname: p\n" + preset)
+    return tmp_path
+
+
+@pytest.fixture
+def harness_for(tmp_path: Path, sim: ProcessServer) -> Iterator[Any]:
+    made: list[ProxyHarness] = []
+
+    def make(preset: str) -> ProxyHarness:
+        built = load_config(_config(tmp_path, sim.url, preset))
+        harness = ProxyHarness(built.snapshot)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def _sent(sim_client: SimClient) -> dict[str, Any]:
+    """The body of the last request the simulator received."""
+    body = sim_client.requests()[-1]["body"]
+    assert isinstance(body, dict)
+    return body
+
+
+def _post(harness: ProxyHarness, **fields: Any) -> httpx.Response:
+    body = {"model": "chat", "messages": MSG, "max_tokens": 2, **fields}
+    return httpx.post(harness.url + "/v1/chat/completions", json=body, timeout=10)
+
+
+# The reproducers of issue 12, defect 2: whole numbers bypassed a float clamp.
+@pytest.mark.parametrize(
+    ("sent", "received"),
+    [(0, 0.5), (2, 1.5), (50, 1.5), (1, 1), (0.0, 0.5), (2.0, 1.5), (0.7, 0.7)],
+)
+def test_float_clamp_bounds_whole_numbers(
+    harness_for: Any, sim_client: SimClient, sent: float, received: float
+) -> None:
+    harness = harness_for("policy:\n  temperature: {clamp: [0.5, 1.5]}\n")
+    r = _post(harness, temperature=sent)
+    assert r.status_code == 200, r.text
+    got = _sent(sim_client)["temperature"]
+    assert got == received and type(got) is type(received)
+
+
+@pytest.mark.parametrize("sent", [-3, -0.5])
+def test_negative_temperature_is_vllms_400_not_a_clamp(
+    harness_for: Any, sim_client: SimClient, sent: float
+) -> None:
+    harness = harness_for("policy:\n  temperature: {clamp: [0.5, 1.5]}\n")
+    r = _post(harness, temperature=sent)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "temperature"
+    assert error["message"].startswith(f"temperature must be non-negative, got {float(sent)}.")
+    assert sim_client.requests() == []  # nothing reached the backend
+
+
+def test_integer_clamp_keeps_integers(harness_for: Any, sim_client: SimClient) -> None:
+    harness = harness_for("policy:\n  max_new_tokens: {clamp: [1, 3.0]}\n")
+    assert _post(harness, max_tokens=50).status_code == 200
+    got = _sent(sim_client)["max_tokens"]
+    assert got == 3 and type(got) is int
+
+
+def test_deny_accepts_the_value_sent_anyway(harness_for: Any, sim_client: SimClient) -> None:
+    # LangChain's completions class always sends n: 1; the preset sets no n.
+    harness = harness_for(
+        "generation: {seed: 7}\npolicy:\n  num_return_sequences: deny\n  seed: deny\n"
+    )
+    assert _post(harness, n=1).status_code == 200
+    assert _sent(sim_client)["seed"] == 7 and "n" not in _sent(sim_client)
+    assert _post(harness, seed=7, n=1.0).status_code == 200
+    assert _sent(sim_client)["seed"] == 7
+    for changed in ({"n": 2}, {"seed": 8}, {"n": True}):
+        r = _post(harness, **changed)
+        assert r.status_code == 400, changed
+        assert r.json()["error"]["code"] == "field_denied"
+    assert len(sim_client.requests()) == 2
+
+
+def test_backend_503_and_429_carry_retry_after(harness_for: Any, sim_client: SimClient) -> None:
+    harness = harness_for("generation: {temperature: 0.5}\n")
+    own = _post(harness, sim={"status": 429, "retry_after": 7})
+    assert own.status_code == 429 and own.headers["retry-after"] == "7"
+    for status in (429, 503):
+        estimated = _post(harness, sim={"status": status})
+        assert estimated.status_code == status
+        assert int(estimated.headers["retry-after"]) >= 1
+    stream = _post(harness, stream=True, sim={"status": 503, "retry_after": 3})
+    assert stream.status_code == 503 and stream.headers["retry-after"] == "3"
