@@ -78,6 +78,7 @@ class TunedHarness(ProxyHarness):
             self.app,
             lambda: self.ref.current.max_body_bytes,
             error_body=server_error_body,
+            stream_body=self.app.wants_body_stream,
             **self._state_kw,
         )
         self.server = HttpServer(self.state)
