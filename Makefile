@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test soak lint typecheck format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ format: $(STAMP)
 
 test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck
 	$(VENV)/bin/pytest -q
+
+# The long reliability runs behind docs/RELIABILITY.md (~10 min on 2 cores): 10,000+
+# fuzz cases of each kind, the fault matrix, 50 reloads under 200 streams, 100,000 mixed
+# requests (10% faulty) with the proxy's RSS, 20 concurrent 3.6 MB bodies.
+soak: $(STAMP)
+	SLUICE_SOAK=1 $(VENV)/bin/pytest -q -s tests/reliability tests/reload/test_reload_under_load.py
+	$(VENV)/bin/python tests/reliability/soak.py --requests 100000 --bodies
 
 bench: $(STAMP) edge-deps
 	$(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64

@@ -25,7 +25,6 @@ from .errors import (
     JSON_HEADERS,
     ApiError,
     bad_gateway,
-    bad_request,
     method_not_allowed,
     not_found,
     send_error,
@@ -33,7 +32,8 @@ from .errors import (
 from .exchange import Exchange
 from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
-from .http import Header, Request, Response
+from .http import ClientGone, Header, Request, Response
+from .jsonbody import parse_object
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
@@ -158,10 +158,12 @@ class ProxyApp:
                 await self.models(request, response)
             elif path.startswith(STREAMS_PREFIX) and self.streams is not None:
                 await self.streams.resume(request, response, self.ref.current)
-            elif path == "/healthz":
-                response.send(200, JSON_HEADERS, b'{"status":"ok"}')
-            elif path == "/readyz":
-                if self.ready:
+            elif path in ("/healthz", "/readyz"):
+                if request.method not in ("GET", "HEAD"):
+                    raise method_not_allowed(request.method, path, "GET")
+                if path == "/healthz":
+                    response.send(200, JSON_HEADERS, b'{"status":"ok"}')
+                elif self.ready:
                     response.send(200, JSON_HEADERS, b'{"status":"ready"}')
                 else:
                     response.send(503, JSON_HEADERS, b'{"status":"draining"}')
@@ -254,10 +256,18 @@ class ProxyApp:
             await self._completions(request, response, snap, ex, base_headers, adapter, caller)
         except (ApiError, LimitExceeded) as exc:
             _fail(response, ex, exc, base_headers, adapter)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientGone):
+            # Gone while we waited or while we wrote: recorded alike.
             ex.client_disconnected = True
-            if not ex.status:
+            if not ex.status or not response.started:
                 ex.status = 499
+            raise
+        except Exception:
+            # A bug: the HTTP layer answers 500 (or cuts a started stream); the record
+            # carries the status the client got, never 0.
+            ex.error_code = ex.error_code or "internal_error"
+            if not response.started:
+                ex.status = 500
             raise
         finally:
             ex.ended_at = monotonic()
@@ -281,14 +291,7 @@ class ProxyApp:
                 ex.app = app.name
             adapter, body = await adapter.begin_forward(request)
         else:
-            try:
-                body = orjson.loads(request.body)
-            except orjson.JSONDecodeError as exc:
-                raise bad_request(
-                    f"request body is not valid JSON: {exc}", code="invalid_json"
-                ) from None
-            if not isinstance(body, dict):
-                raise bad_request("request body must be a JSON object", code="invalid_json")
+            body = parse_object(request.body)  # nesting depth first: before anything else
             app = caller if caller is not None else authenticate(request, snap)
             if app is not None:
                 ex.app = app.name

@@ -25,6 +25,7 @@ from .endpoints import FORWARDED, forwarded_path
 from .errors import JSON_HEADERS, ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
 from .http import Request, Response
+from .jsonbody import check_nesting
 from .routing import RouteChoice
 from .snapshot import App, Backend, Route, Snapshot, StreamPolicy
 from .timeouts import StreamWatchdog
@@ -94,6 +95,7 @@ class ForwardAdapter(Adapter):
             length = request.headers.get(b"content-length")
             adapter.stream_length = int(length) if length is not None else None
         if request.body and content_type.startswith(b"application/json"):
+            check_nesting(request.body)  # re-encoding a deeper body would fail
             try:
                 body = orjson.loads(request.body)
             except orjson.JSONDecodeError as exc:

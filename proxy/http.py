@@ -7,6 +7,13 @@ chunked request bodies, header and body limits, a read deadline against slow cli
 write backpressure, pipelined requests answered in order) and hands each request to one
 coroutine: `handler(request, response)`.
 
+Owning the server makes it an attack surface, so it holds to RFC 9112 beyond the parser:
+head bytes are counted as they arrive (the parser is never fed more than the head limit),
+a request that completed is always answered, even when bytes after it do not parse (the
+error follows its response), every refusal is a JSON error followed by a lingering close
+(the client reads the error instead of a reset), and open connections and buffered body
+bytes are capped server-wide.
+
 A client that goes away cancels its handler task: every `finally` in the data plane runs
 (permits released, upstream aborted) at the next await, with no polling.
 """
@@ -19,62 +26,28 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Protocol
 
-import httptools
 import orjson
 
+from .budget import BodyBudget
+from .reader import CONTINUE, RequestReader
+from .request import Request
 from .response import ClientGone, FlowListener, Header, Response, head_bytes
 from .tcp import stream_transport
-from .upload import BodyStream, BodyTooLarge
 
-MAX_URL_BYTES = 8 * 1024
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADER_COUNT = 128
 # Longer than nginx's upstream keepalive_timeout default (60 s), so nginx closes an idle
 # connection before we do and never writes a request into a socket we are closing.
 KEEPALIVE_IDLE_TIMEOUT = 75.0
 # From a request's first byte to its last: bounds slow-loris clients.
 REQUEST_READ_TIMEOUT = 30.0
+# After an error and a close of our side: how long the rest of what the client sent is
+# read and dropped, so its kernel sees no reset before it read the error (nginx's
+# lingering close), and how much of it at most.
+LINGER_TIMEOUT = 2.0
+LINGER_MAX_BYTES = 1024 * 1024
+# Open client connections per process; beyond it a new one gets 503 and is closed.
+DEFAULT_MAX_CONNECTIONS = 4096
 
-
-class Request:
-    """One parsed request. Header names are lower-case bytes; repeated headers are joined."""
-
-    __slots__ = (
-        "body",
-        "body_stream",
-        "client",
-        "headers",
-        "http_version",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        query: str,
-        headers: dict[bytes, bytes],
-        http_version: str,
-        keep_alive: bool,
-        client: str,
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.http_version = http_version
-        self.keep_alive = keep_alive
-        self.client = client
-        self.body = b""
-        # Set when the server streams this request's body to the handler (proxy/upload.py).
-        self.body_stream: BodyStream | None = None
-
-    def header(self, name: bytes) -> str | None:
-        value = self.headers.get(name)
-        return None if value is None else value.decode("latin-1")
+JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
 
 
 Handler = Callable[[Request, "Response"], Awaitable[None]]
@@ -82,7 +55,8 @@ Handler = Callable[[Request, "Response"], Awaitable[None]]
 
 class UpgradeHook(Protocol):
     """Takes over a connection whose request asks for a protocol upgrade (proxy/websocket.py).
-    Only requests it `claims` are handed over; the HTTP layer answers the others."""
+    Only requests it `claims` are handed over; the HTTP layer answers the others normally
+    (the upgrade is ignored, as RFC 9110 7.8 allows)."""
 
     def claims(self, request: Request) -> bool: ...
 
@@ -101,19 +75,26 @@ class ServerState:
         *,
         keepalive_timeout: float = KEEPALIVE_IDLE_TIMEOUT,
         request_timeout: float = REQUEST_READ_TIMEOUT,
+        linger_timeout: float = LINGER_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        body_budget: BodyBudget | None = None,
         stream_body: Callable[[Request], int] | None = None,
     ) -> None:
         self.handler = handler
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
+        self.linger_timeout = linger_timeout
+        self.max_connections = max_connections
+        self.body_budget = body_budget or BodyBudget()
+        self.max_body_bytes = max_body_bytes
         # > 0: start the handler at the headers and stream the body to it, up to that many
         # bytes (uploads); 0: buffer the body whole, as for every other request.
         self.stream_body = stream_body
-        self.keepalive_timeout = keepalive_timeout
-        self.request_timeout = request_timeout
-        self.max_body_bytes = max_body_bytes
         self.on_error = on_error
         self.error_body = error_body or _plain_error_body
         self.connections: set[HttpConnection] = set()
         self.closing = False
+        self.refused_connections = 0
         self.upgrade: UpgradeHook | None = None
 
 
@@ -123,6 +104,18 @@ def _plain_error_body(status: int, message: str, code: str) -> bytes:
     )
 
 
+class _Refusal:
+    """An error to answer once every complete request before it has been answered."""
+
+    __slots__ = ("code", "headers", "message", "status")
+
+    def __init__(self, status: int, message: str, code: str, headers: list[Header]) -> None:
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = headers
+
+
 class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests and runs the handler for each, in order."""
 
@@ -130,31 +123,31 @@ class HttpConnection(asyncio.Protocol):
         self.state = state
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
         self.client = ""
         self.closing = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        # When the idle / request-read timeout ends (monotonic; 0: none). HttpServer's
-        # sweeper checks all connections periodically: no timer object per request.
-        self._deadline = 0.0
+        # Deadlines (monotonic; 0: none), checked by HttpServer's periodic sweep: no timer
+        # object per request. The read deadline (the reader's) runs from a request's first
+        # byte to its last, whatever else the connection is doing; the idle one between
+        # requests.
+        self._idle_deadline = 0.0
+        self._linger_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._pipeline: collections.deque[Request] = collections.deque()
         self._reading_paused = False
         self.flow_listener: FlowListener | None = None  # a push-mode relay, while streaming
         # Set by a resumable stream (proxy/resume.py): a lost client calls it instead of
         # cancelling the handler, whose generation runs on for the stream's window.
         self.keep_task_on_loss: Callable[[], None] | None = None
-        # Per-message parse state.
-        self._url = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._header_bytes = 0
-        self._body: list[bytes] = []
-        self._body_len = 0
-        self._body_limit = 0
-        self._request: Request | None = None
-        self._rejected = False
-        self._upgrade: Request | None = None  # a request the upgrade hook claimed
+        self._refusal: _Refusal | None = None  # answered after the requests before it
+        self._lingering = False
+        self._linger_bytes = 0
+        self._feeding = False
+        self._claimed = False  # the upgrade hook took the connection over
+        self.pipeline: collections.deque[Request] = collections.deque()
+        self.reader = RequestReader(
+            self, state.body_budget, state.max_body_bytes, state.request_timeout, state.stream_body
+        )
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -163,23 +156,36 @@ class HttpConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = f"{peer[0]}:{peer[1]}"
-        self.state.connections.add(self)
-        self._set_timer(self.state.keepalive_timeout)
+        state = self.state
+        full = len(state.connections) >= state.max_connections
+        state.connections.add(self)
+        if full:
+            state.refused_connections += 1
+            self.refuse(
+                503,
+                "too many open connections; retry shortly",
+                "too_many_connections",
+                [(b"retry-after", b"1")],
+            )
+            return
+        self._idle_deadline = monotonic() + state.keepalive_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.state.connections.discard(self)
-        self._cancel_timer()
+        self._idle_deadline = self._linger_deadline = 0.0
         if self._task is not None and not self._task.done():
             if self.keep_task_on_loss is not None:
                 self.keep_task_on_loss()
             else:
                 self._task.cancel()
-        self._pipeline.clear()
+        budget = self.state.body_budget
+        for request in self.pipeline:
+            budget.release(request.reserved)
+            request.reserved = 0
+        self.pipeline.clear()
+        self.reader.drop()
         self.flow_listener = None
-        request = self._request
-        if request is not None and request.body_stream is not None:
-            request.body_stream.fail(ClientGone())
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ClientGone())
@@ -204,17 +210,6 @@ class HttpConnection(asyncio.Protocol):
             waiter.set_result(None)
         self._drain_waiter = None
 
-    # ReadingControl of a streamed request body.
-    def pause_body(self) -> None:
-        if self.transport is not None and not self._reading_paused:
-            self.transport.pause_reading()
-            self._reading_paused = True
-
-    def resume_body(self) -> None:
-        if self.transport is not None and self._reading_paused and not self._pipeline:
-            self.transport.resume_reading()
-            self._reading_paused = False
-
     async def wait_writable(self) -> None:
         if not self.write_paused:
             return
@@ -225,139 +220,56 @@ class HttpConnection(asyncio.Protocol):
         await self._drain_waiter
 
     def data_received(self, data: bytes) -> None:
-        if self._rejected:
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_MAX_BYTES:
+                self.close()
             return
+        if self._refusal is not None or self._claimed:
+            return  # reading is paused; these bytes were already on their way
+        self._feeding = True
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            if self._upgrade is not None:
-                self._hand_over(self._upgrade, data[exc.args[0] :] if exc.args else b"")
-                return
-            self._reject(400, "protocol upgrades are not supported", "upgrade_not_supported")
-        except httptools.HttpParserError as exc:
-            if not self._rejected:
-                self._reject(400, f"malformed HTTP request: {exc}", "bad_http")
-
-    # -- parser callbacks ----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = {}
-        self._header_bytes = 0
-        self._body = []
-        self._body_len = 0
-        self._request = None
-        self._set_timer(self.state.request_timeout)
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_URL_BYTES:
-            self._reject(414, "request URL too long", "url_too_long")
-            raise httptools.HttpParserError("url too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADER_COUNT:
-            self._reject(431, "request headers too large", "headers_too_large")
-            raise httptools.HttpParserError("headers too large")
-        key = name.lower()
-        previous = self._headers.get(key)
-        self._headers[key] = value if previous is None else previous + b", " + value
-
-    def on_headers_complete(self) -> None:
-        parsed = httptools.parse_url(self._url)
-        path = parsed.path.decode("latin-1") if parsed.path else "/"
-        query = parsed.query.decode("latin-1") if parsed.query else ""
-        request = Request(
-            method=self.parser.get_method().decode("ascii"),
-            path=path,
-            query=query,
-            headers=self._headers,
-            http_version=self.parser.get_http_version(),
-            keep_alive=self.parser.should_keep_alive(),
-            client=self.client,
-        )
-        self._request = request
-        self._body_limit = self.state.max_body_bytes()
-        streamed = 0
-        if self.state.stream_body is not None and self._task is None and not self._pipeline:
-            streamed = self.state.stream_body(request)
-            if streamed:
-                self._body_limit = streamed
-        length = self._headers.get(b"content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                declared = -1
-            if declared > self._body_limit:
-                self._reject(
-                    413,
-                    f"request body of {declared} bytes exceeds the limit of {self._body_limit}",
-                    "request_too_large",
-                )
-                raise httptools.HttpParserError("body too large")
-        if self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if streamed:
-            request.body_stream = BodyStream(self, streamed)
-            self._cancel_timer()  # the handler bounds the wait for the body (upload.py)
-            self._start(request, keep_alive=False)  # a body left unread ends the connection
-
-    def on_body(self, body: bytes) -> None:
-        request = self._request
-        if request is not None and request.body_stream is not None:
-            try:
-                request.body_stream.feed(body)
-            except BodyTooLarge as exc:
-                # The handler answers 413 (its response closes the connection); read no more.
-                request.body_stream.fail(exc)
-                self.pause_body()
-            return
-        self._body_len += len(body)
-        if self._body_len > self._body_limit:
-            self._reject(
-                413,
-                f"request body exceeds the limit of {self._body_limit} bytes",
-                "request_too_large",
-            )
-            raise httptools.HttpParserError("body too large")
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        request = self._request
-        if request is None:
-            return
-        self._request = None
-        if request.body_stream is not None:
-            request.body_stream.finish()
-            return
-        body = self._body
-        request.body = body[0] if len(body) == 1 else b"".join(body)
-        self._body = []
-        self._body_len = 0
-        self._cancel_timer()
-        hook = self.state.upgrade
-        if (
-            hook is not None
-            and self.parser.should_upgrade()
-            and self._task is None
-            and not self._pipeline
-            and hook.claims(request)
-        ):
-            self._upgrade = request  # handed over when the parser stops at the upgrade
-            return
-        if self._task is None and not self._pipeline:
-            self._start(request)
-        else:
-            # A pipelined request: answered after the current one; stop reading meanwhile
-            # so a client cannot queue unbounded work on one connection.
-            self._pipeline.append(request)
-            if self.transport is not None and not self._reading_paused:
-                self.transport.pause_reading()
-                self._reading_paused = True
+            self.reader.feed(data)
+        finally:
+            self._feeding = False
+        self._advance()
 
     # -- request lifecycle ---------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Starts the next complete request when none runs; once none is left, answers a
+        pending refusal. Requests complete while another runs wait (pipelining), and
+        reading pauses so a client cannot queue unbounded work on one connection."""
+        if self._task is not None or self.closing:
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            if self.pipeline:
+                self._pause_reading()
+            return
+        if self._refusal is not None:
+            self._answer_refusal()
+            return
+        reader = self.reader
+        if reader.continue_pending and reader.request is not None:
+            reader.continue_pending = False
+            self.write(CONTINUE)
+        self._resume_reading()
+        if not reader.receiving and not self._claimed:
+            self._idle_deadline = monotonic() + self.state.keepalive_timeout
+
+    def start_streamed(self, request: Request) -> None:
+        """A request whose body is streamed to its handler starts at its headers; a body
+        left unread ends the connection."""
+        self._start(request, keep_alive=False)
+
+    # ReadingControl of a streamed request body (proxy/upload.py).
+    def pause_body(self) -> None:
+        self._pause_reading()
+
+    def resume_body(self) -> None:
+        if not self.pipeline:
+            self._resume_reading()
 
     def _start(self, request: Request, keep_alive: bool = True) -> None:
         response = Response(
@@ -366,15 +278,28 @@ class HttpConnection(asyncio.Protocol):
             head_only=request.method == "HEAD",
             http11=request.http_version != "1.0",
         )
+        self._idle_deadline = 0.0
         self._task = self.loop.create_task(self._run(request, response))
 
     async def _run(self, request: Request, response: Response) -> None:
         try:
+            await self._handle(request, response)
+        finally:
+            self.state.body_budget.release(request.reserved)
+            request.reserved = 0
+            self._task = None
+        if not response.keep_alive or self.closing or self.state.closing:
+            self.close_gracefully()
+            return
+        self._advance()
+
+    async def _handle(self, request: Request, response: Response) -> None:
+        try:
             await self.state.handler(request, response)
         except (asyncio.CancelledError, ClientGone):
             # Client gone: the handler's finally blocks have released what it held.
-            self._task = None
             response.ended = True
+            response.keep_alive = False
             self.close()
             return
         except Exception as exc:
@@ -384,12 +309,11 @@ class HttpConnection(asyncio.Protocol):
                 response.keep_alive = False
                 response.send(
                     500,
-                    [(b"content-type", b"application/json")],
+                    JSON_HEADERS,
                     self.state.error_body(500, "internal error", "internal_error"),
                 )
             else:
                 response.abort()
-        self._task = None
         if not response.ended:
             if response.started:
                 response.end()
@@ -397,63 +321,110 @@ class HttpConnection(asyncio.Protocol):
                 response.keep_alive = False
                 response.send(
                     500,
-                    [(b"content-type", b"application/json")],
+                    JSON_HEADERS,
                     self.state.error_body(500, "handler sent no response", "internal_error"),
                 )
-        self._next_request(response)
 
-    def _hand_over(self, request: Request, rest: bytes) -> None:
-        """The upgrade hook owns the connection from here; it is closed when it returns."""
+    def take_upgrade(self, rest: bytes) -> bool:
+        """The reader stopped at a protocol upgrade request it just completed: hands the
+        connection to the server's upgrade hook if it claims the request (only when
+        nothing else is running or waiting on the connection). `rest`: the bytes after the
+        request. False: the upgrade is ignored and the request answered over HTTP/1.1."""
         hook = self.state.upgrade
-        assert hook is not None
-        self._rejected = True  # no more HTTP parsing on this connection
-        self._cancel_timer()
+        if hook is None or self._task is not None or len(self.pipeline) != 1:
+            return False
+        request = self.pipeline[0]
+        if not hook.claims(request):
+            return False
+        self.pipeline.clear()
+        self.state.body_budget.release(request.reserved)
+        request.reserved = 0
+        self._claimed = True  # no more HTTP on this connection
+        self.reader.read_deadline = self._idle_deadline = 0.0
         self._task = self.loop.create_task(hook.run(self, request, rest))
         self._task.add_done_callback(self._upgrade_done)
+        return True
 
     def _upgrade_done(self, task: asyncio.Task[None]) -> None:
+        """The upgrade hook owned the connection until now; it is closed."""
         self._task = None
         error = None if task.cancelled() else task.exception()
         if error is not None and self.state.on_error is not None:
             self.state.on_error(error)
         self.close()
 
-    def _next_request(self, response: Response) -> None:
-        """After a response: the next pipelined request, an idle wait, or close."""
-        if not response.keep_alive or self.closing or self.state.closing:
-            self.close()
+    def refuse(
+        self, status: int, message: str, code: str, headers: list[Header] | None = None
+    ) -> None:
+        """Refuses what the client sends from here on: complete requests before it are
+        still answered, then this error, then a lingering close. Nothing more is parsed."""
+        if self._refusal is not None or self.closing:
             return
-        if self._pipeline:
-            self._start(self._pipeline.popleft())
-            return
-        if self._reading_paused and self.transport is not None:
-            self.transport.resume_reading()
-            self._reading_paused = False
-        self._set_timer(self.state.keepalive_timeout)
+        self._refusal = _Refusal(status, message, code, headers or [])
+        self.reader.drop()
+        self._pause_reading()
+        if not self._feeding:
+            self._advance()
 
-    def _reject(self, status: int, message: str, code: str) -> None:
-        """Answers a request we will not parse further, then closes the connection."""
-        if self._rejected:
-            return
-        self._rejected = True
+    def _answer_refusal(self) -> None:
+        refusal = self._refusal
+        assert refusal is not None
+        body = self.state.error_body(refusal.status, refusal.message, refusal.code)
+        head = head_bytes(
+            refusal.status,
+            JSON_HEADERS + refusal.headers,
+            b"connection: close\r\ncontent-length: %d\r\n" % len(body),
+        )
+        self.write(head + body)
+        self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        """Closes our side after what we wrote, then reads and drops what the client still
+        sends for a moment: closing a socket with unread input sends a reset, which can
+        destroy the response before the client read it."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._lingering:
             return
-        if self._task is None:
-            body = self.state.error_body(status, message, code)
-            head = head_bytes(
-                status,
-                [(b"content-type", b"application/json")],
-                b"connection: close\r\ncontent-length: %d\r\n" % len(body),
-            )
-            transport.write(head + body)
-        self.close()
+        self.closing = True
+        self.reader.read_deadline = self._idle_deadline = 0.0
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self._linger_deadline = monotonic() + self.state.linger_timeout
+        try:
+            transport.write_eof()
+        except OSError:
+            transport.close()
+            return
+        self._resume_reading()
 
     def close(self) -> None:
         self.closing = True
-        self._cancel_timer()
+        self.reader.read_deadline = self._idle_deadline = self._linger_deadline = 0.0
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            try:
+                self.transport.pause_reading()
+            except RuntimeError:
+                pass  # closing already
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and self._reading_paused:
+            self._reading_paused = False
+            try:
+                self.transport.resume_reading()
+            except RuntimeError:
+                pass
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -461,27 +432,34 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._task is None and not self._pipeline and self._request is None
+        return self._task is None and not self.pipeline and self.reader.request is None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
+    def refused(self) -> bool:
+        return self._refusal is not None
 
     # -- timers --------------------------------------------------------------------------
 
-    def _set_timer(self, delay: float) -> None:
-        self._deadline = monotonic() + delay
-
-    def _cancel_timer(self) -> None:
-        self._deadline = 0.0
-
     def expire_if_due(self, now: float) -> None:
-        if self._deadline and now >= self._deadline:
-            self._deadline = 0.0
-            self._on_timer()
-
-    def _on_timer(self) -> None:
-        if self._task is not None:
+        if self._linger_deadline and now >= self._linger_deadline:
+            self.close()
             return
-        if self._request is not None or self._body_len:
-            self._reject(408, "request not received in time", "request_timeout")
-        else:
+        reader = self.reader
+        if reader.read_deadline and now >= reader.read_deadline:
+            # Also while an earlier request's response is streaming: the 408 follows it.
+            reader.read_deadline = 0.0
+            self.refuse(408, "request not received in time", "request_timeout")
+            return
+        if (
+            self._idle_deadline
+            and now >= self._idle_deadline
+            and self.idle
+            and not reader.receiving
+        ):
             self.close()
 
 

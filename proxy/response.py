@@ -44,6 +44,7 @@ _REASONS = {
     413: b"Payload Too Large",
     414: b"URI Too Long",
     415: b"Unsupported Media Type",
+    417: b"Expectation Failed",
     422: b"Unprocessable Entity",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -52,6 +53,7 @@ _REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 

@@ -26,6 +26,7 @@ from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config,
 from sluice.control.console.wiring import attach_console
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
+from sluice.proxy.budget import return_large_allocations_to_os
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.metrics import Metrics
@@ -183,6 +184,7 @@ def _warn_single_process_features(built: BuiltConfig) -> None:
 
 async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False) -> int:
     log = structlog.get_logger("sluice")
+    return_large_allocations_to_os()  # large request bodies leave no RSS behind
     snapshot = built.snapshot
     ref = SnapshotRef(snapshot)
     observer = Observer(ref, Metrics() if options.metrics else None, access_log=options.access_log)

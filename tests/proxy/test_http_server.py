@@ -5,9 +5,11 @@ limits, slow clients, HTTP/1.0, Expect: 100-continue, and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from helpers import LoopThread
@@ -192,3 +194,306 @@ def test_a_client_that_does_not_read_pushes_back_on_the_writer(echo: EchoServer)
     while not echo.handler_done and time.monotonic() < deadline:
         time.sleep(0.02)
     assert echo.handler_done  # the client went away: the parked handler was released
+
+
+# -- hardening (issue 12): each reproducer of the issue, on a raw socket ------------------
+
+
+class HardServer:
+    """A server whose handler shows what arrived: /slow sleeps, /stream streams slowly,
+    /claim takes an upgrade over and echoes raw bytes; anything else echoes the body."""
+
+    def __init__(self, **state_kw: object) -> None:
+        self.lt = LoopThread()
+        self.handled: list[tuple[str, str, bytes, bytes | None]] = []
+
+        async def handler(request: Request, response: Response) -> None:
+            self.handled.append((request.method, request.path, request.body, request.upgrade))
+            if request.path == "/slow":
+                await asyncio.sleep(0.6)
+            if request.path == "/stream":
+                response.start(200, [(b"content-type", b"text/event-stream")])
+                for i in range(4):
+                    response.write(b"data: %d\n\n" % i)
+                    await asyncio.sleep(0.1)
+                response.end()
+                return
+            response.send(200, [(b"content-type", b"text/plain")], b"echo:" + request.body)
+
+        kw: dict[str, object] = {"request_timeout": 0.5, "keepalive_timeout": 5.0, **state_kw}
+        self.state = ServerState(handler, lambda: 1024, error_body=server_error_body, **kw)  # type: ignore[arg-type]
+        self.server = HttpServer(self.state)
+        self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port))
+
+    def close(self) -> None:
+        self.lt.run(self.server.close())
+        self.lt.stop()
+
+
+@pytest.fixture
+def hard() -> Iterator[HardServer]:
+    server = HardServer()
+    yield server
+    server.close()
+
+
+def _read_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything until the server closes (EOF), failing on a reset."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _statuses(data: bytes) -> list[int]:
+    """The status of each response head in `data` (bodies here never hold one)."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def test_a_stray_byte_after_a_complete_request_gets_its_response_then_400(
+    hard: HardServer,
+) -> None:
+    # A client whose Content-Length is one byte short: `}` is left over.
+    with hard.connect() as s:
+        s.sendall(_post(b'{"a":1') + b"}")
+        data = _read_all(s)
+    assert _statuses(data) == [200, 400]
+    assert b'echo:{"a":1' in data and b'"code":"bad_http"' in data
+    assert [h[2] for h in hard.handled] == [b'{"a":1']
+
+
+def test_http10_post_with_a_body_and_no_content_length_gets_411(hard: HardServer) -> None:
+    with hard.connect() as s:
+        s.sendall(b'POST /x HTTP/1.0\r\nHost: t\r\n\r\n{"model": "m"}')
+        data = _read_all(s)
+    assert _statuses(data) == [411]
+    assert b'"code":"length_required"' in data
+    assert hard.handled == []  # refused whole: the handler never ran
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n",
+    ],
+    ids=["h2c", "websocket"],
+)
+def test_an_upgrade_request_is_answered_normally_with_its_body(
+    hard: HardServer, upgrade: bytes
+) -> None:
+    with hard.connect() as s:
+        # As `curl --http2 -d ...` sends it: a POST with a body and an Upgrade.
+        s.sendall(_post(b"hello", upgrade))
+        first = _read_until(s, b"echo:hello")
+        assert first.startswith(b"HTTP/1.1 200") and b"echo:hello" in first
+        s.sendall(_post(b"again"))  # the connection is still HTTP/1.1, kept alive
+        assert b"echo:again" in _read_until(s, b"echo:again")
+    assert hard.handled[0][3] in (b"h2c", b"websocket")  # the intent stays visible
+    assert hard.handled[1][3] is None
+
+
+class EchoUpgrade:
+    """An upgrade hook (as proxy/websocket.py is one) that claims `Upgrade: echo` on
+    /claim: writes its 101, then echoes raw bytes."""
+
+    def claims(self, request: Request) -> bool:
+        return request.path == "/claim" and request.headers.get(b"upgrade") == b"echo"
+
+    async def run(self, conn: Any, request: Request, rest: bytes) -> None:
+        transport = conn.transport
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        class Echo(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                transport.write(b"echo:" + data)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+        transport.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: echo\r\n\r\n")
+        transport.set_protocol(Echo())
+        if rest:
+            transport.write(b"echo:" + rest)
+        await done
+
+
+def test_an_upgrade_hook_takes_the_requests_it_claims(hard: HardServer) -> None:
+    hard.state.upgrade = EchoUpgrade()
+    with hard.connect() as s:
+        s.sendall(b"GET /claim HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        assert _read_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        s.sendall(b"raw bytes")
+        assert _read_until(s, b"raw bytes") == b"echo:raw bytes"
+    with hard.connect() as s:  # one it does not claim is answered over HTTP/1.1
+        s.sendall(_post(b"hi", b"Connection: upgrade\r\nUpgrade: echo\r\n"))
+        assert b"echo:hi" in _read_until(s, b"echo:hi")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /x HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /x HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # h2 prior knowledge
+        (b"GET /x\r\n\r\n", 400),  # no version
+        (
+            b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+            501,
+        ),
+        (b"POST /x HTTP/1.1\r\nHost: t\r\nExpect: bananas\r\nContent-Length: 2\r\n\r\nab", 417),
+    ],
+    ids=[
+        "no-host",
+        "two-hosts",
+        "http2-line",
+        "h2-preface",
+        "no-version",
+        "gzip-chunked",
+        "expect",
+    ],
+)
+def test_heads_the_server_refuses(hard: HardServer, raw: bytes, status: int) -> None:
+    with hard.connect() as s:
+        s.sendall(raw)
+        data = _read_all(s)
+    assert _statuses(data) == [status]
+    assert b'{"error":' in data
+    assert hard.handled == []
+
+
+def test_http10_expect_gets_no_100_continue(hard: HardServer) -> None:
+    with hard.connect() as s:
+        s.sendall(
+            b"POST /x HTTP/1.0\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        time.sleep(0.2)
+        s.sendall(b"ok")
+        data = _read_all(s)
+    assert _statuses(data) == [200] and b"echo:ok" in data
+
+
+def test_100_continue_is_never_written_inside_another_response(hard: HardServer) -> None:
+    with hard.connect() as s:
+        s.sendall(
+            b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        data = _read_until(s, b"100 Continue\r\n\r\n", timeout=3)
+        stream, end, rest = data.partition(b"\r\n0\r\n\r\n")
+        assert end and b"100 Continue" not in stream  # the stream's body is intact
+        assert rest == b"HTTP/1.1 100 Continue\r\n\r\n"  # owed, and sent after it
+        s.sendall(b"ok")
+        assert b"echo:ok" in _read_until(s, b"echo:ok")
+
+
+def test_a_huge_header_is_refused_before_it_is_all_sent(hard: HardServer) -> None:
+    with hard.connect() as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        sent = 0
+        s.settimeout(0.05)
+        data = b""
+        while sent < 8 * 1024 * 1024 and not data:
+            try:
+                s.sendall(b"a" * 16384)
+                sent += 16384
+                data = s.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data += _read_until(s, b"}", timeout=3)
+    assert data.startswith(b"HTTP/1.1 431")
+    assert sent < 1024 * 1024  # refused after ~74 KiB, not when the header ended
+
+
+def test_a_413_is_read_by_a_client_still_sending_its_body(hard: HardServer) -> None:
+    # Lingering close: without it, closing with unread input resets the connection and
+    # the client's recv fails instead of returning the 413.
+    with hard.connect() as s:
+        s.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 300000\r\n\r\n")
+        time.sleep(0.2)
+        try:
+            s.sendall(b"x" * 300000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data = _read_all(s)
+    assert _statuses(data) == [413]
+
+
+def test_connections_beyond_the_cap_get_503() -> None:
+    server = HardServer(max_connections=3)
+    try:
+        held = [server.connect() for _ in range(3)]
+        time.sleep(0.1)
+        with server.connect() as s:
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = _read_all(s)
+        assert _statuses(data) == [503]
+        assert b"retry-after: 1" in data and b"too_many_connections" in data
+        for h in held:
+            h.close()
+        time.sleep(0.2)
+        with server.connect() as s:  # room again
+            s.sendall(_post(b"a"))
+            assert b"echo:a" in _read_until(s, b"echo:a")
+    finally:
+        server.close()
+
+
+def test_request_bodies_held_at_once_are_capped() -> None:
+    from sluice.proxy.budget import BodyBudget
+
+    server = HardServer(body_budget=BodyBudget(2000))
+    try:
+        a, b = server.connect(), server.connect()
+        for s in (a, b):  # two bodies of 1000 declared, still arriving
+            s.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nab")
+        time.sleep(0.1)
+        with server.connect() as c:
+            c.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+            data = _read_all(c)
+        assert _statuses(data) == [503] and b"server_busy" in data
+        for s in (a, b):
+            s.sendall(b"x" * 998)
+            assert b"echo:ab" in _read_until(s, b"echo:ab")
+            s.close()
+        time.sleep(0.1)
+        assert server.lt.call(lambda: server.state.body_budget.used) == 0
+    finally:
+        server.close()
+
+
+def test_a_partly_received_pipelined_request_is_under_the_read_deadline(
+    hard: HardServer,
+) -> None:
+    with hard.connect() as s:
+        start = time.monotonic()
+        # The first request takes 0.6 s; the second's head never ends (0.5 s deadline).
+        s.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /x HTTP/1.1\r\nHost: t\r\nX-A: b")
+        data = _read_all(s)
+        elapsed = time.monotonic() - start
+    assert _statuses(data) == [200, 408]
+    assert elapsed < 3.0
+
+
+def test_a_handler_that_raises_gets_500_and_the_connection_closes(
+    hard: HardServer,
+) -> None:
+    async def broken(request: Request, response: Response) -> None:
+        raise RuntimeError("bug")
+
+    hard.state.handler = broken
+    with hard.connect() as s:
+        s.sendall(_post(b"a"))
+        data = _read_all(s)
+    assert _statuses(data) == [500]

@@ -161,8 +161,10 @@ def test_other_upgrades_are_not_claimed(proxy: ProxyHarness) -> None:
     def raw(path: str, extra: str) -> bytes:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
             sock.sendall(
+                # `close`: an upgrade nobody claims is ignored and the request answered
+                # over HTTP/1.1 (issue 12), on a connection that would otherwise stay open.
                 f"GET {path} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
-                f"connection: upgrade\r\n{extra}\r\n".encode()
+                f"connection: upgrade, close\r\n{extra}\r\n".encode()
             )
             data = b""
             while chunk := sock.recv(65536):
