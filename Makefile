@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu clean
+.PHONY: demo test lint typecheck imports link-tree format edge-deps browser-deps bench bench-routing bench-routing-gpu verify-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,18 +32,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# mypy resolves `sluice.*` through a tree of links, since the editable install maps folders
-# with an import hook that type checkers cannot follow.
-typecheck: $(STAMP)
+# mypy and import-linter resolve `sluice.*` through a tree of links, since the editable
+# install maps folders with an import hook that static tools cannot follow.
+link-tree:
 	@mkdir -p build/typecheck/sluice
 	@for d in proxy control sim client; do ln -sfn "$(CURDIR)/$$d" build/typecheck/sluice/$$d; done
+
+typecheck: $(STAMP) link-tree
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p sluice.proxy -p sluice.control -p sluice.sim -p sluice.client
+
+# The import contracts in pyproject.toml: layers, proxy's forbidden imports, no cycles.
+imports: $(STAMP) link-tree
+	cd build/typecheck && ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) edge-deps browser-deps lint typecheck
+test: $(STAMP) edge-deps browser-deps lint typecheck imports
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP) edge-deps

@@ -55,7 +55,7 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="MS",
         help="prefill time of each uncached prompt block, serialized per replica (default 0)",
     )
-    p.set_defaults(target="sluice.sim.cli:run")
+    p.set_defaults(target="sluice.control.runtime.simulator:run")
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

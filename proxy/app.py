@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 
 import orjson
@@ -21,7 +21,6 @@ from .auth import authenticate
 from .backends import BackendPools, Replica
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (
-    JSON_HEADERS,
     ApiError,
     bad_gateway,
     bad_request,
@@ -31,11 +30,12 @@ from .errors import (
 )
 from .exchange import Exchange
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
-from .http import Header, Request, Response
+from .http import Handler, Header, Request, Response
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import Limiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
+from .response import JSON_HEADERS
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
 from .snapshot import App, Backend, Snapshot, SnapshotRef, StreamPolicy, StreamTimeouts
@@ -49,7 +49,6 @@ SSE_HEADERS: list[Header] = [
 ]
 MAX_REQUEST_ID = 128
 
-Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
 
 

@@ -22,7 +22,7 @@ from typing import Protocol
 import httptools
 import orjson
 
-from .response import ClientGone, FlowListener, Header, Response, head_bytes
+from .response import JSON_HEADERS, ClientGone, FlowListener, Header, Response, head_bytes
 from .tcp import stream_transport
 from .upload import BodyStream, BodyTooLarge
 
@@ -384,7 +384,7 @@ class HttpConnection(asyncio.Protocol):
                 response.keep_alive = False
                 response.send(
                     500,
-                    [(b"content-type", b"application/json")],
+                    JSON_HEADERS,
                     self.state.error_body(500, "internal error", "internal_error"),
                 )
             else:
@@ -397,7 +397,7 @@ class HttpConnection(asyncio.Protocol):
                 response.keep_alive = False
                 response.send(
                     500,
-                    [(b"content-type", b"application/json")],
+                    JSON_HEADERS,
                     self.state.error_body(500, "handler sent no response", "internal_error"),
                 )
         self._next_request(response)
@@ -443,7 +443,7 @@ class HttpConnection(asyncio.Protocol):
             body = self.state.error_body(status, message, code)
             head = head_bytes(
                 status,
-                [(b"content-type", b"application/json")],
+                JSON_HEADERS,
                 b"connection: close\r\ncontent-length: %d\r\n" % len(body),
             )
             transport.write(head + body)

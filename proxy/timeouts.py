@@ -1,6 +1,6 @@
 """Stream deadlines with one timer per stream, whatever the token count.
 
-A token only stores the loop time in an attribute. The single timer is armed at the
+A token only stores its `time.monotonic()` in an attribute. The single timer is armed at the
 earliest possible deadline; when it fires it recomputes the deadline from the latest
 token time and re-arms if the stream moved on. So a stream with an inter-token timeout of
 5 s and tokens every 10 ms creates one timer handle per 5 s, not one per token.

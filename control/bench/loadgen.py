@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import resource
 import socket
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httptools
 import orjson
+from sluice.proxy.sse import DONE_EVENT
 
 CHAT_PATH = b"/v1/chat/completions"
 PROMPT = "Write a long story about a lighthouse keeper."
@@ -31,7 +33,7 @@ CONNECT_TIMEOUT = 10.0
 # A value starting with anything but `"` is a token; re-serialisers may add a space.
 _VALUE_KEYS = (b'"content":"', b'"text":"', b'"content": "', b'"text": "')
 _USAGE = b'"completion_tokens":'
-_DONE = b"data: [DONE]"
+_DONE = DONE_EVENT.rstrip(b"\n")
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,12 @@ class LoadResult:
     client_cpu_s: float
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); nan when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99), interpolated between closest ranks as numpy's default
+    does (`method="inclusive"`); nan when empty."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def summarize(spec: LoadSpec, samples: Samples, wall_s: float, cpu_s: float) -> LoadResult:

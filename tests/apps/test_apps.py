@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 import structlog
-from apps_helpers import (
+from sluice.proxy.observe import log_exchange
+
+from tests.apps.fixtures import (
     ANALYTICS_KEY,
     BATCH_KEY,
     SUPPORT_KEY,
@@ -23,8 +25,7 @@ from apps_helpers import (
     digest,
     write_config,
 )
-from helpers import ProcessServer, SimClient, stream_request
-from sluice.proxy.observe import log_exchange
+from tests.fixtures import ProcessServer, SimClient, stream_request
 
 GATEWAY = """\
 kind: Gateway

@@ -9,8 +9,17 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import SimClient
-from ops_helpers import Streams, auth, chat, connect_refused, error_events, scrape, wait_until
+
+from tests.fixtures import SimClient
+from tests.ops.fixtures import (
+    Streams,
+    auth,
+    chat,
+    connect_refused,
+    error_events,
+    scrape,
+    wait_until,
+)
 
 ITL_MS = 50
 

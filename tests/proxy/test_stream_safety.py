@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 from sluice.proxy.snapshot import Backend, QueueLimits, Snapshot, StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import CutPattern, GuardSpec
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 
 MSG = [{"role": "user", "content": "Hello"}]
 
@@ -387,13 +387,6 @@ def test_no_leaks_after_mixed_chaos(sim_ignore_stop: ProcessServer) -> None:
         assert harness.permits_in_use() == 0
         assert harness.busy_upstream_connections() == 0
 
-        def leftover_tasks() -> int:
-            import asyncio
-
-            return (
-                len([t for t in asyncio.all_tasks(harness.lt.loop) if not t.done()]) - 1
-            )  # minus the probe
-
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and harness.lt.call(lambda: len(harness.app.watchdogs)):
             time.sleep(0.05)
@@ -407,11 +400,6 @@ async def _count_tasks(harness: ProxyHarness) -> int:
 
     current = asyncio.current_task()
     return len([t for t in asyncio.all_tasks() if t is not current and not t.done()])
-
-
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    yield
 
 
 def test_shutdown_interrupt_ends_streams_and_sends_queued_requests_away(sim: ProcessServer) -> None:

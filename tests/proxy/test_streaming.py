@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import (
+
+from tests.fixtures import (
     ProcessServer,
     ProxyHarness,
     SimClient,

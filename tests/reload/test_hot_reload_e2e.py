@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ProcessServer, StreamResult, sluice_cmd, stream_request
-from reload_helpers import (
+from sluice.control.config.build import load_config
+
+from tests.fixtures import ProcessServer, StreamResult, sluice_cmd, stream_request
+from tests.reload.fixtures import (
     MODES,
     SAVE_STYLES,
     ConfigDir,
@@ -31,7 +33,6 @@ from reload_helpers import (
     modes_with_temperature,
     sim_request,
 )
-from sluice.control.config.build import load_config
 
 NEW_MODES = modes_with_temperature(0.6)
 INVALID_TEMPERATURE = MODES.replace("temperature: 0.3\n", "temperature: hot\n")

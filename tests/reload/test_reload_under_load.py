@@ -21,8 +21,10 @@ from pathlib import Path
 import httptools
 import pytest
 import uvloop
-from helpers import ProcessServer
-from reload_helpers import (
+from sluice.control.config.build import ConfigInvalid
+
+from tests.fixtures import ProcessServer
+from tests.reload.fixtures import (
     MODES,
     PICKER_KEY,
     ConfigDir,
@@ -35,7 +37,6 @@ from reload_helpers import (
     write_in_place,
     write_temp_and_mv,
 )
-from sluice.control.config.build import ConfigInvalid
 
 CONCURRENCY = 200
 EDITS = 50

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvloop
@@ -27,6 +27,8 @@ from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, SnapshotRef
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"(?:listening|serving) on (http://[0-9.:\[\]a-z]+)")
@@ -172,8 +174,8 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout)
 
     def call(self, fn: Callable[[], Any]) -> Any:
@@ -335,12 +337,6 @@ def stream_request(
                 if stop_after_events is not None and len(events) >= stop_after_events:
                     break
             return StreamResult(resp.status_code, dict(resp.headers), events, b"")
-
-
-def iter_sse(lines: Iterator[bytes]) -> Iterator[bytes]:
-    for line in lines:
-        if line.startswith(b"data: "):
-            yield line[6:]
 
 
 def free_port() -> int:
