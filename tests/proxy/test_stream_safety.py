@@ -172,7 +172,8 @@ def test_timeouts_fire_on_time_with_error_event_and_abort(
         assert data[-2]["error"]["code"] == code
         assert data[-2]["error"]["type"] == "timeout"
         if limit is not None:
-            assert limit <= elapsed < limit + 0.1 + 0.15  # timeout + 100 ms, plus client overhead
+            # timeout + 100 ms, plus the client's overhead on a loaded 2-core machine
+            assert limit <= elapsed < limit + 0.1 + 0.4
         else:
             times = result.content_times()
             assert len(times) == 3  # keep-alive comments did not reset the inter-token timer
@@ -235,6 +236,7 @@ def test_backend_queue_limit_2_with_10_concurrent(sim: ProcessServer) -> None:
             if r.status_code == 503:
                 assert r.json()["error"]["code"] == "backend_saturated"
                 assert 1 <= int(r.headers["retry-after"]) <= 60
+        harness.wait_finished(10)  # permits are released before an exchange is recorded
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -298,6 +300,7 @@ def test_queue_wait_expiry_is_503_and_app_limit_is_429(sim: ProcessServer) -> No
             assert second.status_code == 503
             assert 0.15 < waited < 1.0
             assert first.result().status_code == 200
+        harness.wait_finished(4)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -323,6 +326,7 @@ def test_queued_request_whose_client_leaves_frees_its_place(sim: ProcessServer) 
             )
             assert first.result().status_code == 200
             assert third.result().status_code == 200
+        harness.wait_finished(3)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -430,6 +434,7 @@ def test_shutdown_interrupt_ends_streams_and_sends_queued_requests_away(sim: Pro
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == "shutdown"
         assert rejected.headers["retry-after"] == "1"
+        harness.wait_finished(2)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
