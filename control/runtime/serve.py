@@ -22,7 +22,6 @@ from pathlib import Path
 import structlog
 import uvloop
 from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
-from sluice.control.console.wiring import attach_console
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
@@ -35,6 +34,7 @@ from sluice.proxy.timeouts import SHUTDOWN
 from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
+from .console import attach_console
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records
 from .reloader import ConfigReloader
