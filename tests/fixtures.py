@@ -51,7 +51,7 @@ class ProcessServer:
         argv: list[str],
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-        timeout: float = 15.0,
+        timeout: float = 30.0,  # only a failure waits this long; a loaded machine starts slowly
     ) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(
