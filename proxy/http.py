@@ -20,8 +20,8 @@ from time import monotonic
 from typing import Protocol
 
 import httptools
-import orjson
 
+from .errors import server_error_body
 from .response import JSON_HEADERS, ClientGone, FlowListener, Header, Response, head_bytes
 from .tcp import stream_transport
 from .upload import BodyStream, BodyTooLarge
@@ -111,16 +111,10 @@ class ServerState:
         self.request_timeout = request_timeout
         self.max_body_bytes = max_body_bytes
         self.on_error = on_error
-        self.error_body = error_body or _plain_error_body
+        self.error_body = error_body or server_error_body
         self.connections: set[HttpConnection] = set()
         self.closing = False
         self.upgrade: UpgradeHook | None = None
-
-
-def _plain_error_body(status: int, message: str, code: str) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    )
 
 
 class HttpConnection(asyncio.Protocol):

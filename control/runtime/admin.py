@@ -23,12 +23,12 @@ from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import ApiError, send_error
 from sluice.proxy.http import Request, Response
 from sluice.proxy.observe import Observer
+from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.snapshot import SnapshotRef
 
 from .reloader import ConfigReloader
 
 Handler = Callable[[Request, Response], Awaitable[None]]
-JSON = [(b"content-type", b"application/json")]
 
 
 def _authorize(request: Request, ref: SnapshotRef) -> None:
@@ -93,7 +93,7 @@ def admin_routes(
         return handler
 
     async def get_config(request: Request, response: Response) -> None:
-        response.send(200, JSON, orjson.dumps(config_state()))
+        response.send(200, JSON_HEADERS, orjson.dumps(config_state()))
 
     async def post_reload(request: Request, response: Response) -> None:
         if reloader is None:
@@ -104,7 +104,7 @@ def admin_routes(
         status = 200 if result.ok else 422
         response.send(
             status,
-            JSON,
+            JSON_HEADERS,
             orjson.dumps(
                 {"result": result.result, "version": ref.current.version, "errors": result.errors}
             ),
@@ -112,7 +112,7 @@ def admin_routes(
 
     async def get_status(request: Request, response: Response) -> None:
         body = status_body(ref, app, observer, config_state(), started, worker)
-        response.send(200, JSON, orjson.dumps(body))
+        response.send(200, JSON_HEADERS, orjson.dumps(body))
 
     async def metrics(request: Request, response: Response) -> None:
         if request.method not in ("GET", "HEAD"):
