@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import CurlRequest, Transcripts, parse_curl, shape
+
+from tests.sim.fixtures import CurlRequest, Transcripts, parse_curl, shape
 
 # Sections with no request the simulator can answer like vLLM, and why.
 EXEMPT = {
