@@ -111,7 +111,7 @@ def test_every_section_is_replayed(transcripts: Transcripts) -> None:
 
 
 def _sections() -> list[str]:
-    from conftest import TRANSCRIPTS
+    from tests.sim.fixtures import TRANSCRIPTS
 
     if not TRANSCRIPTS.is_dir():
         return []
