@@ -14,21 +14,18 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import ApiError, send_error
-from sluice.proxy.http import Request, Response
+from sluice.proxy.http import Handler, Request, Response
 from sluice.proxy.observe import Observer
 from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.snapshot import SnapshotRef
 
 from .reloader import ConfigReloader
-
-Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 def _authorize(request: Request, ref: SnapshotRef) -> None:
@@ -75,7 +72,7 @@ def admin_routes(
             )
         return state
 
-    def guarded(method: str, fn: Callable[[Request, Response], Awaitable[None]]) -> Handler:
+    def guarded(method: str, fn: Handler) -> Handler:
         async def handler(request: Request, response: Response) -> None:
             try:
                 if request.method != method:
