@@ -16,7 +16,7 @@ from .errors import error_event
 from .exchange import Exchange
 from .http import Response
 from .snapshot import StreamPolicy
-from .sse import DONE_EVENT, SEPARATOR, SseSplitter
+from .sse import SEPARATOR, SseSplitter
 from .timeouts import StreamWatchdog
 from .upstream import UpstreamConnection, UpstreamError
 
