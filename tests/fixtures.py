@@ -239,6 +239,17 @@ class ProxyHarness:
 
         return int(self.lt.call(busy))
 
+    def wait_upstream_idle(self, timeout: float = 5.0) -> None:
+        """Until no pooled upstream connection is busy. One goes back to the pool when the
+        backend's chunked terminator has arrived, which can be after the client read the
+        end of its response and after the exchange was recorded: there is no event to wait
+        on, so the state is polled, up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (busy := self.busy_upstream_connections()) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{busy} upstream connections still busy after {timeout} s")
+            time.sleep(0.01)
+
     def permits_in_use(self) -> int:
         return int(
             self.lt.call(lambda: sum(lim.in_use + lim.queued for lim in self.app.limiters.all()))
