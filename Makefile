@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test soak lint typecheck format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,18 +39,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# mypy resolves `sluice.*` through a tree of links, since the editable install maps folders
-# with an import hook that type checkers cannot follow.
-typecheck: $(STAMP)
+# mypy and import-linter resolve `sluice.*` through a tree of links, since the editable
+# install maps folders with an import hook that static tools cannot follow.
+link-tree:
 	@mkdir -p build/typecheck/sluice
 	@for d in proxy control sim client; do ln -sfn "$(CURDIR)/$$d" build/typecheck/sluice/$$d; done
+
+typecheck: $(STAMP) link-tree
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p sluice.proxy -p sluice.control -p sluice.sim -p sluice.client
+
+# The import contracts in pyproject.toml: layers, proxy's forbidden imports, no cycles.
+imports: $(STAMP) link-tree
+	cd build/typecheck && ../../$(VENV)/bin/lint-imports --config ../../pyproject.toml
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck
+test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports
 	$(VENV)/bin/pytest -q
 
 # The long reliability runs behind docs/RELIABILITY.md (~10 min on 2 cores): 10,000+
@@ -58,7 +64,7 @@ test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck
 # requests (10% faulty) with the proxy's RSS, 20 concurrent 3.6 MB bodies.
 soak: $(STAMP)
 	SLUICE_SOAK=1 $(VENV)/bin/pytest -q -s tests/reliability tests/reload/test_reload_under_load.py
-	$(VENV)/bin/python tests/reliability/soak.py --requests 100000 --bodies
+	$(VENV)/bin/python -m tests.reliability.soak --requests 100000 --bodies
 
 bench: $(STAMP) edge-deps
 	$(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64

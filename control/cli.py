@@ -62,7 +62,7 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="close keep-alive connections idle this long, like vLLM's server (5); default: 75",
     )
-    p.set_defaults(target="sluice.sim.cli:run")
+    p.set_defaults(target="sluice.control.runtime.simulator:run")
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,7 +226,7 @@ def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "are the URLs given, else the Gateway's edge.nginx.replicas (--config)",
     )
     p.add_argument("--config", default=None, help="config directory for --all (default ./presets)")
-    p.set_defaults(target="sluice.control.runtime.status:run")
+    p.set_defaults(target="sluice.control.runtime.replicas:run")
 
 
 def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 import orjson
 
 from .chunks import ChunkFilter
-from .errors import JSON_HEADERS, ApiError, error_event
+from .errors import ApiError, error_event
 from .exchange import Exchange
 from .http import Header, Request
 from .nonstream import guard_completion, record_finish
+from .response import JSON_HEADERS
 from .routing import RouteChoice
 from .sampling import apply_plan, merge_stop
 from .snapshot import App, Route, SamplingPlan, StreamPolicy
@@ -102,7 +103,7 @@ class Adapter:
         return orjson.dumps(body) if modified else raw
 
     def upstream_headers(self) -> list[Header]:
-        return [(b"content-type", b"application/json")]
+        return list(JSON_HEADERS)
 
     def is_stream(self, body: dict[str, Any]) -> bool:
         return body.get("stream") is True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 from typing import Any
 
@@ -22,7 +22,6 @@ from .auth import authenticate
 from .backends import BackendPools, Replica
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (
-    JSON_HEADERS,
     ApiError,
     bad_gateway,
     method_not_allowed,
@@ -32,12 +31,13 @@ from .errors import (
 from .exchange import Exchange
 from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
-from .http import ClientGone, Header, Request, Response
+from .http import ClientGone, Handler, Header, Request, Response
 from .jsonbody import parse_object
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
 from .relay import MESSAGE_END_TIMEOUT, relay_stream
+from .response import JSON_HEADERS
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
 from .snapshot import (
@@ -59,7 +59,6 @@ SSE_HEADERS: list[Header] = [
 ]
 MAX_REQUEST_ID = 128
 
-Handler = Callable[[Request, Response], Awaitable[None]]
 CompletionHook = Callable[[Exchange], None]
 SwapHook = Callable[[Snapshot], None]
 

@@ -1,8 +1,9 @@
 """Filtering one stream's SSE events: token timing for the timers and metrics, and the
 stream guard per choice index.
 
-`ChunkFilter.on_event` takes one event (with its trailing blank line) and returns the bytes
-to send, rewriting a chunk only when the guard changed its text. It does no I/O, so the
+`ChunkFilter.guarded` (with a guard) or `ChunkFilter.observe` (without) takes one event
+(with its trailing blank line) and returns the bytes to send, rewriting a chunk only when
+the guard changed its text. It does no I/O, so the
 property tests drive the exact code the relay runs. Without a guard an event is never
 parsed (byte searches find what the timers need); with one, vLLM's token chunks are
 matched by one regular expression and only finish chunks and other layouts are parsed.
@@ -17,11 +18,10 @@ from typing import Any
 import orjson
 
 from .exchange import Exchange
-from .sse import SEPARATOR
+from .sse import DONE_EVENT, SEPARATOR
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
-DONE_EVENT = b"data: [DONE]\n\n"
 _CONTENT_KEY = b'"content":"'
 _TEXT_KEY = b'"text":"'
 _QUOTE = ord('"')
@@ -74,12 +74,6 @@ class ChunkFilter:
         self.upstream_error = False
         self._template: dict[str, Any] | None = None
         self._last_event = b""  # an event whose id/model a synthesized chunk can copy
-
-    def on_event(self, event: bytes) -> bytes | None:
-        """One SSE event (with its trailing blank line) in; the bytes to send out, or None."""
-        if self.guard_spec is None:
-            return self._observe(event)
-        return self._guarded(event)
 
     def _parse_event(self, event: bytes) -> bytes | None:
         """The full path: parse the chunk, guard each choice, rewrite when changed."""
@@ -162,7 +156,7 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
-    def _guarded(self, event: bytes) -> bytes | None:
+    def guarded(self, event: bytes) -> bytes | None:
         """A guarded stream's event. The common one (vLLM's layout: one choice, one text
         delta, no finish and no logprobs) is matched by one regular expression over the
         bytes: the text is decoded without parsing the chunk, and the event goes out
@@ -209,7 +203,7 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
-    def _observe(self, event: bytes) -> bytes:
+    def observe(self, event: bytes) -> bytes:
         """No guard: the event goes out unchanged, and a few byte searches find what the
         timers and metrics need, without parsing the JSON of every token."""
         if event.startswith(DONE_EVENT):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import orjson
 
-from .http import Header, Response
-
-JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+from .response import JSON_HEADERS, Header, Response
+from .sse import DONE_EVENT, SEPARATOR
 
 
 class ApiError(Exception):
@@ -38,13 +37,14 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
+def error_body(message: str, type: str, code: str | int | None, param: str | None = None) -> bytes:
+    """The one error body of the API (vLLM's own errors carry the status as `code`)."""
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 def error_event(message: str, type: str, code: str) -> bytes:
     """The terminal SSE event of a stream that cannot finish normally, with `[DONE]` after."""
-    return b"data: " + error_body(message, type, code) + b"\n\ndata: [DONE]\n\n"
+    return b"data: " + error_body(message, type, code) + SEPARATOR + DONE_EVENT
 
 
 def server_error_body(status: int, message: str, code: str) -> bytes:

@@ -2,7 +2,7 @@
 of the Anthropic Messages API and the OpenAI Responses API.
 
 Subclasses say where the text deltas are and how to end a stream the guard cut; this base
-keeps the ChunkFilter interface the relay drives (`_observe`, `_guarded`, `done`,
+keeps the ChunkFilter interface the relay drives (`observe`, `guarded`, `done`,
 `finished`, `flush_held`). These endpoints are parsed per event when a Policy guards them;
 without one, events pass through with a byte search for the timers.
 """
@@ -15,10 +15,9 @@ import orjson
 
 from .chunks import ChunkFilter
 from .exchange import Exchange
+from .sse import DONE_EVENT
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
-
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def named_event(name: str, obj: Any) -> bytes:
@@ -57,7 +56,7 @@ class NamedEventFilter(ChunkFilter):
         super().__init__(ex, True, guard_spec, 1, watchdog)
         self.released: dict[int, list[str]] = {}
 
-    def _observe(self, event: bytes) -> bytes:
+    def observe(self, event: bytes) -> bytes:
         if event.startswith(DONE_EVENT):
             self.done = True
             return event
@@ -69,7 +68,7 @@ class NamedEventFilter(ChunkFilter):
                 self.bookkeep(*parsed)
         return event
 
-    def _guarded(self, event: bytes) -> bytes | None:
+    def guarded(self, event: bytes) -> bytes | None:
         if event.startswith(DONE_EVENT):
             self.done = True
             return event

@@ -59,7 +59,7 @@ class Exchange:
 
     def __init__(self, request_id: str, started_at: float) -> None:
         self.request_id = request_id
-        self.started_at = started_at  # loop time
+        self.started_at = started_at  # time.monotonic()
         self.started_wall = time.time()
         self.app = ""
         self.route = ""

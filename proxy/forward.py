@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -22,18 +22,30 @@ from .auth import authenticate
 from .backends import BackendPools, Replica
 from .chunks import ChunkFilter
 from .endpoints import FORWARDED, forwarded_path
-from .errors import JSON_HEADERS, ApiError, bad_gateway, bad_request, not_found
+from .errors import ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
 from .http import Request, Response
 from .jsonbody import check_nesting
+from .response import JSON_HEADERS
 from .routing import RouteChoice
-from .snapshot import App, Backend, Route, Snapshot, StreamPolicy
+from .snapshot import App, Backend, Route, Snapshot, SnapshotRef, StreamPolicy
 from .timeouts import StreamWatchdog
 from .upload import BodyStream, BodyTooLarge, open_streamed_exchange
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
-if TYPE_CHECKING:
-    from .app import ProxyApp
+
+class ProxyApp(Protocol):
+    """What the forwarder uses of its app (`app.ProxyApp`): readiness, snapshot, pools."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def ref(self) -> SnapshotRef: ...
+
+    @property
+    def pools(self) -> BackendPools: ...
+
 
 try:
     SLUICE_VERSION: str | None = metadata.version("sluice-gateway")

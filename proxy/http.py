@@ -26,12 +26,11 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Protocol
 
-import orjson
-
 from .budget import BodyBudget
+from .errors import server_error_body
 from .reader import CONTINUE, RequestReader
 from .request import Request
-from .response import ClientGone, FlowListener, Header, Response, head_bytes
+from .response import JSON_HEADERS, ClientGone, FlowListener, Header, Response, head_bytes
 from .tcp import stream_transport
 
 # Longer than nginx's upstream keepalive_timeout default (60 s), so nginx closes an idle
@@ -46,9 +45,6 @@ LINGER_TIMEOUT = 2.0
 LINGER_MAX_BYTES = 1024 * 1024
 # Open client connections per process; beyond it a new one gets 503 and is closed.
 DEFAULT_MAX_CONNECTIONS = 4096
-
-JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
-
 
 Handler = Callable[[Request, "Response"], Awaitable[None]]
 
@@ -91,17 +87,11 @@ class ServerState:
         # bytes (uploads); 0: buffer the body whole, as for every other request.
         self.stream_body = stream_body
         self.on_error = on_error
-        self.error_body = error_body or _plain_error_body
+        self.error_body = error_body or server_error_body
         self.connections: set[HttpConnection] = set()
         self.closing = False
         self.refused_connections = 0
         self.upgrade: UpgradeHook | None = None
-
-
-def _plain_error_body(status: int, message: str, code: str) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    )
 
 
 class _Refusal:

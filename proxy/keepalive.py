@@ -27,13 +27,13 @@ from .errors import ApiError, bad_gateway
 from .exchange import Exchange
 from .http import Header, Response
 from .response import ClientGone
+from .sse import DONE_EVENT
 from .upstream import UpstreamConnection, UpstreamError
 
 # A backend's refusal is a short JSON error; read at most this much of it.
 MAX_ERROR_BODY = 64 * 1024
 
 KEEPALIVE_EVENT = b": keep-alive\n\n"
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class KeepAlive:

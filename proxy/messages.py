@@ -18,10 +18,12 @@ import orjson
 from .adapters import Adapter
 from .chunks import ChunkFilter
 from .errors import ApiError
-from .eventfilter import DONE_EVENT, NamedEventFilter, named_event
+from .eventfilter import NamedEventFilter, named_event
 from .exchange import Exchange
 from .http import Header
+from .response import JSON_HEADERS
 from .snapshot import StreamPolicy
+from .sse import DONE_EVENT
 from .stopwords import StreamGuard
 from .timeouts import StreamWatchdog
 
@@ -185,7 +187,7 @@ class MessagesAdapter(Adapter):
             exc.status, "invalid_request_error" if exc.status < 500 else "api_error"
         )  # fmt: skip
         body = {"type": "error", "error": {"type": kind, "message": exc.message}}
-        return [(b"content-type", b"application/json"), *exc.headers], orjson.dumps(body)
+        return [*JSON_HEADERS, *exc.headers], orjson.dumps(body)
 
     def stream_error(self, message: str, type: str, code: str) -> bytes:
         body = {"type": "error", "error": {"type": "api_error", "message": message}}

@@ -47,9 +47,9 @@ class StreamRelay:
         self.response = response
         self.splitter = SseSplitter()
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        # Without a guard the per-event work is _observe's byte searches only.
+        # Without a guard the per-event work is observe's byte searches only.
         self._on_event: Callable[[bytes], bytes | None] = (
-            chunk_filter._observe if chunk_filter.guard_spec is None else chunk_filter._guarded
+            chunk_filter.observe if chunk_filter.guard_spec is None else chunk_filter.guarded
         )
 
     def feed(self, data: bytes) -> None:

@@ -10,6 +10,8 @@ from typing import Protocol
 
 Header = tuple[bytes, bytes]
 
+JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+
 
 class FlowListener(Protocol):
     def pause(self) -> None: ...

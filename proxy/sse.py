@@ -8,7 +8,8 @@ one read (a slow consumer, merged TCP segments), are reassembled here.
 from __future__ import annotations
 
 SEPARATOR = b"\n\n"
-DONE = b"data: [DONE]"
+# The last event of every OpenAI stream.
+DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class SseSplitter:

@@ -24,6 +24,7 @@ from .errors import ApiError, bad_request
 from .exchange import Exchange
 from .http import Header
 from .nonstream import guard_completion
+from .response import JSON_HEADERS
 from .routing import RouteChoice
 from .snapshot import App, StreamPolicy
 from .stopwords import GuardSpec
@@ -146,11 +147,11 @@ class TgiStreamFilter(ChunkFilter):
         self.tokens = 0
         self.final: tuple[str, str | None, Any] | None = None  # last text, finish, stop_reason
 
-    def _observe(self, event: bytes) -> bytes:
-        return self._to_tgi(super()._observe(event))
+    def observe(self, event: bytes) -> bytes:
+        return self._to_tgi(super().observe(event))
 
-    def _guarded(self, event: bytes) -> bytes | None:
-        out = super()._guarded(event)
+    def guarded(self, event: bytes) -> bytes | None:
+        out = super().guarded(event)
         return None if out is None else self._to_tgi(out)
 
     def eof_tail(self) -> bytes:
@@ -255,7 +256,7 @@ class TgiAdapter(Adapter):
         else:
             kind = "validation" if exc.status < 500 else "generation"
         body = orjson.dumps({"error": exc.message, "error_type": kind})
-        return [(b"content-type", b"application/json"), *exc.headers], body
+        return [*JSON_HEADERS, *exc.headers], body
 
     def stream_error(self, message: str, type: str, code: str) -> bytes:
         return _event({"error": message, "error_type": "generation"})

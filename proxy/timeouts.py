@@ -1,8 +1,8 @@
 """Stream deadlines with one timer per stream, whatever the token count.
 
-A token only stores the time in an attribute. The single timer is armed at the earliest
-possible deadline; when it fires it recomputes the deadline from the latest token time and
-re-arms if the stream moved on. The first token re-arms it once (`first_token`): the
+A token only stores its `time.monotonic()` in an attribute. The single timer is armed at
+the earliest possible deadline; when it fires it recomputes the deadline from the latest
+token time and re-arms if the stream moved on. The first token re-arms it once (`first_token`): the
 inter-token deadline that starts then may come long before the first-token one. So a
 stream with an inter-token timeout of 5 s and tokens every 10 ms creates one timer handle
 per 5 s, not one per token.

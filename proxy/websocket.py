@@ -32,7 +32,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from .app import ProxyApp, request_id
 from .errors import error_body
 from .http import Header, HttpConnection, Request, Response
-from .response import ClientGone, head_bytes
+from .response import JSON_HEADERS, ClientGone, head_bytes
 
 WEBSOCKET_PATHS = ("/v1/chat/completions", "/v1/completions")
 PING_PAYLOAD = b"keep-alive"
@@ -294,7 +294,7 @@ def _reject(transport: asyncio.Transport, status: int, message: str) -> None:
     body = error_body(message, "invalid_request_error", "bad_websocket_handshake")
     head = head_bytes(
         status,
-        [(b"content-type", b"application/json")],
+        JSON_HEADERS,
         b"connection: close\r\ncontent-length: %d\r\n" % len(body),
     )
     transport.write(head + body)

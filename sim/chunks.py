@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import orjson
+from sluice.proxy.errors import error_body
+from sluice.proxy.sse import SEPARATOR
 
 from .text import alternatives
 
 FINGERPRINT = "vllm-0.26.0-nohash"
-DONE_EVENT = b"data: [DONE]\n\n"
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 _NULL = b"null"
@@ -37,8 +38,7 @@ def usage_json(prompt_tokens: int, completion_tokens: int) -> bytes:
 
 def error_event(status: int, message: str, type_: str) -> bytes:
     """A mid-stream error: vLLM sends it as a data event (HTTP status stays 200)."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": status}}
-    return b"data: " + _dumps(body) + b"\n\n"
+    return b"data: " + error_body(message, type_, status) + SEPARATOR
 
 
 class ChoiceResult(Protocol):

@@ -12,10 +12,8 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import orjson
-
-Header = tuple[bytes, bytes]
-
-JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+from sluice.proxy.errors import error_body
+from sluice.proxy.response import JSON_HEADERS, Header
 
 # vLLM names `type` after the exception it raised.
 _TYPES = {
@@ -66,9 +64,7 @@ def error_type(status: int) -> str:
 
 
 def error_json(status: int, message: str, type_: str, param: str | None) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    )
+    return error_body(message, type_, status, param)
 
 
 def api_error(status: int, message: str, param: str | None = None) -> ApiError:

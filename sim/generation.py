@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import orjson
 from sluice.proxy.http import Response
+from sluice.proxy.sse import DONE_EVENT
 
-from .chunks import DONE_EVENT, ChunkFormat, usage_json
+from .chunks import ChunkFormat, usage_json
 from .params import GenerationParams
 from .stats import Stats
 from .text import sample_logprobs, sample_tokens

@@ -11,21 +11,30 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from sluice.proxy.http import Request, Response
+from sluice.proxy.response import JSON_HEADERS
 
-from .config import SimOptions, parse_sim_options
-from .errors import JSON_HEADERS, ApiError, api_error, model_not_found
+from .config import SimConfig, SimOptions, parse_sim_options
+from .errors import ApiError, api_error, model_not_found
 from .params import parse_json
+from .stats import Stats
 from .text import VOCAB, chat_prompt_text, count_text_tokens, sample_tokens
 
-if TYPE_CHECKING:
-    from .server import SimApp
+
+class SimApp(Protocol):
+    """What the routes use of their app (`server.SimApp`): its config and its stats."""
+
+    @property
+    def config(self) -> SimConfig: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
-DONE_EVENT = b"data: [DONE]\n\n"
 EMBEDDING_DIM = 8
 _FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
 

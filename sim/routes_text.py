@@ -16,10 +16,11 @@ from typing import Any
 
 import orjson
 from sluice.proxy.http import Request, Response
+from sluice.proxy.response import JSON_HEADERS
+from sluice.proxy.sse import DONE_EVENT
 
-from .errors import JSON_HEADERS, api_error
+from .errors import api_error
 from .routes_api import (
-    DONE_EVENT,
     SSE_HEADERS,
     ApiRoutes,
     plan_text,

@@ -9,17 +9,17 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import orjson
-from sluice.proxy.http import ClientGone, Request, Response, ServerState
+from sluice.proxy.http import ClientGone, Handler, Request, Response, ServerState
+from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.server import HttpServer
+from sluice.proxy.sse import DONE_EVENT
 
 from .chunks import KEEPALIVE_COMMENT, ChatFormat, ChunkFormat, CompletionFormat, error_event
 from .config import SimConfig, SimOptions, parse_sim_options
 from .errors import (
-    JSON_HEADERS,
     ApiError,
     api_error,
     detail_error,
@@ -39,8 +39,6 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
 METRICS_HEADERS = [(b"content-type", b"text/plain; version=1.0.0; charset=utf-8")]
 VLLM_VERSION = "0.26.0"
 
-Endpoint = Callable[[Request, Response], Awaitable[None]]
-
 
 class SimApp:
     """Request handling; one per server. Everything runs on the server's event loop."""
@@ -57,7 +55,7 @@ class SimApp:
             else None
         )
         self.tasks: set[asyncio.Task[object]] = set()
-        self.routes: dict[str, dict[str, Endpoint]] = {
+        self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat},
             "/v1/completions": {"POST": self.completions},
             "/v1/models": {"GET": self.models},
@@ -206,7 +204,7 @@ class SimApp:
             self.stats.failed += 1
             message = f"simulated mid-stream error (sim.error_after={params.sim.error_after})"
             response.write(error_event(500, message, error_type(500)))
-            response.write(b"data: [DONE]\n\n")
+            response.write(DONE_EVENT)
             response.end()
         else:
             self.stats.stalled += 1

@@ -16,7 +16,6 @@ from sluice.proxy.http import Request
 # vLLM pre-declares these label values; 0.26 does not count client aborts under "abort"
 # (transcript 07), and neither do we.
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
-_LOGGED_HEADERS = (b"content-type", b"x-request-id", b"user-agent", b"traceparent")
 
 
 def process_cpu_seconds() -> float:

@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from helpers import ProcessServer, SimClient, start_sim
+from tests.fixtures import ProcessServer, SimClient, start_sim
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import REPO, ProcessServer
+
+from tests.fixtures import REPO, ProcessServer
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import orjson
 from sluice.proxy.auth import authenticate
-from sluice.proxy.errors import JSON_HEADERS, ApiError, bad_request, method_not_allowed, not_found
+from sluice.proxy.errors import ApiError, bad_request, method_not_allowed, not_found
 from sluice.proxy.http import Handler, Request, Response
+from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.snapshot import SnapshotRef
 
 from .records import RecordWriter, StoreUnavailable

@@ -11,6 +11,7 @@ numpy in the proxy's install; tests/apps/test_stats.py checks them against publi
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -104,12 +105,11 @@ def z_quantile(p: float) -> float:
 
 
 def quantile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); `values` non-empty."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The q quantile in whole percents (0.5, 0.95), interpolated between closest ranks as
+    numpy's default does (`method="inclusive"`); `values` non-empty."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A bounded streaming load generator: N concurrent chat streams on raw asyncio protocols.
+"""A bounded streaming load generator: N concurrent chat streams on raw asyncio protocols
+(the project's one raw HTTP/1.1 client, `sluice.sim.client.ResponseProtocol`).
 
 It shares the 2-core machine with the backend and the relay it measures, so it does as
 little as it can per byte: httptools parses the HTTP framing, each SSE event is searched
@@ -10,19 +11,18 @@ not when a task got round to them. One future per request; no task hop per chunk
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import resource
-import socket
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import cast
 from urllib.parse import urlsplit
 
-import httptools
 import orjson
+from sluice.proxy.sse import DONE_EVENT
+from sluice.sim.client import ResponseProtocol, request_bytes
 
-CHAT_PATH = b"/v1/chat/completions"
+CHAT_PATH = "/v1/chat/completions"
 PROMPT = "Write a long story about a lighthouse keeper."
 # An error response body kept for the report; the rest is dropped.
 MAX_ERROR_BODY = 2048
@@ -31,7 +31,7 @@ CONNECT_TIMEOUT = 10.0
 # A value starting with anything but `"` is a token; re-serialisers may add a space.
 _VALUE_KEYS = (b'"content":"', b'"text":"', b'"content": "', b'"text": "')
 _USAGE = b'"completion_tokens":'
-_DONE = b"data: [DONE]"
+_DONE = DONE_EVENT.rstrip(b"\n")
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,12 @@ class LoadResult:
     client_cpu_s: float
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); nan when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99), interpolated between closest ranks as numpy's default
+    does (`method="inclusive"`); nan when empty."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def summarize(spec: LoadSpec, samples: Samples, wall_s: float, cpu_s: float) -> LoadResult:
@@ -124,23 +121,19 @@ def summarize(spec: LoadSpec, samples: Samples, wall_s: float, cpu_s: float) -> 
     )
 
 
-class StreamConnection(asyncio.Protocol):
+class StreamConnection(ResponseProtocol):
     """One keep-alive connection carrying one streaming request at a time."""
 
     def __init__(self, samples: Samples) -> None:
+        super().__init__()
         self.samples = samples
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.keep_alive = True
         self._done: asyncio.Future[None] | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
         self.status = 0
         self._sent = 0.0
-        self._now = 0.0
         self._last = 0.0
         self._gaps: list[float] = []
         self._ttft = -1.0
@@ -151,38 +144,19 @@ class StreamConnection(asyncio.Protocol):
         self._pending = b""
         self._error_body = b""
 
-    # -- transport callbacks -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # -- protocol and parser callbacks ---------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        super().connection_lost(exc)
         if self._done is not None:
             if self.status:
                 self._finish("truncated", "connection closed mid-stream")
             else:
                 self._finish("reset", "connection closed before the response")
 
-    def data_received(self, data: bytes) -> None:
-        self._now = time.perf_counter()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._finish("protocol", "unexpected upgrade")
-        except httptools.HttpParserError as exc:
-            self._finish("protocol", f"malformed response: {exc}")
-            self.abort()
-
-    # -- parser callbacks ----------------------------------------------------------------
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        self.keep_alive = self.parser.should_keep_alive()
+    def on_parse_error(self, detail: str, *, fatal: bool) -> None:
+        self._finish("protocol", detail)
+        super().on_parse_error(detail, fatal=fatal)
 
     def on_body(self, body: bytes) -> None:
         if self.status != 200:
@@ -207,7 +181,7 @@ class StreamConnection(asyncio.Protocol):
                 pos += len(key)
                 break
         if pos >= 0 and event[pos : pos + 1] not in (b'"', b""):
-            now = self._now
+            now = self.now
             if self._events:
                 self._gaps.append(now - self._last)
             else:
@@ -272,11 +246,6 @@ class StreamConnection(asyncio.Protocol):
                 self._done = None
                 self.abort()
 
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
-
 
 def build_request(spec: LoadSpec) -> bytes:
     parts = urlsplit(spec.url)
@@ -293,18 +262,11 @@ def build_request(spec: LoadSpec) -> bytes:
     }
     if spec.stop:
         payload["stop"] = list(spec.stop)
-    body = orjson.dumps(payload)
-    prefix = parts.path.rstrip("/").encode()
-    head = [
-        b"POST " + prefix + CHAT_PATH + b" HTTP/1.1",
-        b"Host: " + f"{host}:{port}".encode(),
-        b"Content-Type: application/json",
-        b"Accept: text/event-stream",
-        b"Content-Length: %d" % len(body),
-    ]
+    headers = {"connection": "keep-alive", "accept": "text/event-stream"}
     if spec.api_key:
-        head.append(b"Authorization: Bearer " + spec.api_key.encode())
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+        headers["authorization"] = "Bearer " + spec.api_key
+    path = parts.path.rstrip("/") + CHAT_PATH
+    return request_bytes("POST", host, port, path, orjson.dumps(payload), headers)
 
 
 async def run_load(spec: LoadSpec) -> LoadResult:

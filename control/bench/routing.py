@@ -110,9 +110,7 @@ def measure(
         errors=dict(samples.errors),
         first_error=samples.first_error,
         wall_s=round(wall, 2),
-        ttft_ms={
-            q: round(percentile(ttfts, float(q[1:])) * 1000, 1) for q in ("p50", "p90", "p99")
-        },
+        ttft_ms={q: round(percentile(ttfts, int(q[1:])) * 1000, 1) for q in ("p50", "p90", "p99")},
         hit_rate=round((after[1] - before[1]) / queried, 3) if queried > 0 else None,
         cache_reset=reset,
     )

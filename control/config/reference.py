@@ -7,6 +7,7 @@ Regenerate with `python -m sluice.control.config.reference --write docs/CONFIG.m
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from .check import run_check
 from .gateway_schema import GatewayFile
 from .presets import UNSUPPORTED, mapping_table
 from .schema import FieldPolicy, PolicyFile, PresetFile
@@ -232,8 +234,6 @@ MISTAKES: tuple[tuple[str, dict[str, str], str], ...] = (
 
 def check_output(files: dict[str, str]) -> str:
     """What `sluice check presets` prints for the base files changed by `files`."""
-    from sluice.control.cli import main  # noqa: PLC0415 (cli imports nothing of ours eagerly either)
-
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "presets"
         directory.mkdir()
@@ -241,7 +241,7 @@ def check_output(files: dict[str, str]) -> str:
             (directory / name).write_text(text, encoding="utf-8")
         out = io.StringIO()
         with contextlib.chdir(tmp), contextlib.redirect_stdout(out):
-            main(["check", "presets"])
+            run_check(argparse.Namespace(dir="presets"))
         return out.getvalue()
 
 

@@ -16,7 +16,7 @@ import hmac
 import json
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
@@ -26,7 +26,7 @@ import orjson
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.auth import check_origin
 from sluice.proxy.errors import ApiError, send_error
-from sluice.proxy.http import Request, Response
+from sluice.proxy.http import Handler, Request, Response
 from sluice.proxy.observe import Observer
 from sluice.proxy.routing import choose_route
 from sluice.proxy.sampling import apply_plan, merge_stop
@@ -44,7 +44,6 @@ PLAYGROUND_MAX_TOKENS = 512
 PLAYGROUND_MAX_PROMPT = 16_000
 TOP_LOGPROBS = 5
 
-Handler = Callable[[Request, Response], Awaitable[None]]
 JSON = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 # The pages run only their own script and style; nothing is loaded from elsewhere.
 PAGE_HEADERS = [

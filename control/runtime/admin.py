@@ -14,21 +14,18 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import ApiError, send_error
-from sluice.proxy.http import Request, Response
+from sluice.proxy.http import Handler, Request, Response
 from sluice.proxy.observe import Observer
+from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.snapshot import SnapshotRef
 
 from .reloader import ConfigReloader
-
-Handler = Callable[[Request, Response], Awaitable[None]]
-JSON = [(b"content-type", b"application/json")]
 
 
 def _authorize(request: Request, ref: SnapshotRef) -> None:
@@ -76,7 +73,7 @@ def admin_routes(
             )
         return state
 
-    def guarded(method: str, fn: Callable[[Request, Response], Awaitable[None]]) -> Handler:
+    def guarded(method: str, fn: Handler) -> Handler:
         async def handler(request: Request, response: Response) -> None:
             try:
                 if request.method != method:
@@ -94,7 +91,7 @@ def admin_routes(
         return handler
 
     async def get_config(request: Request, response: Response) -> None:
-        response.send(200, JSON, orjson.dumps(config_state()))
+        response.send(200, JSON_HEADERS, orjson.dumps(config_state()))
 
     async def post_reload(request: Request, response: Response) -> None:
         if reloader is None:
@@ -105,7 +102,7 @@ def admin_routes(
         status = 200 if result.ok else 422
         response.send(
             status,
-            JSON,
+            JSON_HEADERS,
             orjson.dumps(
                 {"result": result.result, "version": ref.current.version, "errors": result.errors}
             ),
@@ -113,7 +110,7 @@ def admin_routes(
 
     async def get_status(request: Request, response: Response) -> None:
         body = status_body(ref, app, observer, config_state(), started, worker)
-        response.send(200, JSON, orjson.dumps(body))
+        response.send(200, JSON_HEADERS, orjson.dumps(body))
 
     async def metrics(request: Request, response: Response) -> None:
         if request.method not in ("GET", "HEAD"):

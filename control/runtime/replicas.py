@@ -20,6 +20,7 @@ import httpx
 from sluice.control.config.build import ConfigInvalid, load_config
 from sluice.control.errors import CliError
 
+from . import status
 from .status import TIMEOUT_S, TOKEN_ENV, fetch_status
 
 
@@ -128,3 +129,10 @@ def run_all(args: argparse.Namespace) -> int:
     text, agree = format_states([collect(url, token) for url in urls])
     print(text)
     return 0 if agree else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """`sluice status`: every replica with `--all`, else the one proxy."""
+    if getattr(args, "urls", None) is not None:
+        return run_all(args)
+    return status.run(args)

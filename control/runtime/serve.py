@@ -23,7 +23,6 @@ from pathlib import Path
 import structlog
 import uvloop
 from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
-from sluice.control.console.wiring import attach_console
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.budget import return_large_allocations_to_os
@@ -37,6 +36,7 @@ from sluice.proxy.timeouts import SHUTDOWN
 from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
+from .console import attach_console
 from .limits import start_limit_store, store_url
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records

@@ -15,10 +15,7 @@ TIMEOUT_S = 5.0
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "urls", None) is not None:
-        from .replicas import run_all  # noqa: PLC0415 (replicas imports this module)
-
-        return run_all(args)
+    """One proxy (`sluice status`); `--all` is `replicas.run_all`, which uses this module."""
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         raise CliError(f"no admin token: pass --token or set {TOKEN_ENV}")

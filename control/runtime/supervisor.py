@@ -68,11 +68,15 @@ def supervise(
     Exit status: 0 when every worker exited 0, else the first failure's (128+N: signal N).
     """
     log = structlog.get_logger("sluice")
+    reserved: socket.socket | None = None
     if port == 0:
-        # Workers must share one port: pick it here.
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+        # Workers must share one port: pick it here, and keep it bound (not listening) until
+        # they exit, so that the host hands it to nothing else while they start; they join
+        # it through SO_REUSEPORT. A bound socket that does not listen gets no connections.
+        reserved = socket.socket()
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((host, 0))
+        port = reserved.getsockname()[1]
     argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
     argv = [a for a in argv if a != "--demo"]
     argv += ["--port", str(port)]
@@ -165,5 +169,7 @@ def supervise(
             shutil.rmtree(metrics_dir, ignore_errors=True)
         if permits is not None:
             permits.close()
+        if reserved is not None:
+            reserved.close()
     failed = next((code for code in codes if code != 0), 0)
     return 128 - failed if failed < 0 else failed

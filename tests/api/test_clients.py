@@ -14,11 +14,12 @@ import anthropic
 import httpx
 import openai
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot
 from huggingface_hub import InferenceClient
 from langchain_openai import OpenAI as LangchainOpenAI
 from sluice.proxy.snapshot import SamplingPlan, StreamPolicy
 from sluice.proxy.stopwords import GuardSpec
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot
 
 STOP = StreamPolicy(name="no-hash", stop=("###",), guard=GuardSpec(stop=("###",)))
 PRESET = SamplingPlan(name="precise", defaults={"temperature": 0.3, "top_p": 0.9, "max_tokens": 24})

@@ -14,15 +14,16 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import (
+from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy
+from sluice.proxy.structured import StructuredOutputs
+
+from tests.fixtures import (
     ProcessServer,
     ProxyHarness,
     SimClient,
     passthrough_snapshot,
     routed_snapshot,
 )
-from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy
-from sluice.proxy.structured import StructuredOutputs
 
 KEY = b"sk-app-a"
 AUTH = {"authorization": "Bearer " + KEY.decode()}

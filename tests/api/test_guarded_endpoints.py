@@ -10,9 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 from sluice.proxy.snapshot import SamplingPlan, StreamPolicy
 from sluice.proxy.stopwords import CutPattern, GuardSpec
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 
 SCRIPT = ["Hello", " there", ",", " friend", "###", " secret", " tail"]
 STOP = StreamPolicy(name="no-hash", stop=("###",), guard=GuardSpec(stop=("###",)))

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import ProcessServer, start_sim
+
+from tests.fixtures import ProcessServer, start_sim
 
 
 @pytest.fixture(scope="module")

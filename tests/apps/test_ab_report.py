@@ -17,10 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps_helpers import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
-from helpers import ProcessServer, sluice_cmd
 from sluice.control.ab.records import StoredRecord, read_experiment
 from sluice.control.ab.report import build_report, render_text
+
+from tests.apps.fixtures import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
+from tests.fixtures import ProcessServer, sluice_cmd
 
 GATEWAY = """\
 kind: Gateway

@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 import structlog
-from apps_helpers import (
+from sluice.proxy.observe import log_exchange
+
+from tests.apps.fixtures import (
     ANALYTICS_KEY,
     BATCH_KEY,
     SUPPORT_KEY,
@@ -23,8 +25,7 @@ from apps_helpers import (
     digest,
     write_config,
 )
-from helpers import ProcessServer, SimClient, stream_request
-from sluice.proxy.observe import log_exchange
+from tests.fixtures import ProcessServer, SimClient, stream_request
 
 GATEWAY = """\
 kind: Gateway
@@ -257,6 +258,7 @@ def test_keys_appear_in_no_log_line_error_or_record(gateway: AppsProxy) -> None:
                 headers={"x-api-key": ANALYTICS_KEY},
             ).text,
         ]
+        gateway.harness.wait_finished(4)  # each completion's log line is written by then
     gateway.close_records()
     assert len([e for e in logs if e.get("event") == "request"]) == 4
     text = repr(logs) + "".join(bodies) + Path("records.sqlite").read_bytes().decode("latin-1")
@@ -301,6 +303,7 @@ def test_keys_appear_in_no_admin_output(gateway: AppsProxy) -> None:
     with httpx.Client(timeout=10) as client:
         for key in (SUPPORT_KEY, BATCH_KEY):
             assert chat(client, gateway.url, key, max_tokens=1).status_code == 200
+        harness.wait_finished(2)  # both are in the observer's figures
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         outputs = [
             client.get(gateway.url + path, headers=admin)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps_helpers import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
-from helpers import ProcessServer, SimClient
 from sluice.control.config.build import BuiltConfig
 from sluice.proxy.routing import BUCKETS, assign_variant, bucket_of
 from sluice.proxy.snapshot import NO_PRESET, Experiment, Variant
+
+from tests.apps.fixtures import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
+from tests.fixtures import ProcessServer, SimClient
 
 GATEWAY = """\
 kind: Gateway

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps_helpers import BATCH_KEY, SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
-from helpers import ProcessServer
 from sluice.control.ab.records import RecordWriter
+
+from tests.apps.fixtures import BATCH_KEY, SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
+from tests.fixtures import ProcessServer
 
 GATEWAY = """\
 kind: Gateway

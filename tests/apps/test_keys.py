@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import httpx
-from apps_helpers import AppsProxy, build, chat, write_config
-from helpers import ProcessServer, sluice_cmd
+
+from tests.apps.fixtures import AppsProxy, build, chat, write_config
+from tests.fixtures import ProcessServer, sluice_cmd
 
 KEY_RE = re.compile(r"^  (sk-sluice-[A-Za-z0-9_-]{43})$", re.MULTILINE)
 HASH_RE = re.compile(r'^  - "(sha256:[0-9a-f]{64})"  # support-bot$', re.MULTILINE)

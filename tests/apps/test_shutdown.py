@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps_helpers import SUPPORT_KEY, digest, write_config
-from helpers import ProcessServer, sluice_cmd, start_sim
+
+from tests.apps.fixtures import SUPPORT_KEY, digest, write_config
+from tests.fixtures import ProcessServer, sluice_cmd, start_sim
 
 GATEWAY = """\
 kind: Gateway

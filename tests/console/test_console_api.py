@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ProcessServer, start_sim
 
-from .console_helpers import ADMIN_TOKEN, APP_KEY, start_sluice, write_config
+from tests.console.fixtures import ADMIN_TOKEN, APP_KEY, start_sluice, write_config
+from tests.fixtures import ProcessServer, start_sim
 
 
 @pytest.fixture(scope="module")

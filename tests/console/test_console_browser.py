@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ProcessServer, sluice_cmd, start_sim
 
-from .console_helpers import ADMIN_TOKEN, APP_KEY, start_sluice, write_config
+from tests.console.fixtures import ADMIN_TOKEN, APP_KEY, start_sluice, write_config
+from tests.fixtures import ProcessServer, sluice_cmd, start_sim
 
 CHROMIUM = os.environ.get("SLUICE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts" / "console"

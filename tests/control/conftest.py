@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from control_helpers import BASE, Writer
+
+from tests.control.fixtures import BASE, Writer
 
 
 @pytest.fixture

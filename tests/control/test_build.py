@@ -7,7 +7,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from control_helpers import EXAMPLES, GATEWAY, KEY_HASH, Writer, built, issues_of
 from sluice.control.config.build import (
     ConfigInvalid,
     ConfigIssue,
@@ -16,6 +15,8 @@ from sluice.control.config.build import (
 )
 from sluice.proxy.snapshot import NO_POLICY, NO_PRESET, StreamTimeouts
 from sluice.proxy.stopwords import CutPattern, GuardSpec, RepetitionGuard
+
+from tests.control.fixtures import EXAMPLES, GATEWAY, KEY_HASH, Writer, built, issues_of
 
 FULL_GATEWAY = f"""\
 kind: Gateway

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from control_helpers import EXAMPLES, REPO, Writer
 from sluice.control.cli import main
+
+from tests.control.fixtures import EXAMPLES, REPO, Writer
 
 
 def sluice(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from control_helpers import REPO
 from sluice.control.config import reference
+
+from tests.control.fixtures import REPO
 
 DOC = REPO / "docs" / "CONFIG.md"
 

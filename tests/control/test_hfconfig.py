@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_helpers import EXAMPLES, Writer, built
 from sluice.control.cli import main
+
+from tests.control.fixtures import EXAMPLES, Writer, built
 
 transformers = pytest.importorskip("transformers")
 GenerationConfig = transformers.GenerationConfig

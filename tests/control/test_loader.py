@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from control_helpers import KEY_HASH, Writer, built, issues_of
+from tests.control.fixtures import KEY_HASH, Writer, built, issues_of
 
 
 def test_unknown_key_points_at_the_key_with_a_suggestion(config_dir: Writer) -> None:

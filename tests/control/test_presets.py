@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from control_helpers import Writer, built, issues_of
 from sluice.control.config import presets
 from sluice.control.config.schema import GenerationSection
+
+from tests.control.fixtures import Writer, built, issues_of
 
 
 def preset_dir(config_dir: Writer, **files: str) -> object:

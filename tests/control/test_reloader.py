@@ -9,10 +9,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from control_helpers import GATEWAY, KEY_HASH, PRECISE, Writer
 from sluice.control.config.build import BuiltConfig
 from sluice.control.runtime.reloader import ConfigReloader
 from structlog.testing import capture_logs
+
+from tests.control.fixtures import GATEWAY, KEY_HASH, PRECISE, Writer
 
 DEADLINE_S = 2.0
 NEW = PRECISE.replace("temperature: 0.3", "temperature: 0.5")
@@ -196,7 +197,7 @@ def test_unrelated_files_do_not_trigger_a_reload(config_dir: Writer) -> None:
 
 
 def test_kubernetes_configmap_symlink_swap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from control_helpers import BASE
+    from tests.control.fixtures import BASE
 
     monkeypatch.chdir(tmp_path)
     directory = tmp_path / "presets"

@@ -4,10 +4,11 @@ errors at file:line, cache isolation, and the fields a reload cannot apply."""
 
 from __future__ import annotations
 
-from control_helpers import GATEWAY, KEY_HASH, Writer, built, issues_of
 from sluice.control.config.build import passthrough_config
 from sluice.control.runtime.reloader import restart_required
 from sluice.proxy.snapshot import DEFAULT_DENIER, DEFAULT_TIMEOUTS, StreamTimeouts
+
+from tests.control.fixtures import GATEWAY, KEY_HASH, Writer, built, issues_of
 
 BARE_GATEWAY = f"""\
 kind: Gateway

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from control_helpers import GATEWAY, KEY_HASH, Writer, built, issues_of
 from sluice.control.config import values
+
+from tests.control.fixtures import GATEWAY, KEY_HASH, Writer, built, issues_of
 
 PLAINTEXT = (
     "plaintext secret: a key or token in a file must be sha256:<64 hex digits> "

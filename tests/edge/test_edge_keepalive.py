@@ -5,7 +5,6 @@ without keep-alives and arrives whole with them."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from edge_helpers import Nginx
-from helpers import ProcessServer, ProxyHarness, free_port, routed_snapshot
 from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy
 
+from tests.edge.fixtures import Nginx
+from tests.fixtures import ProcessServer, ProxyHarness, free_port, routed_snapshot
+from tests.streams.fixtures import RawStream, raw_stream
+
 pytestmark = pytest.mark.edge
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "streams"))
-from stream_helpers import RawStream, raw_stream  # noqa: E402
 
 IDLE_TIMEOUT_S = 1
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from edge_helpers import (
+
+from tests.edge.fixtures import (
     Nginx,
     nginx_stack_gateway,
     openssl_binary,
@@ -22,7 +23,7 @@ from edge_helpers import (
     start_sluice,
     write_config,
 )
-from helpers import ProcessServer, SimClient, free_port, stream_request
+from tests.fixtures import ProcessServer, SimClient, free_port, stream_request
 
 pytestmark = pytest.mark.edge
 

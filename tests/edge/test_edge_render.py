@@ -16,11 +16,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import REPO, sluice_cmd
 from sluice.control.config.build import ConfigInvalid, load_config
 from sluice.control.edge.render import render
 from sluice.control.edge.templates import RenderError, environment
 from sluice.control.edge.timing import EdgeTiming
+
+from tests.fixtures import REPO, sluice_cmd
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SEPARATOR = re.compile(r"^=== (\S+)\n", re.MULTILINE)

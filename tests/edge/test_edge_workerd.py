@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from edge_helpers import ORIGIN_SECRET, Workerd, render, start_sluice, write_config
-from helpers import ProcessServer, SimClient, stream_request
+
+from tests.edge.fixtures import ORIGIN_SECRET, Workerd, render, start_sluice, write_config
+from tests.fixtures import ProcessServer, SimClient, stream_request
 
 pytestmark = pytest.mark.edge
 

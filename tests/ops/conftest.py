@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ProcessServer
-from ops_helpers import start_sluice, write_config
+
+from tests.fixtures import ProcessServer
+from tests.ops.fixtures import start_sluice, write_config
 
 StartSluice = Callable[..., ProcessServer]
 

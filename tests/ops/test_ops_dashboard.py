@@ -7,8 +7,9 @@ import json
 import re
 from typing import Any
 
-from helpers import REPO
 from sluice.proxy.metrics import Metrics
+
+from tests.fixtures import REPO
 
 DASHBOARD = REPO / "dashboards" / "sluice.json"
 OPERATIONS = REPO / "docs" / "OPERATIONS.md"

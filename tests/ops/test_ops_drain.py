@@ -9,8 +9,17 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import SimClient
-from ops_helpers import Streams, auth, chat, connect_refused, error_events, scrape, wait_until
+
+from tests.fixtures import SimClient
+from tests.ops.fixtures import (
+    Streams,
+    auth,
+    chat,
+    connect_refused,
+    error_events,
+    scrape,
+    wait_until,
+)
 
 ITL_MS = 50
 
@@ -72,7 +81,7 @@ def test_sigterm_drains_then_cuts_at_the_deadline(
 
 
 def test_readiness_goes_at_once_and_the_grace_keeps_serving(start, ops_config: Path) -> None:
-    grace_s = 1.0
+    grace_s = 2.5  # long enough for the checks below on a loaded 2-core machine
     server = start(ops_config, "--drain-grace", str(grace_s), "--drain-timeout", "5")
     url, port = server.url, server.port
     assert httpx.get(url + "/readyz").status_code == 200

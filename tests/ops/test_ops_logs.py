@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, stream_request
-from ops_helpers import ADMIN, ADMIN_TOKEN, KEYS, auth, chat, wait_until
+
+from tests.fixtures import ProcessServer, stream_request
+from tests.ops.fixtures import ADMIN, ADMIN_TOKEN, KEYS, auth, chat, wait_until
 
 ALWAYS = {
     "request_id", "endpoint", "app", "route", "backend", "preset", "variant", "config_version",

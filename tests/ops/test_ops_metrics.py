@@ -7,8 +7,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
-from helpers import ProcessServer, stream_request
-from ops_helpers import (
+
+from tests.fixtures import ProcessServer, stream_request
+from tests.ops.fixtures import (
     ADMIN,
     Scrape,
     Streams,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import httpx
-from helpers import ProcessServer, free_port, sluice_cmd
-from ops_helpers import ADMIN, ADMIN_TOKEN, Streams, auth, chat, scrape, wait_until
+
+from tests.fixtures import ProcessServer, free_port, sluice_cmd
+from tests.ops.fixtures import ADMIN, ADMIN_TOKEN, Streams, auth, chat, scrape, wait_until
 
 
 def sluice_status(*args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer
-from ops_helpers import ADMIN, Streams, auth, chat, scrape, usage, wait_until
+
+from tests.fixtures import ProcessServer
+from tests.ops.fixtures import ADMIN, Streams, auth, chat, scrape, usage, wait_until
 
 WORKERS = 2
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 from raw_backends import RawBackend
 from sluice.proxy.snapshot import (
     DEFAULT_TIMEOUTS,
@@ -19,6 +18,8 @@ from sluice.proxy.snapshot import (
     StreamPolicy,
     StreamTimeouts,
 )
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 
 MSG = [{"role": "user", "content": "Hello"}]
 

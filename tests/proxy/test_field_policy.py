@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, key_line
 from sluice.control.config.build import load_config
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, key_line
 
 KEY = bytes(range(32))
 MSG = [{"role": "user", "content": "Hi"}]

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import LoopThread
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import Request, Response, ServerState
 from sluice.proxy.server import HttpServer
+
+from tests.fixtures import LoopThread
 
 STREAM_CHUNK = b"x" * 65536
 

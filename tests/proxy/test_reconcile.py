@@ -13,8 +13,9 @@ from dataclasses import replace
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, routed_snapshot, stream_request
 from sluice.proxy.snapshot import App, Backend, QueueLimits, Snapshot
+
+from tests.fixtures import ProcessServer, ProxyHarness, routed_snapshot, stream_request
 
 MSG = [{"role": "user", "content": "Hi"}]
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient
 from sluice.control.config.build import load_config
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient
 
 MSG = [{"role": "user", "content": "Hello"}]
 

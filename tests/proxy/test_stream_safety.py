@@ -6,14 +6,14 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 from sluice.proxy.snapshot import Backend, QueueLimits, Snapshot, StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import CutPattern, GuardSpec
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 
 MSG = [{"role": "user", "content": "Hello"}]
 
@@ -172,7 +172,8 @@ def test_timeouts_fire_on_time_with_error_event_and_abort(
         assert data[-2]["error"]["code"] == code
         assert data[-2]["error"]["type"] == "timeout"
         if limit is not None:
-            assert limit <= elapsed < limit + 0.1 + 0.15  # timeout + 100 ms, plus client overhead
+            # timeout + 100 ms, plus the client's overhead on a loaded 2-core machine
+            assert limit <= elapsed < limit + 0.1 + 0.4
         else:
             times = result.content_times()
             assert len(times) == 3  # keep-alive comments did not reset the inter-token timer
@@ -237,6 +238,7 @@ def test_backend_queue_limit_2_with_10_concurrent(sim: ProcessServer) -> None:
             if r.status_code == 503:
                 assert r.json()["error"]["code"] == "backend_saturated"
                 assert 1 <= int(r.headers["retry-after"]) <= 60
+        harness.wait_finished(10)  # permits are released before an exchange is recorded
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -300,6 +302,7 @@ def test_queue_wait_expiry_is_503_and_app_limit_is_429(sim: ProcessServer) -> No
             assert second.status_code == 503
             assert 0.15 < waited < 1.0
             assert first.result().status_code == 200
+        harness.wait_finished(4)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -325,6 +328,7 @@ def test_queued_request_whose_client_leaves_frees_its_place(sim: ProcessServer) 
             )
             assert first.result().status_code == 200
             assert third.result().status_code == 200
+        harness.wait_finished(3)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()
@@ -389,13 +393,6 @@ def test_no_leaks_after_mixed_chaos(sim_ignore_stop: ProcessServer) -> None:
         assert harness.permits_in_use() == 0
         assert harness.busy_upstream_connections() == 0
 
-        def leftover_tasks() -> int:
-            import asyncio
-
-            return (
-                len([t for t in asyncio.all_tasks(harness.lt.loop) if not t.done()]) - 1
-            )  # minus the probe
-
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and harness.lt.call(lambda: len(harness.app.watchdogs)):
             time.sleep(0.05)
@@ -409,11 +406,6 @@ async def _count_tasks(harness: ProxyHarness) -> int:
 
     current = asyncio.current_task()
     return len([t for t in asyncio.all_tasks() if t is not current and not t.done()])
-
-
-@pytest.fixture(autouse=True)
-def _bounded() -> Iterator[None]:
-    yield
 
 
 def test_shutdown_interrupt_ends_streams_and_sends_queued_requests_away(sim: ProcessServer) -> None:
@@ -444,6 +436,7 @@ def test_shutdown_interrupt_ends_streams_and_sends_queued_requests_away(sim: Pro
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == "shutdown"
         assert rejected.headers["retry-after"] == "1"
+        harness.wait_finished(2)
         assert harness.permits_in_use() == 0
     finally:
         harness.close()

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
 from prometheus_client import CollectorRegistry
 from raw_backends import RawBackend
 from sluice.proxy.metrics import Metrics
+
+from tests.fixtures import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from rel_helpers import STATUS_RE
+from tests.reliability.fixtures import STATUS_RE
 
 SEEDS: list[bytes] = [
     b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n",

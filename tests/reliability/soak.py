@@ -2,7 +2,7 @@
 quotes. Real processes on loopback: `sluice serve` (routed config: preset, policy with a
 stop string and deadlines) in front of `sluice sim`; a raw keep-alive client.
 
-    python tests/reliability/soak.py [--requests 100000] [--concurrency 32] [--bodies]
+    python -m tests.reliability.soak [--requests 100000] [--concurrency 32] [--bodies]
 
 1. Mixed load: N requests, 10% faulty (bad JSON, nesting past the limit, backend 503,
    backend error mid-stream, backend closing mid-stream, client leaving mid-stream), each
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import httptools
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
-from helpers import ProcessServer, sluice_cmd, start_sim  # noqa: E402
+from tests.fixtures import ProcessServer, sluice_cmd, start_sim
 
 GATEWAY = """\
 kind: Gateway

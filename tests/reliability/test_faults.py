@@ -14,10 +14,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import LoopThread, ProcessServer, SimClient, free_port, routed_snapshot, stream_request
-from rel_helpers import RawBackend, TunedHarness, assert_no_leaks, census, exchange, statuses
 from sluice.proxy.snapshot import StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import GuardSpec
+
+from tests.fixtures import (
+    LoopThread,
+    ProcessServer,
+    SimClient,
+    free_port,
+    routed_snapshot,
+    stream_request,
+)
+from tests.reliability.fixtures import (
+    RawBackend,
+    TunedHarness,
+    assert_no_leaks,
+    census,
+    exchange,
+    statuses,
+)
 
 MSG = [{"role": "user", "content": "hi"}]
 # Short deadlines so stalls end within the test; a stop string so the guarded path runs.

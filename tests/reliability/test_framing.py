@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from rel_helpers import RecordingServer, exchange, statuses
+
+from tests.reliability.fixtures import RecordingServer, exchange, statuses
 
 # A second request placed where a desynchronised parser would read it.
 S = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"

@@ -10,12 +10,19 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from fuzz_engine import mutation_cases, play
-from helpers import ProcessServer, SimClient, routed_snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rel_helpers import DEFINED, RecordingServer, TunedHarness, assert_no_leaks, census
 from sluice.proxy.snapshot import SamplingPlan
+
+from tests.fixtures import ProcessServer, SimClient, routed_snapshot
+from tests.reliability.fixtures import (
+    DEFINED,
+    RecordingServer,
+    TunedHarness,
+    assert_no_leaks,
+    census,
+)
+from tests.reliability.fuzz_engine import mutation_cases, play
 
 SOAK = os.environ.get("SLUICE_SOAK") == "1"
 RAW_CASES = 12_000 if SOAK else 3_000

@@ -9,9 +9,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from helpers import ProcessServer, SimClient, routed_snapshot
-from rel_helpers import TunedHarness, census, exchange, statuses
 from sluice.proxy.snapshot import SamplingPlan
+
+from tests.fixtures import ProcessServer, SimClient, routed_snapshot
+from tests.reliability.fixtures import TunedHarness, census, exchange, statuses
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ProcessServer
-from reload_helpers import ConfigDir, Gateway, StartGateway, base_files
+
+from tests.fixtures import ProcessServer
+from tests.reload.fixtures import ConfigDir, Gateway, StartGateway, base_files
 
 
 @pytest.fixture

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ProcessServer, StreamResult, sluice_cmd, stream_request
-from reload_helpers import (
+from sluice.control.config.build import load_config
+
+from tests.fixtures import ProcessServer, StreamResult, sluice_cmd, stream_request
+from tests.reload.fixtures import (
     MODES,
     SAVE_STYLES,
     ConfigDir,
@@ -31,7 +33,6 @@ from reload_helpers import (
     modes_with_temperature,
     sim_request,
 )
-from sluice.control.config.build import load_config
 
 NEW_MODES = modes_with_temperature(0.6)
 INVALID_TEMPERATURE = MODES.replace("temperature: 0.3\n", "temperature: hot\n")
@@ -270,6 +271,13 @@ def test_sighup_reloads(
     assert gateway.reloaded_versions(at_least=1) == [expected]
 
 
+def _ignores_sighup(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
 def test_sighup_during_startup_does_not_kill_the_server(config: ConfigDir, tmp_path: Path) -> None:
     """A reload request that comes while the server is still starting (systemd sends
     ExecReload as soon as a Type=simple unit has forked) is not a reason to exit."""
@@ -277,14 +285,16 @@ def test_sighup_during_startup_does_not_kill_the_server(config: ConfigDir, tmp_p
     with (tmp_path / "stdout.log").open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 5.0
-        while b"sluice.control.cli" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
         # Past the interpreter's own start-up (no Python code can guard those first
-        # milliseconds), while the server modules still import.
-        time.sleep(0.1)
+        # milliseconds): as soon as the process ignores SIGHUP (its /proc status says so),
+        # while the server modules still import.
+        deadline = time.monotonic() + 15.0
+        while not _ignores_sighup(proc.pid):
+            assert proc.poll() is None, f"the server exited at start-up: {proc.poll()}"
+            assert time.monotonic() < deadline, "the server never ignored SIGHUP"
+            time.sleep(0.002)
         proc.send_signal(signal.SIGHUP)
+        assert "serving on" not in (tmp_path / "stdout.log").read_text()  # still starting
         deadline = time.monotonic() + 15.0
         while "serving on" not in (tmp_path / "stdout.log").read_text():
             assert proc.poll() is None, f"SIGHUP during start-up ended the server: {proc.poll()}"

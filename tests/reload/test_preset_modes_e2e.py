@@ -11,8 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import ProcessServer, start_sim
-from reload_helpers import (
+from sluice.control.config.build import load_config
+from sluice.proxy.routing import assign_variant
+
+from tests.fixtures import ProcessServer, start_sim
+from tests.reload.fixtures import (
     FIXED_KEY,
     PICKER_KEY,
     ConfigDir,
@@ -22,8 +25,6 @@ from reload_helpers import (
     sim_request,
     sim_request_ids,
 )
-from sluice.control.config.build import load_config
-from sluice.proxy.routing import assign_variant
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 # What the `modes` preset and the `guard` policy add to a chat request that sets nothing.

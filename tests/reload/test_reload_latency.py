@@ -1,11 +1,13 @@
 """Reload latency, a few samples per save style: the figures in docs/BENCHMARKS.md come
-from `python tests/reload/reload_latency.py --samples 20`, the same code."""
+from `python -m bench.reload_latency --samples 20`, the same code."""
 
 from __future__ import annotations
 
 import pytest
-from reload_helpers import ConfigDir, Gateway, percentile
-from reload_latency import STYLES, measure
+from sluice.control.bench.loadgen import percentile
+
+from bench.reload_latency import STYLES, measure
+from tests.reload.fixtures import ConfigDir, Gateway
 
 SAMPLES = 5
 # The issue's bound for "every new request uses it"; the design target is well under.

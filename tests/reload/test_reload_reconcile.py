@@ -4,7 +4,7 @@ and /admin/config until a restart; limits follow the swap."""
 
 from __future__ import annotations
 
-from reload_helpers import ConfigDir, Gateway, StartGateway, write_in_place
+from tests.reload.fixtures import ConfigDir, Gateway, StartGateway, write_in_place
 
 
 def test_listen_change_needs_a_restart_and_says_so(

@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httptools
 import pytest
 import uvloop
-from helpers import ProcessServer
-from reload_helpers import (
+from sluice.control.config.build import ConfigInvalid
+from sluice.sim.client import fetch
+
+from tests.fixtures import ProcessServer
+from tests.reload.fixtures import (
     MODES,
     PICKER_KEY,
     ConfigDir,
@@ -35,7 +37,6 @@ from reload_helpers import (
     write_in_place,
     write_temp_and_mv,
 )
-from sluice.control.config.build import ConfigInvalid
 
 CONCURRENCY = 200
 EDITS = 50
@@ -114,28 +115,10 @@ class Outcome:
     exception: str = ""
 
 
-class _Response:
-    """httptools callbacks for one response."""
-
-    def __init__(self) -> None:
-        self.headers: dict[bytes, bytes] = {}
-        self.body = bytearray()
-        self.complete = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
 class StreamLoad:
-    """CONCURRENCY streams in flight at all times until `stop()`: one keep-alive connection
-    per worker, raw HTTP/1.1 framed by httptools on a uvloop loop in its own thread (an
-    httpx pool of 200 connections costs more CPU than the proxy it measures)."""
+    """CONCURRENCY streams in flight at all times until `stop()`: the raw HTTP/1.1 client
+    (`sluice.sim.client`) on a uvloop loop in its own thread (an httpx pool of 200
+    connections costs more CPU than the proxy it measures)."""
 
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -166,50 +149,37 @@ class StreamLoad:
     async def _run(self) -> None:
         await asyncio.gather(*(self._worker(i) for i in range(CONCURRENCY)))
 
-    def _request(self, request_id: str) -> bytes:
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
-            f"authorization: Bearer {PICKER_KEY}\r\nx-request-id: {request_id}\r\n"
-            f"content-type: application/json\r\ncontent-length: {len(PAYLOAD)}\r\n\r\n"
-        )
-        return head.encode() + PAYLOAD
-
     async def _worker(self, worker: int) -> None:
         n = 0
-        writer: asyncio.StreamWriter | None = None
         while not self._stop.is_set():
             n += 1
             outcome = Outcome(started=time.monotonic())
+            headers = {
+                "authorization": f"Bearer {PICKER_KEY}",
+                "x-request-id": f"load-{worker}-{n}",
+            }
             try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-                writer.write(self._request(f"load-{worker}-{n}"))
-                response = _Response()
-                parser = httptools.HttpResponseParser(response)
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    while not response.complete:
-                        data = await reader.read(65536)
-                        if not data:
-                            raise ConnectionError("closed mid-response")
-                        parser.feed_data(data)
-                body = bytes(response.body)
-                outcome.status = parser.get_status_code()
-                outcome.version = response.headers.get(b"x-sluice-config", b"").decode()
-                outcome.complete = body.rstrip().endswith(b"data: [DONE]")
-                outcome.error_event = b'data: {"error"' in body
-                outcome.tokens = body.count(b'"content":"') - body.count(b'"content":""')
-                if not parser.should_keep_alive():
-                    writer.close()
-                    writer = None
-            except (OSError, TimeoutError, httptools.HttpParserError) as exc:
+                response = await fetch(
+                    self.host,
+                    self.port,
+                    "POST",
+                    "/v1/chat/completions",
+                    PAYLOAD,
+                    headers,
+                    timeout=REQUEST_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError) as exc:
                 outcome.exception = repr(exc)
                 outcome.status = -1
-                if writer is not None:
-                    writer.close()
-                    writer = None
+            else:
+                body = response.body
+                outcome.status = response.status
+                outcome.version = response.header("x-sluice-config") or ""
+                complete = response.complete and body.rstrip().endswith(b"data: [DONE]")
+                outcome.complete = complete
+                outcome.error_event = b'data: {"error"' in body
+                outcome.tokens = body.count(b'"content":"') - body.count(b'"content":""')
             self.outcomes.append(outcome)
-        if writer is not None:
-            writer.close()
 
 
 @pytest.mark.slow

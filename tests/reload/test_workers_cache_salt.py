@@ -7,9 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import ProcessServer
-from reload_helpers import ConfigDir, PinnedClient, StartGateway, auth, chat_body, sim_request
 from test_workers_e2e import worker_pids
+
+from tests.fixtures import ProcessServer
+from tests.reload.fixtures import (
+    ConfigDir,
+    PinnedClient,
+    StartGateway,
+    auth,
+    chat_body,
+    sim_request,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ProcessServer, sluice_cmd
-from reload_helpers import (
+
+from tests.fixtures import ProcessServer, sluice_cmd
+from tests.reload.fixtures import (
     ADMIN_TOKEN,
     DEADLINE_S,
     MODES,

@@ -13,12 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import LoopThread, ProxyHarness, routed_snapshot
 from sluice.proxy.loadscrape import LoadScraper, fetch_metrics, parse_metrics
 from sluice.proxy.prefix import chain_hashes, prompt_bytes
 from sluice.proxy.snapshot import Backend, RoutingPolicy
 from sluice.proxy.upstream import Origin
 from sluice.sim import SimConfig, SimServer, start_sim
+
+from tests.fixtures import LoopThread, ProxyHarness, routed_snapshot
 
 TENANTS = [
     f"You are the assistant of tenant {t}. Answer briefly and politely. " * 30 for t in "ABC"

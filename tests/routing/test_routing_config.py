@@ -8,11 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import sluice_cmd
 from sluice.control.config.build import build_config
 from sluice.control.config.issues import ConfigInvalid
 from sluice.control.config.loader import read_config_files
 from sluice.proxy.snapshot import RoutingPolicy
+
+from tests.fixtures import sluice_cmd
 
 GATEWAY = """\
 kind: Gateway

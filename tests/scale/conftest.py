@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ProcessServer, SimClient, start_sim
-from scale_helpers import PostgresServer, RedisServer, start_sluice
+
+from tests.fixtures import ProcessServer, SimClient, start_sim
+from tests.scale.fixtures import PostgresServer, RedisServer, start_sluice
 
 
 @pytest.fixture(scope="module")

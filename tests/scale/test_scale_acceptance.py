@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import REPO, ProcessServer, free_port, sluice_cmd
-from scale_helpers import (
+
+from tests.edge.fixtures import Nginx, render
+from tests.fixtures import ProcessServer, free_port, sluice_cmd
+from tests.scale.fixtures import (
     ADMIN,
     ADMIN_TOKEN,
     burst,
@@ -30,9 +31,6 @@ from scale_helpers import (
     stream,
     wait_until,
 )
-
-sys.path.insert(0, str(REPO / "tests" / "edge"))
-from edge_helpers import Nginx, render
 
 pytestmark = pytest.mark.edge
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from helpers import key_line, sluice_cmd
-from scale_helpers import wait_until
+
+from tests.fixtures import key_line, sluice_cmd
+from tests.scale.fixtures import wait_until
 
 KEY = "sk-scale-records-2f9c41d7e8"
 GATEWAY = """\

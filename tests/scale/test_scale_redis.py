@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import StreamResult, free_port
-from scale_helpers import (
+
+from tests.fixtures import StreamResult, free_port
+from tests.scale.fixtures import (
     ADMIN,
     RedisServer,
     burst,

@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
-from scale_helpers import burst, statuses, stream, wait_until, worker_pids, write_gateway
+from tests.scale.fixtures import burst, statuses, stream, wait_until, worker_pids, write_gateway
 
 WORKERS = 2
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from scale_helpers import burst, statuses, write_gateway
+
+from tests.scale.fixtures import burst, statuses, write_gateway
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])

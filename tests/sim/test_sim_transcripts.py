@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import CurlRequest, Transcripts, parse_curl, shape
+
+from tests.sim.fixtures import CurlRequest, Transcripts, parse_curl, shape
 
 # Sections with no request the simulator can answer like vLLM, and why.
 EXEMPT = {
@@ -110,7 +111,7 @@ def test_every_section_is_replayed(transcripts: Transcripts) -> None:
 
 
 def _sections() -> list[str]:
-    from conftest import TRANSCRIPTS
+    from tests.sim.fixtures import TRANSCRIPTS
 
     if not TRANSCRIPTS.is_dir():
         return []

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import ProcessServer, ProxyHarness, routed_snapshot
 from sluice.client import AsyncSluiceClient, SluiceClient, StreamError
 from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy
-from stream_helpers import CuttingRelay, raw_stream
+
+from tests.fixtures import ProcessServer, ProxyHarness, routed_snapshot
+from tests.streams.fixtures import CuttingRelay, raw_stream
 
 RESUMABLE = StreamPolicy(name="r", resume_window=5.0)
 REQUEST: dict[str, Any] = {

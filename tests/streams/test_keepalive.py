@@ -9,9 +9,10 @@ import threading
 import time
 from typing import Any
 
-from helpers import ProcessServer, ProxyHarness, routed_snapshot
 from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy, StreamTimeouts
-from stream_helpers import raw_stream
+
+from tests.fixtures import ProcessServer, ProxyHarness, routed_snapshot
+from tests.streams.fixtures import raw_stream
 
 FAST = StreamPolicy(name="ka", keepalive_interval=0.3)
 

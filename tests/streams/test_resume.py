@@ -10,10 +10,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import ProcessServer, ProxyHarness, SimClient, passthrough_snapshot, routed_snapshot
 from sluice.proxy.resume import StreamRegistry
 from sluice.proxy.snapshot import App, StreamPolicy
-from stream_helpers import RawStream, raw_stream, text_of
+
+from tests.fixtures import (
+    ProcessServer,
+    ProxyHarness,
+    SimClient,
+    passthrough_snapshot,
+    routed_snapshot,
+)
+from tests.streams.fixtures import RawStream, raw_stream, text_of
 
 KEY = "sk-resume-test"
 KEY2 = "sk-resume-test-2"  # the same app's second key: not the stream's key

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import websockets
-from helpers import ProcessServer, sluice_cmd
-from stream_helpers import raw_stream, text_of
+
+from tests.fixtures import ProcessServer, sluice_cmd
+from tests.streams.fixtures import raw_stream, text_of
 
 GATEWAY = """kind: Gateway
 listen: {{host: 127.0.0.1, port: 8000}}

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import websockets
-from helpers import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 from sluice.proxy.snapshot import App, Backend, QueueLimits, StreamPolicy, StreamTimeouts
 from sluice.proxy.websocket import WebSocketUpgrade
+
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
 
 KEY = "sk-ws-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

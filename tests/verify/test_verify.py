@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from helpers import ProcessServer, sluice_cmd, start_sim
 from sluice.control.verify.backend_probes import KeepAliveProbe
 from sluice.control.verify.wire import CHAT_CONTENT, check_stream, diff
+
+from tests.fixtures import ProcessServer, sluice_cmd, start_sim
 
 # Small bounded load so the whole run stays a few seconds on the shared machine.
 QUICK = ["--keepalive-window", "1", "--load-concurrency", "4", "--load-requests", "8",

@@ -1,4 +1,6 @@
-"""`attach_console`: what `sluice serve` calls to plug the console into a ProxyApp."""
+"""`attach_console`: what `sluice serve` calls to plug the console (`sluice.control.console`)
+into a ProxyApp. It lives here, with the runtime it wires, so that the console package
+needs nothing of the runtime (no import cycle between the two)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ from typing import Any
 from sluice.control.config.build import BuiltConfig, config_version
 from sluice.control.config.issues import ConfigInvalid
 from sluice.control.config.loader import ConfigFiles, read_config_files
-from sluice.control.runtime.reloader import ConfigReloader, ReloadResult
+from sluice.control.console.history import ConfigHistory
+from sluice.control.console.live import LiveSeries
+from sluice.control.console.routes import ConsoleServices, console_routes
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.observe import Observer
 
-from .history import ConfigHistory
-from .live import LiveSeries
-from .routes import ConsoleServices, console_routes
+from .reloader import ConfigReloader, ReloadResult
 
 
 def _texts(files: ConfigFiles | None) -> dict[str, bytes] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from helpers import ProcessServer, key_line, sluice_cmd
+from tests.fixtures import ProcessServer, key_line, sluice_cmd
 
 ADMIN_TOKEN = "console-test-admin-token"
 APP_KEY = "sk-console-app"

@@ -1,4 +1,4 @@
-"""Shared helpers of the control-plane tests (imported by name: tests/control is on sys.path)."""
+"""Shared helpers of the control-plane tests."""
 
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import uvloop
@@ -27,6 +27,8 @@ from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, SnapshotRef
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"(?:listening|serving) on (http://[0-9.:\[\]a-z]+)")
@@ -49,7 +51,7 @@ class ProcessServer:
         argv: list[str],
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-        timeout: float = 15.0,
+        timeout: float = 30.0,  # only a failure waits this long; a loaded machine starts slowly
     ) -> None:
         self.argv = argv
         self.proc = subprocess.Popen(
@@ -172,8 +174,8 @@ class LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return future.result(timeout)
 
     def call(self, fn: Callable[[], Any]) -> Any:
@@ -236,6 +238,17 @@ class ProxyHarness:
             return sum(len(r.pool.open) - len(r.pool.idle) for r in self.app.pools.all())
 
         return int(self.lt.call(busy))
+
+    def wait_upstream_idle(self, timeout: float = 5.0) -> None:
+        """Until no pooled upstream connection is busy. One goes back to the pool when the
+        backend's chunked terminator has arrived, which can be after the client read the
+        end of its response and after the exchange was recorded: there is no event to wait
+        on, so the state is polled, up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (busy := self.busy_upstream_connections()) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{busy} upstream connections still busy after {timeout} s")
+            time.sleep(0.01)
 
     def permits_in_use(self) -> int:
         return int(
@@ -335,12 +348,6 @@ def stream_request(
                 if stop_after_events is not None and len(events) >= stop_after_events:
                     break
             return StreamResult(resp.status_code, dict(resp.headers), events, b"")
-
-
-def iter_sse(lines: Iterator[bytes]) -> Iterator[bytes]:
-    for line in lines:
-        if line.startswith(b"data: "):
-            yield line[6:]
 
 
 def free_port() -> int:

@@ -1,14 +1,11 @@
 """Helpers of the end-to-end reload tests: a config directory the test edits the way
 editors save, a real `sluice serve` process, and the versions each edit must produce.
-
-Imported by name (tests/reload is on sys.path, as tests/control is for its helpers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import os
 import re
 import signal
@@ -20,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, key_line, sluice_cmd
 from sluice.control.config.build import ConfigInvalid, load_config
+
+from tests.fixtures import ProcessServer, key_line, sluice_cmd
 
 ADMIN_TOKEN = "adm-reload-e2e-token"
 PICKER_KEY = "sk-reload-picker"  # may choose a preset with x-sluice-preset
@@ -355,12 +353,6 @@ def sim_request(sim_url: str, request_id: str, timeout: float = DEADLINE_S) -> d
 
 def sim_request_ids(sim_url: str) -> set[str]:
     return {r["x_request_id"] for r in httpx.get(sim_url + "/sim/requests", timeout=5).json()}
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100] of a non-empty sample."""
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 # -- which worker process holds a connection (--workers N shares the port) ----------------------

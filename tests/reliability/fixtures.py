@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from helpers import LoopThread, ProxyHarness
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.metrics import Metrics
 from sluice.proxy.observe import Observer
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Snapshot
+
+from tests.fixtures import LoopThread, ProxyHarness
 
 # Statuses the proxy may answer, each with a defined meaning (README, OPERATIONS.md).
 DEFINED = frozenset(

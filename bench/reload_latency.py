@@ -1,7 +1,7 @@
 """Reload latency of a real `sluice serve`: a preset file written -> the first response
 that carries the new version in x-sluice-config.
 
-    .venv/bin/python tests/reload/reload_latency.py --samples 20
+    .venv/bin/python -m bench.reload_latency --samples 20
 
 starts `sluice sim` and `sluice serve --config <tmp copy>` on loopback, waits until the
 watcher is live, then for each save style writes `samples` edits (alternating two
@@ -21,16 +21,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+from sluice.control.bench.loadgen import percentile
 
-from helpers import start_sim  # noqa: E402
-from reload_helpers import (  # noqa: E402
+from tests.fixtures import start_sim
+from tests.reload.fixtures import (
     ConfigDir,
     Gateway,
     base_files,
     modes_with_temperature,
-    percentile,
     truncate_and_write,
     write_in_place,
 )

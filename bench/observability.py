@@ -1,6 +1,6 @@
 """What metrics and the access log cost: sluice with both on against sluice with both off.
 
-    .venv/bin/python tests/ops/bench_observability.py [--concurrency 256] [--requests 1024]
+    .venv/bin/python -m bench.observability [--concurrency 256] [--requests 1024]
         [--max-tokens 64] [--rounds 3] [--micro]
 
 Starts the simulator and two `sluice serve --backend <sim>` processes, one as shipped

@@ -1,14 +1,18 @@
-"""Raw SSE clients for the stream tests: what arrived, with its `id:` lines, and a way to
-drop the connection after any number of events."""
+"""SSE as the stream tests read it: what arrived, with its `id:` lines, through the raw
+client (`sluice.sim.client`), with a way to drop the connection after any number of events;
+and a relay that cuts connections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from sluice.sim.client import RawStream as ClientStream
 
 
 @dataclass
@@ -73,53 +77,45 @@ def raw_stream(
     stop_after: int | None = None,
     timeout: float = 20.0,
 ) -> RawStream:
-    """One HTTP/1.1 request on a fresh socket; with `stop_after`, the socket is closed
-    (RST-free, a plain close) after that many data events."""
+    """One HTTP/1.1 request on a fresh connection (the project's raw client,
+    `sluice.sim.client`, on a loop of its own); with `stop_after`, the socket is closed (a
+    plain close) after that many data events."""
+    return asyncio.run(_raw_stream(url, method, path, body, headers, stop_after, timeout))
+
+
+async def _raw_stream(
+    url: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    headers: dict[str, str] | None,
+    stop_after: int | None,
+    timeout: float,
+) -> RawStream:
     parts = urlsplit(url)
-    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
-    payload = json.dumps(body).encode() if body is not None else b""
-    head = [f"{method} {path} HTTP/1.1", f"host: {parts.netloc}", "connection: close"]
-    for name, value in (headers or {}).items():
-        head.append(f"{name}: {value}")
-    if body is not None:
-        head += ["content-type: application/json", f"content-length: {len(payload)}"]
-    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
-    reader = sock.makefile("rb")
+    assert parts.hostname is not None and parts.port is not None
+    stream = await ClientStream.open(parts.hostname, parts.port, method, path, body, headers)
     try:
-        status_line = reader.readline().decode()
-        status = int(status_line.split()[1])
-        hdrs: dict[str, str] = {}
-        while True:
-            line = reader.readline().decode().strip()
-            if not line:
-                break
-            name, _, value = line.partition(":")
-            hdrs[name.strip().lower()] = value.strip()
-        result = RawStream(status, hdrs)
-        if "chunked" not in hdrs.get("transfer-encoding", ""):
-            length = int(hdrs.get("content-length", "0"))
-            result.body = reader.read(length)
-            result.complete = True
+        async with asyncio.timeout(timeout):
+            head = await stream.read_head()
+            result = RawStream(head.status, dict(head.headers))
+            chunked = "chunked" in (head.header("transfer-encoding") or "")
+            buffer = b""
+            while (chunk := await stream.read_chunk()) is not None:
+                if not chunked:
+                    continue
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    raw, buffer = buffer.split(b"\n\n", 1)
+                    result.events.append(parse_event(raw))
+                    if stop_after is not None and len(result.data_events()) >= stop_after:
+                        return result
+            if not chunked:
+                result.body = stream.response.body
+            result.complete = stream.response.complete
             return result
-        buffer = b""
-        while True:
-            size_line = reader.readline()
-            if not size_line:
-                return result
-            size = int(size_line.strip(), 16)
-            if size == 0:
-                result.complete = True
-                return result
-            buffer += reader.read(size)
-            reader.readline()
-            while b"\n\n" in buffer:
-                raw, buffer = buffer.split(b"\n\n", 1)
-                result.events.append(parse_event(raw))
-                if stop_after is not None and len(result.data_events()) >= stop_after:
-                    return result
     finally:
-        reader.close()
-        sock.close()
+        stream.close()
 
 
 class CuttingRelay:

@@ -1,22 +1,20 @@
 """Helpers of the observability and operations tests: a config directory with routes for
 every metric family, real `sluice serve` processes, a /metrics parser, streams in threads.
-
-Imported by name (tests/ops is on sys.path, as tests/control is for its helpers).
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, StreamResult, key_line, sluice_cmd, stream_request
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures import ProcessServer, StreamResult, key_line, sluice_cmd, stream_request
 
 ADMIN_TOKEN = "adm-ops-7f3c9a1e55d2"
 KEYS = {  # app -> API key; the tests check that no log line ever holds one
@@ -201,14 +199,3 @@ def connect_refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def log_lines_containing(server: ProcessServer, needles: Iterable[str]) -> list[str]:
-    lines = server.stderr_lines + server.stdout_lines
-    return [line for line in lines for needle in needles if needle in line]
-
-
-def stream_in_thread(fn: Callable[[], Any]) -> threading.Thread:
-    thread = threading.Thread(target=fn, daemon=True)
-    thread.start()
-    return thread

@@ -2,7 +2,7 @@
 ports in temporary directories, `sluice serve` processes with a given limit, and bursts
 of concurrent streams counted by status.
 
-Imported by name (tests/scale is on sys.path, as tests/ops is for its helpers).
+Imported as tests.scale.fixtures.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProcessServer, StreamResult, free_port, sluice_cmd, stream_request
+
+from tests.fixtures import ProcessServer, StreamResult, free_port, sluice_cmd, stream_request
 
 ADMIN_TOKEN = "adm-scale-3c7e91d0a2"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}

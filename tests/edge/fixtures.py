@@ -1,5 +1,5 @@
 """The real edge programs for the edge tests: nginx and workerd as child processes on
-loopback, run from what `sluice render` wrote. Imported by name (tests/edge is on sys.path).
+loopback, run from what `sluice render` wrote.
 
 The binaries come from the project's setup (`make edge-deps`: Debian's nginx, workerd from
 npm in cloudflare/node_modules). Locally a missing one skips its tests; in CI (CI set) it
@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import REPO, ProcessServer, sluice_cmd
+
+from tests.fixtures import REPO, ProcessServer, sluice_cmd
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 WORKERD = REPO / "cloudflare" / "node_modules" / ".bin" / "workerd"

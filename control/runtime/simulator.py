@@ -1,4 +1,4 @@
-"""`sluice sim`: the simulator as a process, until SIGINT or SIGTERM."""
+"""`sluice sim`: the simulator (`sluice.sim`) as a process, until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import signal
 
 import uvloop
 from sluice.control.errors import CliError
-
-from .config import SimConfig
-from .server import start_sim
+from sluice.sim import SimConfig, start_sim
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:

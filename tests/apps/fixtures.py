@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import ProxyHarness, key_line
 from sluice.control.config.build import BuiltConfig, build_config
 from sluice.control.config.loader import read_config_files
 from sluice.control.runtime.plugins import Closer, attach_health, attach_records
+
+from tests.fixtures import ProxyHarness, key_line
 
 PRESETS = {
     "precise.yaml": "kind: Preset\ngeneration: {temperature: 0.3, max_new_tokens: 3}\n",
