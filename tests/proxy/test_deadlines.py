@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from raw_backends import RawBackend
 from sluice.proxy.snapshot import (
     DEFAULT_TIMEOUTS,
     Backend,
@@ -20,6 +19,7 @@ from sluice.proxy.snapshot import (
 )
 
 from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, stream_request
+from tests.proxy.raw_backends import RawBackend
 
 MSG = [{"role": "user", "content": "Hello"}]
 

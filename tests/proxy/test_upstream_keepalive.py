@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from raw_backends import RawBackend
 from sluice.proxy.metrics import Metrics
 
 from tests.fixtures import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
+from tests.proxy.raw_backends import RawBackend
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 

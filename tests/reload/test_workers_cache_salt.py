@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_workers_e2e import worker_pids
 
 from tests.fixtures import ProcessServer
 from tests.reload.fixtures import (
@@ -18,6 +17,7 @@ from tests.reload.fixtures import (
     chat_body,
     sim_request,
 )
+from tests.reload.test_workers_e2e import worker_pids
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
