@@ -21,7 +21,8 @@ affinity term is 0 and the choice is by load alone.
 The prefix index is approximate: per replica, a bounded LRU of the block hashes sluice sent
 there (the blocks of each request, inserted tail first so that a prompt's first blocks are
 the most recent, as vLLM evicts a finished request's tail blocks first). It is kept per
-process; docs/ROUTING.md measures what that costs with several workers.
+process; with a Redis store it is also shared by every worker and replica (sharedindex.py;
+docs/ROUTING.md measures both), and a replica's match is the larger of the two.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .http import Request
 from .prefix import chain_hashes, prompt_bytes
+from .sharedindex import SharedIndex, SharedRead
 from .snapshot import Backend, RoutingPolicy
 from .upstream import UpstreamPool
 
@@ -56,11 +58,13 @@ R = TypeVar("R", bound=ReplicaLike)
 class RoutingHint:
     """What replica choice needs from one request, computed once before the first try."""
 
-    __slots__ = ("blocks", "session")
+    __slots__ = ("blocks", "reading", "session", "shared")
 
     def __init__(self, blocks: list[bytes], session: bytes | None) -> None:
         self.blocks = blocks
         self.session = session
+        self.shared: dict[str, int] | None = None  # URL -> leading blocks in the shared index
+        self.reading: SharedRead | None = None  # the shared index's reply, on its way
 
 
 class ReplicaState:
@@ -136,6 +140,7 @@ class AffinityRouter:
         self.states: dict[str, ReplicaState] = {}
         self._sessions: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._turn = 0
+        self.shared: SharedIndex | None = None  # set at start-up when a Redis store exists
 
     def state(self, url: str) -> ReplicaState:
         state = self.states.get(url)
@@ -164,6 +169,22 @@ class AffinityRouter:
                 session = value[:MAX_SESSION_KEY]
         return RoutingHint(blocks, session)
 
+    def share(self, backend: Backend, hint: RoutingHint) -> None:
+        """Starts reading the shared index for this request (one pipelined call), to be
+        settled by `settle` right before the choice; no store, or `shared_index: false`:
+        nothing to read, the local index alone."""
+        shared = self.shared
+        if shared is not None and backend.routing.shared_index and hint.blocks:
+            urls = tuple(url.rstrip("/") for url in backend.urls)  # as Origin.url has it
+            hint.reading = shared.read(urls, hint.blocks)
+
+    async def settle(self, backend: Backend, hint: RoutingHint) -> None:
+        """Waits for the read `share` started, at most `shared_index_timeout` (it usually
+        came back while the permits were taken); later than that: the local index alone."""
+        reading, hint.reading = hint.reading, None
+        if reading is not None and self.shared is not None:
+            hint.shared = await self.shared.settle(reading, backend.routing.shared_index_timeout)
+
     def score(
         self,
         backend: Backend,
@@ -178,6 +199,7 @@ class AffinityRouter:
         if hint.session is not None:
             pinned = self._sessions.get((backend.name, hint.session))
         total = len(hint.blocks)
+        shared = hint.shared
         best: Candidate[R] | None = None
         best_score = 0.0
         # Ties (an idle backend, a new prefix) go round the replicas, not to the first.
@@ -188,6 +210,8 @@ class AffinityRouter:
             score += policy.kv_weight * (1.0 - min(c.kv_usage, 1.0))
             if total:
                 c.matched = c.state.matched(hint.blocks)
+                if shared is not None:
+                    c.matched = max(c.matched, shared.get(c.replica.pool.origin.url, 0))
                 if not c.guarded:
                     score += policy.prefix_weight * c.matched / total
             if pinned is not None and not c.guarded and c.replica.pool.origin.url == pinned:
@@ -202,6 +226,10 @@ class AffinityRouter:
         policy = backend.routing
         if hint.blocks:
             chosen.state.remember(hint.blocks, policy.index_blocks)
+            if self.shared is not None and policy.shared_index:
+                self.shared.remember(
+                    chosen.replica.pool.origin.url, hint.blocks, policy.index_blocks
+                )
         if hint.session is not None:
             sessions = self._sessions
             key = (backend.name, hint.session)

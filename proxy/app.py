@@ -317,6 +317,9 @@ class ProxyApp:
         payload = adapter.payload(body, request.body, modified, route)
         # After the request policy: the prompt and cache_salt as the backend will see them.
         hint = self.pools.router.hint(route.backend, body, ex.chat, request)
+        if hint is not None and self.pools.router.shared is not None:
+            # Read the shared index while the permits are taken; settled before the choice.
+            self.pools.router.share(route.backend, hint)
         n_choices = adapter.n_choices(body)
         extra_headers = base_headers + choice.headers
 
@@ -556,6 +559,8 @@ class ProxyApp:
                 self.pools, backend, method, path, headers, payload, adapter.body_stream,
                 adapter.stream_length,
             )  # fmt: skip
+        if hint is not None and hint.reading is not None:
+            await self.pools.router.settle(backend, hint)
         tried: Replica | None = None
         attempts = min(2, len(backend.urls))
         last: UpstreamError | None = None

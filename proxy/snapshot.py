@@ -202,6 +202,8 @@ class RoutingPolicy:
     max_imbalance: int = 16
     scrape_interval: float | None = 0.5  # GET /metrics every this many seconds; None: off
     scrape_path: str = "/metrics"
+    shared_index: bool = True  # share the prefix index through limits.store (Redis) if set
+    shared_index_timeout: float = 0.002  # a slower read of the shared index: local only
 
 
 DEFAULT_ROUTING = RoutingPolicy()

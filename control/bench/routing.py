@@ -9,8 +9,10 @@ prompt, and a random question per request) and `unique` (a fresh system prompt p
 request: nothing to share, the never-worse-than-load case). Each run uses prompts no run
 before it used and the replicas' caches are reset before it (the simulator's
 /sim/reset; vLLM's POST /reset_prefix_cache where the server allows it). With `--workers`,
-sluice's default also runs with that many worker processes (each keeps its own index) on
-the shared workload: the cost of not sharing the index. Every run is bounded by
+sluice's default also runs with that many worker processes on the shared workload: each
+process with its own index (no store), each its own index beside a Redis store for the
+limits (`routing.shared_index: false`), and the index shared through that Redis (a
+redis-server the bench starts; skipped when none is installed). Every run is bounded by
 `--timeout`; every child is stopped at the end.
 """
 
@@ -21,6 +23,8 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -149,15 +153,22 @@ http {{
 """
 
 
-def _sluice_config(workdir: Path, urls: tuple[str, ...], model: str) -> Path:
-    config = workdir / "routing-config"
+def _sluice_config(
+    workdir: Path,
+    urls: tuple[str, ...],
+    model: str,
+    store: str | None = None,
+    shared: bool = True,
+) -> Path:
+    config = workdir / f"routing-config-{'redis' if store else 'local'}-{int(shared)}"
     config.mkdir(exist_ok=True)
     listed = json.dumps(list(urls))
     common = f"urls: {listed}, max_concurrency: 4096, queue: {{max: 4096, max_wait: 60s}}"
+    limits = f"limits: {{store: {json.dumps(store)}}}\n" if store else ""
     (config / "gateway.yaml").write_text(
-        "kind: Gateway\nrecords: {path: null}\nbackends:\n"
+        f"kind: Gateway\nrecords: {{path: null}}\n{limits}backends:\n"
         f"  - {{name: lo, {common}, routing: {{strategy: least_outstanding}}}}\n"
-        f"  - {{name: score, {common}}}\n"
+        f"  - {{name: score, {common}, routing: {{shared_index: {str(shared).lower()}}}}}\n"
         "routes:\n"
         f"  - {{model: lo, backend: lo, upstream_model: {json.dumps(model)}}}\n"
         f"  - {{model: score, backend: score, upstream_model: {json.dumps(model)}}}\n"
@@ -184,6 +195,38 @@ def _start_sluice(workdir: Path, config: Path, workers: int) -> tuple[Child, str
             raise CliError(f"sluice --workers {workers}: not every worker started")
         time.sleep(0.05)
     return child, url
+
+
+def _start_redis(workdir: Path) -> tuple[Child, int] | None:
+    """A redis-server for the shared-index runs; None when none is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    child = Child("redis", argv, workdir)
+    child.wait_port(port)
+    return child, port
+
+
+def _shared_index_stats(log: str) -> tuple[int, int]:
+    """(late reads, reads) summed over the workers' `shared_index_stats` lines."""
+    late = reads = 0
+    for line in log.splitlines():
+        if "shared_index_stats" not in line:
+            continue
+        with contextlib.suppress(ValueError, AttributeError):
+            event = json.loads(line[line.index("{") :])
+            late += int(event.get("late_reads", 0))
+            reads += int(event.get("reads", 0))
+    return late, reads
+
+
+def _flush_redis(port: int) -> None:
+    """Forgets the previous run's shared index (the replicas' caches are reset too)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"FLUSHALL\r\n")
+        conn.recv(64)
 
 
 @contextlib.contextmanager
@@ -241,6 +284,7 @@ def run_bench(spec: RoutingSpec, workloads: tuple[str, ...]) -> dict[str, Any]:
         )
         config = _sluice_config(workdir, urls, spec.model)
         sluice: Child | None = None
+        redis: tuple[Child, int] | None = None
         try:
             nginx.wait_port(nginx_port)
             sluice, sluice_url = _start_sluice(workdir, config, 1)
@@ -254,17 +298,39 @@ def run_bench(spec: RoutingSpec, workloads: tuple[str, ...]) -> dict[str, Any]:
                     results.append(measure(runner, spec, target, url, model, kind, urls, simulated))
             sluice.stop()
             sluice = None
+            if spec.workers and "shared" in workloads:
+                redis = _start_redis(workdir)
+            variants: list[tuple[str, Path, int | None]] = [("local index", config, None)]
+            if redis is not None:
+                store = f"redis://127.0.0.1:{redis[1]}/0"
+                for label, shared in (("local index, Redis limits", False), ("shared index", True)):
+                    variants.append(
+                        (label, _sluice_config(workdir, urls, spec.model, store, shared), redis[1])
+                    )
             for workers in spec.workers:
                 if "shared" not in workloads:
                     break
-                sluice, url = _start_sluice(workdir, config, workers)
-                name = f"sluice default, --workers {workers}"
-                results.append(measure(runner, spec, name, url, "score", "shared", urls, simulated))
-                sluice.stop()
-                sluice = None
+                for label, variant_config, redis_port in variants:
+                    if redis_port is not None:
+                        _flush_redis(redis_port)
+                    sluice, url = _start_sluice(workdir, variant_config, workers)
+                    name = f"sluice default, --workers {workers}, {label}"
+                    result = measure(runner, spec, name, url, "score", "shared", urls, simulated)
+                    sluice.stop()
+                    if redis_port is not None:
+                        # Each fallback to the local index is one line (and a second off).
+                        log = sluice.out_path.read_text(errors="replace")
+                        result.extra["shared_index_down"] = log.count("shared_index_down")
+                        late, reads = _shared_index_stats(log)
+                        result.extra["shared_index_late"] = late
+                        result.extra["shared_index_reads"] = reads
+                    results.append(result)
+                    sluice = None
         finally:
             if sluice is not None:
                 sluice.stop()
+            if redis is not None:
+                redis[0].stop()
             nginx.stop()
     return report(spec, results)
 
@@ -331,6 +397,13 @@ def format_report(data: dict[str, Any]) -> str:
             f"(goal <= {v['goal']:.2f}): {mark}"
         )
     for r in data["runs"]:
+        if "shared_index_down" in r["extra"]:
+            lines.append(
+                f"{r['target']}: fell back to the local index "
+                f"{r['extra']['shared_index_down']} times (1 s each); "
+                f"{r['extra']['shared_index_late']} of {r['extra']['shared_index_reads']} "
+                "reads came too late"
+            )
         if r["first_error"]:
             lines.append(f"{r['target']} ({r['workload']}): first error: {r['first_error']}")
         if not r["cache_reset"]:

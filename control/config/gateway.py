@@ -121,6 +121,8 @@ def _routing(section: RoutingSection) -> RoutingPolicy:
         max_imbalance=section.max_imbalance,
         scrape_interval=section.scrape_interval,
         scrape_path=section.scrape_path,
+        shared_index=section.shared_index,
+        shared_index_timeout=section.shared_index_timeout,
     )
 
 

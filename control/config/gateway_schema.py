@@ -281,6 +281,18 @@ class RoutingSection(Section):
         "this process's requests in flight only).",
     )
     scrape_path: HttpPath = Field(default="/metrics", description="Path of vLLM's metrics.")
+    shared_index: bool = Field(
+        default=True,
+        description="With limits.store set: share the prefix index with every worker and "
+        "replica through Redis (docs/ROUTING.md); false or no store: each process its own.",
+    )
+    shared_index_timeout: Duration = Field(
+        default=0.002,
+        gt=0,
+        le=1,
+        description="A read of the shared index slower than this is dropped and the local "
+        "index decides (Redis is then skipped for 1 s).",
+    )
 
 
 class BackendSection(Section):

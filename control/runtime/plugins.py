@@ -8,6 +8,10 @@
   follow reloads.
 - `attach_load_scraper`: vLLM's load figures for replica choice by score; these follow
   reloads too.
+- `attach_shared_index`: with `limits.store` (Redis), the prefix index shared by every
+  worker and replica; each backend's `routing.shared_index` decides whether it uses it
+  (read per request, so a reload that flips it applies at once). The store is read at
+  start-up, like the limits' store.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.health import HealthMetrics, HealthProber
 from sluice.proxy.loadscrape import LoadScraper
+from sluice.proxy.sharedindex import SharedIndex
+
+from .limits import store_url
 
 
 class Closer(Protocol):
@@ -77,4 +84,22 @@ def attach_load_scraper(app: ProxyApp) -> Closer:
     return scraper
 
 
-__all__ = ["Closer", "attach_health", "attach_load_scraper", "attach_records"]
+def attach_shared_index(built: BuiltConfig, app: ProxyApp) -> Closer:
+    """Shares the prefix index through the Redis of `limits.store` when one is set (call it
+    with the event loop running). Raises CliError when an env:VAR store is unset."""
+    url = store_url(built)
+    if url is None:
+        return _Nothing()
+    shared = SharedIndex(url)
+    shared.start()
+    app.pools.router.shared = shared
+    return shared
+
+
+__all__ = [
+    "Closer",
+    "attach_health",
+    "attach_load_scraper",
+    "attach_records",
+    "attach_shared_index",
+]

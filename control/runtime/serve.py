@@ -39,7 +39,7 @@ from .admin import admin_routes, status_body
 from .console import attach_console
 from .limits import start_limit_store, store_url
 from .logs import configure_logging
-from .plugins import attach_health, attach_load_scraper, attach_records
+from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
 from .reloader import ConfigReloader
 from .saltkey import load_or_create_key
 from .supervisor import WORKER_ENV, supervise
@@ -245,6 +245,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     records = attach_records(built, app, registry=registry)
     health = attach_health(app, registry=registry)
     load_scraper = attach_load_scraper(app)
+    shared_index = attach_shared_index(built, app)
     state = ServerState(
         app,
         lambda: ref.current.max_body_bytes,
@@ -287,6 +288,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     await drain(app, server, options.drain_timeout, log, grace=options.drain_grace)
     await health.aclose()
     await load_scraper.aclose()
+    await shared_index.aclose()
     await records.aclose()  # after the drain, so the last requests' records are written too
     await limits.aclose()
     for task in (watch_task, gauge_task):

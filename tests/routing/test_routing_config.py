@@ -44,7 +44,8 @@ def test_every_field_reaches_the_snapshot(tmp_path: Path) -> None:
         "    routing: {strategy: least_outstanding, block_chars: 128, index_blocks: 1000,\n"
         "      prefix_weight: 5, load_weight: 1.5, kv_weight: 0, session_header: X-Session-ID,\n"
         "      session_weight: 3, max_waiting: 2, max_kv_usage: 0.8, max_imbalance: 4,\n"
-        "      scrape_interval: 250ms, scrape_path: /vllm/metrics}",
+        "      scrape_interval: 250ms, scrape_path: /vllm/metrics, shared_index: false,\n"
+        "      shared_index_timeout: 5ms}",
     )
     assert routing == RoutingPolicy(
         strategy="least_outstanding",
@@ -60,6 +61,8 @@ def test_every_field_reaches_the_snapshot(tmp_path: Path) -> None:
         max_imbalance=4,
         scrape_interval=0.25,
         scrape_path="/vllm/metrics",
+        shared_index=False,
+        shared_index_timeout=0.005,
     )
     assert build(tmp_path, "    routing: {scrape_interval: null}").scrape_interval is None
 
@@ -71,6 +74,7 @@ def test_every_field_reaches_the_snapshot(tmp_path: Path) -> None:
         ("    routing: {max_kv_usage: 1.5}", "max_kv_usage"),
         ("    routing: {session_header: 'bad header'}", "session_header"),
         ("    routing: {block_size: 16}", "block_size"),
+        ("    routing: {shared_index_timeout: 2s}", "shared_index_timeout"),
     ],
 )
 def test_bad_value_is_a_config_error_with_its_line(
