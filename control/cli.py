@@ -146,6 +146,12 @@ def _add_bench_routing(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--workers", default="", help="also run sluice's default with these worker counts: 2,4"
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--shared-index-timeout",
+        type=float,
+        default=2.0,
+        help="routing.shared_index_timeout of the shared-index runs, ms (default 2)",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound per run, s")
     p.add_argument("--json", action="store_true")
     p.set_defaults(target="sluice.control.bench.routing:run")

@@ -159,6 +159,7 @@ def _sluice_config(
     model: str,
     store: str | None = None,
     shared: bool = True,
+    shared_timeout: float = 0.002,
 ) -> Path:
     config = workdir / f"routing-config-{'redis' if store else 'local'}-{int(shared)}"
     config.mkdir(exist_ok=True)
@@ -168,7 +169,8 @@ def _sluice_config(
     (config / "gateway.yaml").write_text(
         f"kind: Gateway\nrecords: {{path: null}}\n{limits}backends:\n"
         f"  - {{name: lo, {common}, routing: {{strategy: least_outstanding}}}}\n"
-        f"  - {{name: score, {common}, routing: {{shared_index: {str(shared).lower()}}}}}\n"
+        f"  - {{name: score, {common}, routing: {{shared_index: {str(shared).lower()}, "
+        f"shared_index_timeout: {shared_timeout * 1000:g}ms}}}}\n"
         "routes:\n"
         f"  - {{model: lo, backend: lo, upstream_model: {json.dumps(model)}}}\n"
         f"  - {{model: score, backend: score, upstream_model: {json.dumps(model)}}}\n"
@@ -305,7 +307,13 @@ def run_bench(spec: RoutingSpec, workloads: tuple[str, ...]) -> dict[str, Any]:
                 store = f"redis://127.0.0.1:{redis[1]}/0"
                 for label, shared in (("local index, Redis limits", False), ("shared index", True)):
                     variants.append(
-                        (label, _sluice_config(workdir, urls, spec.model, store, shared), redis[1])
+                        (
+                            label,
+                            _sluice_config(
+                                workdir, urls, spec.model, store, shared, spec.shared_index_timeout
+                            ),
+                            redis[1],
+                        )
                     )
             for workers in spec.workers:
                 if "shared" not in workloads:
@@ -398,11 +406,16 @@ def format_report(data: dict[str, Any]) -> str:
         )
     for r in data["runs"]:
         if "shared_index_down" in r["extra"]:
+            # The read counts come from the workers' exit lines, when they exit in time.
+            late = (
+                f"; {r['extra']['shared_index_late']} of {r['extra']['shared_index_reads']} "
+                "reads came too late"
+                if r["extra"]["shared_index_reads"]
+                else ""
+            )
             lines.append(
                 f"{r['target']}: fell back to the local index "
-                f"{r['extra']['shared_index_down']} times (1 s each); "
-                f"{r['extra']['shared_index_late']} of {r['extra']['shared_index_reads']} "
-                "reads came too late"
+                f"{r['extra']['shared_index_down']} times (1 s each){late}"
             )
         if r["first_error"]:
             lines.append(f"{r['target']} ({r['workload']}): first error: {r['first_error']}")
@@ -429,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             timeout=args.timeout,
             seed=args.seed,
+            shared_index_timeout=args.shared_index_timeout / 1000,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

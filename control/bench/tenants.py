@@ -47,8 +47,11 @@ class RoutingSpec:
     model: str = "sim-model"
     timeout: float = 120.0
     seed: int = 1
+    shared_index_timeout: float = 0.002
 
     def __post_init__(self) -> None:
+        if not 0 < self.shared_index_timeout <= 1:
+            raise ValueError("--shared-index-timeout must be more than 0 and at most 1000 ms")
         if self.urls and len(self.urls) < 2:
             raise ValueError("--urls needs at least two replicas")
         for url in self.urls:
