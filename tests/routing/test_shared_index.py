@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ProcessServer, SimClient, start_sim
-from scale_helpers import RedisServer, start_sluice
 from sluice.proxy.sharedindex import SLOW_READS, SharedIndex
+
+from tests.fixtures import ProcessServer, SimClient, start_sim
+from tests.scale.fixtures import RedisServer, start_sluice
 
 GATEWAY = """\
 kind: Gateway

@@ -1,8 +1,0 @@
-"""tests/scale's helpers (the real redis-server) for the shared-index test."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scale"))
