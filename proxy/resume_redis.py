@@ -181,6 +181,7 @@ class RedisStreamStore:
                 window_ms = math.ceil(stream.window * 1000) + 1000
                 pipe.pexpire(self._key(rid, "ev"), window_ms)
                 pipe.pexpire(self._key(rid, "meta"), window_ms)
+            for rid, stream in seen.items():  # last: their answers are the tail
                 if stream.target is None:
                     pipe.pttl(self._key(rid, "follow"))
                     ttl_ms.append(stream)

@@ -14,7 +14,7 @@ from helpers import ProcessServer, SimClient, sluice_cmd
 from stream_helpers import RawStream, raw_stream, text_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scale"))
-from scale_helpers import RedisServer  # noqa: E402
+from scale_helpers import RedisServer
 
 GATEWAY = """kind: Gateway
 listen: {{host: 127.0.0.1, port: 8000}}
@@ -63,7 +63,9 @@ def serve(config: Path, *args: str) -> ProcessServer:
 
 
 @pytest.fixture
-def replicas(sim: ProcessServer, redis: RedisServer, tmp_path: Path) -> Iterator[list[ProcessServer]]:
+def replicas(
+    sim: ProcessServer, redis: RedisServer, tmp_path: Path
+) -> Iterator[list[ProcessServer]]:
     config = write(tmp_path / "config", sim.url, redis.url)
     servers = [serve(config), serve(config)]
     yield servers
@@ -141,3 +143,31 @@ def test_without_redis_a_resume_stays_local(
     assert text_of(first.data_events() + rest.data_events()) == full.text()
     downs = [e for e in a.json_logs() if e.get("event") == "resume_store_down"]
     assert len(downs) == 1, downs
+
+
+def test_workers_resume_lands_on_the_other_worker(
+    sim: ProcessServer, redis: RedisServer, tmp_path: Path
+) -> None:
+    """`--workers 2`: the kernel spreads connections; reconnect until one lands on the
+    worker that does not run the generation (its answer is marked), then read to the end."""
+    server = serve(write(tmp_path / "config", sim.url, redis.url), "--workers", "2")
+    try:
+        full = raw_stream(server.url, "POST", "/v1/chat/completions", BODY)
+        first = raw_stream(server.url, "POST", "/v1/chat/completions", BODY, stop_after=3)
+        rid = first.headers["x-request-id"]
+        parts = [first]
+        landings = []
+        for _ in range(30):  # each landing is a coin toss: 30 misses are ~1e-9
+            part = resume(server.url, rid, parts[-1].last_id or "", stop_after=3)
+            assert part.status == 200, part.body
+            parts.append(part)
+            landings.append(part.headers.get(REMOTE) == "redis")
+            if landings[-1]:
+                break
+        assert any(landings)
+        parts.append(resume(server.url, rid, parts[-1].last_id or ""))
+        assert parts[-1].status == 200 and parts[-1].complete
+        assert text_of([e for p in parts for e in p.data_events()]) == full.text()
+        assert ids_contiguous(parts, rid)
+    finally:
+        server.stop()
