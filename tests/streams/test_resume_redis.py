@@ -6,6 +6,7 @@ redis-server, real `sluice serve` processes, a fixed-seed simulator."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,10 +42,10 @@ SHORT = {**BODY, "max_tokens": 60}
 REMOTE = "x-sluice-resumed-from"
 
 
-def write(directory: Path, sim_url: str, redis_url: str) -> Path:
+def write(directory: Path, sim_url: str, redis_url: str, policy: str = POLICY) -> Path:
     directory.mkdir(exist_ok=True)
     (directory / "gateway.yaml").write_text(GATEWAY.format(sim=sim_url, redis=redis_url))
-    (directory / "policies.yaml").write_text(POLICY)
+    (directory / "policies.yaml").write_text(policy)
     return directory
 
 
@@ -127,6 +128,29 @@ def test_resume_on_another_replica_after_the_end(replicas: list[ProcessServer]) 
     rest = resume(b.url, rid, first.last_id or "")
     assert rest.status == 200 and rest.complete and rest.headers.get(REMOTE) == "redis"
     assert text_of(first.data_events() + rest.data_events()) == full.text()
+
+
+def test_a_client_following_elsewhere_keeps_the_generation_past_the_window(
+    sim: ProcessServer, redis: RedisServer, tmp_path: Path
+) -> None:
+    """Window 0.5 s, generation ~3 s: the client leaves the owner and follows on the other
+    replica for longer than the window; the owner must not abort the generation."""
+    policy = POLICY.replace("resume_window: 5s", "resume_window: 500ms")
+    config = write(tmp_path / "config", sim.url, redis.url, policy)
+    a, b = serve(config), serve(config)
+    try:
+        full = raw_stream(a.url, "POST", "/v1/chat/completions", BODY)
+        first = raw_stream(a.url, "POST", "/v1/chat/completions", BODY, stop_after=5)
+        rid = first.headers["x-request-id"]
+        rest = resume(b.url, rid, first.last_id or "")
+        assert rest.status == 200 and rest.complete and rest.headers.get(REMOTE) == "redis"
+        assert text_of(first.data_events() + rest.data_events()) == full.text()
+        # Nobody back within the window after that: a late resume anywhere is refused.
+        time.sleep(2.0)
+        assert resume(a.url, rid, first.last_id or "").status in (404, 410)
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_without_redis_a_resume_stays_local(
