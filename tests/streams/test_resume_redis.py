@@ -5,17 +5,15 @@ redis-server, real `sluice serve` processes, a fixed-seed simulator."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ProcessServer, SimClient, sluice_cmd
-from stream_helpers import RawStream, raw_stream, text_of
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scale"))
-from scale_helpers import RedisServer
+from tests.fixtures import ProcessServer, SimClient, sluice_cmd
+from tests.scale.fixtures import RedisServer
+from tests.streams.fixtures import RawStream, raw_stream, text_of
 
 GATEWAY = """kind: Gateway
 listen: {{host: 127.0.0.1, port: 8000}}
