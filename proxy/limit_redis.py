@@ -186,6 +186,11 @@ class RedisPermitStore:
     def up(self) -> bool:
         return self._up
 
+    @property
+    def client(self) -> Any:
+        """The `redis.asyncio.Redis` client (resumable streams share its pool)."""
+        return self._client
+
     def share(self, max_concurrency: int) -> int:
         return max(1, max_concurrency // self.known_processes)
 

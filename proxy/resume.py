@@ -13,9 +13,10 @@ generation is aborted (upstream closed, permits released) and a later resume ans
 Only resumable streams carry `id:` lines. Every other stream is relayed byte for byte as
 the backend sent it and pays nothing for this module.
 
-State is per process (`StreamRegistry`): with `--workers N` or several replicas a resume
-must reach the process that runs the generation (see docs/OPERATIONS.md, "Resumable
-streams"); one that reaches another process answers 404 `stream_not_found`.
+State is per process (`StreamRegistry`). With `limits.store` (Redis) set, every event is
+also copied to a Redis Stream (`RedisStreamStore`, resume_redis.py) and a resume that
+reaches another worker or replica replays and follows it from there; without a store a
+resume must reach the process that runs the generation (404 `stream_not_found` otherwise).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class ResumableStream(Response):
         "events",
         "final",
         "first_n",
+        "followed_until",
         "gone",
         "key",
         "max_bytes",
+        "mirror",
         "next_n",
         "registry",
         "request_id",
@@ -97,6 +100,10 @@ class ResumableStream(Response):
         self._listener: FlowListener | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._done_waiter: asyncio.Future[None] | None = None
+        # A copy of the events in a store every process reads (Redis), when configured.
+        self.mirror: StreamMirror | None = None
+        # Loop time until which a client of another process follows the copy.
+        self.followed_until = 0.0
 
     # -- Response, as the exchange uses it ---------------------------------------------
 
@@ -183,6 +190,8 @@ class ResumableStream(Response):
             framed = b"id: %b:%d\n%b" % (self._rid, n, data)
             self.events.append((n, framed))
             self.next_n = n + 1
+            if self.mirror is not None:
+                self.mirror.add(self, n, framed)
             self._grown(len(framed))
             return framed
         parts = data.split(SEPARATOR)
@@ -199,6 +208,8 @@ class ResumableStream(Response):
                 continue
             framed = b"id: %b:%d\n%b\n\n" % (rid, self.next_n, event)
             self.events.append((self.next_n, framed))
+            if self.mirror is not None:
+                self.mirror.add(self, self.next_n, framed)
             self.next_n += 1
             added += len(framed)
             out.append(framed)
@@ -222,9 +233,13 @@ class ResumableStream(Response):
             dropped += len(framed)
         self.registry.total_bytes -= dropped
         self.first_n = self.events[0][0] if self.events else self.next_n
-        if self.target is None and not self.ended:
+        if self.target is None and not self.ended and not self.followed():
             # Away, and events nobody received are gone: no resume can be complete.
             self.abort_generation("replay buffer overflow")
+
+    def followed(self) -> bool:
+        """A client of another process reads the mirrored copy (as last seen)."""
+        return self.followed_until > self._loop.time()
 
     def replay_from(self, n: int) -> bytes:
         return b"".join(framed for index, framed in self.events if index >= n)
@@ -281,6 +296,8 @@ class ResumableStream(Response):
 
     def _finished(self) -> None:
         self._disarm()
+        if self.mirror is not None:
+            self.mirror.ended(self)
         waiter = self._done_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -301,7 +318,15 @@ class ResumableStream(Response):
     def _expire(self) -> None:
         self._expiry = None
         if self.target is None and not self.ended:
-            self.abort_generation("resume window passed")
+            if self.mirror is not None:
+                self.mirror.expire(self)  # asks whether another process follows it first
+            else:
+                self.abort_generation("resume window passed")
+
+    def rearm(self, delay: float) -> None:
+        """Another process follows the stream: check again after `delay`."""
+        if self.target is None and not self.ended and self.gone is None:
+            self._arm(delay, self._expire)
 
     def abort_generation(self, why: str) -> None:
         self.gone = why
@@ -325,10 +350,22 @@ class ResumableStream(Response):
             self._expiry = None
 
 
+class StreamMirror(Protocol):
+    """Copies a stream's events where other processes can replay them (resume_redis.py).
+    Every method is called on the hot path: it must only queue work, never block."""
+
+    def add(self, stream: ResumableStream, n: int, framed: bytes) -> None: ...
+
+    def ended(self, stream: ResumableStream) -> None: ...
+
+    def expire(self, stream: ResumableStream) -> None:
+        """The window passed with no client here: abort unless another process follows."""
+
+
 class StreamStore(Protocol):
     """Where resumable streams live. `StreamRegistry` keeps them in this process; a store
     shared by all processes (Redis Streams, with the scale-out work's `limits.store`) is
-    the planned second implementation (docs/STREAMS.md)."""
+    `RedisStreamStore` (resume_redis.py, with the scale-out work's `limits.store`)."""
 
     def open(
         self, ex: Exchange, response: Response, policy: StreamPolicy, request: Request
@@ -457,4 +494,10 @@ def _gone(request_id: str, why: str) -> ApiError:
     )
 
 
-__all__ = ["STREAMS_PREFIX", "ResumableStream", "StreamRegistry", "StreamStore"]
+__all__ = [
+    "STREAMS_PREFIX",
+    "ResumableStream",
+    "StreamMirror",
+    "StreamRegistry",
+    "StreamStore",
+]

@@ -200,7 +200,8 @@ class LimitsSection(Section):
     store: StoreUrl | None = Field(
         default=None,
         description="Redis URL (or env:VAR) that makes every backend and app limit global "
-        "across replicas and workers; null: one host (the supervisor shares them).",
+        "across replicas and workers, and lets any of them resume a resumable stream "
+        "(docs/STREAMS.md); null: one host (the supervisor shares the limits).",
     )
     lease: Duration = Field(
         default=10.0, description="A dead replica's permits return within this time (Redis)."

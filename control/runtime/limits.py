@@ -25,6 +25,7 @@ from sluice.proxy.limit_store import store_factory
 from sluice.proxy.limits import LimiterRegistry
 from sluice.proxy.metrics import Metrics
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV, PermitServer, SocketPermitStore
+from sluice.proxy.resume_redis import RedisStreamStore
 
 
 class _Store(Protocol):
@@ -36,6 +37,10 @@ class LimitStore:
     registry: LimiterRegistry
     kind: str  # "local" | "supervisor" | "redis"
     store: _Store | None = None
+
+    @property
+    def redis(self) -> RedisPermitStore | None:
+        return self.store if isinstance(self.store, RedisPermitStore) else None
 
     async def aclose(self) -> None:
         if self.store is not None:
@@ -103,6 +108,16 @@ async def start_limit_store(
         )
         return LimitStore(registry, "supervisor", socket_store)
     return LimitStore(LimiterRegistry(), "local")
+
+
+async def start_stream_store(permits: RedisPermitStore, built: BuiltConfig) -> RedisStreamStore:
+    """Resumable streams copied to the Redis of `limits.store`, on its client (one pool)."""
+    assert built.gateway is not None
+    store = RedisStreamStore(
+        permits.client, permits.url, timeout=built.gateway.limits.store_timeout
+    )
+    await store.start()
+    return store
 
 
 def _watch(callbacks: list[Callable[[bool], None]], metrics: Metrics | None, kind: str) -> None:

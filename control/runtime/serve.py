@@ -30,6 +30,7 @@ from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.metrics import Metrics
 from sluice.proxy.observe import Observer
+from sluice.proxy.resume_redis import RedisStreamStore
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
@@ -37,7 +38,7 @@ from sluice.proxy.websocket import WebSocketUpgrade
 
 from .admin import admin_routes, status_body
 from .console import attach_console
-from .limits import start_limit_store, store_url
+from .limits import start_limit_store, start_stream_store, store_url
 from .logs import configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
 from .reloader import ConfigReloader
@@ -171,7 +172,10 @@ def _start_demo_sim() -> subprocess.Popen[str]:
 
 
 def _warn_single_process_features(built: BuiltConfig) -> None:
-    """Resumable streams live in the process that runs the generation (docs/STREAMS.md)."""
+    """Without `limits.store`, resumable streams live in the process that runs the
+    generation (docs/STREAMS.md); with it, every process can resume them."""
+    if store_url(built) is not None:
+        return
     resumable = sorted(n for n, p in built.snapshot.policies.items() if p.resume_window)
     if resumable:
         structlog.get_logger("sluice").warning(
@@ -227,6 +231,9 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     gateway = built.gateway
     if gateway is not None and gateway.apps and gateway.cache_isolation.mode == "per_app":
         app.salt_key = load_or_create_key(Path(gateway.cache_isolation.secret_file))
+    if limits.kind == "redis" and limits.redis is not None:
+        # The same `limits.store` carries a copy of every resumable stream (docs/STREAMS.md).
+        app.streams = await start_stream_store(limits.redis, built)
     app.extra_routes.update(
         admin_routes(ref, app, reloader, observer, worker=os.environ.get(WORKER_ENV))
     )
@@ -290,6 +297,8 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     await load_scraper.aclose()
     await shared_index.aclose()
     await records.aclose()  # after the drain, so the last requests' records are written too
+    if isinstance(app.streams, RedisStreamStore):
+        await app.streams.aclose()
     await limits.aclose()
     for task in (watch_task, gauge_task):
         if task is not None:
