@@ -17,11 +17,15 @@ from tests.fixtures import ProcessServer, start_sim
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProcessServer, Path]]:
     sim = start_sim("--ttft-ms", "5", "--itl-ms", "2")
     tmp = tmp_path_factory.mktemp("console")
-    config = write_config(tmp / "config", sim.url, tmp / "records.sqlite")
-    proxy = start_sluice(config)
-    yield proxy, config
-    proxy.stop()
-    sim.stop()
+    try:
+        config = write_config(tmp / "config", sim.url, tmp / "records.sqlite")
+        proxy = start_sluice(config)
+        try:
+            yield proxy, config
+        finally:
+            proxy.stop()
+    finally:
+        sim.stop()
 
 
 def login(client: httpx.Client, url: str, token: str = ADMIN_TOKEN) -> httpx.Response:
@@ -184,8 +188,12 @@ def test_playground_shows_the_rule_that_ended_the_stream(stack) -> None:
 
 def test_a_session_holds_across_workers(tmp_path: Path) -> None:
     sim = start_sim("--ttft-ms", "1", "--itl-ms", "0")
-    config = write_config(tmp_path / "config", sim.url, tmp_path / "records.sqlite")
-    proxy = start_sluice(config, "--workers", "2")
+    try:
+        config = write_config(tmp_path / "config", sim.url, tmp_path / "records.sqlite")
+        proxy = start_sluice(config, "--workers", "2")
+    except BaseException:
+        sim.stop()
+        raise
     try:
         with httpx.Client() as client:
             assert login(client, proxy.url).status_code == 303

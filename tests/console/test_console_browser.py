@@ -40,34 +40,38 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProcessServer, Path]]:
     sim = start_sim("--ttft-ms", "5", "--itl-ms", "40")
-    tmp = tmp_path_factory.mktemp("console-browser")
-    config = write_config(tmp / "config", sim.url, tmp / "records.sqlite")
-    proxy = start_sluice(config)
-    # Traffic for the live page, and rated requests for the A/B page.
-    with httpx.Client(timeout=30) as client:
-        for i in range(24):
-            resp = client.post(
-                proxy.url + "/v1/chat/completions",
-                headers={"authorization": f"Bearer {APP_KEY}", "x-user-id": f"user-{i}"},
-                json={
-                    "model": "chat",
-                    "max_tokens": 3,
-                    "stream": True,
-                    "messages": [{"role": "user", "content": "Hi"}],
-                },
-            )
-            assert resp.status_code == 200, resp.text
-            variant = resp.headers["x-sluice-variant"]
-            score = 4.0 + (i % 3) * 0.5 if variant == "b" else 2.0 + (i % 4) * 0.5
-            fb = client.post(
-                proxy.url + "/v1/feedback",
-                headers={"authorization": f"Bearer {APP_KEY}"},
-                json={"request_id": resp.headers["x-request-id"], "score": score},
-            )
-            assert fb.status_code in (200, 202, 204), fb.text
-    yield proxy, config
-    proxy.stop()
-    sim.stop()
+    proxy = None
+    try:
+        tmp = tmp_path_factory.mktemp("console-browser")
+        config = write_config(tmp / "config", sim.url, tmp / "records.sqlite")
+        proxy = start_sluice(config)
+        # Traffic for the live page, and rated requests for the A/B page.
+        with httpx.Client(timeout=30) as client:
+            for i in range(24):
+                resp = client.post(
+                    proxy.url + "/v1/chat/completions",
+                    headers={"authorization": f"Bearer {APP_KEY}", "x-user-id": f"user-{i}"},
+                    json={
+                        "model": "chat",
+                        "max_tokens": 3,
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "Hi"}],
+                    },
+                )
+                assert resp.status_code == 200, resp.text
+                variant = resp.headers["x-sluice-variant"]
+                score = 4.0 + (i % 3) * 0.5 if variant == "b" else 2.0 + (i % 4) * 0.5
+                fb = client.post(
+                    proxy.url + "/v1/feedback",
+                    headers={"authorization": f"Bearer {APP_KEY}"},
+                    json={"request_id": resp.headers["x-request-id"], "score": score},
+                )
+                assert fb.status_code in (200, 202, 204), fb.text
+        yield proxy, config
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        sim.stop()
 
 
 @pytest.fixture(scope="module")

@@ -101,10 +101,12 @@ def test_tenant_stays_on_one_replica_across_processes_only_when_shared(
     _, (first, second) = cluster
     # Own index per process: the second process has never seen a tenant the first one
     # placed, so it places it by load (all idle: the next replica in its turn). One request
-    # of another tenant puts the processes' turns out of step, as real traffic would.
-    replica_of(sims, second, "local", "warm-up", "hello")
+    # of another tenant on the second process before each tenant moves the processes'
+    # turns one further out of step each time (as real traffic would), so whatever step
+    # earlier tests left them in, at least two of three tenants land apart.
     split = 0
     for tenant in ("L1", "L2", "L3"):
+        replica_of(sims, second, "local", f"shift-{tenant}", "hello")
         places = {replica_of(sims, sluice, "local", tenant, "q?") for sluice in (first, second)}
         split += len(places) > 1
     assert split >= 1, "each process keeps its own index: some tenant should have split"
