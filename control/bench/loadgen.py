@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import statistics
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -269,6 +270,11 @@ def build_request(spec: LoadSpec) -> bytes:
     return request_bytes("POST", host, port, path, orjson.dumps(payload), headers)
 
 
+# Set on SIGTERM (processes.interruptible): a running load sends no further request, even
+# when the run's cancellation was lost in the event loop (a signal landing in a callback).
+interrupted = threading.Event()
+
+
 async def run_load(spec: LoadSpec) -> LoadResult:
     """Runs `spec` to completion or to its deadline; never raises for server failures."""
     loop = asyncio.get_running_loop()
@@ -289,7 +295,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         nonlocal remaining, in_flight
         conn: StreamConnection | None = None
         try:
-            while remaining > 0:
+            while remaining > 0 and not interrupted.is_set():
                 remaining -= 1
                 in_flight += 1
                 try:
@@ -326,6 +332,8 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     finally:
         for task in workers:
             task.cancel()
+    if interrupted.is_set():
+        raise KeyboardInterrupt  # asyncio lets it through: the run ends, unwinding
     wall = time.perf_counter() - started
     return summarize(spec, samples, wall, _own_cpu_seconds() - cpu_before)
 

@@ -26,6 +26,8 @@ from types import FrameType
 
 from sluice.control.errors import CliError
 
+from . import loadgen
+
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -243,8 +245,10 @@ def interruptible() -> Iterator[None]:
     handler could land in a protocol callback, where the loop would swallow it."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        loadgen.interrupted.set()  # and no load goes on if the cancellation is lost
         signal.raise_signal(signal.SIGINT)
 
+    loadgen.interrupted.clear()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
