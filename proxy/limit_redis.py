@@ -14,6 +14,16 @@ waiter learns of it with no further round trip. A waiter also polls every POLL_I
 which covers a lost message and permits freed by an expired lease. All times come from
 Redis (`TIME`), so the replicas' clocks do not matter.
 
+Kept permits (`keep_idle`): a permit whose request ended stays this process's for up to
+`keep_idle`, and its next request takes it with no round trip; it stays leased in Redis,
+so it counts against the limit like one in use. A steady load then costs Redis nothing per
+request but the renewals. It is kept only while nobody waits: the first request to queue
+(and the head of the queue, each time it polls) publishes on `{prefix}want`; every process
+then gives back what it keeps for that limit and gives back at once for BUSY_HOLD, so the
+queue is served in order as without keeping. Limits with `queue.max: 0` never keep (a
+request elsewhere would be refused while a permit idles here), and a changed limit gives
+back what was kept under the old one.
+
 Approximate: a process that dies while queued keeps its place until its ticket's
 deadline, so the queue may look fuller than it is for up to max_wait; permits of a dead
 holder come back after at most `lease`.
@@ -44,6 +54,10 @@ POLL_INTERVAL = 1.0
 POOL_SIZE = 32  # connections per process (one more for the grant subscription)
 PROBE_INTERVAL = 1.0
 SETTLE_MARGIN = 0.5
+DEFAULT_KEEP_IDLE = 0.1
+# How long a process gives every permit back at once after hearing that somebody waits;
+# longer than two POLL_INTERVALs, the longest gap between two reminders from the queue.
+BUSY_HOLD = 3.0
 
 _log = structlog.get_logger("sluice.limits")
 
@@ -76,8 +90,11 @@ local id, mode = ARGV[4], ARGV[5]
 if redis.call('ZSCORE', held, id) then return {1, 0} end
 local waiting = redis.call('ZCARD', queue)
 if mode == 'check' then
-  if redis.call('ZSCORE', queue, id) then return {0, waiting} end
-  return {-2, 0}
+  local rank = redis.call('ZRANK', queue, id)
+  if not rank then return {-2, 0} end
+  -- the head reminds the processes that keep permits that somebody waits
+  if rank == 0 then redis.call('PUBLISH', prefix .. 'want', held) end
+  return {0, waiting}
 end
 if free > 0 then
   redis.call('ZADD', held, now + lease_ms, id)
@@ -85,6 +102,7 @@ if free > 0 then
 end
 if waiting >= tonumber(ARGV[6]) then return {-1, waiting} end
 redis.call('ZADD', queue, now + tonumber(ARGV[7]), id)
+if waiting == 0 then redis.call('PUBLISH', prefix .. 'want', held) end
 return {0, waiting + 1}
 """
 )
@@ -100,7 +118,7 @@ redis.call('ZREM', KEYS[2], ARGV[4])
 
 # KEYS: held keys..., procs key; ARGV: lease_ms, process id, process ttl_ms, then one
 # space-separated list of lease ids per held key. Renews this process's leases and its
-# heartbeat; returns the number of live processes.
+# heartbeat; returns the number of live processes, then each held key's count of leases.
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -115,7 +133,9 @@ end
 local procs = KEYS[n + 1]
 redis.call('ZADD', procs, now + tonumber(ARGV[3]), ARGV[2])
 redis.call('ZREMRANGEBYSCORE', procs, '-inf', now)
-return redis.call('ZCARD', procs)
+local out = {redis.call('ZCARD', procs)}
+for i = 1, n do out[i + 1] = redis.call('ZCARD', KEYS[i]) end
+return out
 """
 
 
@@ -131,12 +151,14 @@ class RedisPermitStore:
         timeout: float = DEFAULT_TIMEOUT,
         prefix: str = DEFAULT_PREFIX,
         expected_processes: int = 1,
+        keep_idle: float = DEFAULT_KEEP_IDLE,
     ) -> None:
         import redis.asyncio as aioredis  # noqa: PLC0415 (only when a store is configured)
 
         self.url = url
         self.lease = lease
         self.prefix = prefix
+        self.keep_idle = keep_idle
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.expected_processes = max(1, expected_processes)
         self.known_processes = self.expected_processes
@@ -179,6 +201,15 @@ class RedisPermitStore:
         self._batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         self._no_script: type[Exception] = __import__("redis").exceptions.NoScriptError
         self._late: list[tuple[StoreLimiter, str]] = []
+        # Kept permits (module docstring), per limiter name: (lease id, kept since), oldest
+        # first; the limit they were kept under; until when to keep none.
+        self._kept: dict[str, list[tuple[str, float]]] = {}
+        self._kept_limit: dict[str, int] = {}
+        self._busy_until: dict[str, float] = {}
+        self._reaping: set[str] = set()
+        self._limiters: dict[str, StoreLimiter] = {}
+        self._names: dict[str, str] = {}  # held key -> limiter name (the `want` messages)
+        self.kept_taken = 0  # requests served from a kept permit (no round trip)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -202,6 +233,8 @@ class RedisPermitStore:
         self._main = asyncio.get_running_loop().create_task(self._maintain())
 
     async def aclose(self) -> None:
+        for name in list(self._kept):
+            self._give_back_kept(name)
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -210,10 +243,12 @@ class RedisPermitStore:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 1.0)
         with contextlib.suppress(*self._errors):
-            await self._client.aclose()
+            await self._client.aclose(close_connection_pool=True)
 
     def _state(self, up: bool, error: str = "") -> None:
         self._up = up
+        if not up:
+            self._drop_kept()
         if up == self._was_up:
             return
         first = self._was_up is None
@@ -235,6 +270,7 @@ class RedisPermitStore:
 
     def _keys(self, name: str) -> list[str]:
         base = f"{self.prefix}{{{name}}}"
+        self._names[base + ":held"] = name
         return [base + ":held", base + ":queue"]
 
     def _args(self, limiter: StoreLimiter, rid: str) -> list[Any]:
@@ -294,6 +330,11 @@ class RedisPermitStore:
             return list(await pipe.execute(raise_on_error=False))
 
     async def take(self, limiter: StoreLimiter) -> tuple[Hashable, float]:
+        kept = self._kept.get(limiter.name)
+        if kept and self._may_keep(limiter):
+            self.kept_taken += 1
+            return kept.pop()[0], 0.0  # still leased and renewed: no round trip
+        self._limiters[limiter.name] = limiter
         rid = f"{self.process_id}/{next(self._ids)}"
         keys = self._keys(limiter.name)
         queue = limiter.queue
@@ -304,6 +345,8 @@ class RedisPermitStore:
         try:
             args = [*self._args(limiter, rid), "new", queue.max_len, int(queue.max_wait * 1000)]
             result, queued = await self._call(self._take, keys, args)
+            if result != 1:
+                self._somebody_waits(limiter.name)
             while result == 0:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -357,6 +400,12 @@ class RedisPermitStore:
 
     def give_back(self, limiter: StoreLimiter, handle: Hashable) -> None:
         rid = str(handle)
+        if self.keep_idle > 0 and self._keep(limiter, rid):
+            return
+        self._return(limiter, rid)
+
+    def _return(self, limiter: StoreLimiter, rid: str) -> None:
+        """Gives the lease `rid` back to Redis (or lets it expire while Redis is down)."""
         held = self._held.get(limiter.name)
         if held is not None:
             held.discard(rid)
@@ -365,6 +414,74 @@ class RedisPermitStore:
         elif self._reachable:
             self._give_back_soon(limiter, rid)
         # While Redis is down the lease is not renewed and expires on its own.
+
+    # -- kept permits (module docstring) ----------------------------------------------------
+
+    def _may_keep(self, limiter: StoreLimiter) -> bool:
+        name = limiter.name
+        return (
+            self._up
+            and self._reachable
+            and limiter.queue.max_len > 0
+            and self._kept_limit.get(name) == limiter.max_concurrency
+            and time.monotonic() >= self._busy_until.get(name, 0.0)
+        )
+
+    def _keep(self, limiter: StoreLimiter, rid: str) -> bool:
+        """Keeps the permit `rid` for this process's next request; False: give it back."""
+        name = limiter.name
+        if self._kept_limit.get(name) != limiter.max_concurrency:
+            # First use, or the limit changed (reload): what was kept under the old limit
+            # goes back, and for a while Redis decides alone whether the new one holds.
+            if name in self._kept_limit:
+                self._somebody_waits(name)
+            self._kept_limit[name] = limiter.max_concurrency
+            self._limiters[name] = limiter
+        if not self._may_keep(limiter):
+            return False
+        self._kept.setdefault(name, []).append((rid, time.monotonic()))
+        if name not in self._reaping:
+            self._reaping.add(name)
+            asyncio.get_running_loop().call_later(self.keep_idle, self._reap, name)
+        return True
+
+    def _reap(self, name: str) -> None:
+        """Gives back the permits kept longer than keep_idle (one timer per limiter)."""
+        self._reaping.discard(name)
+        kept = self._kept.get(name)
+        limiter = self._limiters.get(name)
+        if not kept or limiter is None:
+            return
+        now = time.monotonic()
+        stale = sum(1 for _, since in kept if now - since >= self.keep_idle)
+        for rid, _ in kept[:stale]:
+            self._return(limiter, rid)
+        del kept[:stale]
+        if kept:
+            self._reaping.add(name)
+            delay = max(0.0, kept[0][1] + self.keep_idle - now)
+            asyncio.get_running_loop().call_later(delay, self._reap, name)
+
+    def _somebody_waits(self, name: str) -> None:
+        """A request waits for this limit somewhere: give back what is kept, keep nothing
+        for BUSY_HOLD."""
+        self._busy_until[name] = time.monotonic() + BUSY_HOLD
+        self._give_back_kept(name)
+
+    def _give_back_kept(self, name: str) -> None:
+        kept = self._kept.pop(name, None)
+        limiter = self._limiters.get(name)
+        if kept and limiter is not None:
+            for rid, _ in kept:
+                self._return(limiter, rid)
+
+    def _drop_kept(self) -> None:
+        """Redis went away: the kept leases are not renewed and expire on their own."""
+        for name, kept in self._kept.items():
+            held = self._held.get(name)
+            if held is not None:
+                held.difference_update(rid for rid, _ in kept)
+        self._kept.clear()
 
     def _give_back_soon(self, limiter: StoreLimiter, rid: str) -> None:
         keys, args = self._keys(limiter.name), self._args(limiter, rid)
@@ -392,7 +509,7 @@ class RedisPermitStore:
         ]
         self._renewing = True
         try:
-            live = await self._call(self._renew, keys, args)
+            result = await self._call(self._renew, keys, args)
         except StoreDown:
             return False
         finally:
@@ -405,7 +522,11 @@ class RedisPermitStore:
         # The larger of what the config says and what Redis has seen: a smaller share is
         # the safe side while Redis is away. Right after an outage Redis has seen only the
         # processes that came back so far, so the count only grows until limits are global.
-        live = max(self.expected_processes, int(live))
+        live = max(self.expected_processes, int(result[0]))
+        for name, count in zip(names, result[1:], strict=False):
+            user = self._limiters.get(name)
+            if user is not None and int(count) > user.max_concurrency:
+                self._somebody_waits(name)  # over a lowered limit: nothing is kept
         self.known_processes = live if self._up else max(live, self.known_processes)
         return True
 
@@ -437,7 +558,8 @@ class RedisPermitStore:
     async def _listen(self) -> None:
         pubsub = self._client.pubsub()
         try:
-            await pubsub.subscribe(f"{self.prefix}grant:{self.process_id}")
+            want = f"{self.prefix}want"
+            await pubsub.subscribe(f"{self.prefix}grant:{self.process_id}", want)
             while True:
                 message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=self.lease
@@ -446,6 +568,12 @@ class RedisPermitStore:
                     continue
                 data = message.get("data")
                 rid = data.decode() if isinstance(data, bytes) else str(data)
+                channel = message.get("channel")
+                if (channel.decode() if isinstance(channel, bytes) else channel) == want:
+                    name = self._names.get(rid)  # here the message is a held key
+                    if name is not None:
+                        self._somebody_waits(name)
+                    continue
                 future = self._grants.get(rid)
                 if future is not None and not future.done():
                     future.set_result(None)
@@ -456,4 +584,4 @@ class RedisPermitStore:
                 await pubsub.aclose()
 
 
-__all__ = ["DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisPermitStore"]
+__all__ = ["DEFAULT_KEEP_IDLE", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisPermitStore"]

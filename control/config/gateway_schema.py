@@ -209,6 +209,13 @@ class LimitsSection(Section):
     store_timeout: Duration = Field(
         default=1.0, description="A Redis call slower than this falls back to the local share."
     )
+    keep_idle: Duration = Field(
+        default=0.1,
+        le=10.0,
+        description="How long a process keeps a permit its request gave back, for its next "
+        "request without a round trip to Redis, while nobody waits for one (Redis); 0: give "
+        "every permit back at once.",
+    )
 
 
 class QueueSection(Section):

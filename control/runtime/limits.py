@@ -84,6 +84,7 @@ async def start_limit_store(
             url,
             lease=limits.lease,
             timeout=limits.store_timeout,
+            keep_idle=limits.keep_idle,
             expected_processes=expected_processes(built, workers),
         )
         _watch(redis_store.on_change, metrics, "redis")

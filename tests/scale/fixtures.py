@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -80,6 +81,16 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
             conn.sendall((" ".join(words) + "\r\n").encode())
             return conn.makefile("rb").readline().decode().strip()
+
+    def script_calls(self) -> int:
+        """Lua script calls run so far (every take, give back and renewal is one)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+            conn.sendall(b"INFO commandstats\r\n")
+            reply = conn.makefile("rb")
+            size = int(reply.readline().decode().strip().lstrip("$"))
+            text = reply.read(size + 2).decode()
+        calls = re.findall(r"^cmdstat_evalsha?:calls=(\d+)", text, re.M)
+        return sum(int(c) for c in calls)
 
     def zcard(self, key: str) -> int:
         return int(self.command("ZCARD", key).lstrip(":"))
@@ -177,12 +188,17 @@ def write_gateway(
     queue_wait: str = "300ms",
     store: str | None = None,
     lease: str = "2s",
+    keep_idle: str = "100ms",
     extra: str = "",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     # A generous store timeout: on a loaded 2-core machine a loopback call can take 0.5 s,
     # and the tests that mean to take Redis away kill it (refused at once).
-    limits = f"limits: {{store: {store}, lease: {lease}, store_timeout: 3s}}" if store else ""
+    limits = (
+        f"limits: {{store: {store}, lease: {lease}, store_timeout: 3s, keep_idle: {keep_idle}}}"
+        if store
+        else ""
+    )
     (directory / "gateway.yaml").write_text(
         GATEWAY.format(
             limits=limits,

@@ -1,0 +1,181 @@
+"""What a shared limit store costs per request: sluice with `limits.store: redis://...`
+against sluice with local limits, the same backend limit in both.
+
+    .venv/bin/python -m bench.limit_store [--concurrency 256] [--requests 1024]
+        [--max-tokens 64] [--rounds 3]
+
+Starts a redis-server (no persistence), the simulator (TTFT 20 ms, ITL 10 ms) and two
+`sluice serve --config` processes whose only difference is the store, warms both up, then
+runs the same bounded load against each in interleaved rounds, the order alternating, and
+reports the medians: TTFT p50/p99, tok/s, CPU seconds of the sluice process per 1000 tokens
+and the Redis script calls per request (Redis's own count). The bar (issue 13): TTFT p50 within
++3 ms of local limits at 256 streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import uvloop
+from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
+
+from bench.observability import measure
+
+GOAL_TTFT_P50_EXTRA_MS = 3.0
+SCRIPT_COMMANDS = {"cmdstat_evalsha", "cmdstat_eval"}
+WARMUP_TOKENS = 8
+
+GATEWAY = """\
+kind: Gateway
+{limits}
+backends:
+  - name: sim
+    urls: ["{backend}"]
+    max_concurrency: {limit}
+    queue: {{max: 1024, max_wait: 30s}}
+routes:
+  - {{model: sim-model, backend: sim, upstream_model: sim-model}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+def script_calls(redis_url: str) -> int:
+    """Lua script calls Redis has run so far (each take, give back or renewal is one)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for k, v in stats.items() if k in SCRIPT_COMMANDS)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"local": [], "redis": []}
+    with tempfile.TemporaryDirectory(prefix="sluice-store-bench-") as tmp:
+        workdir = Path(tmp)
+        children: list[Child] = []
+        redis, redis_url = start_redis(workdir)
+        try:
+            sim = Child(
+                "sim",
+                sluice_argv("sim", "--port", "0", "--ttft-ms", "20", "--itl-ms", "10"),
+                workdir,
+            )
+            children.append(sim)
+            backend = sim.wait_line(SIM_READY)
+            targets: dict[str, tuple[str, int]] = {}
+            for name, limits in (("local", ""), ("redis", f"limits: {{store: {redis_url}}}")):
+                config = workdir / f"cfg-{name}"
+                config.mkdir()
+                text = GATEWAY.format(limits=limits, backend=backend, limit=args.limit)
+                (config / "gateway.yaml").write_text(text, encoding="utf-8")
+                argv = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0"]
+                child = Child(f"sluice-{name}", sluice_argv(*argv), workdir)
+                children.append(child)
+                targets[name] = (child.wait_line(SERVE_READY), child.pid)
+            spec = LoadSpec(
+                url=backend,
+                concurrency=args.concurrency,
+                requests=args.requests,
+                max_tokens=args.max_tokens,
+                timeout=120.0,
+            )
+            calls: list[float] = []
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                for url, _ in targets.values():
+                    warm = dataclasses.replace(
+                        spec, url=url, requests=args.concurrency, max_tokens=WARMUP_TOKENS
+                    )
+                    runner.run(run_load(warm))
+                for round_no in range(args.rounds):
+                    order = ["local", "redis"] if round_no % 2 == 0 else ["redis", "local"]
+                    for name in order:
+                        url, pid = targets[name]
+                        before = script_calls(redis_url)
+                        result = measure(runner, dataclasses.replace(spec, url=url), pid)
+                        if name == "redis":
+                            calls.append((script_calls(redis_url) - before) / args.requests)
+                        runs[name].append(result)
+        finally:
+            for child in reversed(children):
+                child.stop()
+            redis.kill()
+            redis.wait()
+    med = {
+        name: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+        for name, rounds in runs.items()
+    }
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": runs,
+        "median": med,
+        "script_calls_per_request": statistics.median(calls),
+        "ttft_p50_delta_ms": med["redis"]["ttft_p50_ms"] - med["local"]["ttft_p50_ms"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=4096, help="backend max_concurrency")
+    args = parser.parse_args()
+    report = run(args)
+    m = report["median"]
+    print(f"{report['date']}: {args.concurrency} streams, {args.requests} requests x "
+          f"{args.max_tokens} tokens, backend limit {args.limit}, {args.rounds} rounds (medians)")  # fmt: skip
+    print("limits   tok/s  TTFT p50  TTFT p99  CPU s/1k tok  errors")
+    for name in ("local", "redis"):
+        r = m[name]
+        print(f"{name:<7} {r['tok_per_s']:6.0f}  {r['ttft_p50_ms']:8.1f}  {r['ttft_p99_ms']:8.1f}  "
+              f"{r['cpu_s_per_1k']:12.4f}  {sum(x['errors'] for x in report['rounds'][name]):6d}")  # fmt: skip
+        ttfts = " / ".join(f"{x['ttft_p50_ms']:.1f}" for x in report["rounds"][name])
+        print(f"  TTFT p50 per round: {ttfts}")
+    delta = report["ttft_p50_delta_ms"]
+    print(f"Redis script calls per request: {report['script_calls_per_request']:.3f}; "
+          f"TTFT p50 {delta:+.1f} ms (goal <= +{GOAL_TTFT_P50_EXTRA_MS:g}: "
+          f"{'met' if delta <= GOAL_TTFT_P50_EXTRA_MS else 'MISSED'})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
