@@ -28,7 +28,10 @@ MESSAGE_END_TIMEOUT = 1.0
 class StreamRelay:
     """Push-mode relay of one SSE response: the upstream connection calls `feed` from its
     data callback, so an event goes backend socket -> filter -> client socket without a
-    future or a task switch. The handler awaits `outcome` once per stream:
+    future or a task switch. What one read from the backend holds (one event, or several
+    under load) goes to the client in one send when the read is done (`read_done`), as
+    nginx writes what it read: never held past the callback, one system call per read
+    rather than per event. The handler awaits `outcome` once per stream:
     "done" (backend's [DONE] relayed, the client's response ended), "cut" (the guard ended
     every choice) or "eof" (the backend ended the message without [DONE]); an
     UpstreamError or ClientGone is set as its exception.
@@ -37,7 +40,7 @@ class StreamRelay:
     socket stops and starts taking writes; reading from the backend follows.
     """
 
-    __slots__ = ("_on_event", "filter", "outcome", "response", "splitter", "upstream")
+    __slots__ = ("_on_event", "_out", "filter", "outcome", "response", "splitter", "upstream")
 
     def __init__(
         self, chunk_filter: ChunkFilter, upstream: UpstreamConnection, response: Response
@@ -47,6 +50,7 @@ class StreamRelay:
         self.response = response
         self.splitter = SseSplitter()
         self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._out: list[bytes] = []  # this read's filtered events, written by read_done
         # Without a guard the per-event work is observe's byte searches only.
         self._on_event: Callable[[bytes], bytes | None] = (
             chunk_filter.observe if chunk_filter.guard_spec is None else chunk_filter.guarded
@@ -70,9 +74,12 @@ class StreamRelay:
                 out = self._on_event(data)
             if chunk_filter.done:
                 # The last event and the end of the body go out in one send.
+                if self._out:
+                    out = b"".join([*self._out, out or b""])
+                    self._out.clear()
                 self.response.write_last(out or b"")
             elif out:
-                self.response.write(out)
+                self._out.append(out)
         except BaseException as exc:  # a broken client or a bug: end this stream only
             outcome.set_exception(exc)
             return
@@ -93,11 +100,27 @@ class StreamRelay:
                 break
         return b"".join(parts)
 
+    def read_done(self) -> None:
+        """The backend's read is fed: its events go to the client now, in one send."""
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.outcome.done():
+            return
+        try:
+            self.response.write(data)
+        except BaseException as exc:  # a broken client: end this stream only
+            self.outcome.set_exception(exc)
+
     def complete(self) -> None:
+        self.read_done()
         if not self.outcome.done():
             self.outcome.set_result("eof")
 
     def error(self, exc: BaseException) -> None:
+        self.read_done()  # the events before the failure, then the error event
         if not self.outcome.done():
             self.outcome.set_exception(exc)
 

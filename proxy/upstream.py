@@ -66,6 +66,9 @@ class BodyConsumer(Protocol):
 
     def feed(self, data: bytes) -> None: ...
 
+    def read_done(self) -> None:
+        """Everything one read from the socket held has been fed."""
+
     def complete(self) -> None: ...
 
     def error(self, exc: BaseException) -> None: ...
@@ -129,6 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.read_done()
         if self._buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:
             self.transport.pause_reading()
             self._reading_paused = True
@@ -194,6 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._chunks = []
             self._buffered = 0
             consumer.feed(data)
+            consumer.read_done()
         if self._consumer is not consumer:
             return
         if self._complete:
@@ -427,6 +434,9 @@ class _TailWatcher:
 
     def feed(self, data: bytes) -> None:
         pass  # only framing is expected after [DONE]
+
+    def read_done(self) -> None:
+        pass
 
     def complete(self) -> None:
         self.timer.cancel()

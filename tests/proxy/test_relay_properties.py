@@ -41,6 +41,7 @@ class FakeUpstream:
             return
         if self.pieces:
             self.consumer.feed(self.pieces.pop(0))
+            self.consumer.read_done()  # one piece is one read from the socket
             asyncio.get_running_loop().call_soon(self._next)
         else:
             self.complete = True

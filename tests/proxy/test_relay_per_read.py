@@ -1,0 +1,111 @@
+"""The relay writes what one read from the backend held in one send, as nginx does: events
+that arrived together go to the client as one HTTP chunk (one system call, not one per
+event), and an event that arrived alone goes out at once, never held for the next read."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fixtures import ProxyHarness, passthrough_snapshot
+from tests.proxy.raw_backends import _read_request
+
+PAUSE = 0.3  # between the backend's sends
+
+
+def _event(content: str) -> bytes:
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class TwoReadBackend:
+    """Answers one streamed request: one event alone, a pause, three events as three HTTP
+    chunks in a single send (one read on sluice's side), a pause, then [DONE]."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            if _read_request(conn, bytearray()) is None:
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n" + _http_chunk(_event("a"))
+            )
+            time.sleep(PAUSE)
+            conn.sendall(b"".join(_http_chunk(_event(t)) for t in ("b", "c", "d")))
+            time.sleep(PAUSE)
+            conn.sendall(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def harness() -> Iterator[ProxyHarness]:
+    backend = TwoReadBackend()
+    proxy = ProxyHarness(passthrough_snapshot(backend.url))
+    yield proxy
+    proxy.close()
+    backend.close()
+
+
+def _client_chunks(port: int) -> list[tuple[float, bytes]]:
+    """(seconds since the request, payload) of each HTTP chunk of sluice's response."""
+    body = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    )
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    chunks: list[tuple[float, bytes]] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        started = time.monotonic()
+        conn.sendall(request)
+        reader = conn.makefile("rb")
+        while reader.readline() not in (b"\r\n", b""):
+            pass  # the head
+        while True:
+            size = int(reader.readline().strip(), 16)
+            payload = reader.read(size)
+            reader.readline()
+            if size == 0:
+                return chunks
+            chunks.append((time.monotonic() - started, payload))
+
+
+def test_events_of_one_read_go_out_in_one_chunk_and_a_lone_event_at_once(
+    harness: ProxyHarness,
+) -> None:
+    chunks = _client_chunks(harness.port)
+    payloads = [payload for _, payload in chunks]
+    assert payloads == [
+        _event("a"),
+        _event("b") + _event("c") + _event("d"),
+        b"data: [DONE]\n\n",
+    ], payloads
+    (first_at, _), (batch_at, _), (done_at, _) = chunks
+    # Each went out when it arrived, not with the next read.
+    assert batch_at - first_at > PAUSE * 0.6, chunks
+    assert done_at - batch_at > PAUSE * 0.6, chunks
