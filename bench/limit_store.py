@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             children.append(sim)
             backend = sim.wait_line(SIM_READY)
             targets: dict[str, tuple[str, int]] = {}
-            for name, limits in (("local", ""), ("redis", f"limits: {{store: {redis_url}}}")):
+            store = f"limits: {{store: {redis_url}, keep_idle: {args.keep_idle}}}"
+            for name, limits in (("local", ""), ("redis", store)):
                 config = workdir / f"cfg-{name}"
                 config.mkdir()
                 text = GATEWAY.format(limits=limits, backend=backend, limit=args.limit)
@@ -158,11 +159,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=int, default=4096, help="backend max_concurrency")
+    parser.add_argument("--keep-idle", default="100ms", help="limits.keep_idle (0: keep none)")
     args = parser.parse_args()
     report = run(args)
     m = report["median"]
     print(f"{report['date']}: {args.concurrency} streams, {args.requests} requests x "
-          f"{args.max_tokens} tokens, backend limit {args.limit}, {args.rounds} rounds (medians)")  # fmt: skip
+          f"{args.max_tokens} tokens, backend limit {args.limit}, keep_idle {args.keep_idle}, "
+          f"{args.rounds} rounds (medians)")  # fmt: skip
     print("limits   tok/s  TTFT p50  TTFT p99  CPU s/1k tok  errors")
     for name in ("local", "redis"):
         r = m[name]

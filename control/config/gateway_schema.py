@@ -23,6 +23,7 @@ from .values import (
     ENV_RE,
     Bool,
     Duration,
+    DurationOrZero,
     FilePath,
     Float,
     HeaderName,
@@ -209,7 +210,7 @@ class LimitsSection(Section):
     store_timeout: Duration = Field(
         default=1.0, description="A Redis call slower than this falls back to the local share."
     )
-    keep_idle: Duration = Field(
+    keep_idle: DurationOrZero = Field(
         default=0.1,
         le=10.0,
         description="How long a process keeps a permit its request gave back, for its next "

@@ -87,6 +87,13 @@ def parse_duration(value: Any) -> Any:
     return seconds
 
 
+def parse_duration_or_zero(value: Any) -> Any:
+    """A duration, or 0 (off)."""
+    if not isinstance(value, bool) and value in (0, "0"):
+        return 0.0
+    return parse_duration(value)
+
+
 def check_secret(value: str) -> str:
     """`sha256:<64 hex>` or `env:VAR`. The message never echoes the value: it may be a key."""
     if ENV_RE.fullmatch(value):
@@ -283,6 +290,9 @@ RoutePattern = Annotated[
 Text = Annotated[str, Strict(), AfterValidator(check_text), TypeLabel("string")]
 NonEmptyText = Annotated[str, Strict(), AfterValidator(check_nonempty), TypeLabel("string")]
 Duration = Annotated[float, BeforeValidator(parse_duration), TypeLabel("duration")]
+DurationOrZero = Annotated[
+    float, BeforeValidator(parse_duration_or_zero), TypeLabel("duration or 0")
+]
 Int = Annotated[int, Strict(), TypeLabel("integer")]
 Float = Annotated[float, Strict(), TypeLabel("number")]
 Bool = Annotated[bool, Strict(), TypeLabel("boolean")]

@@ -372,3 +372,29 @@ def test_paths_outside_the_cwd_are_absolute(
     monkeypatch.chdir(EXAMPLES)
     (issue,) = issues_of(directory)
     assert issue.startswith(f"{directory}/x.yaml:1:1: empty file")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0", 0.0), ("250ms", 0.25), ("2s", 2.0), ("10s", 10.0)]
+)
+def test_keep_idle_takes_a_duration_or_zero(
+    config_dir: Writer, value: str, expected: float
+) -> None:
+    gateway = GATEWAY + f"limits: {{keep_idle: {value}}}\n"
+    config = built(config_dir({"gateway.yaml": gateway}))
+    assert config.gateway is not None
+    assert config.gateway.limits.keep_idle == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "a duration must be > 0, got -1"), ("11s", "must be <= 10.0, got 11.0"),
+     ("soon", "expected a duration")],
+)  # fmt: skip
+def test_keep_idle_refuses_what_is_not_a_duration_or_zero(
+    config_dir: Writer, value: str, message: str
+) -> None:
+    gateway = GATEWAY + f"limits: {{keep_idle: {value}}}\n"
+    (issue,) = issues_of(config_dir({"gateway.yaml": gateway}))
+    assert issue.startswith("presets/gateway.yaml:8:"), issue  # file:line
+    assert "limits.keep_idle" in issue and message in issue, issue
