@@ -18,7 +18,7 @@ Kept permits (`keep_idle`): a permit whose request ended stays this process's fo
 `keep_idle`, and its next request takes it with no round trip; it stays leased in Redis,
 so it counts against the limit like one in use. A steady load then costs Redis nothing per
 request but the renewals. It is kept only while nobody waits: the first request to queue
-(and the head of the queue, each time it polls) publishes on `{prefix}want`; every process
+(and every queued request, each time it polls) publishes on `{prefix}want`; every process
 then gives back what it keeps for that limit and gives back at once for BUSY_HOLD, so the
 queue is served in order as without keeping. Limits with `queue.max: 0` never keep (a
 request elsewhere would be refused while a permit idles here), and a changed limit gives
@@ -90,10 +90,10 @@ local id, mode = ARGV[4], ARGV[5]
 if redis.call('ZSCORE', held, id) then return {1, 0} end
 local waiting = redis.call('ZCARD', queue)
 if mode == 'check' then
-  local rank = redis.call('ZRANK', queue, id)
-  if not rank then return {-2, 0} end
-  -- the head reminds the processes that keep permits that somebody waits
-  if rank == 0 then redis.call('PUBLISH', prefix .. 'want', held) end
+  if not redis.call('ZSCORE', queue, id) then return {-2, 0} end
+  -- every waiter reminds the processes that keep permits that somebody waits (not only
+  -- the head: a dead process's ticket can stay at the head until its deadline)
+  redis.call('PUBLISH', prefix .. 'want', held)
   return {0, waiting}
 end
 if free > 0 then
@@ -206,6 +206,7 @@ class RedisPermitStore:
         self._kept: dict[str, list[tuple[str, float]]] = {}
         self._kept_limit: dict[str, int] = {}
         self._busy_until: dict[str, float] = {}
+        self._over: set[str] = set()  # limits Redis counted over (lowered, or an outage)
         self._reaping: set[str] = set()
         self._limiters: dict[str, StoreLimiter] = {}
         self._names: dict[str, str] = {}  # held key -> limiter name (the `want` messages)
@@ -233,6 +234,7 @@ class RedisPermitStore:
         self._main = asyncio.get_running_loop().create_task(self._maintain())
 
     async def aclose(self) -> None:
+        self.keep_idle = 0.0  # a request ending from now on gives its permit back
         for name in list(self._kept):
             self._give_back_kept(name)
         if self._main is not None:
@@ -424,6 +426,7 @@ class RedisPermitStore:
             and self._reachable
             and limiter.queue.max_len > 0
             and self._kept_limit.get(name) == limiter.max_concurrency
+            and name not in self._over
             and time.monotonic() >= self._busy_until.get(name, 0.0)
         )
 
@@ -476,11 +479,15 @@ class RedisPermitStore:
                 self._return(limiter, rid)
 
     def _drop_kept(self) -> None:
-        """Redis went away: the kept leases are not renewed and expire on their own."""
-        for name, kept in self._kept.items():
+        """The store is not trusted: give the kept leases back if Redis still answers (a
+        lost subscription), else they are not renewed and expire on their own."""
+        for name in list(self._kept):
+            if self._reachable:
+                self._give_back_kept(name)
+                continue
             held = self._held.get(name)
             if held is not None:
-                held.difference_update(rid for rid, _ in kept)
+                held.difference_update(rid for rid, _ in self._kept[name])
         self._kept.clear()
 
     def _give_back_soon(self, limiter: StoreLimiter, rid: str) -> None:
@@ -526,7 +533,12 @@ class RedisPermitStore:
         for name, count in zip(names, result[1:], strict=False):
             user = self._limiters.get(name)
             if user is not None and int(count) > user.max_concurrency:
-                self._somebody_waits(name)  # over a lowered limit: nothing is kept
+                # Over the limit (lowered, or permits re-registered after an outage):
+                # nothing is kept until a renewal counts it back under.
+                self._over.add(name)
+                self._somebody_waits(name)
+            else:
+                self._over.discard(name)
         self.known_processes = live if self._up else max(live, self.known_processes)
         return True
 
