@@ -76,12 +76,18 @@ class RedisStreamStore:
         self.client = client
         self.prefix = prefix
         self.timeout = timeout
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
+
+        # One retry on a fresh connection: a Redis restart is not an outage (reads are
+        # idempotent).
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=FOLLOWERS,
             timeout=timeout,
             socket_timeout=timeout + BLOCK_MS / 1000,
             socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1),
         )
         self.blocking: Any = aioredis.Redis(connection_pool=pool)
         self._pending: list[tuple[ResumableStream, int, bytes | None]] = []

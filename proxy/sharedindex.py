@@ -62,14 +62,20 @@ class SharedIndex:
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX) -> None:
         import redis.asyncio as aioredis  # noqa: PLC0415 (only when a store is configured)
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
+        from redis.backoff import NoBackoff  # noqa: PLC0415
 
         self.prefix = prefix
+        # One retry on a fresh connection: after Redis restarts, each pooled connection
+        # fails once ("Connection closed by server"); that is not an outage (the limit
+        # store does the same).
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=POOL_SIZE,
             timeout=CALL_TIMEOUT,
             socket_timeout=CALL_TIMEOUT,
             socket_connect_timeout=CALL_TIMEOUT,
+            retry=Retry(NoBackoff(), 1),
         )
         self._pool: Any = pool
         self._client: Any = aioredis.Redis(connection_pool=pool)

@@ -142,7 +142,17 @@ def test_redis_down_falls_back_to_local_index_at_once(
             downs = [line for line in sluice.stderr_lines if "shared_index_down" in line]
             assert len(downs) == 1, sluice.stderr_lines[-10:]
     finally:
+        seen = [len(sluice.stderr_lines) for sluice in (first, second)]
         redis.start()
+        # Leave the module's cluster as found: both processes back on the shared index, or
+        # the next test's first requests are placed locally. A process asks Redis again
+        # RETRY_AFTER after the failure and says so at its first read that succeeds.
+        deadline = time.monotonic() + 20
+        for sluice, n in zip((first, second), seen, strict=True):
+            while not any("shared_index_up" in line for line in sluice.stderr_lines[n:]):
+                assert time.monotonic() < deadline, "the shared index did not come back"
+                ask(sluice, "shared", "after the outage", "back?")
+                time.sleep(0.2)
 
 
 def test_stalled_redis_costs_each_read_its_deadline_then_is_skipped(tmp_path: Path) -> None:
