@@ -20,6 +20,7 @@ from .adapters import Adapter
 from .affinity import RoutingHint
 from .auth import authenticate
 from .backends import BackendPools, Replica
+from .deadlines import Deadlines
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (
     ApiError,
@@ -100,7 +101,16 @@ class ProxyApp:
         # sets the key it keeps in a file, so workers and restarts agree.
         self.salt_key = os.urandom(32)
         self._salts: dict[tuple[bytes, str], str] = {}
+        self._deadlines: Deadlines | None = None  # bound to the loop of the first request
         self.reconcile(ref.current)
+
+    @property
+    def deadlines(self) -> Deadlines:
+        """The timeouts' and keep-alives' timer slots (see deadlines.py)."""
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop_closed():
+            deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
+        return deadlines
 
     def swap(self, snapshot: Snapshot) -> None:
         """The reload's commit, on the event loop: the one assignment, then hot state made
@@ -409,7 +419,11 @@ class ProxyApp:
         keepalive = None
         if stream and policy.keepalive_interval is not None:
             keepalive = KeepAlive(
-                response, policy.keepalive_interval, ex, adapter.sse_headers + extra_headers
+                response,
+                policy.keepalive_interval,
+                ex,
+                adapter.sse_headers + extra_headers,
+                self.deadlines,
             )
         try:
             app_permit = None
@@ -466,7 +480,7 @@ class ProxyApp:
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
         # A non-stream response's head comes with its whole body: only total bounds it.
         effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
-        watchdog = StreamWatchdog(effective)
+        watchdog = StreamWatchdog(effective, deadlines=self.deadlines)
         self.watchdogs.add(watchdog)
         conn: UpstreamConnection | None = None
         replica: Replica | None = None

@@ -1,7 +1,7 @@
 """SSE keep-alives: a comment line while a stream waits, so idle timeouts of intermediaries
 (Cloudflare's 100 s, corporate proxies' 30-60 s, nginx's proxy_read_timeout) do not cut it.
 
-One timer per stream, never one per token: the timer fires `interval` after the last
+One `Deadlines` entry per stream, never a timer per token: it fires `interval` after the last
 write it knows of (its own keep-alive, or the last content token the relay stamped on the
 Exchange), so a stream that flows never writes a comment, and one whose backend is silent
 gets `: keep-alive` every `interval`.
@@ -23,6 +23,7 @@ from time import monotonic
 
 import orjson
 
+from .deadlines import Deadlines
 from .errors import ApiError, bad_gateway
 from .exchange import Exchange
 from .http import Header, Response
@@ -39,10 +40,24 @@ KEEPALIVE_EVENT = b": keep-alive\n\n"
 class KeepAlive:
     """Writes `: keep-alive` on `response` whenever nothing was written for `interval`."""
 
-    __slots__ = ("_ex", "_handle", "_head", "_last", "_loop", "interval", "may_start", "response")
+    __slots__ = (
+        "_deadlines",
+        "_ex",
+        "_head",
+        "_last",
+        "_slot",
+        "interval",
+        "may_start",
+        "response",
+    )
 
     def __init__(
-        self, response: Response, interval: float, ex: Exchange, head: list[Header]
+        self,
+        response: Response,
+        interval: float,
+        ex: Exchange,
+        head: list[Header],
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.response = response
         self.interval = interval
@@ -52,22 +67,24 @@ class KeepAlive:
         # The SSE head may go out early only before the backend answered: once its status
         # is known the exchange answers (a non-stream error keeps its own status).
         self.may_start = True
-        self._loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(interval, self._fire)
+        self._deadlines = (
+            deadlines if deadlines is not None else Deadlines(asyncio.get_running_loop())
+        )
+        self._slot: int | None = self._deadlines.add(self._last + interval, self)
 
-    def _fire(self) -> None:
-        self._handle = None
+    def on_deadline(self) -> None:
+        self._slot = None
         response = self.response
         if response.ended:
             return
         now = monotonic()
         due = max(self._last, self._ex.last_token_at) + self.interval
         if now < due:
-            self._handle = self._loop.call_later(due - now, self._fire)
+            self._slot = self._deadlines.add(due, self)
             return
         if not response.started:
             if not self.may_start:
-                self._handle = self._loop.call_later(self.interval, self._fire)
+                self._slot = self._deadlines.add(now + self.interval, self)
                 return
             self._ex.status = 200
             response.start(200, self._head)
@@ -76,13 +93,14 @@ class KeepAlive:
         except ClientGone:
             return  # the handler learns it from the connection; nothing more to write
         self._last = now
-        self._handle = self._loop.call_later(self.interval, self._fire)
+        self._slot = self._deadlines.add(now + self.interval, self)
 
     def stop(self) -> None:
         self.may_start = False
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            self._deadlines.remove(slot, self)
 
 
 def error_as_event(response: Response, exc: ApiError) -> None:

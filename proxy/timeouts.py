@@ -1,18 +1,19 @@
-"""Stream deadlines with one timer per stream, whatever the token count.
+"""Stream deadlines, one `Deadlines` entry per stream whatever the token count.
 
-A token only stores its `time.monotonic()` in an attribute. The single timer is armed at
-the earliest possible deadline; when it fires it recomputes the deadline from the latest
-token time and re-arms if the stream moved on. The first token re-arms it once (`first_token`): the
-inter-token deadline that starts then may come long before the first-token one. So a
-stream with an inter-token timeout of 5 s and tokens every 10 ms creates one timer handle
-per 5 s, not one per token.
+A token only stores its `time.monotonic()` in an attribute. The watchdog waits in the
+slot of its earliest possible deadline; when the slot fires it recomputes the deadline
+from the latest token time and waits again if the stream moved on. The first token moves
+it once (`first_token`), and only when the inter-token deadline that starts then comes
+before the one it waits for (first_token 30 s, inter_token 5 s). So a stream with an
+inter-token timeout of 5 s and tokens every 10 ms is looked at once per 5 s, not once per
+token, and a short request costs two set operations, no loop timer of its own.
 
-On expiry the watchdog cancels the task it guards (like `asyncio.timeout`, which re-arms
-with a new handle on every reschedule); the relay tells its own cancellation from a client
-disconnect by `expired` and `Task.uncancel()`.
+On expiry the watchdog cancels the task it guards (like `asyncio.timeout`); the relay
+tells its own cancellation from a client disconnect by `expired` and `Task.uncancel()`.
 
 Times are `time.monotonic()` (the relay stamps tokens with it: uvloop's `loop.time()` has
-millisecond resolution and is cached per loop pass); timers are scheduled on the loop.
+millisecond resolution and is cached per loop pass); a deadline fires at most
+`deadlines.RESOLUTION` (10 ms) late.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from time import monotonic
 
+from .deadlines import SLOTS_PER_SECOND, Deadlines
 from .snapshot import StreamTimeouts
 
 FIRST_TOKEN = "first_token_timeout"
@@ -31,8 +33,8 @@ SHUTDOWN = "shutdown"
 
 class StreamWatchdog:
     __slots__ = (
-        "_handle",
-        "_loop",
+        "_deadlines",
+        "_slot",
         "_task",
         "expired",
         "got_head",
@@ -41,15 +43,22 @@ class StreamWatchdog:
         "timeouts",
     )
 
-    def __init__(self, timeouts: StreamTimeouts, task: asyncio.Task[object] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(
+        self,
+        timeouts: StreamTimeouts,
+        task: asyncio.Task[object] | None = None,
+        deadlines: Deadlines | None = None,
+    ) -> None:
+        self._deadlines = (
+            deadlines if deadlines is not None else Deadlines(asyncio.get_running_loop())
+        )
         self._task = task if task is not None else asyncio.current_task()
         self.timeouts = timeouts
         self.started = monotonic()
         self.last_token: float | None = None  # set by the relay on each content token
         self.expired: str | None = None
         self.got_head = False
-        self._handle: asyncio.TimerHandle | None = None
+        self._slot: int | None = None  # the Deadlines slot it waits in, if any
         self._arm()
 
     def _deadline(self) -> tuple[float, str | None] | None:
@@ -81,44 +90,38 @@ class StreamWatchdog:
             return
         deadline = self._deadline()
         if deadline is not None:
-            self._schedule(deadline[0])
+            self._slot = self._deadlines.add(deadline[0], self)
 
-    def _schedule(self, when: float) -> None:
-        """A timer at monotonic time `when`; the loop's own clock may differ by an offset."""
-        delay = max(0.0, when - monotonic())
-        self._handle = self._loop.call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
+    def on_deadline(self) -> None:
+        self._slot = None
         deadline = self._deadline()
         if deadline is None:
             return
         when, kind = deadline
         if kind is None or when > monotonic():
-            self._schedule(when)
+            self._slot = self._deadlines.add(when, self)
             return
         self.expired = kind
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
     def head(self) -> None:
-        """The backend's response head arrived: its deadline no longer applies."""
+        """The backend's response head arrived: its deadline no longer applies. The slot
+        stays: a later deadline is found when it fires (for most exchanges, never)."""
         self.got_head = True
-        if self.timeouts.response_head is not None:  # else the timer does not wait for it
-            self._rearm()
-
-    def _rearm(self) -> None:
-        if self._handle is not None and self.expired is None:
-            self._handle.cancel()
-            self._handle = None
-            self._arm()
 
     def first_token(self, now: float) -> None:
         """The stream's first content token: from now on the inter-token deadline applies,
         which may be much sooner than the first-token one the timer waits for (first_token
         30 s, inter_token 5 s). Called once per stream; later tokens only set last_token."""
         self.last_token = now
-        self._rearm()
+        slot = self._slot
+        inter = self.timeouts.inter_token
+        if slot is not None and inter is not None and self.expired is None:
+            when = now + inter
+            if int(when * SLOTS_PER_SECOND) + 1 < slot:  # sooner than the slot it waits in
+                self._deadlines.remove(slot, self)
+                self._slot = self._deadlines.add(when, self)
 
     def interrupt(self, kind: str) -> None:
         """Ends the guarded exchange now (graceful shutdown past its drain deadline)."""
@@ -129,9 +132,10 @@ class StreamWatchdog:
                 self._task.cancel()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            self._deadlines.remove(slot, self)
 
     def claim_cancellation(self) -> bool:
         """True when the pending CancelledError is this watchdog's own (a timeout), not a

@@ -1,0 +1,160 @@
+"""`Deadlines`: stream deadlines share one loop timer per 10 ms slot, fire never early and
+at most a slot late, and a stream that ends leaves nothing behind (issue 19: three loop
+timers per short request were ~10% of its CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from time import monotonic
+from typing import Any
+
+import pytest
+from sluice.proxy.deadlines import RESOLUTION, Deadlines
+from sluice.proxy.snapshot import StreamTimeouts
+from sluice.proxy.timeouts import FIRST_TOKEN, INTER_TOKEN, StreamWatchdog
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+class Recorder:
+    def __init__(self, fired: list[tuple[Recorder, float]]) -> None:
+        self.fired = fired
+
+    def on_deadline(self) -> None:
+        self.fired.append((self, monotonic()))
+
+
+class CountingLoop:
+    """Counts the loop timers a Deadlines starts."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.timers = 0
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self.loop.call_later(delay, callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+
+@in_loop
+async def test_entries_fire_at_or_after_their_deadline_and_at_most_a_slot_late() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop())
+    fired: list[tuple[Recorder, float]] = []
+    start = monotonic()
+    asked = {}
+    for delay in (0.02, 0.05, 0.08, 0.13):
+        entry = Recorder(fired)
+        asked[entry] = start + delay
+        deadlines.add(start + delay, entry)
+    await asyncio.sleep(0.3)
+    assert len(fired) == 4
+    for entry, at in fired:
+        assert at >= asked[entry]
+        assert at - asked[entry] < RESOLUTION + 0.1  # a slot, plus a generous loop latency
+    assert [asked[e] for e, _ in fired] == sorted(asked.values())
+    assert len(deadlines) == 0
+
+
+@in_loop
+async def test_a_thousand_deadlines_in_one_slot_start_one_loop_timer() -> None:
+    counting = CountingLoop(asyncio.get_running_loop())
+    deadlines = Deadlines(counting)  # type: ignore[arg-type]
+    fired: list[tuple[Recorder, float]] = []
+    when = (int((monotonic() + 0.05) / RESOLUTION) + 0.5) * RESOLUTION  # mid-slot
+    for _ in range(1000):
+        deadlines.add(when, Recorder(fired))
+    assert counting.timers == 1
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1000
+
+
+@in_loop
+async def test_a_removed_entry_never_fires() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop())
+    fired: list[tuple[Recorder, float]] = []
+    kept, removed = Recorder(fired), Recorder(fired)
+    when = monotonic() + 0.03
+    deadlines.add(when, kept)
+    slot = deadlines.add(when, removed)
+    deadlines.remove(slot, removed)
+    await asyncio.sleep(0.15)
+    assert [e for e, _ in fired] == [kept]
+
+
+@in_loop
+async def test_one_failing_entry_does_not_stop_the_others_of_its_slot() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    deadlines = Deadlines(loop)
+    fired: list[tuple[Recorder, float]] = []
+
+    class Broken:
+        def on_deadline(self) -> None:
+            raise RuntimeError("boom")
+
+    when = monotonic() + 0.02
+    deadlines.add(when, Broken())
+    deadlines.add(when, Recorder(fired))
+    await asyncio.sleep(0.15)
+    assert len(fired) == 1
+    assert [type(c["exception"]) for c in errors] == [RuntimeError]
+
+
+@in_loop
+async def test_short_exchange_moves_its_watchdog_once_and_leaves_no_entry() -> None:
+    counting = CountingLoop(asyncio.get_running_loop())
+    deadlines = Deadlines(counting)  # type: ignore[arg-type]
+    timeouts = StreamTimeouts(first_token=30.0, inter_token=5.0, total=600.0, response_head=20.0)
+    watchdog = StreamWatchdog(timeouts, deadlines=deadlines)
+    assert len(deadlines) == 1  # waiting for the response head (20 s)
+    watchdog.head()  # a later deadline: found when the slot fires, nothing moves now
+    assert (len(deadlines), counting.timers) == (1, 1)
+    watchdog.first_token(monotonic())  # inter-token 5 s comes before the 20 s slot: moved
+    assert (len(deadlines), counting.timers) == (1, 2)
+    watchdog.last_token = monotonic()
+    watchdog.stop()
+    assert len(deadlines) == 0
+    assert watchdog.expired is None
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "tokens", "expected"),
+    [
+        (StreamTimeouts(first_token=0.05), 0, FIRST_TOKEN),
+        (StreamTimeouts(first_token=5.0, inter_token=0.05), 1, INTER_TOKEN),
+    ],
+)
+@in_loop
+async def test_watchdog_expires_on_its_slot_and_cancels_its_task(
+    timeouts: StreamTimeouts, tokens: int, expected: str
+) -> None:
+    deadlines = Deadlines(asyncio.get_running_loop())
+
+    async def guarded() -> StreamWatchdog:
+        watchdog = StreamWatchdog(timeouts, deadlines=deadlines)
+        watchdog.head()
+        if tokens:
+            watchdog.first_token(monotonic())
+        try:
+            await asyncio.sleep(2)
+        except asyncio.CancelledError:
+            assert watchdog.claim_cancellation()
+        return watchdog
+
+    start = monotonic()
+    watchdog = await asyncio.wait_for(guarded(), 1.5)
+    assert watchdog.expired == expected
+    assert 0.05 <= monotonic() - start < 0.05 + RESOLUTION + 0.5
+    assert len(deadlines) == 0
