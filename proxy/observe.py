@@ -7,8 +7,10 @@ only the fields of the `Exchange`, which records none of them.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, BinaryIO
 
+import orjson
 import structlog
 
 from .exchange import Exchange
@@ -33,11 +35,19 @@ class Observer:
     the log line. With both off, `enabled` is False and the server skips the hook."""
 
     def __init__(
-        self, ref: SnapshotRef, metrics: Metrics | None, *, access_log: bool = True
+        self,
+        ref: SnapshotRef,
+        metrics: Metrics | None,
+        *,
+        access_log: bool = True,
+        json_lines: JsonAccessLog | None = None,
     ) -> None:
+        """`json_lines`: where `sluice serve` writes JSON logs at level info, the line is
+        written there directly; else through structlog (console format, tests)."""
         self.ref = ref
         self.metrics = metrics
         self.access_log = access_log
+        self.json_lines = json_lines if access_log else None
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +56,9 @@ class Observer:
     def on_complete(self, ex: Exchange) -> None:
         if self.metrics is not None:
             self.metrics.observe(ex)
-        if self.access_log:
+        if self.json_lines is not None:
+            self.json_lines.write(access_fields(ex))
+        elif self.access_log:
             log_exchange(ex)
 
     def on_reload(self, result: str) -> None:
@@ -66,42 +78,72 @@ class Observer:
 
 
 def log_exchange(ex: Exchange) -> None:
-    """The access log line: these keys always, the rest only when they apply."""
+    """The access log line through structlog."""
+    _log.info("request", **access_fields(ex))
+
+
+def access_fields(ex: Exchange) -> dict[str, object]:
+    """The access log line's fields: these keys always, the rest only when they apply."""
     first = ex.first_token_at
-    extra: dict[str, object] = {}
+    fields: dict[str, object] = {
+        "request_id": ex.request_id,
+        "endpoint": ex.endpoint,
+        "app": ex.app,
+        "route": ex.route,
+        "backend": ex.backend,
+        "preset": ex.preset,
+        "variant": ex.variant,
+        "config_version": ex.config_version,
+        "status": ex.status,
+        "stream": ex.stream,
+        "ttft_ms": None if first is None else round((first - ex.started_at) * 1000, 1),
+        "tokens_in": ex.prompt_tokens,
+        "tokens_out": ex.output_tokens,
+        "finish_reason": ex.finish_reason,
+        "duration_ms": round((ex.ended_at - ex.started_at) * 1000, 1),
+    }
     if ex.experiment:
-        extra["experiment"] = ex.experiment
+        fields["experiment"] = ex.experiment
     if ex.cut is not None:
-        extra["cut"] = ex.cut
+        fields["cut"] = ex.cut
     if ex.timeout is not None:
-        extra["timeout"] = ex.timeout
+        fields["timeout"] = ex.timeout
     if ex.upstream_error is not None:
-        extra["upstream_error"] = ex.upstream_error
+        fields["upstream_error"] = ex.upstream_error
     if ex.error_code is not None:
-        extra["error"] = ex.error_code
+        fields["error"] = ex.error_code
     if ex.client_disconnected:
-        extra["client_disconnected"] = True
+        fields["client_disconnected"] = True
     if ex.queue_wait:
-        extra["queue_ms"] = round(ex.queue_wait * 1000, 1)
+        fields["queue_ms"] = round(ex.queue_wait * 1000, 1)
     if ex.gap_count:
-        extra["itl_mean_ms"] = round(ex.gap_sum / ex.gap_count * 1000, 2)
-        extra["itl_max_ms"] = round(ex.gap_max * 1000, 1)
-    _log.info(
-        "request",
-        request_id=ex.request_id,
-        endpoint=ex.endpoint,
-        app=ex.app,
-        route=ex.route,
-        backend=ex.backend,
-        preset=ex.preset,
-        variant=ex.variant,
-        config_version=ex.config_version,
-        status=ex.status,
-        stream=ex.stream,
-        ttft_ms=None if first is None else round((first - ex.started_at) * 1000, 1),
-        tokens_in=ex.prompt_tokens,
-        tokens_out=ex.output_tokens,
-        finish_reason=ex.finish_reason,
-        duration_ms=round((ex.ended_at - ex.started_at) * 1000, 1),
-        **extra,
-    )
+        fields["itl_mean_ms"] = round(ex.gap_sum / ex.gap_count * 1000, 2)
+        fields["itl_max_ms"] = round(ex.gap_max * 1000, 1)
+    return fields
+
+
+class JsonAccessLog:
+    """Writes the access log line as the JSON logging setup writes every line (the same
+    keys in the same order, `event`, `level`, an ISO UTC `timestamp` last) into the same
+    binary stream, without structlog's processor chain: the line is written once per
+    request, and the chain (bound logger, level, timestamp, renderer) was ~6% of the
+    proxy's CPU per short request."""
+
+    __slots__ = ("_file", "_second", "_stamp")
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, fields: dict[str, object]) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time to the second, once a second
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+        self._file.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
+        self._file.flush()

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from sluice.proxy.observe import JsonAccessLog
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -60,6 +61,14 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
+
+
+def access_lines(level: str, fmt: str, stream: TextIO | None = None) -> JsonAccessLog | None:
+    """The access log's direct JSON writer when `configure_logging(level, fmt, stream)`
+    writes JSON lines at level info; None where structlog must render the line."""
+    if fmt != "json" or LEVELS[level] > logging.INFO:
+        return None
+    return JsonAccessLog((stream if stream is not None else sys.stderr).buffer)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -39,7 +39,7 @@ from sluice.proxy.websocket import WebSocketUpgrade
 from .admin import admin_routes, status_body
 from .console import attach_console
 from .limits import start_limit_store, start_stream_store, store_url
-from .logs import configure_logging
+from .logs import access_lines, configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
 from .reloader import ConfigReloader
 from .saltkey import load_or_create_key
@@ -193,7 +193,12 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     return_large_allocations_to_os()  # large request bodies leave no RSS behind
     snapshot = built.snapshot
     ref = SnapshotRef(snapshot)
-    observer = Observer(ref, Metrics() if options.metrics else None, access_log=options.access_log)
+    observer = Observer(
+        ref,
+        Metrics() if options.metrics else None,
+        access_log=options.access_log,
+        json_lines=access_lines(options.log_level, options.log_format),
+    )
     reloader: ConfigReloader | None = None
 
     loop = asyncio.get_running_loop()

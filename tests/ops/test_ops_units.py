@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,10 +15,10 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
-from sluice.control.runtime.logs import configure_logging
+from sluice.control.runtime.logs import access_lines, configure_logging
 from sluice.proxy.exchange import ITL_BUCKETS, Exchange
 from sluice.proxy.metrics import Metrics
-from sluice.proxy.observe import Observer
+from sluice.proxy.observe import Observer, access_fields
 from sluice.proxy.snapshot import Snapshot, SnapshotRef
 from structlog.testing import capture_logs
 
@@ -214,6 +216,43 @@ def test_json_lines_rendered_by_orjson(restore_logging: None) -> None:
     assert first["timestamp"].endswith("Z") and "object object" in first["obj"]
     assert second == second | {"event": "from stdlib", "logger": "asyncio", "level": "warning"}
     assert second["timestamp"].endswith("Z")
+
+
+def test_direct_access_line_is_the_line_structlog_writes(restore_logging: None) -> None:
+    """`sluice serve` writes the access line itself (issue 19); it must be the line the
+    JSON logging setup writes through structlog: same keys, same order, same values."""
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    configure_logging("info", "json", stream=stream)
+    direct = access_lines("info", "json", stream)
+    assert direct is not None
+    ref = SnapshotRef(Snapshot("v1", {}, {}))
+    cut = streamed([0.01], cut="STOP", experiment="exp", queue_wait=0.2, client_disconnected=True)
+    # A logger of its own: observe's module logger would cache this test's stream.
+    log = structlog.get_logger("sluice.access")
+    for ex in (streamed([0.01, 0.03], finish_reason="length"), cut, Exchange("r9", 1.0)):
+        log.info("request", **access_fields(ex))  # what log_exchange writes
+        Observer(ref, None, json_lines=direct).on_complete(ex)
+    stream.flush()
+    lines = [orjson.loads(x) for x in stream.buffer.getvalue().splitlines()]  # type: ignore[attr-defined]
+    assert len(lines) == 6
+    for via_structlog, written in zip(lines[::2], lines[1::2], strict=True):
+        assert list(written) == list(via_structlog)  # the keys, in order
+        stamp = written.pop("timestamp")
+        assert stamp.endswith("Z") and len(stamp) == len("2026-12-03T08:03:12.537678Z")
+        assert abs(dt.datetime.fromisoformat(stamp[:-1] + "+00:00").timestamp() - time.time()) < 5
+        via_structlog.pop("timestamp")
+        assert written == via_structlog
+    assert lines[2]["cut"] == "STOP" and lines[3]["queue_ms"] == 200.0
+
+
+def test_access_line_goes_through_structlog_unless_json_at_info() -> None:
+    assert access_lines("info", "json") is not None
+    assert access_lines("debug", "json") is not None
+    assert access_lines("warning", "json") is None  # the line is not written at all
+    assert access_lines("info", "console") is None  # rendered by structlog's console
+    ref = SnapshotRef(Snapshot("v1", {}, {}))
+    direct = access_lines("info", "json", io.TextIOWrapper(io.BytesIO()))
+    assert Observer(ref, None, access_log=False, json_lines=direct).json_lines is None
 
 
 def test_console_format_and_bad_settings(restore_logging: None) -> None:
