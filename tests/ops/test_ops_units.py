@@ -14,10 +14,10 @@ import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from sluice.control.runtime.logs import access_lines, configure_logging
 from sluice.proxy.exchange import ITL_BUCKETS, Exchange
-from sluice.proxy.metrics import Metrics
+from sluice.proxy.metrics import DURATION_BUCKETS, Metrics
 from sluice.proxy.observe import Observer, access_fields
 from sluice.proxy.snapshot import Snapshot, SnapshotRef
 from structlog.testing import capture_logs
@@ -66,6 +66,44 @@ def test_folded_gaps_equal_one_observe_per_gap(gaps: list[float]) -> None:
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=700.0), st.sampled_from(["a", "b"])),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(min_value=0, max_value=40),
+)
+def test_counted_in_python_then_read_equals_prometheus_observing_each_request(
+    requests: list[tuple[float, str]], read_after: int
+) -> None:
+    """Issue 19: `observe` counts in plain Python and a read folds the counts in. Whenever
+    the metrics are read (here once midway), they equal what prometheus-client shows
+    when each request is observed as it ends, and no request is counted twice."""
+    metrics = Metrics()
+    reference = CollectorRegistry()
+    durations = Histogram("sluice_stream_duration_seconds", "", ["route", "variant"],
+                          buckets=DURATION_BUCKETS, registry=reference)  # fmt: skip
+    counted = Counter("sluice_requests", "", ["app", "route", "preset", "variant", "status"],
+                      registry=reference)  # fmt: skip
+    for i, (duration, app) in enumerate(requests):
+        if i == read_after:
+            metrics.render()
+        ex = streamed([], app=app)
+        ex.ended_at = ex.started_at + duration
+        metrics.observe(ex)
+        durations.labels("chat", "").observe(duration)
+        counted.labels(app, "chat", "", "", "200").inc()
+    for name in ("sluice_stream_duration_seconds", "sluice_requests"):
+        got, want = samples(metrics.registry, name), samples(reference, name)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), key
+    again = samples(metrics.registry, "sluice_requests")  # a second read adds nothing
+    assert again == samples(reference, "sluice_requests")
 
 
 def test_outcomes_map_to_their_counters() -> None:

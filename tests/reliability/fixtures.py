@@ -88,6 +88,7 @@ class TunedHarness(ProxyHarness):
 
     def requests_by_status(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        self.metrics.flush()  # the counts since the last read (a scrape flushes the same way)
         for metric in self.metrics.requests.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
