@@ -6,9 +6,9 @@ tokens costs the same handful of updates as one of 10. Those updates are plain P
 (a bisect and an addition per histogram, 1.5 us a request against prometheus-client's
 9 us); `flush` adds them to prometheus-client's values whenever the metrics are read (a
 scrape, `app_usage`, the registry) and once a second, so every read sees every finished
-request of the answering process, and other workers' at most a second late. Gauges (active streams, queue
-depths, the config version) are set from the app's state by `set_gauges`, which the
-`Observer` calls on every scrape and once a second.
+request of the answering process, and other workers' at most a second late. Gauges
+(active streams, queue depths, the config version) are set from the app's state by
+`set_gauges`, which the `Observer` calls on every scrape and once a second.
 
 With several workers, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set
 by the supervisor before a worker starts) keeps every value in a file per process and sums
