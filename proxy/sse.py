@@ -27,13 +27,13 @@ class SseSplitter:
         if b"\r" in data:
             # SSE allows CRLF line ends; normalise once, off the common path.
             data = data.replace(b"\r\n", b"\n")
-        end = len(data) - 2
         first = data.find(SEPARATOR)
-        if first == end:
-            return [data[:end]]
-        if first < 0:
+        if first < 0:  # (before the next test: a 1-byte read has first == len - 2 == -1)
             self._pending = data
             return []
+        end = len(data) - 2
+        if first == end:
+            return [data[:end]]
         events = data.split(SEPARATOR)
         self._pending = events.pop()
         return [event for event in events if event]

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sluice.proxy.sse import SseSplitter
 
 from tests.fixtures import ProxyHarness, passthrough_snapshot
 from tests.proxy.raw_backends import _read_request
@@ -109,3 +110,20 @@ def test_events_of_one_read_go_out_in_one_chunk_and_a_lone_event_at_once(
     # Each went out when it arrived, not with the next read.
     assert batch_at - first_at > PAUSE * 0.6, chunks
     assert done_at - batch_at > PAUSE * 0.6, chunks
+
+
+@pytest.mark.parametrize(
+    ("reads", "events"),
+    [
+        ([b"d", b"ata: x\n\n"], [b"data: x"]),  # one byte: once gave b"" (first == end == -1)
+        ([b"data: x\n", b"\n"], [b"data: x"]),
+        ([b"data: x\n\nd", b"ata: y\n\n"], [b"data: x", b"data: y"]),
+        ([b"data: x\r\n\r\n"], [b"data: x"]),
+    ],
+)
+def test_sse_splitter_returns_whole_events_whatever_the_reads(
+    reads: list[bytes], events: list[bytes]
+) -> None:
+    splitter = SseSplitter()
+    assert [event for data in reads for event in splitter.feed(data)] == events
+    assert splitter.pending == b""
