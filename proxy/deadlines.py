@@ -28,10 +28,10 @@ class Timed(Protocol):
 class Deadlines:
     """The slots of one event loop. `add` returns the slot to pass to `remove`."""
 
-    __slots__ = ("_loop", "_slots")
+    __slots__ = ("_slots", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._slots: dict[int, set[Timed]] = {}
 
     def add(self, when: float, entry: Timed) -> int:
@@ -41,13 +41,13 @@ class Deadlines:
         if entries is None:
             self._slots[slot] = {entry}
             delay = slot * RESOLUTION - monotonic()
-            self._loop.call_later(delay if delay > 0.0 else 0.0, self._fire, slot)
+            self.loop.call_later(delay if delay > 0.0 else 0.0, self._fire, slot)
         else:
             entries.add(entry)
         return slot
 
     def loop_closed(self) -> bool:
-        return self._loop.is_closed()
+        return self.loop.is_closed()
 
     def remove(self, slot: int, entry: Timed) -> None:
         entries = self._slots.get(slot)
@@ -67,7 +67,7 @@ class Deadlines:
             try:
                 entry.on_deadline()
             except Exception as exc:  # one stream's bug must not stop the others' timers
-                self._loop.call_exception_handler(
+                self.loop.call_exception_handler(
                     {"message": "deadline callback failed", "exception": exc}
                 )
 

@@ -49,7 +49,7 @@ class StreamRelay:
         self.upstream = upstream
         self.response = response
         self.splitter = SseSplitter()
-        self.outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.outcome: asyncio.Future[str] = upstream.loop.create_future()
         self._out: list[bytes] = []  # this read's filtered events, written by read_done
         # Without a guard the per-event work is observe's byte searches only.
         self._on_event: Callable[[bytes], bytes | None] = (

@@ -52,7 +52,8 @@ class StreamWatchdog:
         self._deadlines = (
             deadlines if deadlines is not None else Deadlines(asyncio.get_running_loop())
         )
-        self._task = task if task is not None else asyncio.current_task()
+        # The loop given: asyncio.current_task() would look it up (a getpid() per call).
+        self._task = task if task is not None else asyncio.current_task(self._deadlines.loop)
         self.timeouts = timeouts
         self.started = monotonic()
         self.last_token: float | None = None  # set by the relay on each content token

@@ -30,6 +30,7 @@ class FakeUpstream:
         self.pieces = list(pieces)
         self.complete = False
         self.consumer: Any = None
+        self.loop = asyncio.get_running_loop()
 
     def set_consumer(self, consumer: Any) -> None:
         self.consumer = consumer
