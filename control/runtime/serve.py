@@ -319,6 +319,9 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
                 await task
             except asyncio.CancelledError:
                 pass
+    if observer.metrics is not None:
+        # The last requests' counts into the values (a worker's file outlives it).
+        observer.metrics.flush()
     return 0
 
 
