@@ -1,0 +1,125 @@
+"""Two builds of sluice behind one backend, measured in interleaved rounds (issue 19's A/Bs).
+
+    git worktree add /tmp/base <commit> && make -C /tmp/base link-tree
+    .venv/bin/python -m bench.ab_builds --base /tmp/base/build/typecheck \\
+        [--new PATH] [--backend URL] [--ttft-ms 20] [--itl-ms 10] \\
+        [--concurrency 256] [--requests 1024] [--max-tokens 64] [--rounds 6] [--model M]
+
+Starts the simulator (or uses `--backend`, a real vLLM say) and two `sluice serve
+--backend` processes: "base" imports sluice from `--base` (a tree holding the `sluice`
+package, such as a checkout's `build/typecheck` link tree, or a folder a wheel was installed
+into) and "new" from `--new` (default: the sluice this Python imports). Both get one
+warm-up, then the same bounded load in each round, the order alternating, and the report
+gives each one's median CPU per token (user + system of the process, /proc, as `sluice
+bench --compare` counts it), every round's value, TTFT p50 and tok/s. Each pair of figures
+comes from one run: on a shared machine the absolute values move between runs, the pair
+does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
+
+from bench.observability import measure
+
+WARMUP_TOKENS = 8
+
+
+def _serve(name: str, pythonpath: str | None, backend: str, workdir: Path) -> Child:
+    saved = os.environ.get("PYTHONPATH")
+    if pythonpath is not None:  # Child passes this process's environment on
+        os.environ["PYTHONPATH"] = pythonpath
+    try:
+        argv = sluice_argv("serve", "--host", "127.0.0.1", "--port", "0", "--backend", backend)
+        return Child(name, argv, workdir)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        children: list[Child] = []
+        try:
+            backend = args.backend
+            if backend is None:
+                sim = Child(
+                    "sim",
+                    sluice_argv(
+                        "sim", "--port", "0", "--ttft-ms", str(args.ttft_ms),
+                        "--itl-ms", str(args.itl_ms),
+                    ),
+                    workdir,
+                )  # fmt: skip
+                children.append(sim)
+                backend = sim.wait_line(SIM_READY)
+            targets = {}
+            for name, path in (("base", args.base), ("new", args.new)):
+                child = _serve(name, path, backend, workdir)
+                children.append(child)
+                targets[name] = (child.wait_line(SERVE_READY), child.pid)
+            spec = LoadSpec(
+                url=backend,
+                concurrency=args.concurrency,
+                requests=args.requests,
+                max_tokens=args.max_tokens,
+                model=args.model,
+                timeout=120,
+            )
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                for url, _ in targets.values():
+                    warm = dataclasses.replace(
+                        spec, url=url, requests=args.concurrency, max_tokens=WARMUP_TOKENS
+                    )
+                    runner.run(run_load(warm))
+                for i in range(args.rounds):
+                    for name in ("base", "new") if i % 2 == 0 else ("new", "base"):
+                        url, pid = targets[name]
+                        runs[name].append(measure(runner, dataclasses.replace(spec, url=url), pid))
+        finally:
+            for child in reversed(children):
+                child.stop()
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="PYTHONPATH holding the base sluice")
+    parser.add_argument("--new", default=None, help="PYTHONPATH of the new one (default: ours)")
+    parser.add_argument("--backend", default=None, help="backend URL (default: a simulator)")
+    parser.add_argument("--ttft-ms", type=float, default=20.0)
+    parser.add_argument("--itl-ms", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--model", default="sim-model")
+    runs = run(parser.parse_args())
+    for name, rounds in runs.items():
+        per_token = [r["cpu_s_per_1k"] * 1000 for r in rounds]
+        print(
+            f"{name}: CPU {statistics.median(per_token):.2f} us per token (median; rounds "
+            + " ".join(f"{x:.2f}" for x in per_token)
+            + f"), TTFT p50 {statistics.median(r['ttft_p50_ms'] for r in rounds):.1f} ms, "
+            f"{statistics.median(r['tok_per_s'] for r in rounds):.0f} tok/s, "
+            f"errors {sum(r['errors'] for r in rounds)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
