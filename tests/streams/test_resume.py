@@ -205,11 +205,13 @@ def test_memory_is_bounded_with_1000_abandoned_streams(sim: ProcessServer) -> No
         assert isinstance(registry, StreamRegistry)
         peak = peak_count = 0
         for _ in range(1000):
-            post(h, chat(30, sim={"itl_ms": 1, "ttft_ms": 0}), stop_after=1)
+            post(h, chat(10, sim={"itl_ms": 1, "ttft_ms": 0}), stop_after=1)
             peak = max(peak, h.lt.call(lambda: registry.total_bytes))
             peak_count = max(peak_count, h.lt.call(lambda: len(registry.streams)))
-        assert peak <= 1000 * 4096
+        # 10 tokens fit the 4096-byte buffer, so each stream is kept for its window (with
+        # 30 they overflowed it within ~30 ms and the count hovered around 10: flaky).
         assert 10 < peak_count <= 1000  # kept for their window, then dropped
+        assert peak <= peak_count * 4096  # no stream holds more than its buffer
         wait_until(lambda: h.lt.call(lambda: len(registry.streams)) == 0, 5.0)
         assert h.lt.call(lambda: registry.total_bytes) == 0
         assert h.permits_in_use() == 0
