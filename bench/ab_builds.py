@@ -19,21 +19,15 @@ does not.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import os
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import uvloop
-from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
 
-from bench.observability import measure
-
-WARMUP_TOKENS = 8
+from bench.rounds import Round, interleaved
 
 
 def _serve(name: str, pythonpath: str | None, backend: str, workdir: Path) -> Child:
@@ -50,8 +44,7 @@ def _serve(name: str, pythonpath: str | None, backend: str, workdir: Path) -> Ch
             os.environ["PYTHONPATH"] = saved
 
 
-def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
+def run(args: argparse.Namespace) -> dict[str, list[Round]]:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         children: list[Child] = []
@@ -81,16 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 model=args.model,
                 timeout=120,
             )
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                for url, _ in targets.values():
-                    warm = dataclasses.replace(
-                        spec, url=url, requests=args.concurrency, max_tokens=WARMUP_TOKENS
-                    )
-                    runner.run(run_load(warm))
-                for i in range(args.rounds):
-                    for name in ("base", "new") if i % 2 == 0 else ("new", "base"):
-                        url, pid = targets[name]
-                        runs[name].append(measure(runner, dataclasses.replace(spec, url=url), pid))
+            runs = interleaved(targets, spec, args.rounds)
         finally:
             for child in reversed(children):
                 child.stop()

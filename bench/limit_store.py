@@ -15,8 +15,6 @@ and the Redis script calls per request (Redis's own count). The bar (issue 13): 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import shutil
 import socket
 import statistics
@@ -24,19 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
-import uvloop
-from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
 
-from bench.observability import measure
+from bench.rounds import Round, interleaved
 
 GOAL_TTFT_P50_EXTRA_MS = 3.0
 SCRIPT_COMMANDS = {"cmdstat_evalsha", "cmdstat_eval"}
-WARMUP_TOKENS = 8
 
 GATEWAY = """\
 kind: Gateway
@@ -87,7 +84,6 @@ def script_calls(redis_url: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {"local": [], "redis": []}
     with tempfile.TemporaryDirectory(prefix="sluice-store-bench-") as tmp:
         workdir = Path(tmp)
         children: list[Child] = []
@@ -119,21 +115,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 timeout=120.0,
             )
             calls: list[float] = []
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                for url, _ in targets.values():
-                    warm = dataclasses.replace(
-                        spec, url=url, requests=args.concurrency, max_tokens=WARMUP_TOKENS
-                    )
-                    runner.run(run_load(warm))
-                for round_no in range(args.rounds):
-                    order = ["local", "redis"] if round_no % 2 == 0 else ["redis", "local"]
-                    for name in order:
-                        url, pid = targets[name]
-                        before = script_calls(redis_url)
-                        result = measure(runner, dataclasses.replace(spec, url=url), pid)
-                        if name == "redis":
-                            calls.append((script_calls(redis_url) - before) / args.requests)
-                        runs[name].append(result)
+
+            def count_calls(name: str, run: Callable[[], Round]) -> Round:
+                before = script_calls(redis_url)
+                result = run()
+                if name == "redis":
+                    calls.append((script_calls(redis_url) - before) / args.requests)
+                return result
+
+            runs = interleaved(targets, spec, args.rounds, count_calls)
         finally:
             for child in reversed(children):
                 child.stop()

@@ -17,8 +17,6 @@ line only, both), for a 64-token stream.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import io
 import json
 import statistics
@@ -29,38 +27,21 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-import uvloop
-from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import (
     SERVE_READY,
     SIM_READY,
     Child,
     sluice_argv,
-    tree_cpu_seconds,
 )
+
+from bench.rounds import interleaved
 
 GOAL_CPU_RATIO = 1.10
 GOAL_TTFT_P50_EXTRA_MS = 5.0
-WARMUP_TOKENS = 8
-
-
-def measure(runner: asyncio.Runner, spec: LoadSpec, pid: int) -> dict[str, Any]:
-    cpu0 = tree_cpu_seconds(pid)
-    result = runner.run(run_load(spec))
-    cpu = tree_cpu_seconds(pid) - cpu0
-    return {
-        "tok_per_s": result.tok_per_s,
-        "ttft_p50_ms": result.ttft_p50_ms,
-        "ttft_p99_ms": result.ttft_p99_ms,
-        "itl_p99_ms": result.itl_p99_ms,
-        "cpu_s_per_1k": cpu / result.tokens * 1000 if result.tokens else float("nan"),
-        "tokens": result.tokens,
-        "errors": result.errors,
-    }
 
 
 def run_macro(args: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="sluice-obs-bench-") as tmp:
         workdir = Path(tmp)
         children: list[Child] = []
@@ -87,17 +68,7 @@ def run_macro(args: argparse.Namespace) -> dict[str, Any]:
                 max_tokens=args.max_tokens,
                 timeout=120.0,
             )
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                for url, _ in targets.values():
-                    warm = dataclasses.replace(
-                        spec, url=url, requests=args.concurrency, max_tokens=WARMUP_TOKENS
-                    )
-                    runner.run(run_load(warm))
-                for round_no in range(args.rounds):
-                    order = ["on", "off"] if round_no % 2 == 0 else ["off", "on"]
-                    for name in order:
-                        url, pid = targets[name]
-                        runs[name].append(measure(runner, dataclasses.replace(spec, url=url), pid))
+            runs = interleaved(targets, spec, args.rounds)
             access_lines = sum(1 for _ in (workdir / "sluice-on.err").open())
         finally:
             for child in reversed(children):

@@ -1,0 +1,70 @@
+"""One bounded load against several running relays, in interleaved rounds.
+
+The benchmark scripts beside this file compare two `sluice serve` processes (metrics on and
+off, local and Redis limits, two builds). Each target gets one unmeasured warm-up (one
+request per connection, `WARMUP_TOKENS` tokens: it opens the relay's upstream pool), then
+every round runs the same load against each target, the order reversed every other round,
+and records the relay process's CPU (/proc, as `sluice bench --compare` counts it), TTFT
+and tok/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import uvloop
+from sluice.control.bench.loadgen import LoadSpec, run_load
+from sluice.control.bench.processes import tree_cpu_seconds
+
+WARMUP_TOKENS = 8
+
+Round = dict[str, Any]
+# Wraps one measurement of one target: (target name, the measurement) -> its result.
+Around = Callable[[str, Callable[[], Round]], Round]
+
+
+def measure(runner: asyncio.Runner, spec: LoadSpec, pid: int) -> Round:
+    cpu0 = tree_cpu_seconds(pid)
+    result = runner.run(run_load(spec))
+    cpu = tree_cpu_seconds(pid) - cpu0
+    return {
+        "tok_per_s": result.tok_per_s,
+        "ttft_p50_ms": result.ttft_p50_ms,
+        "ttft_p99_ms": result.ttft_p99_ms,
+        "itl_p99_ms": result.itl_p99_ms,
+        "cpu_s_per_1k": cpu / result.tokens * 1000 if result.tokens else float("nan"),
+        "tokens": result.tokens,
+        "errors": result.errors,
+    }
+
+
+def interleaved(
+    targets: dict[str, tuple[str, int]],
+    spec: LoadSpec,
+    rounds: int,
+    around: Around | None = None,
+) -> dict[str, list[Round]]:
+    """`targets`: name -> (URL, pid of the process whose CPU counts). `spec.url` is
+    replaced by each target's; `around` may do something before and after each
+    measurement (count a store's calls, say)."""
+    runs: dict[str, list[Round]] = {name: [] for name in targets}
+    names = list(targets)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        for url, _ in targets.values():
+            warm = dataclasses.replace(
+                spec, url=url, requests=spec.concurrency, max_tokens=WARMUP_TOKENS
+            )
+            runner.run(run_load(warm))
+        for round_no in range(rounds):
+            for name in names if round_no % 2 == 0 else names[::-1]:
+                url, pid = targets[name]
+                one = dataclasses.replace(spec, url=url)
+
+                def run(one: LoadSpec = one, pid: int = pid) -> Round:
+                    return measure(runner, one, pid)
+
+                runs[name].append(run() if around is None else around(name, run))
+    return runs
