@@ -108,7 +108,7 @@ class ProxyApp:
     def deadlines(self) -> Deadlines:
         """The timeouts' and keep-alives' timer slots (see deadlines.py)."""
         deadlines = self._deadlines
-        if deadlines is None or deadlines.loop_closed():
+        if deadlines is None or deadlines.loop.is_closed():
             deadlines = self._deadlines = Deadlines(asyncio.get_running_loop())
         return deadlines
 
@@ -480,7 +480,7 @@ class ProxyApp:
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
         # A non-stream response's head comes with its whole body: only total bounds it.
         effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
-        watchdog = StreamWatchdog(effective, deadlines=self.deadlines)
+        watchdog = StreamWatchdog(effective, self.deadlines)
         self.watchdogs.add(watchdog)
         conn: UpstreamConnection | None = None
         replica: Replica | None = None

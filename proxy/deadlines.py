@@ -46,9 +46,6 @@ class Deadlines:
             entries.add(entry)
         return slot
 
-    def loop_closed(self) -> bool:
-        return self.loop.is_closed()
-
     def remove(self, slot: int, entry: Timed) -> None:
         entries = self._slots.get(slot)
         if entries is not None:

@@ -18,7 +18,6 @@ ping task, which raced the end of the response).
 
 from __future__ import annotations
 
-import asyncio
 from time import monotonic
 
 import orjson
@@ -57,7 +56,7 @@ class KeepAlive:
         interval: float,
         ex: Exchange,
         head: list[Header],
-        deadlines: Deadlines | None = None,
+        deadlines: Deadlines,
     ) -> None:
         self.response = response
         self.interval = interval
@@ -67,9 +66,7 @@ class KeepAlive:
         # The SSE head may go out early only before the backend answered: once its status
         # is known the exchange answers (a non-stream error keeps its own status).
         self.may_start = True
-        self._deadlines = (
-            deadlines if deadlines is not None else Deadlines(asyncio.get_running_loop())
-        )
+        self._deadlines = deadlines
         self._slot: int | None = self._deadlines.add(self._last + interval, self)
 
     def on_deadline(self) -> None:

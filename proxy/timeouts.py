@@ -46,12 +46,10 @@ class StreamWatchdog:
     def __init__(
         self,
         timeouts: StreamTimeouts,
+        deadlines: Deadlines,
         task: asyncio.Task[object] | None = None,
-        deadlines: Deadlines | None = None,
     ) -> None:
-        self._deadlines = (
-            deadlines if deadlines is not None else Deadlines(asyncio.get_running_loop())
-        )
+        self._deadlines = deadlines
         # The loop given: asyncio.current_task() would look it up (a getpid() per call).
         self._task = task if task is not None else asyncio.current_task(self._deadlines.loop)
         self.timeouts = timeouts

@@ -117,7 +117,7 @@ async def test_short_exchange_moves_its_watchdog_once_and_leaves_no_entry() -> N
     counting = CountingLoop(asyncio.get_running_loop())
     deadlines = Deadlines(counting)  # type: ignore[arg-type]
     timeouts = StreamTimeouts(first_token=30.0, inter_token=5.0, total=600.0, response_head=20.0)
-    watchdog = StreamWatchdog(timeouts, deadlines=deadlines)
+    watchdog = StreamWatchdog(timeouts, deadlines)
     assert len(deadlines) == 1  # waiting for the response head (20 s)
     watchdog.head()  # a later deadline: found when the slot fires, nothing moves now
     assert (len(deadlines), counting.timers) == (1, 1)
@@ -143,7 +143,7 @@ async def test_watchdog_expires_on_its_slot_and_cancels_its_task(
     deadlines = Deadlines(asyncio.get_running_loop())
 
     async def guarded() -> StreamWatchdog:
-        watchdog = StreamWatchdog(timeouts, deadlines=deadlines)
+        watchdog = StreamWatchdog(timeouts, deadlines)
         watchdog.head()
         if tokens:
             watchdog.first_token(monotonic())
