@@ -36,7 +36,7 @@ class Deadlines:
 
     def add(self, when: float, entry: Timed) -> int:
         """Calls `entry.on_deadline()` once, at or soon after monotonic time `when`."""
-        slot = int(when * SLOTS_PER_SECOND) + 1
+        slot = _slot_of(when)
         entries = self._slots.get(slot)
         if entries is None:
             self._slots[slot] = {entry}
@@ -50,6 +50,14 @@ class Deadlines:
         entries = self._slots.get(slot)
         if entries is not None:
             entries.discard(entry)
+
+    def bring_forward(self, slot: int, when: float, entry: Timed) -> int:
+        """`entry`, waiting in `slot`, waits for `when` instead if that comes sooner; the
+        slot it waits in now."""
+        if _slot_of(when) >= slot:
+            return slot
+        self.remove(slot, entry)
+        return self.add(when, entry)
 
     def _fire(self, slot: int) -> None:
         entries = self._slots.pop(slot, None)
@@ -71,3 +79,8 @@ class Deadlines:
     def __len__(self) -> int:
         """Entries waiting (for tests and the shutdown drain)."""
         return sum(len(entries) for entries in self._slots.values())
+
+
+def _slot_of(when: float) -> int:
+    """The slot of monotonic time `when`: the first slot boundary after it."""
+    return int(when * SLOTS_PER_SECOND) + 1

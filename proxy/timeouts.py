@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from time import monotonic
 
-from .deadlines import SLOTS_PER_SECOND, Deadlines
+from .deadlines import Deadlines
 from .snapshot import StreamTimeouts
 
 FIRST_TOKEN = "first_token_timeout"
@@ -117,10 +117,7 @@ class StreamWatchdog:
         slot = self._slot
         inter = self.timeouts.inter_token
         if slot is not None and inter is not None and self.expired is None:
-            when = now + inter
-            if int(when * SLOTS_PER_SECOND) + 1 < slot:  # sooner than the slot it waits in
-                self._deadlines.remove(slot, self)
-                self._slot = self._deadlines.add(when, self)
+            self._slot = self._deadlines.bring_forward(slot, now + inter, self)
 
     def interrupt(self, kind: str) -> None:
         """Ends the guarded exchange now (graceful shutdown past its drain deadline)."""
