@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from time import monotonic
-from typing import Protocol
+from typing import Any, Protocol
 
 import httptools
 
@@ -224,7 +224,9 @@ class RequestReader:
         except HeadError as exc:
             self.owner.refuse(exc.status, exc.message, exc.code)
             raise httptools.HttpParserError(exc.message) from None
-        parsed = httptools.parse_url(self.url)
+        # Any: httptools' stub types the URL's parts as bytes, but an absent part is None
+        # (and a compiled build checks the declared type).
+        parsed: Any = httptools.parse_url(self.url)
         path = parsed.path.decode("latin-1") if parsed.path else "/"
         query = parsed.query.decode("latin-1") if parsed.query else ""
         self.last_url = self.url

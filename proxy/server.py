@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 from time import monotonic
+from typing import Any, cast
 
 from .http import HttpConnection, ServerState
 
@@ -40,7 +42,7 @@ class HttpServer:
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.sweep_interval, self._sweep)
-        sockets = server.sockets
+        sockets: Sequence[socket.socket] = cast(Any, server).sockets  # uvloop's is a list
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     def _sweep(self) -> None:

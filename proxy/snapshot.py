@@ -139,7 +139,9 @@ class FieldRules:
 DEFAULT_FIELD_RULES = FieldRules()
 
 
-ClampBounds = tuple[float | None, float | None]
+# `int | float`, not `float`: an integer field's bounds stay integers in the request sent
+# (compiled code would store a value typed `float` as a float, 3 becoming 3.0).
+ClampBounds = tuple[int | float | None, int | float | None]
 
 
 @dataclass(frozen=True, slots=True)
