@@ -37,7 +37,7 @@ from .jsonbody import parse_object
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
 from .nonstream import MAX_NONSTREAM_BODY, relay_whole
-from .relay import MESSAGE_END_TIMEOUT, relay_stream
+from .relay_stream import MESSAGE_END_TIMEOUT, relay_stream
 from .response import JSON_HEADERS
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route

@@ -6,7 +6,6 @@ only the fields of the `Exchange`, which records none of them.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -70,11 +69,6 @@ class Observer:
         if self.metrics is not None:
             queues = {lim.name: lim.queued for lim in app.limiters.all()}
             self.metrics.set_gauges(app.active_streams, queues, self.ref.current.version)
-
-    async def sample_forever(self, app: ProxyApp, interval: float = GAUGE_INTERVAL_S) -> None:
-        while True:
-            self.sample(app)
-            await asyncio.sleep(interval)
 
 
 def log_exchange(ex: Exchange) -> None:

@@ -1,8 +1,9 @@
 """Relaying a backend's SSE response to the client, event by event, never buffered.
 
 `StreamRelay` is fed from the upstream connection's data callback (push mode) and passes
-each event through the stream's `ChunkFilter` to the client socket; `relay_stream` is the
-coroutine that sets it up and waits for the stream's outcome.
+each event through the stream's `ChunkFilter` to the client socket; `relay_stream.py` holds
+the coroutine that sets it up and waits for the stream's outcome. This module defines no
+coroutine, so setup.py compiles it (see `tests/test_compiled_modules.py`).
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from time import monotonic
+from typing import Protocol
 
 from .chunks import ChunkFilter
-from .errors import error_event
-from .exchange import Exchange
-from .http import Response
-from .snapshot import StreamPolicy
+from .response import Response
 from .sse import SEPARATOR, SseSplitter
-from .timeouts import StreamWatchdog
-from .upstream import UpstreamConnection, UpstreamError
 
-# How long a backend may take to send its chunked terminator after [DONE] before its
-# connection is closed instead of pooled.
-MESSAGE_END_TIMEOUT = 1.0
+
+class ReadSide(Protocol):
+    """What the relay needs of the backend's connection (`upstream.UpstreamConnection`)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 class StreamRelay:
@@ -42,9 +45,7 @@ class StreamRelay:
 
     __slots__ = ("_on_event", "_out", "filter", "outcome", "response", "splitter", "upstream")
 
-    def __init__(
-        self, chunk_filter: ChunkFilter, upstream: UpstreamConnection, response: Response
-    ) -> None:
+    def __init__(self, chunk_filter: ChunkFilter, upstream: ReadSide, response: Response) -> None:
         self.filter = chunk_filter
         self.upstream = upstream
         self.response = response
@@ -132,43 +133,3 @@ class StreamRelay:
 
     def resume(self) -> None:
         self.upstream.resume_reading()
-
-
-async def relay_stream(
-    ex: Exchange,
-    upstream: UpstreamConnection,
-    response: Response,
-    policy: StreamPolicy,
-    watchdog: StreamWatchdog | None,
-    n_choices: int,
-    chunk_filter: ChunkFilter | None = None,
-) -> bool:
-    """Relays an SSE response whose head `response.start(..., with_first_write=True)`
-    prepared; True when the backend's message ended cleanly, so its connection may be
-    reused (possibly after its last bytes: see release_when_complete). Cancellation
-    (client gone, timeout) propagates to the caller, which aborts the upstream."""
-    if chunk_filter is None:  # an endpoint adapter may bring its own (TGI, messages, ...)
-        chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
-    relay = StreamRelay(chunk_filter, upstream, response)
-    response.set_flow_listener(relay)
-    upstream.set_consumer(relay)  # events already buffered go out with the head
-    response.flush()  # the head never waits for the backend's first event
-    try:
-        outcome = await relay.outcome
-    except UpstreamError as exc:
-        ex.upstream_error = exc.kind
-        response.write(
-            error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
-        )
-        return False
-    finally:
-        upstream.set_consumer(None)
-        response.set_flow_listener(None)
-        upstream.resume_reading()
-    if outcome == "done":
-        return True
-    if outcome == "cut":
-        return False  # closing the connection aborts the generation
-    # The backend ended without [DONE]: never leave the client with a silently cut stream.
-    response.write_last(chunk_filter.eof_tail())
-    return True

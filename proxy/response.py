@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from email.utils import formatdate
 from typing import Protocol
+
+from mypy_extensions import mypyc_attr
 
 Header = tuple[bytes, bytes]
 
@@ -27,7 +30,7 @@ class Connection(Protocol):
     write_paused: bool
     flow_listener: FlowListener | None
 
-    async def wait_writable(self) -> None: ...
+    def wait_writable(self) -> Awaitable[None]: ...
 
     def close(self) -> None: ...
 
@@ -93,6 +96,9 @@ def head_bytes(status: int, headers: list[Header], extra: bytes) -> bytes:
     return b"".join(parts)
 
 
+# Interpreted subclasses (resume.ResumableStream, websocket.WebSocketResponse) override
+# methods the compiled relay calls: mypyc dispatches to their overrides only when told so.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Response:
     """Writes one response. `start` + `write`* + `end` for a streamed (chunked) body,
     or `send` for a complete one. `write` never blocks; call `drain` when `must_drain`."""
@@ -201,9 +207,9 @@ class Response:
     def must_drain(self) -> bool:
         return self._conn.write_paused
 
-    async def drain(self) -> None:
+    def drain(self) -> Awaitable[None]:
         """Waits while the client reads slower than we write (transport backpressure)."""
-        await self._conn.wait_writable()
+        return self._conn.wait_writable()
 
     def set_flow_listener(self, listener: FlowListener | None) -> None:
         """Push mode's backpressure: `listener.pause()` when the client's socket stops

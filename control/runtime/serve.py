@@ -26,10 +26,11 @@ from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config,
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.budget import return_large_allocations_to_os
+from sluice.proxy.build import build_kind
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import ServerState
 from sluice.proxy.metrics import Metrics
-from sluice.proxy.observe import Observer
+from sluice.proxy.observe import GAUGE_INTERVAL_S, Observer
 from sluice.proxy.resume_redis import RedisStreamStore
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import SnapshotRef
@@ -188,6 +189,13 @@ def _warn_single_process_features(built: BuiltConfig) -> None:
         )
 
 
+async def _sample_gauges(observer: Observer, app: ProxyApp) -> None:
+    """The gauges from the app's live state, every GAUGE_INTERVAL_S (metrics on)."""
+    while True:
+        observer.sample(app)
+        await asyncio.sleep(GAUGE_INTERVAL_S)
+
+
 async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False) -> int:
     log = structlog.get_logger("sluice")
     return_large_allocations_to_os()  # large request bodies leave no RSS behind
@@ -285,8 +293,9 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     # measured -6.6% CPU per 2-token request (8 interleaved rounds), a few MB of young
     # objects at most.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    print(f"sluice serving on {url} config={snapshot.version}", flush=True)
-    log.info("serving", url=url, config_version=snapshot.version, pid=os.getpid())
+    build = build_kind()
+    print(f"sluice serving on {url} build={build} config={snapshot.version}", flush=True)
+    log.info("serving", url=url, config_version=snapshot.version, pid=os.getpid(), build=build)
     if demo:
         _print_demo_help(url, snapshot.requires_auth)
 
@@ -301,7 +310,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             lambda: loop.create_task(asyncio.to_thread(reloader_.reload_now, trigger="SIGHUP")),
         )
         watch_task = loop.create_task(reloader.watch())
-    gauge_task = loop.create_task(observer.sample_forever(app)) if observer.metrics else None
+    gauge_task = loop.create_task(_sample_gauges(observer, app)) if observer.metrics else None
 
     await stop.wait()
     await drain(app, server, options.drain_timeout, log, grace=options.drain_grace)

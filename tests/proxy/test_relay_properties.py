@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sluice.proxy.exchange import Exchange
-from sluice.proxy.relay import relay_stream
+from sluice.proxy.relay_stream import relay_stream
+from sluice.proxy.response import FlowListener, Response
 from sluice.proxy.snapshot import StreamPolicy
 from sluice.proxy.stopwords import CutPattern, GuardSpec
 
@@ -55,11 +57,16 @@ class FakeUpstream:
         pass
 
 
-class CollectingResponse:
+class CollectingResponse(Response):
+    """Keeps what the relay writes, unframed. A `Response` (a subclass), as the compiled
+    relay takes nothing else."""
+
     def __init__(self) -> None:
+        no_connection = SimpleNamespace(
+            transport=None, closing=False, write_paused=False, flow_listener=None
+        )
+        super().__init__(no_connection, keep_alive=True, head_only=False)
         self.writes: list[bytes] = []
-        self.must_drain = False
-        self.ended = False
 
     def write(self, data: bytes) -> None:
         assert not self.ended
@@ -75,7 +82,7 @@ class CollectingResponse:
     def flush(self) -> None:
         pass
 
-    def set_flow_listener(self, listener: object) -> None:
+    def set_flow_listener(self, listener: FlowListener | None) -> None:
         pass
 
 

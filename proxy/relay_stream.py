@@ -1,0 +1,61 @@
+"""The coroutine that relays one SSE response: it sets up the push-mode `StreamRelay`
+(relay.py), waits for the stream's outcome and ends the response the way it ended.
+
+It lives apart from `StreamRelay` so relay.py defines no coroutine and can be compiled
+(setup.py); this one stays Python.
+"""
+
+from __future__ import annotations
+
+from .chunks import ChunkFilter
+from .errors import error_event
+from .exchange import Exchange
+from .http import Response
+from .relay import StreamRelay
+from .snapshot import StreamPolicy
+from .timeouts import StreamWatchdog
+from .upstream import UpstreamConnection, UpstreamError
+
+# How long a backend may take to send its chunked terminator after [DONE] before its
+# connection is closed instead of pooled.
+MESSAGE_END_TIMEOUT = 1.0
+
+
+async def relay_stream(
+    ex: Exchange,
+    upstream: UpstreamConnection,
+    response: Response,
+    policy: StreamPolicy,
+    watchdog: StreamWatchdog | None,
+    n_choices: int,
+    chunk_filter: ChunkFilter | None = None,
+) -> bool:
+    """Relays an SSE response whose head `response.start(..., with_first_write=True)`
+    prepared; True when the backend's message ended cleanly, so its connection may be
+    reused (possibly after its last bytes: see release_when_complete). Cancellation
+    (client gone, timeout) propagates to the caller, which aborts the upstream."""
+    if chunk_filter is None:  # an endpoint adapter may bring its own (TGI, messages, ...)
+        chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
+    relay = StreamRelay(chunk_filter, upstream, response)
+    response.set_flow_listener(relay)
+    upstream.set_consumer(relay)  # events already buffered go out with the head
+    response.flush()  # the head never waits for the backend's first event
+    try:
+        outcome = await relay.outcome
+    except UpstreamError as exc:
+        ex.upstream_error = exc.kind
+        response.write(
+            error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
+        )
+        return False
+    finally:
+        upstream.set_consumer(None)
+        response.set_flow_listener(None)
+        upstream.resume_reading()
+    if outcome == "done":
+        return True
+    if outcome == "cut":
+        return False  # closing the connection aborts the generation
+    # The backend ended without [DONE]: never leave the client with a silently cut stream.
+    response.write_last(chunk_filter.eof_tail())
+    return True
