@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The wheel `pip install .` builds (setup.py: the data plane compiled by mypyc), unpacked
+# here; `make test` runs the suite against it as well as against the sources.
+COMPILED := build/compiled
+COMPILED_STAMP := $(COMPILED)/.built-stamp
 
-.PHONY: demo test soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test test-pure test-compiled compiled soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	SLUICE_COMPILE=0 $(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -56,8 +60,27 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports
-	$(VENV)/bin/pytest -q
+# What a fresh `pip install .` builds, from a clean build folder (setuptools would otherwise
+# carry files deleted from the sources into the wheel).
+$(COMPILED_STAMP): $(STAMP) setup.py pyproject.toml $(wildcard proxy/*.py)
+	rm -rf $(COMPILED) build/wheel build/lib.* build/temp.* build/bdist.* build/mypyc build/mypyc-src
+	$(PY) -m pip wheel -q --no-deps -w build/wheel .
+	$(PY) -m pip install -q --no-deps --target $(COMPILED) build/wheel/*.whl
+	touch $@
+
+compiled: $(COMPILED_STAMP)
+
+# The same suite against both builds of the data plane: the sources (pure Python, the
+# fallback) and the compiled wheel. SLUICE_EXPECT_BUILD makes test_build_kind fail if a run
+# is not testing the build it names.
+test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports compiled
+	$(MAKE) --no-print-directory test-pure test-compiled
+
+test-pure: $(STAMP)
+	SLUICE_EXPECT_BUILD=pure $(VENV)/bin/pytest -q
+
+test-compiled: $(COMPILED_STAMP)
+	SLUICE_EXPECT_BUILD=compiled PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/pytest -q -p no:cacheprovider
 
 # The long reliability runs behind docs/RELIABILITY.md (~10 min on 2 cores): 10,000+
 # fuzz cases of each kind, the fault matrix, 50 reloads under 200 streams, 100,000 mixed
@@ -66,8 +89,8 @@ soak: $(STAMP)
 	SLUICE_SOAK=1 $(VENV)/bin/pytest -q -s tests/reliability tests/reload/test_reload_under_load.py
 	$(VENV)/bin/python -m tests.reliability.soak --requests 100000 --bodies
 
-bench: $(STAMP) edge-deps
-	$(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64
+bench: $(COMPILED_STAMP) edge-deps
+	PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64
 
 # A GPU host with vLLM installed (python3 -m vllm): serve a tiny random Llama, run
 # `sluice verify` against it, then `sluice bench --compare --url` at 64 and 256 streams.

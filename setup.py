@@ -1,0 +1,110 @@
+"""The data plane (`sluice.proxy`) compiled with mypyc when this machine can build it.
+
+`pip install .` builds a wheel whose `sluice.proxy` modules are C extensions when a C
+compiler, Python's headers and mypyc are at hand (the build requires mypy, which brings
+mypyc); every module's source ships beside its extension, and Python imports an
+extension before a source file.
+
+Only the modules that define no coroutine are compiled: the per-request and per-event
+code (request head, routing, fields, the relay, the chunk filter, the response, metrics,
+the access line). mypyc 2.4's coroutines keep an exception they caught as the thread's
+current one, and a later compiled `finally` that awaits raises it again: running the suite
+against an all-compiled build found it (tests/test_compiled_build.py).
+
+Without a compiler, or with SLUICE_COMPILE=0, the wheel is pure Python and runs the same
+code, only slower per request (docs/BENCHMARKS.md, "The compiled data plane"). `sluice
+serve` says which build it runs on its first line (`build=compiled` or `build=pure`).
+
+mypyc names a module after its path, so the sources are copied to
+build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
+them without the runtime dependencies, which a build environment does not hold: their
+values are `Any` to it, so the compiled code checks no third-party type at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+SOURCE = ROOT / "proxy"
+STAGE = Path("build") / "mypyc-src"  # relative: mypyc names modules from these paths
+MYPY_CONFIG = """[mypy]
+python_version = 3.11
+ignore_missing_imports = True
+follow_imports = silent
+warn_unused_ignores = False
+"""
+
+
+def _why_pure() -> str | None:
+    """None when the compiled build can be attempted, else the reason it is not."""
+    if os.environ.get("SLUICE_COMPILE", "1") == "0":
+        return "SLUICE_COMPILE=0"
+    if {"editable_wheel", "develop"} & set(sys.argv):
+        return "an editable install runs the sources, which a compiled module would shadow"
+    if sys.implementation.name != "cpython":
+        return f"mypyc needs CPython, not {sys.implementation.name}"
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return f"no C compiler ({compiler})"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python.h (install python3-dev)"
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc is not installed (pip install mypy)"
+    return None
+
+
+def defines_coroutine(source: Path) -> bool:
+    """Whether a module has an `async def`, `await`, `async with` or `async for`."""
+    tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
+    kinds = (ast.AsyncFunctionDef, ast.Await, ast.AsyncWith, ast.AsyncFor)
+    return any(isinstance(node, kinds) for node in ast.walk(tree))
+
+
+def compiled_modules() -> list[Path]:
+    """The data-plane sources mypyc compiles: those that define no coroutine."""
+    return [p for p in sorted(SOURCE.glob("*.py")) if not defines_coroutine(p)]
+
+
+def _stage() -> list[str]:
+    """The data plane's sources under build/mypyc-src/sluice/proxy/, fresh (all of them:
+    mypyc reads the uncompiled ones for their types); the paths of those to compile."""
+    target = ROOT / STAGE / "sluice" / "proxy"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for source in sorted(SOURCE.glob("*.py")):
+        shutil.copy2(source, target / source.name)
+    (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
+    return [str(STAGE / "sluice" / "proxy" / p.name) for p in compiled_modules()]
+
+
+def ext_modules() -> list[object]:
+    why = _why_pure()
+    if why is not None:
+        print(f"sluice: building pure Python ({why})", file=sys.stderr)
+        return []
+    from mypyc.build import mypycify  # noqa: PLC0415 (only a compiled build needs it)
+
+    paths = _stage()
+    os.environ["MYPYPATH"] = str(STAGE)
+    print(f"sluice: compiling {len(paths)} data-plane modules with mypyc", file=sys.stderr)
+    return list(
+        mypycify(
+            ["--config-file", str(STAGE / "mypyc.ini"), "--explicit-package-bases", *paths],
+            opt_level="3",
+            group_name="sluice_proxy",
+            target_dir=str(Path("build") / "mypyc"),
+        )
+    )
+
+
+if __name__ == "__main__":
+    setup(ext_modules=ext_modules())

@@ -1,0 +1,67 @@
+"""The build under test is the one named, and it compiled what setup.py says.
+
+`make test` runs the suite against the sources (pure Python, the fallback) and against the
+wheel `pip install .` builds (setup.py: the data-plane modules that define no coroutine,
+compiled by mypyc), naming the build in SLUICE_EXPECT_BUILD: a run that silently imported
+the other build fails here."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+from pathlib import Path
+
+from sluice.proxy.build import build_kind
+
+from tests.fixtures import REPO, ProcessServer, sluice_cmd
+
+SETUP = runpy.run_path(str(REPO / "setup.py"), run_name="setup")
+
+
+def test_the_build_is_the_one_this_run_names() -> None:
+    relay = importlib.import_module("sluice.proxy.relay").__file__ or ""
+    assert build_kind() == ("pure" if relay.endswith(".py") else "compiled")
+    expected = os.environ.get("SLUICE_EXPECT_BUILD")
+    if expected:  # make test-pure / make test-compiled
+        assert build_kind() == expected, f"the {expected} build was named, {relay} runs"
+
+
+def test_exactly_the_modules_without_coroutines_are_compiled() -> None:
+    compiled = {p.stem for p in SETUP["compiled_modules"]()}
+    assert {"relay", "chunks", "response", "reader", "routing", "observe"} <= compiled
+    assert not compiled & {"app", "http", "upstream", "relay_stream"}  # they await
+    for source in sorted((REPO / "proxy").glob("*.py")):
+        module = importlib.import_module(f"sluice.proxy.{source.stem}")
+        path = module.__file__ or ""
+        is_source = path.endswith(".py")
+        if build_kind() == "pure" or source.stem not in compiled:
+            assert is_source, f"{source.stem} runs from {path}"
+        else:
+            assert not is_source, f"{source.stem} should be compiled, runs from {path}"
+
+
+def test_setup_finds_every_kind_of_coroutine(tmp_path: Path) -> None:
+    defines_coroutine = SETUP["defines_coroutine"]
+    for code, expected in [
+        ("def f(x):\n    return x\n", False),
+        ("async def f():\n    pass\n", True),
+        ("class A:\n    async def f(self):\n        pass\n", True),
+        ("def f():\n    async def g():\n        pass\n    return g\n", True),
+    ]:
+        source = tmp_path / "probe.py"
+        source.write_text(code)
+        assert defines_coroutine(source) is expected, code
+
+
+def test_serve_says_which_build_it_runs() -> None:
+    # No backend is reached: the process only has to start.
+    argv = sluice_cmd(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--backend", "http://127.0.0.1:9"
+    )
+    server = ProcessServer(argv)
+    try:
+        line = next(line for line in server.stdout_lines if "serving on" in line)
+        assert f" build={build_kind()} " in line
+    finally:
+        server.stop()
