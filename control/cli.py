@@ -95,6 +95,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-metrics", action="store_true", help="no Prometheus metrics (and no /metrics)"
     )
     p.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        help="open client connections per process; beyond them a new one gets 503 and is "
+        "closed (default 4096; each also needs a backend connection and two descriptors)",
+    )
     p.set_defaults(target="sluice.control.runtime.serve:run")
 
 

@@ -354,12 +354,21 @@ class SimServer:
         self.app.scheduler.close()
 
 
+UNCAPPED_CONNECTIONS = 1 << 20
+
+
 async def start_sim(config: SimConfig | None = None) -> SimServer:
     """Starts a simulator on the running loop; returns once it is listening."""
     config = config or SimConfig()
     loop = asyncio.get_running_loop()
     app = SimApp(config, loop)
-    state = ServerState(app.handle, lambda: MAX_BODY_BYTES, error_body=http_error_body)
+    # vLLM's server (uvicorn) caps no connections: the descriptor limit is the only bound.
+    state = ServerState(
+        app.handle,
+        lambda: MAX_BODY_BYTES,
+        error_body=http_error_body,
+        max_connections=UNCAPPED_CONNECTIONS,
+    )
     if config.keepalive_timeout_s is not None:
         # Before HttpServer: its sweep interval follows this timeout.
         state.keepalive_timeout = config.keepalive_timeout_s

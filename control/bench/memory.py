@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy = Child(
             "sluice",
             sluice_argv(
-                "serve", "--config", str(config), "--port", str(proxy_port), "--no-access-log"
+                *("serve", "--config", str(config), "--port", str(proxy_port)),
+                *("--no-access-log", "--max-connections", str(max(steps) + 100)),
             ),
             workdir,
         )

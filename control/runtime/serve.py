@@ -28,7 +28,7 @@ from sluice.proxy.app import ProxyApp
 from sluice.proxy.budget import return_large_allocations_to_os
 from sluice.proxy.build import build_kind
 from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import ServerState
+from sluice.proxy.http import DEFAULT_MAX_CONNECTIONS, ServerState
 from sluice.proxy.metrics import Metrics
 from sluice.proxy.observe import GAUGE_INTERVAL_S, Observer
 from sluice.proxy.resume_redis import RedisStreamStore
@@ -75,6 +75,7 @@ class ServeOptions:
     metrics: bool = True
     access_log: bool = True
     forward_unknown_paths: bool = True
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 def _options(args: argparse.Namespace) -> ServeOptions:
@@ -91,6 +92,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         raise CliError("--workers must be at least 1")
     if args.drain_timeout < 0 or args.drain_grace < 0:
         raise CliError("--drain-timeout and --drain-grace must not be negative")
+    if args.max_connections < 1:
+        raise CliError("--max-connections must be at least 1")
     return ServeOptions(
         config_dir=config_dir,
         backend=args.backend,
@@ -104,6 +107,7 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         metrics=not args.no_metrics,
         access_log=not args.no_access_log,
         forward_unknown_paths=not getattr(args, "no_unknown_paths", False),
+        max_connections=args.max_connections,
     )
 
 
@@ -274,6 +278,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
         on_error=lambda exc: log.error("handler_error", exc_info=exc),
         error_body=server_error_body,
         stream_body=app.wants_body_stream,
+        max_connections=options.max_connections,
     )
     state.upgrade = WebSocketUpgrade(app)  # WebSocket on the two completion paths
     server = HttpServer(state)
