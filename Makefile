@@ -62,7 +62,9 @@ format: $(STAMP)
 
 # What a fresh `pip install .` builds, from a clean build folder (setuptools would otherwise
 # carry files deleted from the sources into the wheel).
-$(COMPILED_STAMP): $(STAMP) setup.py pyproject.toml $(wildcard proxy/*.py)
+WHEEL_SOURCES := $(shell find proxy control sim client nginx cloudflare presets -type f \
+	-not -path '*/node_modules/*' -not -path '*/__pycache__/*' 2>/dev/null)
+$(COMPILED_STAMP): $(STAMP) setup.py pyproject.toml $(WHEEL_SOURCES)
 	rm -rf $(COMPILED) build/wheel build/lib.* build/temp.* build/bdist.* build/mypyc build/mypyc-src
 	$(PY) -m pip wheel -q --no-deps -w build/wheel .
 	$(PY) -m pip install -q --no-deps --target $(COMPILED) build/wheel/*.whl
