@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 COMPILED := build/compiled
 COMPILED_STAMP := $(COMPILED)/.built-stamp
 
-.PHONY: demo test test-pure test-compiled compiled soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,10 +70,17 @@ $(COMPILED_STAMP): $(STAMP) setup.py pyproject.toml $(WHEEL_SOURCES)
 	$(PY) -m pip install -q --no-deps --target $(COMPILED) build/wheel/*.whl
 	touch $@
 
-compiled: $(COMPILED_STAMP)
+compiled: compiler-deps $(COMPILED_STAMP)
+
+# A C compiler for the compiled build (setup.py; Python's headers come with python.org and
+# pyenv builds, Debian's python3-dev otherwise).
+compiler-deps:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc; \
+	  else echo "no C compiler: run 'sudo apt-get install -y gcc' (Debian/Ubuntu) and retry" >&2; exit 1; fi; }
 
 # The same suite against both builds of the data plane: the sources (pure Python, the
-# fallback) and the compiled wheel. SLUICE_EXPECT_BUILD makes test_build_kind fail if a run
+# fallback) and the compiled wheel. SLUICE_EXPECT_BUILD makes tests/test_compiled_build.py fail if a run
 # is not testing the build it names.
 test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports compiled
 	$(MAKE) --no-print-directory test-pure test-compiled
@@ -81,7 +88,7 @@ test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports compiled
 test-pure: $(STAMP)
 	SLUICE_EXPECT_BUILD=pure $(VENV)/bin/pytest -q
 
-test-compiled: $(COMPILED_STAMP)
+test-compiled: compiled
 	SLUICE_EXPECT_BUILD=compiled PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/pytest -q -p no:cacheprovider
 
 # The long reliability runs behind docs/RELIABILITY.md (~10 min on 2 cores): 10,000+

@@ -12,6 +12,7 @@ import os
 import runpy
 from pathlib import Path
 
+import pytest
 from sluice.proxy.build import build_kind
 
 from tests.fixtures import REPO, ProcessServer, sluice_cmd
@@ -65,3 +66,15 @@ def test_serve_says_which_build_it_runs() -> None:
         assert f" build={build_kind()} " in line
     finally:
         server.stop()
+
+
+def test_setup_falls_back_to_pure_python_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    why_pure = SETUP["_why_pure"]
+    monkeypatch.delenv("SLUICE_COMPILE", raising=False)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert why_pure() == "no C compiler (/nonexistent/cc)"
+    monkeypatch.setenv("SLUICE_COMPILE", "0")
+    assert why_pure() == "SLUICE_COMPILE=0"
+    monkeypatch.delenv("SLUICE_COMPILE")
+    monkeypatch.delenv("CC")
+    assert why_pure() is None  # this machine has gcc, Python.h and mypyc (the test extra)
