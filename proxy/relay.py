@@ -3,7 +3,7 @@
 `StreamRelay` is fed from the upstream connection's data callback (push mode) and passes
 each event through the stream's `ChunkFilter` to the client socket; `relay_stream.py` holds
 the coroutine that sets it up and waits for the stream's outcome. This module defines no
-coroutine, so setup.py compiles it (see `tests/test_compiled_modules.py`).
+coroutine, so setup.py compiles it (see `tests/test_compiled_build.py`).
 """
 
 from __future__ import annotations
