@@ -9,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,19 +20,19 @@ from tests.fixtures import REPO, ProcessServer
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _only_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The installed wheel's processes import it alone, not the build `make test-compiled`
-    puts on PYTHONPATH."""
-    monkeypatch.delenv("PYTHONPATH", raising=False)
+@pytest.fixture(scope="module", autouse=True)
+def _only_the_wheel() -> Iterator[None]:
+    """Every process here (pip, the wheel's venv, its `sluice`) runs without the build
+    `make test-compiled` puts on PYTHONPATH: pip would take that one for the installed
+    sluice-gateway and skip the install, and the wheel's processes would import it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PYTHONPATH", raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
-def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheel_venv(_only_the_wheel: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
-    # Without the build `make test-compiled` puts on PYTHONPATH: pip would take that one
-    # for the installed sluice-gateway and skip the install.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     dist = root / "dist"
     # Pure Python (SLUICE_COMPILE=0): this checks the layout and the package data; the
     # compiled wheel is the one `make test-compiled` runs the whole suite against.
@@ -51,7 +52,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
         timeout=300,
-        env={**env, "SLUICE_COMPILE": "0"},
+        env={**os.environ, "SLUICE_COMPILE": "0"},
     )
     (wheel,) = dist.glob("sluice_gateway-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -63,10 +64,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     venv = root / "venv"
     subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-        check=True,
-        timeout=120,
-        env=env,
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
     subprocess.run(
         [
@@ -83,7 +81,6 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
         timeout=300,
-        env=env,
     )
     # Dependencies come from the test environment's site-packages (added as a plain path:
     # its .pth files, including the editable install's finder, are not processed).
@@ -96,7 +93,6 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
         text=True,
-        env=env,
     ).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv
