@@ -322,22 +322,31 @@ class RecordWriter:
             conn.close()
 
     def _drain(self, conn: Connection) -> None:
-        # Records before jobs: a job sees every record submitted before the job was.
-        while self._records or self._jobs:
+        # A job sees every record submitted before it: the job is taken first and the
+        # records after, so whatever was appended before the job is in the buffer by then.
+        # (Writing records only once the jobs ran out let a steady stream of feedback jobs
+        # starve a record for longer than the handler's recheck: a 404 for a real request.)
+        while True:
+            job = self._jobs.popleft() if self._jobs else None
             while self._records:
                 batch: list[RecordRow] = []
                 while self._records and len(batch) < self.batch_size:
                     batch.append(self._records.popleft())
                 self._write(conn, batch)
-            while self._jobs:
-                job, future = self._jobs.popleft()
-                if not future.set_running_or_notify_cancel():
-                    continue  # the caller went away
-                try:
-                    future.set_result(job(conn))
-                except Exception as exc:
-                    _log.error("records_job_failed", error=str(exc), path=redact(self.path))
-                    future.set_exception(exc)
+            if job is None:
+                return
+            self._run_job(conn, *job)
+
+    def _run_job(
+        self, conn: Connection, job: Callable[[Connection], Any], future: Future[Any]
+    ) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller went away
+        try:
+            future.set_result(job(conn))
+        except Exception as exc:
+            _log.error("records_job_failed", error=str(exc), path=redact(self.path))
+            future.set_exception(exc)
 
     def _write(self, conn: Connection, batch: list[RecordRow]) -> None:
         try:

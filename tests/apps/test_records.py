@@ -182,6 +182,35 @@ def test_jobs_see_records_still_in_the_buffer(tmp_path: Path) -> None:
         writer.close()
 
 
+def test_a_job_sees_a_record_submitted_while_other_jobs_ran(tmp_path: Path) -> None:
+    # Feedback jobs arriving back to back kept the thread in its jobs loop, and a record
+    # submitted meanwhile waited behind them: a user's feedback on a just-finished request
+    # was refused with 404 (seen under load in test_ab_report).
+    db = tmp_path / "r.sqlite"
+    writer = RecordWriter(db, batch_size=1000, flush_interval=30.0)
+    busy, release = threading.Event(), threading.Event()
+
+    def earlier_job(conn: sqlite3.Connection) -> None:
+        busy.set()
+        release.wait(10)
+
+    def sees(request_id: str) -> Callable[[sqlite3.Connection], int]:
+        return lambda conn: len(
+            conn.execute("SELECT 1 FROM records WHERE request_id = ?", (request_id,)).fetchall()
+        )
+
+    try:
+        writer.call(earlier_job)
+        assert busy.wait(2)  # the writer thread is inside a job now
+        writer.submit(exchange("just-finished"))
+        seen = writer.call(sees("just-finished"))
+        release.set()
+        assert seen.result(5) == 1
+    finally:
+        release.set()
+        writer.close()
+
+
 def test_the_latest_score_and_label_count(tmp_path: Path) -> None:
     db = tmp_path / "r.sqlite"
     writer = RecordWriter(db, flush_interval=0.05)
