@@ -60,9 +60,10 @@ class NamedEventFilter(ChunkFilter):
         if event.startswith(DONE_EVENT):
             self.done = True
             return event
-        if self.delta_marker in event:
+        # `find`, not `in`: see ChunkFilter.observe.
+        if event.find(self.delta_marker) >= 0:
             self._token()
-        elif b'"usage"' in event or b'"error"' in event or self.is_terminal(event):
+        elif event.find(b'"usage"') >= 0 or event.find(b'"error"') >= 0 or self.is_terminal(event):
             parsed = parse_named(event)
             if parsed is not None:
                 self.bookkeep(*parsed)

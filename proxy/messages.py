@@ -39,7 +39,7 @@ class MessagesFilter(NamedEventFilter):
     delta_marker = b'"content_block_delta"'
 
     def is_terminal(self, event: bytes) -> bool:
-        return b"message_delta" in event
+        return event.find(b"message_delta") >= 0
 
     def bookkeep(self, name: str, obj: Any) -> None:
         if not isinstance(obj, dict):

@@ -84,7 +84,7 @@ class ResponsesFilter(NamedEventFilter):
         self.sequence = 0
 
     def is_terminal(self, event: bytes) -> bool:
-        return any(marker in event for marker in _TERMINAL)
+        return any(event.find(marker) >= 0 for marker in _TERMINAL)
 
     def bookkeep(self, name: str, obj: Any) -> None:
         if not isinstance(obj, dict):

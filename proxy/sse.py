@@ -24,7 +24,7 @@ class SseSplitter:
         if self._pending:
             data = self._pending + data
             self._pending = b""
-        if b"\r" in data:
+        if data.find(b"\r") >= 0:  # (`find`, not `in`: see ChunkFilter.observe)
             # SSE allows CRLF line ends; normalise once, off the common path.
             data = data.replace(b"\r\n", b"\n")
         first = data.find(SEPARATOR)

@@ -280,7 +280,7 @@ class WebSocketResponse(Response):
 
 def _event_data(event: bytes) -> bytes | None:
     """The data of one SSE event (fields other than data, such as id, are dropped)."""
-    if event.startswith(b"data: ") and b"\n" not in event:
+    if event.startswith(b"data: ") and event.find(b"\n") < 0:
         return event[6:]  # the common case: one data line
     lines = [
         line[6:] if line.startswith(b"data: ") else line[5:]
