@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -114,6 +115,23 @@ def test_counts_tokens_and_timing_against_the_simulator(sim_url):
     assert 8.0 <= result.itl_p50_ms <= 60.0
     assert result.itl_p99_ms >= result.itl_p50_ms
     assert result.tok_per_s > 0
+
+
+def test_the_floor_proxy_relays_streams_whole_over_reused_connections(sim_url, tmp_path):
+    # bench/floor.py measures sluice against it: it must relay every token and end every
+    # stream, or its CPU per token would be a floor of nothing.
+    from bench.floor_proxy import READY
+
+    argv = [sys.executable, "-m", "bench.floor_proxy", "--backend", sim_url]
+    child = benchprocs.Child("floor", argv, tmp_path)
+    try:
+        url = child.wait_line(re.compile(re.escape(READY) + r" (http://\S+)"))
+        spec = LoadSpec(url=url, concurrency=4, requests=24, max_tokens=6, timeout=30)
+        result = uvloop.run(run_load(spec))
+        assert (result.ok, result.errors, result.tokens) == (24, 0, 24 * 6)
+        assert 18.0 <= result.ttft_p50_ms <= 200.0  # relayed as it came, not buffered
+    finally:
+        child.stop()
 
 
 def test_counts_content_chunks_when_the_stream_has_no_usage():
