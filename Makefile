@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 COMPILED := build/compiled
 COMPILED_STAMP := $(COMPILED)/.built-stamp
 
-.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-floor bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,11 @@ soak: $(STAMP)
 
 bench: $(COMPILED_STAMP) edge-deps
 	PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/sluice bench --compare --concurrency 256 --requests 1024 --max-tokens 64
+
+# sluice (the compiled build), nginx and a relay that only moves bytes (bench/floor_proxy.py),
+# interleaved: how far sluice is from what a Python relay on uvloop can reach (~1 min).
+bench-floor: $(COMPILED_STAMP) edge-deps
+	PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/python -m bench.floor --rounds 4 --requests 1024
 
 # A GPU host with vLLM installed (python3 -m vllm): serve a tiny random Llama, run
 # `sluice verify` against it, then `sluice bench --compare --url` at 64 and 256 streams.
