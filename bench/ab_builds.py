@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 from pathlib import Path
 
-from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
 
-from bench.rounds import Round, interleaved
+from bench.rounds import Round, interleaved, load_spec, summary
 
 
 def _serve(name: str, pythonpath: str | None, backend: str, workdir: Path) -> Child:
@@ -66,14 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
                 child = _serve(name, path, backend, workdir)
                 children.append(child)
                 targets[name] = (child.wait_line(SERVE_READY), child.pid)
-            spec = LoadSpec(
-                url=backend,
-                concurrency=args.concurrency,
-                requests=args.requests,
-                max_tokens=args.max_tokens,
-                model=args.model,
-                timeout=120,
-            )
+            spec = load_spec(args, backend)
             runs = interleaved(targets, spec, args.rounds)
         finally:
             for child in reversed(children):
@@ -95,14 +86,7 @@ def main() -> None:
     parser.add_argument("--model", default="sim-model")
     runs = run(parser.parse_args())
     for name, rounds in runs.items():
-        per_token = [r["cpu_s_per_1k"] * 1000 for r in rounds]
-        print(
-            f"{name}: CPU {statistics.median(per_token):.2f} us per token (median; rounds "
-            + " ".join(f"{x:.2f}" for x in per_token)
-            + f"), TTFT p50 {statistics.median(r['ttft_p50_ms'] for r in rounds):.1f} ms, "
-            f"{statistics.median(r['tok_per_s'] for r in rounds):.0f} tok/s, "
-            f"errors {sum(r['errors'] for r in rounds)}"
-        )
+        print(f"{name}: {summary(rounds)}")
 
 
 if __name__ == "__main__":

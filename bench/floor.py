@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import (
     SERVE_READY,
     SIM_READY,
@@ -34,7 +33,7 @@ from sluice.control.bench.processes import (
 )
 
 from bench.floor_proxy import READY as FLOOR_READY
-from bench.rounds import Round, interleaved
+from bench.rounds import Round, interleaved, load_spec, summary
 
 
 def run(args: argparse.Namespace) -> dict[str, list[Round]]:
@@ -72,14 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
             ready = re.compile(re.escape(FLOOR_READY) + r" (http://\S+)")
             targets["floor"] = (floor.wait_line(ready), floor.pid)
 
-            spec = LoadSpec(
-                url=backend,
-                concurrency=args.concurrency,
-                requests=args.requests,
-                max_tokens=args.max_tokens,
-                model=args.model,
-                timeout=120,
-            )
+            spec = load_spec(args, backend)
             return interleaved(targets, spec, args.rounds)
         finally:
             for child in reversed(children):
@@ -99,16 +91,11 @@ def main() -> None:
     runs = run(args)
     nginx = statistics.median(r["cpu_s_per_1k"] for r in runs["nginx"])
     for name, rounds in runs.items():
-        per_token = [r["cpu_s_per_1k"] * 1000 for r in rounds]
-        median = statistics.median(per_token)
+        cpu = statistics.median(r["cpu_s_per_1k"] for r in rounds)
         tokens_per_request = statistics.median(r["tokens"] for r in rounds) / args.requests
         print(
-            f"{name}: CPU {median:.2f} us per token, {median * tokens_per_request:.0f} us per "
-            f"request, {median / (nginx * 1000):.2f}x nginx (median; rounds "
-            + " ".join(f"{x:.2f}" for x in per_token)
-            + f"), TTFT p50 {statistics.median(r['ttft_p50_ms'] for r in rounds):.1f} ms, "
-            f"{statistics.median(r['tok_per_s'] for r in rounds):.0f} tok/s, "
-            f"errors {sum(r['errors'] for r in rounds)}"
+            f"{name}: {cpu / nginx:.2f}x nginx, {cpu * 1000 * tokens_per_request:.0f} us per "
+            f"request, {summary(rounds)}"
         )
 
 

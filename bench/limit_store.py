@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
 
-from bench.rounds import Round, interleaved
+from bench.rounds import Round, interleaved, load_spec
 
 GOAL_TTFT_P50_EXTRA_MS = 3.0
 SCRIPT_COMMANDS = {"cmdstat_evalsha", "cmdstat_eval"}
@@ -107,13 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 child = Child(f"sluice-{name}", sluice_argv(*argv), workdir)
                 children.append(child)
                 targets[name] = (child.wait_line(SERVE_READY), child.pid)
-            spec = LoadSpec(
-                url=backend,
-                concurrency=args.concurrency,
-                requests=args.requests,
-                max_tokens=args.max_tokens,
-                timeout=120.0,
-            )
+            spec = load_spec(args, backend)
             calls: list[float] = []
 
             def count_calls(name: str, run: Callable[[], Round]) -> Round:

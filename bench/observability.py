@@ -27,7 +27,6 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from sluice.control.bench.loadgen import LoadSpec
 from sluice.control.bench.processes import (
     SERVE_READY,
     SIM_READY,
@@ -35,7 +34,7 @@ from sluice.control.bench.processes import (
     sluice_argv,
 )
 
-from bench.rounds import interleaved
+from bench.rounds import interleaved, load_spec
 
 GOAL_CPU_RATIO = 1.10
 GOAL_TTFT_P50_EXTRA_MS = 5.0
@@ -61,13 +60,7 @@ def run_macro(args: argparse.Namespace) -> dict[str, Any]:
             children += [on, off]
             targets = {"on": (on.wait_line(SERVE_READY), on.pid),
                        "off": (off.wait_line(SERVE_READY), off.pid)}  # fmt: skip
-            spec = LoadSpec(
-                url=backend,
-                concurrency=args.concurrency,
-                requests=args.requests,
-                max_tokens=args.max_tokens,
-                timeout=120.0,
-            )
+            spec = load_spec(args, backend)
             runs = interleaved(targets, spec, args.rounds)
             access_lines = sum(1 for _ in (workdir / "sluice-on.err").open())
         finally:

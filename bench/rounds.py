@@ -10,8 +10,10 @@ and tok/s.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,20 @@ WARMUP_TOKENS = 8
 Round = dict[str, Any]
 # Wraps one measurement of one target: (target name, the measurement) -> its result.
 Around = Callable[[str, Callable[[], Round]], Round]
+
+
+def load_spec(args: argparse.Namespace, url: str) -> LoadSpec:
+    """The load of every round from the scripts' shared options (`--concurrency`,
+    `--requests`, `--max-tokens`, and `--model` where a script has one); `interleaved`
+    points it at each target in turn."""
+    return LoadSpec(
+        url=url,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        model=getattr(args, "model", LoadSpec.model),
+        timeout=120.0,
+    )
 
 
 def measure(runner: asyncio.Runner, spec: LoadSpec, pid: int) -> Round:
@@ -68,3 +84,16 @@ def interleaved(
 
                 runs[name].append(run() if around is None else around(name, run))
     return runs
+
+
+def summary(rounds: list[Round]) -> str:
+    """One target's rounds in a line: median CPU per token with every round's value, TTFT
+    p50, tok/s and the errors."""
+    per_token = [r["cpu_s_per_1k"] * 1000 for r in rounds]
+    return (
+        f"CPU {statistics.median(per_token):.2f} us per token (median; rounds "
+        + " ".join(f"{x:.2f}" for x in per_token)
+        + f"), TTFT p50 {statistics.median(r['ttft_p50_ms'] for r in rounds):.1f} ms, "
+        f"{statistics.median(r['tok_per_s'] for r in rounds):.0f} tok/s, "
+        f"errors {sum(r['errors'] for r in rounds)}"
+    )
