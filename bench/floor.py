@@ -1,12 +1,13 @@
 """sluice against nginx and against the floor of a Python relay, in one run (issue 19).
 
     PYTHONPATH=build/compiled .venv/bin/python -m bench.floor \\
-        [--ttft-ms 20] [--itl-ms 10] [--concurrency 256] [--requests 1024] \\
-        [--max-tokens 64] [--rounds 4]
+        [--backend URL] [--ttft-ms 20] [--itl-ms 10] [--concurrency 256] \\
+        [--requests 1024] [--max-tokens 64] [--rounds 4] [--model M]
 
-Starts the simulator and three relays in front of it: `sluice serve --backend` (the sluice
-this Python imports), nginx (as `sluice bench --compare` configures it) and
-`bench/floor_proxy.py` (an asyncio relay that does nothing but move bytes). Each gets the
+Starts the simulator (or uses `--backend`, a real vLLM say) and three relays in front of
+it: `sluice serve --backend` (the sluice this Python imports), nginx (as `sluice bench
+--compare` configures it) and `bench/floor_proxy.py` (an asyncio relay that does nothing
+but move bytes). Each gets the
 same bounded load in interleaved rounds; the report gives each one's median CPU per token
 and per request (user + system of its process tree, /proc). The floor says how much of
 sluice's distance to nginx a Python relay on uvloop must pay, and how much is sluice's own
@@ -41,12 +42,20 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
         workdir = Path(tmp)
         children: list[Child] = []
         try:
-            sim_argv = sluice_argv(
-                "sim", "--port", "0", "--ttft-ms", str(args.ttft_ms), "--itl-ms", str(args.itl_ms)
-            )
-            sim = Child("sim", sim_argv, workdir)
-            children.append(sim)
-            backend = sim.wait_line(SIM_READY)
+            backend = args.backend
+            if backend is None:
+                sim_argv = sluice_argv(
+                    "sim",
+                    "--port",
+                    "0",
+                    "--ttft-ms",
+                    str(args.ttft_ms),
+                    "--itl-ms",
+                    str(args.itl_ms),
+                )
+                sim = Child("sim", sim_argv, workdir)
+                children.append(sim)
+                backend = sim.wait_line(SIM_READY)
             targets: dict[str, tuple[str, int]] = {}
 
             serve = Child(
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None, help="backend URL (default: a simulator)")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=256)

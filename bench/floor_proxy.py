@@ -39,6 +39,15 @@ class Backend(asyncio.Protocol):
             self.client = None
             self.idle.append(self)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A backend closes idle keep-alive connections (uvicorn after 5 s): out of the
+        # pool, and a response it cut ends its client's connection.
+        if self in self.idle:
+            self.idle.remove(self)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
 
 class Client(asyncio.Protocol):
     def __init__(self, host: str, port: int, idle: list[Backend]) -> None:
