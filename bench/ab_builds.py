@@ -23,9 +23,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
+from sluice.control.bench.processes import SERVE_READY, Child, sluice_argv
 
-from bench.rounds import Round, interleaved, load_spec, summary
+from bench.rounds import (
+    Round,
+    add_backend_options,
+    add_load_options,
+    interleaved,
+    load_spec,
+    start_sim,
+    summary,
+)
 
 
 def _serve(name: str, pythonpath: str | None, backend: str, workdir: Path) -> Child:
@@ -47,18 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
         workdir = Path(tmp)
         children: list[Child] = []
         try:
-            backend = args.backend
-            if backend is None:
-                sim = Child(
-                    "sim",
-                    sluice_argv(
-                        "sim", "--port", "0", "--ttft-ms", str(args.ttft_ms),
-                        "--itl-ms", str(args.itl_ms),
-                    ),
-                    workdir,
-                )  # fmt: skip
-                children.append(sim)
-                backend = sim.wait_line(SIM_READY)
+            backend = args.backend or start_sim(workdir, children, args.ttft_ms, args.itl_ms)
             targets = {}
             for name, path in (("base", args.base), ("new", args.new)):
                 child = _serve(name, path, backend, workdir)
@@ -76,14 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="PYTHONPATH holding the base sluice")
     parser.add_argument("--new", default=None, help="PYTHONPATH of the new one (default: ours)")
-    parser.add_argument("--backend", default=None, help="backend URL (default: a simulator)")
-    parser.add_argument("--ttft-ms", type=float, default=20.0)
-    parser.add_argument("--itl-ms", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--model", default="sim-model")
+    add_backend_options(parser)
+    add_load_options(parser, rounds=6)
     runs = run(parser.parse_args())
     for name, rounds in runs.items():
         print(f"{name}: {summary(rounds)}")

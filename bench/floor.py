@@ -25,7 +25,6 @@ from pathlib import Path
 
 from sluice.control.bench.processes import (
     SERVE_READY,
-    SIM_READY,
     Child,
     find_nginx,
     free_port,
@@ -34,7 +33,15 @@ from sluice.control.bench.processes import (
 )
 
 from bench.floor_proxy import READY as FLOOR_READY
-from bench.rounds import Round, interleaved, load_spec, summary
+from bench.rounds import (
+    Round,
+    add_backend_options,
+    add_load_options,
+    interleaved,
+    load_spec,
+    start_sim,
+    summary,
+)
 
 
 def run(args: argparse.Namespace) -> dict[str, list[Round]]:
@@ -42,20 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
         workdir = Path(tmp)
         children: list[Child] = []
         try:
-            backend = args.backend
-            if backend is None:
-                sim_argv = sluice_argv(
-                    "sim",
-                    "--port",
-                    "0",
-                    "--ttft-ms",
-                    str(args.ttft_ms),
-                    "--itl-ms",
-                    str(args.itl_ms),
-                )
-                sim = Child("sim", sim_argv, workdir)
-                children.append(sim)
-                backend = sim.wait_line(SIM_READY)
+            backend = args.backend or start_sim(workdir, children, args.ttft_ms, args.itl_ms)
             targets: dict[str, tuple[str, int]] = {}
 
             serve = Child(
@@ -89,14 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, list[Round]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, help="backend URL (default: a simulator)")
-    parser.add_argument("--ttft-ms", type=float, default=20.0)
-    parser.add_argument("--itl-ms", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--model", default="sim-model")
+    add_backend_options(parser)
+    add_load_options(parser, rounds=4)
     args = parser.parse_args()
     runs = run(args)
     nginx = statistics.median(r["cpu_s_per_1k"] for r in runs["nginx"])

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sluice.control.bench.processes import SERVE_READY, SIM_READY, Child, sluice_argv
+from sluice.control.bench.processes import SERVE_READY, Child, sluice_argv
 
-from bench.rounds import Round, interleaved, load_spec
+from bench.rounds import Round, add_load_options, interleaved, load_spec, start_sim
 
 GOAL_TTFT_P50_EXTRA_MS = 3.0
 SCRIPT_COMMANDS = {"cmdstat_evalsha", "cmdstat_eval"}
@@ -88,13 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         children: list[Child] = []
         redis, redis_url = start_redis(workdir)
         try:
-            sim = Child(
-                "sim",
-                sluice_argv("sim", "--port", "0", "--ttft-ms", "20", "--itl-ms", "10"),
-                workdir,
-            )
-            children.append(sim)
-            backend = sim.wait_line(SIM_READY)
+            backend = start_sim(workdir, children)
             targets: dict[str, tuple[str, int]] = {}
             store = f"limits: {{store: {redis_url}, keep_idle: {args.keep_idle}}}"
             for name, limits in (("local", ""), ("redis", store)):
@@ -137,10 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_load_options(parser, rounds=3)
     parser.add_argument("--limit", type=int, default=4096, help="backend max_concurrency")
     parser.add_argument("--keep-idle", default="100ms", help="limits.keep_idle (0: keep none)")
     args = parser.parse_args()

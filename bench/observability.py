@@ -29,12 +29,11 @@ from typing import Any
 
 from sluice.control.bench.processes import (
     SERVE_READY,
-    SIM_READY,
     Child,
     sluice_argv,
 )
 
-from bench.rounds import interleaved, load_spec
+from bench.rounds import add_load_options, interleaved, load_spec, start_sim
 
 GOAL_CPU_RATIO = 1.10
 GOAL_TTFT_P50_EXTRA_MS = 5.0
@@ -45,13 +44,7 @@ def run_macro(args: argparse.Namespace) -> dict[str, Any]:
         workdir = Path(tmp)
         children: list[Child] = []
         try:
-            sim = Child(
-                "sim",
-                sluice_argv("sim", "--port", "0", "--ttft-ms", "20", "--itl-ms", "10"),
-                workdir,
-            )
-            children.append(sim)
-            backend = sim.wait_line(SIM_READY)
+            backend = start_sim(workdir, children)
             serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--backend", backend]
             on = Child("sluice-on", sluice_argv(*serve), workdir)
             off = Child(
@@ -128,10 +121,7 @@ def _call(fn: Any, arg: Any) -> Any:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concurrency", type=int, default=256)
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_load_options(parser, rounds=3)
     parser.add_argument("--micro", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -5,7 +5,8 @@ off, local and Redis limits, two builds). Each target gets one unmeasured warm-u
 request per connection, `WARMUP_TOKENS` tokens: it opens the relay's upstream pool), then
 every round runs the same load against each target, the order reversed every other round,
 and records the relay process's CPU (/proc, as `sluice bench --compare` counts it), TTFT
-and tok/s.
+and tok/s. The scripts also share the simulator's start (`start_sim`), the load built from
+their common options (`load_spec`) and the line a target's rounds print (`summary`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,44 @@ import asyncio
 import dataclasses
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from sluice.control.bench.loadgen import LoadSpec, run_load
-from sluice.control.bench.processes import tree_cpu_seconds
+from sluice.control.bench.processes import SIM_READY, Child, sluice_argv, tree_cpu_seconds
 
 WARMUP_TOKENS = 8
 
 Round = dict[str, Any]
 # Wraps one measurement of one target: (target name, the measurement) -> its result.
 Around = Callable[[str, Callable[[], Round]], Round]
+
+
+def start_sim(
+    workdir: Path, children: list[Child], ttft_ms: float = 20.0, itl_ms: float = 10.0
+) -> str:
+    """Starts the simulator, adds it to `children` (which the script stops), returns its URL."""
+    argv = sluice_argv("sim", "--port", "0", "--ttft-ms", f"{ttft_ms:g}", "--itl-ms", f"{itl_ms:g}")
+    sim = Child("sim", argv, workdir)
+    children.append(sim)
+    return sim.wait_line(SIM_READY)
+
+
+def add_load_options(parser: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The options `load_spec` reads, with every script's defaults."""
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=rounds)
+
+
+def add_backend_options(parser: argparse.ArgumentParser) -> None:
+    """A backend given, or the simulator's pace (`start_sim`), and the model to ask for."""
+    parser.add_argument("--backend", default=None, help="backend URL (default: a simulator)")
+    parser.add_argument("--ttft-ms", type=float, default=20.0)
+    parser.add_argument("--itl-ms", type=float, default=10.0)
+    parser.add_argument("--model", default="sim-model")
 
 
 def load_spec(args: argparse.Namespace, url: str) -> LoadSpec:
