@@ -22,16 +22,31 @@ class ReadSide(Protocol):
     """What the relay needs of the backend's connection (`upstream.UpstreamConnection`)."""
 
     loop: asyncio.AbstractEventLoop
+    at_chunk_start: bool
 
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
 
+    # The asyncio.Protocol callbacks, for the reads the relay passes on while it takes them.
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> bool | None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
 
 class StreamRelay:
-    """Push-mode relay of one SSE response: the upstream connection calls `feed` from its
-    data callback, so an event goes backend socket -> filter -> client socket without a
-    future or a task switch. What one read from the backend holds (one event, or several
+    """Push-mode relay of one SSE response. While it relays, it is the backend socket's
+    protocol (`UpstreamConnection.take_reads`): a read comes to `data_received`, and an
+    event goes backend socket -> filter -> client socket without a future, a task switch
+    or an interpreted frame. Whole HTTP chunks that each hold one event are taken as read
+    (`feed_chunks`); anything else goes to the upstream connection's parser, which feeds
+    the body back (`feed`). What one read from the backend holds (one event, or several
     under load) goes to the client in one send when the read is done (`read_done`), as
     nginx writes what it read: never held past the callback, one system call per read
     rather than per event. The handler awaits `outcome` once per stream:
@@ -43,7 +58,19 @@ class StreamRelay:
     socket stops and starts taking writes; reading from the backend follows.
     """
 
-    __slots__ = ("_on_event", "_out", "filter", "outcome", "response", "splitter", "upstream")
+    __slots__ = (
+        "_at_chunk_start",
+        "_frames",
+        "_on_event",
+        "_out",
+        "_over",
+        "_partial",
+        "filter",
+        "outcome",
+        "response",
+        "splitter",
+        "upstream",
+    )
 
     def __init__(self, chunk_filter: ChunkFilter, upstream: ReadSide, response: Response) -> None:
         self.filter = chunk_filter
@@ -51,15 +78,66 @@ class StreamRelay:
         self.response = response
         self.splitter = SseSplitter()
         self.outcome: asyncio.Future[str] = upstream.loop.create_future()
+        # Per-event state kept on the relay, so an event touches few objects: whether the
+        # outcome is set, whether the splitter holds part of an event, whether the
+        # backend's parser stands at a chunk's start.
+        self._over = False
+        self._partial = False
+        self._at_chunk_start = False
         self._out: list[bytes] = []  # this read's filtered events, written by read_done
+        # The backend's chunks may go to the client as they are (feed_chunks).
+        self._frames = response.takes_frames()
         # Without a guard the per-event work is observe's byte searches only.
         self._on_event: Callable[[bytes], bytes | None] = (
             chunk_filter.observe if chunk_filter.guard_spec is None else chunk_filter.guarded
         )
 
+    def _end(self, result: str) -> None:
+        self._over = True
+        if not self.outcome.done():
+            self.outcome.set_result(result)
+
+    def _break(self, exc: BaseException) -> None:
+        self._over = True
+        if not self.outcome.done():
+            self.outcome.set_exception(exc)
+
+    # -- asyncio.Protocol of the backend's socket, while the relay takes its reads --------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # the upstream connection was made long before
+
+    def data_received(self, data: bytes) -> None:
+        if self._at_chunk_start:
+            taken = self.feed_chunks(data)
+            if taken == len(data):
+                return
+            if taken:
+                data = data[taken:]
+        upstream = self.upstream
+        upstream.data_received(data)
+        self._at_chunk_start = upstream.at_chunk_start
+
+    def eof_received(self) -> bool | None:
+        return self.upstream.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.upstream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.upstream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.upstream.resume_writing()
+
+    def taking_reads(self) -> None:
+        """The upstream connection hands its socket's reads to the relay from now on."""
+        self._at_chunk_start = self.upstream.at_chunk_start
+
+    # -- the body -------------------------------------------------------------------------
+
     def feed(self, data: bytes) -> None:
-        outcome = self.outcome
-        if outcome.done():
+        if self._over:
             return
         chunk_filter = self.filter
         ex = chunk_filter.ex
@@ -71,7 +149,7 @@ class StreamRelay:
             # One event is one line and its blank line: the first newline is the last but
             # one byte (a one-byte search, memchr, ~3x cheaper than looking for "\n\n").
             out: bytes | None
-            if self.splitter.pending or data.find(b"\n") != len(data) - 2 or data[-1] != 10:
+            if self._partial or data.find(b"\n") != len(data) - 2 or data[-1] != 10:
                 out = self._feed_split(data)
             else:
                 out = self._on_event(data)
@@ -84,23 +162,100 @@ class StreamRelay:
             elif out:
                 self._out.append(out)
         except BaseException as exc:  # a broken client or a bug: end this stream only
-            outcome.set_exception(exc)
+            self._break(exc)
             return
         if arrived and ex.first_token_at is not None:
             ex.first_token_overhead = monotonic() - arrived
         if chunk_filter.done:
-            outcome.set_result("cut" if chunk_filter.finished else "done")
+            self._end("cut" if chunk_filter.finished else "done")
+
+    def feed_chunks(self, data: bytes) -> int:
+        """The backend's bytes as read, before HTTP parsing: the whole chunks at their start
+        that each hold one whole event are relayed here, and the chunks of events that pass
+        the filter unchanged go to the client as the backend framed them (one send, no
+        re-framing or copy). Returns how many bytes were taken; the upstream connection
+        parses the rest (a partial chunk, the last chunk, anything unusual) and feeds it.
+
+        Only called at a chunk boundary (`at_chunk_start`), so skipping whole chunks
+        leaves the parser where it was: at the next chunk's size line."""
+        if self._over or self._partial or not self._frames:
+            return 0
+        chunk_filter = self.filter
+        ex = chunk_filter.ex
+        arrived = monotonic() if ex.first_token_at is None else 0.0
+        n = len(data)
+        pos = 0  # the start of the next chunk
+        sent = 0  # data[sent:pos] are unchanged chunks not yet written
+        parts: list[bytes] | None = None  # only once an event changed
+        try:
+            while pos < n:
+                # The size line: 1-8 hex digits and CRLF (anything else: the parser's).
+                size = 0
+                i = pos
+                while i < n and i - pos < 9:
+                    c = data[i]
+                    if 48 <= c <= 57:
+                        size = size * 16 + c - 48
+                    elif 97 <= c <= 102:
+                        size = size * 16 + c - 87
+                    elif 65 <= c <= 70:
+                        size = size * 16 + c - 55
+                    else:
+                        break
+                    i += 1
+                if i == pos or i - pos > 8 or size < 2 or i + 1 >= n:
+                    break  # not a size line, or the last chunk (0), or cut short
+                if data[i] != 13 or data[i + 1] != 10:
+                    break
+                start = i + 2
+                end = start + size
+                if end + 2 > n or data[end] != 13 or data[end + 1] != 10:
+                    break  # the chunk continues in a later read
+                # One event, as vLLM sends it: its only newline is its blank line's first.
+                if data[end - 1] != 10 or data.find(b"\n", start, end) != end - 2:
+                    break
+                event = data[start:end]
+                out = self._on_event(event)
+                if out is not event:  # changed or held back: framed anew
+                    if parts is None:
+                        parts = []
+                    if sent < pos:
+                        parts.append(data[sent:pos])
+                    if out:
+                        parts.append(b"%x\r\n%b\r\n" % (len(out), out))
+                    sent = end + 2
+                pos = end + 2
+                if chunk_filter.done:
+                    break
+            if pos:
+                frames = data if sent == 0 and pos == n else data[sent:pos]
+                if parts is not None:
+                    if sent < pos:
+                        parts.append(frames)
+                    frames = b"".join(parts)
+                if frames or chunk_filter.done:
+                    self.response.write_frames(frames, chunk_filter.done)
+        except BaseException as exc:  # a broken client or a bug: end this stream only
+            self._break(exc)
+            return n
+        if arrived and ex.first_token_at is not None:
+            ex.first_token_overhead = monotonic() - arrived
+        if chunk_filter.done:
+            self._end("cut" if chunk_filter.finished else "done")
+        return pos
 
     def _feed_split(self, data: bytes) -> bytes:
         """Several events in one read, or one split across reads."""
         chunk_filter = self.filter
         parts = []
-        for event in self.splitter.feed(data):
+        splitter = self.splitter
+        for event in splitter.feed(data):
             out = self._on_event(event + SEPARATOR)
             if out is not None:
                 parts.append(out)
             if chunk_filter.done:
                 break
+        self._partial = bool(splitter.pending)
         return b"".join(parts)
 
     def read_done(self) -> None:
@@ -110,22 +265,20 @@ class StreamRelay:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        if self.outcome.done():
+        if self._over:
             return
         try:
             self.response.write(data)
         except BaseException as exc:  # a broken client: end this stream only
-            self.outcome.set_exception(exc)
+            self._break(exc)
 
     def complete(self) -> None:
         self.read_done()
-        if not self.outcome.done():
-            self.outcome.set_result("eof")
+        self._end("eof")
 
     def error(self, exc: BaseException) -> None:
         self.read_done()  # the events before the failure, then the error event
-        if not self.outcome.done():
-            self.outcome.set_exception(exc)
+        self._break(exc)
 
     # FlowListener: the client's socket stopped / started taking writes.
     def pause(self) -> None:

@@ -7,6 +7,9 @@ It lives apart from `StreamRelay` so relay.py defines no coroutine and can be co
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 from .chunks import ChunkFilter
 from .errors import error_event
 from .exchange import Exchange
@@ -39,6 +42,9 @@ async def relay_stream(
     relay = StreamRelay(chunk_filter, upstream, response)
     response.set_flow_listener(relay)
     upstream.set_consumer(relay)  # events already buffered go out with the head
+    # The relay has the callbacks of an asyncio.Protocol, not its base class (it is compiled).
+    upstream.take_reads(cast("asyncio.BaseProtocol", relay))
+    relay.taking_reads()
     response.flush()  # the head never waits for the backend's first event
     try:
         outcome = await relay.outcome
@@ -49,6 +55,7 @@ async def relay_stream(
         )
         return False
     finally:
+        upstream.take_reads(None)
         upstream.set_consumer(None)
         response.set_flow_listener(None)
         upstream.resume_reading()

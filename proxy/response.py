@@ -188,6 +188,25 @@ class Response:
             self._head = b""
         transport.write(data)
 
+    def takes_frames(self) -> bool:
+        """Whether `write_frames` may be used: a chunked body written as is (an interpreted
+        subclass, such as a resumable stream or a WebSocket, sees every event instead)."""
+        return type(self) is Response and self._chunked and not self._head_only
+
+    def write_frames(self, frames: bytes, last: bool) -> None:
+        """Writes bytes that are already HTTP chunks (the backend's own, relayed as they
+        came); `last` adds the end of the body in the same send."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ClientGone()
+        if self._head:
+            frames = self._head + frames
+            self._head = b""
+        if last:
+            self.ended = True
+            frames += b"0\r\n\r\n"
+        transport.write(frames)
+
     def write_last(self, data: bytes) -> None:
         """The last chunk and the end of the body in one send."""
         if self.ended:

@@ -102,6 +102,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self._consumer: BodyConsumer | None = None
         self._write_waiter: asyncio.Future[None] | None = None
+        # The parser stands at a chunk's start: the last chunk it read is complete and
+        # nothing after it was fed. Only then may a reader (take_reads) skip whole chunks.
+        self._chunk_ended = False
+        self.at_chunk_start = False
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -132,6 +136,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+        # A chunk's CRLF ends the read: a size line cut short cannot end in CRLF (the
+        # parser calls on_chunk_header once its CRLF is read).
+        self.at_chunk_start = self._chunk_ended and data.endswith(b"\r\n")
         consumer = self._consumer
         if consumer is not None:
             consumer.read_done()
@@ -159,6 +166,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered += len(body)
         if self._waiter is not None:
             self._wake()
+
+    def on_chunk_header(self) -> None:
+        self._chunk_ended = False
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_ended = True
 
     def on_message_complete(self) -> None:
         self._complete = True
@@ -210,6 +223,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._consumer = None
             consumer.error(self._exc)
 
+    def take_reads(self, reader: asyncio.BaseProtocol | None) -> None:
+        """Hands the socket's reads to `reader` (a relay, which passes on what it does not
+        take itself), or back to this connection with None."""
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.set_protocol(reader if reader is not None else self)
+
     # Write backpressure, for request bodies streamed to the backend (proxy/upload.py).
     def pause_writing(self) -> None:
         self._write_waiter = self.loop.create_future()
@@ -246,6 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = False
         self._exc = None
         self._consumer = None
+        self._chunk_ended = False
+        self.at_chunk_start = False
         self.retried = False
         assert self.transport is not None
         self.transport.write(head + body)

@@ -1,6 +1,8 @@
 """The relay writes what one read from the backend held in one send, as nginx does: events
-that arrived together go to the client as one HTTP chunk (one system call, not one per
-event), and an event that arrived alone goes out at once, never held for the next read."""
+that arrived together go to the client together (one system call, not one per event), and
+an event that arrived alone goes out at once, never held for the next read. Chunks that
+each hold one event go out as the backend framed them; events the relay had to split out
+of other framing go out as one HTTP chunk per read."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sluice.proxy.sse import SseSplitter
@@ -34,11 +36,23 @@ def _http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-class TwoReadBackend:
-    """Answers one streamed request: one event alone, a pause, three events as three HTTP
-    chunks in a single send (one read on sluice's side), a pause, then [DONE]."""
+def _one_chunk_per_event(events: list[bytes]) -> bytes:
+    return b"".join(_http_chunk(event) for event in events)
 
-    def __init__(self) -> None:
+
+def _events_across_chunks(events: list[bytes]) -> bytes:
+    """The same events, framed in two chunks whose boundary falls inside an event."""
+    data = b"".join(events)
+    middle = len(data) // 2
+    return _http_chunk(data[:middle]) + _http_chunk(data[middle:])
+
+
+class TwoReadBackend:
+    """Answers one streamed request: one event alone, a pause, three events in a single
+    send (one read on sluice's side), framed by `frame`, a pause, then [DONE]."""
+
+    def __init__(self, frame: Callable[[list[bytes]], bytes]) -> None:
+        self.frame = frame
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -53,7 +67,7 @@ class TwoReadBackend:
                 b"transfer-encoding: chunked\r\n\r\n" + _http_chunk(_event("a"))
             )
             time.sleep(PAUSE)
-            conn.sendall(b"".join(_http_chunk(_event(t)) for t in ("b", "c", "d")))
+            conn.sendall(self.frame([_event(t) for t in ("b", "c", "d")]))
             time.sleep(PAUSE)
             conn.sendall(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             time.sleep(0.5)
@@ -62,11 +76,13 @@ class TwoReadBackend:
         self.listener.close()
 
 
-@pytest.fixture
-def harness() -> Iterator[ProxyHarness]:
-    backend = TwoReadBackend()
+@pytest.fixture(params=[_one_chunk_per_event, _events_across_chunks])
+def relayed(request: pytest.FixtureRequest) -> Iterator[tuple[ProxyHarness, bool]]:
+    """The proxy in front of the backend, and whether the backend frames one event per
+    chunk (those chunks go to the client as they came)."""
+    backend = TwoReadBackend(request.param)
     proxy = ProxyHarness(passthrough_snapshot(backend.url))
-    yield proxy
+    yield proxy, request.param is _one_chunk_per_event
     proxy.close()
     backend.close()
 
@@ -96,20 +112,25 @@ def _client_chunks(port: int) -> list[tuple[float, bytes]]:
             chunks.append((time.monotonic() - started, payload))
 
 
-def test_events_of_one_read_go_out_in_one_chunk_and_a_lone_event_at_once(
-    harness: ProxyHarness,
+def test_events_of_one_read_go_out_together_and_a_lone_event_at_once(
+    relayed: tuple[ProxyHarness, bool],
 ) -> None:
+    harness, backend_frames_kept = relayed
     chunks = _client_chunks(harness.port)
     payloads = [payload for _, payload in chunks]
-    assert payloads == [
-        _event("a"),
-        _event("b") + _event("c") + _event("d"),
-        b"data: [DONE]\n\n",
-    ], payloads
-    (first_at, _), (batch_at, _), (done_at, _) = chunks
+    at = [seconds for seconds, _ in chunks]
+    middle = [_event("b"), _event("c"), _event("d")]
+    if backend_frames_kept:  # one chunk per event: the backend's chunks, as they came
+        assert payloads == [_event("a"), *middle, b"data: [DONE]\n\n"], payloads
+        first_at, batch_at, batch_end, done_at = at[0], at[1], at[3], at[4]
+        assert batch_end - batch_at < PAUSE * 0.3, chunks  # the three in one send
+    else:  # split out of other framing: one chunk for what the read held
+        assert payloads == [_event("a"), b"".join(middle), b"data: [DONE]\n\n"], payloads
+        first_at, batch_at, done_at = at
+        batch_end = batch_at
     # Each went out when it arrived, not with the next read.
     assert batch_at - first_at > PAUSE * 0.6, chunks
-    assert done_at - batch_at > PAUSE * 0.6, chunks
+    assert done_at - batch_end > PAUSE * 0.6, chunks
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,11 @@ class FakeUpstream:
             self.complete = True
             self.consumer.complete()
 
+    at_chunk_start = False  # never: this test's reads go through feed
+
+    def take_reads(self, reader: Any) -> None:
+        pass
+
     def pause_reading(self) -> None:
         raise AssertionError("no backpressure in this test")
 

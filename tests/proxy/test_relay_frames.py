@@ -1,0 +1,285 @@
+"""The relay's chunk pass-through (`StreamRelay.feed_chunks`), through the real upstream
+connection (httptools) and the real `Response`: whatever the backend's chunk framing and
+however its bytes are cut into reads, the client's de-chunked body is what the filter lets
+through, the client's chunked framing is valid and ends once, and the backend connection's
+parser stays in step (the message completes and the next response on the connection
+parses). Upper-case chunk sizes tell the backend's own chunks from chunks sluice framed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sluice.proxy.exchange import Exchange
+from sluice.proxy.relay_stream import relay_stream
+from sluice.proxy.response import Response
+from sluice.proxy.snapshot import StreamPolicy
+from sluice.proxy.stopwords import GuardSpec
+from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool
+
+from tests.proxy.test_relay_properties import ALPHABET, STOPS, chat_events, reference_stop
+
+# Chunk sizes as backends write them: lower case (h11, vLLM), upper case, leading zeros.
+SIZE_FORMATS = st.sampled_from([b"%x", b"%X", b"%04x"])
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+NEXT_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class BackendSocket:
+    """The upstream connection's transport: records the protocol reads go to
+    (`set_protocol`, as uvloop's transport does) and delivers reads to it."""
+
+    def __init__(self) -> None:
+        self.protocol: Any = None
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        raise AssertionError("no backpressure in this test")
+
+    def resume_reading(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass  # the request
+
+    def abort(self) -> None:
+        raise AssertionError("the connection should stay usable")
+
+
+class ClientSocket:
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.sends = 0
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+        self.sends += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def frame(events: list[bytes], layout: list[int], size_format: bytes = b"%x") -> bytes:
+    """The events as HTTP chunks: layout[i] says how event i is framed (0: a chunk of its
+    own, as vLLM does; 1: in one chunk with the next event; 2: split over two chunks)."""
+    out = []
+    carry = b""
+    for i, event in enumerate(events):
+        how = layout[i % len(layout)] if layout else 0
+        data = carry + event
+        carry = b""
+        if how == 1 and i + 1 < len(events):
+            carry = data
+            continue
+        if how == 2 and len(data) > 2:
+            middle = len(data) // 2
+            out.append(size_format % middle + b"\r\n" + data[:middle] + b"\r\n")
+            data = data[middle:]
+        out.append(size_format % len(data) + b"\r\n" + data + b"\r\n")
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+def dechunk(sent: bytes) -> tuple[bytes, int]:
+    """The body of sluice's chunked response and how many chunks framed it."""
+    head_end = sent.index(b"\r\n\r\n") + 4
+    rest = sent[head_end:]
+    body = bytearray()
+    chunks = 0
+    while True:
+        line_end = rest.index(b"\r\n")
+        size = int(rest[:line_end], 16)
+        if size == 0:
+            assert rest[line_end:] == b"\r\n\r\n", rest  # the end, once, and nothing after
+            return bytes(body), chunks
+        body += rest[line_end + 2 : line_end + 2 + size]
+        assert rest[line_end + 2 + size : line_end + 4 + size] == b"\r\n"
+        rest = rest[line_end + 4 + size :]
+        chunks += 1
+
+
+def relay_through_connection(
+    body: bytes, cuts: list[int], policy: StreamPolicy, *, wait_for_relay: bool = False
+) -> bytes:
+    """Relays one response through a real UpstreamConnection whose reads are `body` cut at
+    `cuts` (one read per loop turn; with `wait_for_relay`, the reads after the first wait
+    until the relay takes them); returns what the client got and checks the connection
+    after it."""
+
+    async def main() -> bytes:
+        pool = UpstreamPool(Origin("http://127.0.0.1:9"), 1.0)
+        conn = UpstreamConnection(pool)
+        backend = BackendSocket()
+        backend.set_protocol(conn)
+        conn.connection_made(backend)  # type: ignore[arg-type]
+        conn.send(b"POST / HTTP/1.1\r\n\r\n", b"")
+        data = HEAD + body
+        points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        reads = [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+        loop = asyncio.get_running_loop()
+
+        def deliver() -> None:
+            if not reads:
+                return
+            if not wait_for_relay or backend.protocol is not conn or len(reads) == first:
+                backend.protocol.data_received(reads.pop(0))
+            loop.call_soon(deliver)
+
+        first = len(reads)
+
+        loop.call_soon(deliver)
+        await conn.read_head()
+        client = ClientSocket()
+        connection = SimpleNamespace(
+            transport=client, closing=False, write_paused=False, flow_listener=None
+        )
+        response = Response(connection, keep_alive=True, head_only=False)  # type: ignore[arg-type]
+        response.start(200, [(b"content-type", b"text/event-stream")], with_first_write=True)
+        ex = Exchange("r", loop.time())
+        clean = await relay_stream(ex, conn, response, policy, None, 1)
+        while reads:  # what the backend sent after [DONE]: the chunked terminator
+            backend.protocol.data_received(reads.pop(0))
+        assert backend.protocol is conn  # the relay handed the reads back
+        if clean and ex.cut is None:
+            assert conn.complete, "the parser lost its place in the chunked body"
+            # The parser is in step: the next response on this connection parses.
+            conn.send(b"GET / HTTP/1.1\r\n\r\n", b"")
+            conn.data_received(NEXT_RESPONSE)
+            await conn.read_head()
+            assert conn.status == 200
+            assert await conn.read_all(100) == b"{}"
+        return bytes(client.sent)
+
+    return asyncio.run(main())
+
+
+def _tokens_with_stop(tokens: list[str], inject: str, at: int) -> tuple[list[str], str]:
+    full = "".join(tokens)
+    at = at % (len(full) + 1)
+    full = full[:at] + inject + full[at:]
+    step = max(1, len(full) // max(1, len(tokens)))
+    return [full[i : i + step] for i in range(0, len(full), step)], full
+
+
+def _events(data: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in data.split(b"\n\n") if e]
+
+
+def _first_chunk_end(body: bytes) -> int:
+    size_end = body.index(b"\r\n")
+    return size_end + 2 + int(body[:size_end], 16) + 2
+
+
+def test_a_vllm_framed_stream_goes_out_as_the_backend_framed_it() -> None:
+    """Upper-case chunk sizes (valid HTTP; sluice itself writes lower case) show that the
+    client got the backend's own chunks, not chunks framed anew. The first chunk, read
+    with the response head, is parsed; the relay takes the later ones as they are."""
+    events = _events(chat_events(["Hello", ",", " world", "!"] * 8))
+    body = frame(events, [0], size_format=b"%X")
+    first_end = _first_chunk_end(body)
+    # Three reads: the head with the first event, the tokens, then [DONE] and the end.
+    cuts = [len(HEAD) + first_end, len(HEAD) + body.index(b"E\r\ndata: [DONE]")]
+    sent = relay_through_connection(body, cuts, StreamPolicy(name=""), wait_for_relay=True)
+    after_head = sent[sent.index(b"\r\n\r\n") + 4 :]
+    assert after_head == b"%x\r\n%b\r\n" % (len(events[0]), events[0]) + body[first_end:]
+    assert body[first_end:] != body[first_end:].lower()
+
+
+def test_a_changed_event_is_framed_anew_between_the_backends_chunks() -> None:
+    events = _events(chat_events(["one ", "two ", "### three", " four"]))
+    body = frame(events, [0], size_format=b"%X")
+    first_end = _first_chunk_end(body)
+    policy = StreamPolicy(name="p", stop=STOPS, guard=GuardSpec(stop=STOPS))
+    sent = relay_through_connection(body, [len(HEAD) + first_end], policy, wait_for_relay=True)
+    after_head = sent[sent.index(b"\r\n\r\n") + 4 :]
+    # "one " and "two " pass unchanged in the backend's framing; the cut one is rewritten.
+    unchanged = b"".join(b"%X\r\n%b\r\n" % (len(e), e) for e in events[1:3])
+    assert after_head[_first_chunk_end(after_head) :].startswith(unchanged)
+    assert b"%X\r\n" % len(events[3]) not in after_head
+    client_body, _ = dechunk(sent)
+    assert b"three" not in client_body
+    assert client_body.endswith(b"data: [DONE]\n\n")
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    tokens=st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), min_size=1, max_size=25),
+    layout=st.lists(st.sampled_from([0, 0, 0, 1, 2]), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=30),
+    size_format=SIZE_FORMATS,
+)
+def test_pass_through_whatever_the_framing_and_reads(
+    tokens: list[str], layout: list[int], cuts: list[int], size_format: bytes
+) -> None:
+    data = chat_events(tokens)
+    body = frame(_events(data), layout, size_format)
+    sent = relay_through_connection(body, cuts, StreamPolicy(name=""))
+    client_body, _ = dechunk(sent)
+    assert client_body == data
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    tokens=st.lists(st.text(alphabet=ALPHABET, min_size=1, max_size=4), min_size=1, max_size=25),
+    layout=st.lists(st.sampled_from([0, 0, 0, 1, 2]), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=30),
+    inject=st.sampled_from(STOPS),
+    at=st.integers(min_value=0, max_value=200),
+    size_format=SIZE_FORMATS,
+)
+def test_stop_strings_whatever_the_framing_and_reads(
+    tokens: list[str],
+    layout: list[int],
+    cuts: list[int],
+    inject: str,
+    at: int,
+    size_format: bytes,
+) -> None:
+    tokens, full = _tokens_with_stop(tokens, inject, at)
+    policy = StreamPolicy(name="p", stop=STOPS, guard=GuardSpec(stop=STOPS))
+    body = frame(_events(chat_events(tokens)), layout, size_format)
+    sent = relay_through_connection(body, cuts, policy)
+    client_body, _ = dechunk(sent)
+    text = ""
+    finals = []
+    events = _events(client_body)
+    for raw in events:
+        payload = raw[6:-2]
+        if payload == b"[DONE]":
+            continue
+        for choice in json.loads(payload)["choices"]:
+            text += (choice.get("delta") or {}).get("content") or ""
+            if choice.get("finish_reason"):
+                finals.append(choice["finish_reason"])
+    assert text == reference_stop(full)
+    assert finals == ["stop"]
+    assert events[-1] == b"data: [DONE]\n\n"
+
+
+def test_the_parser_stands_at_a_chunk_start_only_after_a_whole_chunk() -> None:
+    async def main() -> list[bool]:
+        conn = UpstreamConnection(UpstreamPool(Origin("http://127.0.0.1:9"), 1.0))
+        conn.connection_made(BackendSocket())  # type: ignore[arg-type]
+        conn.send(b"GET / HTTP/1.1\r\n\r\n", b"")
+        seen = []
+        for piece in (HEAD, b"3\r\nabc\r\n", b"3", b"\r\n", b"xyz", b"\r\n", b"2\r\n", b"ab\r\n"):
+            conn.data_received(piece)
+            seen.append(conn.at_chunk_start)
+        return seen
+
+    assert asyncio.run(main()) == [False, True, False, False, False, True, False, True]
