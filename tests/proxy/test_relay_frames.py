@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sluice.proxy.exchange import Exchange
@@ -20,7 +27,7 @@ from sluice.proxy.relay_stream import relay_stream
 from sluice.proxy.response import Response
 from sluice.proxy.snapshot import StreamPolicy
 from sluice.proxy.stopwords import GuardSpec
-from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool
+from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool, open_exchange
 
 from tests.proxy.test_relay_properties import ALPHABET, STOPS, chat_events, reference_stop
 
@@ -283,3 +290,85 @@ def test_the_parser_stands_at_a_chunk_start_only_after_a_whole_chunk() -> None:
         return seen
 
     assert asyncio.run(main()) == [False, True, False, False, False, True, False, True]
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    """A server context with a fresh certificate for 127.0.0.1 (openssl, as the edge tests)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is missing (apt-get install openssl)")
+        pytest.skip("openssl is missing (apt-get install openssl)")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server
+
+
+def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> None:
+    """The relay takes a TLS connection's reads as it takes a TCP one's (uvloop's SSL
+    transport has its own set_protocol), and the connection is pooled in step after it."""
+    server_context = _self_signed(tmp_path)
+    events = _events(chat_events(["Hello", ",", " TLS", " world"] * 4))
+    body = frame(events, [0], size_format=b"%X")
+    chunks = [b"%X\r\n%b\r\n" % (len(e), e) for e in events] + [b"0\r\n\r\n"]
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):  # two requests on one keep-alive connection
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(HEAD)
+            for chunk in chunks:  # one TLS record per event, as vLLM sends one per event
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        await reader.read()  # open until sluice closes it (pool.close)
+        writer.close()
+
+    async def main() -> tuple[bytes, bytes]:
+        server = await asyncio.start_server(backend, "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool(Origin(f"https://127.0.0.1:{port}"), 5.0)
+        client_context = ssl.create_default_context(cafile=tmp_path / "cert.pem")
+        pool._ssl = client_context  # the test's own CA
+        sent = []
+        try:
+            for _ in range(2):
+                conn = await open_exchange(pool, b"POST", b"/v1/chat/completions", [], b"{}")
+                client = ClientSocket()
+                connection = SimpleNamespace(
+                    transport=client, closing=False, write_paused=False, flow_listener=None
+                )
+                response = Response(connection, keep_alive=True, head_only=False)  # type: ignore[arg-type]
+                response.start(200, [], with_first_write=True)
+                ex = Exchange("r", asyncio.get_running_loop().time())
+                assert await relay_stream(ex, conn, response, StreamPolicy(name=""), None, 1)
+                assert conn.transport is not None
+                assert conn.transport.get_protocol() is conn
+                pool.release_when_complete(conn, 2.0)
+                for _ in range(200):
+                    if pool.idle:
+                        break
+                    await asyncio.sleep(0.005)
+                assert pool.idle == [conn], "the connection was not pooled in step"
+                sent.append(bytes(client.sent))
+        finally:  # a failure fails now, not at the loop's shutdown
+            pool.close()
+            server.close()
+        return sent[0], sent[1]
+
+    first, second = uvloop.run(main())
+    for sent in (first, second):
+        client_body, _ = dechunk(sent)
+        assert client_body == b"".join(events)
+        # After the first event (read with the head), the backend's own upper-case chunks.
+        assert sent.endswith(body[_first_chunk_end(body) :])
