@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 COMPILED := build/compiled
 COMPILED_STAMP := $(COMPILED)/.built-stamp
 
-.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-floor bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-floor bench-relay bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,12 @@ bench: $(COMPILED_STAMP) edge-deps
 # interleaved: how far sluice is from what a Python relay on uvloop can reach (~1 min).
 bench-floor: $(COMPILED_STAMP) edge-deps
 	PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/python -m bench.floor --rounds 4 --requests 1024
+
+# The relay's per-event path in-process (ns per event, 256 streams, pass-through and with a
+# policy), on the compiled build and on the sources (seconds).
+bench-relay: $(COMPILED_STAMP)
+	PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/python -m bench.relay_events
+	$(VENV)/bin/python -m bench.relay_events
 
 # A GPU host with vLLM installed (python3 -m vllm): serve a tiny random Llama, run
 # `sluice verify` against it, then `sluice bench --compare --url` at 64 and 256 streams.

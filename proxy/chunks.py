@@ -26,6 +26,8 @@ _CONTENT_KEY = b'"content":"'
 _TEXT_KEY = b'"text":"'
 _QUOTE = ord('"')
 _ERROR_PREFIX = b'data: {"error"'
+_BRACKET = ord("[")  # DONE_EVENT[6]
+_E = ord("e")  # _ERROR_PREFIX[8]
 # vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
 _CHAT_TEXT = re.compile(
     rb'"choices":\[\{"index":(\d+),"delta":\{"content":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)"\},'
@@ -168,7 +170,8 @@ class ChunkFilter:
         if index in self.finished:
             return self._parse_event(event)
         raw = match[2]
-        text: str = orjson.loads(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        escaped = raw.find(b"\\") >= 0  # find, not `in`: see observe
+        text: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode()
         self._token()
         guard = self.guards.get(index)
         if guard is None:
@@ -210,7 +213,10 @@ class ChunkFilter:
         The searches are `find`, not `in`: CPython 3.11's `bytes.__contains__` first tries
         its argument as an integer and builds (then drops) a TypeError each time, 1.5x the
         cost of `find` (126 against 81 ns per search, `python -m timeit`)."""
-        if event.startswith(DONE_EVENT):
+        # A byte looked at is cheaper than a method called (bytes.find and startswith parse
+        # their arguments from a tuple: ~70 ns a call): "data: [" may be [DONE], and only
+        # 'data: {"e' may be an error.
+        if len(event) > 8 and event[6] == _BRACKET and event.startswith(DONE_EVENT):
             self.done = True
             return event
         key = _CONTENT_KEY if self.chat else _TEXT_KEY
@@ -222,7 +228,7 @@ class ChunkFilter:
         if (
             event.find(b'"finish_reason":"') >= 0
             or event.find(b'"usage":{') >= 0
-            or event.startswith(_ERROR_PREFIX)
+            or (len(event) > 8 and event[8] == _E and event.startswith(_ERROR_PREFIX))
         ):
             self._bookkeep(event)
         return event

@@ -212,9 +212,11 @@ class StreamRelay:
                 if end + 2 > n or data[end] != 13 or data[end + 1] != 10:
                     break  # the chunk continues in a later read
                 # One event, as vLLM sends it: its only newline is its blank line's first.
-                if data[end - 1] != 10 or data.find(b"\n", start, end) != end - 2:
+                if data[end - 1] != 10:
                     break
                 event = data[start:end]
+                if event.find(b"\n") != size - 2:  # no start and end to parse: cheaper
+                    break
                 out = self._on_event(event)
                 if out is not event:  # changed or held back: framed anew
                     if parts is None:

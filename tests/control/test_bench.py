@@ -384,3 +384,17 @@ def test_sigterm_mid_run_stops_every_child():
         if bench_proc.poll() is None:
             bench_proc.kill()
             bench_proc.wait()
+
+
+def test_the_relay_events_bench_relays_every_event_and_reports_both_paths():
+    # bench/relay_events.py checks that each stream's client got every event before it
+    # reports a figure (exit 1 otherwise): run it small on this build.
+    argv = [sys.executable, "-m", "bench.relay_events", "--streams", "8", "--events", "16"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("relay: ")
+    assert re.fullmatch(r"pass-through: \d+ ns per event \(rounds( \d+){3}\)", lines[1])
+    assert re.fullmatch(
+        r"policy \(4 stop strings\): \d+ ns per event \(rounds( \d+){3}\)", lines[2]
+    )

@@ -68,6 +68,13 @@ def test_folded_gaps_equal_one_observe_per_gap(gaps: list[float]) -> None:
         assert got[key] == pytest.approx(value), key
 
 
+def test_gaps_on_and_around_every_bucket_bound_land_where_prometheus_puts_them() -> None:
+    gaps = [0.0, 100.0]
+    for bound in ITL_BUCKETS:
+        gaps += [bound, bound * 0.999, bound * 1.001]
+    test_folded_gaps_equal_one_observe_per_gap.hypothesis.inner_test(gaps)  # type: ignore[attr-defined]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
