@@ -18,14 +18,26 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+from sluice.control.bench.processes import POLICY_STOP
 from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.relay import StreamRelay
 from sluice.proxy.response import Response
-from sluice.proxy.stopwords import GuardSpec
+from sluice.proxy.stopwords import CutPattern, GuardSpec
 from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool
+from sluice.sim.text import sample_tokens
 
-STOPS = ("###", "\n\nUser:", "。\n\n用户", "🛑x")  # bench --policy's stop strings
+# What `sluice bench --policy` enforces: 4 stop strings and 2 cut patterns.
+POLICY = GuardSpec(
+    stop=POLICY_STOP,
+    cut_patterns=(
+        CutPattern("(?i)ignore (all )?(the )?previous instructions", 64),
+        CutPattern("BEGIN [A-Z ]*PRIVATE KEY", 40),
+    ),
+)
+# The simulator's tokens (its vocabulary, seeded): text with the letters the cut
+# patterns start with, as `sluice bench` streams it.
+TOKENS = sample_tokens(0, "relay events", 0, 4096)
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
@@ -51,6 +63,7 @@ class Socket:
 
 
 def chunk(i: int) -> bytes:
+    """The i-th event as one HTTP chunk; 0 is the first (the role and no text)."""
     obj = {
         "id": "chatcmpl-9e34503d82792a7f",
         "object": "chat.completion.chunk",
@@ -59,7 +72,7 @@ def chunk(i: int) -> bytes:
         "choices": [
             {
                 "index": 0,
-                "delta": {"content": f" tok{i}"},
+                "delta": {"content": TOKENS[i % len(TOKENS)]} if i else {"role": "assistant"},
                 "logprobs": None,
                 "finish_reason": None,
                 "token_ids": None,
@@ -84,7 +97,7 @@ def stream(pool: UpstreamPool, guarded: bool) -> tuple[Callable[[bytes], None], 
     )
     response = Response(connection, keep_alive=True, head_only=False)  # type: ignore[arg-type]
     response.start(200, [])
-    guard = GuardSpec(stop=STOPS) if guarded else None
+    guard = POLICY if guarded else None
     relay = StreamRelay(ChunkFilter(ex, True, guard, 1, None), conn, response)
     conn.set_consumer(relay)
     take = getattr(relay, "taking_reads", None)
@@ -106,10 +119,13 @@ async def one_round(streams: int, events: int, guarded: bool) -> float:
         for read in reads:
             read(data)
     elapsed = time.perf_counter() - started
-    # Nothing is stopped or held: each client got every event, or the figure means nothing.
+    # Each client got every event (with a policy: the text the guard released), or the
+    # figure means nothing.
     relayed = sum(len(c) for c in chunks)
-    if any(client.written - b != relayed for (_, client), b in zip(made, before, strict=True)):
-        raise SystemExit("a stream did not relay every event")
+    for (_, client), b in zip(made, before, strict=True):
+        got = client.written - b
+        if got != relayed if not guarded else not relayed // 2 < got <= relayed:
+            raise SystemExit(f"a stream relayed {got} bytes of {relayed}")
     return elapsed / (streams * events) * 1e9
 
 
@@ -126,7 +142,7 @@ def main() -> None:
         results = [
             asyncio.run(one_round(args.streams, args.events, guarded)) for _ in range(args.rounds)
         ]
-        name = "policy (4 stop strings)" if guarded else "pass-through"
+        name = "policy (4 stop strings, 2 cut patterns)" if guarded else "pass-through"
         rounds = " ".join(f"{r:.0f}" for r in results)
         print(f"{name}: {sorted(results)[len(results) // 2]:.0f} ns per event (rounds {rounds})")
 

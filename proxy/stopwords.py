@@ -288,6 +288,7 @@ class StreamGuard:
         "_cur",
         "_done",
         "_held",
+        "_last",
         "_rep_at",
         "_rep_p",
         "_runs",
@@ -304,7 +305,13 @@ class StreamGuard:
         self.finish_reason: str | None = None
         self.matched: str | None = None
         # released pieces, for lookbehind and \b at the start of the window
-        self._ctx: deque[str] | None = deque(maxlen=spec._ctx_len) if spec._cuts else None
+        # Released text a cut pattern may look back into: the last max_len characters for
+        # lookbehind (a deque of pieces); without lookbehind one character, so the last
+        # piece alone (an attribute stored per token is cheaper than a deque append).
+        self._ctx: deque[str] | None = (
+            deque(maxlen=spec._ctx_len) if spec._cuts and spec._ctx_len > 1 else None
+        )
+        self._last = ""
         self._rep_at = -1  # where a detected loop ends, as an index into _held
         self._rep_p = 0
         ngram = spec.repetition.ngram if spec.repetition is not None else 0
@@ -331,6 +338,8 @@ class StreamGuard:
         ):
             if self._ctx is not None:
                 self._ctx.append(piece)
+            else:
+                self._last = piece
             return piece
         if self._rep_at >= 0:
             rep = self._rep_at
@@ -386,8 +395,11 @@ class StreamGuard:
         h = min(pend // k, n)
         out, self._held = buf[:h], buf[h:]
         self._rep_at = rep - h if rep >= 0 else -1
-        if out and self._ctx is not None:
-            self._ctx.append(out)
+        if out:
+            if self._ctx is not None:
+                self._ctx.append(out)
+            else:
+                self._last = out
         return out
 
     def _stop_pending(self, buf: str) -> int:
@@ -404,6 +416,8 @@ class StreamGuard:
 
     def _context(self) -> str:
         ctx = self._ctx
+        if ctx is None:  # no lookbehind: one character of context
+            return self._last[-1:]
         if not ctx:
             return ""
         text = ctx[0] if len(ctx) == 1 else "".join(ctx)

@@ -396,5 +396,5 @@ def test_the_relay_events_bench_relays_every_event_and_reports_both_paths():
     assert lines[0].startswith("relay: ")
     assert re.fullmatch(r"pass-through: \d+ ns per event \(rounds( \d+){3}\)", lines[1])
     assert re.fullmatch(
-        r"policy \(4 stop strings\): \d+ ns per event \(rounds( \d+){3}\)", lines[2]
+        r"policy \(4 stop strings, 2 cut patterns\): \d+ ns per event \(rounds( \d+){3}\)", lines[2]
     )
