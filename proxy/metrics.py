@@ -38,19 +38,19 @@ from .exchange import ITL_BUCKETS, Exchange
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # LLM streams span milliseconds (a warm GPU's first token) to minutes (long generations).
-TTFT_BUCKETS = (
+TTFT_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
-DURATION_BUCKETS = (
+DURATION_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
     60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
 )  # fmt: skip
-QUEUE_BUCKETS = (
+QUEUE_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 # Sluice's own time on a chunk: tens of microseconds, unless the event loop is saturated.
-OVERHEAD_BUCKETS = (
+OVERHEAD_BUCKETS: tuple[float, ...] = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
