@@ -9,7 +9,6 @@ coroutine, so setup.py compiles it (see `tests/test_compiled_build.py`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from time import monotonic
 from typing import Protocol
 
@@ -61,7 +60,7 @@ class StreamRelay:
     __slots__ = (
         "_at_chunk_start",
         "_frames",
-        "_on_event",
+        "_guarded",
         "_out",
         "_over",
         "_partial",
@@ -88,9 +87,14 @@ class StreamRelay:
         # The backend's chunks may go to the client as they are (feed_chunks).
         self._frames = response.takes_frames()
         # Without a guard the per-event work is observe's byte searches only.
-        self._on_event: Callable[[bytes], bytes | None] = (
-            chunk_filter.observe if chunk_filter.guard_spec is None else chunk_filter.guarded
-        )
+        self._guarded = chunk_filter.guard_spec is not None
+
+    def _on_event(self, event: bytes) -> bytes | None:
+        # A method called, not a bound method stored: compiled, the call goes straight to
+        # the filter's (or a subclass's) method, with no argument parsing or boxing.
+        if self._guarded:
+            return self.filter.guarded(event)
+        return self.filter.observe(event)
 
     def _end(self, result: str) -> None:
         self._over = True

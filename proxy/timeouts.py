@@ -29,6 +29,7 @@ INTER_TOKEN = "inter_token_timeout"
 TOTAL = "total_timeout"
 RESPONSE_HEAD = "response_head_timeout"
 SHUTDOWN = "shutdown"
+NO_TOKEN = -1.0  # StreamWatchdog.last_token before the stream's first token
 
 
 class StreamWatchdog:
@@ -54,7 +55,9 @@ class StreamWatchdog:
         self._task = task if task is not None else asyncio.current_task(self._deadlines.loop)
         self.timeouts = timeouts
         self.started = monotonic()
-        self.last_token: float | None = None  # set by the relay on each content token
+        # Set by the relay on each content token; NO_TOKEN until the first. A float, not
+        # Optional: compiled, a float attribute is stored without allocating per token.
+        self.last_token = NO_TOKEN
         self.expired: str | None = None
         self.got_head = False
         self._slot: int | None = None  # the Deadlines slot it waits in, if any
@@ -67,7 +70,7 @@ class StreamWatchdog:
         if t.total is not None:
             best = (self.started + t.total, TOTAL)
         candidate: tuple[float, str | None] | None = None
-        if self.last_token is None:
+        if self.last_token == NO_TOKEN:
             if t.first_token is not None:
                 candidate = (self.started + t.first_token, FIRST_TOKEN)
             elif t.inter_token is not None:
