@@ -123,8 +123,9 @@ class ConfigReloader:
         self._last_error: str | None = None
         self._last_reload_at: float | None = None
         self._counts: dict[str, int] = {"ok": 0, "error": 0, "unchanged": 0}
-        # Called after each reload that changed something or failed, with what triggered
-        # it, the result and the files that now serve (None when it failed).
+        # Called for each reload that changed something (before the new version serves, so
+        # whoever sees it serving finds it here too: the console's history) or failed, with
+        # what triggered it, the result and the files that serve (None when it failed).
         self.listeners: list[Callable[[str, ReloadResult, ConfigFiles | None], None]] = []
 
     @property
@@ -160,13 +161,21 @@ class ConfigReloader:
         Thread-safe; blocks while building. `trigger` names the cause for the listeners."""
         # Read under the lock: two overlapping reloads must not apply an older read last.
         with self._lock:
-            result, served = self._reload(files)
-            if result.result != "unchanged":
-                for listener in self.listeners:
-                    listener(trigger, result, served)
+            result, served = self._reload(files, trigger)
+            if result.result == "error":  # an applied one was announced before its swap
+                self._announce(trigger, result, served)
             return result
 
-    def _reload(self, files: ConfigFiles | None) -> tuple[ReloadResult, ConfigFiles | None]:
+    def _announce(self, trigger: str, result: ReloadResult, files: ConfigFiles | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(trigger, result, files)
+            except Exception:  # a listener's bug must not stop (or half-apply) a reload
+                self._log.exception("config_listener_failed", version=result.version)
+
+    def _reload(
+        self, files: ConfigFiles | None, trigger: str
+    ) -> tuple[ReloadResult, ConfigFiles | None]:
         self._last_reload_at = time.time()
         version: str | None = None
         try:
@@ -188,7 +197,6 @@ class ConfigReloader:
         self._current = built
         self._count("ok", None)
         self._restart_required = restart_required(self._started_with, built)
-        self._apply(built)
         warnings = tuple(str(w) for w in built.warnings)
         if self._restart_required:
             fields = ", ".join(self._restart_required)
@@ -196,6 +204,9 @@ class ConfigReloader:
             self._log.warning(
                 "config_needs_restart", version=built.version, fields=self._restart_required
             )
+        result = ReloadResult("ok", built.version, (), warnings)
+        self._announce(trigger, result, files)
+        self._apply(built)
         self._log.info(
             "config_reloaded",
             version=built.version,
@@ -203,7 +214,7 @@ class ConfigReloader:
             files=len(built.files),
             warnings=list(warnings),
         )
-        return ReloadResult("ok", built.version, (), warnings), files
+        return result, files
 
     def _count(self, outcome: ReloadOutcome, error: str | None) -> None:
         self._counts[outcome] += 1

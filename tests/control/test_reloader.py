@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sluice.control.config.build import BuiltConfig
-from sluice.control.runtime.reloader import ConfigReloader
+from sluice.control.runtime.reloader import ConfigReloader, ReloadResult
 from structlog.testing import capture_logs
 
 from tests.control.fixtures import GATEWAY, KEY_HASH, PRECISE, Writer
@@ -276,3 +276,30 @@ def test_resolved_secrets_never_reach_the_logs(
         assert not reloader.reload_now().ok
     assert len(logs) == 2
     assert "sk-very-secret" not in repr(logs) + repr(reloader.current)
+
+
+def test_listeners_hear_of_a_version_before_it_serves(config_dir: Writer) -> None:
+    # The console's history is a listener: whoever sees a version serving (the applied
+    # snapshot) must find it in the history, so the listeners run before the swap.
+    directory = config_dir()
+    applied: list[BuiltConfig] = []
+    heard: list[tuple[str, str, int]] = []
+    reloader = ConfigReloader(directory, applied.append)
+
+    def listener(trigger: str, result: ReloadResult, files: object) -> None:
+        heard.append((trigger, result.result, len(applied)))
+
+    def broken(trigger: str, result: ReloadResult, files: object) -> None:
+        raise RuntimeError("a listener's bug")
+
+    reloader.listeners += [broken, listener]
+    (directory / "precise.yaml").write_text(NEW)
+    with capture_logs() as logs:
+        result = reloader.reload_now(trigger="SIGHUP")
+    assert result.ok
+    assert heard == [("SIGHUP", "ok", 0)]  # heard while nothing was applied yet
+    assert applied == [reloader.current]  # and applied all the same, past the broken one
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["config_listener_failed"]
+    (directory / "precise.yaml").write_text("kind: Preset\ngeneration: {temperature: [}\n")
+    assert not reloader.reload_now().ok
+    assert heard[-1][1] == "error"
