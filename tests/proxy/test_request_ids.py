@@ -1,0 +1,33 @@
+"""Request ids drawn in batches (proxy/ids.py): unique, unguessable-sized, per process."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from sluice.proxy import ids
+from sluice.proxy.ids import BATCH, random_request_id
+
+
+def test_ids_are_24_hex_digits_and_never_repeat_across_batches() -> None:
+    drawn = [random_request_id() for _ in range(3 * BATCH + 7)]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in drawn)
+    assert len(set(drawn)) == len(drawn)
+
+
+def test_a_forked_child_does_not_reuse_its_parents_batch() -> None:
+    random_request_id()  # the parent holds a batch now
+    assert ids._batch
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first ids, then exit without running pytest's teardown
+        os.close(read)
+        os.write(write, " ".join(random_request_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode().split()
+    os.waitpid(pid, 0)
+    parent = [random_request_id() for _ in range(4)]
+    assert len(child) == 4
+    assert not set(child) & set(parent)
