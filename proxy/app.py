@@ -33,6 +33,7 @@ from .exchange import Exchange
 from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import ClientGone, Handler, Header, Request, Response
+from .ids import random_request_id
 from .jsonbody import parse_object
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
@@ -71,7 +72,7 @@ def request_id(request: Request) -> str:
         text = given.decode("ascii")
         if text.isprintable():
             return text
-    return os.urandom(12).hex()
+    return random_request_id()
 
 
 class ProxyApp:
@@ -210,12 +211,9 @@ class ProxyApp:
         replica = self.pools.choose(route.backend)
         timeouts = route.policy.timeouts
         limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
-        conn: UpstreamConnection | None = None
-        body = b""
         try:
-            async with asyncio.timeout(limit):
-                conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-                body = await conn.read_all(MAX_NONSTREAM_BODY)
+            # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
+            status, body = await asyncio.wait_for(_models_body(replica), limit)
         except UpstreamError as exc:
             raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
         except TimeoutError:
@@ -225,15 +223,7 @@ class ProxyApp:
                 type="timeout",
                 code="response_head_timeout",
             ) from None
-        finally:
-            # Pooled only after a complete response; closed on any failure (never leaked).
-            if conn is not None:
-                if conn.complete:
-                    replica.pool.release(conn)
-                else:
-                    conn.abort()
-        assert conn is not None
-        response.send(conn.status, JSON_HEADERS, body)
+        response.send(status, JSON_HEADERS, body)
 
     # -- completions ---------------------------------------------------------------------
 
@@ -602,6 +592,21 @@ class ProxyApp:
     def wants_body_stream(self, request: Request) -> int:
         """For the HTTP server: how much of this request's body to stream (0: buffer it)."""
         return upload_limit(request, self.ref.current)
+
+
+async def _models_body(replica: Replica) -> tuple[int, bytes]:
+    """The backend's `GET /v1/models`: its status and body. The connection is pooled only
+    after a complete response and closed on any failure or cancellation (never leaked)."""
+    conn: UpstreamConnection | None = None
+    try:
+        conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
+        return conn.status, await conn.read_all(MAX_NONSTREAM_BODY)
+    finally:
+        if conn is not None:
+            if conn.complete:
+                replica.pool.release(conn)
+            else:
+                conn.abort()
 
 
 def _fail(

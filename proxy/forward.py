@@ -101,8 +101,8 @@ class ForwardAdapter(Adapter):
             # Streamed upload: the model field is looked for in the first bytes only.
             try:
                 request.body = await stream.read_prefix(_SNIFF_BYTES)
-            except (BodyTooLarge, TimeoutError) as exc:
-                raise upload_error(exc) from None
+            except (BodyTooLarge, TimeoutError) as unread:  # mypyc types a name once
+                raise upload_error(unread) from None
             adapter.body_stream = stream
             length = request.headers.get(b"content-length")
             adapter.stream_length = int(length) if length is not None else None
@@ -304,9 +304,9 @@ async def open_on_replica(
         replica.pool.outstanding -= 1
         replica.record_failure()
         raise bad_gateway(f"backend {backend.name}: {exc}", code="upstream_" + exc.kind) from None
-    except (BodyTooLarge, TimeoutError) as exc:
+    except (BodyTooLarge, TimeoutError) as unread:  # not `exc`: mypyc types a name once
         replica.pool.outstanding -= 1
-        raise upload_error(exc) from None
+        raise upload_error(unread) from None
     except BaseException:
         replica.pool.outstanding -= 1
         raise

@@ -123,8 +123,8 @@ class RequestReader:
                 piece, data = data, b""
             try:
                 self.parser.feed_data(piece)
-            except httptools.HttpParserUpgrade as exc:
-                offset = int(exc.args[0]) if exc.args else len(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                offset = int(upgrade.args[0]) if upgrade.args else len(piece)
                 data = piece[offset:] + data
                 if self.owner.take_upgrade(data):
                     return  # the connection is not HTTP any more

@@ -1,32 +1,41 @@
 """The coroutine that relays one SSE response: it sets up the push-mode `StreamRelay`
 (relay.py), waits for the stream's outcome and ends the response the way it ended.
 
-It lives apart from `StreamRelay` so relay.py defines no coroutine and can be compiled
-(setup.py); this one stays Python.
+It lives apart from `StreamRelay`, which is the per-event code; both are compiled
+(setup.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import cast
+from typing import Protocol, cast
 
 from .chunks import ChunkFilter
 from .errors import error_event
 from .exchange import Exchange
 from .http import Response
-from .relay import StreamRelay
+from .relay import ReadSide, StreamRelay
 from .snapshot import StreamPolicy
 from .timeouts import StreamWatchdog
-from .upstream import UpstreamConnection, UpstreamError
+from .upstream import BodyConsumer, UpstreamError
 
 # How long a backend may take to send its chunked terminator after [DONE] before its
 # connection is closed instead of pooled.
 MESSAGE_END_TIMEOUT = 1.0
 
 
+class RelayedUpstream(ReadSide, Protocol):
+    """The backend connection as the relay uses it (`upstream.UpstreamConnection`; a
+    protocol, so tests can push bytes of their own to the compiled relay)."""
+
+    def set_consumer(self, consumer: BodyConsumer | None) -> None: ...
+
+    def take_reads(self, reader: asyncio.BaseProtocol | None) -> None: ...
+
+
 async def relay_stream(
     ex: Exchange,
-    upstream: UpstreamConnection,
+    upstream: RelayedUpstream,
     response: Response,
     policy: StreamPolicy,
     watchdog: StreamWatchdog | None,

@@ -346,14 +346,17 @@ class UpstreamPool:
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await loop.create_connection(
+            # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(
                     lambda: UpstreamConnection(self),
                     self.origin.host,
                     self.origin.port,
                     ssl=self._ssl,
                     server_hostname=self.origin.host if self._ssl else None,
-                )
+                ),
+                self.connect_timeout,
+            )
         except TimeoutError:
             raise UpstreamError(
                 "connect",

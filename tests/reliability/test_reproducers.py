@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sluice.proxy.snapshot import SamplingPlan
+from sluice.proxy.adapters import Adapter
+from sluice.proxy.endpoints import GENERATING
+from sluice.proxy.snapshot import Route, SamplingPlan
 
 from tests.fixtures import ProcessServer, SimClient, routed_snapshot
 from tests.reliability.fixtures import TunedHarness, census, exchange, statuses
@@ -60,13 +62,20 @@ def test_nesting_within_the_limit_reaches_the_backend(
     assert sim_client.stats()["requests"] == 1
 
 
-def test_an_internal_error_is_recorded_as_500_not_0(proxy: TunedHarness) -> None:
-    # A bug injected inside the pipeline (after routing, before the backend): the client
-    # gets a 500 and the access record, metrics and /admin/status see 500.
-    async def broken(*args: Any, **kwargs: Any) -> Any:
+class _BrokenPayload(Adapter):
+    """The chat endpoint with a bug where the request for the backend is built."""
+
+    def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
         raise RuntimeError("injected bug")
 
-    proxy.app._open = broken  # type: ignore[method-assign]
+
+def test_an_internal_error_is_recorded_as_500_not_0(
+    proxy: TunedHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug injected inside the pipeline (after routing, before the backend): the client
+    # gets a 500 and the access record, metrics and /admin/status see 500. (Through an
+    # adapter: the compiled handler's own methods cannot be replaced.)
+    monkeypatch.setitem(GENERATING, "/v1/chat/completions", _BrokenPayload())
     body = orjson.dumps({"model": "chat", "messages": MSG, "max_tokens": 2})
     data, _ = exchange(proxy.port, _post(body))
     assert statuses(data) == [500]
