@@ -8,10 +8,11 @@ same JSON lines, so the stream stays one JSON object per line.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
@@ -24,6 +25,66 @@ LEVELS = {
     "error": logging.ERROR,
 }
 FORMATS = ("json", "console")
+
+
+class SharedLines:
+    """The one writer every JSON line of the process goes through: structlog's, the
+    standard library's and the access log's. A line is held until `flush`; structlog and
+    the standard library flush after each of theirs, the access log once per event-loop
+    pass (observe.JsonAccessLog). So a busy proxy writes its access lines with one system
+    call per pass (stderr is unbuffered: one per line before), and the lines keep the
+    order in which they were written."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._held.append(data)
+        return len(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held:
+            data = memoryview(held[0] if len(held) == 1 else b"".join(held))
+            held.clear()
+            while data:  # an unbuffered stream may take part of it
+                written = self._out.write(data)
+                data = data[written if written is not None else len(data) :]
+        self._out.flush()
+
+
+class _TextLines:
+    """The standard library's handler writes text: encoded onto the shared lines."""
+
+    def __init__(self, lines: SharedLines) -> None:
+        self._lines = lines
+
+    def write(self, text: str) -> int:
+        return self._lines.write(text.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        self._lines.flush()
+
+
+_shared: tuple[TextIO, SharedLines] | None = None
+
+
+def _flush_quietly(lines: SharedLines) -> None:
+    try:
+        lines.flush()
+    except (OSError, ValueError):  # the stream is closed or gone: nothing to write to
+        pass
+
+
+def shared_lines(stream: TextIO) -> SharedLines:
+    """The shared writer of `stream` (one per stream, flushed at exit)."""
+    global _shared
+    if _shared is None or _shared[0] is not stream:
+        lines = SharedLines(stream.buffer)
+        atexit.register(_flush_quietly, lines)
+        _shared = (stream, lines)
+    return _shared[1]
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -42,7 +103,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer(
             serializer=orjson.dumps
         )
-        factory = structlog.BytesLoggerFactory(file=out.buffer)
+        factory = structlog.BytesLoggerFactory(file=cast("BinaryIO", shared_lines(out)))
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
         factory = structlog.WriteLoggerFactory(file=out)
@@ -52,7 +113,11 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = (
+        logging.StreamHandler(_TextLines(shared_lines(out)))
+        if fmt == "json"
+        else logging.StreamHandler(out)
+    )
     handler.setFormatter(
         _JsonFormatter()
         if fmt == "json"
@@ -68,7 +133,7 @@ def access_lines(level: str, fmt: str, stream: TextIO | None = None) -> JsonAcce
     writes JSON lines at level info; None where structlog must render the line."""
     if fmt != "json" or LEVELS[level] > logging.INFO:
         return None
-    return JsonAccessLog((stream if stream is not None else sys.stderr).buffer)
+    return JsonAccessLog(shared_lines(stream if stream is not None else sys.stderr))
 
 
 class _JsonFormatter(logging.Formatter):

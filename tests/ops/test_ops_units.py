@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import logging
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sluice.control.runtime.logs import access_lines, configure_logging
 from sluice.proxy.exchange import ITL_BUCKETS, Exchange
 from sluice.proxy.metrics import DURATION_BUCKETS, Metrics
-from sluice.proxy.observe import Observer, access_fields
+from sluice.proxy.observe import JsonAccessLog, Observer, access_fields
 from sluice.proxy.snapshot import Snapshot, SnapshotRef
 from structlog.testing import capture_logs
 
@@ -288,6 +289,65 @@ def test_direct_access_line_is_the_line_structlog_writes(restore_logging: None) 
         via_structlog.pop("timestamp")
         assert written == via_structlog
     assert lines[2]["cut"] == "STOP" and lines[3]["queue_ms"] == 200.0
+
+
+class _CountingRaw(io.RawIOBase):
+    """A stream that records each write it receives (each one a system call on a file)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_access_lines_of_one_loop_pass_go_out_in_one_write() -> None:
+    raw = _CountingRaw()
+    lines = JsonAccessLog(io.BufferedWriter(raw, 1 << 16))
+
+    async def requests_end() -> None:
+        for i in range(3):  # three requests ending in one pass of the loop
+            lines.write({"request_id": f"r{i}"})
+        assert raw.writes == []  # held until the pass ends, not longer
+        await asyncio.sleep(0)
+        assert len(raw.writes) == 1
+        lines.write({"request_id": "r3"})  # a quiet moment: its own write, at once
+        await asyncio.sleep(0)
+        assert len(raw.writes) == 2
+
+    asyncio.run(requests_end())
+    lines.write({"request_id": "r4"})  # no loop running: written at once
+    assert len(raw.writes) == 3
+    ids = [orjson.loads(line)["request_id"] for w in raw.writes for line in w.splitlines()]
+    assert ids == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_other_log_lines_keep_their_place_after_buffered_access_lines(
+    restore_logging: None,
+) -> None:
+    raw = _CountingRaw()
+    stream = io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8")
+    configure_logging("info", "json", stream=stream)
+    lines = access_lines("info", "json", stream)
+    assert lines is not None
+
+    async def serve() -> None:
+        lines.write({"request_id": "before"})
+        structlog.get_logger("test-order").warning("upstream_slow")
+        lines.write({"request_id": "after"})
+        await asyncio.sleep(0)
+
+    asyncio.run(serve())
+    events = [
+        orjson.loads(line).get("request_id") or orjson.loads(line)["event"]
+        for w in raw.writes
+        for line in w.splitlines()
+    ]
+    assert events == ["before", "upstream_slow", "after"]
 
 
 def test_access_line_goes_through_structlog_unless_json_at_info() -> None:
