@@ -2,8 +2,8 @@
 
 `StreamRelay` is fed from the upstream connection's data callback (push mode) and passes
 each event through the stream's `ChunkFilter` to the client socket; `relay_stream.py` holds
-the coroutine that sets it up and waits for the stream's outcome. This module defines no
-coroutine, so setup.py compiles it (see `tests/test_compiled_build.py`).
+the coroutine that sets it up and waits for the stream's outcome. Both are compiled by
+setup.py (see `tests/test_compiled_build.py`).
 """
 
 from __future__ import annotations
