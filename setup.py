@@ -66,13 +66,6 @@ def _why_pure() -> str | None:
     return None
 
 
-def defines_coroutine(source: Path) -> bool:
-    """Whether a module has an `async def`, `await`, `async with` or `async for`."""
-    tree = ast.parse(source.read_text(encoding="utf-8"), str(source))
-    kinds = (ast.AsyncFunctionDef, ast.Await, ast.AsyncWith, ast.AsyncFor)
-    return any(isinstance(node, kinds) for node in ast.walk(tree))
-
-
 def awaits_with_exception_in_flight(source: Path) -> bool:
     """Whether a module awaits inside an `except` or `finally` block or has an `async
     with` (whose exit is awaited in a `finally`): what mypyc 2.4 compiles wrongly."""

@@ -46,19 +46,6 @@ def test_exactly_the_modules_setup_selects_are_compiled() -> None:
             assert not is_source, f"{source.stem} should be compiled, runs from {path}"
 
 
-def test_setup_finds_every_kind_of_coroutine(tmp_path: Path) -> None:
-    defines_coroutine = SETUP["defines_coroutine"]
-    for code, expected in [
-        ("def f(x):\n    return x\n", False),
-        ("async def f():\n    pass\n", True),
-        ("class A:\n    async def f(self):\n        pass\n", True),
-        ("def f():\n    async def g():\n        pass\n    return g\n", True),
-    ]:
-        source = tmp_path / "probe.py"
-        source.write_text(code)
-        assert defines_coroutine(source) is expected, code
-
-
 def test_setup_finds_awaits_while_an_exception_is_in_flight(tmp_path: Path) -> None:
     awaits = SETUP["awaits_with_exception_in_flight"]
     for code, expected in [
