@@ -86,10 +86,17 @@ class Cluster:
         """`count` requests that stay in flight for `seconds` (the sim delays its answer),
         sent one after the other so each choice sees the ones before it."""
         futures = []
+        arrived = sum(self.served())
         for i in range(count):
             sim = {delay: seconds * 1000}
             futures.append(pool.submit(self.post, system, f"hold {i}", headers, sim=sim))
-            wait_until(lambda n=i + 1: sum(self.in_flight()) == n, 10)
+            # In flight at the proxy and arrived at its simulator: the proxy counts a
+            # request before its bytes reach the replica, and `chat` reads the replicas'
+            # counts, so a hold still on the wire would look like a second replica served.
+            wait_until(
+                lambda n=i + 1: sum(self.in_flight()) == n and sum(self.served()) == arrived + n,
+                10,
+            )
         return futures
 
     def set_healthy(self, index: int, healthy: bool) -> None:

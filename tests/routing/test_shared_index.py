@@ -189,5 +189,7 @@ def test_stalled_redis_costs_each_read_its_deadline_then_is_skipped(tmp_path: Pa
     finally:
         redis.kill()
     assert found == {"http://a": 4, "http://b": 0}
-    assert max(costs) < 0.1, costs  # 2 ms deadline; generous for a busy machine
+    # 2 ms deadline against a Redis that never answers; the bound is generous because a
+    # loaded 2-core CI machine once stalled one such read 0.38 s (it passed 9 of 9 reruns).
+    assert max(costs) < 0.75, costs
     assert skipped
