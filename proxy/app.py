@@ -542,7 +542,7 @@ class ProxyApp:
                 if not clean:
                     conn.abort()
                 elif stream:
-                    replica.pool.release_when_complete(conn, MESSAGE_END_TIMEOUT)
+                    replica.pool.release_when_complete(conn, MESSAGE_END_TIMEOUT, self.deadlines)
                 else:
                     replica.pool.release(conn)
 

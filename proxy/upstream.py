@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .deadlines import Deadlines
 from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
@@ -408,14 +409,17 @@ class UpstreamPool:
         else:
             conn.abort()
 
-    def release_when_complete(self, conn: UpstreamConnection, within: float) -> None:
+    def release_when_complete(
+        self, conn: UpstreamConnection, within: float, deadlines: Deadlines
+    ) -> None:
         """Pools a connection once its response has fully arrived (after the client got
         its [DONE], only the chunked terminator may still be in flight); closes it if the
-        backend does not finish the message `within` seconds."""
+        backend does not finish the message `within` seconds (on `deadlines`: no loop
+        timer per response)."""
         if conn.complete or conn.closed:
             self.release(conn)
             return
-        _TailWatcher(self, conn, within)
+        _TailWatcher(self, conn, monotonic() + within, deadlines)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.open.discard(conn)
@@ -447,14 +451,19 @@ class UpstreamPool:
 
 
 class _TailWatcher:
-    """Waits for a response's last bytes, then returns its connection to the pool."""
+    """Waits for a response's last bytes, then returns its connection to the pool; aborts
+    the connection if they do not come by `deadline`. Most streams need one: vLLM's server
+    writes the chunked terminator after [DONE] in a write of its own."""
 
-    __slots__ = ("conn", "pool", "timer")
+    __slots__ = ("conn", "deadlines", "pool", "slot")
 
-    def __init__(self, pool: UpstreamPool, conn: UpstreamConnection, within: float) -> None:
+    def __init__(
+        self, pool: UpstreamPool, conn: UpstreamConnection, deadline: float, deadlines: Deadlines
+    ) -> None:
         self.pool = pool
         self.conn = conn
-        self.timer = conn.loop.call_later(within, conn.abort)
+        self.deadlines = deadlines
+        self.slot = deadlines.add(deadline, self)
         conn.set_consumer(self)
 
     def feed(self, data: bytes) -> None:
@@ -464,11 +473,14 @@ class _TailWatcher:
         pass
 
     def complete(self) -> None:
-        self.timer.cancel()
+        self.deadlines.remove(self.slot, self)
         self.pool.release(self.conn)
 
     def error(self, exc: BaseException) -> None:
-        self.timer.cancel()
+        self.deadlines.remove(self.slot, self)
+
+    def on_deadline(self) -> None:
+        self.conn.abort()
 
 
 async def open_exchange(

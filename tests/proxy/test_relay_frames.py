@@ -22,6 +22,7 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sluice.proxy.deadlines import Deadlines
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.relay_stream import relay_stream
 from sluice.proxy.response import Response
@@ -340,6 +341,7 @@ def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> Non
         pool = UpstreamPool(Origin(f"https://127.0.0.1:{port}"), 5.0)
         client_context = ssl.create_default_context(cafile=tmp_path / "cert.pem")
         pool._ssl = client_context  # the test's own CA
+        deadlines = Deadlines(asyncio.get_running_loop())
         sent = []
         try:
             for _ in range(2):
@@ -354,7 +356,7 @@ def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> Non
                 assert await relay_stream(ex, conn, response, StreamPolicy(name=""), None, 1)
                 assert conn.transport is not None
                 assert conn.transport.get_protocol() is conn
-                pool.release_when_complete(conn, 2.0)
+                pool.release_when_complete(conn, 2.0, deadlines)
                 for _ in range(200):
                     if pool.idle:
                         break

@@ -6,14 +6,18 @@ connections like vLLM's server under concurrent load."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import uvloop
 from prometheus_client import CollectorRegistry
+from sluice.proxy.deadlines import Deadlines
 from sluice.proxy.metrics import Metrics
+from sluice.proxy.upstream import Origin, UpstreamPool, open_exchange
 
 from tests.fixtures import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
 from tests.proxy.raw_backends import RawBackend
@@ -118,3 +122,54 @@ def test_backend_closing_idle_connections_under_concurrency(
         assert sum(ex.upstream_retries for ex in harness.finished) == retries
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("terminator_after", [0.05, None])
+def test_a_stream_connection_is_pooled_once_its_terminator_arrives_else_closed(
+    terminator_after: float | None,
+) -> None:
+    """vLLM's server writes the chunked terminator after [DONE] in a write of its own: the
+    connection is pooled when it arrives, and closed if it does not come within the limit
+    (a backend that never ends its message must not be reused)."""
+    within = 0.3
+
+    async def main() -> tuple[bool, bool]:
+        closed = asyncio.Event()
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            event = b"data: [DONE]\n\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(event), event)
+            )
+            await writer.drain()
+            if terminator_after is not None:
+                await asyncio.sleep(terminator_after)
+                writer.write(b"0\r\n\r\n")
+            await reader.read()  # until the proxy closes the connection
+            closed.set()
+            writer.close()
+
+        server = await asyncio.start_server(backend, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool(Origin(f"http://127.0.0.1:{port}"), 5.0)
+        try:
+            conn = await open_exchange(pool, b"POST", b"/v1/chat/completions", [], b"{}")
+            pool.release_when_complete(conn, within, Deadlines(asyncio.get_running_loop()))
+            await asyncio.sleep(within + 0.2)
+            pooled = pool.idle == [conn]
+            was_closed = conn.closed
+            if not pooled:
+                await asyncio.wait_for(closed.wait(), 2.0)
+            return pooled, was_closed
+        finally:
+            pool.close()
+            server.close()
+
+    pooled, was_closed = uvloop.run(main())
+    if terminator_after is not None:
+        assert pooled and not was_closed
+    else:
+        assert not pooled and was_closed
