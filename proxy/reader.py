@@ -224,11 +224,7 @@ class RequestReader:
         except HeadError as exc:
             self.owner.refuse(exc.status, exc.message, exc.code)
             raise httptools.HttpParserError(exc.message) from None
-        # Any: httptools' stub types the URL's parts as bytes, but an absent part is None
-        # (and a compiled build checks the declared type).
-        parsed: Any = httptools.parse_url(self.url)
-        path = parsed.path.decode("latin-1") if parsed.path else "/"
-        query = parsed.query.decode("latin-1") if parsed.query else ""
+        path, query = _path_and_query(self.url)
         self.last_url = self.url
         request = Request(
             method=parser.get_method().decode("ascii"),
@@ -328,3 +324,19 @@ class RequestReader:
             [(b"retry-after", b"1")],
         )
         return False
+
+
+def _path_and_query(url: bytes) -> tuple[str, str]:
+    """The request target's path and query. The usual origin form (`/path?query`) is split
+    here; any other form (absolute, with a fragment) goes through httptools' URL parser,
+    which costs a parser object per request."""
+    if url[:1] == b"/" and url.find(b"#") < 0:
+        path, _, query = url.partition(b"?")
+        return path.decode("latin-1"), query.decode("latin-1")
+    # Any: httptools' stub types the URL's parts as bytes, but an absent part is None
+    # (and a compiled build checks the declared type).
+    parsed: Any = httptools.parse_url(url)
+    return (
+        parsed.path.decode("latin-1") if parsed.path else "/",
+        parsed.query.decode("latin-1") if parsed.query else "",
+    )
