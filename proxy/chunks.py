@@ -26,6 +26,7 @@ _CONTENT_KEY = b'"content":"'
 _TEXT_KEY = b'"text":"'
 _QUOTE = ord('"')
 _ERROR_PREFIX = b'data: {"error"'
+_COUNT_ENDS = b",}"
 _BRACKET = ord("[")  # DONE_EVENT[6]
 _E = ord("e")  # _ERROR_PREFIX[8]
 # vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
@@ -38,6 +39,22 @@ _COMPLETION_TEXT = re.compile(
     rb'"finish_reason":null(?:,"stop_reason":null)?(?:,"prompt_token_ids":null)?'
     rb'(?:,"token_ids":null)?\}\]'
 )
+
+
+def _count_after(event: bytes, key: bytes, start: int) -> int:
+    """The non-negative integer right after `key` (its first match from `start`); -1 when
+    the key is absent or not followed by digits."""
+    at = event.find(key, start)
+    if at < 0:
+        return -1
+    begin = end = at + len(key)
+    size = len(event)
+    while end < size and 48 <= event[end] <= 57:  # b"0" to b"9"
+        end += 1
+    # A count ends at the next key or the object's end (not 1.5 or 1e3), within int64.
+    if end in (begin, size) or end - begin > 18 or event[end] not in _COUNT_ENDS:
+        return -1
+    return int(event[begin:end])
 
 
 class ChunkFilter:
@@ -234,6 +251,43 @@ class ChunkFilter:
         return event
 
     def _bookkeep(self, event: bytes) -> None:
+        """The finish reason and usage of an event that has them. The compact JSON vLLM
+        writes is read by byte searches (`_bookkeep_compact`); anything else (an error
+        key, spaces, an escaped finish reason, a null count) by parsing the event."""
+        if event.find(b'"error"') < 0 and self._bookkeep_compact(event):
+            return
+        self._bookkeep_parsed(event)
+
+    def _bookkeep_compact(self, event: bytes) -> bool:
+        """What `_bookkeep_parsed` records, found without building the event's objects
+        (2 of the 4 events of a short stream come here: ~1.5 us of parsing each). A JSON
+        string escapes its quotes, so `"finish_reason":"` and `"prompt_tokens":` match
+        keys only, never text. False (nothing recorded): the event is not in that form."""
+        prompt = completion = -1
+        at = event.find(b'"usage":{')
+        finish = event.rfind(b'"finish_reason":"')  # the last choice's, as the parsed path
+        if at < 0 and finish < 0:
+            return False
+        if at >= 0:
+            prompt = _count_after(event, b'"prompt_tokens":', at)
+            completion = _count_after(event, b'"completion_tokens":', at)
+            if prompt < 0 or completion < 0:
+                return False
+        reason: str | None = None
+        if finish >= 0:
+            start = finish + 17
+            end = event.find(b'"', start)
+            if end < 0 or event.find(b"\\", start, end) >= 0:
+                return False
+            reason = event[start:end].decode("utf-8", "replace")
+        if prompt >= 0:
+            self.ex.prompt_tokens = prompt
+            self.ex.completion_tokens = completion
+        if reason is not None:
+            self.ex.finish_reason = reason
+        return True
+
+    def _bookkeep_parsed(self, event: bytes) -> None:
         try:
             obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
         except orjson.JSONDecodeError:

@@ -1,0 +1,113 @@
+"""The finish reason and usage of a stream without a guard: read from vLLM's compact JSON
+by byte searches (`ChunkFilter._bookkeep_compact`), from anything else by parsing. Both
+must record what parsing records, for every event."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sluice.proxy.chunks import ChunkFilter
+from sluice.proxy.exchange import Exchange
+
+# From ../shared/vllm-transcripts (vLLM 0.26): a finish chunk, the usage chunk, a chunk
+# with continuous usage stats.
+VLLM_EVENTS = [
+    b'data: {"id":"chatcmpl-9bb62c914f867344","object":"chat.completion.chunk","created":'
+    b'1795635313,"model":"tiny-llama","choices":[{"index":0,"delta":{"content":" ambi"},'
+    b'"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}]}',
+    b'data: {"id":"chatcmpl-9bb62c914f867344","object":"chat.completion.chunk","created":'
+    b'1795635313,"model":"tiny-llama","choices":[],"usage":{"prompt_tokens":20,'
+    b'"total_tokens":32,"completion_tokens":12},"system_fingerprint":"vllm-0.26.0-nohash"}',
+    b'data: {"id":"chatcmpl-96f2105f056821c2","object":"chat.completion.chunk","created":'
+    b'1795635313,"model":"tiny-llama","choices":[{"index":0,"delta":{"content":" {"},'
+    b'"logprobs":null,"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":20,'
+    b'"total_tokens":21,"completion_tokens":1}}',
+]
+# Forms the byte searches must not misread: spaces, nulls, an escaped reason, nested
+# details before the counts, an error key, key names inside text, several choices.
+ODD_EVENTS = [
+    b'data: {"choices": [{"index": 0, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3,'
+    b' "completion_tokens": 4}}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":null,"completion_tokens":7}}',
+    b'data: {"choices":[{"index":0,"finish_reason":"st\\"op"}]}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens"'
+    b':8},"total_tokens":19,"completion_tokens":10}}',
+    b'data: {"error":{"message":"boom"},"choices":[],"usage":{"prompt_tokens":1,'
+    b'"completion_tokens":2}}',
+    b'data: {"choices":[{"index":0,"delta":{"content":"\\"finish_reason\\":\\"x\\" '
+    b'\\"prompt_tokens\\":5"},"finish_reason":"length"}]}',
+    b'data: {"choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"length"}]}',
+    b'data: {"choices":[{"index":0,"finish_reason":"stop"}],"usage":{}}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":1.5,"completion_tokens":2}}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":-1,"completion_tokens":2}}',
+    b'data: {"choices":[{"index":0,"finish_reason":"caf\xc3\xa9"}]}',
+    b"data: not json at all",
+    b'data: {"choices":[],"usage":{"prompt_tokens":12345678901234567890,"completion_tokens":1}}',
+]
+
+
+def _recorded(event: bytes, parsed_only: bool) -> tuple[Any, ...]:
+    ex = Exchange("r", 0.0)
+    chunk_filter = ChunkFilter(ex, True, None, 1)
+    if parsed_only:
+        chunk_filter._bookkeep_parsed(event)
+    else:
+        chunk_filter._bookkeep(event)
+    return ex.prompt_tokens, ex.completion_tokens, ex.finish_reason, chunk_filter.upstream_error
+
+
+@pytest.mark.parametrize("event", VLLM_EVENTS + ODD_EVENTS)
+def test_byte_searches_record_what_parsing_records(event: bytes) -> None:
+    assert _recorded(event, False) == _recorded(event, True)
+
+
+def test_vllm_events_are_read_without_parsing() -> None:
+    for event in VLLM_EVENTS:
+        ex = Exchange("r", 0.0)
+        assert ChunkFilter(ex, True, None, 1)._bookkeep_compact(event)
+    ex = Exchange("r", 0.0)
+    chunk_filter = ChunkFilter(ex, True, None, 1)
+    chunk_filter.observe(VLLM_EVENTS[0])
+    chunk_filter.observe(VLLM_EVENTS[1])
+    assert (ex.finish_reason, ex.prompt_tokens, ex.completion_tokens) == ("length", 20, 12)
+
+
+TEXT = st.text(alphabet=st.sampled_from(list('ab "\\:{},_\né')), max_size=12)
+COUNT = st.one_of(st.integers(0, 10**6), st.none(), st.just(-3), st.just(1.5))
+
+
+@st.composite
+def events(draw: st.DrawFn) -> bytes:
+    obj: dict[str, Any] = {"id": draw(TEXT), "object": "chat.completion.chunk"}
+    choices = []
+    for index in range(draw(st.integers(0, 2))):
+        choice: dict[str, Any] = {"index": index, "delta": {"content": draw(TEXT)}}
+        choice["finish_reason"] = draw(
+            st.one_of(st.none(), st.sampled_from(["stop", "length"]), TEXT)
+        )
+        choices.append(choice)
+    obj["choices"] = choices
+    if draw(st.booleans()):
+        usage: dict[str, Any] = {}
+        for key in draw(st.permutations(["prompt_tokens", "total_tokens", "completion_tokens"])):
+            if draw(st.booleans()) or key != "total_tokens":
+                usage[key] = draw(COUNT)
+        if draw(st.booleans()):
+            usage["prompt_tokens_details"] = {"cached_tokens": draw(COUNT)}
+        obj["usage"] = usage
+    if draw(st.booleans()):
+        obj["error"] = {"message": draw(TEXT)}
+    spaced = draw(st.booleans())
+    body = json.dumps(obj).encode() if spaced else orjson.dumps(obj)
+    return b"data: " + body
+
+
+@settings(max_examples=400, deadline=None)
+@given(events())
+def test_byte_searches_agree_with_parsing_on_any_event(event: bytes) -> None:
+    assert _recorded(event, False) == _recorded(event, True)
