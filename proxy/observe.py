@@ -155,7 +155,8 @@ class JsonAccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         fields["event"] = "request"
         fields["level"] = "info"
-        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+        # %-formatting: a compiled f-string formats the number through format() (~3x).
+        fields["timestamp"] = "%s.%06dZ" % (self._stamp, int((now - second) * 1e6))  # noqa: UP031
         self._file.write(orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE))
         if self._flush_pending:
             return
