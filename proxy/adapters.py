@@ -70,10 +70,12 @@ class Adapter:
         to the request; returns the upstream body and whether it differs from the
         client's bytes."""
         policy = choice.policy
-        found = find_constraint(body)
-        check_structured(policy.structured, f"policy '{policy.name}'", found)
-        if app is not None:
-            check_structured(app.structured, f"app '{app.name}'", found)
+        app_rule = app.structured if app is not None else None
+        if policy.structured is not None or app_rule is not None:  # most requests: none
+            found = find_constraint(body)
+            check_structured(policy.structured, f"policy '{policy.name}'", found)
+            if app is not None:
+                check_structured(app_rule, f"app '{app.name}'", found)
         plan = choice.plan
         modified = bool(plan.name) or bool(policy.stop)
         if self.vocabulary is None:
