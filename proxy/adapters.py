@@ -12,7 +12,7 @@ guard cannot find is refused under a guarding Policy, never served unguarded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import orjson
 from mypy_extensions import mypyc_attr
@@ -30,7 +30,7 @@ from .structured import check_structured, find_constraint
 from .timeouts import StreamWatchdog
 from .upload import BodyStream
 
-SSE_HEADERS: list[Header] = [
+SSE_HEADERS: Final[list[Header]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),

@@ -28,7 +28,7 @@ docs/ROUTING.md measures both), and a replica's match is the larger of the two.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from .http import Request
 from .prefix import chain_hashes, prompt_bytes
@@ -38,9 +38,9 @@ from .upstream import UpstreamPool
 
 # Scraped figures older than this many scrape intervals are not trusted (replica stopped
 # answering /metrics): its load is then this process's in-flight count alone.
-STALE_AFTER_INTERVALS = 4.0
-MAX_SESSIONS = 65536
-MAX_SESSION_KEY = 256
+STALE_AFTER_INTERVALS: Final = 4.0
+MAX_SESSIONS: Final = 65536
+MAX_SESSION_KEY: Final = 256
 
 
 class ReplicaLike(Protocol):

@@ -12,7 +12,7 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 from time import monotonic
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -54,12 +54,12 @@ from .snapshot import (
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
 from .upstream import UpstreamConnection, UpstreamError, open_exchange
 
-SSE_HEADERS: list[Header] = [
+SSE_HEADERS: Final[list[Header]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-MAX_REQUEST_ID = 128
+MAX_REQUEST_ID: Final = 128
 
 CompletionHook = Callable[[Exchange], None]
 SwapHook = Callable[[Snapshot], None]

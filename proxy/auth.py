@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Final
 
 from .errors import ApiError
 from .http import Request
 from .snapshot import App, Snapshot
 
-ORIGIN_SECRET_HEADER = b"x-sluice-origin-secret"
+ORIGIN_SECRET_HEADER: Final = b"x-sluice-origin-secret"
 
 
 def api_key(request: Request) -> bytes | None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Final
 
 from .affinity import AffinityRouter, RoutingHint
 from .snapshot import Backend
 from .upstream import Origin, UpstreamPool
 
-EJECT_AFTER_FAILURES = 3
-EJECT_SECONDS = 10.0
+EJECT_AFTER_FAILURES: Final = 3
+EJECT_SECONDS: Final = 10.0
 
 
 class Replica:

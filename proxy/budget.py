@@ -10,10 +10,11 @@ handler ends; a reservation that does not fit is answered 503 before the body is
 from __future__ import annotations
 
 import ctypes
+from typing import Final
 
 # Room for ~17 bodies at a 4 MiB limit, or hundreds of long-context chats (128k tokens are
 # ~0.5 MB of JSON).
-DEFAULT_MAX_INFLIGHT_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BODY_BYTES: Final = 64 * 1024 * 1024
 
 
 class BodyBudget:
@@ -38,9 +39,9 @@ class BodyBudget:
 
 
 # glibc's mallopt parameter number (malloc.h).
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_THRESHOLD: Final = -3
 # Allocations at least this large get their own mapping, unmapped when freed.
-MMAP_THRESHOLD = 256 * 1024
+MMAP_THRESHOLD: Final = 256 * 1024
 
 
 def return_large_allocations_to_os(threshold: int = MMAP_THRESHOLD) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from time import monotonic
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -22,19 +22,19 @@ from .sse import DONE_EVENT, SEPARATOR
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
-_CONTENT_KEY = b'"content":"'
-_TEXT_KEY = b'"text":"'
-_QUOTE = ord('"')
-_ERROR_PREFIX = b'data: {"error"'
-_COUNT_ENDS = b",}"
-_BRACKET = ord("[")  # DONE_EVENT[6]
-_E = ord("e")  # _ERROR_PREFIX[8]
+_CONTENT_KEY: Final = b'"content":"'
+_TEXT_KEY: Final = b'"text":"'
+_QUOTE: Final = ord('"')
+_ERROR_PREFIX: Final = b'data: {"error"'
+_COUNT_ENDS: Final = b",}"
+_BRACKET: Final = ord("[")  # DONE_EVENT[6]
+_E: Final = ord("e")  # _ERROR_PREFIX[8]
 # vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
-_CHAT_TEXT = re.compile(
+_CHAT_TEXT: Final = re.compile(
     rb'"choices":\[\{"index":(\d+),"delta":\{"content":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)"\},'
     rb'"logprobs":null,"finish_reason":null(?:,"token_ids":null)?\}\]'
 )
-_COMPLETION_TEXT = re.compile(
+_COMPLETION_TEXT: Final = re.compile(
     rb'"choices":\[\{"index":(\d+),"text":"([^"\\]+(?:\\.[^"\\]*)*|(?:\\.[^"\\]*)+)","logprobs":null,'
     rb'"finish_reason":null(?:,"stop_reason":null)?(?:,"prompt_token_ids":null)?'
     rb'(?:,"token_ids":null)?\}\]'

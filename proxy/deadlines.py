@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import Protocol
+from typing import Final, Protocol
 
-RESOLUTION = 0.01  # seconds: how late a deadline may fire
-SLOTS_PER_SECOND = 1 / RESOLUTION
+RESOLUTION: Final = 0.01  # seconds: how late a deadline may fire
+SLOTS_PER_SECOND: Final = 1 / RESOLUTION
 
 
 class Timed(Protocol):

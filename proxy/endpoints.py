@@ -17,13 +17,15 @@ snapshot says `forward_unknown_paths: false`.
 
 from __future__ import annotations
 
+from typing import Final
+
 from .adapters import Adapter, CompletionsAdapter
 from .messages import MessagesAdapter
 from .responses_api import ResponsesAdapter
 from .snapshot import Snapshot
 from .tgi import TGI_PATHS, TgiAdapter
 
-GENERATING: dict[str, Adapter] = {
+GENERATING: Final[dict[str, Adapter]] = {
     "/v1/chat/completions": Adapter(),
     "/v1/completions": CompletionsAdapter(),
     "/v1/responses": ResponsesAdapter(),
@@ -31,9 +33,9 @@ GENERATING: dict[str, Adapter] = {
     **{path: TgiAdapter(path) for path in TGI_PATHS},
 }
 
-LOCAL_PATHS = frozenset(("/health", "/ping", "/version"))
+LOCAL_PATHS: Final = frozenset(("/health", "/ping", "/version"))
 
-FORWARDED = frozenset(
+FORWARDED: Final = frozenset(
     (
         "/tokenize",
         "/detokenize",
@@ -57,10 +59,10 @@ FORWARDED = frozenset(
 )
 
 # They generate text in a shape no adapter reads (or return text generated earlier).
-UNGUARDED_GENERATING = frozenset(
+UNGUARDED_GENERATING: Final = frozenset(
     ("/invocations", "/inference/v1/generate", "/v1/chat/completions/batch")
 )
-UNGUARDED_PREFIXES = ("/v1/responses/",)
+UNGUARDED_PREFIXES: Final = ("/v1/responses/",)
 
 
 def forwarded_path(path: str, snap: Snapshot) -> bool:

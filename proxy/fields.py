@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, Final
 
 from .errors import ApiError, bad_request
 from .snapshot import FieldRules
 
 # vLLM's value for a field the request leaves out (ChatCompletionRequest defaults).
-VLLM_FIELD_DEFAULTS: dict[str, Any] = {"priority": 0}
-CACHE_SALT = "cache_salt"
+VLLM_FIELD_DEFAULTS: Final[dict[str, Any]] = {"priority": 0}
+CACHE_SALT: Final = "cache_salt"
 
 
 def apply_field_rules(body: dict[str, Any], rules: FieldRules) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -51,10 +51,10 @@ try:
     SLUICE_VERSION: str | None = metadata.version("sluice-gateway")
 except metadata.PackageNotFoundError:  # a source tree without an install
     SLUICE_VERSION = None
-MAX_VERSION_BODY = 4096
-_FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
-_SNIFF_BYTES = 64 * 1024
-MAX_MODELS_BODY = 4 * 1024 * 1024
+MAX_VERSION_BODY: Final = 4096
+_FORM_MODEL: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+_SNIFF_BYTES: Final = 64 * 1024
+MAX_MODELS_BODY: Final = 4 * 1024 * 1024
 
 
 def only_route(snap: Snapshot, app: App | None) -> str | None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+from typing import Final
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
@@ -23,9 +24,9 @@ from .backends import BackendPools, Replica
 from .snapshot import HealthCheck, Snapshot, SnapshotRef
 from .upstream import Origin
 
-UNHEALTHY_AFTER = 2  # one lost probe on a busy engine is not an outage
-RECONCILE_INTERVAL = 1.0
-MAX_STATUS_LINE = 1024
+UNHEALTHY_AFTER: Final = 2  # one lost probe on a busy engine is not an outage
+RECONCILE_INTERVAL: Final = 1.0
+MAX_STATUS_LINE: Final = 1024
 
 _log = structlog.get_logger("sluice.health")
 

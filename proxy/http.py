@@ -24,7 +24,7 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import Protocol
+from typing import Final, Protocol
 
 from .budget import BodyBudget
 from .errors import server_error_body
@@ -35,16 +35,16 @@ from .tcp import stream_transport
 
 # Longer than nginx's upstream keepalive_timeout default (60 s), so nginx closes an idle
 # connection before we do and never writes a request into a socket we are closing.
-KEEPALIVE_IDLE_TIMEOUT = 75.0
+KEEPALIVE_IDLE_TIMEOUT: Final = 75.0
 # From a request's first byte to its last: bounds slow-loris clients.
-REQUEST_READ_TIMEOUT = 30.0
+REQUEST_READ_TIMEOUT: Final = 30.0
 # After an error and a close of our side: how long the rest of what the client sent is
 # read and dropped, so its kernel sees no reset before it read the error (nginx's
 # lingering close), and how much of it at most.
-LINGER_TIMEOUT = 2.0
-LINGER_MAX_BYTES = 1024 * 1024
+LINGER_TIMEOUT: Final = 2.0
+LINGER_MAX_BYTES: Final = 1024 * 1024
 # Open client connections per process; beyond it a new one gets 503 and is closed.
-DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS: Final = 4096
 
 Handler = Callable[[Request, "Response"], Awaitable[None]]
 

@@ -9,9 +9,10 @@ with its parent's.
 from __future__ import annotations
 
 import os
+from typing import Final
 
-ID_BYTES = 12
-BATCH = 256
+ID_BYTES: Final = 12
+BATCH: Final = 256
 
 _batch: list[str] = []
 

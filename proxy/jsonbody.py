@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from array import array
 from itertools import accumulate
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -18,13 +18,13 @@ from .errors import bad_request
 
 # Far below orjson's encoder limit (255), so what sluice adds around a body never
 # reaches it; deeper than any JSON schema a tool definition plausibly holds.
-MAX_DEPTH = 128
+MAX_DEPTH: Final = 128
 
 # A JSON string (unrolled loop: no backtracking per character).
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 # Opening brackets to +1, closing ones to -1 (0xff as a signed byte).
-_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_STEP: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 def nesting_exceeds(raw: bytes, limit: int = MAX_DEPTH) -> bool:

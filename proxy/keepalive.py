@@ -19,6 +19,7 @@ ping task, which raced the end of the response).
 from __future__ import annotations
 
 from time import monotonic
+from typing import Final
 
 import orjson
 
@@ -31,9 +32,9 @@ from .sse import DONE_EVENT
 from .upstream import UpstreamConnection, UpstreamError
 
 # A backend's refusal is a short JSON error; read at most this much of it.
-MAX_ERROR_BODY = 64 * 1024
+MAX_ERROR_BODY: Final = 64 * 1024
 
-KEEPALIVE_EVENT = b": keep-alive\n\n"
+KEEPALIVE_EVENT: Final = b": keep-alive\n\n"
 
 
 class KeepAlive:

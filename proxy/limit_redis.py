@@ -40,30 +40,30 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from .limit_store import StoreDown, StoreLimiter
 from .limits import LimitExceeded
 
-DEFAULT_PREFIX = "sluice:limit:"
-DEFAULT_LEASE = 10.0
-DEFAULT_TIMEOUT = 1.0  # one Redis call slower than this counts as "Redis is down"
-POLL_INTERVAL = 1.0
-POOL_SIZE = 32  # connections per process (one more for the grant subscription)
-PROBE_INTERVAL = 1.0
-SETTLE_MARGIN = 0.5
-DEFAULT_KEEP_IDLE = 0.1
+DEFAULT_PREFIX: Final = "sluice:limit:"
+DEFAULT_LEASE: Final = 10.0
+DEFAULT_TIMEOUT: Final = 1.0  # one Redis call slower than this counts as "Redis is down"
+POLL_INTERVAL: Final = 1.0
+POOL_SIZE: Final = 32  # connections per process (one more for the grant subscription)
+PROBE_INTERVAL: Final = 1.0
+SETTLE_MARGIN: Final = 0.5
+DEFAULT_KEEP_IDLE: Final = 0.1
 # How long a process gives every permit back at once after hearing that somebody waits;
 # longer than two POLL_INTERVALs, the longest gap between two reminders from the queue.
-BUSY_HOLD = 3.0
+BUSY_HOLD: Final = 3.0
 
 _log = structlog.get_logger("sluice.limits")
 
 # Shared by the scripts: drop expired leases and tickets, then hand free permits to the
 # head of the queue, telling each new holder on its channel.
-_GRANT = """
+_GRANT: Final = """
 local held, queue = KEYS[1], KEYS[2]
 local limit, lease_ms, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local t = redis.call('TIME')
@@ -83,7 +83,7 @@ end
 
 # ARGV: limit, lease_ms, prefix, id, mode ('new' | 'check'), queue_max, max_wait_ms
 # Returns {1}: granted; {0, queued}: waiting; {-1, queued}: queue full; {-2, 0}: ticket gone.
-_TAKE = (
+_TAKE: Final = (
     _GRANT
     + """
 local id, mode = ARGV[4], ARGV[5]
@@ -108,7 +108,7 @@ return {0, waiting + 1}
 )
 
 # ARGV: limit, lease_ms, prefix, id. Gives the permit (or the queue place) back.
-_GIVE = (
+_GIVE: Final = (
     """
 redis.call('ZREM', KEYS[1], ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[4])
@@ -119,7 +119,7 @@ redis.call('ZREM', KEYS[2], ARGV[4])
 # KEYS: held keys..., procs key; ARGV: lease_ms, process id, process ttl_ms, then one
 # space-separated list of lease ids per held key. Renews this process's leases and its
 # heartbeat; returns the number of live processes, then each held key's count of leases.
-_RENEW = """
+_RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Final, Protocol
 
 from .limits import (
     DEFAULT_SERVICE_TIME,
@@ -30,7 +30,7 @@ from .limits import (
 from .snapshot import QueueLimits
 
 # How long past the queue's max_wait a store may take to answer before it counts as down.
-STORE_GRACE = 2.0
+STORE_GRACE: Final = 2.0
 
 
 class StoreDown(Exception):

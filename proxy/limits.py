@@ -20,13 +20,13 @@ import collections
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from .snapshot import QueueLimits
 
 # Weight of the newest sample in the service-time average behind Retry-After.
-SERVICE_TIME_EWMA_ALPHA = 0.2
-DEFAULT_SERVICE_TIME = 1.0
+SERVICE_TIME_EWMA_ALPHA: Final = 0.2
+DEFAULT_SERVICE_TIME: Final = 1.0
 
 
 class LimitExceeded(Exception):

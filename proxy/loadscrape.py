@@ -18,6 +18,7 @@ import functools
 import math
 import ssl
 import time
+from typing import Final
 
 import httptools
 import structlog
@@ -26,12 +27,12 @@ from .backends import BackendPools, Replica
 from .snapshot import Backend, Snapshot, SnapshotRef
 from .upstream import Origin
 
-MAX_METRICS_BYTES = 8 * 1024 * 1024
-RECONCILE_INTERVAL = 1.0
-WAITING = b"vllm:num_requests_waiting"
-RUNNING = b"vllm:num_requests_running"
-KV_USAGE = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
-_WANTED = frozenset((WAITING, RUNNING, *KV_USAGE))
+MAX_METRICS_BYTES: Final = 8 * 1024 * 1024
+RECONCILE_INTERVAL: Final = 1.0
+WAITING: Final = b"vllm:num_requests_waiting"
+RUNNING: Final = b"vllm:num_requests_running"
+KV_USAGE: Final = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc")
+_WANTED: Final = frozenset((WAITING, RUNNING, *KV_USAGE))
 
 _log = structlog.get_logger("sluice.loadscrape")
 

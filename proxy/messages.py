@@ -11,7 +11,7 @@ and `data: [DONE]`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import orjson
 
@@ -27,7 +27,7 @@ from .sse import DONE_EVENT
 from .stopwords import StreamGuard
 from .timeouts import StreamWatchdog
 
-_STOP_REASONS = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+_STOP_REASONS: Final = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}
 
 
 def _stop_reason(guard: StreamGuard) -> str:

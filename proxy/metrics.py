@@ -22,6 +22,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,29 +36,29 @@ from prometheus_client.metrics_core import Metric
 
 from .exchange import ITL_BUCKETS, Exchange
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 # LLM streams span milliseconds (a warm GPU's first token) to minutes (long generations).
-TTFT_BUCKETS: tuple[float, ...] = (
+TTFT_BUCKETS: Final[tuple[float, ...]] = (
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
-DURATION_BUCKETS: tuple[float, ...] = (
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
     60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
 )  # fmt: skip
-QUEUE_BUCKETS: tuple[float, ...] = (
+QUEUE_BUCKETS: Final[tuple[float, ...]] = (
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 # Sluice's own time on a chunk: tens of microseconds, unless the event loop is saturated.
-OVERHEAD_BUCKETS: tuple[float, ...] = (
+OVERHEAD_BUCKETS: Final[tuple[float, ...]] = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25,
 )  # fmt: skip
 
 # Limiter rejections: the request waited (or could not queue) but never got a permit.
-_REJECTED = frozenset({"queue_full", "queue_timeout"})
-_SHUTDOWN = "shutdown"  # ex.error_code of a stream ended by the drain deadline
+_REJECTED: Final = frozenset({"queue_full", "queue_timeout"})
+_SHUTDOWN: Final = "shutdown"  # ex.error_code of a stream ended by the drain deadline
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ choice's text, and answer with the backend's status."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -16,9 +16,9 @@ from .snapshot import StreamPolicy
 from .stopwords import GuardSpec
 from .upstream import UpstreamConnection, UpstreamError
 
-MAX_NONSTREAM_BODY = 64 * 1024 * 1024
+MAX_NONSTREAM_BODY: Final = 64 * 1024 * 1024
 # Backend answers that tell the client to come back later: relayed with a Retry-After.
-RETRY_STATUSES = (429, 503)
+RETRY_STATUSES: Final = (429, 503)
 
 
 async def relay_whole(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import orjson
 import structlog
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # How often each worker writes its gauges (active streams, queue depths, config version).
 # A scrape also refreshes the answering worker's own; with several workers the others'
 # are at most this old.
-GAUGE_INTERVAL_S = 1.0
+GAUGE_INTERVAL_S: Final = 1.0
 
 _log = structlog.get_logger("sluice.access")
 

@@ -24,6 +24,7 @@ import itertools
 import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Final
 
 import structlog
 
@@ -31,9 +32,9 @@ from .limit_store import STORE_GRACE, StoreDown, StoreLimiter
 from .limits import Limiter, LimiterRegistry, LimitExceeded, Permit
 from .snapshot import QueueLimits
 
-PERMIT_SOCKET_ENV = "SLUICE_PERMIT_SOCKET"
-RECONNECT_INTERVAL = 1.0
-MAX_LINE = 1024
+PERMIT_SOCKET_ENV: Final = "SLUICE_PERMIT_SOCKET"
+RECONNECT_INTERVAL: Final = 1.0
+MAX_LINE: Final = 1024
 
 _log = structlog.get_logger("sluice.limits")
 

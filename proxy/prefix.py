@@ -12,12 +12,12 @@ share them), 8 bytes each; a 4k-token prompt costs tens of microseconds (docs/RO
 from __future__ import annotations
 
 from hashlib import blake2b
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
-DIGEST_BYTES = 8
-MAX_HASHED_BYTES = 1 << 20  # beyond 1 MiB of prompt, the rest does not change the choice
+DIGEST_BYTES: Final = 8
+MAX_HASHED_BYTES: Final = 1 << 20  # beyond 1 MiB of prompt, the rest does not change the choice
 
 
 def _content_bytes(content: Any, out: list[bytes]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 
@@ -27,12 +27,12 @@ from .request import (
 from .response import ClientGone, Header
 from .upload import BodyStream, BodyTooLarge
 
-MAX_URL_BYTES = 8 * 1024
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADER_COUNT = 128
+MAX_URL_BYTES: Final = 8 * 1024
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_HEADER_COUNT: Final = 128
 # The parser is fed at most this much of one request's head: request line + headers.
-MAX_HEAD_BYTES = MAX_URL_BYTES + MAX_HEADER_BYTES + 1024
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+MAX_HEAD_BYTES: Final = MAX_URL_BYTES + MAX_HEADER_BYTES + 1024
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ReaderOwner(Protocol):

@@ -8,7 +8,7 @@ It lives apart from `StreamRelay`, which is the per-event code; both are compile
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from .chunks import ChunkFilter
 from .errors import error_event
@@ -21,7 +21,7 @@ from .upstream import BodyConsumer, UpstreamError
 
 # How long a backend may take to send its chunked terminator after [DONE] before its
 # connection is closed instead of pooled.
-MESSAGE_END_TIMEOUT = 1.0
+MESSAGE_END_TIMEOUT: Final = 1.0
 
 
 class RelayedUpstream(ReadSide, Protocol):

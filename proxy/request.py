@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from .upload import BodyStream
 
 # The request methods whose requests carry a body in practice: one of them without
 # Content-Length or Transfer-Encoding, followed by bytes, is a client that forgot framing.
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
 class HeadError(Exception):

@@ -7,13 +7,13 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from email.utils import formatdate
-from typing import Protocol
+from typing import Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
 Header = tuple[bytes, bytes]
 
-JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+JSON_HEADERS: Final[list[Header]] = [(b"content-type", b"application/json")]
 
 
 class FlowListener(Protocol):
@@ -35,7 +35,7 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
-_REASONS = {
+_REASONS: Final = {
     100: b"Continue",
     200: b"OK",
     204: b"No Content",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from .adapters import Adapter
 from .chunks import ChunkFilter
@@ -24,7 +24,7 @@ from .snapshot import StreamPolicy
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
-_TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+_TERMINAL: Final = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
 def _key(obj: dict[str, Any]) -> int | None:

@@ -26,7 +26,7 @@ import collections
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from .auth import api_key, authenticate
 from .errors import ApiError, not_found
@@ -35,13 +35,13 @@ from .http import Header, HttpConnection, Request, Response
 from .response import ClientGone, FlowListener
 from .snapshot import Snapshot, StreamPolicy
 
-STREAMS_PREFIX = "/v1/streams/"
-SEPARATOR = b"\n\n"
+STREAMS_PREFIX: Final = "/v1/streams/"
+SEPARATOR: Final = b"\n\n"
 # Whole-process bound on replay buffers: over it, the oldest streams are dropped first
 # (finished ones, then running ones whose client is away, which are aborted).
-DEFAULT_TOTAL_BYTES = 256 * 1024 * 1024
+DEFAULT_TOTAL_BYTES: Final = 256 * 1024 * 1024
 # Request ids of dropped streams, remembered so a late resume answers 410 (not 404).
-MAX_TOMBSTONES = 4096
+MAX_TOMBSTONES: Final = 4096
 
 
 class ResumableStream(Response):

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import hmac
 import math
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -49,11 +49,11 @@ from .resume import (
 )
 from .snapshot import Snapshot, StreamPolicy
 
-DEFAULT_PREFIX = "sluice:stream:"
-MAX_PENDING = 100_000  # events queued while a pipeline is in flight; over it, copies drop
-BLOCK_MS = 1000
-READ_COUNT = 256
-FOLLOWERS = 64  # connections for blocking reads, per process
+DEFAULT_PREFIX: Final = "sluice:stream:"
+MAX_PENDING: Final = 100_000  # events queued while a pipeline is in flight; over it, copies drop
+BLOCK_MS: Final = 1000
+READ_COUNT: Final = 256
+FOLLOWERS: Final = 64  # connections for blocking reads, per process
 
 _log = structlog.get_logger("sluice.streams")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .errors import ApiError, not_found
 from .http import Header, Request
@@ -27,8 +27,8 @@ from .snapshot import (
     Variant,
 )
 
-BUCKETS = 10_000
-PRESET_HEADER = b"x-sluice-preset"
+BUCKETS: Final = 10_000
+PRESET_HEADER: Final = b"x-sluice-preset"
 
 
 @dataclass(slots=True)

@@ -9,20 +9,22 @@ result. Field names are vLLM's: the GenerationConfig mapping ran when the snapsh
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .errors import ApiError, bad_request
 from .snapshot import SamplingPlan
 
 # Chat requests may say max_completion_tokens instead of max_tokens; vLLM prefers the
 # former when both are set, so a rule on max_tokens governs whichever the request uses.
-_ALIASES: dict[str, tuple[str, ...]] = {"max_tokens": ("max_completion_tokens", "max_tokens")}
+_ALIASES: Final[dict[str, tuple[str, ...]]] = {
+    "max_tokens": ("max_completion_tokens", "max_tokens")
+}
 
 # What vLLM uses when a request leaves a field out and the model's generation_config.json
 # does not set it either (vLLM's SamplingParams defaults). Only fields whose default does
 # not depend on the model are listed: temperature, top_p, top_k, min_p,
 # repetition_penalty and max_tokens may come from the model's own generation config.
-VLLM_DEFAULTS: dict[str, Any] = {
+VLLM_DEFAULTS: Final[dict[str, Any]] = {
     "n": 1,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
@@ -34,7 +36,7 @@ VLLM_DEFAULTS: dict[str, Any] = {
 # vLLM's own range checks (SamplingParams._verify_args), with its wording: a clamp must not
 # turn a request vLLM would refuse into a silently different one.
 _Check = tuple[Callable[[float], bool], str]
-VLLM_DOMAIN: dict[str, _Check] = {
+VLLM_DOMAIN: Final[dict[str, _Check]] = {
     "temperature": (lambda v: v >= 0, "must be non-negative"),
     "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "min_p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),

@@ -31,18 +31,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
-DEFAULT_PREFIX = "sluice:px:"
-DEFAULT_TIMEOUT = 0.002
-RETRY_AFTER = 1.0  # seconds without Redis after a failure, then the next request tries again
-TTL_MS = 600_000  # a replica's set outlives its last write by 10 minutes
-POOL_SIZE = 8
-CALL_TIMEOUT = 1.0  # connect / socket bound of one call (the read has its own deadline)
+DEFAULT_PREFIX: Final = "sluice:px:"
+DEFAULT_TIMEOUT: Final = 0.002
+RETRY_AFTER: Final = 1.0  # seconds without Redis after a failure, then the next request tries again
+TTL_MS: Final = 600_000  # a replica's set outlives its last write by 10 minutes
+POOL_SIZE: Final = 8
+CALL_TIMEOUT: Final = 1.0  # connect / socket bound of one call (the read has its own deadline)
 
-SLOW_READS = 3  # late replies in a row that make Redis count as slow (then it is off)
+SLOW_READS: Final = 3  # late replies in a row that make Redis count as slow (then it is off)
 
 _log = structlog.get_logger("sluice.routing")
 

@@ -12,21 +12,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from .stopwords import CutPattern, GuardSpec, RepetitionGuard
 from .structured import StructuredOutputs
 from .upstream import DEFAULT_IDLE_TIMEOUT
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 # Below the idle limits of the usual intermediaries (Cloudflare 100 s, proxies 30-60 s).
-DEFAULT_KEEPALIVE_INTERVAL = 15.0
-DEFAULT_RESUME_BUFFER = 1024 * 1024
+DEFAULT_KEEPALIVE_INTERVAL: Final = 15.0
+DEFAULT_RESUME_BUFFER: Final = 1024 * 1024
 # Below vLLM's own keep-alive idle timeout (uvicorn's 5 s): see proxy/upstream.py.
-DEFAULT_UPSTREAM_IDLE_TIMEOUT = DEFAULT_IDLE_TIMEOUT
+DEFAULT_UPSTREAM_IDLE_TIMEOUT: Final = DEFAULT_IDLE_TIMEOUT
 
-EMPTY_MAPPING: Mapping[str, Any] = MappingProxyType({})
+EMPTY_MAPPING: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 def _empty_mapping() -> Mapping[Any, Any]:
@@ -72,16 +72,16 @@ class StreamTimeouts:
         )
 
 
-NO_TIMEOUTS = StreamTimeouts()
+NO_TIMEOUTS: Final = StreamTimeouts()
 # Every route's deadlines unless the Gateway's `timeouts` or the route's Policy say
 # otherwise (pass-through `--backend` mode included): generous enough for a long prefill
 # under load, short enough that a hung backend or a stalled stream gives its permit and
 # its GPU slot back.
-DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
-DEFAULT_INTER_TOKEN_TIMEOUT = 30.0
-DEFAULT_TOTAL_TIMEOUT = 600.0
-DEFAULT_RESPONSE_HEAD_TIMEOUT = 60.0
-DEFAULT_TIMEOUTS = StreamTimeouts(
+DEFAULT_FIRST_TOKEN_TIMEOUT: Final = 120.0
+DEFAULT_INTER_TOKEN_TIMEOUT: Final = 30.0
+DEFAULT_TOTAL_TIMEOUT: Final = 600.0
+DEFAULT_RESPONSE_HEAD_TIMEOUT: Final = 60.0
+DEFAULT_TIMEOUTS: Final = StreamTimeouts(
     first_token=DEFAULT_FIRST_TOKEN_TIMEOUT,
     inter_token=DEFAULT_INTER_TOKEN_TIMEOUT,
     total=DEFAULT_TOTAL_TIMEOUT,
@@ -109,16 +109,16 @@ class StreamPolicy:
     structured: StructuredOutputs | None = None
 
 
-NO_POLICY = StreamPolicy(name="")
+NO_POLICY: Final = StreamPolicy(name="")
 
 
 # Fields of a vLLM request that a client must not set unless a route or app allows them:
 # `priority` jumps the backend's queue (with --scheduling-policy priority), `chat_template`
 # is a template the backend executes, `kv_transfer_params` steers disaggregated prefill's KV
 # transfers, `vllm_xargs` reaches custom logits processors and plugins.
-DEFAULT_DENIED_FIELDS = ("priority", "chat_template", "kv_transfer_params", "vllm_xargs")
-DEFAULT_DENIER = "sluice's default request-field policy (allow it with request_fields)"
-DEFAULT_DENIED: Mapping[str, str] = MappingProxyType(
+DEFAULT_DENIED_FIELDS: Final = ("priority", "chat_template", "kv_transfer_params", "vllm_xargs")
+DEFAULT_DENIER: Final = "sluice's default request-field policy (allow it with request_fields)"
+DEFAULT_DENIED: Final[Mapping[str, str]] = MappingProxyType(
     dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)
 )
 
@@ -136,7 +136,7 @@ class FieldRules:
     forced: Mapping[str, Any] = field(default_factory=_empty_mapping)
 
 
-DEFAULT_FIELD_RULES = FieldRules()
+DEFAULT_FIELD_RULES: Final = FieldRules()
 
 
 # `int | float`, not `float`: an integer field's bounds stay integers in the request sent
@@ -161,7 +161,7 @@ class SamplingPlan:
     denied: frozenset[str] = frozenset()
 
 
-NO_PRESET = SamplingPlan(name="")
+NO_PRESET: Final = SamplingPlan(name="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +208,7 @@ class RoutingPolicy:
     shared_index_timeout: float = 0.002  # a slower read of the shared index: local only
 
 
-DEFAULT_ROUTING = RoutingPolicy()
+DEFAULT_ROUTING: Final = RoutingPolicy()
 
 
 @dataclass(frozen=True, slots=True)

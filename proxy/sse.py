@@ -7,9 +7,11 @@ one read (a slow consumer, merged TCP segments), are reassembled here.
 
 from __future__ import annotations
 
-SEPARATOR = b"\n\n"
+from typing import Final
+
+SEPARATOR: Final = b"\n\n"
 # The last event of every OpenAI stream.
-DONE_EVENT = b"data: [DONE]\n\n"
+DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 
 class SseSplitter:

@@ -31,17 +31,17 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import regex
 
 # Stand for every class of preceding character that \b, \B, \m, \M and (?m)^ can tell
 # apart (start of text, word, non-word, line break) when probing where a match can start.
-_PROBE_CONTEXTS = ("", "a", " ", "\n")
-_END_ASSERTIONS = ("$", "\\b", "\\B", "\\Z", "\\M")
-_EMPTY_PROBES = ("", "a", " ", "\n", "a b\n0.")
-_MEMO_LIMIT = 1 << 16
-_WORD = re.compile(r"\S+")  # \S and str.split() share one definition of whitespace
+_PROBE_CONTEXTS: Final = ("", "a", " ", "\n")
+_END_ASSERTIONS: Final = ("$", "\\b", "\\B", "\\Z", "\\M")
+_EMPTY_PROBES: Final = ("", "a", " ", "\n", "a b\n0.")
+_MEMO_LIMIT: Final = 1 << 16
+_WORD: Final = re.compile(r"\S+")  # \S and str.split() share one definition of whitespace
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ chunk (a chunk can hold several tokens). vLLM's completions give no token ids he
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -30,9 +30,9 @@ from .snapshot import App, StreamPolicy
 from .stopwords import GuardSpec
 from .timeouts import StreamWatchdog
 
-TGI_PATHS = ("/", "/generate", "/generate_stream")
+TGI_PATHS: Final = ("/", "/generate", "/generate_stream")
 # TGI parameter -> vLLM completions field, copied as they are.
-_SAME = {
+_SAME: Final = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
@@ -44,17 +44,17 @@ _SAME = {
     "truncate": "truncate_prompt_tokens",
 }
 # Accepted and answered by sluice itself (they change the reply, not the sampling).
-_LOCAL = ("details", "return_full_text", "do_sample", "grammar", "top_n_tokens")
+_LOCAL: Final = ("details", "return_full_text", "do_sample", "grammar", "top_n_tokens")
 # TGI parameters vLLM cannot honour: refused (when set to anything but their default).
-_UNSUPPORTED = {
+_UNSUPPORTED: Final = {
     "watermark": False,
     "decoder_input_details": False,
     "typical_p": None,
     "best_of": 1,
     "adapter_id": None,
 }
-_TGI_FIELDS = ("inputs", "parameters", "stream")
-_FINISH = {"length": "length", "stop": "eos_token", "content_filter": "stop_sequence"}
+_TGI_FIELDS: Final = ("inputs", "parameters", "stream")
+_FINISH: Final = {"length": "length", "stop": "eos_token", "content_filter": "stop_sequence"}
 
 
 def tgi_error(status: int, message: str, error_type: str) -> ApiError:

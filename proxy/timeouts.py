@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
+from typing import Final
 
 from .deadlines import Deadlines
 from .snapshot import StreamTimeouts
 
-FIRST_TOKEN = "first_token_timeout"
-INTER_TOKEN = "inter_token_timeout"
-TOTAL = "total_timeout"
-RESPONSE_HEAD = "response_head_timeout"
-SHUTDOWN = "shutdown"
-NO_TOKEN = -1.0  # StreamWatchdog.last_token before the stream's first token
+FIRST_TOKEN: Final = "first_token_timeout"
+INTER_TOKEN: Final = "inter_token_timeout"
+TOTAL: Final = "total_timeout"
+RESPONSE_HEAD: Final = "response_head_timeout"
+SHUTDOWN: Final = "shutdown"
+NO_TOKEN: Final = -1.0  # StreamWatchdog.last_token before the stream's first token
 
 
 class StreamWatchdog:

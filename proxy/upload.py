@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
-HIGH_WATER = 256 * 1024
+HIGH_WATER: Final = 256 * 1024
 # A client that sends nothing for this long mid-body is gone (the buffered-body path has
 # the request-read timeout for the same purpose).
-IDLE_TIMEOUT = 30.0
+IDLE_TIMEOUT: Final = 30.0
 
 
 class BodyTooLarge(Exception):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from time import monotonic
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -22,12 +22,12 @@ from .deadlines import Deadlines
 from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
-READ_HIGH_WATER = 256 * 1024
-MAX_IDLE_PER_ORIGIN = 512
+READ_HIGH_WATER: Final = 256 * 1024
+MAX_IDLE_PER_ORIGIN: Final = 512
 # A pooled connection idle this long is not reused: vLLM's server (uvicorn) closes idle
 # keep-alive connections after 5 s, and a connection picked in the instant the backend
 # closes it fails. Below the backend's own idle timeout, sluice never races it.
-DEFAULT_IDLE_TIMEOUT = 4.0
+DEFAULT_IDLE_TIMEOUT: Final = 4.0
 
 
 class UpstreamError(Exception):

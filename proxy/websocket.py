@@ -16,6 +16,7 @@ generation at once, as a gone SSE client does.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 import orjson
 from wsproto import ConnectionType, WSConnection
@@ -34,12 +35,12 @@ from .errors import error_body
 from .http import Header, HttpConnection, Request, Response
 from .response import JSON_HEADERS, ClientGone, head_bytes
 
-WEBSOCKET_PATHS = ("/v1/chat/completions", "/v1/completions")
-PING_PAYLOAD = b"keep-alive"
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
-CLOSE_TOO_BIG = 1009
+WEBSOCKET_PATHS: Final = ("/v1/chat/completions", "/v1/completions")
+PING_PAYLOAD: Final = b"keep-alive"
+CLOSE_NORMAL: Final = 1000
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_UNSUPPORTED: Final = 1003
+CLOSE_TOO_BIG: Final = 1009
 
 
 class WebSocketUpgrade:

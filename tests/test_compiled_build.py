@@ -78,6 +78,28 @@ def test_no_compiled_function_names_two_kinds_of_caught_exception() -> None:
                 assert len(kinds) == 1, f"{source.name}:{function.lineno} `{name}`: {kinds}"
 
 
+def test_module_constants_of_compiled_modules_are_final() -> None:
+    """mypyc reads a module-level name from the module's dict, with a type check, at each
+    use; a `Final` one is a C constant (a literal is inlined). The per-event and
+    per-request code reads such constants throughout."""
+    for source in SETUP["compiled_modules"]():
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, annotation = node.targets[0], None
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                target, annotation = node.target, ast.unparse(node.annotation)
+            else:
+                continue
+            if not isinstance(target, ast.Name) or not target.id.lstrip("_").isupper():
+                continue
+            if isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "TypeVar":
+                continue
+            assert annotation is not None and annotation.startswith("Final"), (
+                f"{source.name}:{node.lineno} `{target.id}` is not Final"
+            )
+
+
 def test_serve_says_which_build_it_runs() -> None:
     # No backend is reached: the process only has to start.
     argv = sluice_cmd(
