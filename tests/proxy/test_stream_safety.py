@@ -217,16 +217,19 @@ def _limited(sim_url: str, max_concurrency: int, queue_len: int, max_wait: float
 
 
 def test_backend_queue_limit_2_with_10_concurrent(sim: ProcessServer) -> None:
-    harness = ProxyHarness(_limited(sim.url, 2, 3, 5.0))
+    harness = ProxyHarness(_limited(sim.url, 2, 3, 15.0))
     try:
         barrier = threading.Barrier(10)
 
+        # Each stream lasts ~2 s, far longer than the ten requests take to arrive even on a
+        # loaded machine (at 0.4 s, CI once saw early streams end before the last request
+        # came, so 7 were served). The third queued one waits ~4 s: within max_wait.
         def one(_: int) -> httpx.Response:
             barrier.wait()
             return httpx.post(
                 harness.url + "/v1/chat/completions",
-                json={"model": "chat", "messages": MSG, "max_tokens": 20, "sim": {"itl_ms": 20}},
-                timeout=20,
+                json={"model": "chat", "messages": MSG, "max_tokens": 20, "sim": {"itl_ms": 100}},
+                timeout=30,
             )
 
         with ThreadPoolExecutor(10) as pool:
