@@ -26,6 +26,8 @@ _CONTENT_KEY: Final = b'"content":"'
 _TEXT_KEY: Final = b'"text":"'
 _QUOTE: Final = ord('"')
 _ERROR_PREFIX: Final = b'data: {"error"'
+_FINISH_KEY: Final = b'"finish_reason":"'  # a string value follows
+_USAGE_KEY: Final = b'"usage":{'
 _COUNT_ENDS: Final = b",}"
 _BRACKET: Final = ord("[")  # DONE_EVENT[6]
 _E: Final = ord("e")  # _ERROR_PREFIX[8]
@@ -243,8 +245,8 @@ class ChunkFilter:
         ):
             self._token()  # reasoning and tool-call deltas count for the timers too
         if (
-            event.find(b'"finish_reason":"') >= 0
-            or event.find(b'"usage":{') >= 0
+            event.find(_FINISH_KEY) >= 0
+            or event.find(_USAGE_KEY) >= 0
             or (len(event) > 8 and event[8] == _E and event.startswith(_ERROR_PREFIX))
         ):
             self._bookkeep(event)
@@ -264,8 +266,8 @@ class ChunkFilter:
         string escapes its quotes, so `"finish_reason":"` and `"prompt_tokens":` match
         keys only, never text. False (nothing recorded): the event is not in that form."""
         prompt = completion = -1
-        at = event.find(b'"usage":{')
-        finish = event.rfind(b'"finish_reason":"')  # the last choice's, as the parsed path
+        at = event.find(_USAGE_KEY)
+        finish = event.rfind(_FINISH_KEY)  # the last choice's, as the parsed path
         if at < 0 and finish < 0:
             return False
         if at >= 0:
@@ -275,7 +277,7 @@ class ChunkFilter:
                 return False
         reason: str | None = None
         if finish >= 0:
-            start = finish + 17
+            start = finish + len(_FINISH_KEY)
             end = event.find(b'"', start)
             if end < 0 or event.find(b"\\", start, end) >= 0:
                 return False

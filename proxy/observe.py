@@ -171,10 +171,15 @@ class JsonAccessLog:
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Writes the lines buffered so far. A stream that cannot be written (a closed
-        stderr) loses them: a request never fails for its log line."""
+        """Writes the lines buffered so far (see `flush_quietly`)."""
         self._flush_pending = False
-        try:
-            self._file.flush()
-        except (OSError, ValueError):
-            pass
+        flush_quietly(self._file)
+
+
+def flush_quietly(sink: LineSink) -> None:
+    """Flushes `sink`; a stream that cannot be written (a closed stderr) loses its lines:
+    a request never fails for its log line, nor does the process's exit."""
+    try:
+        sink.flush()
+    except (OSError, ValueError):
+        pass

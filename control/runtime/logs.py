@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
-from sluice.proxy.observe import JsonAccessLog
+from sluice.proxy.observe import JsonAccessLog, flush_quietly
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -70,19 +70,12 @@ class _TextLines:
 _shared: tuple[TextIO, SharedLines] | None = None
 
 
-def _flush_quietly(lines: SharedLines) -> None:
-    try:
-        lines.flush()
-    except (OSError, ValueError):  # the stream is closed or gone: nothing to write to
-        pass
-
-
 def shared_lines(stream: TextIO) -> SharedLines:
     """The shared writer of `stream` (one per stream, flushed at exit)."""
     global _shared
     if _shared is None or _shared[0] is not stream:
         lines = SharedLines(stream.buffer)
-        atexit.register(_flush_quietly, lines)
+        atexit.register(flush_quietly, lines)
         _shared = (stream, lines)
     return _shared[1]
 
