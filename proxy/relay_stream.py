@@ -51,9 +51,10 @@ async def relay_stream(
     relay = StreamRelay(chunk_filter, upstream, response)
     response.set_flow_listener(relay)
     upstream.set_consumer(relay)  # events already buffered go out with the head
-    # The relay has the callbacks of an asyncio.Protocol, not its base class (it is compiled).
-    upstream.take_reads(cast("asyncio.BaseProtocol", relay))
     relay.taking_reads()
+    # The relay has the callbacks of an asyncio.Protocol, not its base class (it is
+    # compiled). Bytes the connection held since the head come to it now, as a read.
+    upstream.take_reads(cast("asyncio.BaseProtocol", relay))
     response.flush()  # the head never waits for the backend's first event
     try:
         outcome = await relay.outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from time import monotonic
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -107,6 +107,11 @@ class UpstreamConnection(asyncio.Protocol):
         # nothing after it was fed. Only then may a reader (take_reads) skip whole chunks.
         self._chunk_ended = False
         self.at_chunk_start = False
+        # An event stream's body from its head on, held unparsed until a reader takes the
+        # socket's reads (`take_reads`: the relay gets it as a read of its own) or the body
+        # is read otherwise (`read`, `settle`, a lost connection: parsed then, in order).
+        self._holding = False
+        self._held = b""
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -114,6 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = stream_transport(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._feed_held()  # what came before the close is the response's
         self.closed = True
         self.pool.forget(self)
         if not self._complete and self._exc is None:
@@ -132,20 +138,70 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
-        self._got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+        if self._holding:
+            self._held += data
+            self._pause_over(len(self._held))
+            return
+        if not self._got_bytes:
+            self._got_bytes = True
+            # The response's first read: its first blank line ends the head.
+            end = data.find(b"\r\n\r\n") + 4
+            if end >= 4:
+                self._feed(data[:end])
+                if self._exc is not None:
+                    return
+                if self._holds_body():
+                    # The stream's relay takes the chunks as the backend framed them
+                    # (StreamRelay.feed_chunks) instead of a parser callback per chunk.
+                    self._holding = True
+                    self._held = data[end:]
+                    self.at_chunk_start = True
+                    return
+                data = data[end:]
+                if not data:
+                    return
+        self._feed(data)
         # A chunk's CRLF ends the read: a size line cut short cannot end in CRLF (the
         # parser calls on_chunk_header once its CRLF is read).
         self.at_chunk_start = self._chunk_ended and data.endswith(b"\r\n")
         consumer = self._consumer
         if consumer is not None:
             consumer.read_done()
-        if self._buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:
+        self._pause_over(self._buffered)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+
+    def _holds_body(self) -> bool:
+        """After a head parsed alone: whether its body is an event stream in chunks, which
+        `_held` may keep for the relay (anything else is parsed at once, as before)."""
+        return (
+            self._headers_done
+            and not self._complete
+            and self._exc is None
+            and self.status == 200
+            and self.headers.get(b"transfer-encoding", b"").lower() == b"chunked"
+            and self.headers.get(b"content-type", b"").startswith(b"text/event-stream")
+        )
+
+    def _pause_over(self, buffered: int) -> None:
+        if buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:
             self.transport.pause_reading()
             self._reading_paused = True
+
+    def _feed_held(self) -> None:
+        self._holding = False
+        held = self._held
+        if held:
+            self._held = b""
+            self.data_received(held)
+
+    def settle(self) -> None:
+        """Parses what is held, so `complete` tells whether the response has ended."""
+        self._feed_held()
 
     # -- parser callbacks ----------------------------------------------------------------
 
@@ -226,10 +282,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def take_reads(self, reader: asyncio.BaseProtocol | None) -> None:
         """Hands the socket's reads to `reader` (a relay, which passes on what it does not
-        take itself), or back to this connection with None."""
+        take itself), or back to this connection with None. What is held goes to `reader`
+        first, as a read of its own."""
         transport = self.transport
         if transport is not None and not self.closed:
             transport.set_protocol(reader if reader is not None else self)
+            if reader is not None and self._holding:
+                self._holding = False
+                held = self._held
+                if held:
+                    self._held = b""
+                    cast("asyncio.Protocol", reader).data_received(held)
 
     # Write backpressure, for request bodies streamed to the backend (proxy/upload.py).
     def pause_writing(self) -> None:
@@ -270,6 +333,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunk_ended = False
         self.at_chunk_start = False
         self.retried = False
+        self._holding = False
+        self._held = b""
         assert self.transport is not None
         self.transport.write(head + body)
 
@@ -281,6 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def read(self) -> bytes:
         """The next body bytes as they arrived; b"" once the response is complete."""
+        self._feed_held()
         while not self._chunks:
             if self._complete:
                 return b""
@@ -416,6 +482,7 @@ class UpstreamPool:
         its [DONE], only the chunked terminator may still be in flight); closes it if the
         backend does not finish the message `within` seconds (on `deadlines`: no loop
         timer per response)."""
+        conn.settle()
         if conn.complete or conn.closed:
             self.release(conn)
             return

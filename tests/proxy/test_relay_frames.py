@@ -195,8 +195,8 @@ def _first_chunk_end(body: bytes) -> int:
 
 def test_a_vllm_framed_stream_goes_out_as_the_backend_framed_it() -> None:
     """Upper-case chunk sizes (valid HTTP; sluice itself writes lower case) show that the
-    client got the backend's own chunks, not chunks framed anew. The first chunk, read
-    with the response head, is parsed; the relay takes the later ones as they are."""
+    client got the backend's own chunks, not chunks framed anew: the first one, read with
+    the response head (the connection holds it for the relay), and the later ones."""
     events = _events(chat_events(["Hello", ",", " world", "!"] * 8))
     body = frame(events, [0], size_format=b"%X")
     first_end = _first_chunk_end(body)
@@ -204,8 +204,8 @@ def test_a_vllm_framed_stream_goes_out_as_the_backend_framed_it() -> None:
     cuts = [len(HEAD) + first_end, len(HEAD) + body.index(b"E\r\ndata: [DONE]")]
     sent = relay_through_connection(body, cuts, StreamPolicy(name=""), wait_for_relay=True)
     after_head = sent[sent.index(b"\r\n\r\n") + 4 :]
-    assert after_head == b"%x\r\n%b\r\n" % (len(events[0]), events[0]) + body[first_end:]
-    assert body[first_end:] != body[first_end:].lower()
+    assert after_head == body
+    assert body[:first_end] != body[:first_end].lower()
 
 
 def test_a_changed_event_is_framed_anew_between_the_backends_chunks() -> None:
@@ -285,12 +285,140 @@ def test_the_parser_stands_at_a_chunk_start_only_after_a_whole_chunk() -> None:
         conn.connection_made(BackendSocket())  # type: ignore[arg-type]
         conn.send(b"GET / HTTP/1.1\r\n\r\n", b"")
         seen = []
-        for piece in (HEAD, b"3\r\nabc\r\n", b"3", b"\r\n", b"xyz", b"\r\n", b"2\r\n", b"ab\r\n"):
+        # The head in two reads: not held for a relay (only a head whole in the first read
+        # is), so every piece goes through the parser.
+        pieces = (HEAD[:10], HEAD[10:], b"3\r\nabc\r\n", b"3", b"\r\n", b"xyz", b"\r\n")
+        for piece in (*pieces, b"2\r\n", b"ab\r\n"):
             conn.data_received(piece)
             seen.append(conn.at_chunk_start)
         return seen
 
-    assert asyncio.run(main()) == [False, True, False, False, False, True, False, True]
+    assert asyncio.run(main()) == [False, False, True, False, False, False, True, False, True]
+
+
+def _held_connection(reads: list[bytes]) -> UpstreamConnection:
+    """A connection after `reads` of a response (in a running loop); the head is parsed."""
+    conn = UpstreamConnection(UpstreamPool(Origin("http://127.0.0.1:9"), 1.0))
+    backend = BackendSocket()
+    backend.set_protocol(conn)
+    conn.connection_made(backend)  # type: ignore[arg-type]
+    conn.send(b"POST / HTTP/1.1\r\n\r\n", b"")
+    for data in reads:
+        conn.data_received(data)
+    return conn
+
+
+async def _relay_to_client(conn: UpstreamConnection) -> tuple[bool, ClientSocket]:
+    client = ClientSocket()
+    connection = SimpleNamespace(
+        transport=client, closing=False, write_paused=False, flow_listener=None
+    )
+    response = Response(connection, keep_alive=True, head_only=False)  # type: ignore[arg-type]
+    response.start(200, [(b"content-type", b"text/event-stream")], with_first_write=True)
+    ex = Exchange("r", 0.0)
+    return await relay_stream(ex, conn, response, StreamPolicy(name=""), None, 1), client
+
+
+def _body(tokens: list[str], size_format: bytes = b"%x") -> tuple[bytes, bytes]:
+    """A chat stream's events and their chunked body, terminator included."""
+    events = _events(chat_events(tokens))
+    return b"".join(events), frame(events, [0], size_format)
+
+
+def test_a_whole_response_in_one_read_goes_out_in_one_send_as_framed() -> None:
+    """The short request's case: head, every event and the terminator in one read. The
+    connection holds the body for the relay (no parser callback per chunk), the client
+    gets the backend's chunks in one send with its own head, and the connection is
+    complete (poolable) after it."""
+    _, body = _body(["Hi", "!"], size_format=b"%X")
+
+    async def main() -> None:
+        conn = _held_connection([HEAD + body])
+        assert conn.status == 200
+        assert not conn.complete  # held, not parsed yet
+        clean, client = await _relay_to_client(conn)
+        assert clean
+        assert client.sends == 1
+        sent = bytes(client.sent)
+        assert sent[sent.index(b"\r\n\r\n") + 4 :] == body
+        assert conn.complete
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("after_head", [0, 3, 20])
+def test_reads_that_come_while_the_body_is_held_follow_it_in_order(after_head: int) -> None:
+    """The head alone in the first read, or with part of the body: what comes before the
+    relay takes the reads is held behind it, in order."""
+    events, body = _body(["one ", "two ", "three"])
+    cut = len(HEAD) + after_head
+    data = HEAD + body
+
+    async def main() -> None:
+        conn = _held_connection([data[:cut], data[cut:]])
+        clean, client = await _relay_to_client(conn)
+        assert clean
+        assert dechunk(bytes(client.sent))[0] == events
+        assert conn.complete
+
+    asyncio.run(main())
+
+
+def test_a_held_body_read_whole_is_parsed_first() -> None:
+    """An event stream read with `read_all` (a caller that is not the relay) gets the
+    de-chunked body as before, and the connection completes."""
+    events, body = _body(["a", "b"])
+
+    async def main() -> None:
+        conn = _held_connection([HEAD + body])
+        assert await conn.read_all(10_000) == events
+        assert conn.complete
+
+    asyncio.run(main())
+
+
+def test_a_held_body_is_parsed_when_the_backend_closes_before_the_relay_comes() -> None:
+    """A backend that sends the whole response and closes (connection: close): the held
+    events are the response's, not lost to the closed connection."""
+    events, body = _body(["x", "y"])
+
+    async def main() -> None:
+        conn = _held_connection([HEAD + body])
+        conn.connection_lost(None)
+        assert conn.complete
+        clean, client = await _relay_to_client(conn)
+        assert clean
+        assert dechunk(bytes(client.sent))[0] == events
+
+    asyncio.run(main())
+
+
+def test_a_held_terminator_settles_before_the_pool_decides() -> None:
+    """`release_when_complete` parses what is held: a connection whose terminator came
+    with the head goes back to the pool at once, with no tail watcher."""
+    _, body = _body(["z"])
+
+    async def main() -> None:
+        conn = _held_connection([HEAD + body])
+        conn.pool.release_when_complete(conn, 1.0, Deadlines(asyncio.get_running_loop()))
+        assert conn.pool.idle == [conn]
+
+    asyncio.run(main())
+
+
+def test_only_an_event_stream_in_chunks_is_held() -> None:
+    """A JSON body (content-length) and an error status are parsed with their head."""
+    json_head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+    error_head = HEAD.replace(b"200 OK", b"400 Bad Request")
+
+    async def main() -> None:
+        conn = _held_connection([json_head + b"{}"])
+        assert conn.complete
+        conn = _held_connection([error_head + b"2\r\n{}\r\n0\r\n\r\n"])
+        assert conn.status == 400
+        assert conn.complete
+
+    asyncio.run(main())
 
 
 def _self_signed(directory: Path) -> ssl.SSLContext:
