@@ -589,6 +589,11 @@ class ProxyApp:
         assert last is not None
         raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
 
+    def max_body_bytes(self) -> int:
+        """For the HTTP server, once per request: the current config's body limit (a method
+        of this compiled class, not an interpreted lambda)."""
+        return self.ref.current.max_body_bytes
+
     def wants_body_stream(self, request: Request) -> int:
         """For the HTTP server: how much of this request's body to stream (0: buffer it)."""
         return upload_limit(request, self.ref.current)

@@ -205,7 +205,7 @@ class ProxyHarness:
         self.server = HttpServer(
             ServerState(
                 self.app,
-                lambda: self.ref.current.max_body_bytes,
+                self.app.max_body_bytes,
                 error_body=server_error_body,
                 stream_body=self.app.wants_body_stream,
             )

@@ -1,21 +1,22 @@
 """What the live page charts: the last minutes of finished requests, per route.
 
 A completion hook appends one small tuple per finished request to a bounded deque (no
-work per token, nothing on the request path but the append); the page's JSON is computed
-on demand from it. TTFT percentiles are exact over the window; inter-token latency
-percentiles come from the per-stream gap buckets the data plane already keeps, so they
-are bucket upper bounds, like Prometheus' `histogram_quantile`. Values are this process's
-own (with `--workers N`, the worker that answered); /metrics sums across workers.
+work per token, nothing on the request path but the append: `proxy/finished.py`, compiled
+with the data plane); the page's JSON is computed on demand from it. TTFT percentiles
+are exact over the window; inter-token latency percentiles come from the per-stream gap
+buckets the data plane already keeps, so they are bucket upper bounds, like Prometheus'
+`histogram_quantile`. Values are this process's own (with `--workers N`, the worker that
+answered); /metrics sums across workers.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import deque
 from typing import Any, NamedTuple
 
-from sluice.proxy.exchange import ITL_BUCKETS, Exchange
+from sluice.proxy.exchange import ITL_BUCKETS
+from sluice.proxy.finished import FinishedLog
 
 WINDOW_S = 300.0
 BIN_S = 10.0
@@ -68,29 +69,14 @@ def _sum_buckets(rows: list[Finished]) -> list[int]:
 
 class LiveSeries:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._rows: deque[Finished] = deque(maxlen=max_entries)
-
-    def on_complete(self, ex: Exchange) -> None:
-        """The completion hook: one append per request."""
-        gaps = tuple(ex.gap_buckets) if ex.gap_count else None
-        self._rows.append(
-            Finished(
-                time.time(),
-                ex.route,
-                ex.status,
-                ex.ttft,
-                gaps,
-                ex.output_tokens,
-                ex.duration,
-                ex.timeout,
-                ex.client_disconnected,
-            )
-        )
+        self.record = FinishedLog(max_entries)
+        # The completion hook (register this, not a method of this interpreted class).
+        self.on_complete = self.record.on_complete
 
     def summary(self, window: float = WINDOW_S, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
         start = now - window
-        rows = [r for r in self._rows if r.at >= start]
+        rows = [Finished._make(r) for r in self.record.rows if r[0] >= start]
         routes: dict[str, list[Finished]] = {}
         for row in rows:
             if row.route:

@@ -274,7 +274,7 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     shared_index = attach_shared_index(built, app)
     state = ServerState(
         app,
-        lambda: ref.current.max_body_bytes,
+        app.max_body_bytes,
         on_error=lambda exc: log.error("handler_error", exc_info=exc),
         error_body=server_error_body,
         stream_body=app.wants_body_stream,

@@ -130,9 +130,8 @@ class InProcessSluice:
         self.ref = SnapshotRef(built.snapshot)
         self.app = ProxyApp(self.ref, on_complete=[])
         self.server = HttpServer(
-            ServerState(self.app, lambda: self.ref.current.max_body_bytes,
-                        error_body=server_error_body)
-        )  # fmt: skip
+            ServerState(self.app, self.app.max_body_bytes, error_body=server_error_body)
+        )
         port = self._run(self.server.listen("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{port}"
 
