@@ -469,7 +469,7 @@ class ProxyApp:
         path = adapter.upstream_path
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
         # A non-stream response's head comes with its whole body: only total bounds it.
-        effective = timeouts if stream else StreamTimeouts(total=timeouts.total)
+        effective = timeouts if stream else _total_only(timeouts.total)
         watchdog = StreamWatchdog(effective, self.deadlines)
         self.watchdogs.add(watchdog)
         conn: UpstreamConnection | None = None
@@ -597,6 +597,18 @@ class ProxyApp:
     def wants_body_stream(self, request: Request) -> int:
         """For the HTTP server: how much of this request's body to stream (0: buffer it)."""
         return upload_limit(request, self.ref.current)
+
+
+# StreamTimeouts(total=t) by t: built once, not per non-stream request (a dataclass's
+# __init__ and checks, interpreted even in the compiled build). A handful of values.
+_TOTAL_ONLY: Final[dict[float | None, StreamTimeouts]] = {}
+
+
+def _total_only(total: float | None) -> StreamTimeouts:
+    timeouts = _TOTAL_ONLY.get(total)
+    if timeouts is None:
+        timeouts = _TOTAL_ONLY[total] = StreamTimeouts(total=total)
+    return timeouts
 
 
 async def _models_body(replica: Replica) -> tuple[int, bytes]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .errors import ApiError, not_found
@@ -31,14 +30,22 @@ BUCKETS: Final = 10_000
 PRESET_HEADER: Final = b"x-sluice-preset"
 
 
-@dataclass(slots=True)
 class RouteChoice:
-    route: Route
-    plan: SamplingPlan
-    policy: StreamPolicy
-    experiment: str = ""
-    variant: str = ""
-    headers: list[Header] = field(default_factory=list)
+    """Where one request goes and with what: its route, preset and policy, the experiment
+    variant it got, and the response headers that say so.
+
+    A plain class, not a dataclass: compiled, a dataclass's `__init__` is the one the
+    dataclasses module generates, interpreted, once per request."""
+
+    __slots__ = ("experiment", "headers", "plan", "policy", "route", "variant")
+
+    def __init__(self, route: Route, plan: SamplingPlan, policy: StreamPolicy) -> None:
+        self.route = route
+        self.plan = plan
+        self.policy = policy
+        self.experiment = ""
+        self.variant = ""
+        self.headers: list[Header] = []
 
 
 def bucket_of(experiment: str, key: str) -> int:
@@ -106,7 +113,7 @@ def choose_route(
         )
     plan = route.preset
     policy = route.policy
-    choice = RouteChoice(route=route, plan=plan, policy=policy)
+    choice = RouteChoice(route, plan, policy)
     wanted = request.headers.get(PRESET_HEADER)
     if wanted is not None:
         name = wanted.decode("latin-1")
