@@ -77,6 +77,12 @@ def log_exchange(ex: Exchange) -> None:
     _log.info("request", **access_fields(ex))
 
 
+def _ms(seconds: float) -> float:
+    """Milliseconds to a tenth, for a duration (>= 0): `round(x, 1)` formats the number
+    through the decimal digits (~0.3 us; four per stream), this is two float operations."""
+    return int(seconds * 10_000.0 + 0.5) / 10.0
+
+
 def access_fields(ex: Exchange) -> dict[str, object]:
     """The access log line's fields: these keys always, the rest only when they apply."""
     first = ex.first_token_at
@@ -91,11 +97,11 @@ def access_fields(ex: Exchange) -> dict[str, object]:
         "config_version": ex.config_version,
         "status": ex.status,
         "stream": ex.stream,
-        "ttft_ms": None if first is None else round((first - ex.started_at) * 1000, 1),
+        "ttft_ms": None if first is None else _ms(first - ex.started_at),
         "tokens_in": ex.prompt_tokens,
         "tokens_out": ex.output_tokens,
         "finish_reason": ex.finish_reason,
-        "duration_ms": round((ex.ended_at - ex.started_at) * 1000, 1),
+        "duration_ms": _ms(ex.ended_at - ex.started_at),
     }
     if ex.experiment:
         fields["experiment"] = ex.experiment
@@ -110,10 +116,10 @@ def access_fields(ex: Exchange) -> dict[str, object]:
     if ex.client_disconnected:
         fields["client_disconnected"] = True
     if ex.queue_wait:
-        fields["queue_ms"] = round(ex.queue_wait * 1000, 1)
+        fields["queue_ms"] = _ms(ex.queue_wait)
     if ex.gap_count:
-        fields["itl_mean_ms"] = round(ex.gap_sum / ex.gap_count * 1000, 2)
-        fields["itl_max_ms"] = round(ex.gap_max * 1000, 1)
+        fields["itl_mean_ms"] = int(ex.gap_sum / ex.gap_count * 100_000.0 + 0.5) / 100.0
+        fields["itl_max_ms"] = _ms(ex.gap_max)
     return fields
 
 

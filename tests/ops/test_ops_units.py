@@ -201,6 +201,18 @@ def test_gauges_follow_the_state() -> None:
     assert reloads[("sluice_config_reload_total", (("result", "error"),))] == 2
 
 
+@given(seconds=st.floats(min_value=0.0, max_value=86_400.0))
+def test_access_log_milliseconds_are_round_to_a_tenth(seconds: float) -> None:
+    """The access line's durations (computed without `round`) are what round(ms, 1)
+    gives, up to a tie at the half tenth."""
+    ex = Exchange("r", 10.0)
+    ex.ended_at = 10.0 + seconds
+    got = access_fields(ex)["duration_ms"]
+    assert isinstance(got, float)
+    assert abs(got - round((ex.ended_at - ex.started_at) * 1000, 1)) <= 0.1 + 1e-9 * seconds
+    assert abs(got * 10 - round(got * 10)) < 1e-6 * max(1.0, got)
+
+
 def test_access_log_line_fields() -> None:
     observer = Observer(SnapshotRef(Snapshot("v1", {}, {})), None)
     ex = streamed([0.01, 0.03], prompt_tokens=5, completion_tokens=3, finish_reason="length")
