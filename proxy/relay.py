@@ -27,21 +27,12 @@ class ReadSide(Protocol):
 
     def resume_reading(self) -> None: ...
 
-    # The asyncio.Protocol callbacks, for the reads the relay passes on while it takes them.
-    def data_received(self, data: bytes) -> None: ...
-
-    def eof_received(self) -> bool | None: ...
-
-    def connection_lost(self, exc: Exception | None) -> None: ...
-
-    def pause_writing(self) -> None: ...
-
-    def resume_writing(self) -> None: ...
+    def parse_read(self, data: bytes) -> None: ...  # a read the relay does not take
 
 
 class StreamRelay:
-    """Push-mode relay of one SSE response. While it relays, it is the backend socket's
-    protocol (`UpstreamConnection.take_reads`): a read comes to `data_received`, and an
+    """Push-mode relay of one SSE response. While it relays, it takes the backend socket's
+    reads (`UpstreamConnection.take_reads`): a read comes to `take_read`, and an
     event goes backend socket -> filter -> client socket without a future, a task switch
     or an interpreted frame. Whole HTTP chunks that each hold one event are taken as read
     (`feed_chunks`); anything else goes to the upstream connection's parser, which feeds
@@ -106,12 +97,9 @@ class StreamRelay:
         if not self.outcome.done():
             self.outcome.set_exception(exc)
 
-    # -- asyncio.Protocol of the backend's socket, while the relay takes its reads --------
+    # -- the backend socket's reads, while the relay takes them ---------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass  # the upstream connection was made long before
-
-    def data_received(self, data: bytes) -> None:
+    def take_read(self, data: bytes) -> None:
         if self._at_chunk_start:
             taken = self.feed_chunks(data)
             if taken == len(data):
@@ -119,20 +107,8 @@ class StreamRelay:
             if taken:
                 data = data[taken:]
         upstream = self.upstream
-        upstream.data_received(data)
+        upstream.parse_read(data)
         self._at_chunk_start = upstream.at_chunk_start
-
-    def eof_received(self) -> bool | None:
-        return self.upstream.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.upstream.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.upstream.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.upstream.resume_writing()
 
     def taking_reads(self) -> None:
         """The upstream connection hands its socket's reads to the relay from now on."""

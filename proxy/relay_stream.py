@@ -7,8 +7,7 @@ It lives apart from `StreamRelay`, which is the per-event code; both are compile
 
 from __future__ import annotations
 
-import asyncio
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 from .chunks import ChunkFilter
 from .errors import error_event
@@ -17,7 +16,7 @@ from .http import Response
 from .relay import ReadSide, StreamRelay
 from .snapshot import StreamPolicy
 from .timeouts import StreamWatchdog
-from .upstream import BodyConsumer, UpstreamError
+from .upstream import BodyConsumer, ReadTaker, UpstreamError
 
 # How long a backend may take to send its chunked terminator after [DONE] before its
 # connection is closed instead of pooled.
@@ -30,7 +29,7 @@ class RelayedUpstream(ReadSide, Protocol):
 
     def set_consumer(self, consumer: BodyConsumer | None) -> None: ...
 
-    def take_reads(self, reader: asyncio.BaseProtocol | None) -> None: ...
+    def take_reads(self, reader: ReadTaker | None) -> None: ...
 
 
 async def relay_stream(
@@ -52,9 +51,8 @@ async def relay_stream(
     response.set_flow_listener(relay)
     upstream.set_consumer(relay)  # events already buffered go out with the head
     relay.taking_reads()
-    # The relay has the callbacks of an asyncio.Protocol, not its base class (it is
-    # compiled). Bytes the connection held since the head come to it now, as a read.
-    upstream.take_reads(cast("asyncio.BaseProtocol", relay))
+    # Bytes the connection held since the head come to it now, as a read.
+    upstream.take_reads(relay)
     response.flush()  # the head never waits for the backend's first event
     try:
         outcome = await relay.outcome

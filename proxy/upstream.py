@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from time import monotonic
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -75,6 +75,13 @@ class BodyConsumer(Protocol):
     def error(self, exc: BaseException) -> None: ...
 
 
+class ReadTaker(Protocol):
+    """Takes the socket's reads before they are parsed (`UpstreamConnection.take_reads`):
+    the relay of a stream, which hands what it does not take to `parse_read`."""
+
+    def take_read(self, data: bytes) -> None: ...
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; serves one response at a time.
 
@@ -112,6 +119,10 @@ class UpstreamConnection(asyncio.Protocol):
         # is read otherwise (`read`, `settle`, a lost connection: parsed then, in order).
         self._holding = False
         self._held = b""
+        # Who takes the socket's reads before the parser (the relay, while it relays): a
+        # field read per read, not uvloop's set_protocol twice per stream (~1.2 us each:
+        # it looks up the protocol's callbacks and restarts reading).
+        self._reader: ReadTaker | None = None
 
     # -- transport callbacks -------------------------------------------------------------
 
@@ -138,6 +149,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.take_read(data)
+            return
+        self.parse_read(data)
+
+    def parse_read(self, data: bytes) -> None:
+        """One read from the socket, through the parser (or held: see `_holding`)."""
         if self._holding:
             self._held += data
             self._pause_over(len(self._held))
@@ -197,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
         held = self._held
         if held:
             self._held = b""
-            self.data_received(held)
+            self.parse_read(held)
 
     def settle(self) -> None:
         """Parses what is held, so `complete` tells whether the response has ended."""
@@ -280,19 +299,24 @@ class UpstreamConnection(asyncio.Protocol):
             self._consumer = None
             consumer.error(self._exc)
 
-    def take_reads(self, reader: asyncio.BaseProtocol | None) -> None:
-        """Hands the socket's reads to `reader` (a relay, which passes on what it does not
-        take itself), or back to this connection with None. What is held goes to `reader`
-        first, as a read of its own."""
-        transport = self.transport
-        if transport is not None and not self.closed:
-            transport.set_protocol(reader if reader is not None else self)
-            if reader is not None and self._holding:
-                self._holding = False
-                held = self._held
-                if held:
-                    self._held = b""
-                    cast("asyncio.Protocol", reader).data_received(held)
+    def take_reads(self, reader: ReadTaker | None) -> None:
+        """Hands the socket's reads to `reader` (a relay, which passes what it does not take
+        itself to `parse_read`), or back to the parser with None. What is held goes to
+        `reader` first, as a read of its own."""
+        if self.closed:
+            return  # no read comes any more; what was held has been parsed
+        self._reader = reader
+        if reader is not None and self._holding:
+            self._holding = False
+            held = self._held
+            if held:
+                self._held = b""
+                reader.take_read(held)
+
+    @property
+    def reads_taken(self) -> bool:
+        """Whether a reader takes the socket's reads (for tests)."""
+        return self._reader is not None
 
     # Write backpressure, for request bodies streamed to the backend (proxy/upload.py).
     def pause_writing(self) -> None:
@@ -335,6 +359,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.retried = False
         self._holding = False
         self._held = b""
+        self._reader = None
         assert self.transport is not None
         self.transport.write(head + body)
 

@@ -39,8 +39,8 @@ NEXT_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
 
 
 class BackendSocket:
-    """The upstream connection's transport: records the protocol reads go to
-    (`set_protocol`, as uvloop's transport does) and delivers reads to it."""
+    """The upstream connection's transport: records its protocol (`set_protocol`, as
+    uvloop's transport does), which the test delivers reads to."""
 
     def __init__(self) -> None:
         self.protocol: Any = None
@@ -144,7 +144,7 @@ def relay_through_connection(
         def deliver() -> None:
             if not reads:
                 return
-            if not wait_for_relay or backend.protocol is not conn or len(reads) == first:
+            if not wait_for_relay or conn.reads_taken or len(reads) == first:
                 backend.protocol.data_received(reads.pop(0))
             loop.call_soon(deliver)
 
@@ -162,7 +162,8 @@ def relay_through_connection(
         clean = await relay_stream(ex, conn, response, policy, None, 1)
         while reads:  # what the backend sent after [DONE]: the chunked terminator
             backend.protocol.data_received(reads.pop(0))
-        assert backend.protocol is conn  # the relay handed the reads back
+        assert not conn.reads_taken  # the relay handed the reads back
+        assert backend.protocol is conn  # the socket's protocol never changed
         if clean and ex.cut is None:
             assert conn.complete, "the parser lost its place in the chunked body"
             # The parser is in step: the next response on this connection parses.
@@ -446,7 +447,8 @@ def _self_signed(directory: Path) -> ssl.SSLContext:
 
 def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> None:
     """The relay takes a TLS connection's reads as it takes a TCP one's (uvloop's SSL
-    transport has its own set_protocol), and the connection is pooled in step after it."""
+    transport is a protocol of its own over the socket), and the connection is pooled in
+    step after it."""
     server_context = _self_signed(tmp_path)
     events = _events(chat_events(["Hello", ",", " TLS", " world"] * 4))
     body = frame(events, [0], size_format=b"%X")
@@ -484,6 +486,7 @@ def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> Non
                 assert await relay_stream(ex, conn, response, StreamPolicy(name=""), None, 1)
                 assert conn.transport is not None
                 assert conn.transport.get_protocol() is conn
+                assert not conn.reads_taken
                 pool.release_when_complete(conn, 2.0, deadlines)
                 for _ in range(200):
                     if pool.idle:
