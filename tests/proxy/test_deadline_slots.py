@@ -11,9 +11,10 @@ from time import monotonic
 from typing import Any
 
 import pytest
+import uvloop
 from sluice.proxy.deadlines import RESOLUTION, Deadlines
 from sluice.proxy.snapshot import StreamTimeouts
-from sluice.proxy.timeouts import FIRST_TOKEN, INTER_TOKEN, StreamWatchdog
+from sluice.proxy.timeouts import FIRST_TOKEN, INTER_TOKEN, StreamWatchdog, current_task
 
 
 def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -158,3 +159,33 @@ async def test_watchdog_expires_on_its_slot_and_cancels_its_task(
     assert watchdog.expired == expected
     assert 0.05 <= monotonic() - start < 0.05 + RESOLUTION + 0.5
     assert len(deadlines) == 0
+
+
+def test_the_watchdogs_current_task_is_asyncios_on_either_event_loop() -> None:
+    """`timeouts.current_task` reads the table of running tasks directly on Python 3.11
+    (asyncio's own function is interpreted there): the same answer as asyncio's, inside a
+    task and in a plain callback, on asyncio's loop and on uvloop's."""
+
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        assert me is not None and current_task(loop) is me
+        other = loop.create_task(asyncio.sleep(0))
+        seen: list[object] = []
+
+        async def inner() -> None:
+            seen.append(current_task(loop))
+
+        task = loop.create_task(inner())
+        await task
+        await other
+        assert seen == [task]
+        in_callback: list[object] = []
+        done = loop.create_future()
+        loop.call_soon(lambda: (in_callback.append(current_task(loop)), done.set_result(None)))
+        await done
+        assert in_callback == [None]
+        assert current_task(loop) is me
+
+    asyncio.run(check())
+    uvloop.run(check())
