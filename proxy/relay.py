@@ -125,11 +125,13 @@ class StreamRelay:
         # sluice_proxy_overhead_seconds; one clock read per chunk before it, none after).
         arrived = monotonic() if ex.first_token_at is None else 0.0
         try:
-            # vLLM sends one event per chunk: the common case needs no split and no copy.
-            # One event is one line and its blank line: the first newline is the last but
-            # one byte (a one-byte search, memchr, ~3x cheaper than looking for "\n\n").
+            # vLLM sends one event per chunk: the common case needs no split. One event is
+            # one line and its blank line: the first newline is the last but one byte (a
+            # one-byte search, memchr, ~3x cheaper than looking for "\n\n"; as text, see
+            # chunks.py: a copy of the event and a direct call, not bytes.find's).
             out: bytes | None
-            if self._partial or data.find(b"\n") != len(data) - 2 or data[-1] != 10:
+            first_newline = data.decode("latin-1").find("\n")
+            if self._partial or first_newline != len(data) - 2 or data[-1] != 10:
                 out = self._feed_split(data)
             else:
                 out = self._on_event(data)
@@ -195,7 +197,7 @@ class StreamRelay:
                 if data[end - 1] != 10:
                     break
                 event = data[start:end]
-                if event.find(b"\n") != size - 2:  # no start and end to parse: cheaper
+                if event.decode("latin-1").find("\n") != size - 2:  # as text: see chunks.py
                     break
                 out = self._on_event(event)
                 if out is not event:  # changed or held back: framed anew
