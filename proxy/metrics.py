@@ -19,7 +19,6 @@ the supervisor calls `mark_process_dead`.
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -71,6 +70,20 @@ class AppUsage:
     tokens_out: int = 0
 
 
+def bucket_of(bounds: tuple[float, ...], value: float) -> int:
+    """`bisect_left(bounds, value)`, compiled: floats compared unboxed, not through
+    bisect's generic comparisons (~0.2 against ~0.05 us for 20 bounds)."""
+    lo = 0
+    hi = len(bounds)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if bounds[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 class _Pending:
     """Observations of one histogram child since the last flush: a count per bucket (le
     semantics, the last is +Inf) and their sum. `observe` is a bisect and two additions;
@@ -85,7 +98,7 @@ class _Pending:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+        self.counts[bucket_of(self.bounds, value)] += 1
         self.total += value
 
     def add(self, counts: list[int], total: float) -> None:

@@ -37,14 +37,16 @@ class SharedLines:
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
-        self._held: list[bytes] = []
+        # The lines not yet written, in order. The access log appends to this list itself
+        # (JsonAccessLog's `held`): a compiled append, not a call of this interpreted class.
+        self.held: list[bytes] = []
 
     def write(self, data: bytes) -> int:
-        self._held.append(data)
+        self.held.append(data)
         return len(data)
 
     def flush(self) -> None:
-        held = self._held
+        held = self.held
         if held:
             data = memoryview(held[0] if len(held) == 1 else b"".join(held))
             held.clear()
@@ -126,7 +128,8 @@ def access_lines(level: str, fmt: str, stream: TextIO | None = None) -> JsonAcce
     writes JSON lines at level info; None where structlog must render the line."""
     if fmt != "json" or LEVELS[level] > logging.INFO:
         return None
-    return JsonAccessLog(shared_lines(stream if stream is not None else sys.stderr))
+    lines = shared_lines(stream if stream is not None else sys.stderr)
+    return JsonAccessLog(lines, held=lines.held)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import io
 import logging
@@ -18,8 +19,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sluice.control.runtime.logs import access_lines, configure_logging
 from sluice.proxy.exchange import ITL_BUCKETS, Exchange
-from sluice.proxy.metrics import DURATION_BUCKETS, Metrics
+from sluice.proxy.metrics import DURATION_BUCKETS, Metrics, bucket_of
 from sluice.proxy.observe import JsonAccessLog, Observer, access_fields
+from sluice.proxy.request import declared_length
 from sluice.proxy.snapshot import Snapshot, SnapshotRef
 from structlog.testing import capture_logs
 
@@ -211,6 +213,30 @@ def test_access_log_milliseconds_are_round_to_a_tenth(seconds: float) -> None:
     assert isinstance(got, float)
     assert abs(got - round((ex.ended_at - ex.started_at) * 1000, 1)) <= 0.1 + 1e-9 * seconds
     assert abs(got * 10 - round(got * 10)) < 1e-6 * max(1.0, got)
+
+
+@given(
+    bounds=st.lists(st.floats(min_value=0.0, max_value=100.0), max_size=25).map(
+        lambda b: tuple(sorted(b))
+    ),
+    value=st.floats(min_value=-1.0, max_value=200.0) | st.sampled_from([0.0, 1.0, 5.0]),
+)
+def test_a_histograms_bucket_is_bisect_lefts(bounds: tuple[float, ...], value: float) -> None:
+    """`metrics.bucket_of` (a compiled binary search) picks the bucket bisect_left picks,
+    on a bound exactly too (le semantics)."""
+    assert bucket_of(bounds, value) == bisect.bisect_left(bounds, value)
+    for bound in bounds:
+        assert bucket_of(bounds, bound) == bisect.bisect_left(bounds, bound)
+
+
+@given(st.integers(min_value=0, max_value=10**25))
+def test_a_declared_length_is_ints_reading(n: int) -> None:
+    """`declared_length` sums the digits itself; any length reads as int() reads it."""
+    for value in (b"%d" % n, b"%020d" % n, b" %d " % n):
+        assert declared_length({b"content-length": value}) == int(value)
+    assert declared_length({b"content-length": b"12a"}) == 0
+    assert declared_length({b"content-length": b""}) == 0
+    assert declared_length({}) == 0
 
 
 def test_access_log_line_fields() -> None:
