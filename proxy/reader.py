@@ -16,6 +16,7 @@ from typing import Any, Final, Protocol
 import httptools
 
 from .budget import BodyBudget
+from .headernames import lower_name
 from .request import (
     BODY_METHODS,
     HeadError,
@@ -210,7 +211,7 @@ class RequestReader:
         if self.header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADER_COUNT:
             self.owner.refuse(431, "request headers too large", "headers_too_large")
             raise httptools.HttpParserError("headers too large")
-        key = name.lower()
+        key = lower_name(name)
         previous = self.headers.get(key)
         self.headers[key] = value if previous is None else previous + b", " + value
 
@@ -326,13 +327,25 @@ class RequestReader:
         return False
 
 
+# Request targets without a query, split once: an API's clients ask for a few paths over
+# and over. Bounded: the first MAX_KNOWN_PATHS distinct ones (any others are split anew).
+MAX_KNOWN_PATHS: Final = 256
+_known_paths: Final[dict[bytes, tuple[str, str]]] = {}
+
+
 def _path_and_query(url: bytes) -> tuple[str, str]:
     """The request target's path and query. The usual origin form (`/path?query`) is split
     here; any other form (absolute, with a fragment) goes through httptools' URL parser,
     which costs a parser object per request."""
+    known = _known_paths.get(url)
+    if known is not None:
+        return known
     if url[:1] == b"/" and url.find(b"#") < 0:
-        path, _, query = url.partition(b"?")
-        return path.decode("latin-1"), query.decode("latin-1")
+        path, mark, query = url.partition(b"?")
+        split = (path.decode("latin-1"), query.decode("latin-1"))
+        if not mark and len(_known_paths) < MAX_KNOWN_PATHS:
+            _known_paths[url] = split
+        return split
     # Any: httptools' stub types the URL's parts as bytes, but an absent part is None
     # (and a compiled build checks the declared type).
     parsed: Any = httptools.parse_url(url)

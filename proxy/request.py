@@ -83,7 +83,8 @@ def check_head(http_version: str, headers: dict[bytes, bytes]) -> None:
     if host is None:
         if http_version == "1.1":
             raise HeadError(400, "an HTTP/1.1 request needs a Host header", "missing_host")
-    elif b"," in host:  # repeated Host headers were joined with ", "
+    elif "," in host.decode("latin-1"):  # repeated Host headers were joined with ", "
+        # (Searched as text: compiled, bytes' `in` builds and drops a TypeError first.)
         raise HeadError(400, "more than one Host header", "bad_host")
     coding = headers.get(b"transfer-encoding")
     if coding is not None and coding.strip().lower() != b"chunked":
@@ -106,6 +107,16 @@ def declared_length(headers: dict[bytes, bytes]) -> int:
     value = headers.get(b"content-length")
     if value is None:
         return 0
+    # The digits summed here (int() of bytes parses through a str: ~4x); anything else
+    # (spaces around them, which the parser lets through) goes to int().
+    n = 0
+    size = len(value)
+    i = 0
+    while i < size and 48 <= value[i] <= 57:
+        n = n * 10 + value[i] - 48
+        i += 1
+    if 0 < i == size <= 18:
+        return n
     try:
         return int(value)
     except ValueError:

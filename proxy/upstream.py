@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from .deadlines import Deadlines
+from .headernames import lower_name
 from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
@@ -225,7 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
+        self.headers[lower_name(name)] = value
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()

@@ -13,6 +13,7 @@ from typing import Any
 
 import httptools
 import pytest
+from sluice.proxy import headernames, reader
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import Request, Response, ServerState
 from sluice.proxy.server import HttpServer
@@ -113,6 +114,26 @@ def test_path_and_query_are_split_as_httptools_parses_them(echo: EchoServer, tar
         expected = b"target:" + f"{path}|{query}".encode("latin-1")
         data = _read_until(s, expected)
         assert data.endswith(b"\r\n\r\n" + expected), data
+
+
+def test_split_request_targets_are_remembered_only_without_a_query_and_boundedly() -> None:
+    """A path asked for again is split once (`reader._known_paths`); a target with a
+    query is never remembered (each may be new), and no more than MAX_KNOWN_PATHS are."""
+    targets = [b"/bound/%d" % i for i in range(reader.MAX_KNOWN_PATHS + 50)]
+    for target in targets * 2:
+        assert reader._path_and_query(target) == (target.decode(), "")
+    assert len(reader._known_paths) <= reader.MAX_KNOWN_PATHS
+    assert reader._path_and_query(b"/with?q=%d" % 7) == ("/with", "q=7")
+    assert b"/with?q=7" not in reader._known_paths
+
+
+def test_header_names_are_lowered_and_remembered_boundedly() -> None:
+    """`lower_name` is `bytes.lower()`, each name lowered once, and it remembers no more
+    than MAX_KNOWN_NAMES names (any later ones are lowered each time they come)."""
+    names = [b"X-Name-%d" % i for i in range(headernames.MAX_KNOWN_NAMES + 40)]
+    for name in [*names, *names, b"Content-TYPE", b"host"]:
+        assert headernames.lower_name(name) == name.lower()
+    assert len(headernames._lowered) <= headernames.MAX_KNOWN_NAMES
 
 
 def test_idle_keep_alive_connection_is_closed_after_its_timeout(echo: EchoServer) -> None:
