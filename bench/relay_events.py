@@ -105,7 +105,9 @@ def stream(pool: UpstreamPool, guarded: bool) -> tuple[Callable[[bytes], None], 
         return conn.data_received, client
     conn.take_reads(relay)  # type: ignore[arg-type]
     take()
-    return relay.data_received, client
+    # The socket's reads go to the connection, which hands them to the relay (a build
+    # before that made the relay the socket's protocol: its own data_received).
+    return getattr(relay, "data_received", conn.data_received), client
 
 
 async def one_round(streams: int, events: int, guarded: bool) -> float:
