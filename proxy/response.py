@@ -66,29 +66,38 @@ class ClientGone(Exception):
     """The client connection closed while a response was being written."""
 
 
-class _DateHeader:
-    """The Date header, formatted at most once a second."""
+# Each status line built once: %-formatting parses its format on every call (~1 us of a
+# response head's ~3).
+_STATUS_LINES: Final[dict[int, bytes]] = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
+}
 
-    __slots__ = ("_second", "_value")
+
+class _DateHeader:
+    """The Date header's line, formatted at most once a second."""
+
+    __slots__ = ("_line", "_second")
 
     def __init__(self) -> None:
         self._second = -1
-        self._value = b""
+        self._line = b""
 
-    def get(self) -> bytes:
+    def line(self) -> bytes:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._value = formatdate(now, usegmt=True).encode()
-        return self._value
+            self._line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._line
 
 
 _date = _DateHeader()
 
 
 def head_bytes(status: int, headers: list[Header], extra: bytes) -> bytes:
-    reason = _REASONS.get(status, b"Unknown")
-    parts = [b"HTTP/1.1 %d %s\r\ndate: %s\r\n" % (status, reason, _date.get())]
+    status_line = _STATUS_LINES.get(status)
+    if status_line is None:
+        status_line = b"HTTP/1.1 %d Unknown\r\n" % status
+    parts = [status_line, _date.line()]
     for name, value in headers:
         parts.append(name + b": " + value + b"\r\n")
     parts.append(extra)

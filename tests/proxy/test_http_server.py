@@ -9,6 +9,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httptools
@@ -16,6 +17,7 @@ import pytest
 from sluice.proxy import headernames, reader
 from sluice.proxy.errors import server_error_body
 from sluice.proxy.http import Request, Response, ServerState
+from sluice.proxy.response import head_bytes
 from sluice.proxy.server import HttpServer
 
 from tests.fixtures import LoopThread
@@ -134,6 +136,19 @@ def test_header_names_are_lowered_and_remembered_boundedly() -> None:
     for name in [*names, *names, b"Content-TYPE", b"host"]:
         assert headernames.lower_name(name) == name.lower()
     assert len(headernames._lowered) <= headernames.MAX_KNOWN_NAMES
+
+
+def test_a_response_head_is_its_status_line_date_headers_and_extra() -> None:
+    """`head_bytes` with its status lines built once: a known status with its reason, an
+    unknown one as "Unknown", the Date header of now, then the headers and `extra`."""
+    head = head_bytes(299, [(b"a", b"b")], b"x: y\r\n")
+    assert head.startswith(b"HTTP/1.1 299 Unknown\r\ndate: ")
+    assert head.endswith(b"\r\na: b\r\nx: y\r\n\r\n")
+    known = head_bytes(404, [], b"")
+    lines = known.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 404 Not Found" and lines[2:] == [b"", b""]
+    date = parsedate_to_datetime(lines[1].removeprefix(b"date: ").decode())
+    assert abs(date.timestamp() - time.time()) < 5
 
 
 def test_idle_keep_alive_connection_is_closed_after_its_timeout(echo: EchoServer) -> None:
