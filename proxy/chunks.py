@@ -47,6 +47,65 @@ _COMPLETION_TEXT: Final = re.compile(
 )
 
 
+# The literal parts of those token chunks, for `_token_text` (as text: see _CONTENT_KEY).
+_CHOICE_START: Final = '"choices":[{"index":'
+_CHAT_BEFORE: Final = ',"delta":{"content":"'
+_TEXT_BEFORE: Final = ',"text":"'
+_CHAT_AFTER: Final = '"},"logprobs":null,"finish_reason":null'
+_TEXT_AFTER: Final = '","logprobs":null,"finish_reason":null'
+_CHAT_OPTIONAL: Final = (',"token_ids":null',)
+_TEXT_OPTIONAL: Final = (',"stop_reason":null', ',"prompt_token_ids":null', ',"token_ids":null')
+_CHOICE_END: Final = "}]"
+NO_TOKEN_TEXT: Final = (-1, 0, 0)
+
+
+def _at(text: str, part: str, pos: int) -> bool:
+    return text[pos : pos + len(part)] == part
+
+
+def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
+    """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read without the
+    regular expression for a text without escapes (the common token): (the choice's
+    index, the start and end of its raw text). NO_TOKEN_TEXT (index -1): not read here;
+    the caller asks the expression, as before. A regular expression's search over a
+    250-byte event costs ~5,000 instructions, this ~1,000.
+
+    The first `"choices":[{"index":` is the only place the expression can match (a key
+    in JSON text cannot occur inside a string, whose quotes are escaped), so a match
+    found there is the expression's leftmost match."""
+    text = event.decode("latin-1")
+    at = text.find(_CHOICE_START)
+    if at < 0:
+        return NO_TOKEN_TEXT
+    pos = at + len(_CHOICE_START)
+    size = len(event)
+    index = 0
+    digits = pos
+    while pos < size and 48 <= event[pos] <= 57:
+        index = index * 10 + event[pos] - 48
+        pos += 1
+    if pos == digits or pos - digits > 18:
+        return NO_TOKEN_TEXT
+    before = _CHAT_BEFORE if chat else _TEXT_BEFORE
+    if not _at(text, before, pos):
+        return NO_TOKEN_TEXT
+    start = pos + len(before)
+    end = text.find('"', start)
+    if end <= start or text.find("\\", start, end) >= 0:
+        return NO_TOKEN_TEXT  # empty, or escapes: the expression decides
+    after = _CHAT_AFTER if chat else _TEXT_AFTER
+    pos = end
+    if not _at(text, after, pos):
+        return NO_TOKEN_TEXT
+    pos += len(after)
+    for optional in _CHAT_OPTIONAL if chat else _TEXT_OPTIONAL:
+        if _at(text, optional, pos):
+            pos += len(optional)
+    if not _at(text, _CHOICE_END, pos):
+        return NO_TOKEN_TEXT
+    return index, start, end
+
+
 def _count_after(event: bytes, text: str, key: str, start: int) -> int:
     """The non-negative integer right after `key` (its first match from `start`); -1 when
     the key is absent or not followed by digits. `text` is `event` decoded as latin-1."""
@@ -185,18 +244,22 @@ class ChunkFilter:
 
     def guarded(self, event: bytes) -> bytes | None:
         """A guarded stream's event. The common one (vLLM's layout: one choice, one text
-        delta, no finish and no logprobs) is matched by one regular expression over the
-        bytes: the text is decoded without parsing the chunk, and the event goes out
-        unchanged when the guard passes the text through. Anything else is parsed."""
-        match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
-        if match is None:
-            return self._parse_event(event)
-        index = int(match[1])
+        delta, no finish and no logprobs) is read by `_token_text` (a text with escapes
+        by one regular expression over the bytes): the text is decoded without parsing
+        the chunk, and the event goes out unchanged when the guard passes the text
+        through. Anything else is parsed."""
+        index, start, end = _token_text(event, self.chat)
+        escaped = False
+        if index < 0:
+            match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
+            if match is None:
+                return self._parse_event(event)
+            index, start, end = int(match[1]), match.start(2), match.end(2)
+            escaped = event.find(b"\\", start, end) >= 0  # find, not `in`: see observe
         if index in self.finished:
             return self._parse_event(event)
-        raw = match[2]
-        escaped = raw.find(b"\\") >= 0  # find, not `in`: see observe
-        text: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode()
+        raw = event[start:end]
+        text: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode("utf-8")
         self._token()
         guard = self.guards.get(index)
         if guard is None:
@@ -208,7 +271,7 @@ class ChunkFilter:
                 return event
             # Held back (part of) the text: splice the released part into the bytes.
             self._last_event = event
-            return event[: match.start(2)] + orjson.dumps(out)[1:-1] + event[match.end(2) :]
+            return event[:start] + orjson.dumps(out)[1:-1] + event[end:]
         return self._rewrite(event, index, out, guard)
 
     def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:

@@ -11,7 +11,13 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.proxy.chunks import ChunkFilter
+from sluice.proxy.chunks import (
+    _CHAT_TEXT,
+    _COMPLETION_TEXT,
+    NO_TOKEN_TEXT,
+    ChunkFilter,
+    _token_text,
+)
 from sluice.proxy.exchange import Exchange
 
 # From ../shared/vllm-transcripts (vLLM 0.26): a finish chunk, the usage chunk, a chunk
@@ -111,3 +117,65 @@ def events(draw: st.DrawFn) -> bytes:
 @given(events())
 def test_byte_searches_agree_with_parsing_on_any_event(event: bytes) -> None:
     assert _recorded(event, False) == _recorded(event, True)
+
+
+CONTENT = st.text(alphabet=st.sampled_from(list('ab "\\:{}é\n\t,')), max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    chat=st.booleans(),
+    content=CONTENT,
+    index=st.integers(min_value=0, max_value=10**20),
+    optionals=st.lists(st.booleans(), min_size=3, max_size=3),
+    finish=st.sampled_from(["null", '"stop"']),
+    tail=st.sampled_from(["}]}", '}],"usage":null}', '}, {"index":1}]}', "]}"]),
+    spaced=st.booleans(),
+)
+def test_a_token_chunk_is_read_as_the_expression_reads_it(
+    chat: bool,
+    content: str,
+    index: int,
+    optionals: list[bool],
+    finish: str,
+    tail: str,
+    spaced: bool,
+) -> None:
+    """`_token_text` reads what the guarded path's regular expression matches (index,
+    start and end of the raw text) whenever it reads anything, and reads every match
+    whose text has no escape: the expression is only asked for the rest."""
+    raw = orjson.dumps(content)[1:-1]
+    sep = b", " if spaced else b","
+    if chat:
+        choice = b'{"index":%d%b"delta":{"content":"%b"},"logprobs":null,"finish_reason":%b' % (
+            index,
+            sep,
+            raw,
+            finish.encode(),
+        )
+        extras = [b',"token_ids":null']
+    else:
+        choice = b'{"index":%d%b"text":"%b","logprobs":null,"finish_reason":%b' % (
+            index,
+            sep,
+            raw,
+            finish.encode(),
+        )
+        extras = [b',"stop_reason":null', b',"prompt_token_ids":null', b',"token_ids":null']
+    for extra, present in zip(extras, optionals, strict=False):
+        if present:
+            choice += extra
+    event = (
+        b'data: {"id":"x","object":"o","created":1,"model":"m","choices":['
+        + choice
+        + tail.encode()
+        + b"\n\n"
+    )
+    expression = _CHAT_TEXT if chat else _COMPLETION_TEXT
+    match = expression.search(event)
+    got = _token_text(event, chat)
+    if got != NO_TOKEN_TEXT:
+        assert match is not None
+        assert got == (int(match[1]), match.start(2), match.end(2))
+    elif match is not None:
+        assert b"\\" in match[2] or len(match[1]) > 18
