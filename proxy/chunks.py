@@ -53,14 +53,17 @@ _CHAT_BEFORE: Final = ',"delta":{"content":"'
 _TEXT_BEFORE: Final = ',"text":"'
 _CHAT_AFTER: Final = '"},"logprobs":null,"finish_reason":null'
 _TEXT_AFTER: Final = '","logprobs":null,"finish_reason":null'
-_CHAT_OPTIONAL: Final = (',"token_ids":null',)
-_TEXT_OPTIONAL: Final = (',"stop_reason":null', ',"prompt_token_ids":null', ',"token_ids":null')
+# The optional fields after it: chat has the last one, completions all three in order.
+_STOP_REASON: Final = ',"stop_reason":null'
+_PROMPT_TOKEN_IDS: Final = ',"prompt_token_ids":null'
+_TOKEN_IDS: Final = ',"token_ids":null'
 _CHOICE_END: Final = "}]"
 NO_TOKEN_TEXT: Final = (-1, 0, 0)
 
 
 def _at(text: str, part: str, pos: int) -> bool:
-    return text[pos : pos + len(part)] == part
+    """`text.startswith(part, pos)`, compiled to a direct bounded search (no slice)."""
+    return text.find(part, pos, pos + len(part)) == pos
 
 
 def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
@@ -98,9 +101,16 @@ def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
     if not _at(text, after, pos):
         return NO_TOKEN_TEXT
     pos += len(after)
-    for optional in _CHAT_OPTIONAL if chat else _TEXT_OPTIONAL:
-        if _at(text, optional, pos):
-            pos += len(optional)
+    if chat:
+        if _at(text, _TOKEN_IDS, pos):
+            pos += len(_TOKEN_IDS)
+    else:  # each optional, in this order
+        if _at(text, _STOP_REASON, pos):
+            pos += len(_STOP_REASON)
+        if _at(text, _PROMPT_TOKEN_IDS, pos):
+            pos += len(_PROMPT_TOKEN_IDS)
+        if _at(text, _TOKEN_IDS, pos):
+            pos += len(_TOKEN_IDS)
     if not _at(text, _CHOICE_END, pos):
         return NO_TOKEN_TEXT
     return index, start, end

@@ -331,7 +331,7 @@ class StreamGuard:
             not held
             and rep < 0
             and (
-                spec._safe.issuperset(piece)
+                _all_in(spec._safe, piece)
                 or (spec._unsafe.isdisjoint(piece) and spec._all_safe(piece))
                 or spec._no_start_in(piece)
             )
@@ -373,7 +373,7 @@ class StreamGuard:
                 pend = self._stop_pending(buf) * k
         text, base = "", -1
         for rank, cut in enumerate(spec._cuts, 1):
-            if cut.safe.issuperset(buf):
+            if _all_in(cut.safe, buf):
                 continue
             if base < 0:
                 ctx = self._context()
@@ -460,6 +460,13 @@ class StreamGuard:
                 runs[p] = 0
         words.append(word)
         return False
+
+
+def _all_in(chars: set[str], piece: str) -> bool:
+    """`chars.issuperset(piece)`, compiled to a loop of set lookups (mypyc turns all()
+    over a generator into one): set.issuperset is a method call that builds an iterator
+    over the string (~3x for a token's few characters)."""
+    return all(ch in chars for ch in piece)
 
 
 def _word_end(piece: str, k: int) -> int:

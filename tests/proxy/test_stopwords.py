@@ -11,7 +11,7 @@ import pytest
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.proxy.stopwords import CutPattern, GuardResult, GuardSpec, RepetitionGuard
+from sluice.proxy.stopwords import CutPattern, GuardResult, GuardSpec, RepetitionGuard, _all_in
 
 STOP_POOL = ("###", "。\n\n用户:", "ab", "b", "abc", "🙂🙃", "\n\nUser:", "a#")
 CUT_POOL = (
@@ -390,3 +390,10 @@ def test_literal_prefix_fast_path_skips_words_that_only_share_a_first_letter() -
     assert not spec._no_start_in("ignore ")
     alternation = GuardSpec(cut_patterns=[CutPattern(r"ab#c|b#", 4)])
     assert not alternation._no_start_in("xb#")  # no literal-prefix proof with `|`
+
+
+@given(st.sets(st.characters(max_codepoint=300), max_size=20), st.text(max_size=30))
+def test_the_all_safe_check_is_issuperset(chars: set[str], piece: str) -> None:
+    """`_all_in` (the compiled loop the guard asks before scanning) is set.issuperset."""
+    assert _all_in(chars, piece) == chars.issuperset(piece)
+    assert _all_in(chars | set(piece), piece)
