@@ -61,12 +61,18 @@ _CHOICE_END: Final = "}]"
 NO_TOKEN_TEXT: Final = (-1, 0, 0)
 
 
+# What follows the text in vLLM 0.26's token chunks, whole: one comparison, usually.
+_CHAT_TAIL: Final = _CHAT_AFTER + _TOKEN_IDS + _CHOICE_END
+_TEXT_TAIL: Final = _TEXT_AFTER + _STOP_REASON + _PROMPT_TOKEN_IDS + _TOKEN_IDS + _CHOICE_END
+
+
 def _at(text: str, part: str, pos: int) -> bool:
-    """`text.startswith(part, pos)`, compiled to a direct bounded search (no slice)."""
-    return text.find(part, pos, pos + len(part)) == pos
+    """`text.startswith(part, pos)`: compiled, a slice and a comparison (a bounded find
+    sets its search up per call; startswith with a position parses its arguments)."""
+    return text[pos : pos + len(part)] == part
 
 
-def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
+def _token_text(event: bytes, chat: bool, text: str = "") -> tuple[int, int, int]:
     """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read without the
     regular expression for a text without escapes (the common token): (the choice's
     index, the start and end of its raw text). NO_TOKEN_TEXT (index -1): not read here;
@@ -75,8 +81,10 @@ def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
 
     The first `"choices":[{"index":` is the only place the expression can match (a key
     in JSON text cannot occur inside a string, whose quotes are escaped), so a match
-    found there is the expression's leftmost match."""
-    text = event.decode("latin-1")
+    found there is the expression's leftmost match. `text`: `event` decoded as latin-1,
+    when the caller has it."""
+    if not text:
+        text = event.decode("latin-1")
     at = text.find(_CHOICE_START)
     if at < 0:
         return NO_TOKEN_TEXT
@@ -96,6 +104,8 @@ def _token_text(event: bytes, chat: bool) -> tuple[int, int, int]:
     end = text.find('"', start)
     if end <= start or text.find("\\", start, end) >= 0:
         return NO_TOKEN_TEXT  # empty, or escapes: the expression decides
+    if _at(text, _CHAT_TAIL if chat else _TEXT_TAIL, end):
+        return index, start, end
     after = _CHAT_AFTER if chat else _TEXT_AFTER
     pos = end
     if not _at(text, after, pos):
@@ -252,13 +262,14 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
-    def guarded(self, event: bytes) -> bytes | None:
+    def guarded(self, event: bytes, text: str = "") -> bytes | None:
         """A guarded stream's event. The common one (vLLM's layout: one choice, one text
         delta, no finish and no logprobs) is read by `_token_text` (a text with escapes
         by one regular expression over the bytes): the text is decoded without parsing
         the chunk, and the event goes out unchanged when the guard passes the text
-        through. Anything else is parsed."""
-        index, start, end = _token_text(event, self.chat)
+        through. Anything else is parsed. `text`: the event decoded as latin-1, when the
+        caller has it ("": not yet), as for `observe`."""
+        index, start, end = _token_text(event, self.chat, text)
         escaped = False
         if index < 0:
             match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
@@ -269,15 +280,15 @@ class ChunkFilter:
         if index in self.finished:
             return self._parse_event(event)
         raw = event[start:end]
-        text: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode("utf-8")
+        token: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode("utf-8")
         self._token()
         guard = self.guards.get(index)
         if guard is None:
             assert self.guard_spec is not None
             guard = self.guards[index] = self.guard_spec.start()
-        out = guard.feed(text)
+        out = guard.feed(token)
         if guard.finish_reason is None:
-            if out is text:
+            if out is token:
                 return event
             # Held back (part of) the text: splice the released part into the bytes.
             self._last_event = event
@@ -304,7 +315,7 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
-    def observe(self, event: bytes) -> bytes:
+    def observe(self, event: bytes, text: str = "") -> bytes:
         """No guard: the event goes out unchanged, and a few searches find what the timers
         and metrics need, without parsing the JSON of every token.
 
@@ -317,7 +328,8 @@ class ChunkFilter:
         if len(event) > 8 and event[6] == _BRACKET and event.startswith(DONE_EVENT):
             self.done = True
             return event
-        text = event.decode("latin-1")
+        if not text:  # the relay passes the text it searched for the event's newline
+            text = event.decode("latin-1")
         key = _CONTENT_KEY if self.chat else _TEXT_KEY
         at = text.find(key)
         if (at >= 0 and event[at + len(key)] != _QUOTE) or (

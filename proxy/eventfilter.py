@@ -56,7 +56,7 @@ class NamedEventFilter(ChunkFilter):
         super().__init__(ex, True, guard_spec, 1, watchdog)
         self.released: dict[int, list[str]] = {}
 
-    def observe(self, event: bytes) -> bytes:
+    def observe(self, event: bytes, text: str = "") -> bytes:
         if event.startswith(DONE_EVENT):
             self.done = True
             return event
@@ -69,7 +69,7 @@ class NamedEventFilter(ChunkFilter):
                 self.bookkeep(*parsed)
         return event
 
-    def guarded(self, event: bytes) -> bytes | None:
+    def guarded(self, event: bytes, text: str = "") -> bytes | None:
         if event.startswith(DONE_EVENT):
             self.done = True
             return event

@@ -80,12 +80,13 @@ class StreamRelay:
         # Without a guard the per-event work is observe's byte searches only.
         self._guarded = chunk_filter.guard_spec is not None
 
-    def _on_event(self, event: bytes) -> bytes | None:
+    def _on_event(self, event: bytes, text: str = "") -> bytes | None:
         # A method called, not a bound method stored: compiled, the call goes straight to
         # the filter's (or a subclass's) method, with no argument parsing or boxing.
+        # `text`: the event decoded as latin-1 when the caller has it ("": not yet).
         if self._guarded:
-            return self.filter.guarded(event)
-        return self.filter.observe(event)
+            return self.filter.guarded(event, text)
+        return self.filter.observe(event, text)
 
     def _end(self, result: str) -> None:
         self._over = True
@@ -197,9 +198,10 @@ class StreamRelay:
                 if data[end - 1] != 10:
                     break
                 event = data[start:end]
-                if event.decode("latin-1").find("\n") != size - 2:  # as text: see chunks.py
+                text = event.decode("latin-1")  # searched as text: see chunks.py
+                if text.find("\n") != size - 2:
                     break
-                out = self._on_event(event)
+                out = self._on_event(event, text)
                 if out is not event:  # changed or held back: framed anew
                     if parts is None:
                         parts = []

@@ -147,11 +147,11 @@ class TgiStreamFilter(ChunkFilter):
         self.tokens = 0
         self.final: tuple[str, str | None, Any] | None = None  # last text, finish, stop_reason
 
-    def observe(self, event: bytes) -> bytes:
-        return self._to_tgi(super().observe(event))
+    def observe(self, event: bytes, text: str = "") -> bytes:
+        return self._to_tgi(super().observe(event, text))
 
-    def guarded(self, event: bytes) -> bytes | None:
-        out = super().guarded(event)
+    def guarded(self, event: bytes, text: str = "") -> bytes | None:
+        out = super().guarded(event, text)
         return None if out is None else self._to_tgi(out)
 
     def eof_tail(self) -> bytes:
