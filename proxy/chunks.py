@@ -341,14 +341,16 @@ class ChunkFilter:
             or _USAGE_KEY in text
             or (len(event) > 8 and event[8] == _E and event.startswith(_ERROR_PREFIX))
         ):
-            self._bookkeep(event)
+            self._bookkeep(event, text)
         return event
 
-    def _bookkeep(self, event: bytes) -> None:
+    def _bookkeep(self, event: bytes, text: str = "") -> None:
         """The finish reason and usage of an event that has them. The compact JSON vLLM
         writes is read by searches (`_bookkeep_compact`); anything else (an error key,
-        spaces, an escaped finish reason, a null count) by parsing the event."""
-        text = event.decode("latin-1")
+        spaces, an escaped finish reason, a null count) by parsing the event. `text`:
+        `event` decoded as latin-1, when the caller has it."""
+        if not text:
+            text = event.decode("latin-1")
         if '"error"' not in text and self._compact(event, text):
             return
         self._bookkeep_parsed(event)

@@ -19,6 +19,7 @@ from sluice.proxy.chunks import (
     _token_text,
 )
 from sluice.proxy.exchange import Exchange
+from sluice.proxy.jsonbody import nesting_exceeds
 
 # From ../shared/vllm-transcripts (vLLM 0.26): a finish chunk, the usage chunk, a chunk
 # with continuous usage stats.
@@ -179,3 +180,33 @@ def test_a_token_chunk_is_read_as_the_expression_reads_it(
         assert got == (int(match[1]), match.start(2), match.end(2))
     elif match is not None:
         assert b"\\" in match[2] or len(match[1]) > 18
+
+
+def _depth(obj: Any) -> int:
+    if isinstance(obj, dict):
+        return 1 + max((_depth(v) for v in obj.values()), default=0)
+    if isinstance(obj, list):
+        return 1 + max((_depth(v) for v in obj), default=0)
+    return 0
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(alphabet=st.sampled_from(list('ab[]{}"\\é')), max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=JSON_VALUES, limit=st.integers(min_value=0, max_value=12), pad=st.sampled_from([0, 5000])
+)
+def test_the_nesting_check_counts_as_parsing_does(value: Any, limit: int, pad: int) -> None:
+    """`nesting_exceeds` (brackets counted as text below 4 KB, as bytes above) says what
+    the parsed body's depth says; brackets inside strings never count."""
+    body = orjson.dumps({"pad": "[" * pad, "v": value})
+    assert nesting_exceeds(body, limit) == (_depth(orjson.loads(body)) > limit)
