@@ -20,6 +20,7 @@ from sluice.proxy.chunks import (
 )
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.jsonbody import nesting_exceeds
+from sluice.proxy.stopwords import GuardSpec
 
 # From ../shared/vllm-transcripts (vLLM 0.26): a finish chunk, the usage chunk, a chunk
 # with continuous usage stats.
@@ -210,3 +211,70 @@ def test_the_nesting_check_counts_as_parsing_does(value: Any, limit: int, pad: i
     the parsed body's depth says; brackets inside strings never count."""
     body = orjson.dumps({"pad": "[" * pad, "v": value})
     assert nesting_exceeds(body, limit) == (_depth(orjson.loads(body)) > limit)
+
+
+ROLE_CHUNK = (
+    b'data: {"id":"chatcmpl-9bb62c914f867344","object":"chat.completion.chunk","created":'
+    b'1795635313,"model":"tiny-llama","choices":[{"index":0,"delta":{"role":"assistant",'
+    b'"content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,'
+    b'"prompt_text":null}\n\n'
+)
+TOKEN_CHUNK = (
+    b'data: {"id":"chatcmpl-9bb62c914f867344","object":"chat.completion.chunk","created":'
+    b'1795635313,"model":"tiny-llama","choices":[{"index":0,"delta":{"content":" ST"},'
+    b'"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+)
+UNGUARDED_FORMS = [
+    ROLE_CHUNK,
+    VLLM_EVENTS[1] + b"\n\n",  # the usage chunk
+    ROLE_CHUNK.replace(b'"index":0', b'"index":3'),
+    ROLE_CHUNK.replace(
+        b'"prompt_token_ids":null', b'"usage":{"prompt_tokens":4,"completion_tokens":0}'
+    ),
+    ROLE_CHUNK.replace(b'"content":""', b'"content":"x"'),
+    ROLE_CHUNK.replace(b'"finish_reason":null', b'"finish_reason":"stop"'),
+    ROLE_CHUNK.replace(b'"prompt_text":null', b'"error":{"message":"boom"}'),
+    *[event + b"\n\n" for event in ODD_EVENTS],
+]
+
+
+@pytest.mark.parametrize("event", UNGUARDED_FORMS)
+def test_role_and_usage_chunks_read_without_parsing_leave_what_parsing_leaves(
+    event: bytes,
+) -> None:
+    """A guarded stream's role and usage chunks (`_nothing_to_guard`, read by their literal
+    form) leave what `_parse_event` leaves: the same bytes out, the same records, and the
+    same answer to the stream's next token and to its end without [DONE]."""
+    spec = GuardSpec(stop=("STOP",))
+
+    def run(parse_only: bool) -> tuple[Any, ...]:
+        ex = Exchange("r", 0.0)
+        chunk_filter = ChunkFilter(ex, True, spec, 1)
+        first = chunk_filter._parse_event(event) if parse_only else chunk_filter.guarded(event)
+        then = chunk_filter.guarded(TOKEN_CHUNK)
+        tail = chunk_filter.eof_tail()
+        return (
+            first,
+            then,
+            tail,
+            ex.prompt_tokens,
+            ex.completion_tokens,
+            ex.finish_reason,
+            ex.content_chunks,
+            chunk_filter.upstream_error,
+            chunk_filter.finished,
+        )
+
+    assert run(False) == run(True)
+
+
+def test_vllms_role_and_usage_chunks_are_not_parsed_on_a_guarded_stream() -> None:
+    """The forms above that `_nothing_to_guard` takes (vLLM's role chunk, at any index, and
+    its usage chunk), and some it leaves to the parser."""
+    spec = GuardSpec(stop=("STOP",))
+    taken = [
+        ChunkFilter(Exchange("r", 0.0), True, spec, 1)._nothing_to_guard(e, "")
+        for e in UNGUARDED_FORMS
+    ]
+    assert taken[:3] == [True, True, True]
+    assert taken[3:7] == [False, False, False, False]
