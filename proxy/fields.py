@@ -28,8 +28,9 @@ CACHE_SALT: Final = "cache_salt"
 def apply_field_rules(body: dict[str, Any], rules: FieldRules) -> bool:
     """Raises ApiError(400) for a denied field set to another value; sets forced fields.
     True when the body changed."""
-    changed = bool(rules.forced)
-    for field, who in rules.denied.items():
+    forced = rules.forced_items
+    changed = bool(forced)
+    for field, who in rules.denied_items:
         value = body.get(field)
         if value is None:
             continue
@@ -44,7 +45,7 @@ def apply_field_rules(body: dict[str, Any], rules: FieldRules) -> bool:
             param=field,
             code="field_denied",
         )
-    for field, value in rules.forced.items():
+    for field, value in forced:
         body[field] = value
     return changed
 

@@ -134,6 +134,14 @@ class FieldRules:
         )
     )
     forced: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    # The same as tuples, for the per-request check: compiled, a tuple is walked directly;
+    # a read-only mapping's items() is a method call and an iterator per request.
+    denied_items: tuple[tuple[str, str], ...] = field(init=False, default=())
+    forced_items: tuple[tuple[str, Any], ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "denied_items", tuple(self.denied.items()))
+        object.__setattr__(self, "forced_items", tuple(self.forced.items()))
 
 
 DEFAULT_FIELD_RULES: Final = FieldRules()
