@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 COMPILED := build/compiled
 COMPILED_STAMP := $(COMPILED)/.built-stamp
 
-.PHONY: demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-floor bench-relay bench-routing bench-routing-gpu verify-gpu bench-memory clean
+.PHONY: bench-instructions demo test test-pure test-compiled compiled compiler-deps soak lint typecheck imports link-tree format edge-deps browser-deps scale-deps bench bench-floor bench-relay bench-routing bench-routing-gpu verify-gpu bench-memory clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -126,6 +126,15 @@ bench-routing-gpu: $(STAMP) edge-deps
 # docs/ROUTING.md: round-robin vs least-outstanding vs sluice's replica choice (~1-2 min)
 bench-routing: $(STAMP) edge-deps
 	$(VENV)/bin/sluice bench routing --workers 2,4
+
+# User-space instructions per 2-token request of the compiled build, counted by valgrind's
+# callgrind: deterministic to ~0.3%, for A/Bs of per-request work where CPU time on a
+# shared machine moves by 10% (~30 s; TOKENS=64 and serve arguments: bench/instructions.sh).
+bench-instructions: $(COMPILED_STAMP)
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind; \
+	  else echo "no valgrind: run 'sudo apt-get install -y valgrind' and retry" >&2; exit 1; fi; }
+	bash bench/instructions.sh $(COMPILED) 2000 9150
 
 # Resident memory per open stream (bounded: about 30 s).
 bench-memory: $(STAMP)
