@@ -76,6 +76,25 @@ def _at(text: str, part: str, pos: int) -> bool:
     return text[pos : pos + len(part)] == part
 
 
+def _choice_index(event: bytes, text: str) -> tuple[int, int]:
+    """The index of the first `"choices":[{"index":N` in `event` (`text` its latin-1
+    decoding) and the position after its digits; (-1, 0) when there is none, or no digits,
+    or more than 18 (the regular expressions' `\\d+` reads those)."""
+    at = text.find(_CHOICE_START)
+    if at < 0:
+        return -1, 0
+    pos = at + len(_CHOICE_START)
+    size = len(event)
+    index = 0
+    digits = pos
+    while pos < size and 48 <= event[pos] <= 57:
+        index = index * 10 + event[pos] - 48
+        pos += 1
+    if pos == digits or pos - digits > 18:
+        return -1, 0
+    return index, pos
+
+
 def _token_text(event: bytes, chat: bool, text: str = "") -> tuple[int, int, int]:
     """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read without the
     regular expression for a text without escapes (the common token): (the choice's
@@ -89,17 +108,8 @@ def _token_text(event: bytes, chat: bool, text: str = "") -> tuple[int, int, int
     when the caller has it."""
     if not text:
         text = event.decode("latin-1")
-    at = text.find(_CHOICE_START)
-    if at < 0:
-        return NO_TOKEN_TEXT
-    pos = at + len(_CHOICE_START)
-    size = len(event)
-    index = 0
-    digits = pos
-    while pos < size and 48 <= event[pos] <= 57:
-        index = index * 10 + event[pos] - 48
-        pos += 1
-    if pos == digits or pos - digits > 18:
+    index, pos = _choice_index(event, text)
+    if index < 0:
         return NO_TOKEN_TEXT
     before = _CHAT_BEFORE if chat else _TEXT_BEFORE
     if not _at(text, before, pos):
@@ -273,6 +283,8 @@ class ChunkFilter:
         the chunk, and the event goes out unchanged when the guard passes the text
         through. Anything else is parsed. `text`: the event decoded as latin-1, when the
         caller has it ("": not yet), as for `observe`."""
+        if not text:
+            text = event.decode("latin-1")
         index, start, end = _token_text(event, self.chat, text)
         escaped = False
         if index < 0:
@@ -305,9 +317,8 @@ class ChunkFilter:
         """vLLM's role chunk (a choice's first: no text, no finish) and its usage chunk
         (no choices), known by their literal form: what `_parse_event` does with them,
         without parsing them (~19,000 instructions each, twice per stream). False: not
-        one of them, or not in that form; the event is parsed as before."""
-        if not text:
-            text = event.decode("latin-1")
+        one of them, or not in that form; the event is parsed as before. `text`: `event`
+        decoded as latin-1."""
         if _USAGE_KEY in text:
             # The usage chunk: its counts read as observe reads them. (A role chunk with
             # usage in it, as continuous usage stats send, is parsed.)
@@ -318,17 +329,10 @@ class ChunkFilter:
                 and '"error"' not in text
                 and self._compact(event, text)
             )
-        at = text.find(_CHOICE_START)
-        if at < 0 or not self.chat:
+        if not self.chat:
             return False
-        pos = at + len(_CHOICE_START)
-        size = len(event)
-        index = 0
-        digits = pos
-        while pos < size and 48 <= event[pos] <= 57:
-            index = index * 10 + event[pos] - 48
-            pos += 1
-        if pos == digits or pos - digits > 18 or index in self.finished:
+        index, pos = _choice_index(event, text)
+        if index < 0 or index in self.finished:
             return False
         if not _at(text, _ROLE_REST, pos) or '"error"' in text:
             return False

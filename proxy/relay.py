@@ -131,11 +131,11 @@ class StreamRelay:
             # one-byte search, memchr, ~3x cheaper than looking for "\n\n"; as text, see
             # chunks.py: a copy of the event and a direct call, not bytes.find's).
             out: bytes | None
-            first_newline = data.decode("latin-1").find("\n")
-            if self._partial or first_newline != len(data) - 2 or data[-1] != 10:
+            text = "" if self._partial else data.decode("latin-1")
+            if self._partial or text.find("\n") != len(data) - 2 or data[-1] != 10:
                 out = self._feed_split(data)
             else:
-                out = self._on_event(data)
+                out = self._on_event(data, text)
             if chunk_filter.done:
                 # The last event and the end of the body go out in one send.
                 if self._out:

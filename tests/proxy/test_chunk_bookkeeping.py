@@ -273,7 +273,7 @@ def test_vllms_role_and_usage_chunks_are_not_parsed_on_a_guarded_stream() -> Non
     its usage chunk), and some it leaves to the parser."""
     spec = GuardSpec(stop=("STOP",))
     taken = [
-        ChunkFilter(Exchange("r", 0.0), True, spec, 1)._nothing_to_guard(e, "")
+        ChunkFilter(Exchange("r", 0.0), True, spec, 1)._nothing_to_guard(e, e.decode("latin-1"))
         for e in UNGUARDED_FORMS
     ]
     assert taken[:3] == [True, True, True]
