@@ -4,9 +4,11 @@ stream guard per choice index.
 `ChunkFilter.guarded` (with a guard) or `ChunkFilter.observe` (without) takes one event
 (with its trailing blank line) and returns the bytes to send, rewriting a chunk only when
 the guard changed its text. It does no I/O, so the
-property tests drive the exact code the relay runs. Without a guard an event is never
-parsed (byte searches find what the timers need); with one, vLLM's token chunks are
-matched by one regular expression and only finish chunks and other layouts are parsed.
+property tests drive the exact code the relay runs. vLLM's common chunks (a token, the
+role chunk, the last token with its finish reason, the usage chunk) are read by their
+literal layout (`vllmshape`). Without a guard no event is parsed (searches find what the
+timers need in any other layout); with one, a token chunk in another layout is matched by
+one regular expression, and only what neither reads is parsed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ from .exchange import Exchange
 from .sse import DONE_EVENT, SEPARATOR
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
+from .vllmshape import (
+    CHAT_TEXT_OPEN,
+    CHAT_TOKEN_END,
+    CHOICES,
+    FINISH_KEY,
+    NOT_READ,
+    TEXT_TEXT_OPEN,
+    TEXT_TOKEN_END,
+    USAGE_KEY,
+    digits_at,
+    ends_at,
+    maybe_role,
+    read_choice,
+    role_end,
+    token_span,
+    usage_counts,
+)
 
 # The keys observe looks for, as text: an event is searched as its latin-1 decoding (one
 # character per byte, so positions are the bytes'). Compiled, `str.find` and `in` are direct
@@ -30,8 +49,6 @@ _CONTENT_KEY: Final = '"content":"'
 _TEXT_KEY: Final = '"text":"'
 _QUOTE: Final = ord('"')
 _ERROR_PREFIX: Final = b'data: {"error"'
-_FINISH_KEY: Final = '"finish_reason":"'  # a string value follows
-_USAGE_KEY: Final = '"usage":{'
 _COUNT_ENDS: Final = b",}"
 _BRACKET: Final = ord("[")  # DONE_EVENT[6]
 _E: Final = ord("e")  # _ERROR_PREFIX[8]
@@ -47,95 +64,30 @@ _COMPLETION_TEXT: Final = re.compile(
 )
 
 
-# The literal parts of those token chunks, for `_token_text` (as text: see _CONTENT_KEY).
-_CHOICE_START: Final = '"choices":[{"index":'
-_CHAT_BEFORE: Final = ',"delta":{"content":"'
-_TEXT_BEFORE: Final = ',"text":"'
-_CHAT_AFTER: Final = '"},"logprobs":null,"finish_reason":null'
-_TEXT_AFTER: Final = '","logprobs":null,"finish_reason":null'
-# The rest of vLLM's role chunk after its index: no text, no finish.
-_ROLE_REST: Final = (
-    ',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
-)
-# The optional fields after it: chat has the last one, completions all three in order.
-_STOP_REASON: Final = ',"stop_reason":null'
-_PROMPT_TOKEN_IDS: Final = ',"prompt_token_ids":null'
-_TOKEN_IDS: Final = ',"token_ids":null'
-_CHOICE_END: Final = "}]"
 NO_TOKEN_TEXT: Final = (-1, 0, 0)
 
 
-# What follows the text in vLLM 0.26's token chunks, whole: one comparison, usually.
-_CHAT_TAIL: Final = _CHAT_AFTER + _TOKEN_IDS + _CHOICE_END
-_TEXT_TAIL: Final = _TEXT_AFTER + _STOP_REASON + _PROMPT_TOKEN_IDS + _TOKEN_IDS + _CHOICE_END
+def _token_text(event: bytes, chat: bool, text: str = "", pos: int = -2) -> tuple[int, int, int]:
+    """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read by vLLM's
+    layout (`vllmshape.read_choice`) without the regular expression: (the choice's
+    index, the start and end of its raw text, escapes kept). NO_TOKEN_TEXT (index -1):
+    not read here (an empty text, a finish, another layout, an escaped quote); the caller
+    asks the expression, as before. A regular expression's search over a 250-byte event
+    costs ~5,000 instructions, this a few hundred.
 
-
-def _at(text: str, part: str, pos: int) -> bool:
-    """`text.startswith(part, pos)`: compiled, a slice and a comparison (a bounded find
-    sets its search up per call; startswith with a position parses its arguments)."""
-    return text[pos : pos + len(part)] == part
-
-
-def _choice_index(event: bytes, text: str) -> tuple[int, int]:
-    """The index of the first `"choices":[{"index":N` in `event` (`text` its latin-1
-    decoding) and the position after its digits; (-1, 0) when there is none, or no digits,
-    or more than 18 (the regular expressions' `\\d+` reads those)."""
-    at = text.find(_CHOICE_START)
-    if at < 0:
-        return -1, 0
-    pos = at + len(_CHOICE_START)
-    size = len(event)
-    index = 0
-    digits = pos
-    while pos < size and 48 <= event[pos] <= 57:
-        index = index * 10 + event[pos] - 48
-        pos += 1
-    if pos == digits or pos - digits > 18:
-        return -1, 0
-    return index, pos
-
-
-def _token_text(event: bytes, chat: bool, text: str = "") -> tuple[int, int, int]:
-    """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read without the
-    regular expression for a text without escapes (the common token): (the choice's
-    index, the start and end of its raw text). NO_TOKEN_TEXT (index -1): not read here;
-    the caller asks the expression, as before. A regular expression's search over a
-    250-byte event costs ~5,000 instructions, this ~1,000.
-
-    The first `"choices":[{"index":` is the only place the expression can match (a key
-    in JSON text cannot occur inside a string, whose quotes are escaped), so a match
-    found there is the expression's leftmost match. `text`: `event` decoded as latin-1,
-    when the caller has it."""
+    `pos`: where the event's choices array begins (after `"choices":[`), -1 for none,
+    -2 (the default) to find it here. A key in JSON text cannot occur inside a string,
+    whose quotes are escaped, so a choice read there is the expression's leftmost match.
+    `text`: `event` decoded as latin-1, when the caller has it."""
     if not text:
         text = event.decode("latin-1")
-    index, pos = _choice_index(event, text)
-    if index < 0:
+    if pos == -2:
+        found = text.find(CHOICES)
+        pos = found + len(CHOICES) if found >= 0 else -1
+    if pos < 0:
         return NO_TOKEN_TEXT
-    before = _CHAT_BEFORE if chat else _TEXT_BEFORE
-    if not _at(text, before, pos):
-        return NO_TOKEN_TEXT
-    start = pos + len(before)
-    end = text.find('"', start)
-    if end <= start or text.find("\\", start, end) >= 0:
-        return NO_TOKEN_TEXT  # empty, or escapes: the expression decides
-    if _at(text, _CHAT_TAIL if chat else _TEXT_TAIL, end):
-        return index, start, end
-    after = _CHAT_AFTER if chat else _TEXT_AFTER
-    pos = end
-    if not _at(text, after, pos):
-        return NO_TOKEN_TEXT
-    pos += len(after)
-    if chat:
-        if _at(text, _TOKEN_IDS, pos):
-            pos += len(_TOKEN_IDS)
-    else:  # each optional, in this order
-        if _at(text, _STOP_REASON, pos):
-            pos += len(_STOP_REASON)
-        if _at(text, _PROMPT_TOKEN_IDS, pos):
-            pos += len(_PROMPT_TOKEN_IDS)
-        if _at(text, _TOKEN_IDS, pos):
-            pos += len(_TOKEN_IDS)
-    if not _at(text, _CHOICE_END, pos):
+    index, start, end, reason, _, _ = read_choice(event, text, chat, pos)
+    if index < 0 or reason >= 0 or end <= start:
         return NO_TOKEN_TEXT
     return index, start, end
 
@@ -143,27 +95,34 @@ def _token_text(event: bytes, chat: bool, text: str = "") -> tuple[int, int, int
 def _count_after(event: bytes, text: str, key: str, start: int) -> int:
     """The non-negative integer right after `key` (its first match from `start`); -1 when
     the key is absent or not followed by digits. `text` is `event` decoded as latin-1."""
-    at = text.find(key, start)
-    if at < 0:
+    found = text.find(key, start)
+    if found < 0:
         return -1
-    begin = end = at + len(key)
-    size = len(event)
-    value = 0  # summed here: no slice and int() of it
-    while end < size and 48 <= event[end] <= 57:  # b"0" to b"9"
-        value = value * 10 + event[end] - 48
-        end += 1
-    # A count ends at the next key or the object's end (not 1.5 or 1e3), within int64.
-    if end in (begin, size) or end - begin > 18 or event[end] not in _COUNT_ENDS:
+    value, end = digits_at(event, found + len(key))
+    # A count ends at the next key or the object's end (not 1.5 or 1e3).
+    if value < 0 or end == len(event) or event[end] not in _COUNT_ENDS:
         return -1
     return value
+
+
+def _quiet_after(event: bytes, text: str, after: int) -> bool:
+    """Nothing after a chunk's choices array (ending at `after`) that the general path
+    would record: the chunk ends there (vLLM's token chunks), or what follows has no usage
+    and no finish reason (vLLM's `system_fingerprint`, the role chunk's prompt fields)."""
+    return ends_at(event, after) or (
+        text.find(USAGE_KEY, after) < 0 and text.find(FINISH_KEY, after) < 0
+    )
 
 
 class ChunkFilter:
     """Per-stream state: which choices finished, their guards, token timing."""
 
     __slots__ = (
+        "_head",
         "_last_event",
         "_template",
+        "_token_end",
+        "_token_opening",
         "chat",
         "done",
         "ex",
@@ -194,6 +153,10 @@ class ChunkFilter:
         self.upstream_error = False
         self._template: dict[str, Any] | None = None
         self._last_event = b""  # an event whose id/model a synthesized chunk can copy
+        self._head = ""  # what precedes the choices array in this stream's chunks
+        # vLLM's token chunk of this stream, before and after its text (`token_span`)
+        self._token_opening = ""
+        self._token_end = CHAT_TOKEN_END if chat else TEXT_TOKEN_END
 
     def _parse_event(self, event: bytes) -> bytes | None:
         """The full path: parse the chunk, guard each choice, rewrite when changed."""
@@ -276,69 +239,133 @@ class ChunkFilter:
             return out_event + DONE_EVENT
         return out_event
 
+    def _choices(self, text: str) -> int:
+        """Where the event's choices array begins (after `"choices":[`), for the layout
+        readers; -1 for none, or when a usage or error key precedes it (which they would
+        not see). vLLM writes the same bytes before it in every chunk of a stream (id,
+        object, created, model): compared whole, they take the place of a search."""
+        head = self._head
+        if head and text.startswith(head):
+            return len(head)
+        found = text.find(CHOICES)
+        if found < 0:
+            return -1
+        end = found + len(CHOICES)
+        head = text[:end]
+        if USAGE_KEY in head or '"error"' in head:
+            return -1
+        self._head = head
+        self._token_opening = head + (CHAT_TEXT_OPEN if self.chat else TEXT_TEXT_OPEN)
+        return end
+
     def guarded(self, event: bytes, text: str = "") -> bytes | None:
-        """A guarded stream's event. The common one (vLLM's layout: one choice, one text
-        delta, no finish and no logprobs) is read by `_token_text` (a text with escapes
-        by one regular expression over the bytes): the text is decoded without parsing
-        the chunk, and the event goes out unchanged when the guard passes the text
-        through. Anything else is parsed. `text`: the event decoded as latin-1, when the
-        caller has it ("": not yet), as for `observe`."""
+        """A guarded stream's event. The common ones, in vLLM's layout (one choice, one
+        text, no logprobs), are read by `vllmshape.read_choice` (another layout with a
+        token by one regular expression over the bytes): the text is decoded without
+        parsing the chunk, and the event goes out unchanged when the guard passes the
+        text through. Anything else is parsed. `text`: the event decoded as latin-1, when
+        the caller has it ("": not yet), as for `observe`."""
         if not text:
             text = event.decode("latin-1")
-        index, start, end = _token_text(event, self.chat, text)
-        escaped = False
-        if index < 0:
-            if self._nothing_to_guard(event, text):
+        if self._token_opening and 0 not in self.finished:
+            start, end = token_span(text, self._token_opening, self._token_end)
+            if start >= 0:
+                return self._guard_text(event, text, 0, start, end, None)
+        pos = self._choices(text)
+        index, start, end, reason_start, reason_end, after = (
+            read_choice(event, text, self.chat, pos) if pos >= 0 else NOT_READ
+        )
+        if index >= 0 and reason_start >= 0:  # the last text, with its finish reason
+            if index in self.finished or not self._quiet_or_usage(event, text, after):
+                return self._parse_event(event)
+            finish = event[reason_start:reason_end].decode("utf-8", "replace")
+            return self._guard_text(event, text, index, start, end, finish)
+        if index < 0 or end <= start:
+            if self._nothing_to_guard(event, text, pos):
                 return event
             match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
             if match is None:
                 return self._parse_event(event)
-            index, start, end = int(match[1]), match.start(2), match.end(2)
-            escaped = event.find(b"\\", start, end) >= 0  # find, not `in`: see observe
-        if index in self.finished:
+            index, start, end, after = int(match[1]), match.start(2), match.end(2), match.end()
+        if index in self.finished or not self._quiet_or_usage(event, text, after):
             return self._parse_event(event)
+        return self._guard_text(event, text, index, start, end, None)
+
+    def _guard_text(
+        self, event: bytes, text: str, index: int, start: int, end: int, finish: str | None
+    ) -> bytes | None:
+        """Guards the text event[start:end] (raw JSON string content) of choice `index`
+        and the finish reason that came with it, as `_parse_event` would: the event
+        unchanged when the guard passes the text through, the released text spliced in
+        when it held some back, rewritten when it ended the choice."""
         raw = event[start:end]
-        token: str = orjson.loads(b'"' + raw + b'"') if escaped else raw.decode("utf-8")
-        self._token()
+        try:
+            if text.find("\\", start, end) >= 0:
+                token: str = orjson.loads(b'"' + raw + b'"')
+            else:
+                token = raw.decode("utf-8")
+        except ValueError:  # not JSON's escapes, or not UTF-8: as the parse leaves it
+            return self._parse_event(event)
+        if token:
+            self._token()
         guard = self.guards.get(index)
         if guard is None:
             assert self.guard_spec is not None
             guard = self.guards[index] = self.guard_spec.start()
         out = guard.feed(token)
+        if finish is not None:
+            self.ex.finish_reason = finish
+            self._last_event = event
+            if guard.finish_reason is None:
+                out += guard.finish()
         if guard.finish_reason is None:
-            if out is token:
+            if out is token or (finish is not None and out == token):
                 return event
             # Held back (part of) the text: splice the released part into the bytes.
             self._last_event = event
             return event[:start] + orjson.dumps(out)[1:-1] + event[end:]
         return self._rewrite(event, index, out, guard)
 
-    def _nothing_to_guard(self, event: bytes, text: str) -> bool:
+    def _nothing_to_guard(self, event: bytes, text: str, pos: int) -> bool:
         """vLLM's role chunk (a choice's first: no text, no finish) and its usage chunk
-        (no choices), known by their literal form: what `_parse_event` does with them,
-        without parsing them (~19,000 instructions each, twice per stream). False: not
-        one of them, or not in that form; the event is parsed as before. `text`: `event`
-        decoded as latin-1."""
-        if _USAGE_KEY in text:
-            # The usage chunk: its counts read as observe reads them. (A role chunk with
-            # usage in it, as continuous usage stats send, is parsed.)
-            return (
-                '"choices":[]' in text
-                and _CHOICE_START not in text
-                and _FINISH_KEY not in text
-                and '"error"' not in text
-                and self._compact(event, text)
-            )
+        (no choices), known by their literal form (`vllmshape`): what `_parse_event` does
+        with them, without parsing them (~19,000 instructions each, twice per stream).
+        False: not one of them, or not in that form; the event is parsed as before.
+        `pos`: where the choices array begins (`_choices`)."""
+        if pos < 0:
+            return False
+        if self._read_usage(event, text, pos):
+            return True
         if not self.chat:
             return False
-        index, pos = _choice_index(event, text)
-        if index < 0 or index in self.finished:
+        after = role_end(event, text, pos)
+        if after < 0 or digits_at(event, pos + len('{"index":'))[0] in self.finished:
             return False
-        if not _at(text, _ROLE_REST, pos) or '"error"' in text:
+        if not self._quiet_or_usage(event, text, after):
             return False
         # As _parse_event: the chunk a synthesized one copies its id and model from. The
         # choice's guard is made with its first text (an empty one would hold nothing).
         self._last_event = event
+        return True
+
+    def _quiet_or_usage(self, event: bytes, text: str, after: int) -> bool:
+        """Nothing after the choices array (ending at `after`) that parsing would record
+        (`_quiet_after`), or vLLM's usage object there (continuous usage stats), recorded.
+        False: something else, nothing recorded."""
+        return _quiet_after(event, text, after) or self._read_usage(event, text, after - 1)
+
+    def _read_usage(self, event: bytes, text: str, pos: int) -> bool:
+        """vLLM's usage object (`usage_counts`) right after `pos` (the end of the choices
+        array, or its `]`), its counts recorded; False: not in that form, or an error, a
+        finish reason or another usage after it (which the parse reads), nothing recorded."""
+        prompt, completion, after = usage_counts(event, text, pos)
+        if prompt < 0 or not (
+            ends_at(event, after)
+            or (_quiet_after(event, text, after) and text.find('"error"', after) < 0)
+        ):
+            return False
+        self.ex.prompt_tokens = prompt
+        self.ex.completion_tokens = completion
         return True
 
     def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:
@@ -362,8 +389,9 @@ class ChunkFilter:
         return out_event
 
     def observe(self, event: bytes, text: str = "") -> bytes:
-        """No guard: the event goes out unchanged, and a few searches find what the timers
-        and metrics need, without parsing the JSON of every token.
+        """No guard: the event goes out unchanged. vLLM's common chunks are read by their
+        layout (`_observed`); in any other, a few searches find what the timers and metrics
+        need, without parsing the JSON of every token.
 
         The event is searched as text (its latin-1 decoding, see `_CONTENT_KEY`): one copy
         of the event, then each search a direct call. (As bytes, `find` rather than `in`:
@@ -376,6 +404,12 @@ class ChunkFilter:
             return event
         if not text:  # the relay passes the text it searched for the event's newline
             text = event.decode("latin-1")
+        if self._token_opening and token_span(text, self._token_opening, self._token_end)[0] >= 0:
+            self._token()
+            return event
+        pos = self._choices(text)
+        if pos >= 0 and self._observed(event, text, pos):
+            return event
         key = _CONTENT_KEY if self.chat else _TEXT_KEY
         at = text.find(key)
         if (at >= 0 and event[at + len(key)] != _QUOTE) or (
@@ -383,12 +417,34 @@ class ChunkFilter:
         ):
             self._token()  # reasoning and tool-call deltas count for the timers too
         if (
-            _FINISH_KEY in text
-            or _USAGE_KEY in text
+            FINISH_KEY in text
+            or USAGE_KEY in text
             or (len(event) > 8 and event[8] == _E and event.startswith(_ERROR_PREFIX))
         ):
             self._bookkeep(event, text)
         return event
+
+    def _observed(self, event: bytes, text: str, pos: int) -> bool:
+        """observe's reading of vLLM's common chunks by their layout (`vllmshape`): a
+        token, the role chunk, the last token with its finish reason, the usage chunk.
+        Records what the general path below records for them, with no search over the
+        whole event; False (nothing recorded): not one of them."""
+        if self.chat and maybe_role(event, pos):
+            after = role_end(event, text, pos)
+            if after >= 0:
+                return self._quiet_or_usage(event, text, after)
+        index, start, end, reason_start, reason_end, after = read_choice(
+            event, text, self.chat, pos
+        )
+        if index >= 0:
+            if not self._quiet_or_usage(event, text, after):
+                return False
+            if end > start:
+                self._token()
+            if reason_start >= 0:
+                self.ex.finish_reason = event[reason_start:reason_end].decode("utf-8", "replace")
+            return True
+        return self._read_usage(event, text, pos)
 
     def _bookkeep(self, event: bytes, text: str = "") -> None:
         """The finish reason and usage of an event that has them. The compact JSON vLLM
@@ -412,8 +468,8 @@ class ChunkFilter:
         keys only, never text. False (nothing recorded): the event is not in that form.
         `text` is `event` decoded as latin-1."""
         prompt = completion = -1
-        at = text.find(_USAGE_KEY)
-        finish = text.rfind(_FINISH_KEY)  # the last choice's, as the parsed path
+        at = text.find(USAGE_KEY)
+        finish = text.rfind(FINISH_KEY)  # the last choice's, as the parsed path
         if at < 0 and finish < 0:
             return False
         if at >= 0:
@@ -423,7 +479,7 @@ class ChunkFilter:
                 return False
         reason: str | None = None
         if finish >= 0:
-            start = finish + len(_FINISH_KEY)
+            start = finish + len(FINISH_KEY)
             end = text.find('"', start)
             if end < 0 or text.find("\\", start, end) >= 0:
                 return False
