@@ -270,6 +270,8 @@ class ChunkFilter:
         if self._token_opening and 0 not in self.finished:
             start, end = token_span(text, self._token_opening, self._token_end)
             if start >= 0:
+                if end == start:
+                    return self._nothing_to_feed(event)
                 return self._guard_text(event, text, 0, start, end, None)
         pos = self._choices(text)
         index, start, end, reason_start, reason_end, after = (
@@ -280,7 +282,11 @@ class ChunkFilter:
                 return self._parse_event(event)
             finish = event[reason_start:reason_end].decode("utf-8", "replace")
             return self._guard_text(event, text, index, start, end, finish)
-        if index < 0 or end <= start:
+        if index >= 0 and end == start:
+            if index in self.finished or not self._quiet_or_usage(event, text, after):
+                return self._parse_event(event)
+            return self._nothing_to_feed(event)
+        if index < 0:
             if self._nothing_to_guard(event, text, pos):
                 return event
             match = (_CHAT_TEXT if self.chat else _COMPLETION_TEXT).search(event)
@@ -290,6 +296,13 @@ class ChunkFilter:
         if index in self.finished or not self._quiet_or_usage(event, text, after):
             return self._parse_event(event)
         return self._guard_text(event, text, index, start, end, None)
+
+    def _nothing_to_feed(self, event: bytes) -> bytes:
+        """A token chunk with an empty text and no finish (vLLM sends them while it holds
+        back what may begin a stop string): what `_parse_event` leaves, unchanged. (The
+        choice's guard is made with its first text; an empty one would hold nothing.)"""
+        self._last_event = event
+        return event
 
     def _guard_text(
         self, event: bytes, text: str, index: int, start: int, end: int, finish: str | None
@@ -404,9 +417,12 @@ class ChunkFilter:
             return event
         if not text:  # the relay passes the text it searched for the event's newline
             text = event.decode("latin-1")
-        if self._token_opening and token_span(text, self._token_opening, self._token_end)[0] >= 0:
-            self._token()
-            return event
+        if self._token_opening:
+            start, end = token_span(text, self._token_opening, self._token_end)
+            if start >= 0:
+                if end > start:
+                    self._token()
+                return event
         pos = self._choices(text)
         if pos >= 0 and self._observed(event, text, pos):
             return event

@@ -22,7 +22,6 @@ from typing import Final
 
 CHOICES: Final = '"choices":['
 _INDEX: Final = '{"index":'
-_CHOICE_START: Final = '"choices":[{"index":'
 _CHAT_BEFORE: Final = ',"delta":{"content":"'
 _TEXT_BEFORE: Final = ',"text":"'
 _CHAT_AFTER: Final = '"},"logprobs":null,"finish_reason":'
@@ -87,27 +86,19 @@ def digits_at(event: bytes, pos: int) -> tuple[int, int]:
     return value, end
 
 
-def choice_index(event: bytes, text: str) -> tuple[int, int]:
-    """The index of the first `"choices":[{"index":N` in `event` and the position after
-    its digits; (-1, 0) when there is none, or no digits, or more than 18."""
-    found = text.find(_CHOICE_START)
-    if found < 0:
-        return -1, 0
-    return digits_at(event, found + len(_CHOICE_START))
-
-
 def token_span(text: str, opening: str, end_part: str) -> tuple[int, int]:
     """vLLM's token chunk in its commonest form, whole: `opening` (what precedes the text:
-    the stream's head and CHAT_TEXT_OPEN or TEXT_TEXT_OPEN), a non-empty text, `end_part`
-    (CHAT_TOKEN_END or TEXT_TOKEN_END), nothing else. (start, end) of the raw text; (-1,
-    0) when the event is not that. Two memory comparisons (startswith and endswith, direct
-    calls compiled, where a slice compared in place allocates) and one search inside the
-    text: a quote only where the text ends, so the text holds no escaped quote."""
+    the stream's head and CHAT_TEXT_OPEN or TEXT_TEXT_OPEN), a text (empty while vLLM holds
+    back what may begin a stop string), `end_part` (CHAT_TOKEN_END or TEXT_TOKEN_END),
+    nothing else. (start, end) of the raw text; (-1, 0) when the event is not that. Two
+    memory comparisons (startswith and endswith, direct calls compiled, where a slice
+    compared in place allocates) and one search inside the text: a quote only where the
+    text ends, so the text holds no escaped quote."""
     if not (text.startswith(opening) and text.endswith(end_part)):
         return -1, 0
     start = len(opening)
     end = len(text) - len(end_part)
-    if end <= start or text.find('"', start) != end:
+    if end < start or text.find('"', start) != end:
         return -1, 0
     return start, end
 
@@ -246,7 +237,6 @@ __all__ = [
     "TEXT_TOKEN_END",
     "USAGE_KEY",
     "at",
-    "choice_index",
     "digits_at",
     "ends_at",
     "maybe_role",
