@@ -79,6 +79,22 @@ def test_a_record_holds_every_field(tmp_path: Path) -> None:
     assert abs(row["time"] - time.time()) < 60
 
 
+def test_fields_that_do_not_apply_are_null(tmp_path: Path) -> None:
+    """None is written as SQL NULL (through the adapter registered for it), as sqlite3
+    writes it without one: no error, no first token, no gap between tokens."""
+    db = tmp_path / "r.sqlite"
+    writer = RecordWriter(db, flush_interval=0.05)
+    ex = Exchange("req-2", started_at=100.0)
+    ex.app, ex.route, ex.status, ex.ended_at = "bot", "chat", 200, 100.5
+    writer.submit(ex)
+    assert writer.close()
+    with sqlite3.connect(db) as conn:
+        nulls = conn.execute(
+            "SELECT typeof(error), typeof(ttft), typeof(mean_itl), typeof(status) FROM records"
+        ).fetchone()
+    assert nulls == ("null", "null", "null", "integer")
+
+
 def test_unrouted_requests_are_not_recorded(tmp_path: Path) -> None:
     writer = RecordWriter(tmp_path / "r.sqlite")
     writer.submit(exchange("x", route=""))  # a 401 or a bad body: metrics and log only
