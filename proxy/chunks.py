@@ -64,34 +64,6 @@ _COMPLETION_TEXT: Final = re.compile(
 )
 
 
-NO_TOKEN_TEXT: Final = (-1, 0, 0)
-
-
-def _token_text(event: bytes, chat: bool, text: str = "", pos: int = -2) -> tuple[int, int, int]:
-    """What `_CHAT_TEXT` (chat) or `_COMPLETION_TEXT` finds in `event`, read by vLLM's
-    layout (`vllmshape.read_choice`) without the regular expression: (the choice's
-    index, the start and end of its raw text, escapes kept). NO_TOKEN_TEXT (index -1):
-    not read here (an empty text, a finish, another layout, an escaped quote); the caller
-    asks the expression, as before. A regular expression's search over a 250-byte event
-    costs ~5,000 instructions, this a few hundred.
-
-    `pos`: where the event's choices array begins (after `"choices":[`), -1 for none,
-    -2 (the default) to find it here. A key in JSON text cannot occur inside a string,
-    whose quotes are escaped, so a choice read there is the expression's leftmost match.
-    `text`: `event` decoded as latin-1, when the caller has it."""
-    if not text:
-        text = event.decode("latin-1")
-    if pos == -2:
-        found = text.find(CHOICES)
-        pos = found + len(CHOICES) if found >= 0 else -1
-    if pos < 0:
-        return NO_TOKEN_TEXT
-    index, start, end, reason, _, _ = read_choice(event, text, chat, pos)
-    if index < 0 or reason >= 0 or end <= start:
-        return NO_TOKEN_TEXT
-    return index, start, end
-
-
 def _count_after(event: bytes, text: str, key: str, start: int) -> int:
     """The non-negative integer right after `key` (its first match from `start`); -1 when
     the key is absent or not followed by digits. `text` is `event` decoded as latin-1."""

@@ -11,16 +11,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.proxy.chunks import (
-    _CHAT_TEXT,
-    _COMPLETION_TEXT,
-    NO_TOKEN_TEXT,
-    ChunkFilter,
-    _token_text,
-)
+from sluice.proxy.chunks import _CHAT_TEXT, _COMPLETION_TEXT, ChunkFilter
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.jsonbody import nesting_exceeds
 from sluice.proxy.stopwords import GuardSpec
+from sluice.proxy.vllmshape import read_choice
 
 # From ../shared/vllm-transcripts (vLLM 0.26): a finish chunk, the usage chunk, a chunk
 # with continuous usage stats.
@@ -143,9 +138,10 @@ def test_a_token_chunk_is_read_as_the_expression_reads_it(
     tail: str,
     spaced: bool,
 ) -> None:
-    """`_token_text` reads what the guarded path's regular expression matches (index,
-    start and end of the raw text) whenever it reads anything, and reads every match
-    whose text has no escape: the expression is only asked for the rest."""
+    """`read_choice` (the guarded path's reader of vLLM's layout) reads what the
+    regular expression matches (index, start and end of the raw text) whenever it reads
+    a token, and reads every match but those whose text holds an escaped quote: the
+    expression is only asked for the rest."""
     raw = orjson.dumps(content)[1:-1]
     sep = b", " if spaced else b","
     if chat:
@@ -175,12 +171,13 @@ def test_a_token_chunk_is_read_as_the_expression_reads_it(
     )
     expression = _CHAT_TEXT if chat else _COMPLETION_TEXT
     match = expression.search(event)
-    got = _token_text(event, chat)
-    if got != NO_TOKEN_TEXT:
+    text = event.decode("latin-1")
+    index, start, end, reason, _, _ = read_choice(event, text, chat, text.find("[") + 1)
+    if index >= 0 and reason < 0 and end > start:  # a token, read by the layout
         assert match is not None
-        assert got == (int(match[1]), match.start(2), match.end(2))
+        assert (index, start, end) == (int(match[1]), match.start(2), match.end(2))
     elif match is not None:
-        assert b"\\" in match[2] or len(match[1]) > 18
+        assert b'\\"' in match[2] or len(match[1]) > 18
 
 
 def _depth(obj: Any) -> int:
