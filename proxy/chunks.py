@@ -249,15 +249,6 @@ class ChunkFilter:
         index, start, end, reason_start, reason_end, after = (
             read_choice(event, text, self.chat, pos) if pos >= 0 else NOT_READ
         )
-        if index >= 0 and reason_start >= 0:  # the last text, with its finish reason
-            if index in self.finished or not self._quiet_or_usage(event, text, after):
-                return self._parse_event(event)
-            finish = event[reason_start:reason_end].decode("utf-8", "replace")
-            return self._guard_text(event, text, index, start, end, finish)
-        if index >= 0 and end == start:
-            if index in self.finished or not self._quiet_or_usage(event, text, after):
-                return self._parse_event(event)
-            return self._nothing_to_feed(event)
         if index < 0:
             if self._nothing_to_guard(event, text, pos):
                 return event
@@ -267,6 +258,11 @@ class ChunkFilter:
             index, start, end, after = int(match[1]), match.start(2), match.end(2), match.end()
         if index in self.finished or not self._quiet_or_usage(event, text, after):
             return self._parse_event(event)
+        if reason_start >= 0:  # the choice's last text, with its finish reason
+            finish = event[reason_start:reason_end].decode("utf-8", "replace")
+            return self._guard_text(event, text, index, start, end, finish)
+        if end == start:
+            return self._nothing_to_feed(event)
         return self._guard_text(event, text, index, start, end, None)
 
     def _nothing_to_feed(self, event: bytes) -> bytes:

@@ -28,10 +28,10 @@ _CHAT_AFTER: Final = '"},"logprobs":null,"finish_reason":'
 _TEXT_AFTER: Final = '","logprobs":null,"finish_reason":'
 _NULL: Final = "null"
 # The rest of vLLM's role chunk after its index: no text, no finish.
-ROLE_REST: Final = (
+_ROLE_REST: Final = (
     ',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
 )
-_ROLE_AT_0: Final = _INDEX + "0" + ROLE_REST
+_ROLE_AT_0: Final = _INDEX + "0" + _ROLE_REST
 _ROLE_HINT: Final = _INDEX + '0,"delta":{"'  # then "role"
 _R: Final = ord("r")
 # The optional fields after the finish reason: chat has stop_reason (with a finish) and
@@ -41,8 +41,8 @@ _PROMPT_TOKEN_IDS: Final = ',"prompt_token_ids":null'
 _TOKEN_IDS: Final = ',"token_ids":null'
 _CHOICE_END: Final = "}]"
 # What follows a token's text in vLLM 0.26's token chunks, whole: one comparison, usually.
-CHAT_TAIL: Final = _CHAT_AFTER + _NULL + _TOKEN_IDS + _CHOICE_END
-TEXT_TAIL: Final = (
+_CHAT_TAIL: Final = _CHAT_AFTER + _NULL + _TOKEN_IDS + _CHOICE_END
+_TEXT_TAIL: Final = (
     _TEXT_AFTER + _NULL + _STOP_REASON + _NULL + _PROMPT_TOKEN_IDS + _TOKEN_IDS + _CHOICE_END
 )
 # What follows a finish reason in vLLM's last chunk of a choice, to the choices' end.
@@ -52,8 +52,8 @@ _TEXT_FINISH_REST: Final = _STOP_REASON + _NULL + _PROMPT_TOKEN_IDS + _TOKEN_IDS
 CHAT_TEXT_OPEN: Final = _INDEX + "0" + _CHAT_BEFORE
 TEXT_TEXT_OPEN: Final = _INDEX + "0" + _TEXT_BEFORE
 # A token chunk's end after its text, the chunk's object and blank line included.
-CHAT_TOKEN_END: Final = CHAT_TAIL + "}\n\n"
-TEXT_TOKEN_END: Final = TEXT_TAIL + "}\n\n"
+CHAT_TOKEN_END: Final = _CHAT_TAIL + "}\n\n"
+TEXT_TOKEN_END: Final = _TEXT_TAIL + "}\n\n"
 # vLLM's usage chunk after `"choices":[`, its three counts in this order.
 _USAGE_START: Final = '],"usage":{"prompt_tokens":'
 _TOTAL: Final = ',"total_tokens":'
@@ -66,7 +66,7 @@ _BRACE_CLOSE: Final = ord("}")
 NOT_READ: Final = (-1, 0, 0, -1, 0, 0)
 
 
-def at(text: str, part: str, pos: int) -> bool:
+def _at(text: str, part: str, pos: int) -> bool:
     """`text.startswith(part, pos)`: compiled, a slice and a comparison (a bounded find
     sets its search up per call; startswith with a position parses its arguments)."""
     return text[pos : pos + len(part)] == part
@@ -117,26 +117,26 @@ def read_choice(
     ends the text or is part of an escaped one (`\\"`), and then what follows it cannot
     be the literal, unescaped keys compared next: a read is the parse's reading."""
     opening = CHAT_TEXT_OPEN if chat else TEXT_TEXT_OPEN
-    if at(text, opening, pos):  # index 0: one comparison
+    if _at(text, opening, pos):  # index 0: one comparison
         index, start = 0, pos + len(opening)
     else:
-        if not at(text, _INDEX, pos):
+        if not _at(text, _INDEX, pos):
             return NOT_READ
         index, p = digits_at(event, pos + len(_INDEX))
         before = _CHAT_BEFORE if chat else _TEXT_BEFORE
-        if index < 0 or not at(text, before, p):
+        if index < 0 or not _at(text, before, p):
             return NOT_READ
         start = p + len(before)
     end = text.find('"', start)
     if end < 0:
         return NOT_READ
     if chat:
-        if at(text, CHAT_TAIL, end):
-            return index, start, end, -1, 0, end + len(CHAT_TAIL)
-    elif at(text, TEXT_TAIL, end):
-        return index, start, end, -1, 0, end + len(TEXT_TAIL)
+        if _at(text, _CHAT_TAIL, end):
+            return index, start, end, -1, 0, end + len(_CHAT_TAIL)
+    elif _at(text, _TEXT_TAIL, end):
+        return index, start, end, -1, 0, end + len(_TEXT_TAIL)
     after = _CHAT_AFTER if chat else _TEXT_AFTER
-    if not at(text, after, end):
+    if not _at(text, after, end):
         return NOT_READ
     p = end + len(after)
     reason_start = reason_end = -1
@@ -148,21 +148,21 @@ def read_choice(
         p = reason_end + 1
         # vLLM's last chunk of a choice, whole after its reason: one comparison.
         rest = _CHAT_FINISH_REST if chat else _TEXT_FINISH_REST
-        if at(text, rest, p):
+        if _at(text, rest, p):
             return index, start, end, reason_start, reason_end, p + len(rest)
-    elif at(text, _NULL, p):
+    elif _at(text, _NULL, p):
         p += len(_NULL)
     else:
         return NOT_READ
-    if at(text, _STOP_REASON, p):
+    if _at(text, _STOP_REASON, p):
         p = _value_end(event, text, p + len(_STOP_REASON))
         if p < 0:
             return NOT_READ
-    if not chat and at(text, _PROMPT_TOKEN_IDS, p):
+    if not chat and _at(text, _PROMPT_TOKEN_IDS, p):
         p += len(_PROMPT_TOKEN_IDS)
-    if at(text, _TOKEN_IDS, p):
+    if _at(text, _TOKEN_IDS, p):
         p += len(_TOKEN_IDS)
-    if not at(text, _CHOICE_END, p):
+    if not _at(text, _CHOICE_END, p):
         return NOT_READ
     return index, start, end, reason_start, reason_end, p + len(_CHOICE_END)
 
@@ -170,7 +170,7 @@ def read_choice(
 def _value_end(event: bytes, text: str, pos: int) -> int:
     """The end of a stop_reason's value at `pos`: null, a number's digits, or a string
     without escapes; -1 for anything else."""
-    if at(text, _NULL, pos):
+    if _at(text, _NULL, pos):
         return pos + len(_NULL)
     if pos < len(event) and event[pos] == _QUOTE:
         end = text.find('"', pos + 1)
@@ -184,14 +184,14 @@ def _value_end(event: bytes, text: str, pos: int) -> int:
 def role_end(event: bytes, text: str, pos: int) -> int:
     """vLLM's role chunk (a choice's first: the role, an empty text, no finish) with its
     `{"index":` at `pos`: the position after its choices array; -1 when it is not one."""
-    if at(text, _ROLE_AT_0, pos):  # index 0: one comparison
+    if _at(text, _ROLE_AT_0, pos):  # index 0: one comparison
         return pos + len(_ROLE_AT_0)
-    if not at(text, _INDEX, pos):
+    if not _at(text, _INDEX, pos):
         return -1
     index, p = digits_at(event, pos + len(_INDEX))
-    if index <= 0 or not at(text, ROLE_REST, p):
+    if index <= 0 or not _at(text, _ROLE_REST, p):
         return -1
-    return p + len(ROLE_REST)
+    return p + len(_ROLE_REST)
 
 
 def maybe_role(event: bytes, pos: int) -> bool:
@@ -205,13 +205,13 @@ def usage_counts(event: bytes, text: str, pos: int) -> tuple[int, int, int]:
     """vLLM's usage chunk (no choices, then the usage object, its three counts in vLLM's
     order and nothing else in it), `pos` right after `"choices":[`: (prompt tokens,
     completion tokens, the position after the usage object); prompt -1: not that form."""
-    if not at(text, _USAGE_START, pos):
+    if not _at(text, _USAGE_START, pos):
         return -1, 0, 0
     prompt, p = digits_at(event, pos + len(_USAGE_START))
-    if prompt < 0 or not at(text, _TOTAL, p):
+    if prompt < 0 or not _at(text, _TOTAL, p):
         return -1, 0, 0
     total, p = digits_at(event, p + len(_TOTAL))
-    if total < 0 or not at(text, _COMPLETION, p):
+    if total < 0 or not _at(text, _COMPLETION, p):
         return -1, 0, 0
     completion, p = digits_at(event, p + len(_COMPLETION))
     if completion < 0 or p >= len(event) or event[p] != _BRACE_CLOSE:
@@ -225,18 +225,14 @@ def ends_at(event: bytes, pos: int) -> bool:
 
 
 __all__ = [
-    "CHAT_TAIL",
     "CHAT_TEXT_OPEN",
     "CHAT_TOKEN_END",
     "CHOICES",
     "FINISH_KEY",
     "NOT_READ",
-    "ROLE_REST",
-    "TEXT_TAIL",
     "TEXT_TEXT_OPEN",
     "TEXT_TOKEN_END",
     "USAGE_KEY",
-    "at",
     "digits_at",
     "ends_at",
     "maybe_role",
