@@ -98,11 +98,8 @@ def head_bytes(status: int, headers: list[Header], extra: bytes) -> bytes:
     if status_line is None:
         status_line = b"HTTP/1.1 %d Unknown\r\n" % status
     parts = [status_line, _date.line()]
-    for name, value in headers:  # appended, not concatenated: one bytes object, by join
-        parts.append(name)
-        parts.append(b": ")
-        parts.append(value)
-        parts.append(b"\r\n")
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
     parts.append(extra)
     parts.append(b"\r\n")
     return b"".join(parts)
