@@ -149,6 +149,38 @@ class _FlushFirst:
         return []
 
 
+class _WorkerFiles:
+    """Every worker's values, read from the multiprocess directory's files.
+
+    prometheus-client creates a process's file empty and only then sizes it (`MmapedDict`:
+    open, then truncate), and its own collector fails in `struct.unpack_from` on a file
+    read in between. A worker that starts, or is restarted, while another answers a
+    scrape or /admin/status opens that window; an empty file holds no values yet, so it
+    is left out rather than answering 500.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for entry in os.scandir(self._directory):
+            if not entry.name.endswith(".db"):
+                continue
+            try:
+                if entry.stat().st_size:
+                    files.append(entry.path)
+            except FileNotFoundError:
+                continue  # a dead worker's live gauges, removed since the listing
+        merged: Iterable[Metric] = multiprocess.MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+            files, accumulate=True
+        )
+        return merged
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
@@ -353,16 +385,14 @@ class Metrics:
         self.flush()
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(_WorkerFiles(os.environ[MULTIPROC_ENV]))
             return generate_latest(registry)
         return generate_latest(self.registry)
 
     def _families(self) -> Iterable[Metric]:
         self.flush()
         if self.multiprocess:
-            collector = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
-            families: Iterable[Metric] = collector.collect()  # type: ignore[no-untyped-call]
-            return families
+            return _WorkerFiles(os.environ[MULTIPROC_ENV]).collect()
         return [*self.requests.collect(), *self.tokens.collect()]
 
     def app_usage(self) -> dict[str, AppUsage]:

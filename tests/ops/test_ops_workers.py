@@ -119,3 +119,20 @@ def test_live_gauges_and_a_dead_worker(start, ops_config: Path) -> None:
     assert not directory.exists()
     exits = {e["pid"]: e["code"] for e in server.json_logs() if e["event"] == "worker_exited"}
     assert victim not in exits and sorted(exits.values()) == [0, 0]
+
+
+def test_a_worker_file_still_being_created_reads_as_empty(start, ops_config: Path) -> None:
+    """A starting worker creates its values' file empty and sizes it a moment later; a
+    scrape or /admin/status that reads it in between (another worker answering while one
+    starts) reads no values from it, not a 500."""
+    server = start(ops_config, "--workers", str(WORKERS), "--drain-timeout", "1")
+    pids = set(worker_states(server))
+    for name in ("counter_999999.db", "gauge_livesum_999999.db", "histogram_999999.db"):
+        (metrics_dir(server) / name).touch()
+    for _ in range(6):  # each on a fresh connection: both workers answer some
+        status = httpx.get(server.url + "/admin/status", headers=ADMIN, timeout=5)
+        assert status.status_code == 200, status.text
+        assert status.json()["pid"] in pids
+        metrics = httpx.get(server.url + "/metrics", timeout=5)
+        assert metrics.status_code == 200, metrics.text
+        assert "sluice_active_streams" in metrics.text
