@@ -532,9 +532,13 @@ class ChunkFilter:
         return self.flush_held() + DONE_EVENT
 
     def flush_held(self) -> bytes:
-        """Text still held back when the backend ended without a finish chunk."""
+        """Text still held back when the backend ended without a finish chunk, by choice
+        index (the guards' own order is whichever choice came first, which depends on
+        which of its chunks were read by their layout and which were parsed)."""
         out = b""
-        for index, guard in self.guards.items():
+        guards = self.guards
+        for index in sorted(guards):
+            guard = guards[index]
             if index in self.finished:
                 continue
             tail = guard.finish()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.exchange import Exchange
@@ -159,8 +159,22 @@ def test_observe_records_what_parsing_records(stream: tuple[bool, list[bytes]]) 
     assert _records(read) == _records(parsed)
 
 
+# Two choices that both end held back (an "S" may begin "STOP"), the second one's guard
+# started first: the read path parses a chunk only once it holds two choices, the parse
+# starts a guard for every choice it sees. What is held goes out by index either way.
+_TWO_HELD = [
+    HEAD
+    + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n',
+    HEAD
+    + b'{"index":1,"delta":{"content":"S"},"logprobs":null,"finish_reason":null},{"index":1,"text":"x","finish_reason":null}]}\n\n',
+    HEAD
+    + b'{"index":0,"delta":{"content":"S"},"logprobs":null,"finish_reason":null},{"index":1,"text":"x","finish_reason":null}]}\n\n',
+]
+
+
 @settings(max_examples=500, deadline=None)
 @given(streams())
+@example((True, _TWO_HELD))
 def test_guarded_sends_what_parsing_sends(stream: tuple[bool, list[bytes]]) -> None:
     """With a guard: the client reads the same texts, finish and stop reasons as when
     every chunk is parsed and guarded, and the same is recorded."""
