@@ -159,9 +159,10 @@ def test_observe_records_what_parsing_records(stream: tuple[bool, list[bytes]]) 
     assert _records(read) == _records(parsed)
 
 
-# Two choices that both end held back (an "S" may begin "STOP"), the second one's guard
-# started first: the read path parses a chunk only once it holds two choices, the parse
-# starts a guard for every choice it sees. What is held goes out by index either way.
+# Two choices that both end held back (an "S" may begin "STOP"). The parse starts a guard
+# for every choice it sees, choice 0's with the role chunk; the read path reads that chunk
+# by its layout and starts none, so choice 1's guard comes first there. What is held goes
+# out by index either way.
 _TWO_HELD = [
     HEAD
     + b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n',
