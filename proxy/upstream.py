@@ -29,6 +29,10 @@ MAX_IDLE_PER_ORIGIN: Final = 512
 # keep-alive connections after 5 s, and a connection picked in the instant the backend
 # closes it fails. Below the backend's own idle timeout, sluice never races it.
 DEFAULT_IDLE_TIMEOUT: Final = 4.0
+# The headers of a backend's response that sluice reads (here, app.py, nonstream.py);
+# `headers` keeps these (and any other name of one of their lengths), no others.
+READ_HEADERS: Final = (b"content-type", b"transfer-encoding", b"retry-after")
+_READ_HEADER_LENGTHS: Final = frozenset(len(name) for name in READ_HEADERS)
 
 
 class UpstreamError(Exception):
@@ -226,11 +230,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Only content-type, transfer-encoding and retry-after are read from a backend's
-        # response (here, app.py, nonstream.py): a name of another length is passed over
-        # without being lowered and kept (~700 instructions a header, compiled).
-        n = len(name)
-        if n in (12, 17, 11):  # compiled: three integer comparisons
+        # A name of none of READ_HEADERS' lengths is passed over without being lowered
+        # and kept (~700 instructions a header, compiled).
+        if len(name) in _READ_HEADER_LENGTHS:
             self.headers[lower_name(name)] = value
 
     def on_headers_complete(self) -> None:
