@@ -180,6 +180,9 @@ class RequestReader:
         except httptools.HttpParserError as exc:  # the same head passed once: not expected
             self._parse_failed(exc)
             return
+        except httptools.HttpParserUpgrade:  # nor an upgrade again, without its headers
+            self.owner.refuse(400, "the protocol upgrade could not be declined", "bad_http")
+            return
         finally:
             self.replaying = False
         if self.request is not None:
@@ -220,15 +223,16 @@ class RequestReader:
         parser = self.parser
         headers = self.headers
         version = parser.get_http_version()
+        method = parser.get_method().decode("ascii")
         try:
-            check_head(version, headers)
+            check_head(method, version, headers)
         except HeadError as exc:
             self.owner.refuse(exc.status, exc.message, exc.code)
             raise httptools.HttpParserError(exc.message) from None
         path, query = _path_and_query(self.url)
         self.last_url = self.url
         request = Request(
-            method=parser.get_method().decode("ascii"),
+            method=method,
             path=path,
             query=query,
             headers=headers,

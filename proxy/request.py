@@ -73,8 +73,14 @@ class Request:
         return None if value is None else value.decode("latin-1")
 
 
-def check_head(http_version: str, headers: dict[bytes, bytes]) -> None:
+def check_head(method: str, http_version: str, headers: dict[bytes, bytes]) -> None:
     """Raises HeadError for a head this server does not take (the parser accepted it)."""
+    if method == "CONNECT":
+        # llhttp reads a CONNECT as a switch to a tunnel (an upgrade that cannot be
+        # declined): refused here, before it is read as one.
+        raise HeadError(
+            405, "CONNECT is not supported: this is an API gateway", "method_not_allowed"
+        )
     if http_version == "0.9":
         raise HeadError(400, "the request line has no HTTP version", "bad_http")
     if http_version not in ("1.0", "1.1"):

@@ -411,6 +411,10 @@ def test_an_upgrade_hook_takes_the_requests_it_claims(hard: HardServer) -> None:
             501,
         ),
         (b"POST /x HTTP/1.1\r\nHost: t\r\nExpect: bananas\r\nContent-Length: 2\r\n\r\nab", 417),
+        # llhttp reads any CONNECT as a tunnel: an origin-form one left the server with
+        # an upgrade it could not decline (no answer, a traceback in the log)
+        (b"CONNECT /x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"CONNECT t:443 HTTP/1.1\r\nHost: t\r\n\r\n", 405),
     ],
     ids=[
         "no-host",
@@ -420,6 +424,8 @@ def test_an_upgrade_hook_takes_the_requests_it_claims(hard: HardServer) -> None:
         "no-version",
         "gzip-chunked",
         "expect",
+        "connect-origin-form",
+        "connect-authority-form",
     ],
 )
 def test_heads_the_server_refuses(hard: HardServer, raw: bytes, status: int) -> None:
