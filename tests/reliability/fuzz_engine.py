@@ -24,12 +24,18 @@ SEEDS: list[bytes] = [
     b"GET /a HTTP/1.0\r\n\r\n",
     b"GET /a HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
     b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    # Request targets and methods llhttp reads otherwise: a tunnel, the asterisk, absolute form.
+    b"CONNECT /a HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+    b"CONNECT t:443 HTTP/1.1\r\nHost: t:443\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET http://t/a?b HTTP/1.1\r\nHost: t\r\n\r\n",
 ]
 TOKENS = [
     b"\r\n", b"\n", b"\r", b"\x00", b" ", b"\t", b":", b",", b";", b"0", b"-1", b"ff",
     b"99999999999999999999", b"chunked", b"Content-Length: ", b"Transfer-Encoding: chunked\r\n",
     b"Host: x\r\n", b"HTTP/1.1", b"HTTP/2.0", b"\r\n\r\n", b"\xff\xfe", b"%00", b"{", b"}",
     b"Expect: 100-continue\r\n", b"Connection: close\r\n", b"Upgrade: websocket\r\n",
+    b"CONNECT ", b"PRI ", b"OPTIONS ", b"get ", b"Connection: upgrade\r\n",
 ]  # fmt: skip
 
 

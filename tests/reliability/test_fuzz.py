@@ -52,6 +52,7 @@ def test_raw_request_mutations(server: RecordingServer) -> None:
     assert outcomes.hangs == []
     assert outcomes.undefined == []
     assert "500" not in outcomes.by_status
+    assert server.loop_errors == []  # no exception escaped a protocol callback
     # The server is back to nothing open once the clients are gone.
     assert server.open_connections() == 0 or _settles(server)
 
