@@ -201,7 +201,7 @@ TABLE: list[tuple[str, bytes, list[int], list[str]]] = [
         [200, 200],
         ["/a", "/smuggled"],
     ),
-    ("connect", b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n" + S, [400], []),
+    ("connect", b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n" + S, [405], []),
     ("unknown-method", b"BREW /a HTTP/1.1\r\nHost: t\r\n\r\n" + S, [400], []),
     (
         "te-trailer-smuggle",
