@@ -136,11 +136,13 @@ async def fetch_metrics(origin: Origin, path: str, timeout: float) -> bytes:
             while not collector.complete:
                 data = await reader.read(65536)
                 if not data:
-                    collector.parser.feed_data(b"")  # lets a close-delimited body end
-                    break
+                    break  # a close-delimited body ends here (httptools has no finish)
                 collector.parser.feed_data(data)
     except httptools.HttpParserError as exc:
         raise ValueError(f"malformed response: {exc}") from None
+    except httptools.HttpParserUpgrade:
+        # Not an error to httptools, and not one the scrape loop catches: it would end it.
+        raise ValueError("the server switched protocols (101)") from None
     finally:
         if writer is not None:
             writer.close()

@@ -5,6 +5,7 @@ vLLM's load figures."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -232,6 +233,39 @@ def test_scraper_reads_vllm_load_figures(make_cluster: Any) -> None:
                 future.result()
     finally:
         cluster.lt.run(scraper.aclose())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n",
+    ],
+    ids=["switching-protocols", "bad-length", "503"],
+)
+def test_a_metrics_answer_that_is_not_one_is_a_value_error(answer: bytes) -> None:
+    """The scrape loop catches OSError, ValueError and TimeoutError: anything else ended
+    it, and the replica's load figures were never read again (a 101 did)."""
+    lt = LoopThread()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+    server = lt.run(start())
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        with pytest.raises(ValueError):
+            lt.run(fetch_metrics(Origin(url), "/metrics", 2.0))
+    finally:
+        server.close()
+        lt.stop()
 
 
 def test_parse_metrics_sums_engines_and_ignores_other_names() -> None:
