@@ -108,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._headers_done = False
+        self._interim = False  # the message being read is a 1xx response
         self._complete = False
         self._got_bytes = False
         self._exc: BaseException | None = None
@@ -198,6 +199,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+        except httptools.HttpParserUpgrade:  # on_headers_complete has set the error
+            self._fail(self._exc or UpstreamError("protocol", "backend upgraded", False))
 
     def _holds_body(self) -> bool:
         """After a head parsed alone: whether its body is an event stream in chunks, which
@@ -236,7 +239,19 @@ class UpstreamConnection(asyncio.Protocol):
             self.headers[lower_name(name)] = value
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:
+            # An interim response (100 Continue, 103 Early Hints): the final one follows;
+            # llhttp reads it as a message of its own. 101 Switching Protocols answers an
+            # upgrade sluice never asks for: the connection is no longer HTTP.
+            self.headers = {}
+            self._interim = True
+            if status == 101:
+                self._exc = UpstreamError(
+                    "protocol", "backend switched protocols (101) unasked", False
+                )
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self._headers_done = True
         self._wake()
@@ -258,6 +273,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunk_ended = True
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         consumer = self._consumer
         if consumer is not None:
@@ -358,6 +376,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks = []
         self._buffered = 0
         self._headers_done = False
+        self._interim = False  # the message being read is a 1xx response
         self._complete = False
         self._got_bytes = False
         self._exc = None

@@ -145,10 +145,16 @@ def assert_no_leaks(h: ProxyHarness, before: Census, timeout: float = 5.0) -> Ce
 
 class RawBackend:
     """A backend on loopback that answers every request with fixed bytes (then closes
-    when `close` is set): for faults no simulator knob makes, like malformed SSE."""
+    when `close` is set): for faults no simulator knob makes, like malformed SSE. A tuple
+    of answers is written part by part."""
 
     def __init__(
-        self, lt: LoopThread, answer: bytes, *, close: bool = True, idle_close: float = 0.0
+        self,
+        lt: LoopThread,
+        answer: bytes | tuple[bytes, ...],
+        *,
+        close: bool = True,
+        idle_close: float = 0.0,
     ) -> None:
         self.lt = lt
         self.answer = answer
@@ -173,8 +179,13 @@ class RawBackend:
                 if match:
                     await reader.readexactly(int(match.group(1)))
                 self.requests += 1
-                writer.write(self.answer)
-                await writer.drain()
+                # A tuple: its parts written 50 ms apart, so that each is a read of its own.
+                parts = self.answer if isinstance(self.answer, tuple) else (self.answer,)
+                for i, part in enumerate(parts):
+                    if i:
+                        await asyncio.sleep(0.05)
+                    writer.write(part)
+                    await writer.drain()
                 if self.close_after:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):

@@ -185,6 +185,50 @@ def test_malformed_sse(name: str, answer: bytes, error: bool) -> None:
         lt.stop()
 
 
+JSON_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\nzz"
+
+
+# A backend's interim (1xx) responses come before its answer, in the same read or not;
+# 101 answers an upgrade sluice never asks for. Before: an interim response read alone
+# was taken for the answer, and a 101 reached the client (whose HTTP client failed on it)
+# after an exception out of the upstream protocol closed the backend connection.
+@pytest.mark.parametrize(
+    ("name", "answer", "status"),
+    [
+        ("100-same-read", b"HTTP/1.1 100 Continue\r\n\r\n" + JSON_OK, 200),
+        ("100-own-read", (b"HTTP/1.1 100 Continue\r\n\r\n", JSON_OK), 200),
+        ("103-own-read", (b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n", JSON_OK), 200),
+        ("101", SWITCH, 502),
+        ("101-after-100", (b"HTTP/1.1 100 Continue\r\n\r\n", SWITCH), 502),
+    ],
+    ids=["100-same-read", "100-own-read", "103-own-read", "101", "101-after-100"],
+)
+def test_interim_and_switching_answers(
+    name: str, answer: bytes | tuple[bytes, ...], status: int
+) -> None:
+    lt = LoopThread()
+    backend = RawBackend(lt, answer)
+    h = _harness(backend.url)
+    errors: list[object] = []
+    h.lt.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        before = census(h)
+        for stream in (False, True):
+            result = stream_request(h.url, _body({}, stream=stream), timeout=10)
+            assert result.status == status, (stream, result.body)
+            if status == 200:
+                assert result.body == b"{}"
+            else:
+                assert json.loads(result.body)["error"]["code"] == "upstream_protocol"
+        assert errors == []
+        assert_no_leaks(h, before)
+    finally:
+        h.close()
+        backend.stop()
+        lt.stop()
+
+
 def test_backend_closing_idle_connections_costs_no_request() -> None:
     # Each answer says keep-alive, then the backend closes the connection 0.2 s later:
     # the pooled connection is gone before the next request (0.4 s apart) picks it.
