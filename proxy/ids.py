@@ -1,29 +1,41 @@
-"""Random request ids, drawn from the OS 256 at a time.
+"""Request ids laid out as UUIDv7's: the time in milliseconds, then random digits drawn
+from the OS 256 ids at a time.
 
-An id names a resumable stream (`/v1/streams/{id}`), so it must not be guessable: it stays
-12 bytes from `os.urandom`. Drawing them one by one cost a `getrandom` system call per
-request; a batch costs one per 256. A forked worker starts with an empty batch, never
-with its parent's.
+An id names a resumable stream (`/v1/streams/{id}`), so it must not be guessable: 10
+bytes of it (80 bits; UUIDv7 has 74) come from `os.urandom`. Drawing them one by one cost
+a `getrandom` system call per request; a batch costs one per 256. A forked worker starts
+with an empty batch, never with its parent's.
+
+The time prefix (of the moment the batch was drawn, 12 hex digits) makes a process's ids
+ascend. The records store indexes them (feedback finds its request by id): a B-tree takes
+ascending keys at its right edge, random ones anywhere in it, which cost 3x as much a
+row in a 50,000-row table and more as it grows (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Final
 
-ID_BYTES: Final = 12
+ID_BYTES: Final = 10  # random bytes in an id
+ID_LENGTH: Final = 12 + 2 * ID_BYTES  # hex digits: the time prefix and the random ones
 BATCH: Final = 256
 
 _batch: list[str] = []
 
 
 def random_request_id() -> str:
-    """24 lowercase hex digits from the OS's random source; never returned twice by a
-    process (nor by a forked child)."""
+    """32 lowercase hex digits: milliseconds since the epoch when its batch was drawn, then
+    20 from the OS's random source; never returned twice by a process (nor by a forked
+    child)."""
     if not _batch:
+        prefix = "%012x" % (time.time_ns() // 1_000_000)
         pool = os.urandom(ID_BYTES * BATCH).hex()
         step = 2 * ID_BYTES
-        _batch.extend([pool[i : i + step] for i in range(0, len(pool), step)])
+        ids = [prefix + pool[i : i + step] for i in range(0, len(pool), step)]
+        ids.sort(reverse=True)  # popped from the end: the ids of a batch ascend too
+        _batch.extend(ids)
     return _batch.pop()
 
 

@@ -17,7 +17,7 @@ ALWAYS = {
     "status", "stream", "ttft_ms", "tokens_in", "tokens_out", "finish_reason",
     "duration_ms", "event", "level", "timestamp",
 }  # fmt: skip
-GENERATED_ID = re.compile(r"^[0-9a-f]{24}$")
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def request_lines(server: ProcessServer, n: int) -> list[dict[str, Any]]:
