@@ -3,12 +3,14 @@
 vLLM validates in stages and the first failure decides the answer: the content type, the
 JSON, pydantic's `mode="before"` model validators (stream_options, top_logprobs), field
 types, then the served model (404), the context length, and finally SamplingParams
-(n, temperature, top_p, max_tokens). Unknown fields are accepted and ignored.
+(n, the penalties, temperature, top_p, top_k, min_p, max_tokens, min_tokens, logprobs).
+Unknown fields are accepted and ignored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -208,6 +210,49 @@ def _chat_prompt(body: dict[str, object]) -> tuple[tuple[str, ...], tuple[int, .
     return (chat_prompt_text(messages),), (count_chat_tokens(messages),)
 
 
+@dataclass(frozen=True, slots=True)
+class _Sampling:
+    """The sampling fields the simulator only validates (it does not sample), with
+    vLLM's messages (vllm/sampling_params.py, `_verify_args`)."""
+
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    repetition_penalty: float | None
+    top_k: int | None
+    min_p: float | None
+    min_tokens: int | None
+
+    def check_penalties(self) -> None:
+        for name, value in (
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ):
+            if value is not None and not -2.0 <= value <= 2.0:
+                raise bad_request(f"{name} must be in [-2, 2], got {value}.")
+        penalty = self.repetition_penalty
+        if penalty is not None:
+            if not math.isfinite(penalty):
+                raise bad_request(f"repetition_penalty must be a finite number, got {penalty}.")
+            if penalty <= 0.0:
+                raise bad_request(f"repetition_penalty must be greater than zero, got {penalty}.")
+
+    def check_top_k_and_min_p(self) -> None:
+        if self.top_k is not None and self.top_k < -1:  # -1 (disabled) is still taken
+            raise bad_request(f"top_k must be 0 (disable), or at least 1, got {self.top_k}.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise bad_request(f"min_p must be in [0, 1], got {self.min_p}.")
+
+    def check_min_tokens(self, max_tokens: int) -> None:
+        min_tokens = self.min_tokens or 0
+        if min_tokens < 0:
+            raise bad_request(f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+        if min_tokens > max_tokens:
+            raise bad_request(
+                f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                f"got {min_tokens}."
+            )
+
+
 def parse_generation(
     kind: Kind, body: object, config: SimConfig, sim: SimOptions
 ) -> GenerationParams:
@@ -236,6 +281,14 @@ def parse_generation(
         logprobs = top_logprobs if wants_logprobs else None
     else:
         logprobs = _as_int(body, "logprobs")
+    sampling = _Sampling(
+        presence_penalty=_as_float(body, "presence_penalty"),
+        frequency_penalty=_as_float(body, "frequency_penalty"),
+        repetition_penalty=_as_float(body, "repetition_penalty"),
+        top_k=_as_int(body, "top_k"),
+        min_p=_as_float(body, "min_p"),
+        min_tokens=_as_int(body, "min_tokens"),
+    )
     stop = _as_stop(body)
     include_stop_str = (
         _as_bool(body, "include_stop_str_in_output", _loc("include_stop_str_in_output")) or False
@@ -271,18 +324,23 @@ def parse_generation(
             prompt_max,
         )
 
+    # SamplingParams._verify_args, in its order (the ones without a parameter name
+    # answer param null, as n's does).
     if n is not None and n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
+    sampling.check_penalties()
     if temperature is not None and temperature < 0:
         raise param_error(
             f"temperature must be non-negative, got {temperature}.", "temperature", temperature
         )
     if top_p is not None and not 0 < top_p <= 1:
         raise param_error(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
+    sampling.check_top_k_and_min_p()
     if max_tokens < 1:
         raise param_error(
             f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens
         )
+    sampling.check_min_tokens(max_tokens)
     if logprobs is not None and logprobs < 0:
         raise param_error(f"logprobs must be non-negative, got {logprobs}.", "logprobs", logprobs)
 

@@ -339,3 +339,39 @@ def test_metrics_names_and_labels(sim, transcripts):
         )
         assert line in real
         assert f"{line} {count}.0" in text
+
+
+# SamplingParams checks no transcript holds, with vLLM's messages (vllm/sampling_params.py,
+# `_verify_args`): raised without a parameter name, so `param` is null as in n's (05n).
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5."),
+        ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3.0."),
+        ({"repetition_penalty": -1}, "repetition_penalty must be greater than zero, got -1.0."),
+        ({"repetition_penalty": 0}, "repetition_penalty must be greater than zero, got 0.0."),
+        ({"top_k": -2}, "top_k must be 0 (disable), or at least 1, got -2."),
+        ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5."),
+        ({"min_tokens": -1}, "min_tokens must be greater than or equal to 0, got -1."),
+        ({"min_tokens": 9}, "min_tokens must be less than or equal to max_tokens=4, got 9."),
+        # the order of the checks: n first, then the penalties, then temperature
+        ({"n": 0, "presence_penalty": 9}, "n must be at least 1, got 0."),
+        (
+            {"presence_penalty": 9, "temperature": -1},
+            "presence_penalty must be in [-2, 2], got 9.0.",
+        ),
+    ],
+)
+def test_sampling_checks_without_a_transcript(sim, fields, message):
+    resp = sim.chat(messages=HELLO, max_tokens=4, **fields)
+    assert resp.status == 400
+    assert resp.json() == {
+        "error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}
+    }
+
+
+def test_sampling_values_vllm_takes(sim):
+    ok = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.2, "min_tokens": 4}
+    assert sim.chat(messages=HELLO, max_tokens=4, presence_penalty=-2, **ok).status == 200
+    top_k = sim.chat(messages=HELLO, max_tokens=4, top_k=1.5)  # an int field
+    assert top_k.status == 400 and "int_from_float" in top_k.json()["error"]["message"]
