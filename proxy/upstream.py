@@ -376,7 +376,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks = []
         self._buffered = 0
         self._headers_done = False
-        self._interim = False  # the message being read is a 1xx response
+        self._interim = False
         self._complete = False
         self._got_bytes = False
         self._exc = None

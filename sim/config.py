@@ -26,6 +26,7 @@ class SimConfig:
     ignore_stop: bool = False
     seed: int = 0
     max_model_len: int = 8192
+    max_logprobs: int = 20  # vLLM's --max-logprobs default: more logprobs are a 400
     api_key: str | None = None  # as `vllm serve --api-key`: /v1/* then needs the bearer token
     request_log_size: int = 100
     # A drifting backend for `sluice verify`'s own tests: include_usage is ignored.
@@ -50,6 +51,8 @@ class SimConfig:
             problems.append(f"tokens_per_chunk must be at least 1, got {self.tokens_per_chunk}")
         if self.max_model_len < 2:
             problems.append(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_logprobs < 0:
+            problems.append(f"max_logprobs must be at least 0, got {self.max_logprobs}")
         if not 0 <= self.prefix_cache_blocks <= 100_000_000:
             problems.append(
                 f"prefix_cache_blocks must be in [0, 100000000], got {self.prefix_cache_blocks}"

@@ -343,6 +343,15 @@ def parse_generation(
     sampling.check_min_tokens(max_tokens)
     if logprobs is not None and logprobs < 0:
         raise param_error(f"logprobs must be non-negative, got {logprobs}.", "logprobs", logprobs)
+    # The engine's own check, after SamplingParams: a huge count also had the simulator
+    # build that many alternatives per token, holding its event loop for minutes.
+    if logprobs is not None and logprobs > config.max_logprobs:
+        raise param_error(
+            f"Requested sample logprobs of {logprobs}, which is greater than max allowed: "
+            f"{config.max_logprobs}",
+            "logprobs",
+            logprobs,
+        )
 
     return GenerationParams(
         kind=kind,

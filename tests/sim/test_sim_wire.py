@@ -375,3 +375,23 @@ def test_sampling_values_vllm_takes(sim):
     assert sim.chat(messages=HELLO, max_tokens=4, presence_penalty=-2, **ok).status == 200
     top_k = sim.chat(messages=HELLO, max_tokens=4, top_k=1.5)  # an int field
     assert top_k.status == 400 and "int_from_float" in top_k.json()["error"]["message"]
+
+
+def test_more_logprobs_than_max_logprobs_is_a_400(sim):
+    """vLLM's engine check (--max-logprobs, 20 by default). The simulator built every
+    alternative asked for: 100,000 held its event loop, and every other request, for
+    minutes."""
+    chat = sim.chat(messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=21)
+    text = sim.completion(prompt="Hello", max_tokens=2, logprobs=100_000)
+    for resp, n in ((chat, 21), (text, 100_000)):
+        assert resp.status == 400
+        assert resp.json() == {
+            "error": {
+                "message": f"Requested sample logprobs of {n}, which is greater than max "
+                f"allowed: 20 (parameter=logprobs, value={n})",
+                "type": "BadRequestError",
+                "param": "logprobs",
+                "code": 400,
+            }
+        }
+    assert sim.chat(messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=20).status == 200
