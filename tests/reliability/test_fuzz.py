@@ -217,3 +217,98 @@ def test_request_bodies_through_the_pipeline(proxy: TunedHarness, sim: ProcessSe
     recorded = proxy.requests_by_status()
     assert "0" not in recorded and "500" not in recorded
     assert_no_leaks(proxy, before)
+
+
+# -- every generating endpoint: each field of a valid body replaced or removed ------------
+
+# A valid body of each endpoint whose adapter translates it (tools, content parts, TGI's
+# parameters): what a field of the wrong type may break is the translation.
+ENDPOINT_BODIES: dict[str, dict[str, object]] = {
+    "/v1/chat/completions": {
+        "model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+        "stop": ["x"], "response_format": {"type": "json_object"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    },
+    "/v1/completions": {"model": "chat", "prompt": "hi", "max_tokens": 3, "stop": "x"},
+    "/v1/responses": {
+        "model": "chat", "instructions": "be", "max_output_tokens": 3,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        "text": {"format": {"type": "text"}}, "reasoning": {"effort": "low"},
+    },
+    "/v1/messages": {
+        "model": "chat", "max_tokens": 3, "system": [{"type": "text", "text": "s"}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "stop_sequences": ["x"], "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "auto"}, "metadata": {"user_id": "u"},
+    },
+    "/generate": {"inputs": "hi", "parameters": {"max_new_tokens": 3, "details": True}},
+    "/generate_stream": {"inputs": "hi", "parameters": {"max_new_tokens": 3, "top_n_tokens": 2}},
+}  # fmt: skip
+CONFUSED = [None, -1, 1.5, "x", [], {}, [None], {"type": None}, True, 10**30, [{}]]
+
+
+def _field_paths(value: object, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    paths = [path]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            paths += _field_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            paths += _field_paths(item, (*path, index))
+    return paths
+
+
+def _replaced(body: object, path: tuple[str | int, ...], value: object, *, remove: bool) -> object:
+    if not path:
+        return value
+    copy = json.loads(json.dumps(body))
+    parent = copy
+    for step in path[:-1]:
+        parent = parent[step]
+    if remove:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return copy
+
+
+def endpoint_cases() -> list[bytes]:
+    """Every field (and the body itself) of each endpoint's body set to each value of
+    CONFUSED, and every field removed; streamed and not."""
+    cases = []
+    for path, body in ENDPOINT_BODIES.items():
+        bodies = []
+        for field in _field_paths(body):
+            bodies += [_replaced(body, field, value, remove=False) for value in CONFUSED]
+            if field:
+                bodies.append(_replaced(body, field, None, remove=True))
+        for variant in bodies:
+            for stream in (False, True):
+                sent = variant
+                if isinstance(variant, dict) and not path.startswith("/generate"):
+                    sent = {**variant, "stream": stream}
+                raw = _dumps(sent)
+                cases.append(
+                    b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%b" % (path.encode(), len(raw), raw)
+                )
+    return cases
+
+
+@LONG
+def test_every_generating_endpoint_takes_confused_bodies(
+    proxy: TunedHarness, sim: ProcessServer
+) -> None:
+    """Each adapter translates its body for vLLM: a field of another type than it expects
+    is a 4xx from sluice or the backend, never a 500 or a hang (the simulator hung on
+    TGI's top_n_tokens = 10**30 until it checked max_logprobs)."""
+    SimClient(sim.url).reset()
+    before = census(proxy)
+    cases = endpoint_cases()
+    outcomes = play(proxy.port, cases, DEFINED, concurrency=32, deadline=12.0)
+    _report("endpoint-bodies", outcomes)
+    assert outcomes.cases == len(cases) > 1500
+    assert outcomes.hangs == [] and outcomes.undefined == [], outcomes.table()
+    assert "500" not in outcomes.by_status
+    assert outcomes.by_status["200"] > 500  # most replacements are still valid requests
+    assert_no_leaks(proxy, before)
