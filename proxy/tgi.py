@@ -68,8 +68,10 @@ def translate(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     inputs = body.get("inputs")
     if not isinstance(inputs, str):
         raise tgi_error(422, "`inputs` must be a string", "validation")
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
+    params = body.get("parameters")
+    if params is None:  # absent, or null: TGI's defaults
+        params = {}
+    elif not isinstance(params, dict):  # [], "", 0 and false too (they passed as {})
         raise tgi_error(422, "`parameters` must be an object", "validation")
     for name, default in _UNSUPPORTED.items():
         value = params.get(name)
@@ -239,7 +241,7 @@ class TgiAdapter(Adapter):
             self.path == "/" and body.get("stream") is True
         )
         translated = translate(body, stream)
-        params = body.get("parameters") or {}
+        params = body.get("parameters") or {}  # an object or None: translate checked it
         adapter = TgiRequestAdapter(
             self.path,
             details=params.get("details") is True,

@@ -212,6 +212,26 @@ def test_backend_errors_reach_tgi_clients_in_tgi_shape(sim: ProcessServer) -> No
         harness.close()
 
 
+def test_tgi_parameters_must_be_an_object_or_absent(sim: ProcessServer) -> None:
+    """An empty list, string, zero or false passed as no parameters (falsy); TGI refuses
+    them. null is taken as absent."""
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {}}))
+    try:
+        for params in ([], "", 0, False, [1], "x"):
+            resp = httpx.post(
+                harness.url + "/generate", json={"inputs": "hi", "parameters": params}, timeout=10
+            )
+            assert resp.status_code == 422, (params, resp.text)
+            assert resp.json() == {
+                "error": "`parameters` must be an object",
+                "error_type": "validation",
+            }
+        for body in ({"inputs": "hi", "parameters": None}, {"inputs": "hi"}):
+            assert httpx.post(harness.url + "/generate", json=body, timeout=10).status_code == 200
+    finally:
+        harness.close()
+
+
 def _multipart(model: str, size: int) -> tuple[bytes, str]:
     boundary = "sluice-test-boundary"
     head = (
