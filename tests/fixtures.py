@@ -184,6 +184,18 @@ class LoopThread:
 
         return self.run(wrapper())
 
+    def record_errors(self) -> list[str]:
+        """What reaches the loop's exception handler from now on, instead of the log: an
+        exception out of a protocol callback closes its connection unanswered ("Fatal
+        error on transport"), which a test asserts never happens."""
+        errors: list[str] = []
+        self.loop.set_exception_handler(
+            lambda _loop, context: errors.append(
+                f"{context.get('message')}: {context.get('exception')!r}"
+            )
+        )
+        return errors
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)

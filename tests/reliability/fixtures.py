@@ -208,14 +208,7 @@ class RecordingServer:
     def __init__(self, max_body: int = 1024 * 1024, **state_kw: Any) -> None:
         self.lt = LoopThread()
         self.handled: list[tuple[str, str, bytes]] = []
-        # What reached the loop's exception handler: an exception out of a protocol
-        # callback, which closes its connection unanswered ("Fatal error on transport").
-        self.loop_errors: list[str] = []
-        self.lt.loop.set_exception_handler(
-            lambda _loop, context: self.loop_errors.append(
-                f"{context.get('message')}: {context.get('exception')!r}"
-            )
-        )
+        self.loop_errors = self.lt.record_errors()
 
         async def handler(request: Any, response: Any) -> None:
             self.handled.append((request.method, request.path, request.body))

@@ -210,8 +210,7 @@ def test_interim_and_switching_answers(
     lt = LoopThread()
     backend = RawBackend(lt, answer)
     h = _harness(backend.url)
-    errors: list[object] = []
-    h.lt.loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    errors = h.lt.record_errors()
     try:
         before = census(h)
         for stream in (False, True):

@@ -5,7 +5,6 @@ vLLM's load figures."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from sluice.proxy.upstream import Origin
 from sluice.sim import SimConfig, SimServer, start_sim
 
 from tests.fixtures import LoopThread, ProxyHarness, routed_snapshot
+from tests.reliability.fixtures import RawBackend
 
 TENANTS = [
     f"You are the assistant of tenant {t}. Answer briefly and politely. " * 30 for t in "ABC"
@@ -248,23 +248,12 @@ def test_a_metrics_answer_that_is_not_one_is_a_value_error(answer: bytes) -> Non
     """The scrape loop catches OSError, ValueError and TimeoutError: anything else ended
     it, and the replica's load figures were never read again (a 101 did)."""
     lt = LoopThread()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    async def start() -> asyncio.Server:
-        return await asyncio.start_server(serve, "127.0.0.1", 0)
-
-    server = lt.run(start())
+    backend = RawBackend(lt, answer)
     try:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         with pytest.raises(ValueError):
-            lt.run(fetch_metrics(Origin(url), "/metrics", 2.0))
+            lt.run(fetch_metrics(Origin(backend.url), "/metrics", 2.0))
     finally:
-        server.close()
+        backend.stop()
         lt.stop()
 
 
