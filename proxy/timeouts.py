@@ -2,11 +2,13 @@
 
 A token only stores its `time.monotonic()` in an attribute. The watchdog waits in the
 slot of its earliest possible deadline; when the slot fires it recomputes the deadline
-from the latest token time and waits again if the stream moved on. The first token moves
-it once (`first_token`), and only when the inter-token deadline that starts then comes
-before the one it waits for (first_token 30 s, inter_token 5 s). So a stream with an
-inter-token timeout of 5 s and tokens every 10 ms is looked at once per 5 s, not once per
-token, and a short request costs two set operations, no loop timer of its own.
+from the latest token time and waits again if the stream moved on. Its first wait ends no
+later than the inter-token limit after the start (a check, when the first-token or
+response-head deadline comes later), so the first token finds it waiting no later than
+the inter-token deadline that token starts, and moves nothing; only a first token after a
+longer wait moves it (`first_token`). So a stream with an inter-token timeout of 5 s and
+tokens every 10 ms is looked at once per 5 s, not once per token, and a short request
+costs one set insertion and one removal, no loop timer of its own.
 
 On expiry the watchdog cancels the task it guards (like `asyncio.timeout`); the relay
 tells its own cancellation from a client disconnect by `expired` and `Task.uncancel()`.
@@ -105,9 +107,18 @@ class StreamWatchdog:
         return best
 
     def _arm(self) -> None:
+        """The first wait: the earliest deadline, or sooner, the inter-token limit after the
+        start, so that `first_token` finds the watchdog waiting no later than the
+        inter-token deadline it starts (and moves it only after a wait longer than that)."""
         if not self.timeouts.enabled:
             return
         deadline = self._deadline()
+        inter = self.timeouts.inter_token
+        if inter is not None:
+            check = self.started + inter
+            if deadline is None or check < deadline[0]:
+                self._slot = self._deadlines.add(check, self)
+                return
         if deadline is not None:
             self._slot = self._deadlines.add(deadline[0], self)
 
@@ -130,9 +141,10 @@ class StreamWatchdog:
         self.got_head = True
 
     def first_token(self, now: float) -> None:
-        """The stream's first content token: from now on the inter-token deadline applies,
-        which may be much sooner than the first-token one the timer waits for (first_token
-        30 s, inter_token 5 s). Called once per stream; later tokens only set last_token."""
+        """The stream's first content token: from now on the inter-token deadline applies.
+        The watchdog waits for a deadline no later than that one unless it has already
+        waited longer than the inter-token limit for this token (a long prefill): then it
+        is brought forward. Called once per stream; later tokens only set last_token."""
         self.last_token = now
         slot = self._slot
         inter = self.timeouts.inter_token

@@ -114,20 +114,62 @@ async def test_one_failing_entry_does_not_stop_the_others_of_its_slot() -> None:
 
 
 @in_loop
-async def test_short_exchange_moves_its_watchdog_once_and_leaves_no_entry() -> None:
+async def test_short_exchange_moves_no_watchdog_and_leaves_no_entry() -> None:
     counting = CountingLoop(asyncio.get_running_loop())
     deadlines = Deadlines(counting)  # type: ignore[arg-type]
     timeouts = StreamTimeouts(first_token=30.0, inter_token=5.0, total=600.0, response_head=20.0)
     watchdog = StreamWatchdog(timeouts, deadlines)
-    assert len(deadlines) == 1  # waiting for the response head (20 s)
-    watchdog.head()  # a later deadline: found when the slot fires, nothing moves now
-    assert (len(deadlines), counting.timers) == (1, 1)
-    watchdog.first_token(monotonic())  # inter-token 5 s comes before the 20 s slot: moved
-    assert (len(deadlines), counting.timers) == (1, 2)
+    assert len(deadlines) == 1
+    slot = watchdog._slot
+    # It waits for the inter-token limit after the start (5 s), before the response head's
+    # 20 s: a check, since no deadline passes then.
+    assert slot == int((watchdog.started + 5.0) / RESOLUTION) + 1
+    watchdog.head()
+    watchdog.first_token(monotonic())  # its 5 s deadline is no sooner: nothing moves
+    assert (len(deadlines), counting.timers, watchdog._slot) == (1, 1, slot)
     watchdog.last_token = monotonic()
     watchdog.stop()
     assert len(deadlines) == 0
     assert watchdog.expired is None
+
+
+@in_loop
+async def test_a_first_token_after_a_long_wait_brings_the_watchdog_forward() -> None:
+    deadlines = Deadlines(asyncio.get_running_loop())
+    timeouts = StreamTimeouts(first_token=5.0, inter_token=0.05)
+    watchdog = StreamWatchdog(timeouts, deadlines)
+    watchdog.head()
+    await asyncio.sleep(0.12)  # the 50 ms check fired: it waits for the 5 s first token now
+    assert watchdog.expired is None
+    assert watchdog._slot == int((watchdog.started + 5.0) / RESOLUTION) + 1
+    now = monotonic()
+    watchdog.first_token(now)
+    assert watchdog._slot == int((now + 0.05) / RESOLUTION) + 1
+    watchdog.stop()
+
+
+@in_loop
+async def test_a_stream_without_a_first_token_limit_waits_for_its_first_token() -> None:
+    """Only an inter-token limit: its clock starts at the first token, however late."""
+    deadlines = Deadlines(asyncio.get_running_loop())
+
+    async def guarded() -> tuple[StreamWatchdog, float]:
+        watchdog = StreamWatchdog(StreamTimeouts(inter_token=0.05), deadlines)
+        watchdog.head()
+        await asyncio.sleep(0.2)  # four checks, no token: nothing expires
+        assert watchdog.expired is None
+        first = monotonic()
+        watchdog.first_token(first)
+        try:
+            await asyncio.sleep(2)
+        except asyncio.CancelledError:
+            assert watchdog.claim_cancellation()
+        return watchdog, monotonic() - first
+
+    watchdog, after_token = await asyncio.wait_for(guarded(), 1.5)
+    assert watchdog.expired == INTER_TOKEN
+    assert 0.05 <= after_token < 0.05 + RESOLUTION + 0.5
+    assert len(deadlines) == 0
 
 
 @pytest.mark.parametrize(
