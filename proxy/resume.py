@@ -308,6 +308,8 @@ class ResumableStream(Response):
 
     def close(self) -> None:
         """The exchange is over (normally or not); stop claiming its client's loss."""
+        # Its task goes on to the connection's next request: nothing here may cancel it.
+        self.task = None
         conn = self._conn
         if isinstance(conn, HttpConnection) and conn.keep_task_on_loss == self.client_lost:
             conn.keep_task_on_loss = None

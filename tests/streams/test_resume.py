@@ -4,10 +4,13 @@ exactly what it missed, then the live rest of the same generation."""
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import random
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sluice.proxy.resume import StreamRegistry
@@ -153,6 +156,34 @@ def test_buffer_overflow_while_away_aborts_and_answers_410(
         assert late.status == 410
         assert h.permits_in_use() == 0
     finally:
+        h.close()
+
+
+def test_a_late_resume_leaves_the_connections_next_request_alone(sim: ProcessServer) -> None:
+    """The task that ran a resumable stream goes on to its connection's next request. A
+    resume that comes after the stream ended and finds its buffer trimmed (410 aborts the
+    generation) must not cancel that next request."""
+    policy = StreamPolicy(name="tiny", resume_window=5.0, resume_buffer=2048)
+    h = harness(sim.url, policy)
+    parts = urlsplit(h.url)
+    assert parts.hostname is not None and parts.port is not None
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    try:
+        headers = {**AUTH, "content-type": "application/json"}
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat(200)), headers)
+        first = conn.getresponse()
+        rid = first.getheader("x-request-id")
+        assert first.status == 200 and first.read().endswith(b"data: [DONE]\n\n")
+        slow = chat(60, sim={"itl_ms": 10})
+        conn.request("POST", "/v1/chat/completions", json.dumps(slow), headers)
+        second = conn.getresponse()
+        assert second.status == 200
+        began = second.read(64)
+        assert resume(h, rid, None).status == 410  # the first stream's events were trimmed
+        body = began + second.read()
+        assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+    finally:
+        conn.close()
         h.close()
 
 
