@@ -39,10 +39,11 @@ class StreamRelay:
     the body back (`feed`). What one read from the backend holds (one event, or several
     under load) goes to the client in one send when the read is done (`read_done`), as
     nginx writes what it read: never held past the callback, one system call per read
-    rather than per event. The handler awaits `outcome` once per stream:
-    "done" (backend's [DONE] relayed, the client's response ended), "cut" (the guard ended
-    every choice) or "eof" (the backend ended the message without [DONE]); an
-    UpstreamError or ClientGone is set as its exception.
+    rather than per event. The handler reads the stream's outcome once (`result`, or
+    `wait()` while there is none yet): "done" (backend's [DONE] relayed, the client's
+    response ended), "cut" (the guard ended every choice) or "eof" (the backend ended the
+    message without [DONE]); an UpstreamError or ClientGone is raised instead. A stream
+    that ends within the read that starts it (a short answer) makes no future at all.
 
     Backpressure: the client connection calls `pause`/`resume` (a FlowListener) when its
     socket stops and starts taking writes; reading from the backend follows.
@@ -50,14 +51,16 @@ class StreamRelay:
 
     __slots__ = (
         "_at_chunk_start",
+        "_error",
         "_frames",
         "_guarded",
         "_out",
         "_over",
         "_partial",
+        "_waiter",
         "filter",
-        "outcome",
         "response",
+        "result",
         "splitter",
         "upstream",
     )
@@ -67,7 +70,9 @@ class StreamRelay:
         self.upstream = upstream
         self.response = response
         self.splitter = SseSplitter()
-        self.outcome: asyncio.Future[str] = upstream.loop.create_future()
+        self.result = ""  # the outcome, once the stream is over without an error
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None  # made only if `wait` must wait
         # Per-event state kept on the relay, so an event touches few objects: whether the
         # outcome is set, whether the splitter holds part of an event, whether the
         # backend's parser stands at a chunk's start.
@@ -89,14 +94,33 @@ class StreamRelay:
         return self.filter.observe(event, text)
 
     def _end(self, result: str) -> None:
+        if not self.result and self._error is None:
+            self.result = result
+            self._wake()
         self._over = True
-        if not self.outcome.done():
-            self.outcome.set_result(result)
 
     def _break(self, exc: BaseException) -> None:
+        if not self.result and self._error is None:
+            self._error = exc
+            self._wake()
         self._over = True
-        if not self.outcome.done():
-            self.outcome.set_exception(exc)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> str:
+        """The stream's outcome, once it is over (raises what broke it)."""
+        if not self.result and self._error is None:
+            waiter = self._waiter = self.upstream.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if self._error is not None:
+            raise self._error
+        return self.result
 
     # -- the backend socket's reads, while the relay takes them ---------------------------
 

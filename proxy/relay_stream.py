@@ -55,7 +55,7 @@ async def relay_stream(
     upstream.take_reads(relay)
     response.flush()  # the head never waits for the backend's first event
     try:
-        outcome = await relay.outcome
+        outcome = relay.result or await relay.wait()
     except UpstreamError as exc:
         ex.upstream_error = exc.kind
         response.write(
