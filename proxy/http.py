@@ -471,6 +471,11 @@ class HttpConnection(asyncio.Protocol):
         return self._task
 
     @property
+    def worker(self) -> asyncio.Task[None] | None:
+        """The task that runs this connection's requests (None before the first)."""
+        return self._worker
+
+    @property
     def idle(self) -> bool:
         return self._task is None and not self.pipeline and self.reader.request is None
 

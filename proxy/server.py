@@ -70,7 +70,11 @@ class HttpServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        tasks = [c.task for c in self.state.connections if c.task is not None]
+        # The running handlers, and the workers of idle connections (waiting for a next
+        # request: their connection's loss ends them, a loop pass later).
+        tasks = [
+            task for c in self.state.connections for task in {c.task, c.worker} if task is not None
+        ]
         for conn in list(self.state.connections):
             conn.close()
         for task in tasks:
