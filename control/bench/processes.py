@@ -139,10 +139,27 @@ class Child:
             self.proc.wait(STOP_TIMEOUT)
 
 
+_CPUCLOCK_SCHED = 2  # the kernel's process CPU clock: its runtime, as the scheduler counts it
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user + system, all threads, exited ones included) of process `pid`,
+    to the nanosecond: its CPU-time clock, the clock id Linux's clock_getcpuclockid(3)
+    makes for a process. None when it cannot be read (the process is gone).
+
+    /proc's utime and stime count clock ticks (10 ms): a relay spends ~0.3 s of CPU in a
+    2-token round, so they measured it to +-3%, and nginx's ~0.16 s to +-6%."""
+    try:
+        return time.clock_gettime((~pid << 3) | _CPUCLOCK_SCHED)
+    except OSError:
+        return None
+
+
 def tree_cpu_seconds(root: int) -> float:
-    """utime + stime (+ reaped children's) of `root` and all its descendants, from /proc."""
+    """The CPU time of `root` and all its descendants (process_cpu_seconds, or /proc's
+    utime + stime where that cannot be read), and of their children already reaped."""
     parents: dict[int, int] = {}
-    times: dict[int, int] = {}
+    ticks: dict[int, tuple[int, int]] = {}  # pid: (utime + stime, cutime + cstime)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -155,18 +172,21 @@ def tree_cpu_seconds(root: int) -> float:
         fields = stat[stat.rfind(b")") + 2 :].split()
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        times[pid] = sum(int(x) for x in fields[11:15])
-    total = 0
+        ticks[pid] = (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
     frontier = [root]
     seen: set[int] = set()
     while frontier:
         pid = frontier.pop()
-        if pid in seen:
+        if pid in seen or pid not in ticks:
             continue
         seen.add(pid)
-        total += times.get(pid, 0)
+        own, reaped = ticks[pid]
+        precise = process_cpu_seconds(pid)
+        total += (own / tick if precise is None else precise) + reaped / tick
         frontier.extend(child for child, parent in parents.items() if parent == pid)
-    return total / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def free_port() -> int:

@@ -240,6 +240,33 @@ def test_token_detection_does_not_depend_on_chunking(cuts: list[int]):
     assert len(samples.gaps) == 2  # 3 non-empty tokens; "" and keep-alives are not tokens
 
 
+def test_a_process_cpu_time_is_read_finer_than_clock_ticks():
+    burn = "import time\nend = time.process_time() + 0.25\nwhile time.process_time() < end: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(5)"])
+    try:
+        readings = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            cpu = benchprocs.process_cpu_seconds(child.pid)
+            assert cpu is not None
+            readings.append(cpu)
+            if cpu >= 0.25 and len(readings) > 1 and readings[-1] == readings[-2]:
+                break  # burnt and asleep: the clock stands still
+            time.sleep(0.1)
+        cpu = readings[-1]
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        assert 0.25 <= cpu < 1.0
+        assert abs(cpu - ticks) <= 0.03  # the same time /proc counts in ticks
+        assert round(cpu * 100) != cpu * 100  # finer than a 10 ms tick
+        assert benchprocs.tree_cpu_seconds(child.pid) == pytest.approx(cpu, abs=0.001)
+    finally:
+        child.kill()
+        child.wait()
+    assert benchprocs.process_cpu_seconds(child.pid) is None  # reaped: gone
+
+
 def test_percentile_interpolates_like_numpy():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
