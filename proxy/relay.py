@@ -94,16 +94,16 @@ class StreamRelay:
         return self.filter.observe(event, text)
 
     def _end(self, result: str) -> None:
-        if not self.result and self._error is None:
+        if not self._over:  # the first outcome stands
+            self._over = True
             self.result = result
             self._wake()
-        self._over = True
 
     def _break(self, exc: BaseException) -> None:
-        if not self.result and self._error is None:
+        if not self._over:
+            self._over = True
             self._error = exc
             self._wake()
-        self._over = True
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -112,7 +112,7 @@ class StreamRelay:
 
     async def wait(self) -> str:
         """The stream's outcome, once it is over (raises what broke it)."""
-        if not self.result and self._error is None:
+        if not self._over:
             waiter = self._waiter = self.upstream.loop.create_future()
             try:
                 await waiter
