@@ -24,7 +24,7 @@ import httpx
 import uvloop
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import ServerState
+from sluice.proxy.http import Handler, ServerState
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Backend, QueueLimits, Route, Snapshot, SnapshotRef
 
@@ -200,6 +200,23 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         self.loop.close()
+
+
+class HandlerServer:
+    """The HTTP server alone, with `handler`, on a LoopThread and a free loopback port:
+    what tests of the server itself send raw HTTP to and look inside."""
+
+    def __init__(self, handler: Handler, max_body: int = 1024, **state_kw: Any) -> None:
+        self.lt = LoopThread()
+        self.state = ServerState(
+            handler, lambda: max_body, error_body=server_error_body, **state_kw
+        )
+        self.server = HttpServer(self.state)
+        self.port: int = self.lt.run(self.server.listen("127.0.0.1", 0))
+
+    def close(self) -> None:
+        self.lt.run(self.server.close())
+        self.lt.stop()
 
 
 @dataclass

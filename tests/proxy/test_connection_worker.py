@@ -14,22 +14,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import Request, Response, ServerState
-from sluice.proxy.server import HttpServer
+from sluice.proxy.http import Request, Response
 
-from tests.fixtures import LoopThread
+from tests.fixtures import HandlerServer
 
 ANSWER_END = re.compile(rb"cancelling=\d")
 
 
-class TaskServer:
+class TaskServer(HandlerServer):
     """Answers each request with facts about the task it runs in; `/swallow` cancels its
     own task and catches the cancellation without withdrawing it (a handler's bug)."""
 
     def __init__(self) -> None:
-        self.lt = LoopThread()
-        self.errors = self.lt.record_errors()
         self.tasks: list[asyncio.Task[Any]] = []
 
         async def handler(request: Request, response: Response) -> None:
@@ -48,12 +44,8 @@ class TaskServer:
             body = b"%s cancelling=%d" % (request.path.encode(), cancelling)
             response.send(200, [(b"content-type", b"text/plain")], body)
 
-        self.server = HttpServer(ServerState(handler, lambda: 1024, error_body=server_error_body))
-        self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
-
-    def close(self) -> None:
-        self.lt.run(self.server.close())
-        self.lt.stop()
+        super().__init__(handler)
+        self.errors = self.lt.record_errors()
 
 
 @pytest.fixture

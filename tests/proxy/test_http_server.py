@@ -15,21 +15,18 @@ from typing import Any
 import httptools
 import pytest
 from sluice.proxy import headernames, reader
-from sluice.proxy.errors import server_error_body
-from sluice.proxy.http import Request, Response, ServerState
+from sluice.proxy.http import Request, Response
 from sluice.proxy.response import head_bytes
-from sluice.proxy.server import HttpServer
 
-from tests.fixtures import LoopThread
+from tests.fixtures import HandlerServer
 
 STREAM_CHUNK = b"x" * 65536
 
 
-class EchoServer:
+class EchoServer(HandlerServer):
     """Echoes the body; /stream writes 64 KiB chunks while the client keeps up."""
 
     def __init__(self, **state_kw: float) -> None:
-        self.lt = LoopThread()
         self.streamed = 0
         self.drains = 0
         self.handler_done = False
@@ -54,14 +51,7 @@ class EchoServer:
                 return
             response.send(200, [(b"content-type", b"text/plain")], b"echo:" + request.body)
 
-        self.server = HttpServer(
-            ServerState(handler, lambda: 1024, error_body=server_error_body, **state_kw)
-        )
-        self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
-
-    def close(self) -> None:
-        self.lt.run(self.server.close())
-        self.lt.stop()
+        super().__init__(handler, **state_kw)
 
 
 @pytest.fixture
@@ -259,12 +249,11 @@ def test_a_client_that_does_not_read_pushes_back_on_the_writer(echo: EchoServer)
 # -- hardening (issue 12): each reproducer of the issue, on a raw socket ------------------
 
 
-class HardServer:
+class HardServer(HandlerServer):
     """A server whose handler shows what arrived: /slow sleeps, /stream streams slowly,
     /claim takes an upgrade over and echoes raw bytes; anything else echoes the body."""
 
     def __init__(self, **state_kw: object) -> None:
-        self.lt = LoopThread()
         self.handled: list[tuple[str, str, bytes, bytes | None]] = []
 
         async def handler(request: Request, response: Response) -> None:
@@ -281,16 +270,10 @@ class HardServer:
             response.send(200, [(b"content-type", b"text/plain")], b"echo:" + request.body)
 
         kw: dict[str, object] = {"request_timeout": 0.5, "keepalive_timeout": 5.0, **state_kw}
-        self.state = ServerState(handler, lambda: 1024, error_body=server_error_body, **kw)  # type: ignore[arg-type]
-        self.server = HttpServer(self.state)
-        self.port = self.lt.run(self.server.listen("127.0.0.1", 0))
+        super().__init__(handler, **kw)
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port))
-
-    def close(self) -> None:
-        self.lt.run(self.server.close())
-        self.lt.stop()
 
 
 @pytest.fixture

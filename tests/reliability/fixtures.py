@@ -19,7 +19,7 @@ from sluice.proxy.observe import Observer
 from sluice.proxy.server import HttpServer
 from sluice.proxy.snapshot import Snapshot
 
-from tests.fixtures import LoopThread, ProxyHarness
+from tests.fixtures import HandlerServer, LoopThread, ProxyHarness
 
 # Statuses the proxy may answer, each with a defined meaning (README, OPERATIONS.md).
 DEFINED = frozenset(
@@ -201,14 +201,12 @@ class RawBackend:
         self.lt.run(stop())
 
 
-class RecordingServer:
+class RecordingServer(HandlerServer):
     """The HTTP server alone, on loopback: records each request its handler got and
     answers `ok:<path>:<body length>`. What the smuggling table and the raw fuzz talk to."""
 
     def __init__(self, max_body: int = 1024 * 1024, **state_kw: Any) -> None:
-        self.lt = LoopThread()
         self.handled: list[tuple[str, str, bytes]] = []
-        self.loop_errors = self.lt.record_errors()
 
         async def handler(request: Any, response: Any) -> None:
             self.handled.append((request.method, request.path, request.body))
@@ -219,13 +217,8 @@ class RecordingServer:
             )
 
         kw: dict[str, Any] = {"request_timeout": 1.0, "keepalive_timeout": 2.0, **state_kw}
-        self.state = ServerState(handler, lambda: max_body, error_body=server_error_body, **kw)
-        self.server = HttpServer(self.state)
-        self.port: int = self.lt.run(self.server.listen("127.0.0.1", 0))
+        super().__init__(handler, max_body, **kw)
+        self.loop_errors = self.lt.record_errors()
 
     def open_connections(self) -> int:
         return int(self.lt.call(lambda: len(self.state.connections)))
-
-    def close(self) -> None:
-        self.lt.run(self.server.close())
-        self.lt.stop()
