@@ -20,7 +20,7 @@ from typing import Any, Final
 import orjson
 
 from .exchange import Exchange
-from .sse import DONE_EVENT, SEPARATOR
+from .sse import DONE_EVENT, SEPARATOR, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 from .vllmshape import (
@@ -50,7 +50,6 @@ _TEXT_KEY: Final = '"text":"'
 _QUOTE: Final = ord('"')
 _ERROR_PREFIX: Final = b'data: {"error"'
 _COUNT_ENDS: Final = b",}"
-_BRACKET: Final = ord("[")  # DONE_EVENT[6]
 _E: Final = ord("e")  # _ERROR_PREFIX[8]
 # vLLM's token chunks, one choice with non-empty text and nothing else that needs a parse.
 _CHAT_TEXT: Final = re.compile(
@@ -378,9 +377,9 @@ class ChunkFilter:
         of the event, then each search a direct call. (As bytes, `find` rather than `in`:
         CPython 3.11's `bytes.__contains__` first tries its argument as an integer and
         builds, then drops, a TypeError each time.)"""
-        # A byte looked at is cheaper than a method called: "data: [" may be [DONE], and
-        # only 'data: {"e' may be an error.
-        if len(event) > 8 and event[6] == _BRACKET and event.startswith(DONE_EVENT):
+        # A byte looked at is cheaper than a method called: only 'data: {"e' may be an
+        # error (is_done looks at one byte too).
+        if is_done(event):
             self.done = True
             return event
         if not text:  # the relay passes the text it searched for the event's newline

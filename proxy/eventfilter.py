@@ -15,7 +15,7 @@ import orjson
 
 from .chunks import ChunkFilter
 from .exchange import Exchange
-from .sse import DONE_EVENT
+from .sse import is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
@@ -57,7 +57,7 @@ class NamedEventFilter(ChunkFilter):
         self.released: dict[int, list[str]] = {}
 
     def observe(self, event: bytes, text: str = "") -> bytes:
-        if event.startswith(DONE_EVENT):
+        if is_done(event):
             self.done = True
             return event
         # `find`, not `in`: see ChunkFilter.observe.
@@ -70,7 +70,7 @@ class NamedEventFilter(ChunkFilter):
         return event
 
     def guarded(self, event: bytes, text: str = "") -> bytes | None:
-        if event.startswith(DONE_EVENT):
+        if is_done(event):
             self.done = True
             return event
         parsed = parse_named(event)

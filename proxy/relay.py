@@ -265,7 +265,7 @@ class StreamRelay:
                 parts.append(out)
             if chunk_filter.done:
                 break
-        self._partial = bool(splitter.pending)
+        self._partial = splitter.partial
         return b"".join(parts)
 
     def read_done(self) -> None:

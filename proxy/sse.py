@@ -12,23 +12,48 @@ from typing import Final
 SEPARATOR: Final = b"\n\n"
 # The last event of every OpenAI stream.
 DONE_EVENT: Final = b"data: [DONE]\n\n"
+# The same event without the space: SSE's field value starts after the colon, with one
+# space dropped if there is one, so both are `[DONE]` to a client.
+DONE_EVENT_UNSPACED: Final = b"data:[DONE]\n\n"
+_BRACKET: Final = ord("[")
+_CR: Final = ord("\r")
+
+
+def is_done(event: bytes) -> bool:
+    """Whether `event` (with its blank line) is the stream's `[DONE]`, in either form. A
+    byte looked at first: a token's event has `{` where [DONE] has `[`."""
+    if len(event) < 13:
+        return False
+    if event[6] == _BRACKET:
+        return event.startswith(DONE_EVENT)
+    return event[5] == _BRACKET and event.startswith(DONE_EVENT_UNSPACED)
 
 
 class SseSplitter:
-    """Incremental event splitter: bytes in, complete events (without separator) out."""
+    """Incremental event splitter: bytes in, complete events (without separator) out.
 
-    __slots__ = ("_pending",)
+    SSE ends a line with CRLF, LF or CR alone; all three become LF here. A read that ends
+    in CR has ended its line at once (a CR-only stream is not held back a read), and a LF
+    that starts the next read is the rest of that CRLF."""
+
+    __slots__ = ("_after_cr", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""
+        self._after_cr = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self._after_cr:
+            self._after_cr = False
+            if data.startswith(b"\n"):
+                data = data[1:]
         if self._pending:
             data = self._pending + data
             self._pending = b""
         if data.find(b"\r") >= 0:  # (`find`, not `in`: see ChunkFilter.observe)
-            # SSE allows CRLF line ends; normalise once, off the common path.
-            data = data.replace(b"\r\n", b"\n")
+            # Normalised once, off the common path (vLLM ends its lines with LF).
+            self._after_cr = data[-1] == _CR
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         first = data.find(SEPARATOR)
         if first < 0:  # (before the next test: a 1-byte read has first == len - 2 == -1)
             self._pending = data
@@ -43,3 +68,9 @@ class SseSplitter:
     @property
     def pending(self) -> bytes:
         return self._pending
+
+    @property
+    def partial(self) -> bool:
+        """Whether the next read continues what this one held: part of an event, or the
+        LF of a CRLF whose CR ended the read (either way, the next read is split here)."""
+        return bool(self._pending) or self._after_cr

@@ -31,7 +31,9 @@ MAX_IDLE_PER_ORIGIN: Final = 512
 DEFAULT_IDLE_TIMEOUT: Final = 4.0
 # The headers of a backend's response that sluice reads (here, app.py, nonstream.py);
 # `headers` keeps these (and any other name of one of their lengths), no others.
-READ_HEADERS: Final = (b"content-type", b"transfer-encoding", b"retry-after")
+# content-length: whether a body with neither it nor chunked framing ends with the
+# connection (`_ends_at_close`).
+READ_HEADERS: Final = (b"content-type", b"content-length", b"transfer-encoding", b"retry-after")
 _READ_HEADER_LENGTHS: Final = frozenset(len(name) for name in READ_HEADERS)
 
 
@@ -139,6 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._feed_held()  # what came before the close is the response's
         self.closed = True
         self.pool.forget(self)
+        if not self._complete and self._exc is None and self._ends_at_close():
+            self.on_message_complete()  # what llhttp_finish would do (httptools has none)
         if not self._complete and self._exc is None:
             before = not self._got_bytes
             self._exc = UpstreamError(
@@ -213,6 +217,16 @@ class UpstreamConnection(asyncio.Protocol):
             and self.headers.get(b"transfer-encoding", b"").lower() == b"chunked"
             and self.headers.get(b"content-type", b"").startswith(b"text/event-stream")
         )
+
+    def _ends_at_close(self) -> bool:
+        """A response whose body the connection's close delimits (HTTP/1.0 style: neither
+        Content-Length nor chunked framing), so the close ends it cleanly."""
+        if not self._headers_done or self._interim or self.status in (204, 304):
+            return False
+        headers = self.headers
+        return b"content-length" not in headers and not headers.get(
+            b"transfer-encoding", b""
+        ).lower().endswith(b"chunked")
 
     def _pause_over(self, buffered: int) -> None:
         if buffered > READ_HIGH_WATER and not self._reading_paused and self.transport:

@@ -1,0 +1,263 @@
+"""Backends that frame their answers in ways vLLM does not, but HTTP and SSE allow: event
+lines ended by CR alone or CRLF, `data:[DONE]` without its space, and bodies that end
+with the connection (neither Content-Length nor chunked). Each is relayed whole, with one
+`[DONE]`, in pass-through and with a stop-string guard; a body cut short is still a 502."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import openai
+import pytest
+from sluice.proxy.snapshot import Snapshot, StreamPolicy
+from sluice.proxy.sse import SseSplitter, is_done
+from sluice.proxy.stopwords import GuardSpec
+
+from tests.fixtures import ProxyHarness, passthrough_snapshot, routed_snapshot, stream_request
+from tests.proxy.raw_backends import CHAT_RESPONSE, _read_request
+
+MSG = [{"role": "user", "content": "x"}]
+TOKENS = ["Hel", "lo", ", wor", "ld"]
+
+
+def _chunk_event(content: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": content} if content is not None else {"role": "assistant"}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [choice],
+    }
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _events(line_end: bytes, done: bytes = b"data: [DONE]") -> list[bytes]:
+    """A whole stream's events, each with its blank line, lines ended by `line_end`
+    (`done` b"": no [DONE])."""
+    lines = [_chunk_event(None), *(_chunk_event(t) for t in TOKENS), _chunk_event("", "stop")]
+    lines += [done] if done else []
+    return [line + line_end + line_end for line in lines]
+
+
+def _chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+class OneAnswerBackend:
+    """Answers every request on a connection of its own with the same bytes; closes the
+    connection after them when `close` (the end of a close-delimited body)."""
+
+    def __init__(self, answer: bytes, close: bool) -> None:
+        self.answer = answer
+        self.close_after = close
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = bytearray()
+            while _read_request(conn, buffer) is not None:
+                conn.sendall(self.answer)
+                if self.close_after:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _stream_head(chunked: bool) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n" + (
+        b"transfer-encoding: chunked\r\n\r\n" if chunked else b"connection: close\r\n\r\n"
+    )
+
+
+def _guarded(url: str) -> Snapshot:
+    guard = GuardSpec(stop=("never in the text",))
+    policy = StreamPolicy(name="p", stop=("never in the text",), guard=guard)
+    return routed_snapshot(url, {"m": {"policy": policy}})
+
+
+@pytest.fixture(params=["pass-through", "guarded"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _harness(url: str, mode: str) -> ProxyHarness:
+    return ProxyHarness(passthrough_snapshot(url) if mode == "pass-through" else _guarded(url))
+
+
+@pytest.fixture
+def served(mode: str, request: pytest.FixtureRequest) -> Iterator[tuple[ProxyHarness, str]]:
+    backend = OneAnswerBackend(request.param, close=True)
+    harness = _harness(backend.url, mode)
+    yield harness, mode
+    harness.close()
+    backend.close()
+
+
+def _stream(harness: ProxyHarness) -> list[bytes]:
+    result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+    assert result.status == 200, result.body
+    return [event for _, event in result.events]
+
+
+def _text(events: list[bytes]) -> str:
+    text = ""
+    for event in events:
+        if event.startswith(b"data: {"):
+            text += json.loads(event[6:])["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def _dones(events: list[bytes]) -> int:
+    return sum(1 for event in events if event.replace(b" ", b"") == b"data:[DONE]")
+
+
+CR_ONLY = _stream_head(True) + _chunked(_events(b"\r"))
+# The same CR-only stream with each event's two CRs in different HTTP chunks: the second
+# read starts with the CR that ends the event (no LF of a CRLF to drop).
+CR_SPLIT = _stream_head(True) + _chunked(
+    [part for event in _events(b"\r") for part in (event[:-1], event[-1:])]
+)
+CRLF_SPLIT = _stream_head(True) + _chunked(
+    [part for event in _events(b"\r\n") for part in (event[:-1], event[-1:])]
+)
+UNSPACED_DONE = _stream_head(True) + _chunked(_events(b"\n", done=b"data:[DONE]"))
+CLOSE_DELIMITED_STREAM = _stream_head(False) + b"".join(_events(b"\n"))
+# Without [DONE]: the close ends the body cleanly, so the client gets sluice's [DONE] and
+# no error event.
+CLOSE_DELIMITED_NO_DONE = _stream_head(False) + b"".join(_events(b"\n", done=b""))
+
+
+@pytest.mark.parametrize(
+    "served",
+    [CR_ONLY, CR_SPLIT, CRLF_SPLIT, UNSPACED_DONE, CLOSE_DELIMITED_STREAM, CLOSE_DELIMITED_NO_DONE],
+    ids=["cr-only", "cr-split", "crlf-split", "unspaced-done", "close-delimited", "close-no-done"],
+    indirect=True,
+)
+def test_every_event_reaches_the_client_with_one_done(served: tuple[ProxyHarness, str]) -> None:
+    harness, _ = served
+    events = _stream(harness)
+    assert _text(events) == "".join(TOKENS), events
+    assert b"error" not in b"".join(events), events
+    assert _dones(events) == 1, events
+    assert is_done(events[-1] + b"\n\n"), events
+    (exchange,) = harness.wait_finished(1)
+    assert exchange.finish_reason == "stop"
+    assert exchange.upstream_error is None
+
+
+def test_the_openai_sdk_reads_a_cr_only_stream_whole() -> None:
+    backend = OneAnswerBackend(CR_ONLY, close=True)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        client = openai.OpenAI(base_url=harness.url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(model="m", messages=MSG, stream=True)  # type: ignore[arg-type]
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+        assert text == "".join(TOKENS)
+    finally:
+        harness.close()
+        backend.close()
+
+
+def _json_answer(body: bytes, *, length: int | None, version: bytes = b"HTTP/1.1") -> bytes:
+    head = version + b" 200 OK\r\ncontent-type: application/json\r\n"
+    if length is not None:
+        head += b"content-length: %d\r\n" % length
+    else:
+        head += b"connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.1", b"HTTP/1.0"])
+def test_a_body_that_ends_with_the_connection_is_relayed_whole(version: bytes, mode: str) -> None:
+    backend = OneAnswerBackend(_json_answer(CHAT_RESPONSE, length=None, version=version), True)
+    harness = _harness(backend.url, mode)
+    try:
+        client = openai.OpenAI(base_url=harness.url + "/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        assert completion.choices[0].message.content == "ok"
+        assert completion.usage is not None and completion.usage.total_tokens == 2
+        (exchange,) = harness.wait_finished(1)
+        assert exchange.status == 200 and exchange.upstream_error is None
+        assert harness.open_upstream_connections() == 0  # closed by the backend, not pooled
+    finally:
+        harness.close()
+        backend.close()
+
+
+def test_a_body_cut_short_of_its_content_length_is_still_a_502(mode: str) -> None:
+    cut = _json_answer(CHAT_RESPONSE[:40], length=len(CHAT_RESPONSE))
+    backend = OneAnswerBackend(cut, close=True)
+    harness = _harness(backend.url, mode)
+    try:
+        client = openai.OpenAI(base_url=harness.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        assert caught.value.status_code == 502
+        assert "closed the connection mid-response" in caught.value.message
+    finally:
+        harness.close()
+        backend.close()
+
+
+def test_a_chunked_stream_cut_before_its_terminator_is_still_an_error_event() -> None:
+    events = _events(b"\n")
+    cut = _stream_head(True) + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events[:3])
+    backend = OneAnswerBackend(cut, close=True)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        events_out = _stream(harness)
+        assert b"upstream_reset" in b"".join(events_out), events_out
+        assert _dones(events_out) == 1
+    finally:
+        harness.close()
+        backend.close()
+
+
+@pytest.mark.parametrize(
+    ("reads", "events", "partial"),
+    [
+        ([b"data: x\r\r"], [b"data: x"], True),  # the next read may begin with a LF
+        ([b"data: x\r\r", b"\ndata: y\n\n"], [b"data: x", b"data: y"], False),
+        ([b"data: x\r", b"\r"], [b"data: x"], True),
+        ([b"data: x\r", b"\n\r", b"\n"], [b"data: x"], False),
+        ([b"data: x\r", b"\ndata: y\r\r"], [b"data: x\ndata: y"], True),  # one event, 2 lines
+        ([b"a: 1\rdata: x\r\r", b"data: y\r\n\r\n"], [b"a: 1\ndata: x", b"data: y"], False),
+    ],
+)
+def test_sse_splitter_ends_lines_at_cr_lf_or_crlf(
+    reads: list[bytes], events: list[bytes], partial: bool
+) -> None:
+    splitter = SseSplitter()
+    assert [event for data in reads for event in splitter.feed(data)] == events
+    assert splitter.partial is partial
+
+
+@pytest.mark.parametrize(
+    ("event", "done"),
+    [
+        (b"data: [DONE]\n\n", True),
+        (b"data:[DONE]\n\n", True),
+        (b"data: [DONE]x\n\n", False),
+        (b'data: {"x":1}\n\n', False),
+        (b"data: [1,2,3]\n\n", False),
+        (b"data:", False),
+    ],
+)
+def test_is_done_knows_both_forms(event: bytes, done: bool) -> None:
+    assert is_done(event) is done
