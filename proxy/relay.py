@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import Protocol
+from typing import Final, Protocol
 
 from .chunks import ChunkFilter
 from .response import Response
 from .sse import SEPARATOR, SseSplitter
+from .upstream import UpstreamError
+
+# The most of one SSE event held while it arrives (vLLM's largest, a first chunk with a
+# long prompt's token ids, is well under a megabyte). A backend that sends more without
+# ending the event breaks its stream rather than the proxy's memory.
+MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 
 
 class ReadSide(Protocol):
@@ -158,6 +164,13 @@ class StreamRelay:
             text = "" if self._partial else data.decode("latin-1")
             if self._partial or text.find("\n") != len(data) - 2 or data[-1] != 10:
                 out = self._feed_split(data)
+                if self.splitter.pending_size > MAX_EVENT_BYTES:
+                    if out:
+                        self._out.append(out)
+                    self.read_done()  # the events before it go out first
+                    raise UpstreamError(
+                        "protocol", f"backend SSE event over {MAX_EVENT_BYTES} bytes", False
+                    )
             else:
                 out = self._on_event(data, text)
             if chunk_filter.done:

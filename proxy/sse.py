@@ -34,12 +34,17 @@ class SseSplitter:
 
     SSE ends a line with CRLF, LF or CR alone; all three become LF here. A read that ends
     in CR has ended its line at once (a CR-only stream is not held back a read), and a LF
-    that starts the next read is the rest of that CRLF."""
+    that starts the next read is the rest of that CRLF.
 
-    __slots__ = ("_after_cr", "_pending")
+    An event that spans many reads is kept as its reads and joined once, when it is
+    complete (not copied again with each read); `pending_size` lets the caller bound it."""
+
+    __slots__ = ("_after_cr", "_parts", "_pending", "pending_size")
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = b""  # the start of an event not yet complete (no CR left in it)
+        self._parts: list[bytes] = []  # the reads after it, none holding a separator
+        self.pending_size = 0
         self._after_cr = False
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -47,27 +52,43 @@ class SseSplitter:
             self._after_cr = False
             if data.startswith(b"\n"):
                 data = data[1:]
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
         if data.find(b"\r") >= 0:  # (`find`, not `in`: see ChunkFilter.observe)
             # Normalised once, off the common path (vLLM ends its lines with LF).
             self._after_cr = data[-1] == _CR
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        pending = self._pending
+        if pending:
+            # Still no whole event (no separator in the read, none across the boundary):
+            # the read is kept as it is.
+            if data.find(SEPARATOR) < 0 and not (
+                data.startswith(b"\n") and (self._parts or [pending])[-1].endswith(b"\n")
+            ):
+                if data:
+                    self._parts.append(data)
+                    self.pending_size += len(data)
+                return []
+            data = b"".join([pending, *self._parts, data])
+            self._pending = b""
+            self._parts = []
+            self.pending_size = 0
         first = data.find(SEPARATOR)
         if first < 0:  # (before the next test: a 1-byte read has first == len - 2 == -1)
-            self._pending = data
+            self._hold(data)
             return []
         end = len(data) - 2
         if first == end:
             return [data[:end]]
         events = data.split(SEPARATOR)
-        self._pending = events.pop()
+        self._hold(events.pop())
         return [event for event in events if event]
+
+    def _hold(self, rest: bytes) -> None:
+        self._pending = rest
+        self.pending_size = len(rest)
 
     @property
     def pending(self) -> bytes:
-        return self._pending
+        return b"".join([self._pending, *self._parts])
 
     @property
     def partial(self) -> bool:

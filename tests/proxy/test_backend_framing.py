@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import openai
 import pytest
+from sluice.proxy.relay import MAX_EVENT_BYTES
 from sluice.proxy.snapshot import Snapshot, StreamPolicy
 from sluice.proxy.sse import SseSplitter, is_done
 from sluice.proxy.stopwords import GuardSpec
@@ -119,7 +121,8 @@ def _text(events: list[bytes]) -> str:
     text = ""
     for event in events:
         if event.startswith(b"data: {"):
-            text += json.loads(event[6:])["choices"][0]["delta"].get("content") or ""
+            for choice in json.loads(event[6:]).get("choices", []):
+                text += choice["delta"].get("content") or ""
     return text
 
 
@@ -261,3 +264,70 @@ def test_sse_splitter_ends_lines_at_cr_lf_or_crlf(
 )
 def test_is_done_knows_both_forms(event: bytes, done: bool) -> None:
     assert is_done(event) is done
+
+
+def test_an_event_over_many_reads_is_joined_once() -> None:
+    """16 MiB in 4 KiB reads: copied again with each read, as before, this held the
+    splitter for minutes (32 GiB of copies); kept as its reads, it takes milliseconds."""
+    splitter = SseSplitter()
+    read = b"x" * 4096
+    started = time.monotonic()
+    assert splitter.feed(b"data: ") == []
+    for _ in range(4096):
+        assert splitter.feed(read) == []
+    assert splitter.pending_size == 6 + 4096 * 4096
+    (event,) = splitter.feed(b"\n\ndata: next")
+    assert time.monotonic() - started < 5.0
+    assert event == b"data: " + read * 4096
+    assert splitter.pending == b"data: next" and splitter.pending_size == 10
+
+
+class EndlessEventBackend:
+    """A stream's first event, then one that never ends: 64 KiB chunks of text without a
+    blank line, until sluice closes the connection (recorded in `closed`)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            if _read_request(conn, bytearray()) is None:
+                return
+            first = _events(b"\n")[1]
+            conn.sendall(_stream_head(True) + b"%x\r\n%b\r\n" % (len(first), first))
+            piece = b"data: " + b"x" * (64 * 1024 - 6)
+            try:
+                while self.sent < 64 * 1024 * 1024:  # bounded: 4x the limit
+                    conn.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    self.sent += len(piece)
+                    piece = b"x" * len(piece)
+            except OSError:
+                self.closed.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_event_that_never_ends_breaks_its_stream_at_the_limit() -> None:
+    backend = EndlessEventBackend()
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        events = _stream(harness)
+        assert _text(events) == TOKENS[0], events[:1]
+        error = json.loads(events[-2][6:])["error"]
+        assert error["code"] == "upstream_protocol"
+        assert f"over {MAX_EVENT_BYTES} bytes" in error["message"]
+        assert _dones(events) == 1
+        assert backend.closed.wait(10)  # sluice closed the backend's connection
+        # It stopped reading (kernel buffers on loopback hold several MiB more).
+        assert backend.sent < 2 * MAX_EVENT_BYTES
+        (exchange,) = harness.wait_finished(1)
+        assert exchange.upstream_error == "protocol"
+    finally:
+        harness.close()
+        backend.close()
