@@ -34,15 +34,18 @@ class Recorder:
 
 
 class CountingLoop:
-    """Counts the loop timers a Deadlines starts."""
+    """Counts the loop timers a Deadlines starts, and keeps their handles."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.timers = 0
+        self.handles: list[asyncio.TimerHandle] = []
 
     def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
         self.timers += 1
-        return self.loop.call_later(delay, callback, *args)
+        handle = self.loop.call_later(delay, callback, *args)
+        self.handles.append(handle)
+        return handle
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loop, name)
@@ -91,6 +94,39 @@ async def test_a_removed_entry_never_fires() -> None:
     deadlines.remove(slot, removed)
     await asyncio.sleep(0.15)
     assert [e for e, _ in fired] == [kept]
+
+
+@in_loop
+async def test_a_slot_whose_entries_all_left_stops_its_timer_at_once() -> None:
+    counting = CountingLoop(asyncio.get_running_loop())
+    deadlines = Deadlines(counting)  # type: ignore[arg-type]
+    fired: list[tuple[Recorder, float]] = []
+    first, second = Recorder(fired), Recorder(fired)
+    when = monotonic() + 60.0
+    slot = deadlines.add(when, first)
+    deadlines.add(when, second)
+    deadlines.remove(slot, first)
+    assert deadlines.slots == 1 and not counting.handles[0].cancelled()  # one still waits
+    deadlines.remove(slot, second)
+    assert deadlines.slots == 0 and counting.handles[0].cancelled()
+    deadlines.remove(slot, second)  # removed twice: nothing happens
+    again = deadlines.add(monotonic() + 0.02, first)  # the slot of a new deadline
+    assert counting.timers == 2 and deadlines.slots == 1
+    await asyncio.sleep(0.15)
+    assert [e for e, _ in fired] == [first] and deadlines.slots == 0
+    deadlines.remove(again, first)  # after it fired: nothing happens
+
+
+@in_loop
+async def test_streams_that_end_before_their_deadlines_hold_no_timer() -> None:
+    """Under steady load, every 10 ms slot up to the longest deadline ahead got a timer
+    that waited, empty, until its time: 6,000 for a 60 s timeout (the soak's RSS rise)."""
+    deadlines = Deadlines(asyncio.get_running_loop())
+    start = monotonic()
+    for i in range(6000):  # a stream per 10 ms for 60 s, each over before its deadline
+        entry = Recorder([])
+        deadlines.remove(deadlines.add(start + 60.0 + i * RESOLUTION, entry), entry)
+    assert deadlines.slots == 0 and len(deadlines) == 0
 
 
 @in_loop
