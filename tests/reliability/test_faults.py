@@ -144,7 +144,9 @@ def _chunk(data: bytes) -> bytes:
 
 
 # Events sluice cannot parse are relayed as they came (the client's SDK judges them, as it
-# would without a proxy); a body whose framing breaks ends in the terminal error event.
+# would without a proxy); a body whose framing breaks ends in the terminal error event. A
+# body with no framing at all ends at the connection's close (RFC 9112 6.3), cleanly: the
+# client gets sluice's [DONE] and no error (it was an upstream_reset before 2026-12-05).
 @pytest.mark.parametrize(
     ("name", "answer", "error"),
     [
@@ -159,9 +161,9 @@ def _chunk(data: bytes) -> bytes:
         ),
         ("bad-chunking", SSE_HEAD + b"zz\r\ndata: x\n\n\r\n", True),
         (
-            "no-framing",
+            "close-delimited",
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: {}\n\n",
-            True,
+            False,
         ),
     ],
 )
