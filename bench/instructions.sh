@@ -8,9 +8,12 @@
 #   REQUESTS  measured requests (default 2000), after 500 not measured
 #   PORT      the simulator's port; sluice takes PORT+1 (default 9150)
 #   TOKENS    (environment) tokens per request (default 2)
+#   TTFT, ITL (environment) the simulator's first-token and inter-token delays in ms
+#             (default 0: it answers at once, so a read holds many events)
 # e.g. bench/instructions.sh build/compiled 2000 9150
 #      TOKENS=64 bench/instructions.sh build/compiled 300 9160 --config my-policy-dir
-# The simulator answers at once (TTFT and ITL 0); 64 streams at a time; loopback only.
+#      TOKENS=64 TTFT=20 ITL=10 bench/instructions.sh build/compiled 512   # a read per token
+# 64 streams at a time; loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -18,7 +21,7 @@ BUILD=$1; N=${2:-2000}; PORT=${3:-9150}; shift $(( $# < 3 ? $# : 3 ))
 TOKENS=${TOKENS:-2}
 OUT=$(mktemp -d)
 trap 'kill $SIM $SRV 2>/dev/null || true; rm -rf "$OUT"' EXIT
-PYTHONPATH=$BUILD .venv/bin/sluice sim --port "$PORT" --ttft-ms 0 --itl-ms 0 >/dev/null 2>&1 &
+PYTHONPATH=$BUILD .venv/bin/sluice sim --port "$PORT" --ttft-ms "${TTFT:-0}" --itl-ms "${ITL:-0}" >/dev/null 2>&1 &
 SIM=$!
 PYTHONPATH=$BUILD valgrind --tool=callgrind --instr-atstart=no \
   --callgrind-out-file="$OUT/callgrind.out.%p" \
