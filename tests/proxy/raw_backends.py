@@ -110,3 +110,25 @@ class RawBackend:
                 except OSError:
                     pass
                 conn.close()
+
+
+class OneConnectionBackend:
+    """Reads one request on one connection, then `answer(conn)` writes what it likes.
+    A subclass sets its own fields before calling `__init__` (the thread starts there)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            if _read_request(conn, bytearray()) is not None:
+                self.answer(conn)
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()

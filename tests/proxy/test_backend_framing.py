@@ -19,7 +19,7 @@ from sluice.proxy.sse import SseSplitter, is_done
 from sluice.proxy.stopwords import GuardSpec
 
 from tests.fixtures import ProxyHarness, passthrough_snapshot, routed_snapshot, stream_request
-from tests.proxy.raw_backends import CHAT_RESPONSE, _read_request
+from tests.proxy.raw_backends import CHAT_RESPONSE, OneConnectionBackend, _read_request
 
 MSG = [{"role": "user", "content": "x"}]
 TOKENS = ["Hel", "lo", ", wor", "ld"]
@@ -282,35 +282,26 @@ def test_an_event_over_many_reads_is_joined_once() -> None:
     assert splitter.pending == b"data: next" and splitter.pending_size == 10
 
 
-class EndlessEventBackend:
+class EndlessEventBackend(OneConnectionBackend):
     """A stream's first event, then one that never ends: 64 KiB chunks of text without a
     blank line, until sluice closes the connection (recorded in `closed`)."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.sent = 0
         self.closed = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            if _read_request(conn, bytearray()) is None:
-                return
-            first = _events(b"\n")[1]
-            conn.sendall(_stream_head(True) + b"%x\r\n%b\r\n" % (len(first), first))
-            piece = b"data: " + b"x" * (64 * 1024 - 6)
-            try:
-                while self.sent < 64 * 1024 * 1024:  # bounded: 4x the limit
-                    conn.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
-                    self.sent += len(piece)
-                    piece = b"x" * len(piece)
-            except OSError:
-                self.closed.set()
-
-    def close(self) -> None:
-        self.listener.close()
+    def answer(self, conn: socket.socket) -> None:
+        first = _events(b"\n")[1]
+        conn.sendall(_stream_head(True) + b"%x\r\n%b\r\n" % (len(first), first))
+        piece = b"data: " + b"x" * (64 * 1024 - 6)
+        try:
+            while self.sent < 64 * 1024 * 1024:  # bounded: 4x the limit
+                conn.sendall(b"%x\r\n%b\r\n" % (len(piece), piece))
+                self.sent += len(piece)
+                piece = b"x" * len(piece)
+        except OSError:
+            self.closed.set()
 
 
 def test_an_event_that_never_ends_breaks_its_stream_at_the_limit() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,7 +15,7 @@ import pytest
 from sluice.proxy.sse import SseSplitter
 
 from tests.fixtures import ProxyHarness, passthrough_snapshot
-from tests.proxy.raw_backends import _read_request
+from tests.proxy.raw_backends import OneConnectionBackend
 
 PAUSE = 0.3  # between the backend's sends
 
@@ -47,33 +46,24 @@ def _events_across_chunks(events: list[bytes]) -> bytes:
     return _http_chunk(data[:middle]) + _http_chunk(data[middle:])
 
 
-class TwoReadBackend:
+class TwoReadBackend(OneConnectionBackend):
     """Answers one streamed request: one event alone, a pause, three events in a single
     send (one read on sluice's side), framed by `frame`, a pause, then [DONE]."""
 
     def __init__(self, frame: Callable[[list[bytes]], bytes]) -> None:
         self.frame = frame
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            if _read_request(conn, bytearray()) is None:
-                return
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n" + _http_chunk(_event("a"))
-            )
-            time.sleep(PAUSE)
-            conn.sendall(self.frame([_event(t) for t in ("b", "c", "d")]))
-            time.sleep(PAUSE)
-            conn.sendall(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        self.listener.close()
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + _http_chunk(_event("a"))
+        )
+        time.sleep(PAUSE)
+        conn.sendall(self.frame([_event(t) for t in ("b", "c", "d")]))
+        time.sleep(PAUSE)
+        conn.sendall(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        time.sleep(0.5)
 
 
 @pytest.fixture(params=[_one_chunk_per_event, _events_across_chunks])
