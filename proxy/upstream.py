@@ -138,10 +138,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = stream_transport(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        aborted = self.closed  # by sluice: what came is cut short, not ended
         self._feed_held()  # what came before the close is the response's
         self.closed = True
         self.pool.forget(self)
-        if not self._complete and self._exc is None and self._ends_at_close():
+        # Only the backend's own clean close (EOF, not a reset) ends a close-delimited body.
+        if exc is None and not aborted and self._ends_at_close():
             self.on_message_complete()  # what llhttp_finish would do (httptools has none)
         if not self._complete and self._exc is None:
             before = not self._got_bytes
@@ -219,9 +221,11 @@ class UpstreamConnection(asyncio.Protocol):
         )
 
     def _ends_at_close(self) -> bool:
-        """A response whose body the connection's close delimits (HTTP/1.0 style: neither
-        Content-Length nor chunked framing), so the close ends it cleanly."""
-        if not self._headers_done or self._interim or self.status in (204, 304):
+        """A response not yet complete whose body the connection's close delimits (HTTP/1.0
+        style: neither Content-Length nor chunked framing)."""
+        if self._complete or self._exc is not None or not self._headers_done:
+            return False
+        if self._interim or self.status in (204, 304):
             return False
         headers = self.headers
         return b"content-length" not in headers and not headers.get(

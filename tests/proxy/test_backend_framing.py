@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -198,6 +199,34 @@ def test_a_body_that_ends_with_the_connection_is_relayed_whole(version: bytes, m
         (exchange,) = harness.wait_finished(1)
         assert exchange.status == 200 and exchange.upstream_error is None
         assert harness.open_upstream_connections() == 0  # closed by the backend, not pooled
+    finally:
+        harness.close()
+        backend.close()
+
+
+class ResetAfterBackend(OneConnectionBackend):
+    """Sends `answer`, then resets the connection (RST, SO_LINGER 0) instead of closing it."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer_bytes = answer
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(self.answer_bytes)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_body_without_framing_cut_by_a_reset_is_a_502() -> None:
+    """Only a clean close ends a close-delimited body: a reset leaves it cut short."""
+    backend = ResetAfterBackend(_json_answer(CHAT_RESPONSE[:40], length=None))
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        client = openai.OpenAI(base_url=harness.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model="m", messages=MSG)  # type: ignore[arg-type]
+        assert caught.value.status_code == 502
+        assert "upstream_reset" in str(caught.value.body)
     finally:
         harness.close()
         backend.close()
