@@ -39,11 +39,12 @@ class SseSplitter:
     An event that spans many reads is kept as its reads and joined once, when it is
     complete (not copied again with each read); `pending_size` lets the caller bound it."""
 
-    __slots__ = ("_after_cr", "_parts", "_pending", "pending_size")
+    __slots__ = ("_after_cr", "_held", "pending_size")
 
     def __init__(self) -> None:
-        self._pending = b""  # the start of an event not yet complete (no CR left in it)
-        self._parts: list[bytes] = []  # the reads after it, none holding a separator
+        # An event not yet complete, as the reads it came in (their line ends already LF;
+        # none after the first holds a separator): joined once, when the event completes.
+        self._held: list[bytes] = []
         self.pending_size = 0
         self._after_cr = False
 
@@ -56,20 +57,20 @@ class SseSplitter:
             # Normalised once, off the common path (vLLM ends its lines with LF).
             self._after_cr = data[-1] == _CR
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        pending = self._pending
-        if pending:
+        held = self._held
+        if held:
             # Still no whole event (no separator in the read, none across the boundary):
             # the read is kept as it is.
             if data.find(SEPARATOR) < 0 and not (
-                data.startswith(b"\n") and (self._parts or [pending])[-1].endswith(b"\n")
+                data.startswith(b"\n") and held[-1].endswith(b"\n")
             ):
                 if data:
-                    self._parts.append(data)
+                    held.append(data)
                     self.pending_size += len(data)
                 return []
-            data = b"".join([pending, *self._parts, data])
-            self._pending = b""
-            self._parts = []
+            held.append(data)
+            data = b"".join(held)
+            self._held = []
             self.pending_size = 0
         first = data.find(SEPARATOR)
         if first < 0:  # (before the next test: a 1-byte read has first == len - 2 == -1)
@@ -83,15 +84,15 @@ class SseSplitter:
         return [event for event in events if event]
 
     def _hold(self, rest: bytes) -> None:
-        self._pending = rest
+        self._held = [rest] if rest else []
         self.pending_size = len(rest)
 
     @property
     def pending(self) -> bytes:
-        return b"".join([self._pending, *self._parts])
+        return b"".join(self._held)
 
     @property
     def partial(self) -> bool:
         """Whether the next read continues what this one held: part of an event, or the
         LF of a CRLF whose CR ended the read (either way, the next read is split here)."""
-        return bool(self._pending) or self._after_cr
+        return bool(self._held) or self._after_cr
