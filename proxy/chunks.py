@@ -156,14 +156,23 @@ class ChunkFilter:
         guard_spec = self.guard_spec
         modified = False
         kept: list[Any] = []
+        if not isinstance(choices, list):
+            return event  # not a chunk's shape: relayed as it came, nothing to guard
         for choice in choices:
-            index = choice.get("index", 0)
+            index = choice.get("index", 0) if isinstance(choice, dict) else None
+            if type(index) is not int:
+                kept.append(choice)  # a choice of another shape: relayed as it came
+                continue
             if index in self.finished:
                 modified = True  # the guard already ended this choice: drop its late chunks
                 continue
             kept.append(choice)
             if self.chat:
-                delta = choice.get("delta") or {}
+                delta = choice.get("delta")
+                if delta is None:
+                    delta = choice["delta"] = {}  # where released text goes, if any
+                elif not isinstance(delta, dict):
+                    continue
                 text = delta.get("content")
                 if not text and (
                     delta.get("reasoning")
@@ -174,9 +183,13 @@ class ChunkFilter:
             else:
                 delta = choice
                 text = choice.get("text")
+            if not isinstance(text, str):
+                text = None
             if text:
                 self._token()
             finish = choice.get("finish_reason")
+            if not isinstance(finish, str):
+                finish = None  # a backend's number or object is relayed, not recorded
             if finish is not None and index not in self.finished:
                 self.ex.finish_reason = finish
             if guard_spec is None:
@@ -391,8 +404,14 @@ class ChunkFilter:
                     self._token()
                 return event
         pos = self._choices(text)
-        if pos >= 0 and self._observed(event, text, pos):
-            return event
+        if pos >= 0:
+            if self._observed(event, text, pos):
+                return event
+        elif '"choices"' in text and event.startswith(b"data:"):
+            # Not vLLM's compact JSON (`"choices": [` with a space, as Python's json
+            # writes it): the searches below would find no key, so no token would reach
+            # the timers and the first-token deadline would cut a healthy stream. Parsed.
+            return self._parse_event(event) or event
         key = _CONTENT_KEY if self.chat else _TEXT_KEY
         at = text.find(key)
         if (at >= 0 and event[at + len(key)] != _QUOTE) or (
@@ -487,9 +506,12 @@ class ChunkFilter:
         if "error" in obj and not obj.get("choices"):
             self.upstream_error = True
             self.ex.upstream_error = "stream_error"
-        for choice in obj.get("choices") or ():
-            if isinstance(choice, dict) and choice.get("finish_reason") is not None:
-                self.ex.finish_reason = choice["finish_reason"]
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, dict):
+                finish = choice.get("finish_reason")
+                if isinstance(finish, str):
+                    self.ex.finish_reason = finish
 
     def _token(self) -> None:
         now = monotonic()

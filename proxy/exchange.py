@@ -112,9 +112,10 @@ class Exchange:
         if isinstance(usage, dict):
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")
-            if isinstance(prompt, int):
+            # A count: not a bool (an int to isinstance), not negative.
+            if type(prompt) is int and prompt >= 0:
                 self.prompt_tokens = prompt
-            if isinstance(completion, int):
+            if type(completion) is int and completion >= 0:
                 self.completion_tokens = completion
 
     @property

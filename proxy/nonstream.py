@@ -92,7 +92,8 @@ async def relay_whole(
 def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exchange) -> bool:
     """Applies the guard to a non-stream response body in place; True when changed."""
     changed = False
-    for choice in body.get("choices") or ():
+    choices = body.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
         holder = choice.get("message") if chat else choice

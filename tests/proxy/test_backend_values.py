@@ -1,0 +1,245 @@
+"""Backends whose chunks vLLM would never send, but a JSON stream allows: values of the
+wrong type where vLLM puts a string or a count (a finish reason that is a number, an
+object, a list or a bool; usage counts that are a bool or negative), choices of another
+shape (not a list, not objects, an index that is no integer, a delta or a text that is no
+object or string), and Python's default JSON layout (a space after each `:`), which
+vLLM's byte layout does not match. Each stream is relayed whole and unchanged, in
+pass-through and with a stop-string guard; the exchange records only values of the right
+type; a token in the spaced layout is counted (its timers see it). A whole (non-stream)
+answer of another shape is relayed too. Before: a guarded stream was cut mid-body on each
+odd shape, a guarded whole answer whose choices were no list was a 500, and pass-through
+counted no token, finish reason or usage in the spaced layout, so its first-token
+deadline cut a healthy stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import orjson
+import pytest
+from sluice.proxy.observe import JsonAccessLog, access_fields
+from sluice.proxy.snapshot import Snapshot, StreamPolicy, StreamTimeouts
+from sluice.proxy.stopwords import GuardSpec
+
+from tests.fixtures import ProxyHarness, passthrough_snapshot, routed_snapshot, stream_request
+from tests.proxy.raw_backends import _read_request
+from tests.proxy.test_backend_framing import OneAnswerBackend, _chunked
+
+MSG = [{"role": "user", "content": "x"}]
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def _event(obj: dict[str, object], compact: bool) -> bytes:
+    separators = (",", ":") if compact else (", ", ": ")
+    return b"data: " + json.dumps(obj, separators=separators).encode() + b"\n\n"
+
+
+def _stream(finish: object, usage: dict[str, object], compact: bool) -> bytes:
+    """A token, a last chunk with `finish`, a usage chunk with `usage`. Laid out as vLLM
+    does (compact) or as Python's json does by default (a space after each `:` and `,`),
+    which vLLM's byte layout does not match: that takes the parsed paths."""
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    events = [
+        _event(base | {"choices": [{"index": 0, "delta": {"content": "ok"}}]}, compact),
+        _event(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}, compact),
+        _event(base | {"choices": [], "usage": usage}, compact),
+        b"data: [DONE]\n\n",
+    ]
+    return HEAD + _chunked(events)
+
+
+def _guarded(url: str) -> Snapshot:
+    guard = GuardSpec(stop=("never in the text",))
+    policy = StreamPolicy(name="p", stop=("never in the text",), guard=guard)
+    return routed_snapshot(url, {"m": {"policy": policy}})
+
+
+ODD_FINISH = [5, {"why": "stop"}, ["stop"], True]
+
+
+@pytest.fixture(params=["pass-through", "guarded"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["compact", "spaced"])
+def compact(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param == "compact")
+
+
+def _serve(answer: bytes, mode: str) -> tuple[ProxyHarness, OneAnswerBackend]:
+    backend = OneAnswerBackend(answer, close=False)
+    snapshot = (
+        passthrough_snapshot(backend.url) if mode == "pass-through" else _guarded(backend.url)
+    )
+    return ProxyHarness(snapshot), backend
+
+
+def _relayed(harness: ProxyHarness, answer: bytes) -> list[bytes]:
+    """The client's events, checked to be the backend's, unchanged."""
+    result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+    assert result.status == 200, result.body
+    sent = [event.rstrip(b"\n") for event in answer.split(b"\r\n") if event.startswith(b"data: ")]
+    got = [event for _, event in result.events]
+    assert got == sent
+    return got
+
+
+@pytest.mark.parametrize("finish", ODD_FINISH, ids=["number", "object", "list", "bool"])
+def test_wrongly_typed_values_are_relayed_and_not_recorded(
+    finish: object, mode: str, compact: bool
+) -> None:
+    answer = _stream(finish, {"prompt_tokens": True, "completion_tokens": -3}, compact)
+    harness, backend = _serve(answer, mode)
+    try:
+        _relayed(harness, answer)
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert ex.finish_reason is None
+    assert ex.prompt_tokens is None and ex.completion_tokens is None
+    assert ex.upstream_error is None and ex.error_code is None
+    assert ex.content_chunks == 1 and ex.first_token_at is not None
+    sink = io.BytesIO()
+    JsonAccessLog(sink).write(access_fields(ex))
+    line = orjson.loads(sink.getvalue())
+    assert line["finish_reason"] is None and line["tokens_in"] is None
+    assert line["tokens_out"] == 1  # the one content chunk: no usable usage
+
+
+def test_a_spaced_stream_is_read_as_a_compact_one(mode: str) -> None:
+    """Python's default JSON layout: the token times the stream (its first-token deadline
+    is met by it), the finish reason and the usage are recorded, as for vLLM's layout."""
+    answer = _stream("stop", {"prompt_tokens": 4, "completion_tokens": 1}, compact=False)
+    harness, backend = _serve(answer, mode)
+    try:
+        _relayed(harness, answer)
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert ex.first_token_at is not None and ex.content_chunks == 1
+    assert (ex.finish_reason, ex.prompt_tokens, ex.completion_tokens) == ("stop", 4, 1)
+
+
+ODD_SHAPES = [
+    {"choices": 5},
+    {"choices": ["x", 3, None]},
+    {"choices": [{"index": [0], "delta": {"content": "x"}}]},
+    {"choices": [{"index": 0, "delta": 5}]},
+    {"choices": [{"index": 0, "delta": {"content": 5}}]},
+    {"choices": [{"index": 0, "text": ["x"]}]},
+    {"choices": [], "usage": [1, 2]},
+]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=[json.dumps(s)[:40] for s in ODD_SHAPES])
+def test_a_chunk_of_another_shape_is_relayed_as_it_came(
+    shape: dict[str, object], mode: str, compact: bool
+) -> None:
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    events = [_event(base | shape, compact), b"data: [DONE]\n\n"]
+    answer = HEAD + _chunked(events)
+    harness, backend = _serve(answer, mode)
+    try:
+        _relayed(harness, answer)
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert ex.status == 200 and ex.error_code is None and ex.upstream_error is None
+
+
+class PacedBackend:
+    """Answers each request with a spaced-layout stream of tokens `gap` seconds apart."""
+
+    def __init__(self, tokens: list[str], gap: float) -> None:
+        self.tokens, self.gap = tokens, gap
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+        with conn:
+            if _read_request(conn, bytearray()) is None:
+                return
+            conn.sendall(HEAD)
+            try:
+                for token in self.tokens:
+                    time.sleep(self.gap)
+                    delta = {"index": 0, "delta": {"content": token}}
+                    conn.sendall(_chunked_part(_event(base | {"choices": [delta]}, False)))
+                last = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                conn.sendall(_chunked_part(_event(base | {"choices": [last]}, False)))
+                conn.sendall(_chunked([b"data: [DONE]\n\n"]))
+            except OSError:  # the proxy cut the stream
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _chunked_part(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def test_spaced_tokens_meet_the_first_token_deadline() -> None:
+    """Six tokens 0.3 s apart under a 1 s first-token and inter-token deadline: the stream
+    ends whole. Had its tokens gone unseen, the first-token deadline would cut it at 1 s."""
+    tokens = ["a", "b", "c", "d", "e", "f"]
+    backend = PacedBackend(tokens, gap=0.3)
+    timeouts = StreamTimeouts(first_token=1.0, inter_token=1.0, total=30.0)
+    policy = StreamPolicy(name="p", timeouts=timeouts)
+    harness = ProxyHarness(routed_snapshot(backend.url, {"m": {"policy": policy}}))
+    try:
+        result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert result.status == 200, result.body
+    text = "".join(
+        choice["delta"].get("content") or ""
+        for _, event in result.events
+        if event.startswith(b"data: {")
+        for choice in json.loads(event[6:]).get("choices", [])
+    )
+    assert text == "".join(tokens), result.events
+    assert ex.timeout is None and ex.content_chunks == len(tokens)
+    assert ex.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("choices", [5, "stop", [5, None], [{"message": 5, "finish_reason": 7}]])
+def test_a_whole_answer_of_another_shape_is_relayed_as_it_came(choices: object, mode: str) -> None:
+    body = json.dumps({"id": "x", "object": "chat.completion", "choices": choices}).encode()
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+        % (len(body), body)
+    )
+    harness, backend = _serve(answer, mode)
+    try:
+        with httpx.Client(timeout=10) as client:
+            reply = client.post(
+                f"{harness.url}/v1/chat/completions", json={"model": "m", "messages": MSG}
+            )
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert (reply.status_code, reply.content) == (200, body)
+    assert ex.finish_reason is None and ex.error_code is None
