@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
-from time import monotonic
 from typing import Any, Final
 
 import orjson
@@ -20,6 +19,7 @@ from .adapters import Adapter
 from .affinity import RoutingHint
 from .auth import authenticate
 from .backends import BackendPools, Replica
+from .clock import monotonic
 from .deadlines import Deadlines
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (

@@ -14,11 +14,11 @@ one regular expression, and only what neither reads is parsed.
 from __future__ import annotations
 
 import re
-from time import monotonic
 from typing import Any, Final
 
 import orjson
 
+from .clock import monotonic
 from .exchange import Exchange
 from .sse import DONE_EVENT, SEPARATOR, is_done
 from .stopwords import GuardSpec, StreamGuard

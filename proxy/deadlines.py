@@ -16,8 +16,9 @@ never before it: the entry's `on_deadline` sees a time at or past what it asked 
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import Final, Protocol
+
+from .clock import monotonic
 
 RESOLUTION: Final = 0.01  # seconds: how late a deadline may fire
 SLOTS_PER_SECOND: Final = 1 / RESOLUTION

@@ -8,8 +8,9 @@ and folded into the histogram once per stream, without a lock or an object per t
 
 from __future__ import annotations
 
-import time
 from typing import Any, Final
+
+from .clock import wall
 
 # Upper bounds of the inter-token latency histogram (seconds; +Inf follows): a gap between
 # content chunks, from merged chunks (~0) and a healthy GPU (10-50 ms) to stalls. Typed
@@ -61,7 +62,7 @@ class Exchange:
     def __init__(self, request_id: str, started_at: float) -> None:
         self.request_id = request_id
         self.started_at = started_at  # time.monotonic()
-        self.started_wall = time.time()
+        self.started_wall = wall()
         self.app = ""
         self.route = ""
         self.backend = ""

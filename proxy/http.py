@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable
-from time import monotonic
 from typing import Final, Protocol
 
 from .budget import BodyBudget
+from .clock import monotonic
 from .errors import server_error_body
 from .reader import CONTINUE, RequestReader
 from .request import Request

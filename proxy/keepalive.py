@@ -18,11 +18,11 @@ ping task, which raced the end of the response).
 
 from __future__ import annotations
 
-from time import monotonic
 from typing import Final
 
 import orjson
 
+from .clock import monotonic
 from .deadlines import Deadlines
 from .errors import ApiError, bad_gateway
 from .exchange import Exchange

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import orjson
 import structlog
 
+from .clock import wall
 from .exchange import Exchange
 from .metrics import Metrics
 from .snapshot import SnapshotRef
@@ -157,7 +158,7 @@ class JsonAccessLog:
         self._flush_pending = False
 
     def write(self, fields: dict[str, object]) -> None:
-        now = time.time()
+        now = wall()
         second = int(now)
         if second != self._second:  # the date and time to the second, once a second
             self._second = second

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from time import monotonic
 from typing import Any, Final, Protocol
 
 import httptools
 
 from .budget import BodyBudget
+from .clock import monotonic
 from .headernames import lower_name
 from .request import (
     BODY_METHODS,

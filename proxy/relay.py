@@ -9,10 +9,10 @@ setup.py (see `tests/test_compiled_build.py`).
 from __future__ import annotations
 
 import asyncio
-from time import monotonic
 from typing import Final, Protocol
 
 from .chunks import ChunkFilter
+from .clock import monotonic
 from .response import Response
 from .sse import SEPARATOR, SseSplitter
 from .upstream import UpstreamError

@@ -4,12 +4,13 @@ is produced (every `write` goes to the socket at once; nothing here buffers)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
 from email.utils import formatdate
 from typing import Final, Protocol
 
 from mypy_extensions import mypyc_attr
+
+from .clock import wall
 
 Header = tuple[bytes, bytes]
 
@@ -83,14 +84,14 @@ class _DateHeader:
         self._line = b""
 
     def line(self) -> bytes:
-        now = int(time.time())
+        now = int(wall())
         if now != self._second:
             self._second = now
             self._line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
         return self._line
 
 
-_date = _DateHeader()
+_date: Final = _DateHeader()
 
 
 def head_bytes(status: int, headers: list[Header], extra: bytes) -> bytes:

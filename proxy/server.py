@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Sequence
-from time import monotonic
 from typing import Any, cast
 
+from .clock import monotonic
 from .http import HttpConnection, ServerState
 
 

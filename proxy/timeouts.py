@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from time import monotonic
 from typing import Any, Final
 
+from .clock import monotonic
 from .deadlines import Deadlines
 from .snapshot import StreamTimeouts
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from time import monotonic
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
+from .clock import monotonic
 from .deadlines import Deadlines
 from .headernames import lower_name
 from .tcp import stream_transport
