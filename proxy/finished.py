@@ -8,9 +8,9 @@ The page's summary is computed on demand from `rows`, off the request path.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
+from .clock import wall
 from .exchange import Exchange
 
 # at (unix time the request ended), route, status, ttft (s or None), per-bucket gap counts
@@ -30,7 +30,7 @@ class FinishedLog:
         """The completion hook: one tuple appended per request."""
         self.rows.append(
             (
-                time.time(),
+                wall(),
                 ex.route,
                 ex.status,
                 ex.ttft,

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 GAUGE_INTERVAL_S: Final = 1.0
 
 _log = structlog.get_logger("sluice.access")
+# Final names: compiled, a C static each rather than orjson's attributes (see clock.py).
+_dumps: Final = orjson.dumps
+_APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 
 
 class Observer:
@@ -169,7 +172,7 @@ class JsonAccessLog:
         # its format each time (~4x), a compiled f-string goes through format().
         micros = int((now - second) * 1e6)
         fields["timestamp"] = self._stamp + "." + str(1_000_000 + micros)[1:] + "Z"
-        line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+        line = _dumps(fields, option=_APPEND_NEWLINE)
         if self._held is not None:
             self._held.append(line)
         else:
