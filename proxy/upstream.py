@@ -352,6 +352,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reader = reader
         if reader is not None and self._holding:
             self._holding = False
+            # What was held past READ_HIGH_WATER paused the socket (parse_read): the reader
+            # takes it now, so reads resume. Before the handing: a reader that must wait
+            # for its client pauses them again itself.
+            self.resume_reading()
             held = self._held
             if held:
                 self._held = b""

@@ -28,7 +28,13 @@ from sluice.proxy.relay_stream import relay_stream
 from sluice.proxy.response import Response
 from sluice.proxy.snapshot import StreamPolicy
 from sluice.proxy.stopwords import GuardSpec
-from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool, open_exchange
+from sluice.proxy.upstream import (
+    READ_HIGH_WATER,
+    Origin,
+    UpstreamConnection,
+    UpstreamPool,
+    open_exchange,
+)
 
 from tests.proxy.test_relay_properties import ALPHABET, STOPS, chat_events, reference_stop
 
@@ -505,3 +511,55 @@ def test_a_tls_backend_stream_through_the_relay_on_uvloop(tmp_path: Path) -> Non
         assert client_body == b"".join(events)
         # After the first event (read with the head), the backend's own upper-case chunks.
         assert sent.endswith(body[_first_chunk_end(body) :])
+
+
+class PausableBackendSocket(BackendSocket):
+    """A backend socket that honours pause_reading: the test delivers reads only while it
+    is not paused, as the event loop would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def test_a_held_body_past_the_high_water_mark_is_read_on_once_the_relay_takes_it() -> None:
+    """More than READ_HIGH_WATER of the stream arrives before the relay comes (a fast
+    backend on a reused connection): holding it pauses the socket, and the relay taking it
+    resumes reading. Before, nothing resumed it: the client got what was held, then
+    nothing until its inter-token deadline (or forever without one)."""
+    events, body = _body([f"{i:04d}" + "y" * 1000 for i in range(600)])
+    data = HEAD + body
+    first = len(HEAD) + 100
+    held_end = first + READ_HIGH_WATER + 10_000
+
+    async def main() -> None:
+        conn = UpstreamConnection(UpstreamPool(Origin("http://127.0.0.1:9"), 1.0))
+        backend = PausableBackendSocket()
+        backend.set_protocol(conn)
+        conn.connection_made(backend)  # type: ignore[arg-type]
+        conn.send(b"POST / HTTP/1.1\r\n\r\n", b"")
+        conn.data_received(data[:first])
+        conn.data_received(data[first:held_end])
+        assert backend.paused  # held past the mark
+        rest = [data[i : i + 65536] for i in range(held_end, len(data), 65536)]
+        loop = asyncio.get_running_loop()
+
+        def deliver() -> None:
+            if rest and not backend.paused:
+                conn.data_received(rest.pop(0))
+            if rest:
+                loop.call_soon(deliver)
+
+        loop.call_soon(deliver)
+        clean, client = await asyncio.wait_for(_relay_to_client(conn), 10)
+        assert clean
+        assert dechunk(bytes(client.sent))[0] == events
+        assert conn.complete and not backend.paused
+
+    asyncio.run(main())
