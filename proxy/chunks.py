@@ -18,9 +18,10 @@ from typing import Any, Final
 
 import orjson
 
+from . import lenientjson
 from .clock import monotonic
 from .exchange import Exchange
-from .sse import DONE_EVENT, SEPARATOR, is_done
+from .sse import DONE_EVENT, SEPARATOR, data_of, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 from .vllmshape import (
@@ -131,16 +132,29 @@ class ChunkFilter:
 
     def _parse_event(self, event: bytes) -> bytes | None:
         """The full path: parse the chunk, guard each choice, rewrite when changed."""
-        if not event.startswith(b"data:"):
-            return event  # comments (keep-alives) and other fields pass through untouched
-        payload = event[6:-2] if event.startswith(b"data: ") else event[5:-2]
+        if not event.startswith(b"data:") or event.find(b"\n") < len(event) - 2:
+            # Other fields (`event:`, `id:`, comments) or data over several lines: what a
+            # client reads is the data, so that is what is guarded, as one `data:` line;
+            # the other lines go out before it as they came.
+            other, data = data_of(event)
+            if data is None:
+                return event  # comments (keep-alives) and other fields pass through untouched
+            single = b"data: " + data + SEPARATOR
+            read = self._parse_data(single, data)
+            if read is single:
+                return event
+            return None if read is None else other + read
+        return self._parse_data(event, event[6:-2] if event.startswith(b"data: ") else event[5:-2])
+
+    def _parse_data(self, event: bytes, payload: bytes) -> bytes | None:
+        """`_parse_event` of an event whose data is `payload`."""
         if payload == b"[DONE]":
             self.done = True
             return self.flush_held() + DONE_EVENT
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return event
+            obj = lenientjson.loads(payload)  # a lone surrogate escape: read, not passed
         if not isinstance(obj, dict):
             return event
         choices = obj.get("choices")
@@ -217,7 +231,7 @@ class ChunkFilter:
         if not kept:
             return None
         obj["choices"] = kept
-        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        out_event = b"data: " + _dumps(obj) + SEPARATOR
         if len(self.finished) >= self.n_choices:
             self.done = True
             return out_event + DONE_EVENT
@@ -251,6 +265,8 @@ class ChunkFilter:
         the caller has it ("": not yet), as for `observe`."""
         if not text:
             text = event.decode("latin-1")
+        if not event.startswith(b"data:") or text.find("\n") < len(text) - 2:
+            return self._parse_event(event)  # other fields or lines: the parse reads them
         if self._token_opening and 0 not in self.finished:
             start, end = token_span(text, self._token_opening, self._token_end)
             if start >= 0:
@@ -361,10 +377,12 @@ class ChunkFilter:
         self.ex.completion_tokens = completion
         return True
 
-    def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes:
+    def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes | None:
         """The event with its text replaced by what the guard released (and the choice
         finished when the guard matched)."""
-        obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        obj = _loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        if not isinstance(obj, dict):  # JSON to neither parser: as the parse leaves it
+            return self._parse_event(event)
         self._last_event = event
         for choice in obj["choices"]:
             if choice.get("index", 0) != index:
@@ -375,7 +393,7 @@ class ChunkFilter:
                 choice["text"] = out
             if guard.finish_reason is not None:
                 self._end_choice(choice, guard)
-        out_event = b"data: " + orjson.dumps(obj) + SEPARATOR
+        out_event = b"data: " + _dumps(obj) + SEPARATOR
         if len(self.finished) >= self.n_choices:
             self.done = True
             return out_event + DONE_EVENT
@@ -407,7 +425,7 @@ class ChunkFilter:
         if pos >= 0:
             if self._observed(event, text, pos):
                 return event
-        elif '"choices"' in text and event.startswith(b"data:"):
+        elif '"choices"' in text:
             # Not vLLM's compact JSON (`"choices": [` with a space, as Python's json
             # writes it): the searches below would find no key, so no token would reach
             # the timers and the first-token deadline would cut a healthy stream. Parsed.
@@ -579,3 +597,21 @@ class ChunkFilter:
             obj["choices"] = [choice]
             out += b"data: " + orjson.dumps(obj) + SEPARATOR
         return out
+
+
+def _loads(raw: bytes) -> Any:
+    """A chunk's JSON; one with a lone surrogate escape through `lenientjson` (None when
+    it is JSON to neither)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return lenientjson.loads(raw)
+
+
+def _dumps(obj: Any) -> bytes:
+    """A rewritten chunk's JSON (escaped by `lenientjson` when it holds a lone surrogate,
+    which orjson does not write)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return lenientjson.dumps(obj)

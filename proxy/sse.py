@@ -96,3 +96,18 @@ class SseSplitter:
         """Whether the next read continues what this one held: part of an event, or the
         LF of a CRLF whose CR ended the read (either way, the next read is split here)."""
         return bool(self._held) or self._after_cr
+
+
+def data_of(event: bytes) -> tuple[bytes, bytes | None]:
+    """An event (LF line ends, its blank line included) as a client reads it: its other
+    lines as they came (`event:`, `id:`, `retry:`, comments), and its data, the values of
+    its `data` lines joined by LF (one space after the colon dropped); None without a
+    `data` line. For events other than one `data:` line, which vLLM never sends."""
+    other: list[bytes] = []
+    data: list[bytes] = []
+    for line in event[:-2].split(b"\n") if event.endswith(SEPARATOR) else event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        elif line:
+            other.append(line + b"\n")
+    return b"".join(other), b"\n".join(data) if data else None

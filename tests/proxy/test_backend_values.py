@@ -24,6 +24,7 @@ import orjson
 import pytest
 from sluice.proxy.observe import JsonAccessLog, access_fields
 from sluice.proxy.snapshot import Snapshot, StreamPolicy, StreamTimeouts
+from sluice.proxy.sse import data_of
 from sluice.proxy.stopwords import GuardSpec
 
 from tests.fixtures import ProxyHarness, passthrough_snapshot, routed_snapshot, stream_request
@@ -243,3 +244,61 @@ def test_a_whole_answer_of_another_shape_is_relayed_as_it_came(choices: object, 
         backend.close()
     assert (reply.status_code, reply.content) == (200, body)
     assert ex.finish_reason is None and ex.error_code is None
+
+
+def _stopped(url: str) -> Snapshot:
+    guard = GuardSpec(stop=("###",))
+    return routed_snapshot(
+        url, {"m": {"policy": StreamPolicy(name="p", stop=("###",), guard=guard)}}
+    )
+
+
+def _chunk_json(content: str) -> str:
+    choice = {"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}
+    obj = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    return json.dumps(obj | {"choices": [choice]}, separators=(",", ":"))
+
+
+TOKEN = _chunk_json("hi ### there")
+# The same chunk as events a backend may write: SSE fields before or after its data line,
+# its JSON over two data lines, the stop string after a lone surrogate escape (which
+# orjson refuses and Python's json, the openai SDK's parser, reads).
+ODD_EVENTS = {
+    "event-line": b"event: message\ndata: " + TOKEN.encode() + b"\n\n",
+    "id-line": b"id: 7\ndata: " + TOKEN.encode() + b"\n\n",
+    "retry-line": b"retry: 100\ndata: " + TOKEN.encode() + b"\n\n",
+    "id-after": b"data: " + TOKEN.encode() + b"\nid: 8\n\n",
+    "two-data-lines": b"data: "
+    + TOKEN[: TOKEN.index('"choices"')].encode()
+    + b"\ndata: "
+    + TOKEN[TOKEN.index('"choices"') :].encode()
+    + b"\n\n",
+    "lone-surrogate": b"data: " + _chunk_json("\ud800 hi ### there").encode() + b"\n\n",
+}
+
+
+@pytest.mark.parametrize("event", ODD_EVENTS.values(), ids=ODD_EVENTS.keys())
+def test_a_stop_string_in_an_event_of_another_form_is_cut(event: bytes) -> None:
+    answer = HEAD + _chunked([event, b"data: [DONE]\n\n"])
+    backend = OneAnswerBackend(answer, close=False)
+    harness = ProxyHarness(_stopped(backend.url))
+    try:
+        result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert result.status == 200, result.body
+    raw = b"".join(e for _, e in result.events)
+    assert b"there" not in raw, raw
+    datas = [data_of(e + b"\n\n")[1] for _, e in result.events]  # as a client reads them
+    text = "".join(
+        choice["delta"].get("content") or ""
+        for data in datas
+        if data and data.startswith(b"{")
+        for choice in json.loads(data)["choices"]
+    )
+    assert text.endswith("hi ") and "###" not in text, text
+    assert (ex.cut, ex.finish_reason, ex.error_code) == ("###", "stop", None)
+    assert result.events[-1][1] == b"data: [DONE]"
+    assert sum(1 for _, e in result.events if e == b"data: [DONE]") == 1
