@@ -115,8 +115,16 @@ class Adapter:
         return body.get("stream") is True
 
     def n_choices(self, body: dict[str, Any]) -> int:
+        """The choices a stream carries: `n` for each prompt. A completions prompt that is
+        a list of strings or of token lists is a batch (one of token ids is one prompt)."""
         n = body.get("n", 1)
-        return n if isinstance(n, int) and not isinstance(n, bool) else 1
+        if not isinstance(n, int) or isinstance(n, bool):
+            n = 1
+        if not self.chat:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+                n *= len(prompt)
+        return n
 
     def chunk_filter(
         self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None

@@ -135,6 +135,7 @@ def merge_stop(body: dict[str, Any], stop: tuple[str, ...]) -> None:
         return
     if isinstance(requested, str):
         requested = [requested]
-    if not isinstance(requested, list) or not all(isinstance(s, str) for s in requested):
+    # A tuple: a preset's stop_strings, applied to the body before the policy's.
+    if not isinstance(requested, (list, tuple)) or not all(isinstance(s, str) for s in requested):
         raise bad_request("'stop' must be a string or a list of strings", param="stop")
     body["stop"] = list(dict.fromkeys([*requested, *stop]))

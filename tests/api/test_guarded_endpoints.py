@@ -153,3 +153,39 @@ def test_unguardable_generating_route_is_refused_under_a_policy(proxy: ProxyHarn
     )
     assert resp.status_code == 400
     assert "policy 'no-hash'" in resp.json()["error"]["message"]
+
+
+def test_a_prompt_batch_streams_every_choice_to_its_own_end(proxy: ProxyHarness) -> None:
+    """Three prompts: three choices, each cut at the policy's stop on its own. The stream
+    ended with the first choices cut when it counted `n` choices, not `n` per prompt."""
+    body = {"model": "chat", "prompt": ["a", "b", "c"], "max_tokens": 20, "stream": True}
+    result = stream_request(proxy.url, {**body, "sim": _sim()}, path="/v1/completions")
+    assert result.status == 200
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for _, data in _named(result):
+        if data == "[DONE]":
+            continue
+        for choice in data["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice.get("finish_reason"):
+                finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {i: "Hello there, friend" for i in range(3)}
+    assert finishes == {i: "stop" for i in range(3)}
+
+
+def test_a_presets_stop_strings_join_the_policys(sim_ignore_stop: ProcessServer) -> None:
+    """A preset's stop strings (a tuple in the plan) and a policy's stop: both go upstream.
+    Every request without its own `stop` was a 400 ('stop' must be a list)."""
+    preset = SamplingPlan(name="stops", defaults={"stop": ("zzz",), "max_tokens": 5})
+    harness = ProxyHarness(
+        routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": STOP, "preset": preset}})
+    )
+    try:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        resp = httpx.post(harness.url + "/v1/chat/completions", json=body, timeout=10)
+    finally:
+        harness.close()
+    assert resp.status_code == 200, resp.text
+    sent = SimClient(sim_ignore_stop.url).requests()[-1]["body"]
+    assert sent["stop"] == ["zzz", "###"]
