@@ -478,7 +478,8 @@ def _first_wanted(request: Request, request_id: str) -> int:
     if raw is None or not raw.strip():
         return 0
     rid, sep, n = raw.decode("latin-1").strip().rpartition(":")
-    if not sep or rid != request_id or not n.isdigit() or len(n) > 12:
+    # isascii: the header is read as latin-1, where '²' is a digit to isdigit, not to int.
+    if not sep or rid != request_id or not (n.isascii() and n.isdigit()) or len(n) > 12:
         raise ApiError(
             400,
             f"Last-Event-ID must be '{request_id}:<n>' as sent in the stream's id lines",

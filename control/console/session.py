@@ -37,7 +37,8 @@ def session_valid(admin_token_hash: bytes, value: str, now: float | None = None)
     if not expires_text.isdigit() or len(mac) != 64:
         return False
     expected = _mac(_key(admin_token_hash), f"session:{expires_text}")
-    if not hmac.compare_digest(mac, expected):
+    # compare_digest refuses str with non-ASCII (a cookie is read as latin-1): no match.
+    if not mac.isascii() or not hmac.compare_digest(mac, expected):
         return False
     return int(expires_text) > (now if now is not None else time.time())
 
@@ -47,7 +48,9 @@ def csrf_token(admin_token_hash: bytes, cookie_value: str) -> str:
 
 
 def csrf_valid(admin_token_hash: bytes, cookie_value: str, given: str) -> bool:
-    return hmac.compare_digest(csrf_token(admin_token_hash, cookie_value), given)
+    return given.isascii() and hmac.compare_digest(
+        csrf_token(admin_token_hash, cookie_value), given
+    )
 
 
 def cookie_from_header(header: bytes | None) -> str | None:

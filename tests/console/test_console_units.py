@@ -20,6 +20,8 @@ def test_a_session_cookie_is_valid_until_it_expires_and_only_for_its_token() -> 
     expires, _, mac = cookie.partition(".")
     assert not session.session_valid(KEY, f"{int(expires) + 1}.{mac}", now=1001.0)
     assert not session.session_valid(KEY, "garbage", now=1001.0)
+    # A cookie is read as latin-1; compare_digest refuses non-ASCII str (was a 500).
+    assert not session.session_valid(KEY, "123." + "\u00e9" * 64, now=1001.0)
 
 
 def test_csrf_token_is_bound_to_the_session() -> None:
@@ -28,6 +30,7 @@ def test_csrf_token_is_bound_to_the_session() -> None:
     assert session.csrf_valid(KEY, a, token)
     assert not session.csrf_valid(KEY, b, token)
     assert not session.csrf_valid(KEY, a, "")
+    assert not session.csrf_valid(KEY, a, "\u00e9\u00e9")
 
 
 def test_redact_hides_digests_literal_secrets_and_url_passwords_but_keeps_env_names() -> None:

@@ -203,6 +203,9 @@ def test_resume_is_refused_clearly(proxy: ProxyHarness) -> None:
     assert resume(proxy, "no-such-stream", None).status == 404
     bad = resume(proxy, rid, "someone-else:3")
     assert bad.status == 400 and b"invalid_last_event_id" in bad.body
+    # '²' (byte 0xb2 in latin-1) is a digit to str.isdigit, not to int(): a 400, not a 500.
+    superscript = resume(proxy, rid, f"{rid}:\u00b2")
+    assert superscript.status == 400 and b"invalid_last_event_id" in superscript.body
     post_to_it = raw_stream(proxy.url, "POST", f"/v1/streams/{rid}", {}, AUTH)
     assert post_to_it.status == 405
     taken = raw_stream(
