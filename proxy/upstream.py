@@ -107,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.idle_since = 0.0  # monotonic time it went back to the pool
         self.retried = False  # this exchange was resent once after a keep-alive race
+        self._head_request = False  # the request is a HEAD: its response has no body
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._headers_done = False
@@ -272,6 +273,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self._headers_done = True
+        if self._head_request:
+            # A HEAD's answer ends with its head whatever its Content-Length says; httptools
+            # is not told the method and would wait for that body. The parser is then out
+            # of step with the connection, which is closed rather than reused.
+            self.keep_alive = False
+            self.on_message_complete()
+            return
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -393,6 +401,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
 
     def send(self, head: bytes, body: bytes) -> None:
+        self._head_request = head.startswith(b"HEAD ")
         self.status = 0
         self.headers = {}
         self._chunks = []

@@ -307,3 +307,24 @@ def test_an_app_rule_applies_on_top_of_the_route_policy(sim: ProcessServer) -> N
         assert resp.status_code == 200, resp.text
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/tokenize", "/v1/models", "/no/such/path"])
+def test_a_head_request_is_answered_at_once_and_its_connection_stays_usable(
+    sim: ProcessServer, path: str
+) -> None:
+    """A HEAD relayed to the backend: its answer has a Content-Length and no body. The
+    upstream parser, not told the method, waited for that body until the backend closed
+    its idle connection (75 s for the simulator), holding the backend's permit."""
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    try:
+        with httpx.Client(timeout=5) as client:
+            started = time.monotonic()
+            head = client.head(harness.url + path)
+            took = time.monotonic() - started
+            after = client.post(harness.url + "/tokenize", json={"prompt": "Hello there"})
+    finally:
+        harness.close()
+    assert took < 3, took
+    assert head.status_code < 500 and head.content == b""
+    assert after.status_code == 200
