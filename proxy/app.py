@@ -485,11 +485,7 @@ class ProxyApp:
                 watchdog.head()
                 if conn.retried:
                     ex.upstream_retries += 1
-                if (
-                    not stream
-                    or conn.status != 200
-                    or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
-                ):
+                if not stream or conn.status != 200 or not conn.is_event_stream():
                     if response.started:  # the SSE head went out early (a keep-alive)
                         clean = await relay_refusal(ex, conn, response)
                     else:

@@ -218,7 +218,16 @@ class UpstreamConnection(asyncio.Protocol):
             and self._exc is None
             and self.status == 200
             and self.headers.get(b"transfer-encoding", b"").lower() == b"chunked"
-            and self.headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            and self.is_event_stream()
+        )
+
+    def is_event_stream(self) -> bool:
+        """Whether the answer's Content-Type is an event stream (a media type's case does
+        not matter: `Text/Event-Stream` is one too, though vLLM writes lower case)."""
+        content_type = self.headers.get(b"content-type", b"")
+        return (
+            content_type.startswith(b"text/event-stream")
+            or content_type[:17].lower() == b"text/event-stream"
         )
 
     def _ends_at_close(self) -> bool:

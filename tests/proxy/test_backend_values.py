@@ -302,3 +302,23 @@ def test_a_stop_string_in_an_event_of_another_form_is_cut(event: bytes) -> None:
     assert (ex.cut, ex.finish_reason, ex.error_code) == ("###", "stop", None)
     assert result.events[-1][1] == b"data: [DONE]"
     assert sum(1 for _, e in result.events if e == b"data: [DONE]") == 1
+
+
+def test_an_event_stream_named_in_another_case_is_guarded_as_a_stream() -> None:
+    """`Text/Event-Stream` is an event stream (media types ignore case): it is relayed as
+    one and guarded, where it went out whole, unguarded, once it had ended."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    answer = head + _chunked([b"data: " + TOKEN.encode() + b"\n\n", b"data: [DONE]\n\n"])
+    backend = OneAnswerBackend(answer, close=False)
+    harness = ProxyHarness(_stopped(backend.url))
+    try:
+        result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+        (ex,) = harness.wait_finished(1)
+    finally:
+        harness.close()
+        backend.close()
+    assert result.status == 200, result.body
+    assert b"there" not in b"".join(e for _, e in result.events)
+    assert (ex.cut, ex.finish_reason) == ("###", "stop")
