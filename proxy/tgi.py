@@ -18,15 +18,17 @@ from typing import Any, Final
 
 import orjson
 
+from . import lenientjson
 from .adapters import Adapter
 from .chunks import ChunkFilter
-from .errors import ApiError, bad_request
+from .errors import ApiError
 from .exchange import Exchange
 from .http import Header
 from .nonstream import guard_completion
 from .response import JSON_HEADERS
 from .routing import RouteChoice
 from .snapshot import App, StreamPolicy
+from .sse import data_of
 from .stopwords import GuardSpec
 from .timeouts import StreamWatchdog
 
@@ -162,16 +164,17 @@ class TgiStreamFilter(ChunkFilter):
     def _to_tgi(self, data: bytes) -> bytes:
         parts: list[bytes] = []
         for event in data.split(b"\n\n"):
-            if not event.startswith(b"data:"):
+            _, data_lines = data_of(event + b"\n\n")  # what a client reads: id:, event: aside
+            if data_lines is None:
                 continue
-            payload = event[5:].strip()
+            payload = data_lines.strip()
             if payload == b"[DONE]":
                 parts.append(self._last())
                 continue
             try:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
-                continue
+                obj = lenientjson.loads(payload)  # a lone surrogate escape
             if not isinstance(obj, dict):
                 continue
             error = obj.get("error")
@@ -182,9 +185,16 @@ class TgiStreamFilter(ChunkFilter):
             usage = obj.get("usage")
             if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                 self.tokens = usage["completion_tokens"]
-            for choice in obj.get("choices") or ():
-                text = choice.get("text") or ""
+            choices = obj.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
+                if not isinstance(choice, dict):
+                    continue  # not a completion's choice: nothing of it is a TGI token
+                text = choice.get("text")
+                if not isinstance(text, str):
+                    text = ""
                 finish = choice.get("finish_reason")
+                if not isinstance(finish, str):
+                    finish = None
                 if finish is None:
                     if text:
                         self.text.append(text)
@@ -219,7 +229,10 @@ def _token_event(
 
 
 def _event(obj: Any) -> bytes:
-    return b"data:" + orjson.dumps(obj) + b"\n\n"
+    try:
+        return b"data:" + orjson.dumps(obj) + b"\n\n"
+    except orjson.JSONEncodeError:  # a lone surrogate in a token: escaped
+        return b"data:" + lenientjson.dumps(obj) + b"\n\n"
 
 
 class TgiAdapter(Adapter):
@@ -284,21 +297,39 @@ class TgiRequestAdapter(TgiAdapter):
         return TgiStreamFilter(ex, policy.guard, watchdog, self.prefix, self.seed)
 
     def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
-        if not isinstance(obj, dict):
-            raise bad_request("backend answered an unexpected body", code="upstream_error")
+        if not isinstance(obj, dict):  # the backend's fault, not the client's: a 502
+            ex.upstream_error = "unexpected_body"
+            raise ApiError(
+                502,
+                "backend answered an unexpected body",
+                type="upstream_error",
+                code="upstream_error",
+            )
         if policy.guard is not None:
             guard_completion(obj, policy.guard, False, ex)
-        choices = obj.get("choices") or [{}]
-        choice = choices[0]
-        usage = obj.get("usage") or {}
+        choices = obj.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            choice = {}
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}
         ex.record_usage(usage)
         finish = choice.get("finish_reason")
-        if isinstance(finish, str):
-            ex.finish_reason = finish
-        out: dict[str, Any] = {"generated_text": self.prefix + (choice.get("text") or "")}
+        if not isinstance(finish, str):
+            finish = None
+        ex.finish_reason = finish or ex.finish_reason
+        text = choice.get("text")
+        out: dict[str, Any] = {
+            "generated_text": self.prefix + (text if isinstance(text, str) else "")
+        }
         if self.details:
+            tokens = usage.get("completion_tokens")
             out["details"] = _details(
-                finish, choice.get("stop_reason"), usage.get("completion_tokens", 0), self.seed
+                finish,
+                choice.get("stop_reason"),
+                tokens if type(tokens) is int else 0,
+                self.seed,
             ) | {"prefill": [], "tokens": [], "best_of_sequences": None}
         return [out] if self.path == "/" else out
 

@@ -322,3 +322,82 @@ def test_an_event_stream_named_in_another_case_is_guarded_as_a_stream() -> None:
     assert result.status == 200, result.body
     assert b"there" not in b"".join(e for _, e in result.events)
     assert (ex.cut, ex.finish_reason) == ("###", "stop")
+
+
+def _json_answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
+    )
+
+
+TGI_BODIES = [
+    {"id": "x", "choices": {"a": 1}},
+    {"choices": 5},
+    {"choices": "abc"},
+    {"choices": [1, 2]},
+    {"choices": [{"index": 0, "text": 5, "finish_reason": "stop"}]},
+    {"choices": [{"index": 0, "text": "ok", "finish_reason": 7}], "usage": [1, 2]},
+]
+
+
+@pytest.mark.parametrize("body", TGI_BODIES, ids=[json.dumps(b)[:30] for b in TGI_BODIES])
+def test_tgi_generate_reads_an_odd_answer_without_a_500(body: dict[str, object], mode: str) -> None:
+    harness, backend = _serve(_json_answer(json.dumps(body).encode()), mode)
+    request = {"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": True}}
+    try:
+        reply = httpx.post(harness.url + "/generate", json=request, timeout=10)
+    finally:
+        harness.close()
+        backend.close()
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    assert isinstance(out["generated_text"], str)
+    assert isinstance(out["details"]["generated_tokens"], int)
+
+
+def test_tgi_generate_answers_a_backends_non_object_with_a_502(mode: str) -> None:
+    harness, backend = _serve(_json_answer(b"[1,2,3]"), mode)
+    try:
+        reply = httpx.post(harness.url + "/generate", json={"inputs": "hi"}, timeout=10)
+    finally:
+        harness.close()
+        backend.close()
+    assert reply.status_code == 502, reply.text
+    assert reply.json() == {
+        "error": "backend answered an unexpected body",
+        "error_type": "generation",
+    }
+
+
+TGI_CHUNKS = [
+    {"choices": {"a": 1}},
+    {"choices": 7},
+    {"choices": [1, "a", None]},
+    {"choices": [{"index": 0, "text": 5, "finish_reason": None}]},
+    {"choices": [{"index": 0, "text": ["a"], "finish_reason": None}]},
+]
+
+
+@pytest.mark.parametrize("chunk", TGI_CHUNKS, ids=[json.dumps(c)[:30] for c in TGI_CHUNKS])
+def test_tgi_generate_stream_reads_odd_chunks_to_its_last_event(
+    chunk: dict[str, object], mode: str
+) -> None:
+    base = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+    token = {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
+    last = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    events = [b"id: 1\ndata: " + json.dumps(base | token).encode() + b"\n\n"]
+    events += [b"data: " + json.dumps(base | c).encode() + b"\n\n" for c in (chunk, last)]
+    harness, backend = _serve(HEAD + _chunked([*events, b"data: [DONE]\n\n"]), mode)
+    try:
+        with httpx.stream(
+            "POST", harness.url + "/generate_stream", json={"inputs": "hi"}, timeout=10
+        ) as reply:
+            raw = reply.read()
+    finally:
+        harness.close()
+        backend.close()
+    assert reply.status_code == 200
+    out = [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
+    assert [e["token"]["text"] for e in out] == ["ok", ""]
+    assert out[-1]["generated_text"] == "ok"
