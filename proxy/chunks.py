@@ -231,7 +231,7 @@ class ChunkFilter:
         if not kept:
             return None
         obj["choices"] = kept
-        out_event = b"data: " + _dumps(obj) + SEPARATOR
+        out_event = b"data: " + lenientjson.write(obj) + SEPARATOR
         if len(self.finished) >= self.n_choices:
             self.done = True
             return out_event + DONE_EVENT
@@ -380,7 +380,7 @@ class ChunkFilter:
     def _rewrite(self, event: bytes, index: int, out: str, guard: StreamGuard) -> bytes | None:
         """The event with its text replaced by what the guard released (and the choice
         finished when the guard matched)."""
-        obj = _loads(event[6:] if event.startswith(b"data: ") else event[5:])
+        obj = lenientjson.read(event[6:] if event.startswith(b"data: ") else event[5:])
         if not isinstance(obj, dict):  # JSON to neither parser: as the parse leaves it
             return self._parse_event(event)
         self._last_event = event
@@ -393,7 +393,7 @@ class ChunkFilter:
                 choice["text"] = out
             if guard.finish_reason is not None:
                 self._end_choice(choice, guard)
-        out_event = b"data: " + _dumps(obj) + SEPARATOR
+        out_event = b"data: " + lenientjson.write(obj) + SEPARATOR
         if len(self.finished) >= self.n_choices:
             self.done = True
             return out_event + DONE_EVENT
@@ -597,21 +597,3 @@ class ChunkFilter:
             obj["choices"] = [choice]
             out += b"data: " + orjson.dumps(obj) + SEPARATOR
         return out
-
-
-def _loads(raw: bytes) -> Any:
-    """A chunk's JSON; one with a lone surrogate escape through `lenientjson` (None when
-    it is JSON to neither)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return lenientjson.loads(raw)
-
-
-def _dumps(obj: Any) -> bytes:
-    """A rewritten chunk's JSON (escaped by `lenientjson` when it holds a lone surrogate,
-    which orjson does not write)."""
-    try:
-        return orjson.dumps(obj)
-    except orjson.JSONEncodeError:
-        return lenientjson.dumps(obj)

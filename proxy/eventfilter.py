@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
+from . import lenientjson
 from .chunks import ChunkFilter
 from .exchange import Exchange
 from .sse import is_done
@@ -21,7 +20,7 @@ from .timeouts import StreamWatchdog
 
 
 def named_event(name: str, obj: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + lenientjson.write(obj) + b"\n\n"
 
 
 def parse_named(event: bytes) -> tuple[str, Any] | None:
@@ -35,9 +34,8 @@ def parse_named(event: bytes) -> tuple[str, Any] | None:
             data += line[5:].strip()
     if not data or data == b"[DONE]":
         return None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
+    obj = lenientjson.read(data)  # a lone surrogate escape is read, so guarded
+    if obj is None:
         return None
     if not name and isinstance(obj, dict) and isinstance(obj.get("type"), str):
         name = obj["type"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 
 def loads(raw: bytes) -> Any | None:
     """`raw` as Python's json reads it; None when it is not JSON to it either."""
@@ -22,3 +24,19 @@ def loads(raw: bytes) -> Any | None:
 def dumps(obj: Any) -> bytes:
     """Compact JSON of `obj`, its non-ASCII escaped (so a lone surrogate is `\\udXXX`)."""
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def read(raw: bytes) -> Any | None:
+    """`raw` through orjson, or through `loads` when orjson refuses it."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads(raw)
+
+
+def write(obj: Any) -> bytes:
+    """`obj` through orjson, or through `dumps` when it holds what orjson does not write."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return dumps(obj)

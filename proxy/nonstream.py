@@ -9,6 +9,7 @@ from typing import Any, Final
 
 import orjson
 
+from . import lenientjson
 from .errors import ApiError, bad_gateway
 from .exchange import Exchange
 from .http import Header, Response
@@ -51,16 +52,16 @@ async def relay_whole(
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
-            obj = None
+            obj = lenientjson.loads(body)  # a lone surrogate escape: read, so guarded
         if rewrite is not None:  # an endpoint adapter: its own guard and reply shape
             rewritten = rewrite(obj, policy, ex)
             if rewritten is not None:
-                body = orjson.dumps(rewritten)
+                body = lenientjson.write(rewritten)
         elif isinstance(obj, dict):
             ex.record_usage(obj.get("usage"))
             record_finish(ex, obj)
             if policy.guard is not None and guard_completion(obj, policy.guard, ex.chat, ex):
-                body = orjson.dumps(obj)
+                body = lenientjson.write(obj)
     elif status >= 400 and not _is_openai_error(body):
         ex.upstream_error = f"http_{status}"
         message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"

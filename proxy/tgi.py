@@ -171,10 +171,7 @@ class TgiStreamFilter(ChunkFilter):
             if payload == b"[DONE]":
                 parts.append(self._last())
                 continue
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                obj = lenientjson.loads(payload)  # a lone surrogate escape
+            obj = lenientjson.read(payload)
             if not isinstance(obj, dict):
                 continue
             error = obj.get("error")
@@ -229,10 +226,7 @@ def _token_event(
 
 
 def _event(obj: Any) -> bytes:
-    try:
-        return b"data:" + orjson.dumps(obj) + b"\n\n"
-    except orjson.JSONEncodeError:  # a lone surrogate in a token: escaped
-        return b"data:" + lenientjson.dumps(obj) + b"\n\n"
+    return b"data:" + lenientjson.write(obj) + b"\n\n"  # a lone surrogate: escaped
 
 
 class TgiAdapter(Adapter):

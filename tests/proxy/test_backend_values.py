@@ -22,6 +22,7 @@ import time
 import httpx
 import orjson
 import pytest
+from sluice.proxy.eventfilter import parse_named
 from sluice.proxy.observe import JsonAccessLog, access_fields
 from sluice.proxy.snapshot import Snapshot, StreamPolicy, StreamTimeouts
 from sluice.proxy.sse import data_of
@@ -401,3 +402,33 @@ def test_tgi_generate_stream_reads_odd_chunks_to_its_last_event(
     out = [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
     assert [e["token"]["text"] for e in out] == ["ok", ""]
     assert out[-1]["generated_text"] == "ok"
+
+
+def test_a_whole_answer_with_a_lone_surrogate_is_guarded() -> None:
+    """orjson refuses a lone surrogate escape and Python's json (the openai SDK's) reads
+    it: the answer is read so, and its stop string cut, not relayed unread."""
+    message = {"role": "assistant", "content": "\ud800 hi ### there"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    body = json.dumps({"id": "x", "object": "chat.completion", "choices": [choice]}).encode()
+    backend = OneAnswerBackend(_json_answer(body), close=False)
+    harness = ProxyHarness(_stopped(backend.url))
+    try:
+        reply = httpx.post(
+            harness.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=10
+        )
+    finally:
+        harness.close()
+        backend.close()
+    assert reply.status_code == 200, reply.text
+    content = json.loads(reply.content)["choices"][0]["message"]["content"]
+    assert content == "\ud800 hi "
+
+
+def test_a_named_event_with_a_lone_surrogate_is_read() -> None:
+    """The Anthropic-shaped stream's events (`/v1/messages`) are read the same way."""
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+    delta["delta"]["text"] = "\ud800 hi ### there"  # type: ignore[index]
+    event = b"event: content_block_delta\ndata: " + json.dumps(delta).encode()
+    parsed = parse_named(event)
+    assert parsed is not None and parsed[0] == "content_block_delta"
+    assert parsed[1]["delta"]["text"] == "\ud800 hi ### there"
