@@ -151,7 +151,13 @@ class Response:
         self.started = True
         self.ended = True
         self.status = status
-        extra = self._connection_header() + b"content-length: %d\r\n" % len(body)
+        if status == 204 or status == 304:  # noqa: PLR1714 - two int compares, compiled
+            # No body, and (RFC 9110 8.6) a 204 has no Content-Length; a 304's would
+            # describe the resource, which sluice does not know.
+            extra = self._connection_header()
+            body = b""
+        else:
+            extra = self._connection_header() + b"content-length: %d\r\n" % len(body)
         head = head_bytes(status, headers, extra)
         if self._transport is None or self._transport.is_closing():
             return

@@ -432,3 +432,22 @@ def test_a_named_event_with_a_lone_surrogate_is_read() -> None:
     parsed = parse_named(event)
     assert parsed is not None and parsed[0] == "content_block_delta"
     assert parsed[1]["delta"]["text"] == "\ud800 hi ### there"
+
+
+def test_a_backends_204_goes_out_without_a_content_length() -> None:
+    """RFC 9110 (8.6): a 204 carries no Content-Length; sluice wrote `content-length: 0`."""
+    backend = OneAnswerBackend(b"HTTP/1.1 204 No Content\r\n\r\n", close=False)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        with socket.create_connection(("127.0.0.1", int(harness.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(
+                b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b'content-length: 14\r\n\r\n{"prompt":"x"}'
+            )
+            sock.settimeout(5)
+            head = sock.recv(65536)
+    finally:
+        harness.close()
+        backend.close()
+    assert head.startswith(b"HTTP/1.1 204 No Content\r\n"), head
+    assert b"content-length" not in head.lower() and head.endswith(b"\r\n\r\n")
