@@ -507,7 +507,14 @@ class ProxyApp:
                 try:
                     chunk_filter = adapter.chunk_filter(ex, policy, n_choices, watchdog)
                     clean = await relay_stream(
-                        ex, conn, response, policy, watchdog, n_choices, chunk_filter
+                        ex,
+                        conn,
+                        response,
+                        policy,
+                        watchdog,
+                        n_choices,
+                        chunk_filter,
+                        adapter.stream_error,
                     )
                 finally:
                     self.active_streams -= 1

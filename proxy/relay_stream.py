@@ -7,6 +7,7 @@ It lives apart from `StreamRelay`, which is the per-event code; both are compile
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from .chunks import ChunkFilter
@@ -40,11 +41,14 @@ async def relay_stream(
     watchdog: StreamWatchdog | None,
     n_choices: int,
     chunk_filter: ChunkFilter | None = None,
+    stream_error: Callable[[str, str, str], bytes] = error_event,
 ) -> bool:
     """Relays an SSE response whose head `response.start(..., with_first_write=True)`
     prepared; True when the backend's message ended cleanly, so its connection may be
     reused (possibly after its last bytes: see release_when_complete). Cancellation
-    (client gone, timeout) propagates to the caller, which aborts the upstream."""
+    (client gone, timeout) propagates to the caller, which aborts the upstream.
+    `stream_error`: the endpoint's error event (Anthropic's and TGI's differ from
+    OpenAI's), for a backend stream that breaks."""
     if chunk_filter is None:  # an endpoint adapter may bring its own (TGI, messages, ...)
         chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
     relay = StreamRelay(chunk_filter, upstream, response)
@@ -59,7 +63,7 @@ async def relay_stream(
     except UpstreamError as exc:
         ex.upstream_error = exc.kind
         response.write(
-            error_event(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
+            stream_error(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
         )
         return False
     finally:

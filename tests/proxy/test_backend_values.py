@@ -451,3 +451,44 @@ def test_a_backends_204_goes_out_without_a_content_length() -> None:
         backend.close()
     assert head.startswith(b"HTTP/1.1 204 No Content\r\n"), head
     assert b"content-length" not in head.lower() and head.endswith(b"\r\n\r\n")
+
+
+BROKEN = b"ZZ\r\nnot a chunk\r\n"  # a chunk size that is no hex number: the framing breaks
+
+
+def test_a_broken_tgi_stream_ends_with_tgis_error_event() -> None:
+    """The endpoint's own error shape, not OpenAI's `data: {"error": {...}}` + [DONE]."""
+    base = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+    token = {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
+    first = b"data: " + json.dumps(base | token).encode() + b"\n\n"
+    answer = HEAD + b"%x\r\n%b\r\n" % (len(first), first) + BROKEN
+    harness, backend = _serve(answer, "pass-through")
+    try:
+        with httpx.stream(
+            "POST", harness.url + "/generate_stream", json={"inputs": "hi"}, timeout=10
+        ) as reply:
+            raw = reply.read()
+    finally:
+        harness.close()
+        backend.close()
+    events = [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
+    assert events[0]["token"]["text"] == "ok"
+    assert events[-1]["error_type"] == "generation", events
+    assert "backend stream broke" in events[-1]["error"] and b"[DONE]" not in raw
+
+
+def test_a_broken_messages_stream_ends_with_an_anthropic_error_event() -> None:
+    start = {"type": "message_start", "message": {"id": "m", "type": "message", "content": []}}
+    first = b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"
+    answer = HEAD + b"%x\r\n%b\r\n" % (len(first), first) + BROKEN
+    harness, backend = _serve(answer, "pass-through")
+    body = {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True}
+    try:
+        result = stream_request(harness.url, body, path="/v1/messages")
+    finally:
+        harness.close()
+        backend.close()
+    errors = [e for _, e in result.events if e.startswith(b"event: error")]
+    assert len(errors) == 1, result.events
+    error = json.loads(data_of(errors[0] + b"\n\n")[1] or b"{}")
+    assert error["type"] == "error" and "backend stream broke" in error["error"]["message"]
