@@ -223,6 +223,12 @@ class ProxyApp:
                 type="timeout",
                 code="response_head_timeout",
             ) from None
+        if not _models_answer(status, body):
+            raise bad_gateway(
+                f"backend {route.backend.name} answered {status} to GET /v1/models, "
+                "not a JSON model list or error",
+                code=f"upstream_http_{status}",
+            )
         response.send(status, JSON_HEADERS, body)
 
     # -- completions ---------------------------------------------------------------------
@@ -627,6 +633,17 @@ async def _models_body(replica: Replica) -> tuple[int, bytes]:
                 replica.pool.release(conn)
             else:
                 conn.abort()
+
+
+def _models_answer(status: int, body: bytes) -> bool:
+    """Whether the backend's answer to GET /v1/models may go out as JSON with its status:
+    a JSON object (the list, or an OpenAI-shaped error). An HTML error page or an empty
+    body is a 502, not relayed under a JSON content type."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and (status == 200 or isinstance(obj.get("error"), dict))
 
 
 def _fail(

@@ -492,3 +492,37 @@ def test_a_broken_messages_stream_ends_with_an_anthropic_error_event() -> None:
     assert len(errors) == 1, result.events
     error = json.loads(data_of(errors[0] + b"\n\n")[1] or b"{}")
     assert error["type"] == "error" and "backend stream broke" in error["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (
+            b"HTTP/1.1 500 Oops\r\ncontent-type: text/html\r\ncontent-length: 13\r\n\r\n<h1>boom</h1>",
+            502,
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello", 502),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 502),
+        (_json_answer(b'{"object":"list","data":[{"id":"m","object":"model"}]}'), 200),
+        (
+            _json_answer(b'{"error":{"message":"no","type":"x"}}').replace(b"200 OK", b"401 No"),
+            401,
+        ),
+    ],
+    ids=["html-500", "text-200", "empty-200", "list", "openai-error"],
+)
+def test_the_model_list_is_relayed_only_as_json(answer: bytes, status: int) -> None:
+    """Pass-through `GET /v1/models`: the backend's list or OpenAI-shaped error with its
+    status; anything else (an HTML page, text, nothing) a 502 in OpenAI's shape, where it
+    went out under `content-type: application/json` as it came."""
+    backend = OneAnswerBackend(answer, close=False)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        reply = httpx.get(harness.url + "/v1/models", timeout=10)
+    finally:
+        harness.close()
+        backend.close()
+    assert reply.status_code == status, reply.text
+    assert isinstance(reply.json(), dict)
+    if status == 502:
+        assert reply.json()["error"]["type"] == "upstream_error"
