@@ -37,7 +37,8 @@ from .ids import random_request_id
 from .jsonbody import parse_object
 from .keepalive import KeepAlive, error_as_event, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
-from .nonstream import MAX_NONSTREAM_BODY, relay_whole
+from .modellist import model_list, relayable
+from .nonstream import relay_whole
 from .relay_stream import MESSAGE_END_TIMEOUT, relay_stream
 from .response import JSON_HEADERS
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
@@ -213,7 +214,7 @@ class ProxyApp:
         limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
         try:
             # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
-            status, body = await asyncio.wait_for(_models_body(replica), limit)
+            status, body = await asyncio.wait_for(model_list(replica), limit)
         except UpstreamError as exc:
             raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
         except TimeoutError:
@@ -223,7 +224,7 @@ class ProxyApp:
                 type="timeout",
                 code="response_head_timeout",
             ) from None
-        if not _models_answer(status, body):
+        if not relayable(status, body):
             raise bad_gateway(
                 f"backend {route.backend.name} answered {status} to GET /v1/models, "
                 "not a JSON model list or error",
@@ -618,32 +619,6 @@ def _total_only(total: float | None) -> StreamTimeouts:
     if timeouts is None:
         timeouts = _TOTAL_ONLY[total] = StreamTimeouts(total=total)
     return timeouts
-
-
-async def _models_body(replica: Replica) -> tuple[int, bytes]:
-    """The backend's `GET /v1/models`: its status and body. The connection is pooled only
-    after a complete response and closed on any failure or cancellation (never leaked)."""
-    conn: UpstreamConnection | None = None
-    try:
-        conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-        return conn.status, await conn.read_all(MAX_NONSTREAM_BODY)
-    finally:
-        if conn is not None:
-            if conn.complete:
-                replica.pool.release(conn)
-            else:
-                conn.abort()
-
-
-def _models_answer(status: int, body: bytes) -> bool:
-    """Whether the backend's answer to GET /v1/models may go out as JSON with its status:
-    a JSON object (the list, or an OpenAI-shaped error). An HTML error page or an empty
-    body is a 502, not relayed under a JSON content type."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(obj, dict) and (status == 200 or isinstance(obj.get("error"), dict))
 
 
 def _fail(
