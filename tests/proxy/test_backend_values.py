@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import orjson
@@ -74,12 +75,22 @@ def compact(request: pytest.FixtureRequest) -> bool:
     return bool(request.param == "compact")
 
 
-def _serve(answer: bytes, mode: str) -> tuple[ProxyHarness, OneAnswerBackend]:
+@contextmanager
+def _served(answer: bytes, mode: str) -> Iterator[ProxyHarness]:
+    """A proxy in front of a backend that answers every request with `answer`: in
+    pass-through, guarded by a stop string that never comes ("guarded"), or by "###"
+    ("stopped")."""
     backend = OneAnswerBackend(answer, close=False)
-    snapshot = (
-        passthrough_snapshot(backend.url) if mode == "pass-through" else _guarded(backend.url)
-    )
-    return ProxyHarness(snapshot), backend
+    if mode == "pass-through":
+        snapshot = passthrough_snapshot(backend.url)
+    else:
+        snapshot = _guarded(backend.url) if mode == "guarded" else _stopped(backend.url)
+    harness = ProxyHarness(snapshot)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        backend.close()
 
 
 def _relayed(harness: ProxyHarness, answer: bytes) -> list[bytes]:
@@ -97,13 +108,9 @@ def test_wrongly_typed_values_are_relayed_and_not_recorded(
     finish: object, mode: str, compact: bool
 ) -> None:
     answer = _stream(finish, {"prompt_tokens": True, "completion_tokens": -3}, compact)
-    harness, backend = _serve(answer, mode)
-    try:
+    with _served(answer, mode) as harness:
         _relayed(harness, answer)
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert ex.finish_reason is None
     assert ex.prompt_tokens is None and ex.completion_tokens is None
     assert ex.upstream_error is None and ex.error_code is None
@@ -119,13 +126,9 @@ def test_a_spaced_stream_is_read_as_a_compact_one(mode: str) -> None:
     """Python's default JSON layout: the token times the stream (its first-token deadline
     is met by it), the finish reason and the usage are recorded, as for vLLM's layout."""
     answer = _stream("stop", {"prompt_tokens": 4, "completion_tokens": 1}, compact=False)
-    harness, backend = _serve(answer, mode)
-    try:
+    with _served(answer, mode) as harness:
         _relayed(harness, answer)
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert ex.first_token_at is not None and ex.content_chunks == 1
     assert (ex.finish_reason, ex.prompt_tokens, ex.completion_tokens) == ("stop", 4, 1)
 
@@ -148,32 +151,18 @@ def test_a_chunk_of_another_shape_is_relayed_as_it_came(
     base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     events = [_event(base | shape, compact), b"data: [DONE]\n\n"]
     answer = HEAD + _chunked(events)
-    harness, backend = _serve(answer, mode)
-    try:
+    with _served(answer, mode) as harness:
         _relayed(harness, answer)
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert ex.status == 200 and ex.error_code is None and ex.upstream_error is None
 
 
-class PacedBackend:
+class PacedBackend(OneAnswerBackend):
     """Answers each request with a spaced-layout stream of tokens `gap` seconds apart."""
 
     def __init__(self, tokens: list[str], gap: float) -> None:
         self.tokens, self.gap = tokens, gap
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(b"", close=True)
 
     def _serve(self, conn: socket.socket) -> None:
         base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
@@ -191,9 +180,6 @@ class PacedBackend:
                 conn.sendall(_chunked([b"data: [DONE]\n\n"]))
             except OSError:  # the proxy cut the stream
                 return
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def _chunked_part(data: bytes) -> bytes:
@@ -233,16 +219,12 @@ def test_a_whole_answer_of_another_shape_is_relayed_as_it_came(choices: object, 
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
         % (len(body), body)
     )
-    harness, backend = _serve(answer, mode)
-    try:
+    with _served(answer, mode) as harness:
         with httpx.Client(timeout=10) as client:
             reply = client.post(
                 f"{harness.url}/v1/chat/completions", json={"model": "m", "messages": MSG}
             )
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert (reply.status_code, reply.content) == (200, body)
     assert ex.finish_reason is None and ex.error_code is None
 
@@ -281,14 +263,9 @@ ODD_EVENTS = {
 @pytest.mark.parametrize("event", ODD_EVENTS.values(), ids=ODD_EVENTS.keys())
 def test_a_stop_string_in_an_event_of_another_form_is_cut(event: bytes) -> None:
     answer = HEAD + _chunked([event, b"data: [DONE]\n\n"])
-    backend = OneAnswerBackend(answer, close=False)
-    harness = ProxyHarness(_stopped(backend.url))
-    try:
+    with _served(answer, "stopped") as harness:
         result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert result.status == 200, result.body
     raw = b"".join(e for _, e in result.events)
     assert b"there" not in raw, raw
@@ -312,14 +289,9 @@ def test_an_event_stream_named_in_another_case_is_guarded_as_a_stream() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     answer = head + _chunked([b"data: " + TOKEN.encode() + b"\n\n", b"data: [DONE]\n\n"])
-    backend = OneAnswerBackend(answer, close=False)
-    harness = ProxyHarness(_stopped(backend.url))
-    try:
+    with _served(answer, "stopped") as harness:
         result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
         (ex,) = harness.wait_finished(1)
-    finally:
-        harness.close()
-        backend.close()
     assert result.status == 200, result.body
     assert b"there" not in b"".join(e for _, e in result.events)
     assert (ex.cut, ex.finish_reason) == ("###", "stop")
@@ -344,13 +316,9 @@ TGI_BODIES = [
 
 @pytest.mark.parametrize("body", TGI_BODIES, ids=[json.dumps(b)[:30] for b in TGI_BODIES])
 def test_tgi_generate_reads_an_odd_answer_without_a_500(body: dict[str, object], mode: str) -> None:
-    harness, backend = _serve(_json_answer(json.dumps(body).encode()), mode)
     request = {"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": True}}
-    try:
+    with _served(_json_answer(json.dumps(body).encode()), mode) as harness:
         reply = httpx.post(harness.url + "/generate", json=request, timeout=10)
-    finally:
-        harness.close()
-        backend.close()
     assert reply.status_code == 200, reply.text
     out = reply.json()
     assert isinstance(out["generated_text"], str)
@@ -358,12 +326,8 @@ def test_tgi_generate_reads_an_odd_answer_without_a_500(body: dict[str, object],
 
 
 def test_tgi_generate_answers_a_backends_non_object_with_a_502(mode: str) -> None:
-    harness, backend = _serve(_json_answer(b"[1,2,3]"), mode)
-    try:
+    with _served(_json_answer(b"[1,2,3]"), mode) as harness:
         reply = httpx.post(harness.url + "/generate", json={"inputs": "hi"}, timeout=10)
-    finally:
-        harness.close()
-        backend.close()
     assert reply.status_code == 502, reply.text
     assert reply.json() == {
         "error": "backend answered an unexpected body",
@@ -389,15 +353,14 @@ def test_tgi_generate_stream_reads_odd_chunks_to_its_last_event(
     last = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
     events = [b"id: 1\ndata: " + json.dumps(base | token).encode() + b"\n\n"]
     events += [b"data: " + json.dumps(base | c).encode() + b"\n\n" for c in (chunk, last)]
-    harness, backend = _serve(HEAD + _chunked([*events, b"data: [DONE]\n\n"]), mode)
-    try:
-        with httpx.stream(
+    answer = HEAD + _chunked([*events, b"data: [DONE]\n\n"])
+    with (
+        _served(answer, mode) as harness,
+        httpx.stream(
             "POST", harness.url + "/generate_stream", json={"inputs": "hi"}, timeout=10
-        ) as reply:
-            raw = reply.read()
-    finally:
-        harness.close()
-        backend.close()
+        ) as reply,
+    ):
+        raw = reply.read()
     assert reply.status_code == 200
     out = [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
     assert [e["token"]["text"] for e in out] == ["ok", ""]
@@ -410,15 +373,10 @@ def test_a_whole_answer_with_a_lone_surrogate_is_guarded() -> None:
     message = {"role": "assistant", "content": "\ud800 hi ### there"}
     choice = {"index": 0, "message": message, "finish_reason": "stop"}
     body = json.dumps({"id": "x", "object": "chat.completion", "choices": [choice]}).encode()
-    backend = OneAnswerBackend(_json_answer(body), close=False)
-    harness = ProxyHarness(_stopped(backend.url))
-    try:
+    with _served(_json_answer(body), "stopped") as harness:
         reply = httpx.post(
             harness.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=10
         )
-    finally:
-        harness.close()
-        backend.close()
     assert reply.status_code == 200, reply.text
     content = json.loads(reply.content)["choices"][0]["message"]["content"]
     assert content == "\ud800 hi "
@@ -436,19 +394,16 @@ def test_a_named_event_with_a_lone_surrogate_is_read() -> None:
 
 def test_a_backends_204_goes_out_without_a_content_length() -> None:
     """RFC 9110 (8.6): a 204 carries no Content-Length; sluice wrote `content-length: 0`."""
-    backend = OneAnswerBackend(b"HTTP/1.1 204 No Content\r\n\r\n", close=False)
-    harness = ProxyHarness(passthrough_snapshot(backend.url))
-    try:
-        with socket.create_connection(("127.0.0.1", int(harness.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(
-                b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b'content-length: 14\r\n\r\n{"prompt":"x"}'
-            )
-            sock.settimeout(5)
-            head = sock.recv(65536)
-    finally:
-        harness.close()
-        backend.close()
+    with (
+        _served(b"HTTP/1.1 204 No Content\r\n\r\n", "pass-through") as harness,
+        socket.create_connection(("127.0.0.1", int(harness.url.rsplit(":", 1)[1]))) as sock,
+    ):
+        sock.sendall(
+            b"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 14\r\n\r\n{"prompt":"x"}'
+        )
+        sock.settimeout(5)
+        head = sock.recv(65536)
     assert head.startswith(b"HTTP/1.1 204 No Content\r\n"), head
     assert b"content-length" not in head.lower() and head.endswith(b"\r\n\r\n")
 
@@ -462,15 +417,13 @@ def test_a_broken_tgi_stream_ends_with_tgis_error_event() -> None:
     token = {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
     first = b"data: " + json.dumps(base | token).encode() + b"\n\n"
     answer = HEAD + b"%x\r\n%b\r\n" % (len(first), first) + BROKEN
-    harness, backend = _serve(answer, "pass-through")
-    try:
-        with httpx.stream(
+    with (
+        _served(answer, "pass-through") as harness,
+        httpx.stream(
             "POST", harness.url + "/generate_stream", json={"inputs": "hi"}, timeout=10
-        ) as reply:
-            raw = reply.read()
-    finally:
-        harness.close()
-        backend.close()
+        ) as reply,
+    ):
+        raw = reply.read()
     events = [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
     assert events[0]["token"]["text"] == "ok"
     assert events[-1]["error_type"] == "generation", events
@@ -481,13 +434,9 @@ def test_a_broken_messages_stream_ends_with_an_anthropic_error_event() -> None:
     start = {"type": "message_start", "message": {"id": "m", "type": "message", "content": []}}
     first = b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"
     answer = HEAD + b"%x\r\n%b\r\n" % (len(first), first) + BROKEN
-    harness, backend = _serve(answer, "pass-through")
     body = {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True}
-    try:
+    with _served(answer, "pass-through") as harness:
         result = stream_request(harness.url, body, path="/v1/messages")
-    finally:
-        harness.close()
-        backend.close()
     errors = [e for _, e in result.events if e.startswith(b"event: error")]
     assert len(errors) == 1, result.events
     error = json.loads(data_of(errors[0] + b"\n\n")[1] or b"{}")
@@ -515,13 +464,8 @@ def test_the_model_list_is_relayed_only_as_json(answer: bytes, status: int) -> N
     """Pass-through `GET /v1/models`: the backend's list or OpenAI-shaped error with its
     status; anything else (an HTML page, text, nothing) a 502 in OpenAI's shape, where it
     went out under `content-type: application/json` as it came."""
-    backend = OneAnswerBackend(answer, close=False)
-    harness = ProxyHarness(passthrough_snapshot(backend.url))
-    try:
+    with _served(answer, "pass-through") as harness:
         reply = httpx.get(harness.url + "/v1/models", timeout=10)
-    finally:
-        harness.close()
-        backend.close()
     assert reply.status_code == status, reply.text
     assert isinstance(reply.json(), dict)
     if status == 502:
