@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import stat
 import types
 import typing
 from collections import Counter
@@ -58,6 +59,34 @@ class ConfigFiles:
     ignored: tuple[str, ...] = ()  # *.yml files, reported as a warning
 
 
+# Far above any config file (the examples are a few KiB); past it a file is refused unread.
+MAX_CONFIG_FILE_BYTES = 4 * 1024 * 1024
+
+
+class _NotAConfigFile(Exception):
+    """A `*.yaml` that is not a regular file of a readable size."""
+
+
+def _read_file(path: Path) -> bytes:
+    """A config file's bytes. A FIFO, a device (`/dev/zero` behind a symlink) or a socket
+    named `*.yaml` is refused without being opened (reading one blocks, or never ends),
+    and a file over MAX_CONFIG_FILE_BYTES is refused unread."""
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(str(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise _NotAConfigFile("not a regular file (a FIFO, a device or a socket)")
+    if info.st_size > MAX_CONFIG_FILE_BYTES:
+        raise _NotAConfigFile(
+            f"{info.st_size} bytes, over the {MAX_CONFIG_FILE_BYTES} a config file may have"
+        )
+    with path.open("rb") as file:
+        data = file.read(MAX_CONFIG_FILE_BYTES + 1)
+    if len(data) > MAX_CONFIG_FILE_BYTES:  # grew since the stat
+        raise _NotAConfigFile(f"over the {MAX_CONFIG_FILE_BYTES} bytes a config file may have")
+    return data
+
+
 def read_config_files(directory: Path) -> ConfigFiles:
     """Every `*.yaml` (not hidden) directly in `directory`, sorted by name."""
     display = display_path(directory)
@@ -76,11 +105,13 @@ def read_config_files(directory: Path) -> ConfigFiles:
         if not name.endswith(CONFIG_SUFFIX):
             continue
         try:
-            files.append(SourceFile(name, display_path(path), path.read_bytes()))
+            files.append(SourceFile(name, display_path(path), _read_file(path)))
         except FileNotFoundError:
             continue  # renamed or deleted after the listing: this read does not have it
         except IsADirectoryError:
             continue
+        except _NotAConfigFile as exc:
+            issues.append(ConfigIssue(display_path(path), None, None, "", str(exc)))
         except OSError as exc:
             issues.append(ConfigIssue(display_path(path), None, None, "", exc.strerror or str(exc)))
     if issues:

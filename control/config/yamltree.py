@@ -23,6 +23,8 @@ Mark = tuple[int, int]  # 1-based line, column
 NULL_TAG = "tag:yaml.org,2002:null"
 # Aliases can make a small file expand exponentially ("billion laughs"); a config is small.
 MAX_NODES = 200_000
+# Deeper than any config nests (~8 levels); a recursive alias (`&a {x: *a}`) is endless.
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,12 @@ class _Walker:
         self.count += 1
         if self.count > MAX_NODES:
             raise NodeError(mark_of(node), path, f"more than {MAX_NODES} values (aliases?)")
+        if len(path) > MAX_DEPTH:
+            raise NodeError(
+                mark_of(node),
+                path[:MAX_DEPTH],
+                f"nested more than {MAX_DEPTH} levels (a recursive alias?)",
+            )
         self.locator.values.setdefault(path, mark_of(node))
         if isinstance(node, MappingNode):
             return self.mapping(node, path)
@@ -154,6 +162,10 @@ def parse_documents(text: str) -> Iterator[ParsedDocument]:
         raise NodeError(where, (), _yaml_error_text(exc)) from None
     except yaml.YAMLError as exc:  # e.g. a reader error on a control character
         raise NodeError((1, 1), (), f"YAML error: {exc}") from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise NodeError(
+            (_too_deep_line(text), 1), (), f"nested more than {MAX_DEPTH} levels deep"
+        ) from None
     for index, node in enumerate(nodes):
         if isinstance(node, ScalarNode) and node.tag == NULL_TAG and node.value in ("", "~"):
             continue  # an empty document between two `---`
@@ -164,3 +176,19 @@ def parse_documents(text: str) -> Iterator[ParsedDocument]:
             walker.issues.append(exc)
             data = None
         yield ParsedDocument(index, mark_of(node), data, walker.locator, tuple(walker.issues))
+
+
+def _too_deep_line(text: str) -> int:
+    """The first line where flow brackets (`[`, `{`) nest past MAX_DEPTH: where a file too
+    deep for the parser goes wrong (quoted brackets may count; it is a pointer, not a
+    parse)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        for char in line:
+            if char in "[{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return number
+            elif char in "]}":
+                depth -= 1
+    return 1

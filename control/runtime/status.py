@@ -31,9 +31,13 @@ def fetch_status(url: str, token: str) -> dict[str, Any]:
         raise CliError(f"cannot reach {target}: {exc}") from None
     if resp.status_code != 200:
         raise CliError(f"{target} answered {resp.status_code}: {_error_message(resp)}")
-    body = resp.json()
-    if not isinstance(body, dict):
-        raise CliError(f"{target} answered something other than a status object")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    # Another server's 200 (a JSON object of its own) is not a sluice that is draining.
+    if not isinstance(body, dict) or not {"ready", "pid", "config"} <= body.keys():
+        raise CliError(f"{target} answered something other than sluice's status object")
     return body
 
 

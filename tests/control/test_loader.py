@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from sluice.control.config.loader import MAX_CONFIG_FILE_BYTES
 
 from tests.control.fixtures import KEY_HASH, Writer, built, issues_of
 
@@ -174,3 +177,35 @@ def test_alias_bomb_is_bounded(config_dir: Writer) -> None:
     directory = config_dir({"bomb.yaml": "kind: Policy\nname: b\n" + "\n".join(lines) + "\n"})
     (issue,) = issues_of(directory)
     assert "more than 200000 values" in issue
+
+
+def test_a_recursive_alias_is_an_error_with_its_line(config_dir: Writer) -> None:
+    """`&g {x: *g}` is endless: it was a RecursionError traceback (and a reload error
+    without file:line)."""
+    directory = config_dir({"x.yaml": "kind: Preset\ngeneration: &g {temperature: 0.5, x: *g}\n"})
+    (issue,) = issues_of(directory)
+    assert issue.startswith("presets/x.yaml:2:") and "nested more than 64 levels" in issue
+
+
+def test_nesting_too_deep_for_the_parser_is_an_error_with_its_line(config_dir: Writer) -> None:
+    text = "kind: Preset\n# deep\ngeneration: " + "[" * 10_000 + "]" * 10_000 + "\n"
+    (issue,) = issues_of(config_dir({"x.yaml": text}))
+    assert issue == "presets/x.yaml:3:1: nested more than 64 levels deep"
+
+
+def test_a_fifo_or_a_device_named_yaml_is_refused_unread(config_dir: Writer) -> None:
+    """Reading a FIFO blocks until a writer comes, and /dev/zero never ends: check and
+    reload hung on either."""
+    directory = config_dir({})
+    os.mkfifo(directory / "f.yaml")
+    (directory / "z.yaml").symlink_to("/dev/zero")
+    issues = issues_of(directory)
+    assert "presets/f.yaml: not a regular file (a FIFO, a device or a socket)" in issues
+    assert "presets/z.yaml: not a regular file (a FIFO, a device or a socket)" in issues
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(config_dir: Writer) -> None:
+    directory = config_dir({})
+    (directory / "big.yaml").write_bytes(b"#" * (MAX_CONFIG_FILE_BYTES + 1))
+    (issue,) = [i for i in issues_of(directory) if "big.yaml" in i]
+    assert "over the" in issue

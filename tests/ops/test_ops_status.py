@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import subprocess
+import threading
 
 import httpx
 
@@ -92,3 +94,32 @@ def test_status_cli_errors(gateway: ProcessServer) -> None:
     assert down.returncode == 1 and "cannot reach" in down.stderr
     for result in (no_token, wrong, down):
         assert "Traceback" not in result.stderr
+
+
+def test_status_against_another_server_is_an_error() -> None:
+    """A server that answers 200 with JSON of its own (or with text) is not a draining
+    sluice: `sluice status` said 'DRAINING (not ready); pid None' and exited 0."""
+    answers = iter([b'{"object":"list","data":[]}', b"<h1>hello</h1>"])
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = next(answers)
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(2):
+            cli = sluice_status("--url", f"http://127.0.0.1:{server.server_port}")
+            assert cli.returncode == 1, cli.stdout
+            assert "something other than sluice's status object" in cli.stderr
+            assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
