@@ -193,6 +193,10 @@ def _load_file(source: SourceFile, loaded: LoadedDocuments) -> None:
     if not parsed:
         issue((1, 1), (), f"empty file: expected one or more documents with kind: {KINDS_TEXT}")
         return
+    if all(doc.data is None and not doc.issues for doc in parsed):
+        # `null` alone: as empty as no document, not a file that silently configures nothing.
+        issue((1, 1), (), f"only null: expected one or more documents with kind: {KINDS_TEXT}")
+        return
     kinds: Counter[str] = Counter(
         doc.data["kind"]
         for doc in parsed

@@ -11,11 +11,12 @@ to blame, are functions next to the models (`policy_issues`).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from .values import Bool, Duration, Float, Int, Name, NonEmptyText, Text
+from .values import Bool, Duration, Float, Int, Name, NonEmptyText, Text, check_int64
 
 Path = tuple[str | int, ...]
 DocumentIssue = tuple[Path, str]
@@ -85,6 +86,10 @@ def _parse_clamp(value: Any) -> Any:
     for bound in value:
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)):
             raise ValueError(f"clamp bounds are numbers or null, got {bound!r}")
+        if isinstance(bound, float) and not math.isfinite(bound):
+            raise ValueError(f"clamp bounds are finite numbers or null, got {bound!r}")
+        if isinstance(bound, int):
+            check_int64(bound)
     if value[0] is None and value[1] is None:
         raise ValueError("clamp needs at least one bound")
     return tuple(value)

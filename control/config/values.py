@@ -13,7 +13,7 @@ import ipaddress
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Strict
+from pydantic import AfterValidator, AllowInfNan, BeforeValidator, Strict
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
@@ -261,6 +261,18 @@ def check_text(value: str) -> str:
     return value
 
 
+# The integers JSON encoders and vLLM take (orjson refuses wider ones: a preset's seed of
+# 10**35 passed the schema and then failed every request it applied to with a 500).
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def check_int64(value: int) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{value} does not fit in 64 bits ({INT64_MIN} to {INT64_MAX})")
+    return value
+
+
 def check_nonempty(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
@@ -293,7 +305,9 @@ Duration = Annotated[float, BeforeValidator(parse_duration), TypeLabel("duration
 DurationOrZero = Annotated[
     float, BeforeValidator(parse_duration_or_zero), TypeLabel("duration or 0")
 ]
-Int = Annotated[int, Strict(), TypeLabel("integer")]
-Float = Annotated[float, Strict(), TypeLabel("number")]
+Int = Annotated[int, Strict(), AfterValidator(check_int64), TypeLabel("integer")]
+# .inf and .nan are YAML floats; as a sampling value or a weight they are always a slip
+# (JSON has neither: orjson would send an infinite temperature to vLLM as null).
+Float = Annotated[float, Strict(), AllowInfNan(False), TypeLabel("number")]
 Bool = Annotated[bool, Strict(), TypeLabel("boolean")]
 Port = Annotated[int, Strict(), TypeLabel("port")]

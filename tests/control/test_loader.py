@@ -60,6 +60,16 @@ def test_empty_file_and_comment_only_file(config_dir: Writer) -> None:
     ]
 
 
+def test_a_file_of_only_null_is_an_error_not_an_empty_config(config_dir: Writer) -> None:
+    # An explicit null document is skipped beside others; alone it configures nothing.
+    directory = config_dir({"a.yaml": "null\n", "b.yaml": "--- null\n--- null\n"})
+    message = "only null: expected one or more documents with kind: Preset, Policy or Gateway"
+    assert issues_of(directory) == [
+        f"presets/a.yaml:1:1: {message}",
+        f"presets/b.yaml:1:1: {message}",
+    ]
+
+
 def test_syntax_error_has_line_and_column(config_dir: Writer) -> None:
     directory = config_dir({"x.yaml": 'kind: Policy\nname: x\nstop: ["a", \n'})
     (issue,) = issues_of(directory)

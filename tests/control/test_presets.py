@@ -126,6 +126,12 @@ def test_clamp_min_greater_than_max(config_dir: Writer) -> None:
         ("{clamp: [1]}", "clamp takes [min, max] (null for an open bound)"),
         ("{clamp: [null, null]}", "clamp needs at least one bound"),
         ("{clamp: [a, 1]}", "clamp bounds are numbers or null, got 'a'"),
+        ("{clamp: [0, .inf]}", "clamp bounds are finite numbers or null, got inf"),
+        ("{clamp: [.nan, 1]}", "clamp bounds are finite numbers or null, got nan"),
+        (
+            "{clamp: [0, 9223372036854775808]}",
+            "fit in 64 bits (-9223372036854775808 to 9223372036854775807)",
+        ),
         (
             "forse",
             "unknown policy mode 'forse'; expected default, force, deny or {clamp: [min, max]}",
@@ -140,6 +146,36 @@ def test_bad_policy_modes(config_dir: Writer, rule: str, message: str) -> None:
     text = f"kind: Preset\npolicy:\n  temperature: {rule}\n"
     (issue,) = issues_of(preset_dir(config_dir, precise=text))
     assert issue.endswith(message)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("temperature: .inf", "generation.temperature: Input should be a finite number"),
+        ("top_p: .nan", "generation.top_p: Input should be a finite number"),
+        ("repetition_penalty: .Inf", "generation.repetition_penalty: Input should be a finite"),
+        ("seed: 100000000000000000000000000000000000", "generation.seed: 1000000000000"),
+        ("seed: -9223372036854775809", "-9223372036854775809 does not fit in 64 bits"),
+        ("max_new_tokens: 9223372036854775808", "does not fit in 64 bits"),
+        ("stop_token_ids: [18446744073709551616]", "generation.stop_token_ids[0]: 1844674"),
+    ],
+)
+def test_values_no_json_encoder_or_vllm_takes_are_errors_at_their_line(
+    config_dir: Writer, line: str, message: str
+) -> None:
+    # A seed of 10**35 passed and then failed every request it applied to with a 500
+    # (orjson encodes 64-bit integers only); an infinite temperature went to vLLM as null.
+    text = f"kind: Preset\ngeneration:\n  {line}\n"
+    (issue,) = issues_of(preset_dir(config_dir, precise=text))
+    assert issue.startswith("presets/precise.yaml:3:")
+    assert message in issue
+
+
+def test_the_widest_64_bit_values_are_taken(config_dir: Writer) -> None:
+    text = "kind: Preset\ngeneration: {seed: -9223372036854775808, max_new_tokens: 9223372036854775807}\n"
+    plan = built(preset_dir(config_dir, precise=text)).presets["precise"].plan
+    assert plan.defaults["seed"] == -(2**63)
+    assert plan.defaults["max_tokens"] == 2**63 - 1
 
 
 def test_clamp_only_on_numeric_fields(config_dir: Writer) -> None:
