@@ -151,10 +151,7 @@ class ChunkFilter:
         if payload == b"[DONE]":
             self.done = True
             return self.flush_held() + DONE_EVENT
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            obj = lenientjson.loads(payload)  # a lone surrogate escape: read, not passed
+        obj = lenientjson.read(payload)  # a lone surrogate escape too: read, not passed
         if not isinstance(obj, dict):
             return event
         choices = obj.get("choices")
@@ -512,10 +509,11 @@ class ChunkFilter:
         return True
 
     def _bookkeep_parsed(self, event: bytes) -> None:
-        try:
-            obj = orjson.loads(event[6:] if event.startswith(b"data: ") else event[5:])
-        except orjson.JSONDecodeError:
-            return
+        if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:
+            payload: bytes | None = event[6:] if event.startswith(b"data: ") else event[5:]
+        else:  # other fields or several data lines: the data as a client reads it
+            payload = data_of(event)[1]
+        obj = None if payload is None else lenientjson.read(payload)
         if not isinstance(obj, dict):
             return
         usage = obj.get("usage")

@@ -49,10 +49,7 @@ async def relay_whole(
         estimate = retry_after() if retry_after is not None else 1
         retry = [(b"retry-after", given if given else str(estimate).encode())]
     if status == 200 and content_type.startswith(b"application/json"):
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            obj = lenientjson.loads(body)  # a lone surrogate escape: read, so guarded
+        obj = lenientjson.read(body)  # a lone surrogate escape too: read, so guarded
         if rewrite is not None:  # an endpoint adapter: its own guard and reply shape
             rewritten = rewrite(obj, policy, ex)
             if rewritten is not None:

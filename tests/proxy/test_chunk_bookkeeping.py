@@ -279,3 +279,28 @@ def test_vllms_role_and_usage_chunks_are_not_parsed_on_a_guarded_stream() -> Non
     # The role chunk with usage after it, a text, a finish: parsed. An error key after the
     # choices is no error to the parser (a chunk with choices): taken, as parsing leaves it.
     assert got[:7] == [True, True, True, False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [b"id: 7\n", b"event: message\n", b": a comment\nid: 7\n", b"retry: 10\nevent: x\n"],
+)
+@pytest.mark.parametrize("event", VLLM_EVENTS + ODD_EVENTS)
+def test_an_event_with_other_fields_records_what_its_data_alone_records(
+    fields: bytes, event: bytes
+) -> None:
+    # The data is what a client reads; an `id:` or `event:` line before it (never from
+    # vLLM) must not hide the finish reason or the counts from the access log and metrics.
+    ex = Exchange("r", 0.0)
+    ChunkFilter(ex, True, None, 1).observe(fields + event + b"\n\n")
+    alone = Exchange("r", 0.0)
+    ChunkFilter(alone, True, None, 1).observe(event + b"\n\n")
+    recorded = (ex.prompt_tokens, ex.completion_tokens, ex.finish_reason)
+    assert recorded == (alone.prompt_tokens, alone.completion_tokens, alone.finish_reason)
+
+
+def test_data_over_several_lines_is_read_joined() -> None:
+    event = b'data: {"choices":[{"index":0,"finish_reason":"st\\"op"}],\ndata: "usage":{}}\n\n'
+    ex = Exchange("r", 0.0)
+    ChunkFilter(ex, True, None, 1).observe(b"id: 1\n" + event)
+    assert ex.finish_reason == 'st"op'
