@@ -48,8 +48,11 @@ async def relay_whole(
         given = conn.headers.get(b"retry-after")
         estimate = retry_after() if retry_after is not None else 1
         retry = [(b"retry-after", given if given else str(estimate).encode())]
-    if status == 200 and content_type.startswith(b"application/json"):
-        obj = lenientjson.read(body)  # a lone surrogate escape too: read, so guarded
+    is_json = content_type.startswith(b"application/json")
+    if status == 200 and (is_json or rewrite is not None):
+        # An adapter that translates the answer (TGI) sees a body of another type as
+        # None: it cannot pass on what it cannot read. The others leave it as it came.
+        obj = lenientjson.read(body) if is_json else None  # a lone surrogate too: guarded
         if rewrite is not None:  # an endpoint adapter: its own guard and reply shape
             rewritten = rewrite(obj, policy, ex)
             if rewritten is not None:

@@ -291,7 +291,11 @@ class TgiRequestAdapter(TgiAdapter):
         return TgiStreamFilter(ex, policy.guard, watchdog, self.prefix, self.seed)
 
     def rewrite_body(self, obj: Any, policy: StreamPolicy, ex: Exchange) -> Any | None:
-        if not isinstance(obj, dict):  # the backend's fault, not the client's: a 502
+        # No completion to translate (not JSON, not an object, no choice with a text): the
+        # backend's fault, not the client's, so a 502 rather than a `generated_text` of "".
+        choices = obj.get("choices") if isinstance(obj, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
             ex.upstream_error = "unexpected_body"
             raise ApiError(
                 502,
@@ -300,11 +304,7 @@ class TgiRequestAdapter(TgiAdapter):
                 code="upstream_error",
             )
         if policy.guard is not None:
-            guard_completion(obj, policy.guard, False, ex)
-        choices = obj.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices else None
-        if not isinstance(choice, dict):
-            choice = {}
+            guard_completion(obj, policy.guard, False, ex)  # changes `choice` in place
         usage = obj.get("usage")
         if not isinstance(usage, dict):
             usage = {}
@@ -313,10 +313,7 @@ class TgiRequestAdapter(TgiAdapter):
         if not isinstance(finish, str):
             finish = None
         ex.finish_reason = finish or ex.finish_reason
-        text = choice.get("text")
-        out: dict[str, Any] = {
-            "generated_text": self.prefix + (text if isinstance(text, str) else "")
-        }
+        out: dict[str, Any] = {"generated_text": self.prefix + choice["text"]}
         if self.details:
             tokens = usage.get("completion_tokens")
             out["details"] = _details(

@@ -305,12 +305,8 @@ def _json_answer(body: bytes) -> bytes:
 
 
 TGI_BODIES = [
-    {"id": "x", "choices": {"a": 1}},
-    {"choices": 5},
-    {"choices": "abc"},
-    {"choices": [1, 2]},
-    {"choices": [{"index": 0, "text": 5, "finish_reason": "stop"}]},
     {"choices": [{"index": 0, "text": "ok", "finish_reason": 7}], "usage": [1, 2]},
+    {"choices": [{"index": 0, "text": "ok", "stop_reason": {"a": 1}}], "usage": {"x": "y"}},
 ]
 
 
@@ -321,12 +317,30 @@ def test_tgi_generate_reads_an_odd_answer_without_a_500(body: dict[str, object],
         reply = httpx.post(harness.url + "/generate", json=request, timeout=10)
     assert reply.status_code == 200, reply.text
     out = reply.json()
-    assert isinstance(out["generated_text"], str)
+    assert out["generated_text"] == "ok"
     assert isinstance(out["details"]["generated_tokens"], int)
 
 
-def test_tgi_generate_answers_a_backends_non_object_with_a_502(mode: str) -> None:
-    with _served(_json_answer(b"[1,2,3]"), mode) as harness:
+TGI_UNREADABLE = [
+    _json_answer(b"[1,2,3]"),
+    _json_answer(b'{"id": "x", "choices": {"a": 1}}'),
+    _json_answer(b'{"choices": 5}'),
+    _json_answer(b'{"choices": []}'),
+    _json_answer(b'{"choices": [1, 2]}'),
+    _json_answer(b'{"choices": [{"index": 0, "text": 5, "finish_reason": "stop"}]}'),
+    _json_answer(b'{"object": "text_completion"}'),
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("answer", TGI_UNREADABLE, ids=[a[-22:].decode() for a in TGI_UNREADABLE])
+def test_tgi_generate_answers_a_backends_unreadable_answer_with_a_502(
+    answer: bytes, mode: str
+) -> None:
+    # No completion text to translate: a TGI client got `generated_text: ""` (an object
+    # without choices) or the backend's body raw under its own type (text/plain).
+    with _served(answer, mode) as harness:
         reply = httpx.post(harness.url + "/generate", json={"inputs": "hi"}, timeout=10)
     assert reply.status_code == 502, reply.text
     assert reply.json() == {
