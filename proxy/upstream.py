@@ -602,8 +602,11 @@ class UpstreamPool:
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], n: int
     ) -> bytes:
         parts = [method, b" ", path, b" HTTP/1.1\r\n", self._head_prefix]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:  # appended: `+=` of a tuple builds and drops one
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         # n < 0: the caller frames the body itself (transfer-encoding: chunked).
         parts.append(b"content-length: %d\r\n\r\n" % n if n >= 0 else b"\r\n")
         return b"".join(parts)
