@@ -24,7 +24,8 @@ from sluice.proxy.exchange import Exchange
 from sluice.proxy.relay import StreamRelay
 from sluice.proxy.response import Response
 from sluice.proxy.stopwords import CutPattern, GuardSpec
-from sluice.proxy.upstream import Origin, UpstreamConnection, UpstreamPool
+from sluice.proxy.upstream import UpstreamConnection
+from sluice.proxy.upstream_pool import Origin, UpstreamPool
 from sluice.sim.text import sample_tokens
 
 # What `sluice bench --policy` enforces: 4 stop strings and 2 cut patterns.

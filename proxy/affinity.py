@@ -34,7 +34,7 @@ from .http import Request
 from .prefix import chain_hashes, prompt_bytes
 from .sharedindex import SharedIndex, SharedRead
 from .snapshot import Backend, RoutingPolicy
-from .upstream import UpstreamPool
+from .upstream_pool import UpstreamPool
 
 # Scraped figures older than this many scrape intervals are not trusted (replica stopped
 # answering /metrics): its load is then this process's in-flight count alone.

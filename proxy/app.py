@@ -13,8 +13,6 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import orjson
-
 from .adapters import Adapter
 from .affinity import RoutingHint
 from .auth import authenticate
@@ -24,7 +22,6 @@ from .deadlines import Deadlines
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import (
     ApiError,
-    bad_gateway,
     method_not_allowed,
     not_found,
     send_error,
@@ -33,18 +30,18 @@ from .exchange import Exchange
 from .fields import app_salt, apply_field_rules, salt_request
 from .forward import Forwarder, only_route, open_on_replica, upload_limit
 from .http import ClientGone, Handler, Header, Request, Response
-from .ids import random_request_id
+from .ids import request_id
 from .jsonbody import parse_object
-from .keepalive import KeepAlive, error_as_event, relay_refusal
+from .keepalive import KeepAlive, relay_refusal
 from .limits import ConcurrencyLimiter, LimiterRegistry, LimitExceeded
-from .modellist import model_list, relayable
+from .modellist import answer_models
 from .nonstream import relay_whole
+from .refusal import answer_refusal
 from .relay_stream import MESSAGE_END_TIMEOUT, relay_stream
 from .response import JSON_HEADERS
 from .resume import STREAMS_PREFIX, StreamRegistry, StreamStore
 from .routing import RouteChoice, choose_route
 from .snapshot import (
-    DEFAULT_RESPONSE_HEAD_TIMEOUT,
     App,
     Backend,
     Snapshot,
@@ -53,27 +50,16 @@ from .snapshot import (
     StreamTimeouts,
 )
 from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
-from .upstream import UpstreamConnection, UpstreamError, open_exchange
+from .upstream import UpstreamConnection
 
 SSE_HEADERS: Final[list[Header]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-MAX_REQUEST_ID: Final = 128
 
 CompletionHook = Callable[[Exchange], None]
 SwapHook = Callable[[Snapshot], None]
-
-
-def request_id(request: Request) -> str:
-    """The client's x-request-id when it is sane, else a random one."""
-    given = request.headers.get(b"x-request-id")
-    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.strip() == given:
-        text = given.decode("ascii")
-        if text.isprintable():
-            return text
-    return random_request_id()
 
 
 class ProxyApp:
@@ -166,7 +152,7 @@ class ProxyApp:
             elif path == "/v1/models":
                 if request.method not in ("GET", "HEAD"):
                     raise method_not_allowed(request.method, path, "GET")
-                await self.models(request, response)
+                await answer_models(self.ref.current, self.pools, request, response)
             elif path.startswith(STREAMS_PREFIX) and self.streams is not None:
                 await self.streams.resume(request, response, self.ref.current)
             elif path in ("/healthz", "/readyz"):
@@ -189,48 +175,6 @@ class ProxyApp:
         except ApiError as exc:
             if not response.started:
                 send_error(response, exc)
-
-    # -- /v1/models ----------------------------------------------------------------------
-
-    async def models(self, request: Request, response: Response) -> None:
-        snap = self.ref.current
-        app = authenticate(request, snap)
-        if not snap.routes and snap.fallback_route is not None:
-            await self._forward_models(snap, response)
-            return
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
-            for name in snap.routes
-            if app is None or app.routes is None or name in app.routes
-        ]
-        body = orjson.dumps({"object": "list", "data": data})
-        response.send(200, [*JSON_HEADERS, (b"x-sluice-config", snap.version.encode())], body)
-
-    async def _forward_models(self, snap: Snapshot, response: Response) -> None:
-        route = snap.fallback_route
-        assert route is not None
-        replica = self.pools.choose(route.backend)
-        timeouts = route.policy.timeouts
-        limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
-        try:
-            # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
-            status, body = await asyncio.wait_for(model_list(replica), limit)
-        except UpstreamError as exc:
-            raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
-        except TimeoutError:
-            raise ApiError(
-                504,
-                f"backend {route.backend.name}: no answer to GET /v1/models within {limit:g}s",
-                type="timeout",
-                code="response_head_timeout",
-            ) from None
-        if not relayable(status, body):
-            raise bad_gateway(
-                f"backend {route.backend.name} answered {status} to GET /v1/models, "
-                "not a JSON model list or error",
-                code=f"upstream_http_{status}",
-            )
-        response.send(status, JSON_HEADERS, body)
 
     # -- completions ---------------------------------------------------------------------
 
@@ -261,7 +205,7 @@ class ProxyApp:
         try:
             await self._completions(request, response, snap, ex, base_headers, adapter, caller)
         except (ApiError, LimitExceeded) as exc:
-            _fail(response, ex, exc, base_headers, adapter)
+            answer_refusal(response, ex, exc, base_headers, adapter)
         except (asyncio.CancelledError, ClientGone):
             # Gone while we waited or while we wrote: recorded alike.
             ex.client_disconnected = True
@@ -361,7 +305,7 @@ class ProxyApp:
                     hint,
                 )
             except (ApiError, LimitExceeded) as exc:
-                _fail(resumable, ex, exc, base_headers, adapter)
+                answer_refusal(resumable, ex, exc, base_headers, adapter)
             finally:
                 resumable.close()
             return
@@ -575,29 +519,7 @@ class ProxyApp:
             )  # fmt: skip
         if hint is not None and hint.reading is not None:
             await self.pools.router.settle(backend, hint)
-        tried: Replica | None = None
-        attempts = min(2, len(backend.urls))
-        last: UpstreamError | None = None
-        for _ in range(attempts):
-            replica = self.pools.choose(backend, exclude=tried, hint=hint)
-            replica.pool.outstanding += 1
-            try:
-                conn = await open_exchange(replica.pool, method, path, headers, payload)
-            except UpstreamError as exc:
-                replica.pool.outstanding -= 1
-                replica.record_failure()
-                last = exc
-                tried = replica
-                if not exc.before_response:
-                    break
-                continue
-            except BaseException:
-                replica.pool.outstanding -= 1
-                raise
-            replica.record_success()
-            return conn, replica
-        assert last is not None
-        raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
+        return await self.pools.open_exchange(backend, method, path, headers, payload, hint)
 
     def max_body_bytes(self) -> int:
         """For the HTTP server, once per request: the current config's body limit (a method
@@ -619,57 +541,6 @@ def _total_only(total: float | None) -> StreamTimeouts:
     if timeouts is None:
         timeouts = _TOTAL_ONLY[total] = StreamTimeouts(total=total)
     return timeouts
-
-
-def _fail(
-    response: Response,
-    ex: Exchange,
-    exc: ApiError | LimitExceeded,
-    headers: list[Header],
-    adapter: Adapter,
-) -> None:
-    """Answers a refused request: its error (in the endpoint's shape) with the precise
-    status."""
-    if isinstance(exc, ApiError):
-        ex.status = exc.status
-        ex.error_code = exc.code
-        _refuse(response, exc, headers, adapter)
-        return
-    if exc.reason == "shutdown":
-        ex.status = 503
-        ex.error_code = "shutdown"
-        error = ApiError(
-            503,
-            "the proxy is shutting down; retry the request",
-            type="server_error",
-            code="shutdown",
-            headers=[(b"retry-after", b"1")],
-        )
-        _refuse(response, error, headers, adapter)
-        return
-    app_limit = exc.limiter.startswith("app:")
-    status = 429 if app_limit else 503
-    ex.status = status
-    ex.error_code = exc.reason
-    what = "this app's concurrency limit" if app_limit else "the backend"
-    why = "its queue is full" if exc.reason == "queue_full" else "the queue wait expired"
-    error = ApiError(
-        status,
-        f"{what} is saturated: {why}; retry after {exc.retry_after}s",
-        type="rate_limit_error" if app_limit else "server_error",
-        code="app_concurrency_limit" if app_limit else "backend_saturated",
-        headers=[(b"retry-after", str(exc.retry_after).encode())],
-    )
-    _refuse(response, error, headers, adapter)
-
-
-def _refuse(response: Response, exc: ApiError, headers: list[Header], adapter: Adapter) -> None:
-    """The error answer, or, after the SSE head went out early, the terminal error event."""
-    if not response.started:
-        error_headers, body = adapter.error_response(exc)
-        response.send(exc.status, error_headers + headers, body)
-    else:
-        error_as_event(response, exc)
 
 
 __all__ = ["SSE_HEADERS", "ProxyApp", "RouteChoice"]

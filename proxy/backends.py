@@ -18,8 +18,12 @@ from collections.abc import Iterable
 from typing import Final
 
 from .affinity import AffinityRouter, RoutingHint
+from .errors import bad_gateway
 from .snapshot import Backend
-from .upstream import Origin, UpstreamPool
+from .upstream import UpstreamConnection, UpstreamError
+from .upstream_pool import Origin, UpstreamPool, open_exchange
+
+Header = tuple[bytes, bytes]
 
 EJECT_AFTER_FAILURES: Final = 3
 EJECT_SECONDS: Final = 10.0
@@ -123,6 +127,43 @@ class BackendPools:
             candidates = [r for r in replicas if r is not exclude] or list(replicas)
             best = min(candidates, key=lambda r: r.ejected_until)
         return best
+
+    async def open_exchange(
+        self,
+        backend: Backend,
+        method: bytes,
+        path: bytes,
+        headers: list[Header],
+        payload: bytes,
+        hint: RoutingHint | None = None,
+    ) -> tuple[UpstreamConnection, Replica]:
+        """Sends a request to one of the backend's replicas and waits for the response
+        head; a replica that cannot be reached before any response byte is recorded as
+        failing and another one is tried (two tries at most). The replica's `outstanding`
+        count includes the exchange; its caller takes it off when the exchange ends."""
+        tried: Replica | None = None
+        attempts = min(2, len(backend.urls))
+        last: UpstreamError | None = None
+        for _ in range(attempts):
+            replica = self.choose(backend, exclude=tried, hint=hint)
+            replica.pool.outstanding += 1
+            try:
+                conn = await open_exchange(replica.pool, method, path, headers, payload)
+            except UpstreamError as exc:
+                replica.pool.outstanding -= 1
+                replica.record_failure()
+                last = exc
+                tried = replica
+                if not exc.before_response:
+                    break
+                continue
+            except BaseException:
+                replica.pool.outstanding -= 1
+                raise
+            replica.record_success()
+            return conn, replica
+        assert last is not None
+        raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)
 
     def all(self) -> list[Replica]:
         return list(self._replicas.values())

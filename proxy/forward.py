@@ -31,7 +31,8 @@ from .routing import RouteChoice
 from .snapshot import App, Backend, Route, Snapshot, SnapshotRef, StreamPolicy
 from .timeouts import StreamWatchdog
 from .upload import BodyStream, BodyTooLarge, open_streamed_exchange
-from .upstream import UpstreamConnection, UpstreamError, open_exchange
+from .upstream import UpstreamConnection, UpstreamError
+from .upstream_pool import open_exchange
 
 
 class ProxyApp(Protocol):

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from .backends import BackendPools, Replica
 from .snapshot import HealthCheck, Snapshot, SnapshotRef
-from .upstream import Origin
+from .upstream_pool import Origin
 
 UNHEALTHY_AFTER: Final = 2  # one lost probe on a busy engine is not an outage
 RECONCILE_INTERVAL: Final = 1.0

@@ -18,7 +18,10 @@ import os
 import time
 from typing import Final
 
+from .http import Request
+
 ID_BYTES: Final = 10  # random bytes in an id
+MAX_REQUEST_ID: Final = 128  # a client's own x-request-id, longest kept
 BATCH: Final = 256
 
 _batch: Final[list[str]] = []  # Final: a C static when compiled, not a globals lookup
@@ -44,3 +47,14 @@ def _forget_batch() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_batch)
+
+
+def request_id(request: Request) -> str:
+    """The client's x-request-id when it is sane (printable ASCII, no surrounding space, at
+    most MAX_REQUEST_ID characters), else a random one."""
+    given = request.headers.get(b"x-request-id")
+    if given and len(given) <= MAX_REQUEST_ID and given.isascii() and given.strip() == given:
+        text = given.decode("ascii")
+        if text.isprintable():
+            return text
+    return random_request_id()

@@ -25,7 +25,7 @@ import structlog
 
 from .backends import BackendPools, Replica
 from .snapshot import Backend, Snapshot, SnapshotRef
-from .upstream import Origin
+from .upstream_pool import Origin
 
 MAX_METRICS_BYTES: Final = 8 * 1024 * 1024
 RECONCILE_INTERVAL: Final = 1.0

@@ -1,13 +1,22 @@
-"""The backend's model list, for `GET /v1/models` in pass-through (`--backend`), where
-sluice has no config to answer it from: fetched, and relayed only as JSON."""
+"""`GET /v1/models`: the config's routes an app may use, or, in pass-through (`--backend`),
+where sluice has no config to answer it from, the backend's list: fetched, and relayed
+only as JSON."""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
-from .backends import Replica
+from .auth import authenticate
+from .backends import BackendPools, Replica
+from .errors import ApiError, bad_gateway
+from .http import Request, Response
 from .nonstream import MAX_NONSTREAM_BODY
-from .upstream import UpstreamConnection, open_exchange
+from .response import JSON_HEADERS
+from .snapshot import DEFAULT_RESPONSE_HEAD_TIMEOUT, Snapshot
+from .upstream import UpstreamConnection, UpstreamError
+from .upstream_pool import open_exchange
 
 
 async def model_list(replica: Replica) -> tuple[int, bytes]:
@@ -34,3 +43,48 @@ def relayable(status: int, body: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(obj, dict) and (status == 200 or isinstance(obj.get("error"), dict))
+
+
+async def answer_models(
+    snap: Snapshot, pools: BackendPools, request: Request, response: Response
+) -> None:
+    """The model list the caller may use: the config's route names (an app's own routes
+    when it names them), or the backend's list where pass-through has no routes."""
+    app = authenticate(request, snap)
+    if not snap.routes and snap.fallback_route is not None:
+        await _forward_models(snap, pools, response)
+        return
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "sluice"}
+        for name in snap.routes
+        if app is None or app.routes is None or name in app.routes
+    ]
+    body = orjson.dumps({"object": "list", "data": data})
+    response.send(200, [*JSON_HEADERS, (b"x-sluice-config", snap.version.encode())], body)
+
+
+async def _forward_models(snap: Snapshot, pools: BackendPools, response: Response) -> None:
+    route = snap.fallback_route
+    assert route is not None
+    replica = pools.choose(route.backend)
+    timeouts = route.policy.timeouts
+    limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
+    try:
+        # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
+        status, body = await asyncio.wait_for(model_list(replica), limit)
+    except UpstreamError as exc:
+        raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
+    except TimeoutError:
+        raise ApiError(
+            504,
+            f"backend {route.backend.name}: no answer to GET /v1/models within {limit:g}s",
+            type="timeout",
+            code="response_head_timeout",
+        ) from None
+    if not relayable(status, body):
+        raise bad_gateway(
+            f"backend {route.backend.name} answered {status} to GET /v1/models, "
+            "not a JSON model list or error",
+            code=f"upstream_http_{status}",
+        )
+    response.send(status, JSON_HEADERS, body)

@@ -16,14 +16,14 @@ from typing import Any, Final, Literal
 
 from .stopwords import CutPattern, GuardSpec, RepetitionGuard
 from .structured import StructuredOutputs
-from .upstream import DEFAULT_IDLE_TIMEOUT
+from .upstream_pool import DEFAULT_IDLE_TIMEOUT
 
 DEFAULT_MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 # Below the idle limits of the usual intermediaries (Cloudflare 100 s, proxies 30-60 s).
 DEFAULT_KEEPALIVE_INTERVAL: Final = 15.0
 DEFAULT_RESUME_BUFFER: Final = 1024 * 1024
-# Below vLLM's own keep-alive idle timeout (uvicorn's 5 s): see proxy/upstream.py.
+# Below vLLM's own keep-alive idle timeout (uvicorn's 5 s): see proxy/upstream_pool.py.
 DEFAULT_UPSTREAM_IDLE_TIMEOUT: Final = DEFAULT_IDLE_TIMEOUT
 
 EMPTY_MAPPING: Final[Mapping[str, Any]] = MappingProxyType({})

@@ -15,7 +15,8 @@ import asyncio
 from collections import deque
 from typing import Final, Protocol
 
-from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from .upstream import UpstreamConnection, UpstreamError
+from .upstream_pool import UpstreamPool
 
 HIGH_WATER: Final = 256 * 1024
 # A client that sends nothing for this long mid-body is gone (the buffered-body path has

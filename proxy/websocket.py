@@ -30,9 +30,10 @@ from wsproto.events import (
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .app import ProxyApp, request_id
+from .app import ProxyApp
 from .errors import error_body
 from .http import Header, HttpConnection, Request, Response
+from .ids import request_id
 from .response import JSON_HEADERS, ClientGone, head_bytes
 
 WEBSOCKET_PATHS: Final = ("/v1/chat/completions", "/v1/completions")

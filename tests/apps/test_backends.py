@@ -16,7 +16,7 @@ from sluice.control.config.build import BuiltConfig
 from sluice.proxy.backends import Replica
 from sluice.proxy.health import UNHEALTHY_AFTER, HealthProber, probe
 from sluice.proxy.snapshot import HealthCheck
-from sluice.proxy.upstream import Origin
+from sluice.proxy.upstream_pool import Origin
 
 from tests.apps.fixtures import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from tests.fixtures import ProcessServer, SimClient, free_port, stream_request

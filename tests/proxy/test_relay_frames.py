@@ -28,13 +28,8 @@ from sluice.proxy.relay_stream import relay_stream
 from sluice.proxy.response import Response
 from sluice.proxy.snapshot import StreamPolicy
 from sluice.proxy.stopwords import GuardSpec
-from sluice.proxy.upstream import (
-    READ_HIGH_WATER,
-    Origin,
-    UpstreamConnection,
-    UpstreamPool,
-    open_exchange,
-)
+from sluice.proxy.upstream import READ_HIGH_WATER, UpstreamConnection
+from sluice.proxy.upstream_pool import Origin, UpstreamPool, open_exchange
 
 from tests.proxy.test_relay_properties import ALPHABET, STOPS, chat_events, reference_stop
 

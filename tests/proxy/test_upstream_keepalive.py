@@ -17,7 +17,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 from sluice.proxy.deadlines import Deadlines
 from sluice.proxy.metrics import Metrics
-from sluice.proxy.upstream import Origin, UpstreamPool, open_exchange
+from sluice.proxy.upstream_pool import Origin, UpstreamPool, open_exchange
 
 from tests.fixtures import ProcessServer, ProxyHarness, passthrough_snapshot, start_sim
 from tests.proxy.raw_backends import RawBackend

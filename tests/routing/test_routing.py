@@ -16,7 +16,7 @@ import pytest
 from sluice.proxy.loadscrape import LoadScraper, fetch_metrics, parse_metrics
 from sluice.proxy.prefix import chain_hashes, prompt_bytes
 from sluice.proxy.snapshot import Backend, RoutingPolicy
-from sluice.proxy.upstream import Origin
+from sluice.proxy.upstream_pool import Origin
 from sluice.sim import SimConfig, SimServer, start_sim
 
 from tests.fixtures import LoopThread, ProxyHarness, routed_snapshot
