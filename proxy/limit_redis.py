@@ -7,12 +7,12 @@ Per limiter, two sorted sets under `{prefix}{<name>}` (one hash slot):
   max_wait per limiter, deadline order is arrival order: the queue is FIFO across replicas
   (ties within a millisecond are broken by id). Expired tickets drop out.
 
-Every change runs as one Lua script (atomic). Taking a permit is one round trip when one is
-free. Giving one back is one round trip and hands it straight to the head of the queue: the
-script moves the ticket into `:held` and publishes its id on the owner's channel, so the
-waiter learns of it with no further round trip. A waiter also polls every POLL_INTERVAL,
-which covers a lost message and permits freed by an expired lease. All times come from
-Redis (`TIME`), so the replicas' clocks do not matter.
+Every change runs as one Lua script (atomic; limit_redis_lua.py). Taking a permit is one
+round trip when one is free. Giving one back is one round trip and hands it straight to
+the head of the queue: the script moves the ticket into `:held` and publishes its id on
+the owner's channel, so the waiter learns of it with no further round trip. A waiter also
+polls every POLL_INTERVAL, which covers a lost message and permits freed by an expired
+lease. All times come from Redis (`TIME`), so the replicas' clocks do not matter.
 
 Kept permits (`keep_idle`): a permit whose request ended stays this process's for up to
 `keep_idle`, and its next request takes it with no round trip; it stays leased in Redis,
@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import structlog
 
+from .limit_redis_lua import GIVE, RENEW, TAKE
 from .limit_store import StoreDown, StoreLimiter
 from .limits import LimitExceeded
 
@@ -60,83 +61,6 @@ DEFAULT_KEEP_IDLE: Final = 0.1
 BUSY_HOLD: Final = 3.0
 
 _log = structlog.get_logger("sluice.limits")
-
-# Shared by the scripts: drop expired leases and tickets, then hand free permits to the
-# head of the queue, telling each new holder on its channel.
-_GRANT: Final = """
-local held, queue = KEYS[1], KEYS[2]
-local limit, lease_ms, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
-redis.call('ZREMRANGEBYSCORE', queue, '-inf', now)
-local free = limit - redis.call('ZCARD', held)
-while free > 0 do
-  local head = redis.call('ZRANGE', queue, 0, 0)[1]
-  if not head then break end
-  redis.call('ZREM', queue, head)
-  redis.call('ZADD', held, now + lease_ms, head)
-  redis.call('PUBLISH', prefix .. 'grant:' .. string.match(head, '^[^/]+'), head)
-  free = free - 1
-end
-"""
-
-# ARGV: limit, lease_ms, prefix, id, mode ('new' | 'check'), queue_max, max_wait_ms
-# Returns {1}: granted; {0, queued}: waiting; {-1, queued}: queue full; {-2, 0}: ticket gone.
-_TAKE: Final = (
-    _GRANT
-    + """
-local id, mode = ARGV[4], ARGV[5]
-if redis.call('ZSCORE', held, id) then return {1, 0} end
-local waiting = redis.call('ZCARD', queue)
-if mode == 'check' then
-  if not redis.call('ZSCORE', queue, id) then return {-2, 0} end
-  -- every waiter reminds the processes that keep permits that somebody waits (not only
-  -- the head: a dead process's ticket can stay at the head until its deadline)
-  redis.call('PUBLISH', prefix .. 'want', held)
-  return {0, waiting}
-end
-if free > 0 then
-  redis.call('ZADD', held, now + lease_ms, id)
-  return {1, 0}
-end
-if waiting >= tonumber(ARGV[6]) then return {-1, waiting} end
-redis.call('ZADD', queue, now + tonumber(ARGV[7]), id)
-if waiting == 0 then redis.call('PUBLISH', prefix .. 'want', held) end
-return {0, waiting + 1}
-"""
-)
-
-# ARGV: limit, lease_ms, prefix, id. Gives the permit (or the queue place) back.
-_GIVE: Final = (
-    """
-redis.call('ZREM', KEYS[1], ARGV[4])
-redis.call('ZREM', KEYS[2], ARGV[4])
-"""
-    + _GRANT
-)
-
-# KEYS: held keys..., procs key; ARGV: lease_ms, process id, process ttl_ms, then one
-# space-separated list of lease ids per held key. Renews this process's leases and its
-# heartbeat; returns the number of live processes, then each held key's count of leases.
-_RENEW: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease_ms = tonumber(ARGV[1])
-local n = #KEYS - 1
-for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  for id in string.gmatch(ARGV[3 + i], '%S+') do
-    redis.call('ZADD', KEYS[i], now + lease_ms, id)
-  end
-end
-local procs = KEYS[n + 1]
-redis.call('ZADD', procs, now + tonumber(ARGV[3]), ARGV[2])
-redis.call('ZREMRANGEBYSCORE', procs, '-inf', now)
-local out = {redis.call('ZCARD', procs)}
-for i = 1, n do out[i + 1] = redis.call('ZCARD', KEYS[i]) end
-return out
-"""
 
 
 class RedisPermitStore:
@@ -179,9 +103,9 @@ class RedisPermitStore:
             retry=Retry(NoBackoff(), 1),
         )
         self._client: Any = aioredis.Redis(connection_pool=pool)
-        self._take = self._client.register_script(_TAKE)
-        self._give = self._client.register_script(_GIVE)
-        self._renew = self._client.register_script(_RENEW)
+        self._take = self._client.register_script(TAKE)
+        self._give = self._client.register_script(GIVE)
+        self._renew = self._client.register_script(RENEW)
         self._errors: tuple[type[BaseException], ...] = (
             __import__("redis").exceptions.RedisError,
             OSError,
