@@ -32,7 +32,8 @@ def test_the_build_is_the_one_this_run_names() -> None:
 def test_exactly_the_modules_setup_selects_are_compiled() -> None:
     compiled = {p.stem for p in SETUP["compiled_modules"]()}
     # The per-request path, coroutines included.
-    per_request = {"app", "http", "upstream", "relay_stream", "limits", "adapters", "relay"}
+    per_request = {"app", "http", "upstream", "upstream_pool", "backends", "relay_stream", "limits"}
+    per_request |= {"adapters", "relay", "refusal", "ids"}
     assert per_request | {"chunks", "response", "reader", "routing", "observe"} <= compiled
     # `async with`, or an await in a finally: left to the interpreter (mypyc 2.4's bug).
     assert not compiled & {"upload", "health", "limit_redis"}
