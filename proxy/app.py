@@ -428,9 +428,17 @@ class ProxyApp:
         clean = False
         try:
             try:
-                conn, replica = await self._open(
-                    backend, path, upstream_headers, payload, hint, adapter.method, adapter
-                )
+                # Another replica is tried if one cannot be reached (only ever before a
+                # byte went to the client, and never for a streamed upload).
+                if adapter.body_stream is not None:
+                    conn, replica = await open_on_replica(
+                        self.pools, backend, adapter.method, path, upstream_headers, payload,
+                        adapter.body_stream, adapter.stream_length,
+                    )  # fmt: skip
+                else:
+                    conn, replica = await self.pools.open_exchange(
+                        backend, adapter.method, path, upstream_headers, payload, hint
+                    )
                 if keepalive is not None:
                     keepalive.may_start = False
                 watchdog.head()
@@ -499,27 +507,6 @@ class ProxyApp:
                     replica.pool.release_when_complete(conn, MESSAGE_END_TIMEOUT, self.deadlines)
                 else:
                     replica.pool.release(conn)
-
-    async def _open(
-        self,
-        backend: Backend,
-        path: bytes,
-        headers: list[Header],
-        payload: bytes,
-        hint: RoutingHint | None = None,
-        method: bytes = b"POST",
-        adapter: Adapter | None = None,
-    ) -> tuple[UpstreamConnection, Replica]:
-        """Opens the upstream exchange, trying another replica if one cannot be reached
-        (only ever before a byte went to the client, and never for a streamed upload)."""
-        if adapter is not None and adapter.body_stream is not None:
-            return await open_on_replica(
-                self.pools, backend, method, path, headers, payload, adapter.body_stream,
-                adapter.stream_length,
-            )  # fmt: skip
-        if hint is not None and hint.reading is not None:
-            await self.pools.router.settle(backend, hint)
-        return await self.pools.open_exchange(backend, method, path, headers, payload, hint)
 
     def max_body_bytes(self) -> int:
         """For the HTTP server, once per request: the current config's body limit (a method

@@ -140,7 +140,10 @@ class BackendPools:
         """Sends a request to one of the backend's replicas and waits for the response
         head; a replica that cannot be reached before any response byte is recorded as
         failing and another one is tried (two tries at most). The replica's `outstanding`
-        count includes the exchange; its caller takes it off when the exchange ends."""
+        count includes the exchange; its caller takes it off when the exchange ends. A
+        hint still reading the replicas' load waits for it first (affinity.py)."""
+        if hint is not None and hint.reading is not None:
+            await self.router.settle(backend, hint)
         tried: Replica | None = None
         attempts = min(2, len(backend.urls))
         last: UpstreamError | None = None

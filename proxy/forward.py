@@ -294,7 +294,7 @@ async def open_on_replica(
     length: int | None,
 ) -> tuple[UpstreamConnection, Replica]:
     """`open_streamed_exchange` on one replica of the backend, with the bookkeeping of
-    ProxyApp._open (outstanding count, failure record); errors become API errors."""
+    BackendPools.open_exchange (outstanding count, failure record); errors become API errors."""
     replica = pools.choose(backend)
     replica.pool.outstanding += 1
     try:
