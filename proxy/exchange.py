@@ -12,6 +12,8 @@ from typing import Any, Final
 
 from .clock import wall
 
+# The largest token count recorded from a backend's usage (int64's largest).
+MAX_COUNT: Final = 2**63 - 1
 # Upper bounds of the inter-token latency histogram (seconds; +Inf follows): a gap between
 # content chunks, from merged chunks (~0) and a healthy GPU (10-50 ms) to stalls. Typed
 # `tuple[float, ...]`: mypyc keeps a fixed-length tuple of floats as a C struct and boxed
@@ -113,10 +115,12 @@ class Exchange:
         if isinstance(usage, dict):
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")
-            # A count: not a bool (an int to isinstance), not negative.
-            if type(prompt) is int and prompt >= 0:
+            # A count: not a bool (an int to isinstance), not negative, and within 64 bits
+            # (JSON's reader takes any integer; the access line's encoder, the metrics and
+            # the records store take int64).
+            if type(prompt) is int and 0 <= prompt <= MAX_COUNT:
                 self.prompt_tokens = prompt
-            if type(completion) is int and completion >= 0:
+            if type(completion) is int and 0 <= completion <= MAX_COUNT:
                 self.completion_tokens = completion
 
     @property

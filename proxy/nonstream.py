@@ -48,7 +48,7 @@ async def relay_whole(
         given = conn.headers.get(b"retry-after")
         estimate = retry_after() if retry_after is not None else 1
         retry = [(b"retry-after", given if given else str(estimate).encode())]
-    is_json = content_type.startswith(b"application/json")
+    is_json = content_type.lower().startswith(b"application/json")  # a media type's case
     if status == 200 and (is_json or rewrite is not None):
         # An adapter that translates the answer (TGI) sees a body of another type as
         # None: it cannot pass on what it cannot read. The others leave it as it came.

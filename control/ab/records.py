@@ -35,6 +35,8 @@ from sluice.proxy.recordrow import RECORD_COLUMNS, RecordRow, record_row
 from .database import DB_ERRORS, Connection, PgConnection, is_postgres, redact
 
 DEFAULT_BATCH_SIZE = 256
+# What a batch's write may raise: the database's errors, and a value the driver cannot bind.
+_WRITE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, OverflowError, ValueError)
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_BUFFER = 10_000
 # Feedback calls waiting for the writer thread; beyond, 503 (the disk is not keeping up).
@@ -318,9 +320,10 @@ class RecordWriter:
         try:
             with conn:
                 conn.executemany(_INSERT_RECORD, batch)
-        except DB_ERRORS as exc:
+        except _WRITE_ERRORS as exc:
             # Dropped and counted, not retried: a full or failing disk must not grow the
-            # buffer without bound; the next batch tries again.
+            # buffer without bound; the next batch tries again. A value the driver cannot
+            # bind (an integer beyond 64 bits) loses its batch, never the writer thread.
             self._drop("error", len(batch))
             _log.error(
                 "records_write_failed", error=str(exc), records=len(batch), path=redact(self.path)

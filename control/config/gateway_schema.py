@@ -44,6 +44,7 @@ from .values import (
     UpstreamModel,
     Url,
     WorkerName,
+    check_json_value,
 )
 
 
@@ -77,7 +78,9 @@ class FieldRule(Section):
     `{force: value}`."""
 
     mode: Literal["allow", "deny", "force"] = Field(description="allow, deny or force.")
-    value: Any = Field(default=None, description="The value sent for mode force.")
+    value: Annotated[Any, AfterValidator(check_json_value)] = Field(
+        default=None, description="The value sent for mode force."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -287,8 +287,9 @@ are `*.yml` files (with a warning).
   digits, `.`, `_` or `-`, starting with a letter or digit; route model names may also
   hold `/` and `:`.
 - Durations are seconds as a number, or a string with a unit: `250ms`, `5s`, `2m`, `1h`.
-- Integers fit in 64 bits, and numbers are finite (`.inf` and `.nan` are errors): what
-  a JSON request to vLLM can carry.
+- Integers fit in 64 bits and numbers are finite (`.inf` and `.nan` are errors),
+  durations and forced request-field values included: what a JSON request to vLLM can
+  carry.
 - Secrets (app keys, the admin token, the origin secret) are never written in a file:
   `sha256:<64 hex digits>` of the secret, or `env:VAR` to read it from the environment
   (an unset variable is a warning). `sluice key new APP` prints a fresh key and its line.

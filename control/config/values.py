@@ -10,6 +10,7 @@ quotes, whitespace, newlines) can pass.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Annotated, Any
 
@@ -72,7 +73,10 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration (seconds, or like 250ms, 5s, 2m), got {value}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ValueError(f"a duration must be finite, got {len(str(value))} digits") from None
     elif isinstance(value, str):
         match = DURATION_RE.fullmatch(value.strip())
         if match is None:
@@ -82,6 +86,8 @@ def parse_duration(value: Any) -> Any:
         seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
     else:
         raise ValueError("expected a duration (seconds, or like 250ms, 5s, 2m, 1h)")
+    if not math.isfinite(seconds):  # .inf, .nan (nan passes `<= 0`; 1e999ms is inf)
+        raise ValueError(f"a duration must be finite, got {value!r}")
     if seconds <= 0:
         raise ValueError(f"a duration must be > 0, got {value!r}")
     return seconds
@@ -270,6 +276,25 @@ INT64_MAX = 2**63 - 1
 def check_int64(value: int) -> int:
     if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"{value} does not fit in 64 bits ({INT64_MIN} to {INT64_MAX})")
+    return value
+
+
+def check_json_value(value: Any) -> Any:
+    """A value sluice sends in a JSON body as written (a forced request field): every
+    number in it finite and every integer within 64 bits, at any depth."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            check_int64(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a finite number (JSON has no inf or nan)")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return value
 
 

@@ -180,6 +180,22 @@ def test_a_failed_write_is_counted_and_the_writer_goes_on(tmp_path: Path) -> Non
     assert [r.request_id for r in read_experiment(db, "exp")] == ["kept"]
 
 
+def test_a_value_sqlite_cannot_bind_loses_its_batch_not_the_writer(tmp_path: Path) -> None:
+    # An integer beyond 64 bits raised OverflowError out of executemany, which is no
+    # sqlite3.Error: the writer thread died and nothing was recorded after it.
+    db = tmp_path / "r.sqlite"
+    writer = RecordWriter(db, batch_size=1, flush_interval=0.01)
+    try:
+        huge = exchange("huge")
+        huge.prompt_tokens = 2**64
+        writer.submit(huge)
+        wait_until(lambda: writer.dropped["error"] == 1)
+        writer.submit(exchange("kept"))
+    finally:
+        assert writer.close()
+    assert [r.request_id for r in read_experiment(db, "exp")] == ["kept"]
+
+
 def test_jobs_see_records_still_in_the_buffer(tmp_path: Path) -> None:
     db = tmp_path / "r.sqlite"
     writer = RecordWriter(db, batch_size=1000, flush_interval=30.0)

@@ -128,3 +128,29 @@ def test_fields_a_reload_cannot_apply(config_dir: Writer) -> None:
     second = built(config_dir({"gateway.yaml": moved}))
     assert restart_required(first, second) == ["listen.port", "records"]
     assert restart_required(first, first) == []
+
+
+def test_a_forced_value_no_json_body_can_carry_is_an_error_at_its_line(config_dir: Writer) -> None:
+    # A forced priority of 10**35 passed `sluice check` and then failed every request on the
+    # route with a 500 (orjson encodes 64-bit integers only); a forced .inf went as null.
+    gateway = GATEWAY.replace(
+        "policy: chat}",
+        "policy: chat, request_fields: {priority: {force: 100000000000000000000000000000000000},"
+        " vllm_xargs: {force: {a: [1, .inf]}}}}",
+    )
+    issues = issues_of(config_dir({"gateway.yaml": gateway}))
+    assert len(issues) == 2, issues
+    assert all(issue.startswith("presets/gateway.yaml:5:") for issue in issues)
+    assert "request_fields.priority.value: 1000000000000" in issues[0]
+    assert "does not fit in 64 bits" in issues[0]
+    assert "request_fields.vllm_xargs.value: inf is not a finite number" in issues[1]
+    gateway = GATEWAY.replace(
+        "policy: chat}",
+        "policy: chat, request_fields: {priority: {force: -9223372036854775808},"
+        " vllm_xargs: {force: {a: [1, 2.5, true, null, x]}}}}",
+    )
+    snap = built(config_dir({"gateway.yaml": gateway})).snapshot
+    assert dict(snap.routes["chat"].request_fields.forced) == {
+        "priority": -(2**63),
+        "vllm_xargs": {"a": [1, 2.5, True, None, "x"]},
+    }

@@ -310,6 +310,15 @@ TGI_BODIES = [
 ]
 
 
+def test_tgi_generate_reads_a_json_type_written_in_capitals(mode: str) -> None:
+    body = b'{"choices": [{"index": 0, "text": "ok", "finish_reason": "length"}]}'
+    answer = _json_answer(body).replace(b"application/json", b"Application/JSON")
+    with _served(answer, mode) as harness:
+        reply = httpx.post(harness.url + "/generate", json={"inputs": "hi"}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == {"generated_text": "ok"}
+
+
 @pytest.mark.parametrize("body", TGI_BODIES, ids=[json.dumps(b)[:30] for b in TGI_BODIES])
 def test_tgi_generate_reads_an_odd_answer_without_a_500(body: dict[str, object], mode: str) -> None:
     request = {"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": True}}

@@ -51,6 +51,8 @@ ODD_EVENTS = [
     b'data: {"choices":[{"index":0,"finish_reason":"caf\xc3\xa9"}]}',
     b"data: not json at all",
     b'data: {"choices":[],"usage":{"prompt_tokens":12345678901234567890,"completion_tokens":1}}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":9223372036854775808,"completion_tokens":1}}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":9223372036854775807,"completion_tokens":1}}',
 ]
 
 
@@ -304,3 +306,15 @@ def test_data_over_several_lines_is_read_joined() -> None:
     ex = Exchange("r", 0.0)
     ChunkFilter(ex, True, None, 1).observe(b"id: 1\n" + event)
     assert ex.finish_reason == 'st"op'
+
+
+@pytest.mark.parametrize(
+    ("count", "recorded"), [(2**63 - 1, 2**63 - 1), (2**63, None), (2**64, None), (10**30, None)]
+)
+def test_a_count_beyond_64_bits_is_not_recorded(count: int, recorded: int | None) -> None:
+    # Python's json reads any integer (the lenient parse); the access line's encoder, the
+    # metrics and the records store take int64 only.
+    event = b'data: {"choices":[],\ndata: "usage":{"prompt_tokens":%d}}\n\n' % count
+    ex = Exchange("r", 0.0)
+    ChunkFilter(ex, True, None, 1).observe(event)
+    assert ex.prompt_tokens == recorded
