@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from sluice.control.config.loader import MAX_CONFIG_FILE_BYTES
 
 from tests.control.fixtures import KEY_HASH, Writer, built, issues_of
@@ -51,19 +52,19 @@ def test_tab_indentation_names_the_line(config_dir: Writer) -> None:
     ]
 
 
-def test_empty_file_and_comment_only_file(config_dir: Writer) -> None:
-    directory = config_dir({"a.yaml": "", "b.yaml": "# nothing yet\n"})
-    message = "empty file: expected one or more documents with kind: Preset, Policy or Gateway"
-    assert issues_of(directory) == [
-        f"presets/a.yaml:1:1: {message}",
-        f"presets/b.yaml:1:1: {message}",
-    ]
-
-
-def test_a_file_of_only_null_is_an_error_not_an_empty_config(config_dir: Writer) -> None:
-    # An explicit null document is skipped beside others; alone it configures nothing.
-    directory = config_dir({"a.yaml": "null\n", "b.yaml": "--- null\n--- null\n"})
-    message = "only null: expected one or more documents with kind: Preset, Policy or Gateway"
+@pytest.mark.parametrize(
+    ("texts", "why"),
+    [
+        (("", "# nothing yet\n"), "empty file"),
+        # An explicit null document is skipped beside others; alone it configures nothing.
+        (("null\n", "--- null\n--- null\n"), "only null"),
+    ],
+)
+def test_a_file_without_a_document_is_an_error(
+    config_dir: Writer, texts: tuple[str, str], why: str
+) -> None:
+    directory = config_dir({"a.yaml": texts[0], "b.yaml": texts[1]})
+    message = f"{why}: expected one or more documents with kind: Preset, Policy or Gateway"
     assert issues_of(directory) == [
         f"presets/a.yaml:1:1: {message}",
         f"presets/b.yaml:1:1: {message}",
