@@ -343,7 +343,21 @@ TGI_UNREADABLE = [
 ]
 
 
-@pytest.mark.parametrize("answer", TGI_UNREADABLE, ids=[a[-22:].decode() for a in TGI_UNREADABLE])
+@pytest.mark.parametrize(
+    "answer",
+    TGI_UNREADABLE,
+    ids=[
+        "array",
+        "choices-object",
+        "choices-number",
+        "choices-empty",
+        "choices-not-objects",
+        "text-not-string",
+        "no-choices",
+        "text-plain",
+        "empty",
+    ],
+)
 def test_tgi_generate_answers_a_backends_unreadable_answer_with_a_502(
     answer: bytes, mode: str
 ) -> None:
