@@ -243,7 +243,7 @@ class AffinityRouter:
         backend: Backend,
         replicas: tuple[R, ...],
         hint: RoutingHint,
-        exclude: R | None,
+        exclude: tuple[R, ...],
         now: float,
     ) -> R | None:
         """The best available replica for this request, remembered in the index; None when
@@ -256,7 +256,7 @@ class AffinityRouter:
         )
         candidates = []
         for replica in replicas:
-            if replica is exclude or not replica.available(now):
+            if replica in exclude or not replica.available(now):
                 continue
             state = self.state(replica.pool.origin.url)
             fresh = stale_before is not None and state.scraped_at >= stale_before

@@ -104,11 +104,14 @@ class BackendPools:
         return result
 
     def choose(
-        self, backend: Backend, exclude: Replica | None = None, hint: RoutingHint | None = None
+        self,
+        backend: Backend,
+        exclude: tuple[Replica, ...] = (),
+        hint: RoutingHint | None = None,
     ) -> Replica:
-        """By score with a hint, else least outstanding requests, among available replicas;
-        all ejected -> the one whose ejection ends first (better to try than to fail
-        without trying)."""
+        """By score with a hint, else least outstanding requests, among available replicas
+        not in `exclude` (those a request already tried); all ejected -> the one whose
+        ejection ends first (better to try than to fail without trying)."""
         replicas = self.replicas(backend)
         if len(replicas) == 1:
             return replicas[0]
@@ -119,12 +122,12 @@ class BackendPools:
                 return scored
         best: Replica | None = None
         for replica in replicas:
-            if replica is exclude or not replica.available(now):
+            if replica in exclude or not replica.available(now):
                 continue
             if best is None or replica.pool.outstanding < best.pool.outstanding:
                 best = replica
         if best is None:
-            candidates = [r for r in replicas if r is not exclude] or list(replicas)
+            candidates = [r for r in replicas if r not in exclude] or list(replicas)
             best = min(candidates, key=lambda r: r.ejected_until)
         return best
 
@@ -139,15 +142,16 @@ class BackendPools:
     ) -> tuple[UpstreamConnection, Replica]:
         """Sends a request to one of the backend's replicas and waits for the response
         head; a replica that cannot be reached before any response byte is recorded as
-        failing and another one is tried (two tries at most). The replica's `outstanding`
+        failing and another one is tried, each replica once at most (as nginx's
+        `proxy_next_upstream` tries every server): with two of three replicas down, a
+        request that picked both still reaches the third. The replica's `outstanding`
         count includes the exchange; its caller takes it off when the exchange ends. A
         hint still reading the replicas' load waits for it first (affinity.py)."""
         if hint is not None and hint.reading is not None:
             await self.router.settle(backend, hint)
-        tried: Replica | None = None
-        attempts = min(2, len(backend.urls))
+        tried: tuple[Replica, ...] = ()
         last: UpstreamError | None = None
-        for _ in range(attempts):
+        for _ in range(len(backend.urls)):
             replica = self.choose(backend, exclude=tried, hint=hint)
             replica.pool.outstanding += 1
             try:
@@ -156,7 +160,7 @@ class BackendPools:
                 replica.pool.outstanding -= 1
                 replica.record_failure()
                 last = exc
-                tried = replica
+                tried = (*tried, replica)
                 if not exc.before_response:
                     break
                 continue

@@ -112,6 +112,26 @@ def test_an_unreachable_replica_is_retried_elsewhere_then_ejected(
     assert clients[0].stats()["requests"] == 6
 
 
+def test_two_dead_replicas_of_three_never_fail_a_request(
+    tmp_path: Path, sim_pair: Pair, clients: tuple[SimClient, SimClient]
+) -> None:
+    # A request tried two replicas at most: one that picked both dead ones got a 502 while
+    # the third served, again each time their 10 s ejection ended. Each replica is tried
+    # once at most now, the ejected ones last.
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    proxy = AppsProxy(config(tmp_path, [*dead, sim_pair[0].url]))
+    try:
+        assert requests_to(proxy, 12, max_tokens=2) == [200] * 12
+        for url in dead:  # as when their ejection ends: both are picked again first
+            gone = replica(proxy, url)
+            proxy.harness.lt.call(lambda gone=gone: setattr(gone, "ejected_until", 0.0))
+        assert requests_to(proxy, 12, max_tokens=2) == [200] * 12
+        assert requests_to(proxy, 4, max_tokens=2, stream=True) == [200] * 4
+    finally:
+        proxy.close()
+    assert clients[0].stats()["requests"] == 28
+
+
 def test_no_retry_once_a_byte_reached_the_client(
     tmp_path: Path, sim_pair: Pair, clients: tuple[SimClient, SimClient]
 ) -> None:
