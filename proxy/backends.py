@@ -19,11 +19,10 @@ from typing import Final
 
 from .affinity import AffinityRouter, RoutingHint
 from .errors import bad_gateway
+from .response import Header
 from .snapshot import Backend
 from .upstream import UpstreamConnection, UpstreamError
 from .upstream_pool import Origin, UpstreamPool, open_exchange
-
-Header = tuple[bytes, bytes]
 
 EJECT_AFTER_FAILURES: Final = 3
 EJECT_SECONDS: Final = 10.0

@@ -21,7 +21,7 @@ import orjson
 from . import lenientjson
 from .clock import monotonic
 from .exchange import Exchange
-from .sse import DONE_EVENT, SEPARATOR, data_of, is_done
+from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 from .vllmshape import (
@@ -509,10 +509,7 @@ class ChunkFilter:
         return True
 
     def _bookkeep_parsed(self, event: bytes) -> None:
-        if event.startswith(b"data:") and event.find(b"\n") == len(event) - 2:
-            payload: bytes | None = event[6:] if event.startswith(b"data: ") else event[5:]
-        else:  # other fields or several data lines: the data as a client reads it
-            payload = data_of(event)[1]
+        payload = event_data(event)  # other fields or several data lines: as a client reads
         obj = None if payload is None else lenientjson.read(payload)
         if not isinstance(obj, dict):
             return

@@ -111,3 +111,13 @@ def data_of(event: bytes) -> tuple[bytes, bytes | None]:
         elif line:
             other.append(line + b"\n")
     return b"".join(other), b"\n".join(data) if data else None
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The data of one event (its blank line included or not) as a client reads it; None
+    without a `data` line. One `data:` line, vLLM's every event, is a slice; anything else
+    goes through `data_of`."""
+    end = len(event) - 2 if event.endswith(SEPARATOR) else len(event)
+    if event.startswith(b"data:") and event.find(b"\n", 0, end) < 0:
+        return event[6:end] if event.startswith(b"data: ") else event[5:end]
+    return data_of(event)[1]

@@ -35,6 +35,7 @@ from .errors import error_body
 from .http import Header, HttpConnection, Request, Response
 from .ids import request_id
 from .response import JSON_HEADERS, ClientGone, head_bytes
+from .sse import event_data
 
 WEBSOCKET_PATHS: Final = ("/v1/chat/completions", "/v1/completions")
 PING_PAYLOAD: Final = b"keep-alive"
@@ -261,7 +262,7 @@ class WebSocketResponse(Response):
             if event[0] == 58:  # ":" a comment: SSE's keep-alive is a ping here
                 session.ping()
                 continue
-            payload = _event_data(event)
+            payload = event_data(event)
             if payload is not None:
                 session.send_text(payload.decode("utf-8", "replace"))
 
@@ -278,18 +279,6 @@ class WebSocketResponse(Response):
         self.ended = True
         self.close_code = 1011
         self.session.close(1011, "internal error")
-
-
-def _event_data(event: bytes) -> bytes | None:
-    """The data of one SSE event (fields other than data, such as id, are dropped)."""
-    if event.startswith(b"data: ") and event.find(b"\n") < 0:
-        return event[6:]  # the common case: one data line
-    lines = [
-        line[6:] if line.startswith(b"data: ") else line[5:]
-        for line in event.split(b"\n")
-        if line.startswith(b"data:")
-    ]
-    return b"\n".join(lines) if lines else None
 
 
 def _reject(transport: asyncio.Transport, status: int, message: str) -> None:
