@@ -96,6 +96,9 @@ class RequestReader:
         self.reserved = 0  # budget bytes held by the message being received
         self.request: Request | None = None  # headers complete, body still arriving
         self.replaying = False  # parsing a replayed head after an ignored upgrade
+        # The read being fed when it began with a message (no message in progress): the
+        # head's request line is at its start (see `_version`).
+        self._first_read: bytes | None = None
 
     def drop(self) -> None:
         """Forgets the message being received (refused, or the connection is gone)."""
@@ -112,6 +115,7 @@ class RequestReader:
 
     def feed(self, data: bytes) -> None:
         """Feeds the parser, never more than the head limit while a head is arriving."""
+        self._first_read = None if self.receiving else data
         while data and not self.owner.refused:
             if self.in_head:
                 budget = MAX_HEAD_BYTES - self.head_seen
@@ -132,7 +136,21 @@ class RequestReader:
                 self._ignore_upgrade()
             except httptools.HttpParserError as exc:
                 self._parse_failed(exc)
-                return
+                break
+        self._first_read = None
+
+    def _version(self, method: str) -> str:
+        """The request's HTTP version. When the read began with this message, the request
+        line is `method SP url SP version CRLF` from its first byte (what llhttp accepted):
+        the version is read there. Otherwise httptools is asked, whose
+        `get_http_version` formats a new string each call (~2,200 instructions)."""
+        first = self._first_read
+        if first is not None:
+            self._first_read = None  # a later message of the same read starts elsewhere
+            at = len(method) + len(self.url) + 2
+            if first[at : at + 10] == b"HTTP/1.1\r\n":
+                return "1.1"
+        return self.parser.get_http_version()
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         if self.owner.refused:
@@ -222,8 +240,8 @@ class RequestReader:
         self.in_head = False
         parser = self.parser
         headers = self.headers
-        version = parser.get_http_version()
         method = parser.get_method().decode("ascii")
+        version = self._version(method)
         try:
             check_head(method, version, headers)
         except HeadError as exc:

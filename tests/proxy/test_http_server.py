@@ -45,6 +45,10 @@ class EchoServer(HandlerServer):
                     self.handler_done = True
                 response.end()
                 return
+            if request.path == "/version":
+                answer = f"version:{request.http_version}|{request.keep_alive}".encode()
+                response.send(200, [(b"content-type", b"text/plain")], answer)
+                return
             if request.method == "GET":  # the target as the handler sees it
                 target = f"{request.path}|{request.query}".encode("latin-1")
                 response.send(200, [(b"content-type", b"text/plain")], b"target:" + target)
@@ -139,6 +143,55 @@ def test_a_response_head_is_its_status_line_date_headers_and_extra() -> None:
     assert lines[0] == b"HTTP/1.1 404 Not Found" and lines[2:] == [b"", b""]
     date = parsedate_to_datetime(lines[1].removeprefix(b"date: ").decode())
     assert abs(date.timestamp() - time.time()) < 5
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+@pytest.mark.parametrize(
+    "connection",
+    [None, b"close", b"keep-alive", b"Keep-Alive", b"close, x-a", b"keep-alive, x-a", b"x-a", b""],
+)
+def test_the_http_version_and_keep_alive_are_the_request_lines(
+    echo: EchoServer, version: str, connection: bytes | None
+) -> None:
+    """The version is known without asking httptools for it when the request may be kept
+    alive with no Connection header (only HTTP/1.1 is); in every other case it asks."""
+    header = b"" if connection is None else b"Connection: %b\r\n" % connection
+    tokens = [] if connection is None else [t.strip().lower() for t in connection.split(b",")]
+    alive = b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
+    expected = b"\r\n\r\nversion:%b|%b" % (version.encode(), str(alive).encode())
+    with socket.create_connection(("127.0.0.1", echo.port)) as s:
+        s.sendall(b"GET /version HTTP/%b\r\nHost: t\r\n%b\r\n" % (version.encode(), header))
+        data = _read_until(s, expected)
+    assert data.endswith(expected), data
+
+
+def _version_request(version: bytes) -> bytes:
+    return b"GET /version HTTP/%b\r\nHost: t\r\nConnection: keep-alive\r\n\r\n" % version
+
+
+@pytest.mark.parametrize(
+    "sends",
+    [
+        [_version_request(b"1.0") + _version_request(b"1.1")],  # pipelined in one read
+        [_version_request(b"1.1") + _version_request(b"1.0")],  # the same line lengths
+        [b"\r\n" + _version_request(b"1.0") + _version_request(b"1.1")],  # a blank line first
+        [b"GET /version HT", b"TP/1.0\r\nConnection: keep-alive\r\n\r\n" + _version_request(b"1.1")],
+        [b"GET /vers", b"ion HTTP/1.1\r\nHost: t\r\n\r\n" + _version_request(b"1.0")],
+    ],
+)  # fmt: skip
+def test_the_version_of_each_request_in_a_read_is_its_own(
+    echo: EchoServer, sends: list[bytes]
+) -> None:
+    """A read's first request has its version read from the read; the others (a pipelined
+    one, one after a blank line, one whose line came in two reads) from httptools."""
+    versions = re.findall(rb"HTTP/(1\.[01])\r\n", b"".join(sends))
+    with socket.create_connection(("127.0.0.1", echo.port)) as s:
+        for data in sends:
+            s.sendall(data)
+            time.sleep(0.05)
+        answer = _read_until(s, b"version:", count=2)
+        answer += _read_until(s, b"|True", count=2 - answer.count(b"|True"), timeout=1.0)
+    assert re.findall(rb"version:(1\.[01])\|True", answer) == versions, answer
 
 
 def test_idle_keep_alive_connection_is_closed_after_its_timeout(echo: EchoServer) -> None:
