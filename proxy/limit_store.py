@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Final, Protocol
 
+from .clock import monotonic
 from .limits import (
     DEFAULT_SERVICE_TIME,
     SERVICE_TIME_EWMA_ALPHA,
@@ -73,6 +74,10 @@ class StoreLimiter:
         self.name = name
         self.max_concurrency = max_concurrency
         self.queue = queue
+        # When these numbers were set (this process's snapshot), on the host's monotonic
+        # clock: a shared store keeps the numbers set last, not those of whichever process
+        # asked last (one not yet reloaded would set the old ones back).
+        self.configured_at = monotonic()
         self.fallback = Limiter(name, store.share(max_concurrency), queue)
         self._remote_in_use = 0
         self._remote_queued = 0
@@ -96,6 +101,7 @@ class StoreLimiter:
     def configure(self, max_concurrency: int, queue: QueueLimits) -> None:
         self.max_concurrency = max_concurrency
         self.queue = queue
+        self.configured_at = monotonic()
         self.fallback.queue = queue
         self.refresh_share()
 

@@ -9,11 +9,14 @@ dies, the kernel closes its socket and the server gives back every permit it hel
 drops its queued requests at once: no lease to wait for.
 
 Lines (ASCII, space-separated; names never contain spaces):
-  worker -> server  `A <id> <max_concurrency> <queue_max> <queue_max_wait> <name>`: take
-                    `R <id>`: give back, or leave the queue
+  worker -> server  `A <id> <max_concurrency> <queue_max> <queue_max_wait> <set_at> <name>`:
+                    take a permit; `R <id>`: give it back, or leave the queue
   server -> worker  `G <id> <waited>`: granted;  `X <id> <reason> <queued>`: refused
-Each worker applies its own snapshot's numbers with each request; after a reload the
-workers agree again within their reload time.
+Each request carries its worker's numbers for the limiter and when that worker set them
+(`set_at`, the host's monotonic clock: at start-up or at the reload that changed them).
+The server applies numbers set later than those it has, so a reload reaches the shared
+limiter at the first request of a worker that has reloaded, and a worker that has not yet
+cannot set the old numbers back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -45,6 +49,7 @@ class PermitServer:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self.registry = LimiterRegistry()
+        self._set_at: dict[str, float] = {}  # by limiter: `set_at` of its numbers
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -62,6 +67,19 @@ class PermitServer:
                 assert isinstance(lim, Limiter)
                 return lim
         return None
+
+    def _limiter(self, name: str, max_concurrency: int, fields: list[str]) -> Limiter:
+        """The limiter `name`, with the numbers of the request if they were set later than
+        its own (`fields`: queue_max, queue_max_wait, set_at)."""
+        queue = QueueLimits(max_len=int(fields[0]), max_wait=float(fields[1]))
+        set_at = float(fields[2])
+        limiter = self.registry.get(name, max_concurrency, queue)
+        assert isinstance(limiter, Limiter)
+        if set_at > self._set_at.get(name, -math.inf):
+            self._set_at[name] = set_at
+            if limiter.max_concurrency != max_concurrency or limiter.queue != queue:
+                limiter.configure(max_concurrency, queue)
+        return limiter
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held: dict[str, Permit] = {}
@@ -84,11 +102,9 @@ class PermitServer:
                 if not line:
                     break
                 parts = line.decode("ascii", "replace").split()
-                if len(parts) == 6 and parts[0] == "A":
-                    rid, name = parts[1], parts[5]
-                    queue = QueueLimits(max_len=int(parts[3]), max_wait=float(parts[4]))
-                    limiter = self.registry.get(name, int(parts[2]), queue)
-                    assert isinstance(limiter, Limiter)
+                if len(parts) == 7 and parts[0] == "A":
+                    rid, name = parts[1], parts[6]
+                    limiter = self._limiter(name, int(parts[2]), parts[3:6])
                     waiting[rid] = asyncio.create_task(take(rid, limiter))
                 elif len(parts) == 2 and parts[0] == "R":
                     permit = held.pop(parts[1], None)
@@ -214,7 +230,7 @@ class SocketPermitStore:
         queue = limiter.queue
         writer.write(
             f"A {rid} {limiter.max_concurrency} {queue.max_len} {queue.max_wait} "
-            f"{limiter.name}\n".encode()
+            f"{limiter.configured_at!r} {limiter.name}\n".encode()
         )
         generation = self._generation
         try:
