@@ -286,8 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         # serve reloads on SIGHUP: one that arrives while the server modules still import
-        # must not end the process (start-up reads the current files anyway).
+        # must not end the process (start-up reads the current files anyway). A worker of
+        # `--workers N` is born with it blocked (supervisor.py): ignored first, then
+        # unblocked, one that came meanwhile is dropped rather than delivered.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     module_name, _, func_name = str(args.target).partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:

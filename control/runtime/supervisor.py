@@ -79,7 +79,9 @@ def supervise(
         port = reserved.getsockname()[1]
     argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
     argv = [a for a in argv if a != "--demo"]
-    argv += ["--port", str(port)]
+    # The address the supervisor resolved: a worker started again after an edit of
+    # `listen` must join its siblings' socket, not bind the new one (that needs a restart).
+    argv += ["--host", host, "--port", str(port)]
     env = dict(os.environ)
     metrics_dir = None
     if metrics:
@@ -96,7 +98,15 @@ def supervise(
     stopping = False
 
     def start(slot: _Worker) -> None:
-        proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(slot.worker_id)})
+        # A reload request (SIGHUP) must not kill a worker that is starting: it is born
+        # with SIGHUP blocked (the mask survives exec) until the CLI ignores the signal,
+        # and unblocks it only then; its serve() handles it once it runs. The
+        # supervisor's own SIGHUP waits meanwhile and is forwarded right after.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(slot.worker_id)})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         slot.proc, slot.started = proc, time.monotonic()
         workers[proc.pid] = slot
 
@@ -109,16 +119,11 @@ def supervise(
             if slot.proc.poll() is None:
                 slot.proc.send_signal(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    # A reload request (SIGHUP) while a worker still starts must not kill it: an ignored
-    # signal stays ignored across exec until the worker's serve() handles SIGHUP itself,
-    # and a starting worker loads the current config anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         for worker_id in range(workers_wanted):
             start(_Worker(worker_id))
-        signal.signal(signal.SIGHUP, forward)
         log.info("workers_started", pids=list(workers), port=port, metrics_dir=metrics_dir)
         while workers or waiting:
             time.sleep(SUPERVISOR_POLL_S)

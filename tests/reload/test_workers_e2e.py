@@ -221,3 +221,53 @@ def test_sighup_while_workers_start_does_not_kill_them(config: ConfigDir, tmp_pa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_sighup_while_a_worker_restarts_does_not_kill_it(
+    config: ConfigDir, start_gateway: StartGateway
+) -> None:
+    """The replacement of a dead worker is as safe from a reload request as the first
+    workers: SIGHUPs sent to the supervisor all through its restart kill nobody."""
+    gateway = start_gateway(config, "--workers", str(WORKERS), watching=False)
+    pids = worker_pids(gateway)
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    supervisor = gateway.server.proc
+    deadline = time.monotonic() + 3.0  # the restart comes 0.5 s after the death
+    while time.monotonic() < deadline:
+        supervisor.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    time.sleep(1.0)
+    died = gateway.log_events("worker_died")
+    assert [(e["pid"], e["code"]) for e in died] == [(victim, -signal.SIGKILL)], died
+    restarted = gateway.log_events("worker_restarted")
+    assert [e["replaced"] for e in restarted] == [victim]
+    alive = children_of(supervisor.pid)
+    assert len(alive) == WORKERS and all(is_alive(pid) for pid in alive), alive
+    assert restarted[0]["pid"] in alive
+
+
+@pytest.mark.slow
+def test_a_worker_restarted_after_a_listen_edit_joins_its_siblings_address(
+    config: ConfigDir, start_gateway: StartGateway
+) -> None:
+    """`listen` changes only at a restart of the whole server: a worker that dies after
+    an edit of it is started again on the address the others serve."""
+    gateway = start_gateway(config, "--workers", str(WORKERS), watching=False)
+    pids = worker_pids(gateway)
+    text = (config.path / "gateway.yaml").read_text()
+    edited = text.replace("kind: Gateway\n", "kind: Gateway\nlisten: {host: 127.0.0.2}\n", 1)
+    assert config.save("gateway.yaml", edited, write_in_place) is not None
+    deadline = time.monotonic() + DEADLINE_S
+    while len(gateway.log_events("config_needs_restart")) < WORKERS:
+        assert time.monotonic() < deadline, gateway.log_events("config_reloaded")
+        time.sleep(0.05)
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    restarted = gateway.wait_logged("worker_restarted")[0]["pid"]
+    deadline = time.monotonic() + DEADLINE_S
+    while not (serving := [e for e in gateway.log_events("serving") if e["pid"] == restarted]):
+        assert time.monotonic() < deadline, "the restarted worker never said it serves"
+        time.sleep(0.05)
+    assert serving[0]["url"] == gateway.url
