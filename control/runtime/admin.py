@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import signal
 import time
 from typing import Any
 
@@ -59,6 +60,16 @@ def admin_routes(
 ) -> dict[str, Handler]:
     """`worker`: this process's index under `--workers N` (None: a single process)."""
     started = time.time()
+    # Under `--workers N` a reload asked of one worker is asked of all: the supervisor
+    # forwards SIGHUP to each. Its pid is taken now: a worker whose supervisor has died
+    # has another parent (init), which must not get the signal.
+    supervisor = os.getppid() if worker is not None else None
+
+    def reload_every_worker() -> bool:
+        if supervisor is None or os.getppid() != supervisor:
+            return False
+        os.kill(supervisor, signal.SIGHUP)
+        return True
 
     def config_state() -> dict[str, object]:
         snap = ref.current
@@ -100,13 +111,16 @@ def admin_routes(
             )
         result = await asyncio.to_thread(reloader.reload_now)
         status = 200 if result.ok else 422
-        response.send(
-            status,
-            JSON_HEADERS,
-            orjson.dumps(
-                {"result": result.result, "version": ref.current.version, "errors": result.errors}
-            ),
-        )
+        body: dict[str, object] = {
+            "result": result.result,
+            "version": ref.current.version,
+            "errors": result.errors,
+        }
+        if worker is not None:
+            # The result is this worker's; the others read the same files on the signal.
+            body["worker"] = int(worker)
+            body["all_workers"] = reload_every_worker()
+        response.send(status, JSON_HEADERS, orjson.dumps(body))
 
     async def get_status(request: Request, response: Response) -> None:
         body = status_body(ref, app, observer, config_state(), started, worker)

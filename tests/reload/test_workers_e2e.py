@@ -162,6 +162,28 @@ def test_both_workers_keep_serving_through_an_invalid_edit_and_reload_on_sighup(
     assert gateway.served_version() == before
 
 
+@pytest.mark.slow
+def test_an_admin_reload_of_one_worker_reloads_every_worker(
+    pinned: tuple[Gateway, dict[int, PinnedClient]],
+) -> None:
+    """`POST /admin/reload`, answered by one worker, runs a reload in every worker (the
+    supervisor forwards SIGHUP), as a SIGHUP to the supervisor does: an edit the watchers
+    missed (a network filesystem, a file linked from elsewhere) reaches them all."""
+    _, clients = pinned
+    before = {pid: sum(c.admin_config()["reloads"].values()) for pid, c in clients.items()}
+    asked_pid, asked = next(iter(clients.items()))
+    reply = asked.client.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["result"] == "unchanged" and body["all_workers"] is True, body
+    deadline = time.monotonic() + DEADLINE_S
+    for pid, client in clients.items():
+        wanted = before[pid] + (2 if pid == asked_pid else 1)  # its own, then the signal's
+        while sum(client.admin_config()["reloads"].values()) < wanted:
+            assert time.monotonic() < deadline, (pid, client.admin_config())
+            time.sleep(0.02)
+
+
 def children_of(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
