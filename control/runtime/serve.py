@@ -214,19 +214,21 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
     reloader: ConfigReloader | None = None
 
     loop = asyncio.get_running_loop()
+    salt_key_file: Path | None = None  # where app.salt_key came from, once it is read
 
     def apply(new: BuiltConfig) -> None:
         # The one assignment (infallible: everything ran in build) and the reconcile of
         # limits, pools and probes, in one step on the event loop; the reload thread waits
         # for it, so a reload reported done is in force.
+        key = _salt_key_for(new, starting=False) if salt_key_file is None else None
         if _on_loop(loop):
-            app.swap(new.snapshot)
+            _swap(new, key)
             return
         done = threading.Event()
 
         def swap() -> None:
             try:
-                app.swap(new.snapshot)
+                _swap(new, key)
             finally:
                 done.set()
 
@@ -247,9 +249,35 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
         limiters=limits.registry,
         on_complete=[observer.on_complete] if observer.enabled else [],
     )
-    gateway = built.gateway
-    if gateway is not None and gateway.apps and gateway.cache_isolation.mode == "per_app":
-        app.salt_key = load_or_create_key(Path(gateway.cache_isolation.secret_file))
+
+    def _salt_key_for(new: BuiltConfig, *, starting: bool) -> bytes | None:
+        """The key file's key, read (or created) the first time a config salts per app:
+        at start-up, or at the reload that adds the first apps (each worker would salt
+        with a random key of its own meanwhile). Read off the loop, in the reload thread.
+        The file is the start-up config's (`secret_file` changes only at a restart)."""
+        nonlocal salt_key_file
+        gateway = new.gateway
+        if gateway is None or not gateway.apps or gateway.cache_isolation.mode != "per_app":
+            return None
+        path = Path((built.gateway or gateway).cache_isolation.secret_file)
+        try:
+            key = load_or_create_key(path)
+        except CliError as exc:
+            if starting:
+                raise  # not starting, as before
+            log.error("cache_salt_key_unreadable", error=str(exc), fallback="process key")
+            return None
+        salt_key_file = path
+        return key
+
+    def _swap(new: BuiltConfig, key: bytes | None) -> None:
+        if key is not None:
+            app.salt_key = key  # before the snapshot that salts with it serves
+        app.swap(new.snapshot)
+
+    start_key = _salt_key_for(built, starting=True)
+    if start_key is not None:
+        app.salt_key = start_key
     if limits.kind == "redis" and limits.redis is not None:
         # The same `limits.store` carries a copy of every resumable stream (docs/STREAMS.md).
         app.streams = await start_stream_store(limits.redis, built)

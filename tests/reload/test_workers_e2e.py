@@ -58,6 +58,14 @@ def pinned(
 ) -> Iterator[tuple[Gateway, dict[int, PinnedClient]]]:
     """A 2-worker gateway, one keep-alive connection to each worker, both watchers live."""
     gateway = start_gateway(config, "--workers", str(WORKERS), watching=False)
+    clients = pin_workers(gateway, config)
+    yield gateway, clients
+    for client in clients.values():
+        client.close()
+
+
+def pin_workers(gateway: Gateway, config: ConfigDir) -> dict[int, PinnedClient]:
+    """One keep-alive connection to each worker, once both watchers are live."""
     pids = worker_pids(gateway)
     clients: dict[int, PinnedClient] = {}
     for _ in range(200):  # SO_REUSEPORT hashes each new connection to one worker
@@ -79,9 +87,7 @@ def pinned(
         write_in_place(probe, data.decode())
         time.sleep(0.1)
     time.sleep(0.3)
-    yield gateway, clients
-    for client in clients.values():
-        client.close()
+    return clients
 
 
 @pytest.mark.slow
