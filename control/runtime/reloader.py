@@ -32,13 +32,18 @@ from sluice.control.config.loader import CONFIG_SUFFIX, ConfigFiles, read_config
 from watchfiles import Change, awatch
 
 ReloadOutcome = Literal["ok", "error", "unchanged"]
-# Read once at start-up (the listening socket, the records writer, the cache-salt key): a
-# reload cannot apply a change to them, so it says so instead of ignoring it silently.
+# Read once at start-up (the listening socket, the records writer, the cache-salt key, the
+# limit store's connection): a reload cannot apply a change to them, so it says so instead
+# of ignoring it silently.
 RESTART_FIELDS: tuple[tuple[str, ...], ...] = (
     ("listen", "host"),
     ("listen", "port"),
     ("records",),
     ("cache_isolation", "secret_file"),
+    ("limits", "store"),
+    ("limits", "lease"),
+    ("limits", "store_timeout"),
+    ("limits", "keep_idle"),
 )
 _NO_GATEWAY = GatewayFile(kind="Gateway")
 
@@ -185,6 +190,8 @@ class ConfigReloader:
             if version == self._current.version:
                 return self._unchanged(), files
             built = build_config(files, backend_override=self._override)
+            if self._current.snapshot.requires_auth and not built.snapshot.requires_auth:
+                return self._failed(version, [self._keys_off()], []), None
         except ConfigInvalid as exc:
             errors = [str(i) for i in exc.issues]
             return self._failed(version, errors, [str(w) for w in exc.warnings]), None
@@ -215,6 +222,14 @@ class ConfigReloader:
             warnings=list(warnings),
         )
         return result, files
+
+    def _keys_off(self) -> str:
+        # Fail closed: an edit that drops every app reads the same as a gateway.yaml caught
+        # half-written before its `apps:`, and applying it would open the gateway to anyone.
+        return (
+            f"{self._dir}: apps: the edit removes every app, which would turn API keys off; "
+            "a reload never does that: restart sluice to serve without keys"
+        )
 
     def _count(self, outcome: ReloadOutcome, error: str | None) -> None:
         self._counts[outcome] += 1

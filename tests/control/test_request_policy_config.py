@@ -128,6 +128,14 @@ def test_fields_a_reload_cannot_apply(config_dir: Writer) -> None:
     second = built(config_dir({"gateway.yaml": moved}))
     assert restart_required(first, second) == ["listen.port", "records"]
     assert restart_required(first, first) == []
+    store = "limits: {store: redis://127.0.0.1:9/0, lease: 5s, store_timeout: 2s, keep_idle: 1s}\n"
+    third = built(config_dir({"gateway.yaml": GATEWAY + store}))
+    assert restart_required(first, third) == [
+        "limits.store",
+        "limits.lease",
+        "limits.store_timeout",
+        "limits.keep_idle",
+    ]
 
 
 def test_a_forced_value_no_json_body_can_carry_is_an_error_at_its_line(config_dir: Writer) -> None:

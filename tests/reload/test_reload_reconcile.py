@@ -24,3 +24,20 @@ def test_listen_change_needs_a_restart_and_says_so(
     status = gateway.client.get("/admin/status", headers=gateway.admin_headers).json()
     limits = {queue["name"]: queue["limit"] for queue in status["queues"]}
     assert limits["backend:sim"] == 7  # no request since: set at the swap, not lazily
+
+
+def test_a_reload_never_turns_api_keys_off(config: ConfigDir, start_gateway: StartGateway) -> None:
+    """A gateway.yaml without its apps (removed, or caught half-written before `apps:`)
+    is refused: keys stay required, the error says why, the last good config serves."""
+    gateway: Gateway = start_gateway(config)
+    before = config.version()
+    text = config.files["gateway.yaml"]
+    cut = text[text.index("apps:\n") : text.index("experiments:\n")]
+    assert config.save("gateway.yaml", text.replace(cut, ""), write_in_place) is not None
+    state = gateway.wait_until(lambda s: s["last_result"] == "error", "the refused reload")
+    assert "removes every app, which would turn API keys off" in state["last_error"], state
+    assert state["version"] == before
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert gateway.client.post("/v1/chat/completions", json=body).status_code == 401
+    assert config.save("gateway.yaml", text, write_in_place) == before
+    gateway.wait_until(lambda s: s["last_result"] == "ok", "the revert")
