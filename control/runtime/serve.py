@@ -17,12 +17,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import uvloop
-from sluice.control.config.build import BuiltConfig, ConfigInvalid, load_config, passthrough_config
+from sluice.control.config.build import BuiltConfig, ConfigInvalid, build_config, passthrough_config
+from sluice.control.config.issues import display_path
+from sluice.control.config.loader import ConfigFiles, read_config_files
 from sluice.control.errors import CliError
 from sluice.proxy.app import ProxyApp
 from sluice.proxy.budget import return_large_allocations_to_os
@@ -37,12 +40,14 @@ from sluice.proxy.snapshot import SnapshotRef
 from sluice.proxy.timeouts import SHUTDOWN
 from sluice.proxy.websocket import WebSocketUpgrade
 
+from . import lastgood
 from .admin import admin_routes, status_body
 from .console import attach_console
+from .lastgood import last_good_path
 from .limits import start_limit_store, start_stream_store, store_url
 from .logs import access_lines, configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
-from .reloader import ConfigReloader
+from .reloader import ConfigReloader, ReloadResult
 from .saltkey import load_or_create_key
 from .supervisor import WORKER_ENV, supervise
 
@@ -122,16 +127,52 @@ def default_config_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load(options: ServeOptions) -> BuiltConfig:
-    try:
-        if options.config_dir is None:
-            assert options.backend is not None
-            return passthrough_config(
-                options.backend, forward_unknown_paths=options.forward_unknown_paths
+@dataclass(frozen=True)
+class Loaded:
+    """The config a process starts with."""
+
+    built: BuiltConfig
+    # The directory's errors when `built` is the last good config instead (a worker the
+    # supervisor started again while an invalid edit sits in the directory: lastgood.py).
+    directory_invalid: ConfigInvalid | None = None
+
+
+def load(options: ServeOptions) -> Loaded:
+    if options.config_dir is None:
+        assert options.backend is not None
+        try:
+            return Loaded(
+                passthrough_config(
+                    options.backend, forward_unknown_paths=options.forward_unknown_paths
+                )
             )
-        return load_config(options.config_dir, backend_override=options.backend)
+        except ConfigInvalid as exc:
+            raise CliError(f"invalid config, not starting:\n{exc}") from None
+    last_good = last_good_path() if os.environ.get(WORKER_ENV) is not None else None
+    try:
+        files = read_config_files(options.config_dir)
+        built = build_config(files, backend_override=options.backend)
     except ConfigInvalid as exc:
-        raise CliError(f"invalid config, not starting:\n{exc}") from None
+        fallback = _last_good(options.config_dir, options.backend, last_good)
+        if fallback is None:
+            raise CliError(f"invalid config, not starting:\n{exc}") from None
+        return Loaded(fallback, directory_invalid=exc)
+    if last_good is not None:
+        lastgood.save(last_good, files)
+    return Loaded(built)
+
+
+def _last_good(directory: Path, backend: str | None, path: Path | None) -> BuiltConfig | None:
+    """The config a sibling worker last served, when there is one and it still builds."""
+    if path is None:
+        return None
+    files = lastgood.load(path, directory, display_path(directory))
+    if files is None:
+        return None
+    try:
+        return build_config(files, backend_override=backend)
+    except ConfigInvalid:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         demo = _start_demo_sim()
     try:
-        built = load(options)
+        loaded = load(options)
+        built = loaded.built
         if options.workers > 1 and os.environ.get(WORKER_ENV) is None:
             _warn_single_process_features(built)
             host = options.host or built.snapshot.listen_host
@@ -157,11 +199,21 @@ def run(args: argparse.Namespace) -> int:
                 metrics=options.metrics,
                 permit_server=store_url(built) is None,
             )
-        return uvloop.run(serve(options, built, demo=demo is not None))
+        return uvloop.run(serve(options, loaded, demo=demo is not None))
     finally:
         if demo is not None:
             demo.terminate()
             demo.wait(timeout=10)
+
+
+def _saver(path: Path) -> Callable[[str, ReloadResult, ConfigFiles | None], None]:
+    """A reload listener that keeps each config applied as the last good one."""
+
+    def save(_trigger: str, result: ReloadResult, files: ConfigFiles | None) -> None:
+        if result.result == "ok" and files is not None:
+            lastgood.save(path, files)
+
+    return save
 
 
 def _start_demo_sim() -> subprocess.Popen[str]:
@@ -200,8 +252,9 @@ async def _sample_gauges(observer: Observer, app: ProxyApp) -> None:
         await asyncio.sleep(GAUGE_INTERVAL_S)
 
 
-async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False) -> int:
+async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) -> int:
     log = structlog.get_logger("sluice")
+    built = loaded.built
     return_large_allocations_to_os()  # large request bodies leave no RSS behind
     snapshot = built.snapshot
     ref = SnapshotRef(snapshot)
@@ -243,6 +296,16 @@ async def serve(options: ServeOptions, built: BuiltConfig, *, demo: bool = False
             initial=built,
             on_result=observer.on_reload,
         )
+        last_good = last_good_path() if os.environ.get(WORKER_ENV) is not None else None
+        if last_good is not None:
+            reloader.listeners.append(_saver(last_good))
+        if loaded.directory_invalid is not None:
+            log.warning(
+                "config_invalid_serving_last_good",
+                version=built.version,
+                errors=[str(issue) for issue in loaded.directory_invalid.issues],
+            )
+            reloader.reload_now(trigger="start-up")  # the directory's errors, as a reload's
     limits = await start_limit_store(built, options.workers, observer.metrics)
     app = ProxyApp(
         ref,

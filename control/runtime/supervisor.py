@@ -22,6 +22,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.metrics import MULTIPROC_ENV
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
 
+from .lastgood import LAST_GOOD_ENV
 from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
@@ -87,6 +88,10 @@ def supervise(
     if metrics:
         metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
         env[MULTIPROC_ENV] = metrics_dir
+    # Where the workers keep the last config that validated, for one started again while
+    # an invalid edit sits in the directory (lastgood.py).
+    config_dir = tempfile.mkdtemp(prefix="sluice-config-")
+    env[LAST_GOOD_ENV] = os.path.join(config_dir, "last-good.json")
     permits = None
     if permit_server:
         # No Redis: the supervisor owns the permits, so a limit holds across the workers.
@@ -172,6 +177,7 @@ def supervise(
             slot.proc.wait()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(config_dir, ignore_errors=True)
         if permits is not None:
             permits.close()
         if reserved is not None:

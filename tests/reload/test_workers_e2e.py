@@ -299,3 +299,50 @@ def test_a_worker_restarted_after_a_listen_edit_joins_its_siblings_address(
         assert time.monotonic() < deadline, "the restarted worker never said it serves"
         time.sleep(0.05)
     assert serving[0]["url"] == gateway.url
+
+
+@pytest.mark.slow
+def test_a_worker_restarted_during_an_invalid_edit_serves_the_last_good_config(
+    pinned: tuple[Gateway, dict[int, PinnedClient]], config: ConfigDir
+) -> None:
+    """A worker that dies while an invalid edit sits in the directory comes back at once
+    on the config its sibling serves (not refusing to start, again and again), says the
+    directory's error like its sibling, and applies the fix like its sibling."""
+    gateway, clients = pinned
+    before = config.version()
+    invalid = MODES.replace("top_k: 40\n", "top_k: many\n")
+    assert config.save("modes.yaml", invalid, truncate_and_write) is None
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(c.admin_config()["last_result"] == "error" for c in clients.values()):
+        assert time.monotonic() < deadline, [c.admin_config() for c in clients.values()]
+        time.sleep(0.02)
+    victim = min(clients)
+    os.kill(victim, signal.SIGKILL)
+    new_pid = gateway.wait_logged("worker_restarted")[0]["pid"]
+    deadline = time.monotonic() + DEADLINE_S
+    while not [e for e in gateway.log_events("serving") if e["pid"] == new_pid]:
+        assert time.monotonic() < deadline, gateway.log_events("worker_died")
+        time.sleep(0.05)
+    assert [e["code"] for e in gateway.log_events("worker_died")] == [-signal.SIGKILL]
+    (event,) = gateway.wait_logged("config_invalid_serving_last_good")
+    assert event["version"] == before and "modes.yaml:5:10" in event["errors"][0], event
+    clients[victim].close()
+    for _ in range(200):  # a connection to the new worker
+        client = PinnedClient(gateway.url, {new_pid, *clients})
+        if client.pid == new_pid:
+            break
+        client.close()
+    assert client.pid == new_pid
+    state = client.admin_config()
+    assert state["version"] == before and state["last_result"] == "error", state
+    assert "modes.yaml:5:10: generation.top_k" in state["last_error"], state
+    assert client.version() == before
+
+    fixed = config.save("modes.yaml", modes_with_temperature(0.6), truncate_and_write)
+    assert fixed is not None
+    survivor = clients[max(clients)]
+    deadline = time.monotonic() + DEADLINE_S
+    while {client.version(), survivor.version()} != {fixed}:
+        assert time.monotonic() < deadline, (client.admin_config(), survivor.admin_config())
+        time.sleep(0.02)
+    client.close()
