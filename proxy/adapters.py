@@ -18,7 +18,7 @@ import orjson
 from mypy_extensions import mypyc_attr
 
 from .chunks import ChunkFilter
-from .errors import ApiError, error_event
+from .errors import ApiError, bad_request, error_event, json_type
 from .exchange import Exchange
 from .http import Header, Request
 from .nonstream import guard_completion, record_finish
@@ -112,7 +112,21 @@ class Adapter:
         return list(JSON_HEADERS)
 
     def is_stream(self, body: dict[str, Any]) -> bool:
-        return body.get("stream") is True
+        """`stream` as a JSON boolean (absent or null: false). vLLM reads "true", 1 or
+        "yes" as true too and streams, but sluice would then relay the stream as one
+        answer: no stream deadlines, and the policy's stop strings and cut patterns not
+        applied. So anything else is refused, as OpenAI's API refuses it."""
+        stream = body.get("stream")
+        if stream is True:
+            return True
+        if stream is None or stream is False:
+            return False
+        raise bad_request(
+            f"Invalid type for 'stream': expected a boolean, but got {json_type(stream)} "
+            "instead.",
+            param="stream",
+            code="invalid_type",
+        )
 
     def n_choices(self, body: dict[str, Any]) -> int:
         """The choices a stream carries: `n` for each prompt. A completions prompt that is

@@ -64,6 +64,23 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return ApiError(400, message, param=param, code=code)
 
 
+def json_type(value: object) -> str:
+    """How OpenAI's errors name a JSON value's type ("a string", "an integer")."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else "a value"
+
+
 def not_found(message: str, code: str = "not_found", param: str | None = None) -> ApiError:
     return ApiError(404, message, code=code, param=param)
 
