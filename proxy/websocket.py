@@ -78,6 +78,11 @@ class WebSocketUpgrade:
             return
         if body is None:
             return  # closed by the client, or a protocol error already answered
+        if session.closed or conn.closing:
+            # The message and the client's close came in one read: wait_for returned the
+            # message and swallowed the cancellation the loss sent (Python 3.11). Nothing
+            # goes to the backend for a client that is gone.
+            return
         request.method = "POST"
         request.body = _streaming(body)
         response = WebSocketResponse(conn, session)
@@ -111,7 +116,7 @@ class WebSocketSession(asyncio.Protocol):
         self.ws = WSConnection(ConnectionType.SERVER)
         self.max_message = max_message
         self.first_message: asyncio.Future[bytes | None] = conn.loop.create_future()
-        self._parts: list[str] = []
+        self._parts: list[bytes] = []
         self._size = 0
         self.closed = False
 
@@ -142,6 +147,8 @@ class WebSocketSession(asyncio.Protocol):
         try:
             self.ws.receive_data(data)
             for event in self.ws.events():
+                if self.closed:
+                    return  # closed by an earlier event of this read: nothing to answer
                 if isinstance(event, TextMessage):
                     self._text(event)
                 elif isinstance(event, Ping):
@@ -153,21 +160,22 @@ class WebSocketSession(asyncio.Protocol):
                     self.close(CLOSE_UNSUPPORTED, "send the request body as a text message")
                     self._client_gone()
                     return
-        except RemoteProtocolError:
+        except (RemoteProtocolError, LocalProtocolError):
             self.close(CLOSE_PROTOCOL_ERROR, "protocol error")
             self._client_gone()
 
     def _text(self, event: TextMessage) -> None:
         if self.first_message.done():
             return  # one request per connection: later messages are ignored
-        self._size += len(event.data)
+        data = event.data.encode()  # the limit is in bytes, as for a body over HTTP
+        self._size += len(data)
         if self._size > self.max_message:
             self.close(CLOSE_TOO_BIG, f"request message exceeds {self.max_message} bytes")
             self.first_message.set_result(None)
             return
-        self._parts.append(event.data)
+        self._parts.append(data)
         if event.message_finished:
-            self.first_message.set_result("".join(self._parts).encode())
+            self.first_message.set_result(b"".join(self._parts))
             self._parts = []
 
     def _client_closed(self, event: CloseConnection) -> None:
@@ -207,11 +215,21 @@ class WebSocketSession(asyncio.Protocol):
             raise ClientGone()
         transport.write(data)
 
+    def _frame(self, event: TextMessage | Ping) -> bytes:
+        """The event's frame; a connection that is closing or closed sends none (wsproto
+        refuses to frame one then: the client has gone, as far as the stream goes)."""
+        if self.closed:
+            raise ClientGone()
+        try:
+            return self.ws.send(event)
+        except LocalProtocolError:
+            raise ClientGone() from None
+
     def send_text(self, text: str) -> None:
-        self._send(self.ws.send(TextMessage(data=text)))
+        self._send(self._frame(TextMessage(data=text)))
 
     def ping(self) -> None:
-        self._send(self.ws.send(Ping(payload=PING_PAYLOAD)))
+        self._send(self._frame(Ping(payload=PING_PAYLOAD)))
 
     def close(self, code: int, reason: str | None = None) -> None:
         if self.closed:

@@ -178,3 +178,85 @@ def test_other_upgrades_are_not_claimed(proxy: ProxyHarness) -> None:
     missing_key = raw("/v1/chat/completions", "sec-websocket-version: 13\r\n")
     assert missing_key.startswith(b"HTTP/1.1 400")
     assert b"bad_websocket_handshake" in missing_key
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """One final, masked client frame."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+
+
+HANDSHAKE = (
+    b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+)
+
+
+def _read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def test_a_request_and_a_close_in_one_read_reach_no_backend_and_log_nothing(
+    proxy: ProxyHarness, sim_client: SimClient
+) -> None:
+    """The client's request message and its Close frame in one segment: the client is
+    gone before the request runs. It used to run anyway (asyncio.wait_for kept the
+    message and dropped the cancellation) and to fail with a traceback at its first
+    chunk."""
+    errors = proxy.lt.record_errors()
+    handler_errors: list[BaseException] = []
+    proxy.server.state.on_error = handler_errors.append
+    message = json.dumps(body(max_tokens=3)).encode()
+    sim_client.reset()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(HANDSHAKE + _frame(1, message) + _frame(8, (1000).to_bytes(2, "big")))
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 101 ")
+    time.sleep(0.5)
+    assert sim_client.stats()["requests"] == 0
+    assert errors == [] and handler_errors == []
+
+
+def test_an_oversized_message_then_a_ping_in_one_read_closes_once(
+    proxy: ProxyHarness,
+) -> None:
+    """A ping after the message that closed the connection is not answered (wsproto
+    refuses a pong while closing: that escaped the protocol callback)."""
+    errors = proxy.lt.record_errors()
+    limit = proxy.server.state.max_body_bytes()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(HANDSHAKE)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(_frame(1, b"x" * (limit + 10)) + _frame(9, b"p"))
+        reply = _read_until_closed(sock)
+    assert reply[:1] == b"\x88" and reply[2:4] == (1009).to_bytes(2, "big"), reply[:40]
+    assert errors == []
+
+
+def test_the_message_limit_counts_bytes_not_characters(proxy: ProxyHarness) -> None:
+    """Four-byte characters: fewer characters than the limit, more bytes (an HTTP body of
+    the same bytes gets 413)."""
+    limit = proxy.server.state.max_body_bytes()
+    text = json.dumps(body(filler="\U0001f600" * (limit // 4 + 100)), ensure_ascii=False)
+    assert len(text) < limit < len(text.encode())
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(HANDSHAKE)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+        sock.sendall(_frame(1, text.encode()))
+        reply = _read_until_closed(sock)
+    assert reply[:1] == b"\x88" and reply[2:4] == (1009).to_bytes(2, "big"), reply[:40]
