@@ -21,7 +21,7 @@ from .adapters import Adapter
 from .auth import authenticate
 from .backends import BackendPools, Replica
 from .chunks import ChunkFilter
-from .endpoints import FORWARDED, forwarded_path
+from .endpoints import FORWARDED, GENERATING, LOCAL_PATHS, forwarded_path
 from .errors import ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
 from .http import Request, Response
@@ -53,7 +53,10 @@ try:
 except metadata.PackageNotFoundError:  # a source tree without an install
     SLUICE_VERSION = None
 MAX_VERSION_BODY: Final = 4096
-_FORM_MODEL: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+# The part named `model`: its header lines (a few at most), a blank line, its value. The
+# header lines are bounded: unbounded, a body of repeated `name="model"` lines made each
+# occurrence scan to the end and fail, quadratic (~1 s of event loop per 64 KB upload).
+_FORM_MODEL: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n){0,8}\r\n([^\r\n]*)\r\n')
 _SNIFF_BYTES: Final = 64 * 1024
 MAX_MODELS_BODY: Final = 4 * 1024 * 1024
 
@@ -70,9 +73,15 @@ def upload_limit(request: Request, snap: Snapshot) -> int:
     if request.method != "POST":
         return 0
     content_type = request.headers.get(b"content-type", b"")
-    if content_type.startswith(b"multipart/form-data") and forwarded_path(request.path, snap):
-        return snap.max_upload_bytes
-    return 0
+    if not content_type.startswith(b"multipart/form-data"):
+        return 0
+    path = request.path
+    # Pass-through forwards every path, but those the app serves itself (the generating
+    # ones, the local ones, the model list) read their body whole: streamed, it was never
+    # read, and a form to /v1/chat/completions got "a zero-length document".
+    if path in GENERATING or path in LOCAL_PATHS or path.startswith("/v1/models"):
+        return 0
+    return snap.max_upload_bytes if forwarded_path(path, snap) else 0
 
 
 class ForwardAdapter(Adapter):

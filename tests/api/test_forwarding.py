@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sluice.proxy.forward import _FORM_MODEL, _SNIFF_BYTES
 from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy
 from sluice.proxy.structured import StructuredOutputs
 
@@ -116,6 +117,26 @@ def test_multipart_audio_is_forwarded_with_the_upstream_model(routed: ProxyHarne
     assert resp.json()["text"].endswith("for sim-model")
 
 
+@pytest.mark.parametrize(
+    "part",
+    [
+        b'Content-Disposition: form-data; name="model"\r\n\r\nchat\r\n',
+        b'Content-Disposition: form-data; name="model"\r\nContent-Type: text/plain\r\n\r\nchat\r\n',
+    ],
+)
+def test_the_model_part_is_found_in_one_pass(part: bytes) -> None:
+    """The `model` part of a form is read where its headers end; a body of nothing but
+    `name="model"` lines made every one of them a search to the end of the window
+    (quadratic: ~1 s of event loop per 64 KB upload, on a path that needs no key in
+    pass-through)."""
+    hostile = (b'name="model"\r\n' * 5000)[:_SNIFF_BYTES]
+    started = time.perf_counter()
+    assert _FORM_MODEL.search(hostile, 0, _SNIFF_BYTES) is None
+    assert time.perf_counter() - started < 0.25
+    match = _FORM_MODEL.search(b"--b\r\n" + part + b"--b--\r\n")
+    assert match is not None and match[1] == b"chat"
+
+
 def test_health_ping_version_and_model_card(routed: ProxyHarness) -> None:
     url = routed.url
     for path in ("/health", "/ping"):
@@ -130,6 +151,25 @@ def test_health_ping_version_and_model_card(routed: ProxyHarness) -> None:
     assert other.status_code == 404  # exists, but not for this app
     routed.lt.call(lambda: setattr(routed.app, "ready", False))
     assert httpx.get(url + "/health", timeout=10).status_code == 503
+
+
+def test_passthrough_reads_a_form_to_a_generating_path_whole(sim: ProcessServer) -> None:
+    """Pass-through streams the uploads of the paths it forwards; a form sent to a path
+    sluice serves itself is read whole and refused as what it is (it was streamed and
+    never read: "a zero-length document", and the connection closed)."""
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    try:
+        with httpx.Client(base_url=harness.url, timeout=10) as client:
+            for path in ("/v1/chat/completions", "/v1/completions"):
+                resp = client.post(path, data={"model": "sim-model"}, files={"x": b"1"})
+                assert resp.status_code == 400, resp.text
+                assert resp.json()["error"]["code"] == "invalid_json", resp.text
+                port = resp.extensions["network_stream"].get_extra_info("client_addr")[1]
+                after = client.get("/v1/models")  # the same connection, still in step
+                assert after.status_code == 200
+                assert after.extensions["network_stream"].get_extra_info("client_addr")[1] == port
+    finally:
+        harness.close()
 
 
 def test_passthrough_forwards_unknown_paths_unless_closed(sim: ProcessServer) -> None:
