@@ -122,8 +122,7 @@ class Adapter:
         if stream is None or stream is False:
             return False
         raise bad_request(
-            f"Invalid type for 'stream': expected a boolean, but got {json_type(stream)} "
-            "instead.",
+            f"Invalid type for 'stream': expected a boolean, but got {json_type(stream)} instead.",
             param="stream",
             code="invalid_type",
         )
