@@ -30,7 +30,7 @@ from .response import JSON_HEADERS
 from .routing import RouteChoice
 from .snapshot import App, Backend, Route, Snapshot, SnapshotRef, StreamPolicy
 from .timeouts import StreamWatchdog
-from .upload import BodyStream, BodyTooLarge, open_streamed_exchange
+from .upload import BodyStream, BodyTooLarge, BodyUnreadable, open_streamed_exchange
 from .upstream import UpstreamConnection, UpstreamError
 from .upstream_pool import open_exchange
 
@@ -111,7 +111,11 @@ class ForwardAdapter(Adapter):
             # Streamed upload: the model field is looked for in the first bytes only.
             try:
                 request.body = await stream.read_prefix(_SNIFF_BYTES)
-            except (BodyTooLarge, TimeoutError) as unread:  # mypyc types a name once
+            except (
+                BodyTooLarge,
+                BodyUnreadable,
+                TimeoutError,
+            ) as unread:  # mypyc types a name once
                 raise upload_error(unread) from None
             adapter.body_stream = stream
             length = request.headers.get(b"content-length")
@@ -314,7 +318,11 @@ async def open_on_replica(
         replica.pool.outstanding -= 1
         replica.record_failure()
         raise bad_gateway(f"backend {backend.name}: {exc}", code="upstream_" + exc.kind) from None
-    except (BodyTooLarge, TimeoutError) as unread:  # not `exc`: mypyc types a name once
+    except (
+        BodyTooLarge,
+        BodyUnreadable,
+        TimeoutError,
+    ) as unread:  # not `exc`: mypyc types a name once
         replica.pool.outstanding -= 1
         raise upload_error(unread) from None
     except BaseException:
@@ -328,4 +336,6 @@ def upload_error(exc: BaseException) -> ApiError:
     """A streamed upload that could not be read whole, as the client's error."""
     if isinstance(exc, BodyTooLarge):
         return ApiError(413, str(exc), code="request_too_large")
+    if isinstance(exc, BodyUnreadable):
+        return ApiError(400, str(exc), code="bad_http")
     return ApiError(408, "the request body stopped arriving", code="request_timeout")

@@ -26,7 +26,7 @@ from .request import (
     replay_head,
 )
 from .response import ClientGone, Header
-from .upload import BodyStream, BodyTooLarge
+from .upload import BodyStream, BodyTooLarge, BodyUnreadable
 
 MAX_URL_BYTES: Final = 8 * 1024
 MAX_HEADER_BYTES: Final = 64 * 1024
@@ -155,6 +155,14 @@ class RequestReader:
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         if self.owner.refused:
             return  # a callback refused the request and stopped the parser
+        request = self.request
+        if request is not None and request.body_stream is not None:
+            # A streamed body its handler is reading: the handler answers (as for one too
+            # large); a refusal here would fail the stream as a client that has gone,
+            # and the client would get no answer at all.
+            request.body_stream.fail(BodyUnreadable(f"malformed HTTP request: {exc}"))
+            self.owner.pause_body()
+            return
         last = self.owner.pipeline[-1] if self.owner.pipeline else None
         if (
             last is not None

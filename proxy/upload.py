@@ -28,6 +28,11 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyUnreadable(Exception):
+    """What the client sent after the head cannot be parsed (a malformed chunk): the
+    handler, which reads the body, answers 400 and the connection ends."""
+
+
 class ReadingControl(Protocol):
     def pause_body(self) -> None: ...
 

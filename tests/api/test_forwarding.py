@@ -6,6 +6,7 @@ structured-output rule on every endpoint."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,28 @@ def test_passthrough_reads_a_form_to_a_generating_path_whole(sim: ProcessServer)
                 after = client.get("/v1/models")  # the same connection, still in step
                 assert after.status_code == 200
                 assert after.extensions["network_stream"].get_extra_info("client_addr")[1] == port
+    finally:
+        harness.close()
+
+
+def test_a_malformed_chunk_in_a_streamed_upload_is_answered_400(sim: ProcessServer) -> None:
+    """A chunked upload whose second chunk's size line is not hex: the handler reading
+    the stream answers 400 (it got no answer: the stream failed as a client gone)."""
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"R" * 1000
+    head = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
+            sock.sendall(head + b"%x\r\n%b\r\nzz\r\nabc\r\n" % (len(part), part))
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b'"code":"bad_http"' in answer and b"malformed HTTP request" in answer
+        assert harness.wait_finished(1)[-1].status == 400
     finally:
         harness.close()
 
