@@ -3,9 +3,18 @@
 Per limiter, two sorted sets under `{prefix}{<name>}` (one hash slot):
 - `:held`  lease id -> lease expiry (ms, Redis clock). A holder renews its leases every
   lease/3; a holder that dies stops renewing and its permits expire within `lease`.
-- `:queue` ticket -> the ticket's deadline (enqueue time + max_wait, Redis clock). With one
-  max_wait per limiter, deadline order is arrival order: the queue is FIFO across replicas
-  (ties within a millisecond are broken by id). Expired tickets drop out.
+- `:queue` ticket -> the ticket's deadline (enqueue time + what is left of max_wait,
+  Redis clock; a request back from the local queue keeps its deadline). With one max_wait
+  per limiter, deadline order is arrival order: the queue is FIFO across replicas (ties
+  within a millisecond are broken by id). Expired tickets drop out.
+
+Beside them `{prefix}epoch`, a random value that the first renewal after Redis lost its
+data (FLUSHALL, a restart without persistence) sets anew. A take names the epoch its
+process knows, and Redis refuses it when that is not the one it holds: the leases of the
+requests in flight are gone, so granting from what is left could admit twice the limit.
+The process then does as when Redis is down: the local share, every lease registered
+again, and global limits only once the other processes have done the same (their
+renewals come every lease/3).
 
 Every change runs as one Lua script (atomic; limit_redis_lua.py). Taking a permit is one
 round trip when one is free. Giving one back is one round trip and hands it straight to
@@ -28,6 +37,13 @@ Approximate: a process that dies while queued keeps its place until its ticket's
 deadline, so the queue may look fuller than it is for up to max_wait; permits of a dead
 holder come back after at most `lease`.
 
+What a process could not give back while Redis was unreachable (leases of requests that
+ended, tickets of requests that moved to the local queue, calls that timed out and that
+Redis may still run once it resumes) it remembers, and every renewal removes those ids
+from `:held` and `:queue`, the first one after an outage included, before global limits
+apply again; an id is forgotten once a renewal removed it lease + max_wait after it was
+remembered. Otherwise Redis would count leases that nobody uses, for up to `lease`.
+
 The `redis` package is imported only when a store is configured.
 """
 
@@ -39,6 +55,7 @@ import itertools
 import os
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Final
 
@@ -59,8 +76,58 @@ DEFAULT_KEEP_IDLE: Final = 0.1
 # How long a process gives every permit back at once after hearing that somebody waits;
 # longer than two POLL_INTERVALs, the longest gap between two reminders from the queue.
 BUSY_HOLD: Final = 3.0
+# Ids remembered per limiter for removal (module docstring): bounds the renewal after a long
+# outage under load; past it the oldest go unremoved, and their leases run out on their own.
+GONE_MAX: Final = 4096
 
 _log = structlog.get_logger("sluice.limits")
+
+
+def _pool(url: str, timeout: float) -> Any:
+    """The store's connection pool; it connects at the first call. Raises what redis-py
+    raises for a URL it cannot use (ValueError, TypeError, RedisError)."""
+    import redis  # noqa: PLC0415 (only when a store is configured)
+    import redis.asyncio as aioredis  # noqa: PLC0415
+    from redis.asyncio.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+
+    # One retry on a fresh connection: after Redis restarts, the pooled connections fail
+    # once each; that is not an outage. Every script is idempotent (ids). Not on a timeout:
+    # Redis may still run the call, and a second wait would double the time before the
+    # local share takes over (`timeout` bounds one call).
+    # A bounded pool that makes callers wait for a free connection (up to `timeout`):
+    # hundreds of concurrent requests share a few connections instead of opening one each
+    # (and hitting the client's connection limit, which would read as an outage).
+    return aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=POOL_SIZE,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+    )
+
+
+def check_url(url: str) -> None:
+    """Raises ValueError saying why the store cannot use `url` (without quoting it: it
+    may hold a password); connects to nothing. `limits.store` is checked with it."""
+    import redis  # noqa: PLC0415 (only when a store is configured)
+
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 (reading the port parses it)
+    except ValueError as exc:
+        # Not urllib's message: it may quote a piece of the password (one with a "/").
+        bad = "invalid IPv6 address" if "IPv6" in str(exc) else "expected a port, 0 to 65535"
+        raise ValueError(bad) from None
+    try:
+        connection = _pool(url, DEFAULT_TIMEOUT).make_connection()
+    except TypeError as exc:  # an option that no connection of this scheme takes
+        option = str(exc).rpartition(" ")[2]
+        raise ValueError(f"unknown option {option} for {url.partition(':')[0]}://") from None
+    except (ValueError, redis.exceptions.RedisError) as exc:
+        raise ValueError(str(exc).rstrip(".")) from None
+    if getattr(connection, "path", None) == "":
+        raise ValueError("expected the socket's path: unix:///path/to/redis.sock")
 
 
 class RedisPermitStore:
@@ -77,7 +144,8 @@ class RedisPermitStore:
         expected_processes: int = 1,
         keep_idle: float = DEFAULT_KEEP_IDLE,
     ) -> None:
-        import redis.asyncio as aioredis  # noqa: PLC0415 (only when a store is configured)
+        import redis  # noqa: PLC0415 (only when a store is configured)
+        import redis.asyncio as aioredis  # noqa: PLC0415
 
         self.url = url
         self.lease = lease
@@ -86,28 +154,13 @@ class RedisPermitStore:
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.expected_processes = max(1, expected_processes)
         self.known_processes = self.expected_processes
-        from redis.asyncio.retry import Retry  # noqa: PLC0415
-        from redis.backoff import NoBackoff  # noqa: PLC0415
-
-        # One retry on a fresh connection: after Redis restarts, the pooled connections
-        # fail once each; that is not an outage. Every script is idempotent (ids).
-        # A bounded pool that makes callers wait for a free connection (up to `timeout`):
-        # hundreds of concurrent requests share a few connections instead of opening one
-        # each (and hitting the client's connection limit, which would read as an outage).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        pool = _pool(url, timeout)
         self._client: Any = aioredis.Redis(connection_pool=pool)
         self._take = self._client.register_script(TAKE)
         self._give = self._client.register_script(GIVE)
         self._renew = self._client.register_script(RENEW)
         self._errors: tuple[type[BaseException], ...] = (
-            __import__("redis").exceptions.RedisError,
+            redis.exceptions.RedisError,
             OSError,
             TimeoutError,
         )
@@ -123,7 +176,7 @@ class RedisPermitStore:
         self._renewing = False
         self._reachable = False
         self._batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
-        self._no_script: type[Exception] = __import__("redis").exceptions.NoScriptError
+        self._no_script: type[Exception] = redis.exceptions.NoScriptError
         self._late: list[tuple[StoreLimiter, str]] = []
         # Kept permits (module docstring), per limiter name: (lease id, kept since), oldest
         # first; the limit they were kept under; until when to keep none.
@@ -135,6 +188,12 @@ class RedisPermitStore:
         self._limiters: dict[str, StoreLimiter] = {}
         self._names: dict[str, str] = {}  # held key -> limiter name (the `want` messages)
         self.kept_taken = 0  # requests served from a kept permit (no round trip)
+        self._epoch_key = prefix + "epoch"
+        self._epoch: str | None = None  # the epoch Redis had at this process's last renewal
+        self._lost = False  # Redis lost its data since this process last went back to it
+        # Ids to remove from Redis (module docstring), per limiter name: id -> forget after
+        # (monotonic).
+        self._gone: dict[str, dict[str, float]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -262,15 +321,14 @@ class RedisPermitStore:
             return kept.pop()[0], 0.0  # still leased and renewed: no round trip
         self._limiters[limiter.name] = limiter
         rid = f"{self.process_id}/{next(self._ids)}"
-        keys = self._keys(limiter.name)
         queue = limiter.queue
         started = time.monotonic()
-        deadline = started + queue.max_wait
+        left = limiter.wait_left()
+        deadline = started + left
         grant = asyncio.get_running_loop().create_future()
         self._grants[rid] = grant
         try:
-            args = [*self._args(limiter, rid), "new", queue.max_len, int(queue.max_wait * 1000)]
-            result, queued = await self._call(self._take, keys, args)
+            result, queued = await self._take_call(limiter, rid, "new", queue.max_len, left)
             if result != 1:
                 self._somebody_waits(limiter.name)
             while result == 0:
@@ -286,13 +344,13 @@ class RedisPermitStore:
                     # Redis went away meanwhile: the local share decides from now on, even
                     # if Redis answers again before it is trusted again (see _maintain).
                     raise StoreDown("the store went down while this request waited")
-                args = [*self._args(limiter, rid), "check", 0, 0]
-                result, queued = await self._call(self._take, keys, args)
+                result, queued = await self._take_call(limiter, rid, "check", 0, 0.0)
                 if result == -2:
-                    # The ticket is gone before its deadline: Redis lost its data
-                    # (restarted without persistence). Queue again, at the back.
-                    args = [*self._args(limiter, rid), "new", queue.max_len, int(left * 1000)]
-                    result, queued = await self._call(self._take, keys, args)
+                    # The ticket expired in Redis as this request's deadline came (whole
+                    # milliseconds, the round trips): queue again for what is left. Lost
+                    # data shows as another epoch instead (-3).
+                    left = max(0.0, deadline - time.monotonic())
+                    result, queued = await self._take_call(limiter, rid, "new", queue.max_len, left)
         except BaseException:
             self._grants.pop(rid, None)
             self._give_back_soon(limiter, rid)  # leaves the queue, or frees a late grant
@@ -301,11 +359,28 @@ class RedisPermitStore:
         if result == 1:
             self._held.setdefault(limiter.name, set()).add(rid)
             return rid, time.monotonic() - started
-        retry_after = limiter.retry_after_with(int(queued))
+        retry_after = limiter.retry_after_with(queued)
         if result in (0, -2):
             self._give_back_soon(limiter, rid)
             raise LimitExceeded(limiter.name, "queue_timeout", retry_after)
         raise LimitExceeded(limiter.name, "queue_full", retry_after)
+
+    async def _take_call(
+        self, limiter: StoreLimiter, rid: str, mode: str, max_len: int, wait: float
+    ) -> tuple[int, int]:
+        """One TAKE (limit_redis_lua.py); StoreDown when Redis lost its data."""
+        keys = [*self._keys(limiter.name), self._epoch_key]
+        args = [*self._args(limiter, rid), mode, max_len, int(wait * 1000), self._epoch or ""]
+        result, queued = await self._call(self._take, keys, args)
+        if result == -3:
+            self._lose_data()
+            raise StoreDown("Redis lost its data (another epoch)")
+        return int(result), int(queued)
+
+    def _lose_data(self) -> None:
+        """Redis lost the leases in flight: do as when it is down (module docstring)."""
+        self._lost = True
+        self._state(False, "Redis lost its data (flushed, or restarted empty)")
 
     def adopt(self, limiter: StoreLimiter) -> Hashable:
         """An id for a permit from the local share: the renewals register it in Redis once
@@ -339,7 +414,8 @@ class RedisPermitStore:
             self._late.append((limiter, rid))
         elif self._reachable:
             self._give_back_soon(limiter, rid)
-        # While Redis is down the lease is not renewed and expires on its own.
+        else:
+            self._remember_gone(limiter, rid)
 
     # -- kept permits (module docstring) ----------------------------------------------------
 
@@ -404,40 +480,51 @@ class RedisPermitStore:
 
     def _drop_kept(self) -> None:
         """The store is not trusted: give the kept leases back if Redis still answers (a
-        lost subscription), else they are not renewed and expire on their own."""
+        lost subscription), else once it answers again."""
         for name in list(self._kept):
             if self._reachable:
                 self._give_back_kept(name)
                 continue
-            held = self._held.get(name)
-            if held is not None:
-                held.difference_update(rid for rid, _ in self._kept[name])
+            limiter = self._limiters[name]  # set by _keep
+            for rid, _ in self._kept[name]:
+                self._held.get(name, set()).discard(rid)
+                self._remember_gone(limiter, rid)
         self._kept.clear()
 
     def _give_back_soon(self, limiter: StoreLimiter, rid: str) -> None:
         keys, args = self._keys(limiter.name), self._args(limiter, rid)
 
         async def give() -> None:
-            with contextlib.suppress(StoreDown):
+            try:
                 await self._call(self._give, keys, args)
+            except StoreDown:
+                self._remember_gone(limiter, rid)
 
         self._spawn(give())
+
+    def _remember_gone(self, limiter: StoreLimiter, rid: str) -> None:
+        """`rid` may stay in Redis (a lease, a ticket, a call Redis has yet to run): the
+        renewals remove it (module docstring)."""
+        gone = self._gone.setdefault(limiter.name, {})
+        gone[rid] = time.monotonic() + self.lease + limiter.queue.max_wait
+        if len(gone) > GONE_MAX:
+            del gone[next(iter(gone))]  # the oldest (insertion order)
 
     # -- background ------------------------------------------------------------------------
 
     async def _renew_all(self) -> bool:
-        """Renews every lease this process holds and its heartbeat (one round trip), and
-        drops expired leases of every limiter it has used. After an outage this registers
-        again the permits still in use, those taken from the local share included, so
-        Redis counts every request in flight."""
-        names = list(self._held)
-        keys = [self._keys(name)[0] for name in names] + [self.prefix + "processes"]
-        args: list[Any] = [
-            int(self.lease * 1000),
-            self.process_id,
-            int(self.lease * 1000),
-            *(" ".join(self._held[name]) for name in names),
-        ]
+        """Renews every lease this process holds and its heartbeat (one round trip), drops
+        expired leases of every limiter it has used and removes the ids it could not give
+        back. After an outage this registers again the permits still in use, those taken
+        from the local share included, so Redis counts every request in flight."""
+        names = list(self._held.keys() | self._gone.keys())
+        keys = [self.prefix + "processes", self._epoch_key]
+        lease_ms = int(self.lease * 1000)
+        args: list[Any] = [lease_ms, self.process_id, lease_ms, os.urandom(8).hex()]
+        for name in names:
+            keys += self._keys(name)
+            args += [" ".join(self._held.get(name, ())), " ".join(self._gone.get(name, ()))]
+        sent_at = time.monotonic()
         self._renewing = True
         try:
             result = await self._call(self._renew, keys, args)
@@ -450,11 +537,21 @@ class RedisPermitStore:
             late, self._late = self._late, []
             for limiter, rid in late:
                 self._give_back_soon(limiter, rid)
+        for name in list(self._gone):
+            gone = self._gone[name]
+            for rid in [rid for rid, until in gone.items() if until <= sent_at]:
+                del gone[rid]  # removed by this renewal, and Redis runs no older call now
+            if not gone:
+                del self._gone[name]
+        epoch = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+        known, self._epoch = self._epoch, epoch
+        if known is not None and epoch != known:
+            self._lose_data()
         # The larger of what the config says and what Redis has seen: a smaller share is
         # the safe side while Redis is away. Right after an outage Redis has seen only the
         # processes that came back so far, so the count only grows until limits are global.
-        live = max(self.expected_processes, int(result[0]))
-        for name, count in zip(names, result[1:], strict=False):
+        live = max(self.expected_processes, int(result[1]))
+        for name, count in zip(names, result[2:], strict=False):
             user = self._limiters.get(name)
             if user is not None and int(count) > user.max_concurrency:
                 # Over the limit (lowered, or permits re-registered after an outage):
@@ -485,10 +582,14 @@ class RedisPermitStore:
             if not await self._renew_all():
                 continue
             # Redis answers again and holds this process's permits. The other processes
-            # register theirs at their next probe: keep to the local share until then, so
-            # Redis does not hand out permits that are in use elsewhere.
-            await asyncio.sleep(PROBE_INTERVAL + SETTLE_MARGIN)
-            if await self._renew_all():  # and the permits taken meanwhile
+            # register theirs at their next probe (every PROBE_INTERVAL while they count
+            # Redis as down) or, if Redis lost its data, at their next renewal (every
+            # lease/3 while up): keep to the local share until then, so Redis does not
+            # hand out permits that are in use elsewhere.
+            settle = max(PROBE_INTERVAL, self.lease / 3) if self._lost else PROBE_INTERVAL
+            self._lost = False
+            await asyncio.sleep(settle + SETTLE_MARGIN)
+            if await self._renew_all() and not self._lost:  # and the permits taken meanwhile
                 self._state(True)
 
     async def _listen(self) -> None:
@@ -520,4 +621,4 @@ class RedisPermitStore:
                 await pubsub.aclose()
 
 
-__all__ = ["DEFAULT_KEEP_IDLE", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisPermitStore"]
+__all__ = ["DEFAULT_KEEP_IDLE", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisPermitStore", "check_url"]

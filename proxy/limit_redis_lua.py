@@ -26,10 +26,15 @@ while free > 0 do
 end
 """
 
-# ARGV: limit, lease_ms, prefix, id, mode ('new' | 'check'), queue_max, max_wait_ms
-# Returns {1}: granted; {0, queued}: waiting; {-1, queued}: queue full; {-2, 0}: ticket gone.
+# KEYS: held, queue, epoch. ARGV: limit, lease_ms, prefix, id, mode ('new' | 'check'),
+# queue_max, max_wait_ms, the epoch the caller knows. Returns {1}: granted; {0, queued}:
+# waiting; {-1, queued}: queue full; {-2, 0}: ticket gone; {-3, 0}: another epoch (Redis
+# lost its data since the caller's last renewal: what is left of `held` is not the truth).
 TAKE: Final = (
-    GRANT
+    """
+if redis.call('GET', KEYS[3]) ~= ARGV[8] then return {-3, 0} end
+"""
+    + GRANT
     + """
 local id, mode = ARGV[4], ARGV[5]
 if redis.call('ZSCORE', held, id) then return {1, 0} end
@@ -61,24 +66,33 @@ redis.call('ZREM', KEYS[2], ARGV[4])
     + GRANT
 )
 
-# KEYS: held keys..., procs key; ARGV: lease_ms, process id, process ttl_ms, then one
-# space-separated list of lease ids per held key. Renews this process's leases and its
-# heartbeat; returns the number of live processes, then each held key's count of leases.
+# KEYS: procs, epoch, then held and queue of each limiter. ARGV: lease_ms, process id,
+# process ttl_ms, a new epoch (set if there is none: Redis lost its data, or never had
+# any), then two space-separated id lists per limiter: its leases in use, and the ids to
+# remove (leases and tickets this process could not give back). Renews the leases and this
+# process's heartbeat; returns the epoch, the number of live processes, then each
+# limiter's count of leases.
 RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_ms = tonumber(ARGV[1])
-local n = #KEYS - 1
+redis.call('SET', KEYS[2], ARGV[4], 'NX')
+local n = (#KEYS - 2) / 2
 for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  for id in string.gmatch(ARGV[3 + i], '%S+') do
-    redis.call('ZADD', KEYS[i], now + lease_ms, id)
+  local held, queue = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  for id in string.gmatch(ARGV[4 + 2 * i], '%S+') do
+    redis.call('ZREM', held, id)
+    redis.call('ZREM', queue, id)
+  end
+  redis.call('ZREMRANGEBYSCORE', held, '-inf', now)
+  for id in string.gmatch(ARGV[3 + 2 * i], '%S+') do
+    redis.call('ZADD', held, now + lease_ms, id)
   end
 end
-local procs = KEYS[n + 1]
+local procs = KEYS[1]
 redis.call('ZADD', procs, now + tonumber(ARGV[3]), ARGV[2])
 redis.call('ZREMRANGEBYSCORE', procs, '-inf', now)
-local out = {redis.call('ZCARD', procs)}
-for i = 1, n do out[i + 1] = redis.call('ZCARD', KEYS[i]) end
+local out = {redis.call('GET', KEYS[2]), redis.call('ZCARD', procs)}
+for i = 1, n do out[i + 2] = redis.call('ZCARD', KEYS[1 + 2 * i]) end
 return out
 """

@@ -11,6 +11,9 @@ refused for it: it takes a permit from a local `Limiter` sized to this process's
 the limit (`store.share(limit)`: the limit divided by the processes the store last knew
 of, at least 1), and so do the requests after it until the store is back. The store logs
 the change once each way and reports it (`sluice_limit_store_up`).
+
+A request has one deadline, `queue.max_wait` after it asked, however often it moves
+between the store's queue and the local one: each wait gets what is left of it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ class StoreBack(Exception):
 
 class PermitStore(Protocol):
     """Where shared permits live. `take` raises LimitExceeded (queue full, wait expired) or
-    StoreDown; on cancellation it leaves the queue or gives a just-granted permit back."""
+    StoreDown; on cancellation it leaves the queue or gives a just-granted permit back. It
+    should queue for `limiter.wait_left()`, what is left of the request's max_wait (it may
+    have waited for the local share already): Redis does; the supervisor's permit server
+    still queues for the whole max_wait."""
 
     on_change: list[Callable[[bool], None]]  # called on each change of `up`
 
@@ -84,7 +90,10 @@ class StoreLimiter:
         self._remote_rejected = 0
         self._service_time = DEFAULT_SERVICE_TIME
         self._waiting: set[asyncio.Task[object]] = set()
-        self._rejecting: set[asyncio.Task[object]] = set()
+        # Waits this limiter cancels, and the refusal each ends in: "shutdown" (drain
+        # deadline) or "queue_timeout" (the request's deadline, in the local queue).
+        self._ending: dict[asyncio.Task[object], str] = {}
+        self._deadlines: dict[asyncio.Task[object], float] = {}  # monotonic, per request
 
     @property
     def in_use(self) -> int:
@@ -126,11 +135,25 @@ class StoreLimiter:
         self.fallback.observe_service_time(seconds)
 
     async def acquire(self) -> Permit:
-        while True:
-            try:
-                return await self._acquire()
-            except StoreBack:
-                continue  # it waited for the local share; the store decides now
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = monotonic() + self.queue.max_wait
+        try:
+            while True:
+                try:
+                    return await self._acquire(task)
+                except StoreBack:
+                    continue  # it waited for the local share; the store decides now
+        finally:
+            del self._deadlines[task]
+
+    def wait_left(self) -> float:
+        """Seconds left of the running request's max_wait (all of it outside `acquire`)."""
+        task = asyncio.current_task()
+        deadline = self._deadlines.get(task) if task is not None else None
+        if deadline is None:
+            return self.queue.max_wait
+        return max(0.0, deadline - monotonic())
 
     def store_changed(self, up: bool) -> None:
         """Back to global limits: the requests queued for the local share move to the
@@ -138,10 +161,8 @@ class StoreLimiter:
         if up:
             self.fallback.fail_waiters(StoreBack)
 
-    async def _acquire(self) -> Permit:
+    async def _acquire(self, task: asyncio.Task[object]) -> Permit:
         if self.store.up:
-            task = asyncio.current_task()
-            assert task is not None
             self._remote_queued += 1
             self._waiting.add(task)
             try:
@@ -152,19 +173,26 @@ class StoreLimiter:
                 self._remote_rejected += 1
                 raise
             except asyncio.CancelledError:
-                if task in self._rejecting:
-                    self._rejecting.discard(task)
-                    task.uncancel()
-                    raise LimitExceeded(self.name, "shutdown", 1) from None
+                self._end_wait(task)
                 raise
             else:
+                self._kept_cancelled(task)
                 self._remote_in_use += 1
                 return Permit(lambda: self._give_back(handle), waited)
             finally:
                 self._remote_queued -= 1
                 self._waiting.discard(task)
         self.refresh_share()
-        waited = await self.fallback.take()
+        # The local queue waits for queue.max_wait; this request has only what is left.
+        timer = asyncio.get_running_loop().call_later(self.wait_left(), self._expire, task)
+        try:
+            waited = await self.fallback.take()
+        except asyncio.CancelledError:
+            self._end_wait(task)
+            raise
+        finally:
+            timer.cancel()
+        self._kept_cancelled(task)
         handle = self.store.adopt(self)
 
         def release() -> None:
@@ -173,6 +201,27 @@ class StoreLimiter:
                 self.store.give_back(self, handle)
 
         return Permit(release, waited)
+
+    def _expire(self, task: asyncio.Task[object]) -> None:
+        self._ending.setdefault(task, "queue_timeout")
+        task.cancel()
+
+    def _end_wait(self, task: asyncio.Task[object]) -> None:
+        """A wait cancelled by this limiter ends in its refusal (raised here); any other
+        cancellation (the client went away) goes on."""
+        reason = self._ending.pop(task, None)
+        if reason is None or task.uncancel() > 0:  # the client went away as well
+            return
+        if reason == "shutdown":
+            raise LimitExceeded(self.name, "shutdown", 1) from None
+        self.fallback.rejected += 1
+        raise LimitExceeded(self.name, reason, self.retry_after()) from None
+
+    def _kept_cancelled(self, task: asyncio.Task[object]) -> None:
+        """A permit came in the same tick as this limiter's cancellation, which the wait
+        swallowed: the request keeps the permit."""
+        if self._ending.pop(task, None) is not None:
+            task.uncancel()
 
     def _give_back(self, handle: Hashable) -> None:
         self._remote_in_use -= 1
@@ -185,7 +234,7 @@ class StoreLimiter:
         count = self.fallback.reject_waiters()
         for task in list(self._waiting):
             if not task.done():
-                self._rejecting.add(task)
+                self._ending.setdefault(task, "shutdown")
                 task.cancel()
                 count += 1
         return count

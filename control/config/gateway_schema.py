@@ -166,10 +166,19 @@ class AdminSection(Section):
 
 
 def _check_store_url(value: str) -> str:
-    """redis://, rediss:// or unix:// (a Redis URL), or env:VAR holding one."""
-    if ENV_RE.fullmatch(value) or value.split("://", 1)[0] in ("redis", "rediss", "unix"):
+    """redis://, rediss:// or unix:// (a Redis URL the client can use: port, options), or
+    env:VAR holding one (checked at start-up)."""
+    if ENV_RE.fullmatch(value):
         return value
-    raise ValueError(f"expected a Redis URL (redis://host:6379/0) or env:VAR, got {value!r}")
+    if value.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        raise ValueError(f"expected a Redis URL (redis://host:6379/0) or env:VAR, got {value!r}")
+    from sluice.proxy.limit_redis import check_url  # noqa: PLC0415 (imports redis)
+
+    try:
+        check_url(value)
+    except ValueError as exc:
+        raise ValueError(f"not a usable Redis URL: {exc}") from None
+    return value
 
 
 def _check_records_url(value: str) -> str:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from sluice.control.config.build import BuiltConfig
 from sluice.control.errors import CliError
-from sluice.proxy.limit_redis import RedisPermitStore
+from sluice.proxy.limit_redis import RedisPermitStore, check_url
 from sluice.proxy.limit_store import store_factory
 from sluice.proxy.limits import LimiterRegistry
 from sluice.proxy.metrics import Metrics
@@ -59,6 +59,13 @@ def store_url(built: BuiltConfig, environ: dict[str, str] | None = None) -> str 
         url = env.get(name, "")
         if not url:
             raise CliError(f"limits.store is {gateway.limits.store} but ${name} is unset or empty")
+        try:
+            check_url(url)  # a literal URL passed the same check in the config's validation
+        except ValueError as exc:
+            raise CliError(
+                f"limits.store is {gateway.limits.store} but ${name} is not a usable Redis "
+                f"URL: {exc}"
+            ) from None
     return url
 
 
@@ -80,13 +87,16 @@ async def start_limit_store(
     if url is not None:
         assert built.gateway is not None
         limits = built.gateway.limits
-        redis_store = RedisPermitStore(
-            url,
-            lease=limits.lease,
-            timeout=limits.store_timeout,
-            keep_idle=limits.keep_idle,
-            expected_processes=expected_processes(built, workers),
-        )
+        try:
+            redis_store = RedisPermitStore(
+                url,
+                lease=limits.lease,
+                timeout=limits.store_timeout,
+                keep_idle=limits.keep_idle,
+                expected_processes=expected_processes(built, workers),
+            )
+        except (ValueError, TypeError) as exc:  # what check_url has not foreseen
+            raise CliError(f"limits.store is not a usable Redis URL: {exc}") from None
         _watch(redis_store.on_change, metrics, "redis")
         await redis_store.start()
         registry = LimiterRegistry(
