@@ -48,9 +48,8 @@ class StoreBack(Exception):
 class PermitStore(Protocol):
     """Where shared permits live. `take` raises LimitExceeded (queue full, wait expired) or
     StoreDown; on cancellation it leaves the queue or gives a just-granted permit back. It
-    should queue for `limiter.wait_left()`, what is left of the request's max_wait (it may
-    have waited for the local share already): Redis does; the supervisor's permit server
-    still queues for the whole max_wait."""
+    queues for `limiter.wait_left()`, what is left of the request's max_wait (it may have
+    waited for the local share already)."""
 
     on_change: list[Callable[[bool], None]]  # called on each change of `up`
 

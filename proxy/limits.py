@@ -117,8 +117,10 @@ class Limiter:
         """Takes a permit, waiting in the queue if needed."""
         return Permit(self.release, await self.take())
 
-    async def take(self) -> float:
-        """Takes a permit (give it back with `release()`); returns the seconds waited."""
+    async def take(self, max_wait: float | None = None) -> float:
+        """Takes a permit (give it back with `release()`); returns the seconds waited.
+        `max_wait`: this request's own bound on the wait, when shorter than the queue's (it
+        waited elsewhere first: the supervisor's permit server, limit_store.py)."""
         if self.in_use < self.max_concurrency and not self._waiters:
             self.in_use += 1
             return 0.0
@@ -129,7 +131,8 @@ class Limiter:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         started = time.monotonic()
-        timer = loop.call_later(self.queue.max_wait, _expire, waiter)
+        wait = self.queue.max_wait if max_wait is None else min(max_wait, self.queue.max_wait)
+        timer = loop.call_later(wait, _expire, waiter)
         try:
             await waiter
         except _Expired:

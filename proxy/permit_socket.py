@@ -9,8 +9,9 @@ dies, the kernel closes its socket and the server gives back every permit it hel
 drops its queued requests at once: no lease to wait for.
 
 Lines (ASCII, space-separated; names never contain spaces):
-  worker -> server  `A <id> <max_concurrency> <queue_max> <queue_max_wait> <set_at> <name>`:
-                    take a permit; `R <id>`: give it back, or leave the queue
+  worker -> server  `A <id> <max_concurrency> <queue_max> <queue_max_wait> <set_at> <wait>
+                    <name>`: take a permit, waiting `wait` seconds at most (what is left
+                    of the request's max_wait); `R <id>`: give it back, or leave the queue
   server -> worker  `G <id> <waited>`: granted;  `X <id> <reason> <queued>`: refused
 Each request carries its worker's numbers for the limiter and when that worker set them
 (`set_at`, the host's monotonic clock: at start-up or at the reload that changed them).
@@ -85,9 +86,9 @@ class PermitServer:
         held: dict[str, Permit] = {}
         waiting: dict[str, asyncio.Task[None]] = {}
 
-        async def take(rid: str, limiter: Limiter) -> None:
+        async def take(rid: str, limiter: Limiter, wait: float) -> None:
             try:
-                waited = await limiter.take()
+                waited = await limiter.take(wait)
             except LimitExceeded as exc:
                 writer.write(f"X {rid} {exc.reason} {limiter.queued}\n".encode())
                 return
@@ -102,10 +103,10 @@ class PermitServer:
                 if not line:
                     break
                 parts = line.decode("ascii", "replace").split()
-                if len(parts) == 7 and parts[0] == "A":
-                    rid, name = parts[1], parts[6]
+                if len(parts) == 8 and parts[0] == "A":
+                    rid, name = parts[1], parts[7]
                     limiter = self._limiter(name, int(parts[2]), parts[3:6])
-                    waiting[rid] = asyncio.create_task(take(rid, limiter))
+                    waiting[rid] = asyncio.create_task(take(rid, limiter, float(parts[6])))
                 elif len(parts) == 2 and parts[0] == "R":
                     permit = held.pop(parts[1], None)
                     if permit is not None:
@@ -228,14 +229,15 @@ class SocketPermitStore:
         future: asyncio.Future[tuple[bool, str, str]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         queue = limiter.queue
+        wait = limiter.wait_left()  # it may have waited for the local share first
         writer.write(
             f"A {rid} {limiter.max_concurrency} {queue.max_len} {queue.max_wait} "
-            f"{limiter.configured_at!r} {limiter.name}\n".encode()
+            f"{limiter.configured_at!r} {wait!r} {limiter.name}\n".encode()
         )
         generation = self._generation
         try:
             granted, first, second = await asyncio.wait_for(
-                asyncio.shield(future), queue.max_wait + STORE_GRACE
+                asyncio.shield(future), wait + STORE_GRACE
             )
         except TimeoutError:
             self._pending.pop(rid, None)

@@ -65,3 +65,31 @@ async def _scenario(path: Path) -> None:
 @pytest.mark.timeout(30)
 def test_the_shared_limiter_takes_the_numbers_set_last(tmp_path: Path) -> None:
     asyncio.run(_scenario(tmp_path / "permits.sock"))
+
+
+async def _short_wait(path: Path) -> tuple[bytes, float]:
+    server = PermitServer(path)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        # The limiter's own max_wait is 5 s; the second request has 0.3 s of it left.
+        writer.write(b"A 1 1 4 5.0 1.0 5.0 app:a\nA 2 1 4 5.0 1.0 0.3 app:a\n")
+        granted = await reader.readline()
+        assert granted.startswith(b"G 1 "), granted
+        started = asyncio.get_running_loop().time()
+        refused = await asyncio.wait_for(reader.readline(), 4.0)
+        writer.close()
+        return refused, asyncio.get_running_loop().time() - started
+    finally:
+        await server.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_request_waits_at_the_server_only_what_is_left_of_its_max_wait(
+    tmp_path: Path,
+) -> None:
+    """A request that waited for its worker's local share first (the server was out of
+    reach) has only the rest of its max_wait left; the server's queue keeps it no longer."""
+    refused, waited = asyncio.run(_short_wait(tmp_path / "permits.sock"))
+    assert refused.startswith(b"X 2 queue_timeout "), refused
+    assert 0.25 <= waited < 2.0
