@@ -31,6 +31,7 @@ from .text import chat_prompt_text, count_chat_tokens, count_text_tokens
 Kind = Literal["chat", "completion"]
 
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+MAX_N = 1024  # choices per request the simulator serves
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 
 
@@ -328,6 +329,10 @@ def parse_generation(
     # answer param null, as n's does).
     if n is not None and n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
+    if n is not None and n > MAX_N:
+        # The simulator's own bound, not vLLM's: it builds every choice in memory, and
+        # `"n": 1e20` grew one to 23 GB until the kernel killed it (a shared test machine).
+        raise bad_request(f"n must be at most {MAX_N} in the simulator, got {n}.")
     sampling.check_penalties()
     if temperature is not None and temperature < 0:
         raise param_error(

@@ -356,6 +356,8 @@ def test_metrics_names_and_labels(sim, transcripts):
         ({"min_tokens": 9}, "min_tokens must be less than or equal to max_tokens=4, got 9."),
         # the order of the checks: n first, then the penalties, then temperature
         ({"n": 0, "presence_penalty": 9}, "n must be at least 1, got 0."),
+        # the simulator's own bound (it builds every choice in memory), not vLLM's
+        ({"n": 1e20}, "n must be at most 1024 in the simulator, got 100000000000000000000."),
         (
             {"presence_penalty": 9, "temperature": -1},
             "presence_penalty must be in [-2, 2], got 9.0.",
