@@ -1,15 +1,22 @@
-"""The last config that validated, for a worker the supervisor starts again.
+"""The config a worker of `--workers N` starts from when the supervisor starts it again.
 
-Under `--workers N` each worker reads the config directory when it starts. One that died
-while an invalid edit sat in the directory refused to start, again and again with
-back-off, and the host served on fewer workers until someone fixed the file, although its
-siblings kept serving the last good config. Each worker now writes the files of every
-config it serves into one file the supervisor names (LAST_GOOD_ENV); a worker that finds
-the directory invalid when it starts serves those files instead, reports the directory's
-errors as its last reload, and watches the directory like the others.
+Each worker read the config directory when it started. One that died while an invalid
+edit sat in the directory refused to start, again and again with back-off; one that died
+after an edit a reload refuses (every app removed: API keys off) or cannot apply (a
+field read only at start-up, such as `limits.store`) served that edit, beside siblings
+that do not. Now, in the directory the supervisor names (STATE_DIR_ENV):
 
-The file holds the files' names and bytes (JSON, base64), so the config built from it has
-the version its siblings serve. It is replaced whole (a temporary file renamed over it).
+- `started.json`: the files the first workers started from. A worker started again
+  starts from them too, so what is read only at start-up (the limit store, the records
+  writer, the cache-salt key file) is its siblings', and a change to it still says
+  "restart required";
+- `last-good.json`: the files of the last config a worker applied. The worker started
+  again then applies it as a reload, then reloads from the directory, through the
+  reload's checks like its siblings: it serves what they serve and reports what they
+  report.
+
+Each file holds the files' names and bytes (JSON, base64), so a config built from it has
+the version its siblings report. It is replaced whole (a temporary file renamed over it).
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import orjson
 import structlog
 from sluice.control.config.loader import ConfigFiles, SourceFile
 
-LAST_GOOD_ENV: Final = "SLUICE_LAST_GOOD_CONFIG"
+STATE_DIR_ENV: Final = "SLUICE_CONFIG_STATE_DIR"
+STARTED: Final = "started.json"
+LAST_GOOD: Final = "last-good.json"
 
 _log = structlog.get_logger("sluice.config")
 
 
-def last_good_path() -> Path | None:
-    """The file the supervisor named for this worker, or None (a single process)."""
-    value = os.environ.get(LAST_GOOD_ENV)
+def state_dir() -> Path | None:
+    """The directory the supervisor named for its workers, or None (a single process)."""
+    value = os.environ.get(STATE_DIR_ENV)
     return Path(value) if value else None
 
 

@@ -190,8 +190,9 @@ class ConfigReloader:
             if version == self._current.version:
                 return self._unchanged(), files
             built = build_config(files, backend_override=self._override)
-            if self._current.snapshot.requires_auth and not built.snapshot.requires_auth:
-                return self._failed(version, [self._keys_off()], []), None
+            opened = self._opens(built)
+            if opened is not None:
+                return self._failed(version, [opened], []), None
         except ConfigInvalid as exc:
             errors = [str(i) for i in exc.issues]
             return self._failed(version, errors, [str(w) for w in exc.warnings]), None
@@ -223,13 +224,24 @@ class ConfigReloader:
         )
         return result, files
 
-    def _keys_off(self) -> str:
-        # Fail closed: an edit that drops every app reads the same as a gateway.yaml caught
-        # half-written before its `apps:`, and applying it would open the gateway to anyone.
-        return (
-            f"{self._dir}: apps: the edit removes every app, which would turn API keys off; "
-            "a reload never does that: restart sluice to serve without keys"
-        )
+    def _opens(self, new: BuiltConfig) -> str | None:
+        """Why `new` may not replace what serves, when it drops a check on who may call:
+        every app (API keys off) or the edge's origin secret. Fail closed: such an edit
+        reads the same as a gateway.yaml caught half-written before its `apps:` or `edge:`,
+        and applying it would open the gateway to anyone. A restart applies it."""
+        running = self._current.snapshot
+        if running.requires_auth and not new.snapshot.requires_auth:
+            return (
+                f"{self._dir}: apps: the edit removes every app, which would turn API keys "
+                "off; a reload never does that: restart sluice to serve without keys"
+            )
+        if running.origin_secret_hash is not None and new.snapshot.origin_secret_hash is None:
+            return (
+                f"{self._dir}: edge.origin_secret: the edit removes it, which would let "
+                "requests skip the edge; a reload never does that: restart sluice to serve "
+                "without it"
+            )
+        return None
 
     def _count(self, outcome: ReloadOutcome, error: str | None) -> None:
         self._counts[outcome] += 1

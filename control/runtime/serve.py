@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvloop
@@ -43,13 +44,12 @@ from sluice.proxy.websocket import WebSocketUpgrade
 from . import lastgood
 from .admin import admin_routes, status_body
 from .console import attach_console
-from .lastgood import last_good_path
 from .limits import start_limit_store, start_stream_store, store_url
 from .logs import access_lines, configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
 from .reloader import ConfigReloader, ReloadResult
 from .saltkey import load_or_create_key
-from .supervisor import WORKER_ENV, supervise
+from .supervisor import RESTARTED_ENV, WORKER_ENV, supervise
 
 DEMO_SIM_PORT = 8100
 # Longest a reload thread waits for the event loop to run the swap (a loop that busy is
@@ -132,9 +132,9 @@ class Loaded:
     """The config a process starts with."""
 
     built: BuiltConfig
-    # The directory's errors when `built` is the last good config instead (a worker the
-    # supervisor started again while an invalid edit sits in the directory: lastgood.py).
-    directory_invalid: ConfigInvalid | None = None
+    # A worker the supervisor started again: `built` is what the first workers started
+    # from; serve() then applies its siblings' last config and the directory as reloads.
+    restarted: bool = False
 
 
 def load(options: ServeOptions) -> Loaded:
@@ -148,24 +148,25 @@ def load(options: ServeOptions) -> Loaded:
             )
         except ConfigInvalid as exc:
             raise CliError(f"invalid config, not starting:\n{exc}") from None
-    last_good = last_good_path() if os.environ.get(WORKER_ENV) is not None else None
+    state = lastgood.state_dir() if os.environ.get(WORKER_ENV) is not None else None
+    if state is not None and os.environ.get(RESTARTED_ENV, "0") != "0":
+        started = _build_saved(state / lastgood.STARTED, options.config_dir, options.backend)
+        if started is not None:
+            return Loaded(started, restarted=True)
     try:
         files = read_config_files(options.config_dir)
         built = build_config(files, backend_override=options.backend)
     except ConfigInvalid as exc:
-        fallback = _last_good(options.config_dir, options.backend, last_good)
-        if fallback is None:
-            raise CliError(f"invalid config, not starting:\n{exc}") from None
-        return Loaded(fallback, directory_invalid=exc)
-    if last_good is not None:
-        lastgood.save(last_good, files)
+        raise CliError(f"invalid config, not starting:\n{exc}") from None
+    if state is not None:  # one of the first workers
+        if not (state / lastgood.STARTED).exists():
+            lastgood.save(state / lastgood.STARTED, files)
+        lastgood.save(state / lastgood.LAST_GOOD, files)
     return Loaded(built)
 
 
-def _last_good(directory: Path, backend: str | None, path: Path | None) -> BuiltConfig | None:
-    """The config a sibling worker last served, when there is one and it still builds."""
-    if path is None:
-        return None
+def _build_saved(path: Path, directory: Path, backend: str | None) -> BuiltConfig | None:
+    """The config saved in `path` (lastgood.py), when there is one and it builds."""
     files = lastgood.load(path, directory, display_path(directory))
     if files is None:
         return None
@@ -173,6 +174,22 @@ def _last_good(directory: Path, backend: str | None, path: Path | None) -> Built
         return build_config(files, backend_override=backend)
     except ConfigInvalid:
         return None
+
+
+def _catch_up(reloader: ConfigReloader, state: Path, directory: Path, log: Any) -> None:
+    """A worker started again from the first workers' start-up config: applies the last
+    config its siblings applied, then the directory, each as a reload (its checks, its
+    errors, its `restart_required`), so it serves and reports what they do."""
+    siblings = lastgood.load(state / lastgood.LAST_GOOD, directory, display_path(directory))
+    if siblings is not None:
+        reloader.reload_now(siblings, trigger="start-up: the other workers' config")
+    result = reloader.reload_now(trigger="start-up")
+    log.info(
+        "worker_caught_up",
+        version=result.version,
+        directory=result.result,
+        errors=list(result.errors),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,6 +305,7 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
         loop.call_soon_threadsafe(swap)
         done.wait(SWAP_WAIT_S)
 
+    worker_state: Path | None = None  # lastgood.py's directory, in a worker of --workers N
     if options.config_dir is not None:
         reloader = ConfigReloader(
             options.config_dir,
@@ -296,16 +314,9 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
             initial=built,
             on_result=observer.on_reload,
         )
-        last_good = last_good_path() if os.environ.get(WORKER_ENV) is not None else None
-        if last_good is not None:
-            reloader.listeners.append(_saver(last_good))
-        if loaded.directory_invalid is not None:
-            log.warning(
-                "config_invalid_serving_last_good",
-                version=built.version,
-                errors=[str(issue) for issue in loaded.directory_invalid.issues],
-            )
-            reloader.reload_now(trigger="start-up")  # the directory's errors, as a reload's
+        worker_state = lastgood.state_dir() if os.environ.get(WORKER_ENV) is not None else None
+        if worker_state is not None:
+            reloader.listeners.append(_saver(worker_state / lastgood.LAST_GOOD))
     limits = await start_limit_store(built, options.workers, observer.metrics)
     app = ProxyApp(
         ref,
@@ -363,6 +374,10 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
     health = attach_health(app, registry=registry)
     load_scraper = attach_load_scraper(app)
     shared_index = attach_shared_index(built, app)
+    if loaded.restarted and reloader is not None and worker_state is not None:
+        assert options.config_dir is not None
+        _catch_up(reloader, worker_state, options.config_dir, log)  # everything is attached
+        snapshot = ref.current
     state = ServerState(
         app,
         app.max_body_bytes,

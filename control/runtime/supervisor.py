@@ -22,10 +22,11 @@ from prometheus_client.multiprocess import mark_process_dead
 from sluice.proxy.metrics import MULTIPROC_ENV
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
 
-from .lastgood import LAST_GOOD_ENV
+from .lastgood import STATE_DIR_ENV
 from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
+RESTARTED_ENV = "SLUICE_WORKER_RESTARTS"  # how often its slot was started again (0: first)
 SUPERVISOR_POLL_S = 0.1
 # A worker that dies is started again after 0.5 s, then 1, 2, 4... up to 30 s while it
 # keeps dying within STABLE_S of its start; one that ran that long starts over at 0.5 s.
@@ -88,10 +89,10 @@ def supervise(
     if metrics:
         metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
         env[MULTIPROC_ENV] = metrics_dir
-    # Where the workers keep the last config that validated, for one started again while
-    # an invalid edit sits in the directory (lastgood.py).
+    # Where the workers keep the config they started from and the last one they applied,
+    # for a worker started again (lastgood.py).
     config_dir = tempfile.mkdtemp(prefix="sluice-config-")
-    env[LAST_GOOD_ENV] = os.path.join(config_dir, "last-good.json")
+    env[STATE_DIR_ENV] = config_dir
     permits = None
     if permit_server:
         # No Redis: the supervisor owns the permits, so a limit holds across the workers.
@@ -101,6 +102,7 @@ def supervise(
     waiting: list[_Worker] = []  # dead, to be started again at their `restart_at`
     codes: list[int] = []
     stopping = False
+    stop_signal: int | None = None
 
     def start(slot: _Worker) -> None:
         # A reload request (SIGHUP) must not kill a worker that is starting: it is born
@@ -109,16 +111,20 @@ def supervise(
         # supervisor's own SIGHUP waits meanwhile and is forwarded right after.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            proc = subprocess.Popen(argv, env={**env, WORKER_ENV: str(slot.worker_id)})
+            worker_env = {WORKER_ENV: str(slot.worker_id), RESTARTED_ENV: str(slot.restarts)}
+            proc = subprocess.Popen(argv, env={**env, **worker_env})
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         slot.proc, slot.started = proc, time.monotonic()
         workers[proc.pid] = slot
+        if stopping:  # SIGTERM or SIGINT came while it started: it was not forwarded to it
+            proc.send_signal(stop_signal or signal.SIGTERM)
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_signal
         if signum != signal.SIGHUP:
             stopping = True  # a worker that exits now is not restarted
+            stop_signal = signum
             waiting.clear()
         for slot in workers.values():
             if slot.proc.poll() is None:

@@ -4,7 +4,9 @@ and /admin/config until a restart; limits follow the swap."""
 
 from __future__ import annotations
 
-from tests.reload.fixtures import ConfigDir, Gateway, StartGateway, write_in_place
+import hashlib
+
+from tests.reload.fixtures import PICKER_KEY, ConfigDir, Gateway, StartGateway, write_in_place
 
 
 def test_listen_change_needs_a_restart_and_says_so(
@@ -41,3 +43,22 @@ def test_a_reload_never_turns_api_keys_off(config: ConfigDir, start_gateway: Sta
     assert gateway.client.post("/v1/chat/completions", json=body).status_code == 401
     assert config.save("gateway.yaml", text, write_in_place) == before
     gateway.wait_until(lambda s: s["last_result"] == "ok", "the revert")
+
+
+def test_a_reload_never_drops_the_origin_secret(
+    config: ConfigDir, start_gateway: StartGateway
+) -> None:
+    """The same for `edge.origin_secret`: an edit without it (or a gateway.yaml cut off
+    before `edge:`) would let requests skip the edge; it is refused."""
+    digest = hashlib.sha256(b"edge-s3cret").hexdigest()
+    text = config.files["gateway.yaml"]
+    with_secret = text + f"edge: {{origin_secret: 'sha256:{digest}'}}\n"
+    assert config.save("gateway.yaml", with_secret, write_in_place) is not None
+    gateway: Gateway = start_gateway(config)
+    before = config.version()
+    assert config.save("gateway.yaml", text, write_in_place) is not None
+    state = gateway.wait_until(lambda s: s["last_result"] == "error", "the refused reload")
+    assert "edge.origin_secret: the edit removes it" in state["last_error"], state
+    assert state["version"] == before
+    resp = gateway.client.get("/v1/models", headers={"authorization": f"Bearer {PICKER_KEY}"})
+    assert resp.status_code == 403 and "origin_secret_required" in resp.text, resp.text

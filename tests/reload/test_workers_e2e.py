@@ -324,8 +324,11 @@ def test_a_worker_restarted_during_an_invalid_edit_serves_the_last_good_config(
         assert time.monotonic() < deadline, gateway.log_events("worker_died")
         time.sleep(0.05)
     assert [e["code"] for e in gateway.log_events("worker_died")] == [-signal.SIGKILL]
-    (event,) = gateway.wait_logged("config_invalid_serving_last_good")
-    assert event["version"] == before and "modes.yaml:5:10" in event["errors"][0], event
+    events = gateway.wait_logged("worker_caught_up")
+    assert len(events) == 1, (events, gateway.log_events("worker_died"))
+    (event,) = events
+    assert event["version"] == before and event["directory"] == "error", event
+    assert "modes.yaml:5:10" in event["errors"][0], event
     clients[victim].close()
     for _ in range(200):  # a connection to the new worker
         client = PinnedClient(gateway.url, {new_pid, *clients})
@@ -346,3 +349,59 @@ def test_a_worker_restarted_during_an_invalid_edit_serves_the_last_good_config(
         assert time.monotonic() < deadline, (client.admin_config(), survivor.admin_config())
         time.sleep(0.02)
     client.close()
+
+
+def _pin_new_worker(gateway: Gateway, clients: dict[int, PinnedClient]) -> PinnedClient:
+    """A connection to the worker started again after one of `clients`' workers died."""
+    new_pid = gateway.wait_logged("worker_restarted")[0]["pid"]
+    deadline = time.monotonic() + DEADLINE_S
+    while not [e for e in gateway.log_events("serving") if e["pid"] == new_pid]:
+        assert time.monotonic() < deadline, gateway.log_events("worker_died")
+        time.sleep(0.05)
+    for _ in range(200):
+        client = PinnedClient(gateway.url, {new_pid, *clients})
+        if client.pid == new_pid:
+            return client
+        client.close()
+    raise AssertionError("200 connections never reached the new worker")
+
+
+@pytest.mark.slow
+def test_a_worker_restarted_after_a_refused_edit_refuses_it_too(
+    pinned: tuple[Gateway, dict[int, PinnedClient]], config: ConfigDir
+) -> None:
+    """An edit that removes every app is refused by a reload (keys stay required); a
+    worker started again afterwards goes through the same reload, not around it, and an
+    edit of a field read only at start-up is still "restart required" there."""
+    gateway, clients = pinned
+    before = config.version()
+    text = config.files["gateway.yaml"]
+    no_apps = text.replace(text[text.index("apps:\n") : text.index("experiments:\n")], "")
+    assert config.save("gateway.yaml", no_apps, write_in_place) is not None
+    deadline = time.monotonic() + DEADLINE_S
+    while not all(c.admin_config()["last_result"] == "error" for c in clients.values()):
+        assert time.monotonic() < deadline, [c.admin_config() for c in clients.values()]
+        time.sleep(0.02)
+    victim = min(clients)
+    os.kill(victim, signal.SIGKILL)
+    clients.pop(victim).close()
+    new = _pin_new_worker(gateway, clients)
+    state = new.admin_config()
+    assert state["version"] == before and state["last_result"] == "error", state
+    assert "turn API keys off" in state["last_error"]
+    body = chat_body(max_tokens=2)
+    for _ in range(5):
+        assert new.client.post("/v1/chat/completions", json=body).status_code == 401
+
+    # A field read only at start-up: the new worker keeps its siblings' and says so.
+    edited = text + "records: {path: null}\n"
+    version = config.save("gateway.yaml", edited, write_in_place)
+    assert version is not None
+    survivor = next(iter(clients.values()))
+    deadline = time.monotonic() + DEADLINE_S
+    while {new.version(), survivor.version()} != {version}:
+        assert time.monotonic() < deadline, (new.admin_config(), survivor.admin_config())
+        time.sleep(0.02)
+    assert new.admin_config()["restart_required"] == ["records"]
+    assert survivor.admin_config()["restart_required"] == ["records"]
+    new.close()
