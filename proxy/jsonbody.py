@@ -28,7 +28,9 @@ MAX_DEPTH: Final = 128
 # end of the body (a lone backslash last included): a match that could fail there made
 # the search start again at every quote inside it, quadratic in the body (a 64 KB body of
 # escaped quotes after an opening one held the event loop for 13 s, before any key).
-_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+# Possessive (nothing here ever needs to be given back): the engine keeps no backtracking
+# state per escape (270 MB for a 4 MiB body of them, 22 MB possessive).
+_STRING: Final = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 # Bodies up to this size are counted as text (a copy cheaper than two calls' overhead).
 _TEXT_COUNT_BELOW: Final = 4096
