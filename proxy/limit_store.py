@@ -167,8 +167,12 @@ class StoreLimiter:
             try:
                 handle, waited = await self.store.take(self)
             except StoreDown:
-                pass  # the store just went away: this request takes the local share
+                # The store just went away: this request takes the local share, unless
+                # the drain sent it away meanwhile (its cancellation swallowed by the wait).
+                if self._kept_cancelled(task) == "shutdown":
+                    raise LimitExceeded(self.name, "shutdown", 1) from None
             except LimitExceeded:
+                self._kept_cancelled(task)  # refused anyway: forget a swallowed cancellation
                 self._remote_rejected += 1
                 raise
             except asyncio.CancelledError:
@@ -216,11 +220,14 @@ class StoreLimiter:
         self.fallback.rejected += 1
         raise LimitExceeded(self.name, reason, self.retry_after()) from None
 
-    def _kept_cancelled(self, task: asyncio.Task[object]) -> None:
-        """A permit came in the same tick as this limiter's cancellation, which the wait
-        swallowed: the request keeps the permit."""
-        if self._ending.pop(task, None) is not None:
+    def _kept_cancelled(self, task: asyncio.Task[object]) -> str | None:
+        """The wait ended otherwise in the same tick as this limiter's cancellation, which
+        it swallowed (a permit came: the request keeps it): withdraws the cancellation;
+        returns why it was sent, if it was."""
+        reason = self._ending.pop(task, None)
+        if reason is not None:
             task.uncancel()
+        return reason
 
     def _give_back(self, handle: Hashable) -> None:
         self._remote_in_use -= 1
