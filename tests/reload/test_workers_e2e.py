@@ -176,7 +176,20 @@ def test_an_admin_reload_of_one_worker_reloads_every_worker(
     supervisor forwards SIGHUP), as a SIGHUP to the supervisor does: an edit the watchers
     missed (a network filesystem, a file linked from elsewhere) reaches them all."""
     _, clients = pinned
-    before = {pid: sum(c.admin_config()["reloads"].values()) for pid, c in clients.items()}
+
+    def counts() -> dict[int, int]:
+        return {pid: sum(c.admin_config()["reloads"].values()) for pid, c in clients.items()}
+
+    # Once the fixture's probes are all counted (no reload of theirs comes late).
+    before = counts()
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        time.sleep(0.5)
+        now = counts()
+        if now == before:
+            break
+        before = now
+        assert time.monotonic() < deadline, "the workers' reload counts never settled"
     asked_pid, asked = next(iter(clients.items()))
     reply = asked.client.post("/admin/reload", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
     assert reply.status_code == 200, reply.text
@@ -188,6 +201,8 @@ def test_an_admin_reload_of_one_worker_reloads_every_worker(
         while sum(client.admin_config()["reloads"].values()) < wanted:
             assert time.monotonic() < deadline, (pid, client.admin_config())
             time.sleep(0.02)
+    time.sleep(0.5)
+    assert counts() == {p: before[p] + (2 if p == asked_pid else 1) for p in clients}
 
 
 def children_of(pid: int) -> list[int]:

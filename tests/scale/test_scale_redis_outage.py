@@ -118,7 +118,7 @@ def test_a_queued_request_has_one_deadline_across_store_changes(redis: RedisServ
                 await asyncio.wait_for(waiter, 15)
             waited = time.monotonic() - started
             assert refused.value.reason == "queue_timeout"
-            assert 6.0 - 0.1 < waited < 6.0 + 0.8, waited  # was 7.3 or 10.7 s
+            assert 6.0 - 0.1 < waited < 7.0, waited  # was 7.3 or 10.7 s (a loaded machine: +1 s)
             holder.release()
         finally:
             await store.aclose()
@@ -129,7 +129,7 @@ def test_a_queued_request_has_one_deadline_across_store_changes(redis: RedisServ
 @pytest.mark.timeout(60)
 def test_falling_back_takes_one_store_timeout(redis: RedisServer) -> None:
     async def scenario() -> None:
-        store = await _store(redis, lease=10, timeout=1.0)
+        store = await _store(redis, lease=10, timeout=2.0)
         limiter = _limiter(store, 2, QueueLimits(max_len=4, max_wait=5.0))
         try:
             (await limiter.acquire()).release()  # a connection in the pool
@@ -139,7 +139,7 @@ def test_falling_back_takes_one_store_timeout(redis: RedisServer) -> None:
             permit = await limiter.acquire()  # from the local share
             waited = time.monotonic() - started
             assert not store.up
-            assert waited < 1.0 + 0.6, waited  # was 2.0 s: the timed-out call sent again
+            assert waited < 2.0 + 1.3, waited  # was 4.0 s: the timed-out call sent again
             permit.release()
         finally:
             await store.aclose()
