@@ -100,22 +100,34 @@ class PgConnection:
     transaction)."""
 
     def __init__(self, url: str, *, create: bool) -> None:
-        self._conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+        self._url = url
+        self._conn = self._connect()
         self._tx: list[AbstractContextManager[Any]] = []
         if create:
             with self._conn.transaction():
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 self._conn.execute(PG_SCHEMA)
 
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, opened again when the server closed it (a restart, a failover):
+        the call that found it closed failed (its batch is dropped and counted); the next
+        one connects. While the server is down, each call fails at connecting."""
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+        return self._conn
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Iterable[Any]:
-        return self._conn.execute(sql.replace("?", "%s"), params)
+        return self._live().execute(sql.replace("?", "%s"), params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        with self._conn.cursor() as cursor:
+        with self._live().cursor() as cursor:
             cursor.executemany(sql.replace("?", "%s"), rows)
 
     def __enter__(self) -> PgConnection:
-        tx = self._conn.transaction()
+        tx = self._live().transaction()
         tx.__enter__()
         self._tx.append(tx)
         return self

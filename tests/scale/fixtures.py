@@ -143,12 +143,20 @@ class PostgresServer:
         self.data = self.root / "data"
         self.port = free_port()
         self._run("initdb", "-D", str(self.data), "-U", "sluice", "-A", "trust", "--no-sync")
+        self._start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "sluice", "records")
+
+    def _start(self) -> None:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", opts, "-w", "-t", "30",
             "-l", str(self.root / "pg.log"), "start",
         )  # fmt: skip
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "sluice", "records")
+
+    def restart(self) -> None:
+        """Stopped (every connection closed by the server) and started again."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._start()
 
     def _run(self, program: str, *args: str, check: bool = True) -> None:
         argv = [*self.as_user, str(self.bin / program), *args]

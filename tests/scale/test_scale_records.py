@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -90,3 +92,53 @@ def test_records_from_two_replicas_in_postgres(start, slow_sim, postgres, tmp_pa
     body = json.loads(report.stdout)
     assert sum(v["n"] for v in body["variants"]) == 12
     assert postgres.url.split("@")[0] not in report.stderr  # no credentials in messages
+
+
+def _chat(replica: Any, user: str) -> str:
+    resp = httpx.post(
+        replica.url + "/v1/chat/completions",
+        json={"model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {KEY}", "x-user-id": user},
+        timeout=10,
+    )
+    assert resp.status_code == 200, resp.text
+    return str(resp.headers["x-request-id"])
+
+
+def test_records_and_feedback_resume_after_postgres_restarts(
+    start, slow_sim, postgres, tmp_path: Path
+) -> None:
+    """The writer's connection dies with the server; once PostgreSQL is back, records
+    and feedback go through again (they were lost, and feedback answered 503, until
+    sluice itself restarted). What came while it was down is dropped and counted."""
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "gateway.yaml").write_text(GATEWAY.format(sim_url=slow_sim.url, key=key_line(KEY)))
+    (config / "warm.yaml").write_text("kind: Preset\ngeneration: {temperature: 0.7}\n")
+    (config / "cold.yaml").write_text("kind: Preset\ngeneration: {temperature: 0.1}\n")
+    replica = start(config, env={"SLUICE_TEST_PG": postgres.url})
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE records, feedback")
+    before = {_chat(replica, f"before-{i}") for i in range(3)}
+
+    def recorded(ids: set[str]) -> bool:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            rows = conn.execute("SELECT request_id FROM records").fetchall()
+        return ids <= {row[0] for row in rows}
+
+    wait_until("the first records", lambda: recorded(before))
+    postgres.restart()
+    # The first write after the restart finds the connection closed; the next connects.
+    deadline = time.monotonic() + 20
+    while not recorded({_chat(replica, "probe")}):
+        assert time.monotonic() < deadline, "no record written after PostgreSQL restarted"
+        time.sleep(0.5)
+    after = {_chat(replica, f"after-{i}") for i in range(3)}
+    wait_until("every record after the restart", lambda: recorded(after))
+    rated = httpx.post(
+        replica.url + "/v1/feedback",
+        json={"request_id": next(iter(after)), "score": 1.0},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=10,
+    )
+    assert rated.status_code == 200, rated.text
