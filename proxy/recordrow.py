@@ -52,6 +52,10 @@ RecordRow = tuple[
 ]
 
 
+def _gone(ex: Exchange) -> str | None:
+    return "client_gone" if ex.client_disconnected else None
+
+
 def record_row(ex: Exchange) -> RecordRow:
     """`ex` as a row of RECORD_COLUMNS, in that order."""
     return (
@@ -65,7 +69,8 @@ def record_row(ex: Exchange) -> RecordRow:
         ex.config_version,
         ex.status,
         ex.finish_reason,
-        ex.timeout or ex.upstream_error or ex.error_code,
+        # A client that left mid-stream ends a 200 with no finish reason: said so.
+        ex.timeout or ex.upstream_error or ex.error_code or _gone(ex),
         ex.ttft,
         ex.mean_itl,
         ex.prompt_tokens,

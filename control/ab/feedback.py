@@ -31,6 +31,7 @@ from .records import RecordWriter, StoreUnavailable
 FEEDBACK_PATH = "/v1/feedback"
 LABELS = ("good", "bad")
 MAX_REQUEST_ID = 128  # as the x-request-id the proxy accepts
+MAX_SCORE = 1e6  # |score|: any rating scale; far from where the statistics overflow
 FIELDS = frozenset({"request_id", "score", "label"})
 
 
@@ -56,9 +57,16 @@ def parse_feedback(raw: bytes) -> Feedback:
                 param=str(key)[:64],
             )
     request_id = body.get("request_id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID:
+    if (
+        not isinstance(request_id, str)
+        or not 0 < len(request_id) <= MAX_REQUEST_ID
+        or not (request_id.isascii() and request_id.isprintable())
+    ):
+        # As the proxy takes a client's x-request-id: printable ASCII (a NUL reached
+        # PostgreSQL, which refused it, and the client was told to retry later).
         raise bad_request(
-            f"'request_id' must be the x-request-id of a response (1-{MAX_REQUEST_ID} chars)",
+            f"'request_id' must be the x-request-id of a response (1-{MAX_REQUEST_ID} "
+            "printable ASCII characters)",
             param="request_id",
         )
     score, label = body.get("score"), body.get("label")
@@ -67,8 +75,11 @@ def parse_feedback(raw: bytes) -> Feedback:
     if score is not None:
         if isinstance(score, bool) or not isinstance(score, int | float):
             raise bad_request("'score' must be a number", param="score")
-        if not math.isfinite(score):
-            raise bad_request("'score' must be a finite number", param="score")
+        if not math.isfinite(score) or abs(score) > MAX_SCORE:
+            # Bounded: the report sums squares of scores (1e200 overflowed it).
+            raise bad_request(
+                f"'score' must be a number from -{MAX_SCORE:g} to {MAX_SCORE:g}", param="score"
+            )
         return Feedback(request_id, score=float(score))
     if label not in LABELS:
         raise bad_request('\'label\' must be "good" or "bad"', param="label")

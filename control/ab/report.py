@@ -102,18 +102,25 @@ class Report:
 def _outcome(r: StoredRecord) -> str:
     if r.finish_reason:
         return r.finish_reason
-    if r.status == 499:
+    if r.status == 499 or r.error == "client_gone":
         return "client_gone"
     if r.error:
         return r.error
     return f"http_{r.status}" if r.status >= 400 else "none"
 
 
+def _succeeded(r: StoredRecord) -> bool:
+    """Generation that ended as the backend ended it: a 200 with a finish reason and no
+    error (a stream cut by a timeout, an upstream error or the client's leaving is a 200
+    too, and its tokens and time would skew the means)."""
+    return r.status == 200 and bool(r.finish_reason) and not r.error
+
+
 def _variant_stats(
     name: str, rows: Sequence[StoredRecord], total: int, weight: float | None
 ) -> VariantStats:
     ttfts = [r.ttft for r in rows if r.ttft is not None]
-    ok = [r for r in rows if r.status == 200 and r.tokens_out is not None]
+    ok = [r for r in rows if _succeeded(r)]
     duration = math.fsum(r.duration for r in ok)
     tokens = sum(r.tokens_out or 0 for r in ok)
     good = sum(1 for r in rows if r.label == "good")
@@ -343,13 +350,20 @@ def parse_since(value: str, now: float | None = None) -> float:
     except ValueError:
         pass
     else:
-        return (time.time() if now is None else now) - age
+        since = (time.time() if now is None else now) - age
+        if since < 0:  # before 1970: printing it as a date fails, and no record is older
+            raise CliError(f"--since {value!r}: goes back before 1970")
+        return since
     try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
+        since = datetime.fromisoformat(value).timestamp()
+    except (ValueError, OverflowError, OSError) as exc:
         raise CliError(
-            f"--since {value!r}: expected an age like 24h or 30m, or an ISO time"
+            f"--since {value!r}: expected an age like 24h or 30m, or an ISO time "
+            f"from 1970 on ({exc})"
         ) from None
+    if since < 0:
+        raise CliError(f"--since {value!r}: goes back before 1970")
+    return since
 
 
 def _config_and_db(args: argparse.Namespace) -> tuple[Experiment | None, str]:
@@ -390,7 +404,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except DB_ERRORS as exc:
         raise CliError(f"cannot read the records database {redact(db)}: {exc}") from None
-    report = build_report(args.experiment, records, config=config, db=db, since=since)
+    try:
+        report = build_report(args.experiment, records, config=config, db=redact(db), since=since)
+    except ArithmeticError as exc:  # scores recorded before they were bounded
+        raise CliError(f"the recorded scores are out of range for the statistics: {exc}") from None
     print(render_json(report) if args.json else render_text(report), end="")
     return 0
 

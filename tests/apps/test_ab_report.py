@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import threading
 from collections import Counter
@@ -18,7 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 from sluice.control.ab.records import StoredRecord, read_experiment
-from sluice.control.ab.report import build_report, render_text
+from sluice.control.ab.report import build_report, parse_since, render_text
+from sluice.control.errors import CliError
+from sluice.proxy.exchange import Exchange
+from sluice.proxy.recordrow import RECORD_COLUMNS, record_row
 
 from tests.apps.fixtures import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from tests.fixtures import ProcessServer, sluice_cmd
@@ -258,3 +262,36 @@ def test_three_variants_are_each_tested_against_the_first_with_bonferroni() -> N
     assert all(c.alpha == 0.025 for c in report.comparisons)
     assert report.comparisons[0].better == "b"
     assert report.comparisons[1].better is None
+
+
+def test_cut_short_streams_count_in_the_outcomes_not_in_the_means() -> None:
+    """A stream that timed out or whose client left is a 200 with no finish reason: it
+    counts as such in the finish column, and its tokens and time stay out of the means
+    (they were counted as successes: 6.2 mean tokens for 8-token answers)."""
+    done = [replace(r, tokens_out=8, duration=0.5) for r in _records("a", 10, 5)]
+    timed_out = [
+        replace(r, finish_reason=None, error="first_token_timeout", tokens_out=0, duration=2.0)
+        for r in _records("a", 2, 0)
+    ]
+    left = replace(_records("a", 1, 0)[0], finish_reason=None, error="client_gone", tokens_out=1)
+    (stats,) = build_report("e", [*done, *timed_out, left]).variants
+    assert stats.mean_tokens_out == 8.0
+    assert stats.tokens_per_second == 16.0
+    assert stats.finish == {"stop": 10, "first_token_timeout": 2, "client_gone": 1}
+
+
+@pytest.mark.parametrize("since", ["1000000000h", "0001-01-01", "1900-01-01T00:00:00+00:00"])
+def test_a_since_before_1970_is_a_one_line_error(since: str) -> None:
+    with pytest.raises(CliError, match=f"--since '{re.escape(since)}'"):
+        parse_since(since)
+
+
+def test_a_client_gone_mid_stream_is_recorded_as_such() -> None:
+    """A stream whose client left is a 200 with no finish reason; its record says why."""
+    ex = Exchange("r1", 0.0)
+    ex.status = 200
+    ex.client_disconnected = True
+    row = dict(zip(RECORD_COLUMNS, record_row(ex), strict=True))
+    assert row["error"] == "client_gone"
+    ex.timeout = "inter_token_timeout"  # what ended it first is named
+    assert dict(zip(RECORD_COLUMNS, record_row(ex), strict=True))["error"] == ex.timeout

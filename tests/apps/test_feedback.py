@@ -119,6 +119,10 @@ def test_authentication(proxy: AppsProxy) -> None:
         ({"request_id": "r" * 129, "score": 1}, "request_id"),
         ({"request_id": 5, "score": 1}, "request_id"),
         ({"request_id": "r", "score": 1, "comment": "x"}, "comment"),
+        ({"request_id": "r", "score": 1e200}, "score"),  # the report's sums overflowed
+        ({"request_id": "r", "score": -1.5e6}, "score"),
+        ({"request_id": "a\u0000b", "score": 1}, "request_id"),  # PostgreSQL refused it: 503
+        ({"request_id": "\u00e9" * 10, "score": 1}, "request_id"),  # never an x-request-id
         (["request_id", "r"], None),
     ],
 )

@@ -80,9 +80,11 @@ def test_records_from_two_replicas_in_postgres(start, slow_sim, postgres, tmp_pa
         rows = conn.execute("SELECT request_id, app, score FROM feedback").fetchall()
     assert rows == [(from_a, "support", 4.0)]
 
+    # A password in the URL (trust authentication ignores it) is never printed.
+    with_password = postgres.url.replace("sluice@", "sluice:hunter2@")
     report = subprocess.run(
         sluice_cmd("ab", "report", "tone", "--config", str(config), "--json"),
-        env={**os.environ, **env},
+        env={**os.environ, "SLUICE_TEST_PG": with_password},
         capture_output=True,
         text=True,
         timeout=60,
@@ -92,6 +94,7 @@ def test_records_from_two_replicas_in_postgres(start, slow_sim, postgres, tmp_pa
     body = json.loads(report.stdout)
     assert sum(v["n"] for v in body["variants"]) == 12
     assert postgres.url.split("@")[0] not in report.stderr  # no credentials in messages
+    assert "hunter2" not in report.stdout + report.stderr, report.stdout
 
 
 def _chat(replica: Any, user: str) -> str:
