@@ -251,6 +251,9 @@ class ProxyApp:
             if only is not None:
                 body["model"] = only
         choice = choose_route(snap, body, app, request)
+        # From here on a refusal (a denied field, a limit) names the variant and preset
+        # too, as every answer of the route does.
+        base_headers.extend(choice.headers)
         ex.route = choice.route.model
         ex.backend = choice.route.backend.name
         ex.preset = choice.plan.name
@@ -272,7 +275,7 @@ class ProxyApp:
             # Read the shared index while the permits are taken; settled before the choice.
             self.pools.router.share(route.backend, hint)
         n_choices = adapter.n_choices(body)
-        extra_headers = base_headers + choice.headers
+        extra_headers = base_headers  # with the choice's (never mutated past here)
 
         app_limiter = None
         if app is not None and app.max_concurrency is not None:

@@ -94,6 +94,27 @@ def test_response_headers_and_the_preset_sent(
     }
 
 
+def test_a_refusal_after_routing_names_the_variant_its_record_names(
+    experiment_proxy: AppsProxy,
+) -> None:
+    """A request refused once its variant is chosen (here for its `stream` flag) answers
+    with the variant and preset headers, as every answer of the route does, and as its
+    record says (they were missing on 400s and 429s)."""
+    expected = variants_of(experiment_proxy.url, USERS[:4])
+    for user in USERS[:4]:
+        resp = httpx.post(
+            experiment_proxy.url + "/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": 1},
+            headers={"Authorization": f"Bearer {SUPPORT_KEY}", "x-user-id": user},
+            timeout=10,
+        )
+        assert resp.status_code == 400, resp.text
+        got = (resp.headers.get("x-sluice-variant"), resp.headers.get("x-sluice-preset"))
+        assert got == expected[user][:2], (user, dict(resp.headers))
+    refused = [ex for ex in experiment_proxy.harness.wait_finished(8) if ex.status == 400]
+    assert len(refused) == 4 and all(ex.variant in ("a", "b") for ex in refused)
+
+
 def test_a_key_always_gets_the_same_variant(experiment_proxy: AppsProxy) -> None:
     first = variants_of(experiment_proxy.url, USERS[:100])
     again = variants_of(experiment_proxy.url, USERS[:100])
