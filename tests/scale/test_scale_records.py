@@ -45,6 +45,9 @@ def test_records_from_two_replicas_in_postgres(start, slow_sim, postgres, tmp_pa
     (config / "cold.yaml").write_text("kind: Preset\ngeneration: {temperature: 0.1}\n")
     env = {"SLUICE_TEST_PG": postgres.url}
     replica_a, replica_b = start(config, env=env), start(config, env=env)
+    # The module's tests share the database, in any order (pytest-randomly).
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE records, feedback")
     served: dict[str, str] = {}
     for i in range(12):
         replica = replica_a if i % 2 == 0 else replica_b
@@ -133,8 +136,10 @@ def test_records_and_feedback_resume_after_postgres_restarts(
     postgres.restart()
     # The first write after the restart finds the connection closed; the next connects.
     deadline = time.monotonic() + 20
-    while not recorded({_chat(replica, "probe")}):
+    probes: set[str] = set()
+    while not any(recorded({probe}) for probe in probes):
         assert time.monotonic() < deadline, "no record written after PostgreSQL restarted"
+        probes.add(_chat(replica, f"probe-{len(probes)}"))
         time.sleep(0.5)
     after = {_chat(replica, f"after-{i}") for i in range(3)}
     wait_until("every record after the restart", lambda: recorded(after))
