@@ -19,6 +19,10 @@ Without a compiler, or with SLUICE_COMPILE=0, the wheel is pure Python and runs 
 code, only slower per request (docs/BENCHMARKS.md, "The compiled data plane"). `sluice
 serve` says which build it runs on its first line (`build=compiled` or `build=pure`).
 
+The compiled build also has `sluice.proxy._http1` (proxy/_http1.c): llhttp, vendored in
+vendor/llhttp as httptools 0.9.0 bundles it, driven by C callbacks that collect a head's
+headers, where httptools calls Python once per header (proxy/http1parse.py).
+
 mypyc names a module after its path, so the sources are copied to
 build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
 them without the runtime dependencies, which a build environment does not hold: their
@@ -35,7 +39,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 SOURCE = ROOT / "proxy"
@@ -94,10 +98,24 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for source in sorted(SOURCE.glob("*.py")):
+    for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):  # .pyi: _http1's
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
     return [str(STAGE / "sluice" / "proxy" / p.name) for p in compiled_modules()]
+
+
+def http1_extension() -> Extension:
+    """The C parser of message heads (relative paths: setuptools wants them so)."""
+    return Extension(
+        "sluice.proxy._http1",
+        sources=[
+            "proxy/_http1.c",
+            "vendor/llhttp/src/llhttp.c",
+            "vendor/llhttp/src/api.c",
+            "vendor/llhttp/src/http.c",
+        ],
+        include_dirs=["vendor/llhttp/include"],
+    )
 
 
 def ext_modules() -> list[object]:
@@ -110,14 +128,13 @@ def ext_modules() -> list[object]:
     paths = _stage()
     os.environ["MYPYPATH"] = str(STAGE)
     print(f"sluice: compiling {len(paths)} data-plane modules with mypyc", file=sys.stderr)
-    return list(
-        mypycify(
-            ["--config-file", str(STAGE / "mypyc.ini"), "--explicit-package-bases", *paths],
-            opt_level="3",
-            group_name="sluice_proxy",
-            target_dir=str(Path("build") / "mypyc"),
-        )
+    compiled = mypycify(
+        ["--config-file", str(STAGE / "mypyc.ini"), "--explicit-package-bases", *paths],
+        opt_level="3",
+        group_name="sluice_proxy",
+        target_dir=str(Path("build") / "mypyc"),
     )
+    return [*compiled, http1_extension()]
 
 
 if __name__ == "__main__":

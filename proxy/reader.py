@@ -17,6 +17,7 @@ import httptools
 from .budget import BodyBudget
 from .clock import monotonic
 from .headernames import lower_name
+from .http1parse import RequestParser, request_parser
 from .request import (
     BODY_METHODS,
     HeadError,
@@ -79,7 +80,7 @@ class RequestReader:
         self.budget = budget
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = _parser(self)
         # When the message being received must be complete (monotonic; 0: none).
         self.read_deadline = 0.0
         self.continue_pending = False  # 100 Continue owed once the connection is free
@@ -197,7 +198,7 @@ class RequestReader:
         request = self.owner.pipeline.pop()
         self.budget.release(request.reserved)
         upgrade = request.headers.get(b"upgrade", b"")
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = _parser(self)
         self.replaying = True
         try:
             self.parser.feed_data(
@@ -236,18 +237,27 @@ class RequestReader:
             raise httptools.HttpParserError("url too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """httptools' call per header (the compiled build's parser collects them in C)."""
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADER_COUNT:
-            self.owner.refuse(431, "request headers too large", "headers_too_large")
-            raise httptools.HttpParserError("headers too large")
+            self.on_headers_too_large()
         key = lower_name(name)
         previous = self.headers.get(key)
         self.headers[key] = value if previous is None else previous + b", " + value
 
-    def on_headers_complete(self) -> None:
+    def on_headers_too_large(self) -> None:
+        self.owner.refuse(431, "request headers too large", "headers_too_large")
+        raise httptools.HttpParserError("headers too large")
+
+    def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:
+        """The head is read; `headers` from the compiled build's parser, else `on_header`
+        has collected them."""
         self.in_head = False
         parser = self.parser
-        headers = self.headers
+        if headers is None:
+            headers = self.headers
+        else:
+            self.headers = headers
         method = parser.get_method().decode("ascii")
         version = self._version(method)
         try:
@@ -361,6 +371,10 @@ class RequestReader:
 # and over. Bounded: the first MAX_KNOWN_PATHS distinct ones (any others are split anew).
 MAX_KNOWN_PATHS: Final = 256
 _known_paths: Final[dict[bytes, tuple[str, str]]] = {}
+
+
+def _parser(reader: RequestReader) -> RequestParser:
+    return request_parser(reader, MAX_URL_BYTES, MAX_HEADER_BYTES, MAX_HEADER_COUNT)
 
 
 def _path_and_query(url: bytes) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from typing import Final, Protocol
 import httptools
 
 from .headernames import lower_name
+from .http1parse import response_parser
 from .tcp import stream_transport
 
 # Bytes buffered from a backend before reading pauses (the client is slower than the GPU).
@@ -81,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = response_parser(self)
         self.closed = False
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
@@ -242,12 +243,17 @@ class UpstreamConnection(asyncio.Protocol):
     # -- parser callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """httptools' call per header (the compiled build's parser collects them in C)."""
         # A name of none of READ_HEADERS' lengths is passed over without being lowered
         # and kept (~700 instructions a header, compiled).
         if len(name) in _READ_HEADER_LENGTHS:
             self.headers[lower_name(name)] = value
 
-    def on_headers_complete(self) -> None:
+    def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:
+        """The head is read; `headers` from the compiled build's parser, else `on_header`
+        has collected them."""
+        if headers is not None:
+            self.headers = headers
         status = self.parser.get_status_code()
         if status < 200:
             # An interim response (100 Continue, 103 Early Hints): the final one follows;
