@@ -93,12 +93,7 @@ class Recorder:
         self.events.append(("complete", dict(self.headers)))  # with any trailers
 
 
-def run(parser_type: Any, recorder: Recorder, pieces: list[bytes], limits: bool) -> list[Any]:
-    parser = (
-        parser_type(recorder, *(recorder.limits or ()))
-        if limits and parser_type is not httptools.HttpRequestParser
-        else parser_type(recorder)
-    )
+def run(parser: Any, recorder: Recorder, pieces: list[bytes]) -> list[Any]:
     recorder.parser = parser
     for piece in pieces:
         try:
@@ -112,6 +107,23 @@ def run(parser_type: Any, recorder: Recorder, pieces: list[bytes], limits: bool)
             recorder.events.append(("error", "refused" if refused else (type(exc), str(exc))))
             break
     return recorder.events
+
+
+def read_both(
+    request: bool, pieces: list[bytes], limits: tuple[int, int, int] | None = None
+) -> tuple[list[Any], list[Any]]:
+    """The events of httptools' parser and of `_http1`'s (given the limits, which the
+    recorder enforces for httptools as proxy/reader.py does)."""
+    if request:
+        expected = Recorder(True, limits)
+        got = Recorder(True, limits)
+        native = _http1.RequestParser(got, *(limits or (NO_LIMIT,) * 3))
+        pure = httptools.HttpRequestParser(expected)
+    else:
+        expected, got = Recorder(join=False), Recorder(join=False)
+        native = _http1.ResponseParser(got)
+        pure = httptools.HttpResponseParser(expected)
+    return run(native, got, pieces), run(pure, expected, pieces)
 
 
 METHODS = [b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"PATCH"]
@@ -199,16 +211,14 @@ SETTINGS = settings(
 @SETTINGS
 @given(streams(request=True))
 def test_requests_read_the_same_through_both_parsers(pieces: list[bytes]) -> None:
-    expected = run(httptools.HttpRequestParser, Recorder(join=True), pieces, limits=False)
-    got = run(_http1.RequestParser, Recorder(join=True), pieces, limits=False)
+    got, expected = read_both(True, pieces)
     assert got == expected
 
 
 @SETTINGS
 @given(streams(request=False))
 def test_responses_read_the_same_through_both_parsers(pieces: list[bytes]) -> None:
-    expected = run(httptools.HttpResponseParser, Recorder(join=False), pieces, limits=False)
-    got = run(_http1.ResponseParser, Recorder(join=False), pieces, limits=False)
+    got, expected = read_both(False, pieces)
     assert got == expected
 
 
@@ -220,8 +230,7 @@ def test_responses_read_the_same_through_both_parsers(pieces: list[bytes]) -> No
 def test_limits_refuse_at_the_same_point(pieces: list[bytes], limits: tuple[int, int, int]) -> None:
     """The URL's bytes, the head's header bytes (name + value + 4 each) and its distinct
     names, where the reader's `on_url` and `on_header` refuse with httptools."""
-    expected = run(httptools.HttpRequestParser, Recorder(True, limits), pieces, limits=True)
-    got = run(_http1.RequestParser, Recorder(True, limits), pieces, limits=True)
+    got, expected = read_both(True, pieces, limits)
     assert got == expected
 
 
