@@ -17,10 +17,14 @@ What differs is the protocol's callbacks:
     grows past max_url, so the protocol can refuse it);
   - on_header is never called: on_headers_complete(headers) gets a dict of lower-cased
     names; a request's repeated header is joined with ", ", a response's last one wins
-    (what proxy/reader.py and proxy/upstream.py do with httptools' calls);
+    (what proxy/reader.py and proxy/upstream.py do with httptools' calls); a chunked
+    body's trailers count against the limits but are not added (nor do those two keep
+    them from httptools);
   - on_headers_too_large() is called, and must raise, when a header would bring the
     head's header bytes (name + value + 4 each) past max_header_bytes or the number of
     distinct names past max_header_count.
+  - feed_data (or __init__) called from one of the parser's own callbacks raises
+    RuntimeError: llhttp cannot be entered again while it runs.
 Nothing here decides what is valid HTTP: llhttp does, with the settings httptools uses. */
 
 #define PY_SSIZE_T_CLEAN
@@ -44,6 +48,8 @@ typedef struct {
     Py_ssize_t max_header_count;
     size_t header_bytes;
     int pending; /* a header read whole, not yet added (see add_header) */
+    int in_trailers; /* the head was handed over: headers now are a chunked body's trailers */
+    int executing; /* inside llhttp_execute, which must not be entered again */
     int url_given; /* on_url was called for this message's target */
     Buffer url;
     Buffer name;
@@ -76,10 +82,14 @@ static llhttp_settings_t response_settings;
 #define PARSER(p) ((Parser *)(p)->data)
 
 static int buffer_add(Buffer *buffer, const char *at, size_t length) {
-    if (buffer->len + length > buffer->cap) {
+    if (length > (size_t)PY_SSIZE_T_MAX - buffer->len) {
+        return -1;
+    }
+    size_t need = buffer->len + length;
+    if (need > buffer->cap) {
         size_t cap = buffer->cap ? buffer->cap : 64;
-        while (cap < buffer->len + length) {
-            cap *= 2;
+        while (cap < need) {
+            cap = cap > (size_t)PY_SSIZE_T_MAX / 2 ? need : cap * 2;
         }
         char *data = PyMem_Realloc(buffer->data, cap);
         if (data == NULL) {
@@ -145,6 +155,7 @@ static int cb_message_begin(llhttp_t *p) {
     self->value.len = 0;
     self->header_bytes = 0;
     self->pending = 0;
+    self->in_trailers = 0;
     self->url_given = 0;
     Py_XSETREF(self->headers, PyDict_New());
     if (self->headers == NULL) {
@@ -292,6 +303,9 @@ static int add_header(llhttp_t *p) {
         too_large(p);
         return -1;
     }
+    if (self->in_trailers) {
+        return 0; /* counted against the limits, not kept (see cb_headers_complete) */
+    }
     PyObject *name = lowered_name(self->name.data, name_len);
     if (name == NULL) {
         return callback_failed(p, NULL);
@@ -312,7 +326,12 @@ static int add_header(llhttp_t *p) {
             Py_DECREF(value);
             return 0;
         }
+        if (previous != NULL && !PyBytes_Check(previous)) {
+            PyErr_SetString(PyExc_TypeError, "a header's value is not bytes");
+            previous = NULL;
+        }
         if (previous != NULL) {
+            Py_INCREF(previous);
             Py_ssize_t before = PyBytes_GET_SIZE(previous);
             PyObject *joined = PyBytes_FromStringAndSize(NULL, before + 2 + (Py_ssize_t)value_len);
             if (joined != NULL) {
@@ -321,6 +340,7 @@ static int add_header(llhttp_t *p) {
                 memcpy(out + before, ", ", 2);
                 memcpy(out + before + 2, self->value.data, value_len);
             }
+            Py_DECREF(previous);
             Py_SETREF(value, joined);
         }
         if (value == NULL || PyErr_Occurred()) {
@@ -340,13 +360,15 @@ static int cb_header_value_complete(llhttp_t *p) {
     return 0;
 }
 
-/* The head's dict stays this parser's too: a chunked body's trailers are added to it, as
-   httptools' on_header calls add them to the protocol's dict. */
+/* The head's dict is handed over. A chunked body's trailers after it count against the
+   header limits but are not added: they arrive after the head was checked and acted on
+   (proxy/reader.py and proxy/upstream.py ignore httptools' calls for them too). */
 static int cb_headers_complete(llhttp_t *p) {
     Parser *self = PARSER(p);
     if (self->pending && add_header(p) < 0) {
         return -1;
     }
+    self->in_trailers = 1;
     if (self->headers == NULL) {
         self->headers = PyDict_New();
         if (self->headers == NULL) {
@@ -404,6 +426,10 @@ static int parser_init(Parser *self, PyObject *args, PyObject *kwargs, int is_re
     Py_ssize_t max_header_count = PY_SSIZE_T_MAX;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|nnn", keywords, &protocol, &max_url,
                                      &max_header_bytes, &max_header_count)) {
+        return -1;
+    }
+    if (self->executing) {
+        PyErr_SetString(PyExc_RuntimeError, "a parser cannot be initialised from its callbacks");
         return -1;
     }
     if (max_url < 0 || max_header_bytes < 0 || max_header_count < 0) {
@@ -540,8 +566,17 @@ static PyObject *feed_data(Parser *self, PyObject *data) {
         at = view.buf;
         length = view.len;
     }
+    if (self->executing) {
+        if (owned) {
+            PyBuffer_Release(&view);
+        }
+        PyErr_SetString(PyExc_RuntimeError, "feed_data called from the parser's own callback");
+        return NULL;
+    }
     Py_INCREF(self); /* a callback may drop the protocol's reference to its parser */
+    self->executing = 1;
     llhttp_errno_t error = llhttp_execute(&self->parser, at, (size_t)length);
+    self->executing = 0;
     PyObject *result = NULL;
     if (self->parser.upgrade == 1 && error == HPE_PAUSED_UPGRADE) {
         Py_ssize_t offset = llhttp_get_error_pos(&self->parser) - at;

@@ -2,7 +2,11 @@
 
 class RequestParser:
     def __init__(
-        self, protocol: object, max_url: int, max_header_bytes: int, max_header_count: int
+        self,
+        protocol: object,
+        max_url: int = ...,
+        max_header_bytes: int = ...,
+        max_header_count: int = ...,
     ) -> None: ...
     def feed_data(self, data: bytes) -> None: ...
     def get_method(self) -> bytes: ...

@@ -86,6 +86,8 @@ class RequestReader:
         self.continue_pending = False  # 100 Continue owed once the connection is free
         self.in_head = True  # no message yet, or its head is still arriving
         self.head_seen = 0
+        # Body bytes fed in reads the parser has not called back since (see `feed`).
+        self.quiet_bytes = 0
         self.receiving = False  # between a message's first byte and its last
         self.url = b""
         self.last_url = b""
@@ -127,6 +129,12 @@ class RequestReader:
                 self.head_seen += len(piece)
             else:
                 piece, data = data, b""
+                if self.quiet_bytes > MAX_HEAD_BYTES:
+                    # Reads fed with no callback since: a chunk extension or trailer that
+                    # never ends, which the parser holds (a trailer's value) or skips.
+                    self.owner.refuse(431, "request trailers too large", "headers_too_large")
+                    return
+                self.quiet_bytes += len(piece)
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as upgrade:
@@ -241,6 +249,11 @@ class RequestReader:
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > MAX_HEADER_BYTES or len(self.headers) >= MAX_HEADER_COUNT:
             self.on_headers_too_large()
+        if not self.in_head:
+            # A chunked body's trailer: counted against the limits, not kept. It comes
+            # after the head was checked and the request routed (a trailing `Host` or
+            # `Expect` must not change them).
+            return
         key = lower_name(name)
         previous = self.headers.get(key)
         self.headers[key] = value if previous is None else previous + b", " + value
@@ -253,6 +266,7 @@ class RequestReader:
         """The head is read; `headers` from the compiled build's parser, else `on_header`
         has collected them."""
         self.in_head = False
+        self.quiet_bytes = 0
         parser = self.parser
         if headers is None:
             headers = self.headers
@@ -312,6 +326,7 @@ class RequestReader:
             self.owner.start_streamed(request)
 
     def on_body(self, body: bytes) -> None:
+        self.quiet_bytes = 0
         request = self.request
         if request is not None and request.body_stream is not None:
             try:
@@ -333,7 +348,14 @@ class RequestReader:
             raise httptools.HttpParserError("body budget exhausted")
         self.body.append(body)
 
+    def on_chunk_header(self) -> None:
+        self.quiet_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self.quiet_bytes = 0
+
     def on_message_complete(self) -> None:
+        self.quiet_bytes = 0
         self.in_head = True
         self.receiving = False
         self.head_seen = 0

@@ -245,8 +245,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         """httptools' call per header (the compiled build's parser collects them in C)."""
         # A name of none of READ_HEADERS' lengths is passed over without being lowered
-        # and kept (~700 instructions a header, compiled).
-        if len(name) in _READ_HEADER_LENGTHS:
+        # and kept (~700 instructions a header, compiled); a chunked body's trailer too.
+        if len(name) in _READ_HEADER_LENGTHS and not self._headers_done:
             self.headers[lower_name(name)] = value
 
     def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:

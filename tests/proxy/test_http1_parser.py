@@ -38,10 +38,12 @@ class Recorder:
         self.headers: dict[bytes, bytes] = {}
         self.url = b""
         self.header_bytes = 0
+        self.in_head = True
         self.parser: Any = None
 
     def on_message_begin(self) -> None:
         self.events.append(("begin",))
+        self.in_head = True
         self.headers = {}
         self.url = b""
         self.header_bytes = 0
@@ -58,6 +60,8 @@ class Recorder:
             self.header_bytes > self.limits[1] or len(self.headers) >= self.limits[2]
         ):
             self.on_headers_too_large()
+        if not self.in_head:
+            return  # a trailer: counted, not kept (as proxy/reader.py and upstream.py do)
         key = name.lower()
         if self.join and key in self.headers:
             self.headers[key] += b", " + value
@@ -69,6 +73,7 @@ class Recorder:
         raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:
+        self.in_head = False
         if headers is not None:
             self.headers = headers
         parser = self.parser
@@ -90,7 +95,7 @@ class Recorder:
         self.events.append(("chunk end",))
 
     def on_message_complete(self) -> None:
-        self.events.append(("complete", dict(self.headers)))  # with any trailers
+        self.events.append(("complete", dict(self.headers)))  # never with trailers
 
 
 def run(parser: Any, recorder: Recorder, pieces: list[bytes]) -> list[Any]:
@@ -270,3 +275,18 @@ def test_repeated_headers_of_empty_and_one_byte_values() -> None:
         recorder.parser = parser = parser_type(recorder)
         parser.feed_data(data)
         assert recorder.events[2][4] == {b"x-a": b", ", b"x-b": b"b, b", b"x-c": b"c"}
+
+
+def test_feeding_the_parser_from_its_own_callback_is_refused() -> None:
+    """llhttp cannot be entered again while it runs (a review found the first version
+    spinning forever on a span length that wrapped around)."""
+
+    class Reentrant(Recorder):
+        def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:
+            self.parser.feed_data(b"GET / HTTP/1.1\r\nX-Lo")
+
+    recorder = Reentrant(join=True)
+    recorder.parser = parser = _http1.RequestParser(recorder)
+    with pytest.raises(httptools.HttpParserCallbackError) as raised:
+        parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(raised.value.__context__, RuntimeError)

@@ -49,6 +49,10 @@ class EchoServer(HandlerServer):
                 answer = f"version:{request.http_version}|{request.keep_alive}".encode()
                 response.send(200, [(b"content-type", b"text/plain")], answer)
                 return
+            if request.path == "/headers":  # the headers as the handler sees them
+                seen = b"|".join(k + b"=" + v for k, v in sorted(request.headers.items()))
+                response.send(200, [(b"content-type", b"text/plain")], b"headers:" + seen + b";")
+                return
             if request.method == "GET":  # the target as the handler sees it
                 target = f"{request.path}|{request.query}".encode("latin-1")
                 response.send(200, [(b"content-type", b"text/plain")], b"target:" + target)
@@ -210,6 +214,46 @@ def test_chunked_request_body_is_reassembled(echo: EchoServer) -> None:
         time.sleep(0.05)
         s.sendall(b"2\r\nde\r\n0\r\n\r\n")
         assert b"echo:abcde" in _read_until(s, b"echo:abcde")
+
+
+def test_a_chunked_bodys_trailers_never_reach_the_requests_headers(echo: EchoServer) -> None:
+    """Trailers come after the head was checked and routed: a trailing Host, Expect or
+    Content-Type must not change what the handler reads (both builds' parsers)."""
+    with socket.create_connection(("127.0.0.1", echo.port)) as s:
+        s.sendall(
+            b"POST /headers HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            b"Host: evil\r\nExpect: x\r\nContent-Type: text/plain\r\nX-T: v\r\n\r\n"
+        )
+        data = _read_until(s, b";")
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"headers:content-type=application/json|host=t|transfer-encoding=chunked;" in data, data
+
+
+def test_a_trailer_that_never_ends_gets_431(echo: EchoServer) -> None:
+    """The parser holds a trailer's value until its line ends: refused once 74 KiB came
+    with no end, not when the client stops."""
+    with socket.create_connection(("127.0.0.1", echo.port)) as s:
+        s.sendall(
+            b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-T: "
+        )
+        sent = 0
+        s.settimeout(0.05)
+        data = b""
+        while sent < 8 * 1024 * 1024 and not data:
+            try:
+                s.sendall(b"a" * 16384)
+                sent += 16384
+                data = s.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data += _read_until(s, b"}", timeout=3)
+    assert data.startswith(b"HTTP/1.1 431"), data[:200]
+    assert b"request trailers too large" in data
+    assert sent < 1024 * 1024
 
 
 def test_oversized_headers_get_431_and_close(echo: EchoServer) -> None:
