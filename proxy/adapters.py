@@ -18,7 +18,7 @@ import orjson
 from mypy_extensions import mypyc_attr
 
 from .chunks import ChunkFilter
-from .errors import ApiError, bad_request, error_event, json_type
+from .errors import ApiError, bad_request, error_event, json_type, refusal_event
 from .exchange import Exchange
 from .http import Header, Request
 from .nonstream import guard_completion, record_finish
@@ -159,6 +159,12 @@ class Adapter:
 
     def stream_error(self, message: str, type: str, code: str) -> bytes:
         return error_event(message, type, code)
+
+    def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
+        """A refusal (a limit, the backend's own error) after the SSE head went out early
+        (a keep-alive): the stream's terminal error event in the endpoint's shape.
+        `relayed`: the backend's OpenAI-shaped error object, which this shape passes on."""
+        return refusal_event(exc, relayed)
 
 
 class CompletionsAdapter(Adapter):

@@ -424,7 +424,8 @@ class ProxyApp:
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
         # A non-stream response's head comes with its whole body: only total bounds it.
         effective = timeouts if stream else _total_only(timeouts.total)
-        watchdog = StreamWatchdog(effective, self.deadlines)
+        # From the request's start: first_token and total count its wait in the queues.
+        watchdog = StreamWatchdog(effective, self.deadlines, started=ex.started_at)
         self.watchdogs.add(watchdog)
         conn: UpstreamConnection | None = None
         replica: Replica | None = None
@@ -449,7 +450,9 @@ class ProxyApp:
                     ex.upstream_retries += 1
                 if not stream or conn.status != 200 or not conn.is_event_stream():
                     if response.started:  # the SSE head went out early (a keep-alive)
-                        clean = await relay_refusal(ex, conn, response)
+                        clean = await relay_refusal(
+                            ex, conn, response, adapter.stream_refusal, retry_after
+                        )
                     else:
                         clean = await relay_whole(
                             ex,

@@ -47,6 +47,27 @@ def error_event(message: str, type: str, code: str) -> bytes:
     return b"data: " + error_body(message, type, code) + SEPARATOR + DONE_EVENT
 
 
+def refusal_event(exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
+    """A refusal after the SSE head went out early (a keep-alive): the stream's terminal
+    error event, with the retry delay inside the error object, since headers are gone.
+    `relayed`: the backend's own error object, passed on as it came."""
+    error: dict[str, object] = (
+        dict(relayed)
+        if relayed is not None
+        else {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    )
+    delay = retry_after_of(exc)
+    if delay is not None and "retry_after" not in error:
+        error["retry_after"] = delay
+    return b"data: " + orjson.dumps({"error": error}) + SEPARATOR + DONE_EVENT
+
+
+def retry_after_of(exc: ApiError) -> int | None:
+    """The error's Retry-After header in seconds, when it has one."""
+    retry = next((v for k, v in exc.headers if k == b"retry-after"), None)
+    return int(retry) if retry is not None and retry.isdigit() else None
+
+
 def server_error_body(status: int, message: str, code: str) -> bytes:
     """Errors written by the HTTP layer itself (bad framing, 413, 408...)."""
     kind = "server_error" if status >= 500 else "invalid_request_error"

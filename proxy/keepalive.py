@@ -18,6 +18,7 @@ ping task, which raced the end of the response).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import orjson
@@ -28,7 +29,6 @@ from .errors import ApiError, bad_gateway
 from .exchange import Exchange
 from .http import Header, Response
 from .response import ClientGone
-from .sse import DONE_EVENT
 from .upstream import UpstreamConnection, UpstreamError
 
 # A backend's refusal is a short JSON error; read at most this much of it.
@@ -101,62 +101,79 @@ class KeepAlive:
             self._deadlines.remove(slot, self)
 
 
-def error_as_event(response: Response, exc: ApiError) -> None:
-    """A refusal after the SSE head went out: the terminal error event (with the retry
-    delay in the error object, since headers are gone), then `[DONE]`."""
+# An endpoint's terminal error event for a refusal (`Adapter.stream_refusal`).
+RefusalEvent = Callable[[ApiError, dict[str, object] | None], bytes]
+
+
+def error_as_event(
+    response: Response,
+    exc: ApiError,
+    refusal_event: RefusalEvent,
+    relayed: dict[str, object] | None = None,
+) -> None:
+    """A refusal after the SSE head went out: the endpoint's terminal error event
+    (OpenAI's carries the retry delay in the error object, since headers are gone)."""
     if response.ended:
         return
-    error: dict[str, object] = {
-        "message": exc.message,
-        "type": exc.type,
-        "param": exc.param,
-        "code": exc.code,
-    }
-    retry = next((v for k, v in exc.headers if k == b"retry-after"), None)
-    if retry is not None and retry.isdigit():
-        error["retry_after"] = int(retry)
-    body = orjson.dumps({"error": error})
     try:
-        response.write_last(b"data: " + body + b"\n\n" + DONE_EVENT)
+        response.write_last(refusal_event(exc, relayed))
     except ClientGone:
         pass
 
 
-async def relay_refusal(ex: Exchange, conn: UpstreamConnection, response: Response) -> bool:
+async def relay_refusal(
+    ex: Exchange,
+    conn: UpstreamConnection,
+    response: Response,
+    refusal_event: RefusalEvent,
+    retry_after: Callable[[], int] | None,
+) -> bool:
     """The backend refused a stream whose SSE head already went out: its error becomes the
-    terminal error event. True when its connection may be reused."""
+    endpoint's terminal error event, with the backend's Retry-After (else `retry_after()`,
+    sluice's estimate) for a 429 or 503, as the answer before a head would carry. True
+    when its connection may be reused."""
     try:
         body = await conn.read_all(MAX_ERROR_BODY)
     except UpstreamError as exc:
         ex.upstream_error = exc.kind
         error_as_event(
-            response, bad_gateway(f"backend response broke: {exc}", "upstream_" + exc.kind)
+            response,
+            bad_gateway(f"backend response broke: {exc}", "upstream_" + exc.kind),
+            refusal_event,
         )
         return False
     status = conn.status
     ex.upstream_error = f"http_{status}"
+    retry: list[Header] = []
+    if status in (429, 503):
+        given = conn.headers.get(b"retry-after", b"")
+        estimate = retry_after() if retry_after is not None else 1
+        retry = [(b"retry-after", given if given.isdigit() else str(estimate).encode())]
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         obj = None
     error = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(error, dict):
-        event = b"data: " + orjson.dumps({"error": error}) + b"\n\n" + DONE_EVENT
-        try:
-            response.write_last(event)
-        except ClientGone:
-            pass
-    else:
-        message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
-        error_as_event(
-            response,
-            ApiError(
-                502,
-                f"backend answered {status}: {message}",
-                type="upstream_error",
-                code=f"upstream_http_{status}",
-            ),
+    if isinstance(error, dict):  # vLLM's OpenAI-shaped error: passed on where the shape is
+        message = error.get("message")
+        refusal = ApiError(
+            status,
+            message if isinstance(message, str) else f"backend answered {status}",
+            type="upstream_error",
+            code=f"upstream_http_{status}",
+            headers=retry,
         )
+        error_as_event(response, refusal, refusal_event, error)
+        return conn.complete
+    message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    refusal = ApiError(
+        status if status in (429, 503) else 502,
+        f"backend answered {status}: {message}",
+        type="upstream_error",
+        code=f"upstream_http_{status}",
+        headers=retry,
+    )
+    error_as_event(response, refusal, refusal_event)
     return conn.complete
 
 

@@ -122,6 +122,14 @@ class MessagesFilter(NamedEventFilter):
         return b"".join(parts)
 
 
+def _error_kind(exc: ApiError) -> str:
+    """Anthropic's error type for the status."""
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+            413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}.get(
+        exc.status, "invalid_request_error" if exc.status < 500 else "api_error"
+    )  # fmt: skip
+
+
 class MessagesAdapter(Adapter):
     name = "/v1/messages"
     upstream_path = b"/v1/messages"
@@ -182,13 +190,15 @@ class MessagesAdapter(Adapter):
 
     def error_response(self, exc: ApiError) -> tuple[list[Header], bytes]:
         """Anthropic's error shape, which its SDK reads."""
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}.get(
-            exc.status, "invalid_request_error" if exc.status < 500 else "api_error"
-        )  # fmt: skip
-        body = {"type": "error", "error": {"type": kind, "message": exc.message}}
+        body = {"type": "error", "error": {"type": _error_kind(exc), "message": exc.message}}
         return [*JSON_HEADERS, *exc.headers], orjson.dumps(body)
 
     def stream_error(self, message: str, type: str, code: str) -> bytes:
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return named_event("error", body) + DONE_EVENT
+
+    def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
+        """Anthropic's error event, its type by status as in `error_response`
+        (`overloaded_error` for 503, `rate_limit_error` for 429): the SDKs read it."""
+        body = {"type": "error", "error": {"type": _error_kind(exc), "message": exc.message}}
         return named_event("error", body) + DONE_EVENT

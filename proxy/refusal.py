@@ -60,4 +60,4 @@ def refuse(response: Response, exc: ApiError, headers: list[Header], adapter: Ad
         error_headers, body = adapter.error_response(exc)
         response.send(exc.status, error_headers + headers, body)
     else:
-        error_as_event(response, exc)
+        error_as_event(response, exc, adapter.stream_refusal)

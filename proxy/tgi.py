@@ -229,6 +229,15 @@ def _event(obj: Any) -> bytes:
     return b"data:" + lenientjson.write(obj) + b"\n\n"  # a lone surrogate: escaped
 
 
+def _error_type(exc: ApiError) -> str:
+    """TGI's `error_type` for the error."""
+    if exc.type in ("validation", "generation", "overloaded"):
+        return exc.type
+    if exc.status in (429, 503):
+        return "overloaded"
+    return "validation" if exc.status < 500 else "generation"
+
+
 class TgiAdapter(Adapter):
     """One TGI route: `/generate_stream` always streams, `/generate` never does, `/`
     follows the body's `stream` (and answers a list, as TGI's compat route does)."""
@@ -258,14 +267,13 @@ class TgiAdapter(Adapter):
         return adapter, translated
 
     def error_response(self, exc: ApiError) -> tuple[list[Header], bytes]:
-        if exc.type in ("validation", "generation", "overloaded"):
-            kind = exc.type
-        elif exc.status in (429, 503):
-            kind = "overloaded"
-        else:
-            kind = "validation" if exc.status < 500 else "generation"
-        body = orjson.dumps({"error": exc.message, "error_type": kind})
+        body = orjson.dumps({"error": exc.message, "error_type": _error_type(exc)})
         return [*JSON_HEADERS, *exc.headers], body
+
+    def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
+        """TGI's error event, its `error_type` as in `error_response` (`overloaded` for a
+        limit): huggingface_hub raises its OverloadedError for it."""
+        return _event({"error": exc.message, "error_type": _error_type(exc)})
 
     def stream_error(self, message: str, type: str, code: str) -> bytes:
         return _event({"error": message, "error_type": "generation"})

@@ -68,12 +68,15 @@ class StreamWatchdog:
         timeouts: StreamTimeouts,
         deadlines: Deadlines,
         task: asyncio.Task[object] | None = None,
+        started: float | None = None,
     ) -> None:
+        """`started`: when the request began (monotonic), so that the limits count the
+        time it queued for a permit too; now when not given."""
         self._deadlines = deadlines
         # The loop given: asyncio.current_task() would look it up (a getpid() per call).
         self._task = task if task is not None else current_task(self._deadlines.loop)
         self.timeouts = timeouts
-        self.started = monotonic()
+        self.started = monotonic() if started is None else started
         # Set by the relay on each content token; NO_TOKEN until the first. A float, not
         # Optional: compiled, a float attribute is stored without allocating per token.
         self.last_token = NO_TOKEN
@@ -182,4 +185,4 @@ def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
         return f"no token from the backend for {timeouts.inter_token:g}s"
     if kind == RESPONSE_HEAD:
         return f"no response head from the backend within {timeouts.response_head:g}s"
-    return f"stream exceeded its total time limit of {timeouts.total:g}s"
+    return f"request exceeded its total time limit of {timeouts.total:g}s"

@@ -9,6 +9,10 @@ import threading
 import time
 from typing import Any
 
+import anthropic
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import OverloadedError
 from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy, StreamTimeouts
 
 from tests.fixtures import ProcessServer, ProxyHarness, routed_snapshot
@@ -174,6 +178,102 @@ def test_backend_refusal_after_an_early_head_keeps_its_error(sim: ProcessServer)
         data = [e.data for e in result.data_events()]
         assert data[-1] == "[DONE]"
         assert "error" in json.loads(data[-2] or "")
+        busy.join(10)
+    finally:
+        h.close()
+
+
+MESSAGES = {"model": "chat", "max_tokens": 10, "stream": True}
+MESSAGES["messages"] = [{"role": "user", "content": "Hi"}]
+
+
+def test_a_refusal_after_the_head_is_anthropics_error_event(sim: ProcessServer) -> None:
+    """/v1/messages answers in Anthropic's shape (the OpenAI event made its SDK fail on an
+    assertion)."""
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
+    try:
+        busy = _occupy(h.url, 2.5)
+        result = raw_stream(h.url, "POST", "/v1/messages", MESSAGES)
+        assert result.status == 200 and result.complete
+        data = [e.data for e in result.data_events() if e.data != "[DONE]"]
+        last = json.loads(data[-1] or "")
+        assert last["type"] == "error" and last["error"]["type"] == "overloaded_error", last
+        assert "saturated" in last["error"]["message"]
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_huggingface_hub_reads_a_refusal_after_the_head_as_overloaded(sim: ProcessServer) -> None:
+    """TGI's stream answers TGI's error event, `error_type: overloaded` (the OpenAI event
+    made huggingface_hub raise an UnknownError)."""
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
+    try:
+        busy = _occupy(h.url, 2.5)
+        client = InferenceClient(base_url=h.url)
+        with pytest.raises(OverloadedError) as raised:
+            for _ in client.text_generation("Hi", stream=True, max_new_tokens=10):
+                pass
+        assert "saturated" in str(raised.value)
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_the_anthropic_sdk_reads_a_refusal_after_the_head(sim: ProcessServer) -> None:
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
+    try:
+        busy = _occupy(h.url, 2.5)
+        client = anthropic.Anthropic(base_url=h.url, api_key="unused", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            for _ in client.messages.create(
+                model="chat", max_tokens=10, stream=True, messages=MESSAGES["messages"]
+            ):
+                pass
+        assert "overloaded_error" in str(raised.value)
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_a_backends_retry_after_reaches_the_error_event_after_an_early_head(
+    sim: ProcessServer,
+) -> None:
+    """Headers are gone once the head went out: the backend's Retry-After goes inside the
+    error object, as sluice's own refusals carry it."""
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=10.0)
+    try:
+        busy = _occupy(h.url, 1.0)
+        body = chat(sim={"status": 503, "retry_after": 7})
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", body)
+        assert result.status == 200 and result.complete
+        data = [e.data for e in result.data_events()]
+        assert data[-1] == "[DONE]"
+        error = json.loads(data[-2] or "")["error"]
+        assert error["retry_after"] == 7, error
+        busy.join(10)
+    finally:
+        h.close()
+
+
+def test_first_token_and_total_count_the_time_queued(sim: ProcessServer) -> None:
+    """`first_token` runs from the request's start (queueing + prefill): a request that
+    waited its whole first-token budget for a permit times out, though the backend then
+    answers its first token at once."""
+    policy = StreamPolicy(
+        name="ka", keepalive_interval=0.3, timeouts=StreamTimeouts(first_token=1.0)
+    )
+    h = proxy_for(sim.url, policy, concurrency=1, max_wait=10.0)
+    try:
+        busy = _occupy(h.url, 1.8)
+        start = time.monotonic()
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat())
+        assert result.status == 200 and result.complete
+        data = [e.data for e in result.data_events()]
+        assert data[-1] == "[DONE]"
+        error = json.loads(data[-2] or "")["error"]
+        assert "no token from the backend within 1s" in error["message"], error
+        assert time.monotonic() - start < 5.0
         busy.join(10)
     finally:
         h.close()
