@@ -71,6 +71,14 @@ def api_error(status: int, message: str, param: str | None = None) -> ApiError:
     return ApiError(status, error_json(status, message, error_type(status), param))
 
 
+def simulated_status(status: int, retry_after: int | None) -> ApiError:
+    """The error `sim.status` asks for, with `sim.retry_after` as its Retry-After."""
+    error = api_error(status, f"simulated error (sim.status={status})")
+    if retry_after is not None:
+        error.headers = [*error.headers, (b"retry-after", b"%d" % retry_after)]
+    return error
+
+
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return api_error(400, message, param)
 

@@ -18,7 +18,7 @@ from sluice.proxy.http import Request, Response
 from sluice.proxy.response import JSON_HEADERS
 
 from .config import SimConfig, SimOptions, parse_sim_options
-from .errors import ApiError, api_error, model_not_found
+from .errors import ApiError, api_error, model_not_found, simulated_status
 from .params import parse_json
 from .stats import Stats
 from .text import VOCAB, chat_prompt_text, count_text_tokens, sample_tokens
@@ -80,19 +80,32 @@ def plan_text(
     )
     stops = () if sim.ignore_stop else stops
     text = ""
-    pieces: list[str] = []
+    ends: list[int] = []  # the text's length after each token sent
+    finish, stop_reason = ("length" if len(tokens) >= max_tokens else "stop"), None
     for token in tokens:
         candidate = text + token
         hits = [(candidate.find(s), s) for s in stops if s in candidate]
         if hits:
-            where, stop = min(hits)
+            where, stop_reason = min(hits)
             if where > len(text):
-                pieces.append(candidate[len(text) : where])
-            return Plan(pieces, "stop", stop, prompt_tokens)
+                text = candidate[:where]
+                ends.append(where)
+            else:
+                text = candidate[:where]  # the stop string began in text already sent
+            finish = "stop"
+            break
         text = candidate
-        pieces.append(token)
-    finish = "length" if len(tokens) >= max_tokens else "stop"
-    return Plan(pieces, finish, None, prompt_tokens)
+        ends.append(len(text))
+    # vLLM holds back what could still become a stop string (its output text buffer,
+    # the longest stop string less one character) and never sends a part of one.
+    holdback = max(map(len, stops)) - 1 if stops else 0
+    pieces: list[str] = []
+    sent = 0
+    for i, end in enumerate(ends):
+        limit = len(text) if i == len(ends) - 1 else min(len(text), max(sent, end - holdback))
+        pieces.append(text[sent:limit])
+        sent = limit
+    return Plan(pieces, finish, stop_reason, prompt_tokens)
 
 
 class ApiRoutes:
@@ -122,6 +135,19 @@ class ApiRoutes:
             raise model_not_found(str(model))
         return body, parse_sim_options(body.get("sim"), app.config)
 
+    async def _faults(self, sim: SimOptions, path: str) -> None:
+        """`sim.slow_first_byte_ms` and `sim.status` as on the chat and completions routes.
+        The faults of their generation engine (`stall_after`, `close_after`,
+        `error_after`) are refused with a 400 naming them: these routes pace their events
+        without it, and a fault asked for must not pass silently."""
+        for name in ("stall_after", "close_after", "error_after"):
+            if getattr(sim, name) is not None:
+                raise api_error(400, f"sim.{name} is not simulated on {path}", "sim")
+        if sim.slow_first_byte_s > 0:
+            await asyncio.sleep(sim.slow_first_byte_s)
+        if sim.status is not None:
+            raise simulated_status(sim.status, sim.retry_after)
+
     async def _run(self, request: Request, response: Response, handler: Any) -> None:
         stats = self.app.stats
         stats.requests += 1
@@ -145,7 +171,8 @@ class ApiRoutes:
                 await asyncio.sleep(sim.itl_s)
             if response.must_drain:
                 await response.drain()
-            response.write(render(piece))
+            if piece:  # all of it held back (a possible stop string): nothing to send yet
+                response.write(render(piece))
             self.app.stats.tokens += 1
 
     def _finish(self, plan: Plan) -> None:

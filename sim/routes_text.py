@@ -48,6 +48,7 @@ class TextRoutes(ApiRoutes):
 
     async def _responses(self, request: Request, response: Response) -> None:
         body, sim = self._body(request)
+        await self._faults(sim, "/v1/responses")
         raw_input = body.get("input")
         if isinstance(raw_input, str):
             messages: list[Any] = [{"role": "user", "content": raw_input}]
@@ -173,6 +174,7 @@ class TextRoutes(ApiRoutes):
 
     async def _messages(self, request: Request, response: Response) -> None:
         body, sim = self._body(request)
+        await self._faults(sim, "/v1/messages")
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise api_error(400, "messages: Field required", "messages")

@@ -25,6 +25,7 @@ from .errors import (
     detail_error,
     error_type,
     http_error_body,
+    simulated_status,
     unauthorized,
 )
 from .generation import Generation, Outcome
@@ -133,12 +134,7 @@ class SimApp:
                 finally:
                     stats.waiting -= 1
             if sim.status is not None:
-                message = f"simulated error (sim.status={sim.status})"
-                simulated = api_error(sim.status, message)
-                if sim.retry_after is not None:
-                    retry = (b"retry-after", b"%d" % sim.retry_after)
-                    simulated.headers = [*simulated.headers, retry]
-                raise simulated
+                raise simulated_status(sim.status, sim.retry_after)
             params = parse_generation(kind, body, self.config, sim)
             stats.prompt_tokens += sum(params.prompt_tokens)
             if self.prefix_cache is not None:

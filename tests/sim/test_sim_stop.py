@@ -184,3 +184,46 @@ def test_streamed_text_equals_whole_text_for_any_chunking(
     # Every chunk is one SSE event; the final choice chunk is last before [DONE].
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert response.writes[-1] == b"data: [DONE]\n\n"
+
+
+SPLIT_STOP = ["Hello", " wor", "ld ST", "OPX after"]
+
+
+def _messages(server: Any, stream: bool, options: dict[str, Any]) -> Any:
+    body = {"max_tokens": 10, "stream": stream, "messages": HELLO, "stop_sequences": ["STOPX"]}
+    return server.post("/v1/messages", {**body, "sim": options})
+
+
+def _responses(server: Any, stream: bool, options: dict[str, Any]) -> Any:
+    body = {"input": "Hello there", "stream": stream, "stop": ["STOPX"]}
+    return server.post("/v1/responses", {**body, "sim": options})
+
+
+def test_messages_and_responses_never_send_part_of_a_stop_string(sim):
+    """vLLM holds back what could still become a stop string on every route; the
+    simulator's /v1/messages and /v1/responses sent "ST" of "STOPX" before it was cut."""
+    script = {"script": SPLIT_STOP}
+    deltas = [
+        orjson.loads(e)["delta"]["text"]
+        for e in _messages(sim, True, script).events()
+        if e != b"[DONE]" and orjson.loads(e)["type"] == "content_block_delta"
+    ]
+    assert "".join(deltas) == "Hello world "
+    assert all("ST" not in d for d in deltas), deltas
+    whole = _messages(sim, False, script).json()
+    assert whole["content"][0]["text"] == "Hello world "
+    texts = [
+        orjson.loads(e)["delta"]
+        for e in _responses(sim, True, script).events()
+        if e != b"[DONE]" and orjson.loads(e)["type"] == "response.output_text.delta"
+    ]
+    assert "".join(texts) == "Hello world " and all("ST" not in t for t in texts), texts
+
+
+def test_messages_and_responses_simulate_a_status_or_refuse_a_fault_they_cannot(sim):
+    for post in (_messages, _responses):
+        refused = post(sim, True, {"status": 503, "retry_after": 7})
+        assert refused.status == 503 and refused.header("retry-after") == "7"
+        for fault in ("stall_after", "close_after", "error_after"):
+            answer = post(sim, True, {fault: 1})
+            assert answer.status == 400 and fault in answer.body.decode(), answer.body
