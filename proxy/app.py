@@ -49,7 +49,7 @@ from .snapshot import (
     StreamPolicy,
     StreamTimeouts,
 )
-from .timeouts import SHUTDOWN, StreamWatchdog, timeout_message
+from .timeouts import SHUTDOWN, StreamWatchdog, overdue, timeout_message
 from .upstream import UpstreamConnection
 
 SSE_HEADERS: Final[list[Header]] = [
@@ -377,6 +377,19 @@ class ProxyApp:
             try:
                 backend_permit = await backend_limiter.acquire()
                 ex.queue_wait += backend_permit.waited
+                if ex.queue_wait and overdue(policy.timeouts, ex.started_at, stream):
+                    # Its deadline passed while it queued: the queue's own timeout (503 or
+                    # 429, Retry-After), and the backend is not asked for what the client
+                    # no longer waits for.
+                    backend_permit.release()
+                    queued_at = (
+                        app_limiter
+                        if app_limiter is not None
+                        and app_permit is not None
+                        and app_permit.waited > backend_permit.waited
+                        else backend_limiter
+                    )
+                    raise LimitExceeded(queued_at.name, "queue_timeout", queued_at.retry_after())
                 started = monotonic()
                 try:
                     await self._exchange(

@@ -165,7 +165,10 @@ async def relay_refusal(
         )
         error_as_event(response, refusal, refusal_event, error)
         return conn.complete
-    message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
+    if isinstance(error, str) and error:  # {"error": "Too many requests"}
+        message = error[:200]
+    else:
+        message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
     refusal = ApiError(
         status if status in (429, 503) else 502,
         f"backend answered {status}: {message}",

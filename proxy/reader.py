@@ -132,7 +132,7 @@ class RequestReader:
                 if self.quiet_bytes > MAX_HEAD_BYTES:
                     # Reads fed with no callback since: a chunk extension or trailer that
                     # never ends, which the parser holds (a trailer's value) or skips.
-                    self.owner.refuse(431, "request trailers too large", "headers_too_large")
+                    self._trailers_too_large()
                     return
                 self.quiet_bytes += len(piece)
             try:
@@ -147,6 +147,16 @@ class RequestReader:
                 self._parse_failed(exc)
                 break
         self._first_read = None
+
+    def _trailers_too_large(self) -> None:
+        request = self.request
+        if request is not None and request.body_stream is not None:
+            # A streamed body its handler is reading: the handler answers (see
+            # `_parse_failed`); a refusal here would fail the stream as a client gone.
+            request.body_stream.fail(BodyUnreadable("request trailers too large"))
+            self.owner.pause_body()
+            return
+        self.owner.refuse(431, "request trailers too large", "headers_too_large")
 
     def _version(self, method: str) -> str:
         """The request's HTTP version. When the read began with this message, the request

@@ -176,6 +176,20 @@ class StreamWatchdog:
         return self._task.uncancel() == 0
 
 
+def overdue(timeouts: StreamTimeouts, started: float, stream: bool) -> bool:
+    """Whether a limit that runs from the request's start has passed: `total`, and for a
+    stream `first_token` and `response_head` too (see StreamWatchdog's `started`)."""
+    now = monotonic()
+    if timeouts.total is not None and started + timeouts.total <= now:
+        return True
+    if not stream:
+        return False
+    for limit in (timeouts.first_token, timeouts.response_head):
+        if limit is not None and started + limit <= now:
+            return True
+    return False
+
+
 def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
     if kind == SHUTDOWN:
         return "the proxy is shutting down; retry the request"

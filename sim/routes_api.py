@@ -144,7 +144,11 @@ class ApiRoutes:
             if getattr(sim, name) is not None:
                 raise api_error(400, f"sim.{name} is not simulated on {path}", "sim")
         if sim.slow_first_byte_s > 0:
-            await asyncio.sleep(sim.slow_first_byte_s)
+            self.app.stats.waiting += 1  # as the chat route counts it (vllm:num_requests_waiting)
+            try:
+                await asyncio.sleep(sim.slow_first_byte_s)
+            finally:
+                self.app.stats.waiting -= 1
         if sim.status is not None:
             raise simulated_status(sim.status, sim.retry_after)
 

@@ -195,6 +195,40 @@ def test_a_malformed_chunk_in_a_streamed_upload_is_answered_400(sim: ProcessServ
         harness.close()
 
 
+def test_a_trailer_that_never_ends_in_a_streamed_upload_is_answered(sim: ProcessServer) -> None:
+    """A chunked upload whose trailer never ends: the handler reading the stream answers
+    (a refusal from the reader would fail the stream as a client gone: no answer)."""
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"R" * 1000
+    head = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
+            sock.sendall(head + b"%x\r\n%b\r\n0\r\nX-T: " % (len(part), part))
+            sock.settimeout(0.05)
+            answer = b""
+            sent = 0
+            while sent < 4 * 1024 * 1024 and not answer:
+                try:
+                    sock.sendall(b"t" * 16384)
+                    sent += 16384
+                    answer = sock.recv(65536)
+                except (TimeoutError, BlockingIOError):
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            sock.settimeout(5)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b"request trailers too large" in answer
+        assert sent < 1024 * 1024
+    finally:
+        harness.close()
+
+
 def test_passthrough_forwards_unknown_paths_unless_closed(sim: ProcessServer) -> None:
     harness = ProxyHarness(passthrough_snapshot(sim.url))
     try:

@@ -231,7 +231,7 @@ def test_a_chunked_bodys_trailers_never_reach_the_requests_headers(echo: EchoSer
 
 
 def test_a_trailer_that_never_ends_gets_431(echo: EchoServer) -> None:
-    """The parser holds a trailer's value until its line ends: refused once 74 KiB came
+    """The parser holds a trailer's value until its line ends: refused once ~73 KiB came
     with no end, not when the client stops."""
     with socket.create_connection(("127.0.0.1", echo.port)) as s:
         s.sendall(

@@ -15,7 +15,7 @@ from huggingface_hub import InferenceClient
 from huggingface_hub.errors import OverloadedError
 from sluice.proxy.snapshot import Backend, QueueLimits, StreamPolicy, StreamTimeouts
 
-from tests.fixtures import ProcessServer, ProxyHarness, routed_snapshot
+from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot
 from tests.streams.fixtures import raw_stream
 
 FAST = StreamPolicy(name="ka", keepalive_interval=0.3)
@@ -236,21 +236,27 @@ def test_the_anthropic_sdk_reads_a_refusal_after_the_head(sim: ProcessServer) ->
         h.close()
 
 
+@pytest.mark.parametrize(
+    ("fault", "expected"), [({"status": 503, "retry_after": 7}, 7), ({"status": 429}, None)]
+)
 def test_a_backends_retry_after_reaches_the_error_event_after_an_early_head(
-    sim: ProcessServer,
+    sim: ProcessServer, fault: dict[str, int], expected: int | None
 ) -> None:
     """Headers are gone once the head went out: the backend's Retry-After goes inside the
-    error object, as sluice's own refusals carry it."""
+    error object, as sluice's own refusals carry it (sluice's estimate when it sent none)."""
     h = proxy_for(sim.url, FAST, concurrency=1, max_wait=10.0)
     try:
         busy = _occupy(h.url, 1.0)
-        body = chat(sim={"status": 503, "retry_after": 7})
+        body = chat(sim=fault)
         result = raw_stream(h.url, "POST", "/v1/chat/completions", body)
         assert result.status == 200 and result.complete
         data = [e.data for e in result.data_events()]
         assert data[-1] == "[DONE]"
         error = json.loads(data[-2] or "")["error"]
-        assert error["retry_after"] == 7, error
+        if expected is None:
+            assert isinstance(error["retry_after"], int) and error["retry_after"] >= 1, error
+        else:
+            assert error["retry_after"] == expected, error
         busy.join(10)
     finally:
         h.close()
@@ -258,22 +264,27 @@ def test_a_backends_retry_after_reaches_the_error_event_after_an_early_head(
 
 def test_first_token_and_total_count_the_time_queued(sim: ProcessServer) -> None:
     """`first_token` runs from the request's start (queueing + prefill): a request that
-    waited its whole first-token budget for a permit times out, though the backend then
-    answers its first token at once."""
+    waited its whole first-token budget for a permit is refused as the queue's timeout
+    (Retry-After inside the error), and the backend is never asked."""
     policy = StreamPolicy(
         name="ka", keepalive_interval=0.3, timeouts=StreamTimeouts(first_token=1.0)
     )
     h = proxy_for(sim.url, policy, concurrency=1, max_wait=10.0)
     try:
         busy = _occupy(h.url, 1.8)
+        backend = SimClient(sim.url)
+        asked = len(backend.requests())
         start = time.monotonic()
-        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat())
+        result = raw_stream(h.url, "POST", "/v1/chat/completions", chat(max_tokens=7))
         assert result.status == 200 and result.complete
         data = [e.data for e in result.data_events()]
         assert data[-1] == "[DONE]"
         error = json.loads(data[-2] or "")["error"]
-        assert "no token from the backend within 1s" in error["message"], error
+        assert error["code"] == "backend_saturated" and error["retry_after"] >= 1, error
+        assert "queue wait expired" in error["message"], error
         assert time.monotonic() - start < 5.0
         busy.join(10)
+        # Only the request that held the permit reached the backend.
+        assert all(r["body"].get("max_tokens") != 7 for r in backend.requests()[asked:])
     finally:
         h.close()
