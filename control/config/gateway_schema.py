@@ -111,14 +111,17 @@ class TimeoutDefaultsSection(Section):
 
     first_token: Duration | None = Field(
         default=DEFAULT_FIRST_TOKEN_TIMEOUT,
-        description="Request start to first content token; null: none.",
+        description=(
+            "Request start (queues included) to first content token, for streams; null: none."
+        ),
     )
     inter_token: Duration | None = Field(
         default=DEFAULT_INTER_TOKEN_TIMEOUT,
-        description="Between content tokens (keep-alives don't count); null: none.",
+        description="Between content tokens (keep-alives don't count), for streams; null: none.",
     )
     total: Duration | None = Field(
-        default=DEFAULT_TOTAL_TIMEOUT, description="Whole request; null: none."
+        default=DEFAULT_TOTAL_TIMEOUT,
+        description="Whole request, queues included, stream or not; null: none.",
     )
     response_head: Duration | None = Field(
         default=DEFAULT_RESPONSE_HEAD_TIMEOUT,

@@ -173,16 +173,25 @@ class TimeoutsSection(Section):
 
     first_token: Duration | None = Field(
         default=None,
-        description="Request start to first content token; null: none.",
+        description=(
+            "Request start (the wait in the queues included) to first content token, for "
+            "streams (a non-stream answer's tokens come with its body: `total` bounds it); "
+            "null: none."
+        ),
         json_schema_extra=GATEWAY_DEFAULT,
     )
     inter_token: Duration | None = Field(
         default=None,
-        description="Between content tokens (keep-alives don't count); null: none.",
+        description="Between content tokens (keep-alives don't count), for streams; null: none.",
         json_schema_extra=GATEWAY_DEFAULT,
     )
     total: Duration | None = Field(
-        default=None, description="Whole request; null: none.", json_schema_extra=GATEWAY_DEFAULT
+        default=None,
+        description=(
+            "Whole request, the wait in the queues included, stream or not (504 for a "
+            "non-stream request); null: none."
+        ),
+        json_schema_extra=GATEWAY_DEFAULT,
     )
     response_head: Duration | None = Field(
         default=None,
