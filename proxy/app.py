@@ -49,7 +49,7 @@ from .snapshot import (
     StreamPolicy,
     StreamTimeouts,
 )
-from .timeouts import SHUTDOWN, StreamWatchdog, overdue, timeout_message
+from .timeouts import SHUTDOWN, StreamWatchdog, overdue, time_left, timeout_message
 from .upstream import UpstreamConnection
 
 SSE_HEADERS: Final[list[Header]] = [
@@ -371,11 +371,15 @@ class ProxyApp:
             )
         try:
             app_permit = None
+            timeouts = policy.timeouts
             if app_limiter is not None:
-                app_permit = await app_limiter.acquire()
+                # A wait no longer than the request's own deadline: then the queue's timeout.
+                app_permit = await app_limiter.acquire(time_left(timeouts, ex.started_at, stream))
                 ex.queue_wait += app_permit.waited
             try:
-                backend_permit = await backend_limiter.acquire()
+                backend_permit = await backend_limiter.acquire(
+                    time_left(timeouts, ex.started_at, stream)
+                )
                 ex.queue_wait += backend_permit.waited
                 if ex.queue_wait and overdue(policy.timeouts, ex.started_at, stream):
                     # Its deadline passed while it queued: the queue's own timeout (503 or

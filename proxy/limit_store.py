@@ -133,10 +133,13 @@ class StoreLimiter:
         self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
         self.fallback.observe_service_time(seconds)
 
-    async def acquire(self) -> Permit:
+    async def acquire(self, max_wait: float | None = None) -> Permit:
+        """A permit from the store (or the local share); the wait ends at the queue's
+        max_wait or `max_wait`, whichever is shorter (the request's own deadline)."""
         task = asyncio.current_task()
         assert task is not None
-        self._deadlines[task] = monotonic() + self.queue.max_wait
+        wait = self.queue.max_wait if max_wait is None else min(max_wait, self.queue.max_wait)
+        self._deadlines[task] = monotonic() + max(0.0, wait)
         try:
             while True:
                 try:

@@ -74,7 +74,7 @@ class ConcurrencyLimiter(Protocol):
 
     def configure(self, max_concurrency: int, queue: QueueLimits) -> None: ...
 
-    async def acquire(self) -> Permit: ...
+    async def acquire(self, max_wait: float | None = None) -> Permit: ...
 
     def observe_service_time(self, seconds: float) -> None: ...
 
@@ -113,9 +113,10 @@ class Limiter:
     def observe_service_time(self, seconds: float) -> None:
         self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
 
-    async def acquire(self) -> Permit:
-        """Takes a permit, waiting in the queue if needed."""
-        return Permit(self.release, await self.take())
+    async def acquire(self, max_wait: float | None = None) -> Permit:
+        """Takes a permit, waiting in the queue if needed (no longer than `max_wait`, when
+        that is shorter than the queue's: the request's own deadline)."""
+        return Permit(self.release, await self.take(max_wait))
 
     async def take(self, max_wait: float | None = None) -> float:
         """Takes a permit (give it back with `release()`); returns the seconds waited.

@@ -69,3 +69,24 @@ def test_a_swallowed_drain_cancellation_leaves_nothing_behind(
     assert cancelling == 0  # the limiter's cancellation was withdrawn
     assert limiter._ending == {}  # no task kept
     assert limiter.in_use == 0 and limiter.queued == 0
+
+
+def test_a_requests_own_deadline_bounds_its_wait_in_the_store() -> None:
+    """`acquire(max_wait)`: the store is asked with what is left of the shorter of the
+    queue's max_wait and the request's own deadline (the permit server and Redis wait
+    that long, then answer queue_timeout)."""
+    seen: list[float] = []
+
+    class _Recording(_SwallowingStore):
+        async def take(self, limiter: StoreLimiter) -> tuple[Hashable, float]:
+            seen.append(limiter.wait_left())
+            raise LimitExceeded(limiter.name, "queue_timeout", 1)
+
+    async def run() -> None:
+        limiter = StoreLimiter(_Recording(StoreDown), "app:a", 1, QueueLimits(4, 5.0))
+        for max_wait in (0.2, None, 30.0):
+            with pytest.raises(LimitExceeded):
+                await limiter.acquire(max_wait)
+
+    asyncio.run(run())
+    assert seen[0] <= 0.2 and 4.5 < seen[1] <= 5.0 and 4.5 < seen[2] <= 5.0, seen
