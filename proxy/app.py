@@ -49,7 +49,7 @@ from .snapshot import (
     StreamPolicy,
     StreamTimeouts,
 )
-from .timeouts import SHUTDOWN, StreamWatchdog, overdue, time_left, timeout_message
+from .timeouts import SHUTDOWN, StreamWatchdog, request_deadline, timeout_message
 from .upstream import UpstreamConnection
 
 SSE_HEADERS: Final[list[Header]] = [
@@ -371,17 +371,15 @@ class ProxyApp:
             )
         try:
             app_permit = None
-            timeouts = policy.timeouts
+            # A wait no longer than the request's own deadline: then the queue's timeout.
+            ends = request_deadline(policy.timeouts, ex.started_at, stream)
             if app_limiter is not None:
-                # A wait no longer than the request's own deadline: then the queue's timeout.
-                app_permit = await app_limiter.acquire(time_left(timeouts, ex.started_at, stream))
+                app_permit = await app_limiter.acquire(ends)
                 ex.queue_wait += app_permit.waited
             try:
-                backend_permit = await backend_limiter.acquire(
-                    time_left(timeouts, ex.started_at, stream)
-                )
+                backend_permit = await backend_limiter.acquire(ends)
                 ex.queue_wait += backend_permit.waited
-                if ex.queue_wait and overdue(policy.timeouts, ex.started_at, stream):
+                if ex.queue_wait and ends is not None and monotonic() >= ends:
                     # Its deadline passed while it queued: the queue's own timeout (503 or
                     # 429, Retry-After), and the backend is not asked for what the client
                     # no longer waits for.

@@ -133,13 +133,12 @@ class StoreLimiter:
         self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
         self.fallback.observe_service_time(seconds)
 
-    async def acquire(self, max_wait: float | None = None) -> Permit:
-        """A permit from the store (or the local share); the wait ends at the queue's
-        max_wait or `max_wait`, whichever is shorter (the request's own deadline)."""
+    async def acquire(self, deadline: float | None = None) -> Permit:
+        """A permit from the store (or the local share); the wait ends after the queue's
+        max_wait, or at `deadline` (the request's own) when that comes first."""
         task = asyncio.current_task()
         assert task is not None
-        wait = self.queue.max_wait if max_wait is None else min(max_wait, self.queue.max_wait)
-        self._deadlines[task] = monotonic() + max(0.0, wait)
+        self._deadlines[task] = self.queue.wait_ends(monotonic(), deadline)
         try:
             while True:
                 try:

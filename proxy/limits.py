@@ -74,7 +74,7 @@ class ConcurrencyLimiter(Protocol):
 
     def configure(self, max_concurrency: int, queue: QueueLimits) -> None: ...
 
-    async def acquire(self, max_wait: float | None = None) -> Permit: ...
+    async def acquire(self, deadline: float | None = None) -> Permit: ...
 
     def observe_service_time(self, seconds: float) -> None: ...
 
@@ -113,15 +113,16 @@ class Limiter:
     def observe_service_time(self, seconds: float) -> None:
         self._service_time += SERVICE_TIME_EWMA_ALPHA * (seconds - self._service_time)
 
-    async def acquire(self, max_wait: float | None = None) -> Permit:
-        """Takes a permit, waiting in the queue if needed (no longer than `max_wait`, when
-        that is shorter than the queue's: the request's own deadline)."""
-        return Permit(self.release, await self.take(max_wait))
+    async def acquire(self, deadline: float | None = None) -> Permit:
+        """Takes a permit, waiting in the queue if needed: for the queue's max_wait, or
+        until `deadline` (monotonic clock: the request's own) when that comes first."""
+        return Permit(self.release, await self.take(deadline))
 
-    async def take(self, max_wait: float | None = None) -> float:
+    async def take(self, deadline: float | None = None) -> float:
         """Takes a permit (give it back with `release()`); returns the seconds waited.
-        `max_wait`: this request's own bound on the wait, when shorter than the queue's (it
-        waited elsewhere first: the supervisor's permit server, limit_store.py)."""
+        `deadline`: when this request stops waiting, if before the queue's max_wait (its
+        own limits, or what it has left after waiting elsewhere: the supervisor's permit
+        server, limit_store.py)."""
         if self.in_use < self.max_concurrency and not self._waiters:
             self.in_use += 1
             return 0.0
@@ -132,8 +133,7 @@ class Limiter:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         started = time.monotonic()
-        wait = self.queue.max_wait if max_wait is None else min(max_wait, self.queue.max_wait)
-        timer = loop.call_later(wait, _expire, waiter)
+        timer = loop.call_later(self.queue.wait_ends(started, deadline) - started, _expire, waiter)
         try:
             await waiter
         except _Expired:

@@ -33,6 +33,7 @@ from typing import Final
 
 import structlog
 
+from .clock import monotonic
 from .limit_store import STORE_GRACE, StoreDown, StoreLimiter
 from .limits import Limiter, LimiterRegistry, LimitExceeded, Permit
 from .snapshot import QueueLimits
@@ -86,9 +87,9 @@ class PermitServer:
         held: dict[str, Permit] = {}
         waiting: dict[str, asyncio.Task[None]] = {}
 
-        async def take(rid: str, limiter: Limiter, wait: float) -> None:
+        async def take(rid: str, limiter: Limiter, deadline: float) -> None:
             try:
-                waited = await limiter.take(wait)
+                waited = await limiter.take(deadline)
             except LimitExceeded as exc:
                 writer.write(f"X {rid} {exc.reason} {limiter.queued}\n".encode())
                 return
@@ -106,7 +107,8 @@ class PermitServer:
                 if len(parts) == 8 and parts[0] == "A":
                     rid, name = parts[1], parts[7]
                     limiter = self._limiter(name, int(parts[2]), parts[3:6])
-                    waiting[rid] = asyncio.create_task(take(rid, limiter, float(parts[6])))
+                    deadline = monotonic() + float(parts[6])  # what is left of its wait
+                    waiting[rid] = asyncio.create_task(take(rid, limiter, deadline))
                 elif len(parts) == 2 and parts[0] == "R":
                     permit = held.pop(parts[1], None)
                     if permit is not None:

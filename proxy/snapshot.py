@@ -179,6 +179,14 @@ class QueueLimits:
     max_len: int = 1024
     max_wait: float = 10.0
 
+    def wait_ends(self, now: float, deadline: float | None) -> float:
+        """When a wait that starts `now` ends (monotonic clock): after `max_wait`, or at the
+        request's own `deadline` when that comes first (never before `now`)."""
+        end = now + self.max_wait
+        if deadline is not None and deadline < end:
+            end = max(now, deadline)
+        return end
+
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:

@@ -176,33 +176,16 @@ class StreamWatchdog:
         return self._task.uncancel() == 0
 
 
-def time_left(timeouts: StreamTimeouts, started: float, stream: bool) -> float | None:
-    """Seconds until the first limit that runs from the request's start passes (`total`,
-    and for a stream `first_token` and `response_head`); None when none is set. The most
-    a request may wait for a permit: after that it could only time out."""
-    limits = (
-        (timeouts.total, timeouts.first_token, timeouts.response_head)
-        if stream
-        else (timeouts.total,)
-    )
-    given = [limit for limit in limits if limit is not None]
-    if not given:
-        return None
-    return max(0.0, started + min(given) - monotonic())
-
-
-def overdue(timeouts: StreamTimeouts, started: float, stream: bool) -> bool:
-    """Whether a limit that runs from the request's start has passed: `total`, and for a
-    stream `first_token` and `response_head` too (see StreamWatchdog's `started`)."""
-    now = monotonic()
-    if timeouts.total is not None and started + timeouts.total <= now:
-        return True
-    if not stream:
-        return False
-    for limit in (timeouts.first_token, timeouts.response_head):
-        if limit is not None and started + limit <= now:
-            return True
-    return False
+def request_deadline(timeouts: StreamTimeouts, started: float, stream: bool) -> float | None:
+    """When the first limit that runs from the request's start passes (`total`, and for a
+    stream `first_token` and `response_head`), on the monotonic clock; None when none is
+    set. The longest a request may wait for a permit: after it, it could only time out."""
+    bound = timeouts.total
+    if stream:
+        for limit in (timeouts.first_token, timeouts.response_head):
+            if limit is not None and (bound is None or limit < bound):
+                bound = limit
+    return None if bound is None else started + bound
 
 
 def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
