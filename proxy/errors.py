@@ -6,6 +6,9 @@ event of a broken stream carries the same object inside an SSE `data:` line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Final
+
 import orjson
 
 from .response import JSON_HEADERS, Header, Response
@@ -60,6 +63,24 @@ def refusal_event(exc: ApiError, relayed: dict[str, object] | None = None) -> by
     if delay is not None and "retry_after" not in error:
         error["retry_after"] = delay
     return b"data: " + orjson.dumps({"error": error}) + SEPARATOR + DONE_EVENT
+
+
+RETRY_STATUSES: Final = (429, 503)
+
+
+def retry_headers(
+    status: int, given: bytes | None, estimate: Callable[[], int] | None
+) -> list[Header]:
+    """The Retry-After of a backend's refusal (429, 503; none for another status): the
+    backend's own delay in seconds, else `estimate()` (sluice's, from the backend's
+    service time), else 1, so that SDKs do not retry at once. An HTTP date is not passed
+    on: the backend's clock is not the client's, and a stream's error event carries
+    seconds."""
+    if status not in RETRY_STATUSES:
+        return []
+    if given is None or not given.isdigit():
+        given = str(estimate() if estimate is not None else 1).encode()
+    return [(b"retry-after", given)]
 
 
 def retry_after_of(exc: ApiError) -> int | None:

@@ -25,7 +25,7 @@ import orjson
 
 from .clock import monotonic
 from .deadlines import Deadlines
-from .errors import ApiError, bad_gateway
+from .errors import ApiError, bad_gateway, retry_headers
 from .exchange import Exchange
 from .http import Header, Response
 from .response import ClientGone
@@ -144,11 +144,7 @@ async def relay_refusal(
         return False
     status = conn.status
     ex.upstream_error = f"http_{status}"
-    retry: list[Header] = []
-    if status in (429, 503):
-        given = conn.headers.get(b"retry-after", b"")
-        estimate = retry_after() if retry_after is not None else 1
-        retry = [(b"retry-after", given if given.isdigit() else str(estimate).encode())]
+    retry = retry_headers(status, conn.headers.get(b"retry-after"), retry_after)
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -10,7 +10,7 @@ from typing import Any, Final
 import orjson
 
 from . import lenientjson
-from .errors import ApiError, bad_gateway
+from .errors import ApiError, bad_gateway, retry_headers
 from .exchange import Exchange
 from .http import Header, Response
 from .snapshot import StreamPolicy
@@ -19,7 +19,6 @@ from .upstream import UpstreamConnection, UpstreamError
 
 MAX_NONSTREAM_BODY: Final = 64 * 1024 * 1024
 # Backend answers that tell the client to come back later: relayed with a Retry-After.
-RETRY_STATUSES: Final = (429, 503)
 
 
 async def relay_whole(
@@ -43,11 +42,7 @@ async def relay_whole(
     status = conn.status
     ex.status = status
     content_type = conn.headers.get(b"content-type", b"application/json")
-    retry: list[Header] = []
-    if status in RETRY_STATUSES:
-        given = conn.headers.get(b"retry-after")
-        estimate = retry_after() if retry_after is not None else 1
-        retry = [(b"retry-after", given if given else str(estimate).encode())]
+    retry = retry_headers(status, conn.headers.get(b"retry-after"), retry_after)
     is_json = content_type.lower().startswith(b"application/json")  # a media type's case
     if status == 200 and (is_json or rewrite is not None):
         # An adapter that translates the answer (TGI) sees a body of another type as

@@ -149,14 +149,20 @@ class RequestReader:
         self._first_read = None
 
     def _trailers_too_large(self) -> None:
+        if not self._fail_streamed_body("request trailers too large"):
+            self.owner.refuse(431, "request trailers too large", "headers_too_large")
+
+    def _fail_streamed_body(self, message: str) -> bool:
+        """Ends a streamed body its handler is reading with BodyUnreadable(message): the
+        handler answers (as for one too large); a refusal here would fail the stream as a
+        client that has gone, and the client would get no answer at all. False when the
+        request has no streamed body."""
         request = self.request
-        if request is not None and request.body_stream is not None:
-            # A streamed body its handler is reading: the handler answers (see
-            # `_parse_failed`); a refusal here would fail the stream as a client gone.
-            request.body_stream.fail(BodyUnreadable("request trailers too large"))
-            self.owner.pause_body()
-            return
-        self.owner.refuse(431, "request trailers too large", "headers_too_large")
+        if request is None or request.body_stream is None:
+            return False
+        request.body_stream.fail(BodyUnreadable(message))
+        self.owner.pause_body()
+        return True
 
     def _version(self, method: str) -> str:
         """The request's HTTP version. When the read began with this message, the request
@@ -174,13 +180,7 @@ class RequestReader:
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         if self.owner.refused:
             return  # a callback refused the request and stopped the parser
-        request = self.request
-        if request is not None and request.body_stream is not None:
-            # A streamed body its handler is reading: the handler answers (as for one too
-            # large); a refusal here would fail the stream as a client that has gone,
-            # and the client would get no answer at all.
-            request.body_stream.fail(BodyUnreadable(f"malformed HTTP request: {exc}"))
-            self.owner.pause_body()
+        if self._fail_streamed_body(f"malformed HTTP request: {exc}"):
             return
         last = self.owner.pipeline[-1] if self.owner.pipeline else None
         if (

@@ -383,3 +383,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def send_until_answered(sock: socket.socket, filler: bytes, limit: int) -> tuple[bytes, int]:
+    """Sends `filler` until the server answers or closes, `limit` bytes at most (what a
+    client that never ends a header or trailer does); returns the first bytes of the
+    answer and how many bytes went out. The caller reads the rest of the answer."""
+    sock.settimeout(0.05)
+    sent = 0
+    answer = b""
+    while sent < limit and not answer:
+        try:
+            sock.sendall(filler)
+            sent += len(filler)
+            answer = sock.recv(65536)
+        except (TimeoutError, BlockingIOError):
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return answer, sent

@@ -25,6 +25,7 @@ from tests.fixtures import (
     SimClient,
     passthrough_snapshot,
     routed_snapshot,
+    send_until_answered,
 )
 
 KEY = b"sk-app-a"
@@ -207,18 +208,7 @@ def test_a_trailer_that_never_ends_in_a_streamed_upload_is_answered(sim: Process
     try:
         with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
             sock.sendall(head + b"%x\r\n%b\r\n0\r\nX-T: " % (len(part), part))
-            sock.settimeout(0.05)
-            answer = b""
-            sent = 0
-            while sent < 4 * 1024 * 1024 and not answer:
-                try:
-                    sock.sendall(b"t" * 16384)
-                    sent += 16384
-                    answer = sock.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    continue
-                except (BrokenPipeError, ConnectionResetError):
-                    break
+            answer, sent = send_until_answered(sock, b"t" * 16384, 4 * 1024 * 1024)
             sock.settimeout(5)
             while chunk := sock.recv(65536):
                 answer += chunk

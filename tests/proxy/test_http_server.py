@@ -18,7 +18,7 @@ from sluice.proxy import headernames, reader
 from sluice.proxy.http import Request, Response
 from sluice.proxy.response import head_bytes
 
-from tests.fixtures import HandlerServer
+from tests.fixtures import HandlerServer, send_until_answered
 
 STREAM_CHUNK = b"x" * 65536
 
@@ -238,18 +238,7 @@ def test_a_trailer_that_never_ends_gets_431(echo: EchoServer) -> None:
             b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"3\r\nabc\r\n0\r\nX-T: "
         )
-        sent = 0
-        s.settimeout(0.05)
-        data = b""
-        while sent < 8 * 1024 * 1024 and not data:
-            try:
-                s.sendall(b"a" * 16384)
-                sent += 16384
-                data = s.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
+        data, sent = send_until_answered(s, b"a" * 16384, 8 * 1024 * 1024)
         data += _read_until(s, b"}", timeout=3)
     assert data.startswith(b"HTTP/1.1 431"), data[:200]
     assert b"request trailers too large" in data
@@ -545,18 +534,7 @@ def test_100_continue_is_never_written_inside_another_response(hard: HardServer)
 def test_a_huge_header_is_refused_before_it_is_all_sent(hard: HardServer) -> None:
     with hard.connect() as s:
         s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Big: ")
-        sent = 0
-        s.settimeout(0.05)
-        data = b""
-        while sent < 8 * 1024 * 1024 and not data:
-            try:
-                s.sendall(b"a" * 16384)
-                sent += 16384
-                data = s.recv(65536)
-            except (TimeoutError, BlockingIOError):
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
+        data, sent = send_until_answered(s, b"a" * 16384, 8 * 1024 * 1024)
         data += _read_until(s, b"}", timeout=3)
     assert data.startswith(b"HTTP/1.1 431")
     assert sent < 1024 * 1024  # refused after ~74 KiB, not when the header ended

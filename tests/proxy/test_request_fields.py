@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from sluice.control.config.build import load_config
+from sluice.proxy.errors import retry_headers
 
 from tests.fixtures import ProcessServer, ProxyHarness, SimClient
 
@@ -115,3 +116,13 @@ def test_backend_503_and_429_carry_retry_after(harness_for: Any, sim_client: Sim
         assert int(estimated.headers["retry-after"]) >= 1
     stream = _post(harness, stream=True, sim={"status": 503, "retry_after": 3})
     assert stream.status_code == 503 and stream.headers["retry-after"] == "3"
+
+
+def test_a_backend_retry_after_is_passed_on_only_as_seconds() -> None:
+    """A date or garbage from the backend becomes sluice's estimate; other statuses none."""
+    assert retry_headers(429, b"7", lambda: 3) == [(b"retry-after", b"7")]
+    assert retry_headers(503, b"Wed, 21 Oct 2026 07:28:00 GMT", lambda: 3) == [
+        (b"retry-after", b"3")
+    ]
+    assert retry_headers(503, None, None) == [(b"retry-after", b"1")]
+    assert retry_headers(500, b"7", lambda: 3) == []
