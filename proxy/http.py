@@ -185,7 +185,7 @@ class HttpConnection(asyncio.Protocol):
             budget.release(request.reserved)
             request.reserved = 0
         self.pipeline.clear()
-        self.reader.drop()
+        self.reader.close()
         self.flow_listener = None
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():

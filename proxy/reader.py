@@ -80,7 +80,8 @@ class RequestReader:
         self.budget = budget
         self.max_body_bytes = max_body_bytes
         self.request_timeout = request_timeout
-        self.parser = _parser(self)
+        # None once the connection closed (`close`).
+        self.parser: RequestParser | None = _parser(self)
         # When the message being received must be complete (monotonic; 0: none).
         self.read_deadline = 0.0
         self.continue_pending = False  # 100 Continue owed once the connection is free
@@ -116,8 +117,21 @@ class RequestReader:
         self.read_deadline = 0.0
         self.continue_pending = False
 
+    def close(self) -> None:
+        """The connection is gone: its parser and last head go at once. The parser and
+        the reader hold each other (the parser calls the reader's methods), and the C
+        parser keeps its buffers' capacity: left to the cycle collector, they would
+        outlive the connection."""
+        self.drop()
+        self.parser = None
+        self.headers = {}  # the last head (up to MAX_HEADER_BYTES) goes with it
+        self.url = self.last_url = b""
+
     def feed(self, data: bytes) -> None:
         """Feeds the parser, never more than the head limit while a head is arriving."""
+        parser = self.parser
+        if parser is None:
+            return  # closed: nothing is read any more
         self._first_read = None if self.receiving else data
         while data and not self.owner.refused:
             if self.in_head:
@@ -136,13 +150,13 @@ class RequestReader:
                     return
                 self.quiet_bytes += len(piece)
             try:
-                self.parser.feed_data(piece)
+                parser.feed_data(piece)
             except httptools.HttpParserUpgrade as upgrade:
                 offset = int(upgrade.args[0]) if upgrade.args else len(piece)
                 data = piece[offset:] + data
                 if self.owner.take_upgrade(data):
                     return  # the connection is not HTTP any more
-                self._ignore_upgrade()
+                parser = self._ignore_upgrade(parser)
             except httptools.HttpParserError as exc:
                 self._parse_failed(exc)
                 break
@@ -164,7 +178,7 @@ class RequestReader:
         self.owner.pause_body()
         return True
 
-    def _version(self, method: str) -> str:
+    def _version(self, method: str, parser: RequestParser) -> str:
         """The request's HTTP version. When the read began with this message, the request
         line is `method SP url SP version CRLF` from its first byte (what llhttp accepted):
         the version is read there. Otherwise httptools is asked, whose
@@ -175,10 +189,10 @@ class RequestReader:
             at = len(method) + len(self.url) + 2
             if first[at : at + 10] == b"HTTP/1.1\r\n":
                 return "1.1"
-        return self.parser.get_http_version()
+        return parser.get_http_version()
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
-        if self.owner.refused:
+        if self.owner.refused or self.parser is None:
             return  # a callback refused the request and stopped the parser
         if self._fail_streamed_body(f"malformed HTTP request: {exc}"):
             return
@@ -206,34 +220,36 @@ class RequestReader:
         else:
             self.owner.refuse(400, f"malformed HTTP request: {text}", "bad_http")
 
-    def _ignore_upgrade(self) -> None:
+    def _ignore_upgrade(self, parser: RequestParser) -> RequestParser:
         """The parser stopped at a protocol upgrade request it completed without reading
         its body. Upgrades are optional (RFC 9110 7.8): read the request again from its
         head, without the upgrade, as plain HTTP/1.1; the request keeps `upgrade` so a
-        handler that serves the protocol can claim the connection."""
+        handler that serves the protocol can claim the connection. Returns the parser that
+        reads on: a new one when the head was replayed."""
         if not self.owner.pipeline:
-            return  # the upgrade request was refused: nothing to replay
+            return parser  # the upgrade request was refused: nothing to replay
         request = self.owner.pipeline.pop()
         self.budget.release(request.reserved)
         upgrade = request.headers.get(b"upgrade", b"")
-        self.parser = _parser(self)
+        self.parser = parser = _parser(self)
         self.replaying = True
         try:
-            self.parser.feed_data(
+            parser.feed_data(
                 replay_head(request.method, self.last_url, request.http_version, request.headers)
             )
         except httptools.HttpParserError as exc:  # the same head passed once: not expected
             self._parse_failed(exc)
-            return
+            return parser
         except httptools.HttpParserUpgrade:  # nor an upgrade again, without its headers
             self.owner.refuse(400, "the protocol upgrade could not be declined", "bad_http")
-            return
+            return parser
         finally:
             self.replaying = False
         if self.request is not None:
             self.request.upgrade = upgrade
         elif self.owner.pipeline:
             self.owner.pipeline[-1].upgrade = upgrade
+        return parser
 
     # -- parser callbacks ----------------------------------------------------------------
 
@@ -278,12 +294,14 @@ class RequestReader:
         self.in_head = False
         self.quiet_bytes = 0
         parser = self.parser
+        if parser is None:  # closed by an earlier callback of the same read
+            raise httptools.HttpParserError("connection closed")
         if headers is None:
             headers = self.headers
         else:
             self.headers = headers
         method = parser.get_method().decode("ascii")
-        version = self._version(method)
+        version = self._version(method, parser)
         try:
             check_head(method, version, headers)
         except HeadError as exc:

@@ -5,6 +5,7 @@ limits, slow clients, HTTP/1.0, Expect: 100-continue, and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import time
@@ -621,3 +622,33 @@ def test_a_handler_that_raises_gets_500_and_the_connection_closes(
         s.sendall(_post(b"a"))
         data = _read_all(s)
     assert _statuses(data) == [500]
+
+
+def test_a_closed_connection_frees_its_parser_without_the_cycle_collector(
+    echo: EchoServer,
+) -> None:
+    """The parser and the reader hold each other (its callbacks are the reader's
+    methods), and the C parser keeps its buffers' capacity: a connection that closed
+    frees its parser at once, not at the next collection (which a raised young-generation
+    threshold makes rarer)."""
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", echo.port)) as s:
+                s.sendall(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 30000 + b"\r\n\r\n")
+                assert b"target:/x" in _read_until(s, b"target:/x")
+        deadline = time.monotonic() + 5
+        while echo.lt.call(lambda: len(echo.state.connections)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert echo.lt.call(lambda: len(echo.state.connections)) == 0
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if "Parser" in type(o).__name__]
+        readers = [o for o in gc.garbage if type(o).__name__ == "RequestReader"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert readers, "the connections' readers were expected among the collected cycles"
+    assert left == [], left
