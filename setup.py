@@ -21,7 +21,9 @@ serve` says which build it runs on its first line (`build=compiled` or `build=pu
 
 The compiled build also has `sluice.proxy._http1` (proxy/_http1.c): llhttp, vendored in
 vendor/llhttp as httptools 0.9.0 bundles it, driven by C callbacks that collect a head's
-headers, where httptools calls Python once per header (proxy/http1parse.py).
+headers, where httptools calls Python once per header (proxy/http1parse.py), and
+`sluice.proxy._jsonline` (proxy/_jsonline.c), which writes the access line from its fields
+where the pure build builds a dict for orjson (proxy/observe.py).
 
 mypyc names a module after its path, so the sources are copied to
 build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
@@ -98,7 +100,8 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):  # .pyi: _http1's
+    # .pyi: the C extensions' (_http1, _jsonline)
+    for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
     return [str(STAGE / "sluice" / "proxy" / p.name) for p in compiled_modules()]
@@ -118,6 +121,11 @@ def http1_extension() -> Extension:
     )
 
 
+def jsonline_extension() -> Extension:
+    """The access line written in C."""
+    return Extension("sluice.proxy._jsonline", sources=["proxy/_jsonline.c"])
+
+
 def ext_modules() -> list[object]:
     why = _why_pure()
     if why is not None:
@@ -134,7 +142,7 @@ def ext_modules() -> list[object]:
         group_name="sluice_proxy",
         target_dir=str(Path("build") / "mypyc"),
     )
-    return [*compiled, http1_extension()]
+    return [*compiled, http1_extension(), jsonline_extension()]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 import structlog
@@ -30,6 +30,17 @@ _log = structlog.get_logger("sluice.access")
 # Final names: compiled, a C static each rather than orjson's attributes (see clock.py).
 _dumps: Final = orjson.dumps
 _APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
+
+try:
+    from . import _jsonline
+
+    _native: Any = _jsonline.line
+except ImportError:  # the pure build, or a compiled one whose C extension did not build
+    _native = None
+# proxy/_jsonline.c's `line`: the access line written in C, byte for byte orjson's.
+_line: Final[Any] = _native
+# Whether the access line is written in C (`sluice serve` reports the build).
+LINES_IN_C: Final = _native is not None
 
 
 class Observer:
@@ -61,7 +72,7 @@ class Observer:
         if self.metrics is not None:
             self.metrics.observe(ex)
         if self.json_lines is not None:
-            self.json_lines.write(access_fields(ex))
+            self.json_lines.write_exchange(ex)
         elif self.access_log:
             log_exchange(ex)
 
@@ -85,6 +96,44 @@ def _ms(seconds: float) -> float:
     """Milliseconds to a tenth, for a duration (>= 0): `round(x, 1)` formats the number
     through the decimal digits (~0.3 us; four per stream), this is two float operations."""
     return int(seconds * 10_000.0 + 0.5) / 10.0
+
+
+def exchange_line(ex: Exchange, now: float) -> bytes:
+    """`access_fields(ex)` with `event`, `level` and the `timestamp` of `now`, as one JSON
+    line written in C (proxy/_jsonline.c; the compiled build only). The same keys in the
+    same order; `...` leaves out a field that does not apply."""
+    first = ex.first_token_at
+    gaps = ex.gap_count
+    line: bytes = _line(
+        now,
+        b'"request_id":', ex.request_id,
+        b'"endpoint":', ex.endpoint,
+        b'"app":', ex.app,
+        b'"route":', ex.route,
+        b'"backend":', ex.backend,
+        b'"preset":', ex.preset,
+        b'"variant":', ex.variant,
+        b'"config_version":', ex.config_version,
+        b'"status":', ex.status,
+        b'"stream":', ex.stream,
+        b'"ttft_ms":', None if first is None else _ms(first - ex.started_at),
+        b'"tokens_in":', ex.prompt_tokens,
+        b'"tokens_out":', ex.output_tokens,
+        b'"finish_reason":', ex.finish_reason,
+        b'"duration_ms":', _ms(ex.ended_at - ex.started_at),
+        b'"experiment":', ex.experiment if ex.experiment else ...,
+        b'"cut":', ... if ex.cut is None else ex.cut,
+        b'"timeout":', ... if ex.timeout is None else ex.timeout,
+        b'"upstream_error":', ... if ex.upstream_error is None else ex.upstream_error,
+        b'"error":', ... if ex.error_code is None else ex.error_code,
+        b'"client_disconnected":', True if ex.client_disconnected else ...,
+        b'"queue_ms":', _ms(ex.queue_wait) if ex.queue_wait else ...,
+        b'"itl_mean_ms":', int(ex.gap_sum / gaps * 100_000.0 + 0.5) / 100.0 if gaps else ...,
+        b'"itl_max_ms":', _ms(ex.gap_max) if gaps else ...,
+        b'"event":', "request",
+        b'"level":', "info",
+    )  # fmt: skip
+    return line
 
 
 def access_fields(ex: Exchange) -> dict[str, object]:
@@ -160,8 +209,19 @@ class JsonAccessLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
 
+    def write_exchange(self, ex: Exchange) -> None:
+        """The access line of `ex`: written in C where the build has it (~3,000
+        instructions against ~14,800 for the dict and orjson)."""
+        if LINES_IN_C:
+            self.write_line(exchange_line(ex, wall()))
+        else:
+            self.write(access_fields(ex))
+
     def write(self, fields: dict[str, object]) -> None:
-        now = wall()
+        """A line of `fields` (changed: `event`, `level` and `timestamp` are added)."""
+        self.write_line(self.fields_line(fields, wall()))
+
+    def fields_line(self, fields: dict[str, object], now: float) -> bytes:
         second = int(now)
         if second != self._second:  # the date and time to the second, once a second
             self._second = second
@@ -172,7 +232,9 @@ class JsonAccessLog:
         # its format each time (~4x), a compiled f-string goes through format().
         micros = int((now - second) * 1e6)
         fields["timestamp"] = self._stamp + "." + str(1_000_000 + micros)[1:] + "Z"
-        line = _dumps(fields, option=_APPEND_NEWLINE)
+        return _dumps(fields, option=_APPEND_NEWLINE)
+
+    def write_line(self, line: bytes) -> None:
         if self._held is not None:
             self._held.append(line)
         else:

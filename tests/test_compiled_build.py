@@ -14,7 +14,7 @@ import runpy
 from pathlib import Path
 
 import pytest
-from sluice.proxy import http1parse
+from sluice.proxy import http1parse, observe
 from sluice.proxy.build import build_kind
 
 from tests.fixtures import REPO, ProcessServer, sluice_cmd
@@ -33,6 +33,11 @@ def test_the_build_is_the_one_this_run_names() -> None:
 def test_the_compiled_build_reads_heads_with_its_c_parser() -> None:
     """proxy/_http1.c is built with the compiled build only; the pure one uses httptools."""
     assert http1parse.HEADS_IN_C is (build_kind() == "compiled")
+
+
+def test_the_compiled_build_writes_access_lines_in_c() -> None:
+    """proxy/_jsonline.c is built with the compiled build only; the pure one uses orjson."""
+    assert observe.LINES_IN_C is (build_kind() == "compiled")
 
 
 def test_exactly_the_modules_setup_selects_are_compiled() -> None:

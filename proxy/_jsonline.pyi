@@ -1,0 +1,3 @@
+# The compiled build's access line writer (proxy/_jsonline.c); absent from the pure build.
+
+def line(now: float, *pairs: object) -> bytes: ...
