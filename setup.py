@@ -23,7 +23,9 @@ The compiled build also has `sluice.proxy._http1` (proxy/_http1.c): llhttp, vend
 vendor/llhttp as httptools 0.9.0 bundles it, driven by C callbacks that collect a head's
 headers, where httptools calls Python once per header (proxy/http1parse.py), and
 `sluice.proxy._jsonline` (proxy/_jsonline.c), which writes the access line from its fields
-where the pure build builds a dict for orjson (proxy/observe.py).
+where the pure build builds a dict for orjson (proxy/observe.py), and
+`sluice.proxy._jsondepth` (proxy/_jsondepth.c), a request body's nesting depth
+(proxy/jsonbody.py).
 
 mypyc names a module after its path, so the sources are copied to
 build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
@@ -100,7 +102,7 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    # .pyi: the C extensions' (_http1, _jsonline)
+    # .pyi: the C extensions' (_http1, _jsonline, _jsondepth)
     for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
@@ -121,9 +123,12 @@ def http1_extension() -> Extension:
     )
 
 
-def jsonline_extension() -> Extension:
-    """The access line written in C."""
-    return Extension("sluice.proxy._jsonline", sources=["proxy/_jsonline.c"])
+def small_extensions() -> list[Extension]:
+    """The access line written in C; a request body's nesting depth checked in C."""
+    return [
+        Extension("sluice.proxy._jsonline", sources=["proxy/_jsonline.c"]),
+        Extension("sluice.proxy._jsondepth", sources=["proxy/_jsondepth.c"]),
+    ]
 
 
 def ext_modules() -> list[object]:
@@ -142,7 +147,7 @@ def ext_modules() -> list[object]:
         group_name="sluice_proxy",
         target_dir=str(Path("build") / "mypyc"),
     )
-    return [*compiled, http1_extension(), jsonline_extension()]
+    return [*compiled, http1_extension(), *small_extensions()]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,15 @@ import orjson
 
 from .errors import bad_request
 
+try:
+    from . import _jsondepth
+
+    _native: Any = _jsondepth.exceeds
+except ImportError:  # the pure build, or a compiled one whose C extension did not build
+    _native = None
+# proxy/_jsondepth.c's `exceeds`: the same answer for any bytes, ~10x cheaper.
+_exceeds_in_c: Final[Any] = _native
+
 # A final name: compiled, a call reads a C static rather than the module's
 # attribute (~270 instructions a request; see clock.py).
 _loads: Final = orjson.loads
@@ -42,7 +51,11 @@ def nesting_exceeds(raw: bytes, limit: int = MAX_DEPTH) -> bool:
     """Whether `raw` nests arrays/objects deeper than `limit` (brackets inside strings
     do not count). A body with at most `limit` brackets is answered by two counts;
     otherwise the text is reduced to its brackets as +1/-1 and the running sum's maximum
-    is the depth (linear, in C: ~0.15 s for 4 MB of nothing but brackets)."""
+    is the depth (linear, in C: ~0.15 s for 4 MB of nothing but brackets). The compiled
+    build asks proxy/_jsondepth.c, which says the same."""
+    if _exceeds_in_c is not None:
+        exceeds: bool = _exceeds_in_c(raw, limit)
+        return exceeds
     if len(raw) <= _TEXT_COUNT_BELOW:
         # Counted as text: compiled, str.count is a direct call; bytes.count parses its
         # arguments from a tuple (~1,200 instructions each, against a 200-byte copy).

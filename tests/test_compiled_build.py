@@ -14,7 +14,7 @@ import runpy
 from pathlib import Path
 
 import pytest
-from sluice.proxy import http1parse, observe
+from sluice.proxy import http1parse, jsonbody, observe
 from sluice.proxy.build import build_kind
 
 from tests.fixtures import REPO, ProcessServer, sluice_cmd
@@ -35,9 +35,11 @@ def test_the_compiled_build_reads_heads_with_its_c_parser() -> None:
     assert http1parse.HEADS_IN_C is (build_kind() == "compiled")
 
 
-def test_the_compiled_build_writes_access_lines_in_c() -> None:
-    """proxy/_jsonline.c is built with the compiled build only; the pure one uses orjson."""
+def test_the_compiled_build_writes_access_lines_and_checks_depth_in_c() -> None:
+    """proxy/_jsonline.c and proxy/_jsondepth.c are built with the compiled build only;
+    the pure one writes its lines with orjson and counts brackets in Python."""
     assert observe.LINES_IN_C is (build_kind() == "compiled")
+    assert (jsonbody._exceeds_in_c is not None) is (build_kind() == "compiled")
 
 
 def test_exactly_the_modules_setup_selects_are_compiled() -> None:

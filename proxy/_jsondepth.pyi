@@ -1,0 +1,3 @@
+# The compiled build's nesting check (proxy/_jsondepth.c); absent from the pure build.
+
+def exceeds(raw: bytes, limit: int) -> bool: ...
