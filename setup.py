@@ -25,7 +25,8 @@ headers, where httptools calls Python once per header (proxy/http1parse.py), and
 `sluice.proxy._jsonline` (proxy/_jsonline.c), which writes the access line from its fields
 where the pure build builds a dict for orjson (proxy/observe.py), and
 `sluice.proxy._jsondepth` (proxy/_jsondepth.c), a request body's nesting depth
-(proxy/jsonbody.py).
+(proxy/jsonbody.py), and `sluice.proxy._headjoin` (proxy/_headjoin.c), response and
+upstream request heads joined (proxy/headjoin.py).
 
 mypyc names a module after its path, so the sources are copied to
 build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
@@ -102,7 +103,7 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    # .pyi: the C extensions' (_http1, _jsonline, _jsondepth)
+    # .pyi: the C extensions' (_http1, _jsonline, _jsondepth, _headjoin)
     for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
@@ -124,10 +125,12 @@ def http1_extension() -> Extension:
 
 
 def small_extensions() -> list[Extension]:
-    """The access line written in C; a request body's nesting depth checked in C."""
+    """The access line written in C; a request body's nesting depth checked in C; HTTP/1.1
+    heads joined in C."""
     return [
         Extension("sluice.proxy._jsonline", sources=["proxy/_jsonline.c"]),
         Extension("sluice.proxy._jsondepth", sources=["proxy/_jsondepth.c"]),
+        Extension("sluice.proxy._headjoin", sources=["proxy/_headjoin.c"]),
     ]
 
 

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from .clock import monotonic
 from .deadlines import Deadlines
+from .headjoin import join_head
 from .upstream import UpstreamConnection, UpstreamError
 
 MAX_IDLE_PER_ORIGIN: Final = 512
@@ -159,15 +160,8 @@ class UpstreamPool:
     def build_head(
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], n: int
     ) -> bytes:
-        parts = [method, b" ", path, b" HTTP/1.1\r\n", self._head_prefix]
-        for name, value in headers:  # appended: `+=` of a tuple builds and drops one
-            parts.append(name)
-            parts.append(b": ")
-            parts.append(value)
-            parts.append(b"\r\n")
         # n < 0: the caller frames the body itself (transfer-encoding: chunked).
-        parts.append(b"content-length: %d\r\n\r\n" % n if n >= 0 else b"\r\n")
-        return b"".join(parts)
+        return join_head((method, b" ", path, b" HTTP/1.1\r\n", self._head_prefix), headers, n, b"")
 
 
 class _TailWatcher:
