@@ -103,7 +103,7 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    # .pyi: the C extensions' (_http1, _jsonline, _jsondepth, _headjoin)
+    # .pyi: _http1's (the other C extensions are looked up by name: proxy/native.py)
     for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-try:
-    from . import _headjoin
+from .native import c_function
 
-    _native: Any = _headjoin.join
-except ImportError:  # the pure build, or a compiled one whose C extension did not build
-    _native = None
-_join_in_c: Final[Any] = _native
+_join_in_c: Final[Any] = c_function("_headjoin", "join")
 # Whether heads are joined in C (tests check it against the build).
-HEADS_JOINED_IN_C: Final = _native is not None
+HEADS_JOINED_IN_C: Final = _join_in_c is not None
 
 
 def join_head(

@@ -16,6 +16,7 @@ import structlog
 from .clock import wall
 from .exchange import Exchange
 from .metrics import Metrics
+from .native import c_function
 from .snapshot import SnapshotRef
 
 if TYPE_CHECKING:
@@ -31,16 +32,10 @@ _log = structlog.get_logger("sluice.access")
 _dumps: Final = orjson.dumps
 _APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 
-try:
-    from . import _jsonline
-
-    _native: Any = _jsonline.line
-except ImportError:  # the pure build, or a compiled one whose C extension did not build
-    _native = None
 # proxy/_jsonline.c's `line`: the access line written in C, byte for byte orjson's.
-_line: Final[Any] = _native
+_line: Final[Any] = c_function("_jsonline", "line")
 # Whether the access line is written in C (`sluice serve` reports the build).
-LINES_IN_C: Final = _native is not None
+LINES_IN_C: Final = _line is not None
 
 
 class Observer:

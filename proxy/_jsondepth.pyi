@@ -1,3 +1,0 @@
-# The compiled build's nesting check (proxy/_jsondepth.c); absent from the pure build.
-
-def exceeds(raw: bytes, limit: int) -> bool: ...

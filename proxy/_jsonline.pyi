@@ -1,3 +1,0 @@
-# The compiled build's access line writer (proxy/_jsonline.c); absent from the pure build.
-
-def line(now: float, *pairs: object) -> bytes: ...
