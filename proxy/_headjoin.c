@@ -33,6 +33,7 @@ static PyObject *join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *leading = args[0];
     PyObject *headers = args[1];
+    /* A length past 64 bits is refused (OverflowError): sluice's are capped long before. */
     long long length = PyLong_AsLongLong(args[2]);
     if (length == -1 && PyErr_Occurred())
         return NULL;
@@ -53,7 +54,7 @@ static PyObject *join(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < n_headers; i++) {
         PyObject *header = PyList_GET_ITEM(headers, i);
         if (!PyTuple_Check(header) || PyTuple_GET_SIZE(header) != 2) {
-            PyErr_SetString(PyExc_ValueError, "a header must be a (name, value) tuple");
+            PyErr_SetString(PyExc_TypeError, "a header must be a (name, value) tuple");
             return NULL;
         }
         PyObject *name = PyTuple_GET_ITEM(header, 0);

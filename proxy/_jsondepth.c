@@ -55,11 +55,14 @@ static PyObject *exceeds(PyObject *module, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "exceeds(raw: bytes, limit: int)");
         return NULL;
     }
-    long long limit = PyLong_AsLongLong(args[1]);
+    int overflow;
+    long long limit = PyLong_AsLongLongAndOverflow(args[1], &overflow);
     if (limit == -1 && PyErr_Occurred())
         return NULL;
-    if (limit < 0)
-        Py_RETURN_TRUE; /* as the pure build: a depth is never below 0 */
+    if (overflow > 0)
+        Py_RETURN_FALSE; /* past 64 bits: more than any body's brackets */
+    if (overflow < 0 || limit < 0)
+        Py_RETURN_TRUE; /* a depth is never below 0 */
     const char *data = PyBytes_AS_STRING(args[0]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
     if (count_of(data, size, '[') + count_of(data, size, '{') <= limit)

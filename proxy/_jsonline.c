@@ -22,6 +22,7 @@ An error (a str orjson cannot encode either, such as a lone surrogate) is orjson
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -229,12 +230,18 @@ static int put_value(Out *out, PyObject *value)
     return 1;
 }
 
-static long long stamp_second = -1;
+static long long stamp_second = LLONG_MIN; /* no second formatted yet */
 static char stamp[32];
 static size_t stamp_len;
 
 static int put_timestamp(Out *out, double now)
 {
+    /* time.time(): a clock of this era, never NaN or past 64 bits (checked: a cast of
+       those is undefined). */
+    if (!(now >= 0.0 && now < 9.2e18)) {
+        PyErr_SetString(PyExc_ValueError, "timestamp out of range");
+        return -1;
+    }
     long long second = (long long)now;
     if (second != stamp_second) {
         time_t t = (time_t)second;

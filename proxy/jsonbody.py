@@ -60,7 +60,7 @@ def nesting_exceeds(raw: bytes, limit: int = MAX_DEPTH) -> bool:
     elif raw.count(b"[") + raw.count(b"{") <= limit:
         return False
     steps = _STRING.sub(b"", raw).translate(_STEP, _NOT_BRACKETS)
-    return max(accumulate(array("b", steps)), default=0) > limit
+    return max(accumulate(array("b", steps), initial=0)) > limit
 
 
 def check_nesting(raw: bytes) -> None:

@@ -1,8 +1,9 @@
 """The compiled build's C functions, found by name.
 
 `pip install .` builds small C extensions beside the mypyc-compiled modules (setup.py);
-a pure build, or a compiled one whose extension did not build, has none, and the caller
-runs its Python version of the same function.
+a pure build has none, and the caller runs its Python version of the same function. An
+extension that is there but cannot be loaded is an error at start-up, not a quiet
+fallback: `sluice serve` would report `build=compiled` for what runs in Python.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ _PACKAGE: Final = __name__.rpartition(".")[0]
 
 def c_function(module: str, name: str) -> Any:
     """`name` from the C extension `module` of this package; None where it is not built."""
+    qualified = f"{_PACKAGE}.{module}"
     try:
-        return getattr(importlib.import_module(f"{_PACKAGE}.{module}"), name)
-    except ImportError:
+        extension = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name != qualified:
+            raise
         return None
+    return getattr(extension, name)

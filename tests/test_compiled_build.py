@@ -14,7 +14,7 @@ import runpy
 from pathlib import Path
 
 import pytest
-from sluice.proxy import http1parse, jsonbody, observe
+from sluice.proxy import http1parse, jsonbody, native, observe
 from sluice.proxy.build import build_kind
 
 from tests.fixtures import REPO, ProcessServer, sluice_cmd
@@ -137,3 +137,11 @@ def test_setup_falls_back_to_pure_python_and_says_why(monkeypatch: pytest.Monkey
     monkeypatch.delenv("SLUICE_COMPILE")
     monkeypatch.delenv("CC")
     assert why_pure() is None  # this machine has gcc, Python.h and mypyc (the test extra)
+
+
+def test_an_extension_that_is_not_built_is_none_and_a_broken_one_an_error() -> None:
+    """proxy/native.py: a pure build runs the Python versions; a compiled build whose
+    extension cannot load fails at start-up rather than quietly running them."""
+    assert native.c_function("_not_an_extension", "line") is None
+    with pytest.raises(ModuleNotFoundError):
+        native.c_function("_not_an_extension.inner", "line")

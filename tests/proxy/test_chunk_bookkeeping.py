@@ -242,7 +242,7 @@ def _reference_depth(raw: bytes) -> int:
 def test_the_nesting_check_of_any_bytes_is_a_scan_of_them(raw: bytes) -> None:
     """Invalid bodies too (unterminated strings, a lone backslash last, stray closers):
     the check says what a byte-by-byte scan says."""
-    for limit in (0, 1, 3):
+    for limit in (-1, 0, 1, 3, 2**64):
         assert nesting_exceeds(raw, limit) == (_reference_depth(raw) > limit), limit
 
 

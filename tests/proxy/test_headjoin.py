@@ -46,5 +46,5 @@ def test_a_response_head_is_its_lines() -> None:
 
 @pytest.mark.parametrize("header", [(b"a",), (b"a", b"b", b"c")])
 def test_a_header_that_is_not_a_pair_is_refused(header: object) -> None:
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises((TypeError, ValueError)):  # compiled: TypeError; interpreted: ValueError
         headjoin.join_head((b"GET / HTTP/1.1\r\n",), [header], -1, b"")  # type: ignore[list-item]
