@@ -103,8 +103,7 @@ def _stage() -> list[str]:
     target = ROOT / STAGE / "sluice" / "proxy"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    # .pyi: _http1's (the other C extensions are looked up by name: proxy/native.py)
-    for source in sorted([*SOURCE.glob("*.py"), *SOURCE.glob("*.pyi")]):
+    for source in sorted(SOURCE.glob("*.py")):  # the C extensions: looked up by name
         shutil.copy2(source, target / source.name)
     (ROOT / STAGE / "mypyc.ini").write_text(MYPY_CONFIG)
     return [str(STAGE / "sluice" / "proxy" / p.name) for p in compiled_modules()]

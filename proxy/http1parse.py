@@ -15,15 +15,12 @@ from typing import Any, Final, Protocol
 
 import httptools
 
-try:
-    from . import _http1
+from .native import c_function
 
-    _native: Any = _http1
-except ImportError:  # the pure build, or a compiled one whose C extension did not build
-    _native = None
-
+_request_parser_in_c: Final[Any] = c_function("_http1", "RequestParser")
+_response_parser_in_c: Final[Any] = c_function("_http1", "ResponseParser")
 # Whether heads are collected in C (`sluice serve` reports the build; tests check this).
-HEADS_IN_C: Final = _native is not None
+HEADS_IN_C: Final = _request_parser_in_c is not None
 
 
 class RequestParser(Protocol):
@@ -50,8 +47,8 @@ def request_parser(
     """A request parser calling `protocol` back. `_http1` enforces the limits itself (the
     URL's bytes; the header bytes, name + value + 4 each, and distinct names of a head);
     with httptools the protocol's `on_url` and `on_header` do."""
-    if _native is not None:
-        parser: RequestParser = _native.RequestParser(
+    if _request_parser_in_c is not None:
+        parser: RequestParser = _request_parser_in_c(
             protocol, max_url, max_header_bytes, max_header_count
         )
         return parser
@@ -60,7 +57,7 @@ def request_parser(
 
 def response_parser(protocol: object) -> ResponseParser:
     """A response parser calling `protocol` back; a repeated header's last value wins."""
-    if _native is not None:
-        parser: ResponseParser = _native.ResponseParser(protocol)
+    if _response_parser_in_c is not None:
+        parser: ResponseParser = _response_parser_in_c(protocol)
         return parser
     return httptools.HttpResponseParser(protocol)

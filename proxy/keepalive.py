@@ -25,7 +25,7 @@ import orjson
 
 from .clock import monotonic
 from .deadlines import Deadlines
-from .errors import ApiError, bad_gateway, retry_headers
+from .errors import RETRY_STATUSES, ApiError, bad_gateway, retry_headers
 from .exchange import Exchange
 from .http import Header, Response
 from .response import ClientGone
@@ -166,7 +166,7 @@ async def relay_refusal(
     else:
         message = body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}"
     refusal = ApiError(
-        status if status in (429, 503) else 502,
+        status if status in RETRY_STATUSES else 502,
         f"backend answered {status}: {message}",
         type="upstream_error",
         code=f"upstream_http_{status}",

@@ -62,15 +62,6 @@ class StreamTimeouts:
                 f"first_token timeout {self.first_token}s exceeds total timeout {self.total}s"
             )
 
-    @property
-    def enabled(self) -> bool:
-        return (
-            self.first_token is not None
-            or self.inter_token is not None
-            or self.total is not None
-            or self.response_head is not None
-        )
-
 
 NO_TIMEOUTS: Final = StreamTimeouts()
 # Every route's deadlines unless the Gateway's `timeouts` or the route's Policy say

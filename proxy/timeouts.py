@@ -186,9 +186,7 @@ def request_deadline(timeouts: StreamTimeouts, started: float, stream: bool) -> 
     set. The longest a request may wait for a permit: after it, it could only time out."""
     bound = timeouts.total
     if stream:
-        for limit in (timeouts.first_token, timeouts.response_head):
-            if limit is not None and (bound is None or limit < bound):
-                bound = limit
+        bound = _shorter(bound, _shorter(timeouts.first_token, timeouts.response_head))
     return None if bound is None else started + bound
 
 

@@ -174,18 +174,23 @@ def test_passthrough_reads_a_form_to_a_generating_path_whole(sim: ProcessServer)
         harness.close()
 
 
+# A chunked multipart upload's head and first part: its handler reads the body as it comes.
+UPLOAD_HEAD = (
+    b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+)
+UPLOAD_PART = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"R" * 1000
+
+
 def test_a_malformed_chunk_in_a_streamed_upload_is_answered_400(sim: ProcessServer) -> None:
     """A chunked upload whose second chunk's size line is not hex: the handler reading
     the stream answers 400 (it got no answer: the stream failed as a client gone)."""
     harness = ProxyHarness(passthrough_snapshot(sim.url))
-    part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"R" * 1000
-    head = (
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
-    )
     try:
         with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
-            sock.sendall(head + b"%x\r\n%b\r\nzz\r\nabc\r\n" % (len(part), part))
+            sock.sendall(
+                UPLOAD_HEAD + b"%x\r\n%b\r\nzz\r\nabc\r\n" % (len(UPLOAD_PART), UPLOAD_PART)
+            )
             answer = b""
             while chunk := sock.recv(65536):
                 answer += chunk
@@ -200,14 +205,9 @@ def test_a_trailer_that_never_ends_in_a_streamed_upload_is_answered(sim: Process
     """A chunked upload whose trailer never ends: the handler reading the stream answers
     (a refusal from the reader would fail the stream as a client gone: no answer)."""
     harness = ProxyHarness(passthrough_snapshot(sim.url))
-    part = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"R" * 1000
-    head = (
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
-    )
     try:
         with socket.create_connection(("127.0.0.1", harness.port), timeout=5) as sock:
-            sock.sendall(head + b"%x\r\n%b\r\n0\r\nX-T: " % (len(part), part))
+            sock.sendall(UPLOAD_HEAD + b"%x\r\n%b\r\n0\r\nX-T: " % (len(UPLOAD_PART), UPLOAD_PART))
             answer, sent = send_until_answered(sock, b"t" * 16384, 4 * 1024 * 1024)
             sock.settimeout(5)
             while chunk := sock.recv(65536):
