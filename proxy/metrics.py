@@ -116,6 +116,21 @@ class _Pending:
             self.total = 0.0
 
 
+class _RequestSeries:
+    """One (app, route, preset, variant, status): its requests since the last flush, and
+    the histograms and token counts its requests add to, shared with the other keys of
+    their route and variant (`route`; None before routing) and of their app and route
+    (`tokens`: [in, out] since the flush). Found with one lookup a request, where three
+    tuples and three lookups found the same parts (~1,300 instructions)."""
+
+    __slots__ = ("requests", "route", "tokens")
+
+    def __init__(self, route: _RouteSeries | None, tokens: list[int]) -> None:
+        self.requests = 0
+        self.route = route
+        self.tokens = tokens
+
+
 class _RouteSeries:
     """The per-(route, variant) histograms, looked up once and cached."""
 
@@ -294,7 +309,7 @@ class Metrics:
         )
         # Once per request the counts below go up in plain Python; `flush` adds them to
         # the prometheus-client values (every read of the metrics, and once a second).
-        self._requests: dict[tuple[str, str, str, str, int], int] = {}
+        self._requests: dict[tuple[str, str, str, str, int], _RequestSeries] = {}
         self._routes: dict[tuple[str, str], _RouteSeries] = {}
         self._tokens: dict[tuple[str, str], list[int]] = {}  # [in, out] since the flush
         self._queue_wait = _Pending(self.queue_wait, QUEUE_BUCKETS)
@@ -304,8 +319,10 @@ class Metrics:
 
     def observe(self, ex: Exchange) -> None:
         key = (ex.app, ex.route, ex.preset, ex.variant, ex.status)
-        requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
+        series = self._requests.get(key)
+        if series is None:
+            series = self._requests[key] = self._new_series(ex)
+        series.requests += 1
         if ex.client_disconnected:
             self.disconnects.inc()
         if ex.timeout is not None:
@@ -318,41 +335,53 @@ class Metrics:
             self.upstream_errors.labels(ex.backend, ex.upstream_error).inc()
         if ex.upstream_retries:
             self.upstream_retries.labels(ex.backend).inc(ex.upstream_retries)
-        if not ex.route:
+        route = series.route
+        if route is None:
             return  # rejected before routing: no latency to speak of
         if ex.error_code not in _REJECTED:
             self._queue_wait.observe(ex.queue_wait)
-        series = self._routes.get((ex.route, ex.variant))
-        if series is None:
-            series = self._routes[(ex.route, ex.variant)] = _RouteSeries(self, ex.route, ex.variant)
         first = ex.first_token_at
         if first is not None:
-            series.ttft.observe(first - ex.started_at)
+            route.ttft.observe(first - ex.started_at)
         if ex.gap_count:
-            series.itl.add(ex.gap_buckets, ex.gap_sum)
+            route.itl.add(ex.gap_buckets, ex.gap_sum)
         if ex.first_token_overhead is not None:
-            series.overhead.observe(ex.first_token_overhead)
-        series.duration.observe(ex.ended_at - ex.started_at)
+            route.overhead.observe(ex.first_token_overhead)
+        route.duration.observe(ex.ended_at - ex.started_at)
         tokens_in, tokens_out = ex.prompt_tokens, ex.output_tokens
         if tokens_in or tokens_out:
-            pair = self._tokens.get((ex.app, ex.route))
-            if pair is None:  # both series exist from the first request on, as before
+            pair = series.tokens
+            if not pair:  # both series exist from the first request with tokens on
                 self.tokens.labels(ex.app, ex.route, "in")
                 self.tokens.labels(ex.app, ex.route, "out")
-                pair = self._tokens[(ex.app, ex.route)] = [0, 0]
+                pair.extend((0, 0))
             if tokens_in:
                 pair[0] += tokens_in
             pair[1] += tokens_out
 
+    def _new_series(self, ex: Exchange) -> _RequestSeries:
+        if not ex.route:
+            return _RequestSeries(None, [])
+        route = self._routes.get((ex.route, ex.variant))
+        if route is None:
+            route = self._routes[(ex.route, ex.variant)] = _RouteSeries(self, ex.route, ex.variant)
+        tokens = self._tokens.get((ex.app, ex.route))
+        if tokens is None:
+            tokens = self._tokens[(ex.app, ex.route)] = []  # [in, out] from the first tokens
+        return _RequestSeries(route, tokens)
+
     def flush(self) -> None:
         """Adds what `observe` counted since the last flush to the exported values."""
-        requests, self._requests = self._requests, {}
-        for (app, route, preset, variant, status), n in requests.items():
-            self.requests.labels(app, route, preset, variant, str(status)).inc(n)
+        for (app, route, preset, variant, status), series in self._requests.items():
+            if series.requests:
+                self.requests.labels(app, route, preset, variant, str(status)).inc(series.requests)
+                series.requests = 0
         self._queue_wait.flush()
-        for series in self._routes.values():
-            series.flush()
+        for histograms in self._routes.values():
+            histograms.flush()
         for (app, route), pair in self._tokens.items():
+            if not pair:
+                continue  # no request with tokens yet
             if pair[0]:
                 self.tokens.labels(app, route, "in").inc(pair[0])
             if pair[1]:

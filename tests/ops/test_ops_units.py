@@ -81,39 +81,48 @@ def test_gaps_on_and_around_every_bucket_bound_land_where_prometheus_puts_them()
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.floats(min_value=0.0, max_value=700.0), st.sampled_from(["a", "b"])),
+        st.tuples(
+            st.floats(min_value=0.0, max_value=700.0),
+            st.sampled_from(["a", "b"]),
+            st.sampled_from([200, 499]),
+            st.integers(min_value=0, max_value=3),  # prompt tokens (0: none reported)
+        ),
         min_size=1,
         max_size=40,
     ),
     st.integers(min_value=0, max_value=40),
 )
 def test_counted_in_python_then_read_equals_prometheus_observing_each_request(
-    requests: list[tuple[float, str]], read_after: int
+    requests: list[tuple[float, str, int, int]], read_after: int
 ) -> None:
     """Issue 19: `observe` counts in plain Python and a read folds the counts in. Whenever
     the metrics are read (here once midway), they equal what prometheus-client shows
-    when each request is observed as it ends, and no request is counted twice."""
+    when each request is observed as it ends, and no request is counted twice: the
+    counts a key keeps between reads start again from 0 after each."""
     metrics = Metrics()
     reference = CollectorRegistry()
     durations = Histogram("sluice_stream_duration_seconds", "", ["route", "variant"],
                           buckets=DURATION_BUCKETS, registry=reference)  # fmt: skip
     counted = Counter("sluice_requests", "", ["app", "route", "preset", "variant", "status"],
                       registry=reference)  # fmt: skip
-    for i, (duration, app) in enumerate(requests):
+    tokens = Counter("sluice_tokens", "", ["app", "route", "direction"], registry=reference)
+    for i, (duration, app, status, prompt) in enumerate(requests):
         if i == read_after:
             metrics.render()
-        ex = streamed([], app=app)
+        ex = streamed([], app=app, status=status, prompt_tokens=prompt or None)
         ex.ended_at = ex.started_at + duration
         metrics.observe(ex)
         durations.labels("chat", "").observe(duration)
-        counted.labels(app, "chat", "", "", "200").inc()
-    for name in ("sluice_stream_duration_seconds", "sluice_requests"):
+        counted.labels(app, "chat", "", "", str(status)).inc()
+        tokens.labels(app, "chat", "in").inc(prompt)
+        tokens.labels(app, "chat", "out").inc(1)  # one content chunk, no usage
+    for name in ("sluice_stream_duration_seconds", "sluice_requests", "sluice_tokens"):
         got, want = samples(metrics.registry, name), samples(reference, name)
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == pytest.approx(value), key
-    again = samples(metrics.registry, "sluice_requests")  # a second read adds nothing
-    assert again == samples(reference, "sluice_requests")
+    for name in ("sluice_requests", "sluice_tokens"):  # a second read adds nothing
+        assert samples(metrics.registry, name) == samples(reference, name)
 
 
 def test_outcomes_map_to_their_counters() -> None:
