@@ -25,8 +25,10 @@ headers, where httptools calls Python once per header (proxy/http1parse.py), and
 `sluice.proxy._jsonline` (proxy/_jsonline.c), which writes the access line from its fields
 where the pure build builds a dict for orjson (proxy/observe.py), and
 `sluice.proxy._jsondepth` (proxy/_jsondepth.c), a request body's nesting depth
-(proxy/jsonbody.py), and `sluice.proxy._headjoin` (proxy/_headjoin.c), response and
-upstream request heads joined (proxy/headjoin.py).
+(proxy/jsonbody.py), `sluice.proxy._headjoin` (proxy/_headjoin.c), response and
+upstream request heads joined (proxy/headjoin.py), and `sluice.proxy._chunkscan`
+(proxy/_chunkscan.c), vLLM's common stream chunks read whole by the relay
+(proxy/chunkscan.py).
 
 mypyc names a module after its path, so the sources are copied to
 build/mypyc-src/sluice/proxy/ first (the repository keeps them in proxy/). It analyses
@@ -125,11 +127,12 @@ def http1_extension() -> Extension:
 
 def small_extensions() -> list[Extension]:
     """The access line written in C; a request body's nesting depth checked in C; HTTP/1.1
-    heads joined in C."""
+    heads joined in C; vLLM's common stream chunks read in C."""
     return [
         Extension("sluice.proxy._jsonline", sources=["proxy/_jsonline.c"]),
         Extension("sluice.proxy._jsondepth", sources=["proxy/_jsondepth.c"]),
         Extension("sluice.proxy._headjoin", sources=["proxy/_headjoin.c"]),
+        Extension("sluice.proxy._chunkscan", sources=["proxy/_chunkscan.c"]),
     ]
 
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 import orjson
 
 from . import lenientjson
+from .chunkscan import layout_of, scan
 from .clock import monotonic
 from .exchange import Exchange
 from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
@@ -92,6 +93,7 @@ class ChunkFilter:
     __slots__ = (
         "_head",
         "_last_event",
+        "_layout",
         "_template",
         "_token_end",
         "_token_opening",
@@ -102,6 +104,7 @@ class ChunkFilter:
         "guard_spec",
         "guards",
         "n_choices",
+        "skips_common",
         "upstream_error",
         "watchdog",
     )
@@ -129,6 +132,13 @@ class ChunkFilter:
         # vLLM's token chunk of this stream, before and after its text (`token_span`)
         self._token_opening = ""
         self._token_end = CHAT_TOKEN_END if chat else TEXT_TOKEN_END
+        # This stream's chunk forms for `skip_common` (chunkscan.layout_of), once its
+        # head is known; () until then.
+        self._layout: tuple[bytes, ...] = ()
+        # Whether the relay may hand whole chunks to `skip_common`: only where `observe`
+        # is this class's (an endpoint's filter reads its own events) and no guard reads
+        # the text.
+        self.skips_common = type(self) is ChunkFilter and guard_spec is None
 
     def _parse_event(self, event: bytes) -> bytes | None:
         """The full path: parse the chunk, guard each choice, rewrite when changed."""
@@ -251,6 +261,7 @@ class ChunkFilter:
             return -1
         self._head = head
         self._token_opening = head + (CHAT_TEXT_OPEN if self.chat else TEXT_TEXT_OPEN)
+        self._layout = layout_of(head, self.chat)
         return end
 
     def guarded(self, event: bytes, text: str = "") -> bytes | None:
@@ -395,6 +406,25 @@ class ChunkFilter:
             self.done = True
             return out_event + DONE_EVENT
         return out_event
+
+    def skip_common(self, data: bytes, pos: int) -> int:
+        """From `pos`, a chunk's start in a backend read: the whole chunks that hold vLLM's
+        token chunks, a choice's last chunk or the usage chunk in their literal form
+        (`chunkscan`), recorded as `observe` records each and sent on unchanged. Returns
+        the position after them; `pos` where the first is something else, or where this
+        stream's head is not known yet. Only where `skips_common`."""
+        layout = self._layout
+        if not layout:
+            return pos
+        end, tokens, reason_start, reason_end, prompt, completion = scan(data, pos, layout)
+        for _ in range(tokens):
+            self._token()
+        if reason_start >= 0:
+            self.ex.finish_reason = data[reason_start:reason_end].decode("utf-8", "replace")
+        if prompt >= 0:
+            self.ex.prompt_tokens = prompt
+            self.ex.completion_tokens = completion
+        return end
 
     def observe(self, event: bytes, text: str = "") -> bytes:
         """No guard: the event goes out unchanged. vLLM's common chunks are read by their

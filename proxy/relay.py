@@ -15,7 +15,7 @@ from .chunks import ChunkFilter
 from .clock import monotonic
 from .response import Response
 from .sse import SEPARATOR, SseSplitter
-from .upstream import UpstreamError
+from .upstream import ReadTaker, UpstreamError
 
 # The most of one SSE event held while it arrives (vLLM's largest, a first chunk with a
 # long prompt's token ids, is well under a megabyte). A backend that sends more without
@@ -36,7 +36,7 @@ class ReadSide(Protocol):
     def parse_read(self, data: bytes) -> None: ...  # a read the relay does not take
 
 
-class StreamRelay:
+class StreamRelay(ReadTaker):
     """Push-mode relay of one SSE response. While it relays, it takes the backend socket's
     reads (`UpstreamConnection.take_reads`): a read comes to `take_read`, and an
     event goes backend socket -> filter -> client socket without a future, a task switch
@@ -63,6 +63,7 @@ class StreamRelay:
         "_out",
         "_over",
         "_partial",
+        "_skips",
         "_waiter",
         "filter",
         "response",
@@ -90,6 +91,8 @@ class StreamRelay:
         self._frames = response.takes_frames()
         # Without a guard the per-event work is observe's byte searches only.
         self._guarded = chunk_filter.guard_spec is not None
+        # vLLM's common chunks go by in one call to the filter (`feed_chunks`).
+        self._skips = chunk_filter.skips_common
 
     def _on_event(self, event: bytes, text: str = "") -> bytes | None:
         # A method called, not a bound method stored: compiled, the call goes straight to
@@ -207,8 +210,17 @@ class StreamRelay:
         pos = 0  # the start of the next chunk
         sent = 0  # data[sent:pos] are unchanged chunks not yet written
         parts: list[bytes] | None = None  # only once an event changed
+        skips = self._skips
         try:
             while pos < n:
+                if skips and ex.finish_reason is None:
+                    # vLLM's token chunks, last chunk and usage chunk in their literal
+                    # form: recorded and left as they are, in one call (chunkscan); the
+                    # loop below reads the rest. Not after a finish reason: the scan takes
+                    # the chunks after it with it, or they are another choice's.
+                    pos = chunk_filter.skip_common(data, pos)
+                    if pos >= n:
+                        break
                 # The size line: 1-8 hex digits and CRLF (anything else: the parser's).
                 size = 0
                 i = pos

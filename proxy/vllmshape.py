@@ -56,6 +56,13 @@ CHAT_TOKEN_END: Final = _CHAT_TAIL + "}\n\n"
 TEXT_TOKEN_END: Final = _TEXT_TAIL + "}\n\n"
 # vLLM's usage chunk after `"choices":[`, its three counts in this order.
 _USAGE_START: Final = '],"usage":{"prompt_tokens":'
+# A choice's last chunk around its finish reason, and the usage chunk's start after
+# `"choices":[` (what `chunkscan` compares; the reason's closing quote begins the closing).
+CHAT_FINISH_MIDDLE: Final = _CHAT_AFTER + '"'
+TEXT_FINISH_MIDDLE: Final = _TEXT_AFTER + '"'
+CHAT_FINISH_CLOSING: Final = '"' + _CHAT_FINISH_REST
+TEXT_FINISH_CLOSING: Final = '"' + _TEXT_FINISH_REST
+USAGE_OPEN: Final = _USAGE_START
 _TOTAL: Final = ',"total_tokens":'
 _COMPLETION: Final = ',"completion_tokens":'
 USAGE_KEY: Final = '"usage":{'
@@ -225,14 +232,19 @@ def ends_at(event: bytes, pos: int) -> bool:
 
 
 __all__ = [
+    "CHAT_FINISH_CLOSING",
+    "CHAT_FINISH_MIDDLE",
     "CHAT_TEXT_OPEN",
     "CHAT_TOKEN_END",
     "CHOICES",
     "FINISH_KEY",
     "NOT_READ",
+    "TEXT_FINISH_CLOSING",
+    "TEXT_FINISH_MIDDLE",
     "TEXT_TEXT_OPEN",
     "TEXT_TOKEN_END",
     "USAGE_KEY",
+    "USAGE_OPEN",
     "digits_at",
     "ends_at",
     "maybe_role",

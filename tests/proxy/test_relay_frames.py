@@ -22,6 +22,7 @@ import pytest
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.deadlines import Deadlines
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.relay_stream import relay_stream
@@ -129,8 +130,21 @@ def relay_through_connection(
     `cuts` (one read per loop turn; with `wait_for_relay`, the reads after the first wait
     until the relay takes them); returns what the client got and checks the connection
     after it."""
+    return relay_exchange(body, cuts, policy, wait_for_relay=wait_for_relay)[0]
 
-    async def main() -> bytes:
+
+def relay_exchange(
+    body: bytes,
+    cuts: list[int],
+    policy: StreamPolicy,
+    *,
+    wait_for_relay: bool = False,
+    skips_common: bool = True,
+) -> tuple[bytes, Exchange]:
+    """`relay_through_connection`, with the exchange's records; `skips_common` False: the
+    filter reads every chunk itself (`ChunkFilter.skip_common` not used)."""
+
+    async def main() -> tuple[bytes, Exchange]:
         pool = UpstreamPool(Origin("http://127.0.0.1:9"), 1.0)
         conn = UpstreamConnection(pool)
         backend = BackendSocket()
@@ -160,7 +174,9 @@ def relay_through_connection(
         response = Response(connection, keep_alive=True, head_only=False)  # type: ignore[arg-type]
         response.start(200, [(b"content-type", b"text/event-stream")], with_first_write=True)
         ex = Exchange("r", loop.time())
-        clean = await relay_stream(ex, conn, response, policy, None, 1)
+        chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, 1)
+        chunk_filter.skips_common = chunk_filter.skips_common and skips_common
+        clean = await relay_stream(ex, conn, response, policy, None, 1, chunk_filter)
         while reads:  # what the backend sent after [DONE]: the chunked terminator
             backend.protocol.data_received(reads.pop(0))
         assert not conn.reads_taken  # the relay handed the reads back
@@ -173,7 +189,7 @@ def relay_through_connection(
             await conn.read_head()
             assert conn.status == 200
             assert await conn.read_all(100) == b"{}"
-        return bytes(client.sent)
+        return bytes(client.sent), ex
 
     return asyncio.run(main())
 

@@ -1,0 +1,172 @@
+"""vLLM's common stream chunks, scanned whole: the relay's usual case without a guard.
+
+A stream without a guard sends vLLM's chunks on unchanged; of its token chunks, its last
+chunk and its usage chunk it records only a token, the finish reason and the usage counts
+(`ChunkFilter.observe`, through `vllmshape`'s readers). `scan` finds, from a chunk's start
+in a backend read, the whole HTTP chunks that each hold one of them in vLLM's literal
+form and what they record, in one call: in C in the compiled build (proxy/_chunkscan.c:
+no copy or decoding of each event), in Python in the pure one. Anything else ends the
+scan, and the relay reads it as before. proxy/_chunkscan.c says which forms, exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from .native import c_function
+from .vllmshape import (
+    CHAT_FINISH_CLOSING,
+    CHAT_FINISH_MIDDLE,
+    CHAT_TEXT_OPEN,
+    CHAT_TOKEN_END,
+    TEXT_FINISH_CLOSING,
+    TEXT_FINISH_MIDDLE,
+    TEXT_TEXT_OPEN,
+    TEXT_TOKEN_END,
+    USAGE_OPEN,
+)
+
+_scan_in_c: Final[Any] = c_function("_chunkscan", "scan")
+# Whether the scan runs in C (tests check it against the build).
+SCAN_IN_C: Final = _scan_in_c is not None
+
+_FINGERPRINT: Final = b',"system_fingerprint":"'
+_OBJECT_END: Final = b"}\n\n"
+_HEX: Final = b"0123456789abcdef"
+
+
+def layout_of(head: str, chat: bool) -> tuple[bytes, ...]:
+    """One stream's forms for `scan`, from what precedes its choices array (`head`, the
+    same in each of its chunks): the token opening and closing, the finish middle and
+    closing, the usage opening. A tuple of any length to the type checker: compiled, a
+    fixed-length one would be unboxed and boxed anew for every call."""
+    if chat:
+        parts = (CHAT_TEXT_OPEN, CHAT_TOKEN_END, CHAT_FINISH_MIDDLE, CHAT_FINISH_CLOSING)
+    else:
+        parts = (TEXT_TEXT_OPEN, TEXT_TOKEN_END, TEXT_FINISH_MIDDLE, TEXT_FINISH_CLOSING)
+    opening, closing, middle, finish_closing = parts
+    return (
+        (head + opening).encode("latin-1"),
+        closing.encode("latin-1"),
+        middle.encode("latin-1"),
+        finish_closing.encode("latin-1"),
+        (head + USAGE_OPEN).encode("latin-1"),
+    )
+
+
+def scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, int, int, int, int]:
+    """From `pos`, the start of a chunk's size line: (the position after the chunks that
+    hold vLLM's common events, how many of them carried a text, the finish reason's start
+    and end in `data` (-1, 0: none), the usage chunk's prompt and completion counts (-1,
+    0: none))."""
+    if _scan_in_c is not None:
+        found: tuple[int, int, int, int, int, int] = _scan_in_c(data, pos, layout)
+        return found
+    return scan_in_python(data, pos, layout)
+
+
+def scan_in_python(
+    data: bytes, pos: int, layout: tuple[bytes, ...]
+) -> tuple[int, int, int, int, int, int]:
+    """`scan` in Python: the pure build's, and what the C one is tested against. The
+    framing rules are `StreamRelay.feed_chunks`'s."""
+    if pos < 0:
+        raise ValueError("scan: pos must not be negative")
+    opening, closing, middle, finish_closing, usage_opening = layout
+    n = len(data)
+    tokens = 0
+    reason_start, reason_end, prompt, completion = -1, 0, -1, 0
+    while pos < n:
+        i = pos
+        size = 0
+        while i < n and i - pos < 9:
+            digit = _HEX.find(data[i : i + 1].lower())
+            if digit < 0:
+                break
+            size = size * 16 + digit
+            i += 1
+        if i == pos or i - pos > 8 or size < 2 or i + 1 >= n:
+            break
+        if data[i] != 13 or data[i + 1] != 10:
+            break
+        start = i + 2
+        end = start + size
+        if end + 2 > n or data[end] != 13 or data[end + 1] != 10 or data[end - 1] != 10:
+            break
+        if data.find(b"\n", start, end) != end - 2:
+            break
+        # A token chunk, or the choice's last one.
+        read = False
+        text_start = start + len(opening)
+        quote = data.find(b'"', text_start, end) if data.startswith(opening, start, end) else -1
+        if quote >= 0:
+            if quote == end - len(closing) and data.startswith(closing, quote, end):
+                tokens += quote > text_start
+                read = True
+            elif reason_start < 0 and data.startswith(middle, quote, end):
+                first = quote + len(middle)
+                last = data.find(b'"', first, end)
+                if (
+                    last >= 0
+                    and data.find(b"\\", first, last) < 0
+                    and data.startswith(finish_closing, last, end)
+                    and _object_ends(data, last + len(finish_closing), end)
+                ):
+                    tokens += quote > text_start
+                    reason_start, reason_end = first, last
+                    read = True
+        # The usage chunk.
+        if not read and prompt < 0 and data.startswith(usage_opening, start, end):
+            counts = _usage_counts(data, start + len(usage_opening), end)
+            if counts is not None:
+                prompt, completion = counts
+                read = True
+        if not read:
+            break
+        pos = end + 2
+    return pos, tokens, reason_start, reason_end, prompt, completion
+
+
+def _usage_counts(data: bytes, p: int, end: int) -> tuple[int, int] | None:
+    """The prompt and completion counts of vLLM's usage object from `p` (after its
+    prompt_tokens key) to the event's `end`; None when it is not that form."""
+    prompt, p = _count_at(data, p, end)
+    if prompt < 0 or not data.startswith(b',"total_tokens":', p, end):
+        return None
+    total, p = _count_at(data, p + len(b',"total_tokens":'), end)
+    if total < 0 or not data.startswith(b',"completion_tokens":', p, end):
+        return None
+    completion, p = _count_at(data, p + len(b',"completion_tokens":'), end)
+    if completion < 0 or p >= end or data[p] != 125 or not _object_ends(data, p + 1, end):
+        return None  # 125: "}"
+    return prompt, completion
+
+
+def _count_at(data: bytes, p: int, end: int) -> tuple[int, int]:
+    """The count written at `p` (1-18 digits, as `vllmshape.digits_at`) and the position
+    after it; (-1, p) when there is none."""
+    i = p
+    value = 0
+    while i < end and 48 <= data[i] <= 57:
+        if i - p == 18:
+            return -1, p
+        value = value * 10 + data[i] - 48
+        i += 1
+    return (value, i) if i > p else (-1, p)
+
+
+def _object_ends(data: bytes, p: int, end: int) -> bool:
+    """Whether the event's object ends at `p`: `}` and the blank line, with vLLM's system
+    fingerprint (a value with no quote or backslash) before them or not."""
+    if data.startswith(_FINGERPRINT, p, end):
+        value = p + len(_FINGERPRINT)
+        value_end = end - 1 - len(_OBJECT_END)
+        if (
+            value_end < value
+            or data[value_end] != 34  # '"'
+            or data.find(b'"', value, value_end) >= 0
+            or data.find(b"\\", value, value_end) >= 0
+        ):
+            return False
+        p = value_end + 1
+    return p == end - len(_OBJECT_END) and data.startswith(_OBJECT_END, p, end)

@@ -1,0 +1,295 @@
+"""vLLM's common stream chunks read whole (proxy/chunkscan.py; in C in the compiled build,
+proxy/_chunkscan.c): the scan takes exactly the chunks that hold a token chunk, a choice's
+last chunk or the usage chunk in vLLM's literal form, one event each, and stops at the
+first other; what it reports is what `ChunkFilter.observe` records of the same events
+(which it leaves unchanged); C and Python agree on any bytes; and a relay that scans sends
+and records what one reading every event does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sluice.proxy import chunkscan
+from sluice.proxy.build import build_kind
+from sluice.proxy.chunks import ChunkFilter
+from sluice.proxy.eventfilter import NamedEventFilter
+from sluice.proxy.exchange import Exchange
+from sluice.proxy.snapshot import StreamPolicy
+from sluice.proxy.stopwords import GuardSpec
+from sluice.proxy.tgi import TgiStreamFilter
+
+from tests.proxy.test_relay_frames import SIZE_FORMATS, dechunk, relay_exchange
+
+EXAMPLES = int(os.environ.get("SLUICE_PARSER_EXAMPLES", "400"))
+OBJECT = '{"id":"cmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":['
+HEAD = "data: " + OBJECT
+OTHER_HEAD = HEAD.replace('"m"', '"n"')
+FINGERPRINT = ',"system_fingerprint":"vllm-0.26.0-nohash"'
+TEXTS = st.text(alphabet=st.sampled_from(list('ab "\\\n\té:}')), max_size=5)
+REASONS = st.sampled_from(["length", "stop", "", "a\\b", 'x"y'])
+COUNTS = st.sampled_from([0, 7, 12345, 10**17, 10**18])  # 10**18: 19 digits
+
+
+def quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event and what the scan should make of it in a chunk of its own."""
+
+    data: bytes
+    kind: str  # "token", "finish", "usage": forms the scan reads; "other"
+    tokens: int = 0  # 1 for a token or last chunk with a text
+    reason: str | None = None
+    counts: tuple[int, int] | None = None
+
+
+def token_event(text: str, chat: bool = True, head: str = HEAD) -> Event:
+    if chat:
+        body = '{"index":0,"delta":{"content":"' + quoted(text) + '"},"logprobs":null,'
+        body += '"finish_reason":null,"token_ids":null}]}'
+    else:
+        body = '{"index":0,"text":"' + quoted(text) + '","logprobs":null,"finish_reason":null,'
+        body += '"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}'
+    data = (head + body + "\n\n").encode()
+    readable = head == HEAD and chat and '"' not in quoted(text)
+    return Event(data, "token" if readable else "other", int(bool(text)) if readable else 0)
+
+
+def finish_event(text: str, reason: str, fingerprint: bool) -> Event:
+    data = (
+        HEAD + '{"index":0,"delta":{"content":"' + quoted(text) + '"},"logprobs":null,'
+        '"finish_reason":"'
+        + quoted(reason)
+        + '","stop_reason":null,"token_ids":null}]'
+        + (FINGERPRINT if fingerprint else "")
+        + "}\n\n"
+    ).encode()
+    if '"' in quoted(text) or "\\" in quoted(reason):
+        return Event(data, "other")
+    return Event(data, "finish", int(bool(text)), reason=reason)
+
+
+def usage_event(prompt: int, completion: int, fingerprint: bool) -> Event:
+    usage = f'"usage":{{"prompt_tokens":{prompt},"total_tokens":{prompt + completion},'
+    usage += f'"completion_tokens":{completion}}}'
+    data = (HEAD + "]," + usage + (FINGERPRINT if fingerprint else "") + "}\n\n").encode()
+    if max(prompt, completion, prompt + completion) >= 10**18:
+        return Event(data, "other")
+    return Event(data, "usage", counts=(prompt, completion))
+
+
+ROLE = Event(
+    (
+        HEAD + '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+        '"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
+    ).encode(),
+    "other",
+)
+DONE = Event(b"data: [DONE]\n\n", "other")
+
+EVENTS = st.one_of(
+    TEXTS.map(token_event),
+    TEXTS.map(token_event),
+    TEXTS.map(lambda t: token_event(t, chat=False)),  # the other layout
+    TEXTS.map(lambda t: token_event(t, head=OTHER_HEAD)),  # another stream's head
+    st.builds(finish_event, TEXTS, REASONS, st.booleans()),
+    st.builds(usage_event, COUNTS, COUNTS, st.booleans()),
+    st.just(ROLE),
+    st.just(DONE),
+    TEXTS.map(lambda t: Event(b"event: x\n" + token_event(t).data, "other")),  # two lines
+)
+# How an event is framed: a chunk of its own (3 in 7), with the next event, split over
+# two chunks, with a chunk extension, with a size of 9 digits.
+HOWS = st.sampled_from(["own", "own", "own", "with_next", "split", "extension", "nine_digits"])
+LAYOUT = chunkscan.layout_of(HEAD, True)
+
+
+def framed(
+    events: list[Event], hows: list[str], size_format: bytes
+) -> tuple[bytes, list[tuple[int, int] | None]]:
+    """The events as HTTP chunks, then the last chunk; and by event, the start and end of
+    its chunk where it has one of its own that the scan may read (None: not)."""
+    out = b""
+    spans: list[tuple[int, int] | None] = []
+    carry = b""
+    for i, event in enumerate(events):
+        how = hows[i % len(hows)] if hows else "own"
+        data = carry + event.data
+        carried = bool(carry)
+        carry = b""
+        if how == "with_next":
+            if i + 1 < len(events):
+                carry = data
+                spans.append(None)
+                continue
+            how = "own"  # the last event: nothing to share its chunk with
+        if how == "split" and len(data) > 3:
+            middle = 3  # inside the first event, wherever the events end
+            out += size_format % middle + b"\r\n" + data[:middle] + b"\r\n"
+            data = data[middle:]
+        size = b"%09x" % len(data) if how == "nine_digits" else size_format % len(data)
+        if how == "extension":
+            size += b";a=b"
+        chunk = size + b"\r\n" + data + b"\r\n"
+        spans.append((len(out), len(out) + len(chunk)) if how == "own" and not carried else None)
+        out += chunk
+    return out + b"0\r\n\r\n", spans
+
+
+def expected_scan(
+    data: bytes, events: list[Event], spans: list[tuple[int, int] | None]
+) -> tuple[int, int, str | None, tuple[int, int] | None]:
+    """What the scan takes from the read's start: the events in chunks of their own, each
+    whole in `data`, of the forms it reads, and one finish and one usage at most."""
+    pos, tokens, reason, counts = 0, 0, None, None
+    for event, span in zip(events, spans, strict=True):
+        if span is None or span[0] != pos or span[1] > len(data) or event.kind == "other":
+            break
+        if event.kind == "finish":
+            if reason is not None:
+                break
+            reason = event.reason
+        if event.kind == "usage":
+            if counts is not None:
+                break
+            counts = event.counts
+        tokens += event.tokens
+        pos = span[1]
+    return pos, tokens, reason, counts
+
+
+def observed(events: list[Event]) -> tuple[int, str | None, tuple[int, int] | None, bool]:
+    """What `observe` records of the events after this stream's role chunk: tokens, the
+    finish reason, the usage counts; and whether it left each event unchanged."""
+    ex = Exchange("r", 0.0)
+    chunk_filter = ChunkFilter(ex, True, None, 1)
+    chunk_filter.observe(ROLE.data)
+    unchanged = all(chunk_filter.observe(e.data) == e.data for e in events)
+    usage = None if ex.prompt_tokens is None else (ex.prompt_tokens, ex.completion_tokens or 0)
+    return ex.content_chunks, ex.finish_reason, usage, unchanged
+
+
+def test_the_scan_runs_in_c_in_the_compiled_build_only() -> None:
+    assert chunkscan.SCAN_IN_C is (build_kind() == "compiled")
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    events=st.lists(EVENTS, max_size=10),
+    hows=st.lists(HOWS, max_size=6),
+    size_format=SIZE_FORMATS,
+    cut=st.none() | st.integers(min_value=0, max_value=5_000),
+)
+def test_the_scan_takes_vllms_common_chunks_and_records_what_observe_does(
+    events: list[Event], hows: list[str], size_format: bytes, cut: int | None
+) -> None:
+    data, spans = framed(events, hows, size_format)
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]  # a read may end anywhere
+    pos, tokens, reason, counts = expected_scan(data, events, spans)
+    found = chunkscan.scan(data, 0, LAYOUT)
+    assert found == chunkscan.scan_in_python(data, 0, LAYOUT)
+    end, scanned_tokens, reason_start, reason_end, prompt, completion = found
+    assert (end, scanned_tokens) == (pos, tokens)
+    assert (data[reason_start:reason_end].decode() if reason_start >= 0 else None) == reason
+    assert ((prompt, completion) if prompt >= 0 else None) == counts
+    # What observe records of the same events, each read on its own, and leaves unchanged.
+    taken = [e for e, span in zip(events, spans, strict=True) if span and span[1] <= end]
+    assert observed(taken) == (tokens, reason, counts, True)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(data=st.binary(max_size=300), pos=st.integers(min_value=0, max_value=320))
+def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
+    assert chunkscan.scan(data, pos, LAYOUT) == chunkscan.scan_in_python(data, pos, LAYOUT)
+    short = (b"d", b"\n\n", b"f", b"g", b"d")  # parts that random bytes can match
+    assert chunkscan.scan(data, pos, short) == chunkscan.scan_in_python(data, pos, short)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    events=st.lists(EVENTS, max_size=8),
+    noise=st.lists(st.tuples(st.integers(min_value=0, max_value=4_000), st.binary(max_size=3))),
+)
+def test_c_and_python_agree_on_framed_events_with_bytes_changed(
+    events: list[Event], noise: list[tuple[int, bytes]]
+) -> None:
+    data = bytearray(framed(events, [], b"%x")[0])
+    for offset, replacement in noise:
+        at = offset % (len(data) + 1)
+        data[at : at + len(replacement)] = replacement
+    for pos in {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}:
+        found = chunkscan.scan(bytes(data), pos, LAYOUT)
+        assert found == chunkscan.scan_in_python(bytes(data), pos, LAYOUT)
+
+
+def test_a_negative_position_or_a_wrong_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="pos"):
+        chunkscan.scan(b"", -1, LAYOUT)
+    with pytest.raises((TypeError, ValueError)):
+        chunkscan.scan(b"1\r\nab\r\n", 0, LAYOUT[:3])
+
+
+def test_the_filter_records_what_it_skips_once_it_knows_the_streams_head() -> None:
+    ex = Exchange("r", 0.0)
+    chunk_filter = ChunkFilter(ex, True, None, 1)
+    events = [token_event("a"), token_event(""), finish_event("b", "stop", True)]
+    events.append(usage_event(8, 2, True))
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(e.data), e.data) for e in events)
+    assert chunk_filter.skips_common
+    assert chunk_filter.skip_common(chunks, 0) == 0  # no chunk of this stream seen yet
+    assert chunk_filter.observe(ROLE.data) == ROLE.data
+    assert chunk_filter.skip_common(chunks + b"0\r\n\r\n", 0) == len(chunks)
+    assert (ex.content_chunks, ex.gap_count, ex.finish_reason) == (2, 1, "stop")
+    assert (ex.prompt_tokens, ex.completion_tokens) == (8, 2)
+
+
+def test_a_guarded_filter_or_an_endpoints_filter_skips_nothing() -> None:
+    """A guard reads every text; an endpoint's filter (TGI's, Anthropic's) rewrites or
+    reads every event in its own `observe`."""
+    ex = Exchange("r", 0.0)
+    assert not ChunkFilter(ex, True, GuardSpec(stop=("x",)), 1).skips_common
+    assert not TgiStreamFilter(ex, None, None, "", None).skips_common
+    assert not NamedEventFilter(ex, None, None).skips_common
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(TEXTS, min_size=1, max_size=20),
+    reason=REASONS,
+    fingerprint=st.booleans(),
+    hows=st.lists(st.sampled_from(["own", "own", "with_next", "split"]), max_size=6),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=12),
+    size_format=SIZE_FORMATS,
+)
+def test_a_relay_that_scans_sends_and_records_what_one_reading_every_event_does(
+    texts: list[str],
+    reason: str,
+    fingerprint: bool,
+    hows: list[str],
+    cuts: list[int],
+    size_format: bytes,
+) -> None:
+    events = [ROLE, *map(token_event, texts[:-1]), finish_event(texts[-1], reason, fingerprint)]
+    events += [usage_event(8, len(texts), fingerprint), DONE]
+    body, _ = framed(events, hows, size_format)
+    policy = StreamPolicy(name="")
+    sent, ex = relay_exchange(body, cuts, policy)
+    sent_reading, ex_reading = relay_exchange(body, cuts, policy, skips_common=False)
+    after_head = sent.index(b"\r\n\r\n")  # the same framing (the heads' dates may differ)
+    assert sent[after_head:] == sent_reading[sent_reading.index(b"\r\n\r\n") :]
+    assert dechunk(sent)[0] == b"".join(e.data for e in events)
+    records = ("content_chunks", "gap_count", "finish_reason", "prompt_tokens", "completion_tokens")
+    assert [getattr(ex, name) for name in records] == [
+        getattr(ex_reading, name) for name in records
+    ]
+    assert ex.content_chunks == sum(1 for text in texts if text)
+    assert (ex.finish_reason, ex.prompt_tokens) == (reason, 8)
