@@ -33,25 +33,27 @@ SCAN_IN_C: Final = _scan_in_c is not None
 _FINGERPRINT: Final = b',"system_fingerprint":"'
 _OBJECT_END: Final = b"}\n\n"
 _HEX: Final = b"0123456789abcdef"
+_CHAT_OPEN: Final = CHAT_TEXT_OPEN.encode("latin-1")
+_CHAT_CLOSE: Final = CHAT_TOKEN_END.encode("latin-1")
+_CHAT_MIDDLE: Final = CHAT_FINISH_MIDDLE.encode("latin-1")
+_CHAT_FINISH: Final = CHAT_FINISH_CLOSING.encode("latin-1")
+_TEXT_OPEN: Final = TEXT_TEXT_OPEN.encode("latin-1")
+_TEXT_CLOSE: Final = TEXT_TOKEN_END.encode("latin-1")
+_TEXT_MIDDLE: Final = TEXT_FINISH_MIDDLE.encode("latin-1")
+_TEXT_FINISH: Final = TEXT_FINISH_CLOSING.encode("latin-1")
+_USAGE: Final = USAGE_OPEN.encode("latin-1")
 
 
 def layout_of(head: str, chat: bool) -> tuple[bytes, ...]:
     """One stream's forms for `scan`, from what precedes its choices array (`head`, the
     same in each of its chunks): the token opening and closing, the finish middle and
     closing, the usage opening. A tuple of any length to the type checker: compiled, a
-    fixed-length one would be unboxed and boxed anew for every call."""
+    fixed-length one would be unboxed and boxed anew for every call. The parts after the
+    head are shared by every stream (a stream keeps its two openings: ~0.5 KiB)."""
+    raw_head = head.encode("latin-1")
     if chat:
-        parts = (CHAT_TEXT_OPEN, CHAT_TOKEN_END, CHAT_FINISH_MIDDLE, CHAT_FINISH_CLOSING)
-    else:
-        parts = (TEXT_TEXT_OPEN, TEXT_TOKEN_END, TEXT_FINISH_MIDDLE, TEXT_FINISH_CLOSING)
-    opening, closing, middle, finish_closing = parts
-    return (
-        (head + opening).encode("latin-1"),
-        closing.encode("latin-1"),
-        middle.encode("latin-1"),
-        finish_closing.encode("latin-1"),
-        (head + USAGE_OPEN).encode("latin-1"),
-    )
+        return (raw_head + _CHAT_OPEN, _CHAT_CLOSE, _CHAT_MIDDLE, _CHAT_FINISH, raw_head + _USAGE)
+    return (raw_head + _TEXT_OPEN, _TEXT_CLOSE, _TEXT_MIDDLE, _TEXT_FINISH, raw_head + _USAGE)
 
 
 def scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, int, int, int, int]:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -293,3 +294,63 @@ def test_a_relay_that_scans_sends_and_records_what_one_reading_every_event_does(
     ]
     assert ex.content_chunks == sum(1 for text in texts if text)
     assert (ex.finish_reason, ex.prompt_tokens) == (reason, 8)
+
+
+TRANSCRIPTS = Path("/work/shared/vllm-transcripts")
+
+
+def transcript_streams() -> list[tuple[str, list[bytes]]]:
+    """Every SSE stream of vLLM 0.26's transcripts: its section and its events."""
+    streams = []
+    for path in sorted(TRANSCRIPTS.glob("*.txt")):
+        section, events = path.name, []
+        for line in path.read_text().splitlines():
+            if line.startswith("### "):
+                section = f"{path.name} {line[4:]}"
+            if line.startswith("data: "):
+                events.append(line.encode() + b"\n\n")
+            elif events and line.startswith("---"):
+                streams.append((section, events))
+                events = []
+    return streams
+
+
+@pytest.mark.skipif(not TRANSCRIPTS.is_dir(), reason="no vLLM transcripts here")
+def test_vllms_own_streams_are_scanned_as_observe_reads_them() -> None:
+    """Each of the real streams, a chunk an event, fed as `feed_chunks` feeds it: the scan
+    where it may, `observe` for the rest. The records equal those of `observe` reading
+    every event, and in the plain streams the scan takes everything from the first token
+    chunk after the head is known to [DONE]."""
+    streams = transcript_streams()
+    assert len(streams) >= 5
+    scanned_whole = 0
+    for section, events in streams:
+        chat = b'"chat.completion.chunk"' in events[0]
+        chunks = [b"%x\r\n%b\r\n" % (len(e), e) for e in events]
+        data = b"".join(chunks) + b"0\r\n\r\n"
+        starts = [sum(map(len, chunks[:i])) for i in range(len(chunks) + 1)]
+        scanning, reading = Exchange("a", 0.0), Exchange("b", 0.0)
+        scanning.chat = reading.chat = chat
+        scan_filter = ChunkFilter(scanning, chat, None, 2)
+        read_filter = ChunkFilter(reading, chat, None, 2)
+        i = 0
+        taken = 0
+        while i < len(events):
+            if scanning.finish_reason is None:
+                end = scan_filter.skip_common(data, starts[i])
+                while starts[i] < end:
+                    i += 1
+                    taken += 1
+                if i == len(events):
+                    break
+            assert scan_filter.observe(events[i]) == events[i]
+            i += 1
+        for event in events:
+            read_filter.observe(event)
+        records = ("content_chunks", "finish_reason", "prompt_tokens", "completion_tokens")
+        assert [getattr(scanning, r) for r in records] == [getattr(reading, r) for r in records], (
+            section
+        )
+        # Only the head's chunk (the role chunk in chat) and [DONE] were read one by one.
+        scanned_whole += taken == len(events) - 2
+    assert scanned_whole >= 3
