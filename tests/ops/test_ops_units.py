@@ -84,8 +84,10 @@ def test_gaps_on_and_around_every_bucket_bound_land_where_prometheus_puts_them()
         st.tuples(
             st.floats(min_value=0.0, max_value=700.0),
             st.sampled_from(["a", "b"]),
+            st.sampled_from(["chat", "chat", ""]),  # "": rejected before routing
             st.sampled_from([200, 499]),
             st.integers(min_value=0, max_value=3),  # prompt tokens (0: none reported)
+            st.integers(min_value=0, max_value=2),  # content chunks (no usage)
         ),
         min_size=1,
         max_size=40,
@@ -93,12 +95,13 @@ def test_gaps_on_and_around_every_bucket_bound_land_where_prometheus_puts_them()
     st.integers(min_value=0, max_value=40),
 )
 def test_counted_in_python_then_read_equals_prometheus_observing_each_request(
-    requests: list[tuple[float, str, int, int]], read_after: int
+    requests: list[tuple[float, str, str, int, int, int]], read_after: int
 ) -> None:
     """Issue 19: `observe` counts in plain Python and a read folds the counts in. Whenever
     the metrics are read (here once midway), they equal what prometheus-client shows
     when each request is observed as it ends, and no request is counted twice: the
-    counts a key keeps between reads start again from 0 after each."""
+    counts a key keeps between reads start again from 0 after each. A routed request's
+    token series exist from its first request with tokens on; an unrouted one has none."""
     metrics = Metrics()
     reference = CollectorRegistry()
     durations = Histogram("sluice_stream_duration_seconds", "", ["route", "variant"],
@@ -106,16 +109,20 @@ def test_counted_in_python_then_read_equals_prometheus_observing_each_request(
     counted = Counter("sluice_requests", "", ["app", "route", "preset", "variant", "status"],
                       registry=reference)  # fmt: skip
     tokens = Counter("sluice_tokens", "", ["app", "route", "direction"], registry=reference)
-    for i, (duration, app, status, prompt) in enumerate(requests):
+    for i, (duration, app, route, status, prompt, chunks) in enumerate(requests):
         if i == read_after:
             metrics.render()
-        ex = streamed([], app=app, status=status, prompt_tokens=prompt or None)
+        ex = streamed([], app=app, route=route, status=status, prompt_tokens=prompt or None)
+        ex.content_chunks = chunks
         ex.ended_at = ex.started_at + duration
         metrics.observe(ex)
-        durations.labels("chat", "").observe(duration)
-        counted.labels(app, "chat", "", "", str(status)).inc()
-        tokens.labels(app, "chat", "in").inc(prompt)
-        tokens.labels(app, "chat", "out").inc(1)  # one content chunk, no usage
+        counted.labels(app, route, "", "", str(status)).inc()
+        if not route:
+            continue
+        durations.labels(route, "").observe(duration)
+        if prompt or chunks:
+            tokens.labels(app, route, "in").inc(prompt)
+            tokens.labels(app, route, "out").inc(chunks)
     for name in ("sluice_stream_duration_seconds", "sluice_requests", "sluice_tokens"):
         got, want = samples(metrics.registry, name), samples(reference, name)
         assert got.keys() == want.keys()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.proxy import chunkscan
+from sluice.proxy import chunks, chunkscan
 from sluice.proxy.build import build_kind
 from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.eventfilter import NamedEventFilter
@@ -207,6 +207,10 @@ def test_the_scan_takes_vllms_common_chunks_and_records_what_observe_does(
     assert observed(taken) == (tokens, reason, counts, True)
 
 
+IN_C = pytest.mark.skipif(not chunkscan.SCAN_IN_C, reason="the pure build has the Python scan only")
+
+
+@IN_C
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(data=st.binary(max_size=300), pos=st.integers(min_value=0, max_value=320))
 def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
@@ -215,6 +219,7 @@ def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
     assert chunkscan.scan(data, pos, short) == chunkscan.scan_in_python(data, pos, short)
 
 
+@IN_C
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
     events=st.lists(EVENTS, max_size=8),
@@ -230,6 +235,30 @@ def test_c_and_python_agree_on_framed_events_with_bytes_changed(
     for pos in {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}:
         found = chunkscan.scan(bytes(data), pos, LAYOUT)
         assert found == chunkscan.scan_in_python(bytes(data), pos, LAYOUT)
+
+
+@pytest.mark.skipif(
+    chunkscan.SCAN_IN_C, reason="compiled, the filter's call to the scan cannot be watched"
+)
+def test_the_relay_hands_whole_chunks_to_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's reads go to the scan: here all of a stream's chunks after its head's
+    but [DONE] (the relay test below holds that scanning changes nothing, so it would
+    pass with no scan at all)."""
+    advanced: list[int] = []
+
+    def watched(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, ...]:
+        found = chunkscan.scan_in_python(data, pos, layout)
+        advanced.append(found[0] - pos)
+        return found
+
+    monkeypatch.setattr(chunks, "scan", watched)
+    middle = [token_event("a"), token_event("b"), finish_event("c", "stop", True)]
+    middle.append(usage_event(3, 3, True))
+    body, spans = framed([ROLE, *middle, DONE], [], b"%x")
+    _, ex = relay_exchange(body, [], StreamPolicy(name=""))
+    assert spans[1] is not None and spans[4] is not None
+    assert sum(advanced) == spans[4][1] - spans[1][0]
+    assert (ex.content_chunks, ex.finish_reason, ex.prompt_tokens) == (3, "stop", 3)
 
 
 def test_a_negative_position_or_a_wrong_layout_is_refused() -> None:
