@@ -32,7 +32,6 @@ SCAN_IN_C: Final = _scan_in_c is not None
 
 _FINGERPRINT: Final = b',"system_fingerprint":"'
 _OBJECT_END: Final = b"}\n\n"
-_HEX: Final = b"0123456789abcdef"
 _CHAT_OPEN: Final = CHAT_TEXT_OPEN.encode("latin-1")
 _CHAT_CLOSE: Final = CHAT_TOKEN_END.encode("latin-1")
 _CHAT_MIDDLE: Final = CHAT_FINISH_MIDDLE.encode("latin-1")
@@ -56,6 +55,38 @@ def layout_of(head: str, chat: bool) -> tuple[bytes, ...]:
     return (raw_head + _TEXT_OPEN, _TEXT_CLOSE, _TEXT_MIDDLE, _TEXT_FINISH, raw_head + _USAGE)
 
 
+def event_chunk(data: bytes, pos: int) -> tuple[int, int]:
+    """The HTTP chunk whose size line starts at `pos`, when it is whole in `data` and its
+    data ends in a newline: the data's start and end. (-1, -1) otherwise: not a size line
+    of 1-8 hex digits and CRLF, the last chunk (size 0), a chunk cut short by the read's
+    end; those are the HTTP parser's. The relay's framing rules, and the scan's
+    (_chunkscan.c has them in C). That the chunk holds one event as vLLM sends it (its
+    only newline the first of its blank line, at end - 2) is for the caller to check: the
+    relay searches the event as text, which it decodes anyway (a direct call compiled,
+    where bytes.find is a method looked up by name)."""
+    n = len(data)
+    size = 0
+    i = pos
+    while i < n and i - pos < 9:
+        c = data[i]
+        if 48 <= c <= 57:
+            size = size * 16 + c - 48
+        elif 97 <= c <= 102:
+            size = size * 16 + c - 87
+        elif 65 <= c <= 70:
+            size = size * 16 + c - 55
+        else:
+            break
+        i += 1
+    if i == pos or i - pos > 8 or size < 2 or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        return -1, -1
+    start = i + 2
+    end = start + size
+    if end + 2 > n or data[end] != 13 or data[end + 1] != 10 or data[end - 1] != 10:
+        return -1, -1
+    return start, end
+
+
 def scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, int, int, int, int]:
     """From `pos`, the start of a chunk's size line: (the position after the chunks that
     hold vLLM's common events, how many of them carried a text, the finish reason's start
@@ -70,8 +101,7 @@ def scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, in
 def scan_in_python(
     data: bytes, pos: int, layout: tuple[bytes, ...]
 ) -> tuple[int, int, int, int, int, int]:
-    """`scan` in Python: the pure build's, and what the C one is tested against. The
-    framing rules are `StreamRelay.feed_chunks`'s."""
+    """`scan` in Python: the pure build's, and what the C one is tested against."""
     if pos < 0:
         raise ValueError("scan: pos must not be negative")
     opening, closing, middle, finish_closing, usage_opening = layout
@@ -79,23 +109,8 @@ def scan_in_python(
     tokens = 0
     reason_start, reason_end, prompt, completion = -1, 0, -1, 0
     while pos < n:
-        i = pos
-        size = 0
-        while i < n and i - pos < 9:
-            digit = _HEX.find(data[i : i + 1].lower())
-            if digit < 0:
-                break
-            size = size * 16 + digit
-            i += 1
-        if i == pos or i - pos > 8 or size < 2 or i + 1 >= n:
-            break
-        if data[i] != 13 or data[i + 1] != 10:
-            break
-        start = i + 2
-        end = start + size
-        if end + 2 > n or data[end] != 13 or data[end + 1] != 10 or data[end - 1] != 10:
-            break
-        if data.find(b"\n", start, end) != end - 2:
+        start, end = event_chunk(data, pos)
+        if start < 0 or data.find(b"\n", start, end) != end - 2:
             break
         # A token chunk, or the choice's last one.
         read = False

@@ -12,6 +12,7 @@ import asyncio
 from typing import Final, Protocol
 
 from .chunks import ChunkFilter
+from .chunkscan import event_chunk
 from .clock import monotonic
 from .response import Response
 from .sse import SEPARATOR, SseSplitter
@@ -221,34 +222,13 @@ class StreamRelay(ReadTaker):
                     pos = chunk_filter.skip_common(data, pos)
                     if pos >= n:
                         break
-                # The size line: 1-8 hex digits and CRLF (anything else: the parser's).
-                size = 0
-                i = pos
-                while i < n and i - pos < 9:
-                    c = data[i]
-                    if 48 <= c <= 57:
-                        size = size * 16 + c - 48
-                    elif 97 <= c <= 102:
-                        size = size * 16 + c - 87
-                    elif 65 <= c <= 70:
-                        size = size * 16 + c - 55
-                    else:
-                        break
-                    i += 1
-                if i == pos or i - pos > 8 or size < 2 or i + 1 >= n:
-                    break  # not a size line, or the last chunk (0), or cut short
-                if data[i] != 13 or data[i + 1] != 10:
-                    break
-                start = i + 2
-                end = start + size
-                if end + 2 > n or data[end] != 13 or data[end + 1] != 10:
-                    break  # the chunk continues in a later read
-                # One event, as vLLM sends it: its only newline is its blank line's first.
-                if data[end - 1] != 10:
-                    break
+                start, end = event_chunk(data, pos)
+                if start < 0:
+                    break  # the last chunk, one cut short, anything unusual: the parser's
                 event = data[start:end]
                 text = event.decode("latin-1")  # searched as text: see chunks.py
-                if text.find("\n") != size - 2:
+                # One event, as vLLM sends it: its only newline is its blank line's first.
+                if text.find("\n") != end - start - 2:
                     break
                 out = self._on_event(event, text)
                 if out is not event:  # changed or held back: framed anew

@@ -237,6 +237,48 @@ def test_c_and_python_agree_on_framed_events_with_bytes_changed(
         assert found == chunkscan.scan_in_python(bytes(data), pos, LAYOUT)
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    length=st.one_of(st.just(0), st.integers(min_value=0, max_value=300)),
+    ending=st.sampled_from([b"\n\n", b"\n\n", b"\n", b"", b"\r"]),
+    digits=st.sampled_from(["%x", "%X", "%04x", "%08x", "%09x"]),
+    extension=st.booleans(),
+    line_end=st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\r\r", b"\n"]),
+    trailer=st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\r\r", b"\n\n", b"\r"]),
+    cut=st.sampled_from([0, 0, 0, 1, 2, 3, 10, 60]),
+    after=st.binary(max_size=8),
+)
+def test_a_chunk_is_an_events_when_whole_and_framed_as_vllm_frames_it(
+    length: int,
+    ending: bytes,
+    digits: str,
+    extension: bool,
+    line_end: bytes,
+    trailer: bytes,
+    cut: int,
+    after: bytes,
+) -> None:
+    """event_chunk, the framing the relay and the scan share: a chunk's data span when its
+    size line is 1-8 hex digits and CRLF, its data (2 bytes at least) ends in a newline
+    and is whole in the read, its CRLF after; else (-1, -1), for the parser."""
+    payload = b"a" * length + ending  # its other bytes are the caller's to read
+    size = (digits % len(payload)).encode() + (b";a=b" if extension else b"")
+    chunk = b"xy" + size + line_end + payload + trailer
+    whole = chunk + after
+    read = whole[: len(whole) - cut] if cut else whole
+    start = 2 + len(size) + len(line_end)
+    framed_as_vllm = (
+        digits != "%09x"
+        and not extension
+        and len(payload) >= 2
+        and payload.endswith(b"\n")
+        and line_end == b"\r\n"
+        and read[start + len(payload) : start + len(payload) + 2] == b"\r\n"  # whole, CRLF
+    )
+    expected = (start, start + len(payload)) if framed_as_vllm else (-1, -1)
+    assert chunkscan.event_chunk(read, 2) == expected
+
+
 @pytest.mark.skipif(
     chunkscan.SCAN_IN_C, reason="compiled, the filter's call to the scan cannot be watched"
 )
