@@ -55,9 +55,12 @@ def request_parser(
     return httptools.HttpRequestParser(protocol)
 
 
-def response_parser(protocol: object) -> ResponseParser:
-    """A response parser calling `protocol` back; a repeated header's last value wins."""
+def response_parser(protocol: object, max_header_bytes: int) -> ResponseParser:
+    """A response parser calling `protocol` back; a repeated header's last value wins.
+    `_http1` enforces the limit on the head's header bytes (name + value + 4 each, a
+    chunked body's trailers counted with them) itself; with httptools the protocol's
+    `on_header` does."""
     if _response_parser_in_c is not None:
-        parser: ResponseParser = _response_parser_in_c(protocol)
+        parser: ResponseParser = _response_parser_in_c(protocol, max_header_bytes=max_header_bytes)
         return parser
     return httptools.HttpResponseParser(protocol)

@@ -28,6 +28,11 @@ READ_HIGH_WATER: Final = 256 * 1024
 # connection (`_ends_at_close`).
 READ_HEADERS: Final = (b"content-type", b"content-length", b"transfer-encoding", b"retry-after")
 _READ_HEADER_LENGTHS: Final = frozenset(len(name) for name in READ_HEADERS)
+# A response head's header bytes (name + value + 4 each, as a request's are counted) past
+# which the response is a 502, like nginx's "upstream sent too big header" (its limit is
+# proxy_buffer_size, 4 or 8 KiB); vLLM's heads hold ~150. A backend's head is otherwise
+# read whole before anything is decided, so without a limit it could grow without end.
+MAX_RESPONSE_HEADER_BYTES: Final = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -88,7 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = response_parser(self)
+        self.parser = response_parser(self, MAX_RESPONSE_HEADER_BYTES)
         self.closed = False
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
@@ -99,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._headers_done = False
+        self._header_bytes = 0  # counted here with httptools; in C by the compiled parser
         self._interim = False  # the message being read is a 1xx response
         self._complete = False
         self._got_bytes = False
@@ -192,8 +198,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"malformed backend response: {exc}", False))
+        except httptools.HttpParserError as exc:  # on_headers_too_large may have set it
+            self._fail(
+                self._exc or UpstreamError("protocol", f"malformed backend response: {exc}", False)
+            )
         except httptools.HttpParserUpgrade:  # on_headers_complete has set the error
             self._fail(self._exc or UpstreamError("protocol", "backend upgraded", False))
 
@@ -250,10 +258,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """httptools' call per header (the compiled build's parser collects them in C)."""
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_RESPONSE_HEADER_BYTES:
+            self.on_headers_too_large()
         # A name of none of READ_HEADERS' lengths is passed over without being lowered
         # and kept (~700 instructions a header, compiled); a chunked body's trailer too.
         if len(name) in _READ_HEADER_LENGTHS and not self._headers_done:
             self.headers[lower_name(name)] = value
+
+    def on_headers_too_large(self) -> None:
+        """The head's (or its trailer's) headers passed MAX_RESPONSE_HEADER_BYTES: the
+        response fails as a protocol error, before anything of it reached the client."""
+        self._exc = UpstreamError(
+            "protocol",
+            f"backend response headers over {MAX_RESPONSE_HEADER_BYTES} bytes",
+            False,
+        )
+        raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self, headers: dict[bytes, bytes] | None = None) -> None:
         """The head is read; `headers` from the compiled build's parser, else `on_header`
@@ -266,6 +287,7 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp reads it as a message of its own. 101 Switching Protocols answers an
             # upgrade sluice never asks for: the connection is no longer HTTP.
             self.headers = {}
+            self._header_bytes = 0  # the final response's head is counted on its own
             self._interim = True
             if status == 101:
                 self._exc = UpstreamError(
@@ -409,6 +431,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks = []
         self._buffered = 0
         self._headers_done = False
+        self._header_bytes = 0
         self._interim = False
         self._complete = False
         self._got_bytes = False
