@@ -33,6 +33,11 @@ _READ_HEADER_LENGTHS: Final = frozenset(len(name) for name in READ_HEADERS)
 # proxy_buffer_size, 4 or 8 KiB); vLLM's heads hold ~150. A backend's head is otherwise
 # read whole before anything is decided, so without a limit it could grow without end.
 MAX_RESPONSE_HEADER_BYTES: Final = 64 * 1024
+# The bytes of a head fed to the parser before it ends (its status line, header lines and
+# line ends): both parsers check the header limit only once a header line ends, and buffer
+# an unfinished one whole, so one endless line is cut here. Checked after each read fed,
+# so a head holds at most one read (256 KiB, uvloop's buffer) past it.
+MAX_RESPONSE_HEAD_BYTES: Final = MAX_RESPONSE_HEADER_BYTES + 8 * 1024
 
 
 class UpstreamError(Exception):
@@ -105,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered = 0
         self._headers_done = False
         self._header_bytes = 0  # counted here with httptools; in C by the compiled parser
+        self._head_fed = 0  # the bytes fed to the parser since this head began
         self._interim = False  # the message being read is a 1xx response
         self._complete = False
         self._got_bytes = False
@@ -196,14 +202,30 @@ class UpstreamConnection(asyncio.Protocol):
         self._pause_over(self._buffered)
 
     def _feed(self, data: bytes) -> None:
+        in_head = not self._headers_done
+        if in_head:
+            self._head_fed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:  # on_headers_too_large may have set it
             self._fail(
                 self._exc or UpstreamError("protocol", f"malformed backend response: {exc}", False)
             )
+            return
         except httptools.HttpParserUpgrade:  # on_headers_complete has set the error
             self._fail(self._exc or UpstreamError("protocol", "backend upgraded", False))
+            return
+        if (
+            in_head
+            and not self._headers_done
+            and self._head_fed > MAX_RESPONSE_HEAD_BYTES
+            and self._exc is None
+        ):
+            self._fail(
+                UpstreamError(
+                    "protocol", f"backend response head over {MAX_RESPONSE_HEAD_BYTES} bytes", False
+                )
+            )
 
     def _holds_body(self) -> bool:
         """After a head parsed alone: whether its body is an event stream in chunks, which
@@ -288,6 +310,7 @@ class UpstreamConnection(asyncio.Protocol):
             # upgrade sluice never asks for: the connection is no longer HTTP.
             self.headers = {}
             self._header_bytes = 0  # the final response's head is counted on its own
+            self._head_fed = 0
             self._interim = True
             if status == 101:
                 self._exc = UpstreamError(
@@ -432,6 +455,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered = 0
         self._headers_done = False
         self._header_bytes = 0
+        self._head_fed = 0
         self._interim = False
         self._complete = False
         self._got_bytes = False

@@ -1,19 +1,24 @@
 """A backend's response head is read whole before sluice decides anything about it, so it
-is bounded: past MAX_RESPONSE_HEADER_BYTES of headers (name + value + 4 each, a chunked
-body's trailers counted with them) the response is a 502 with an OpenAI-shaped error,
-like nginx's "upstream sent too big header", and the proxy goes on serving. Before, the
-compiled build's parser collected any number of header bytes, and httptools' path any
-number of headers of the lengths sluice reads. Each 1xx head before the final one is
+is bounded: past MAX_RESPONSE_HEADER_BYTES of headers (name + value + 4 each) the response
+is a 502 with an OpenAI-shaped error, like nginx's "upstream sent too big header", and the
+proxy goes on serving; one header line that never ends is cut once the head's bytes pass
+MAX_RESPONSE_HEAD_BYTES (the parsers check their limit only when a line ends). A chunked
+body's trailers count with its head: a whole answer's are a 502 (a stream's come after its
+200 and its events, and break it as any broken stream). Before, the compiled build's
+parser collected any number of header bytes, and httptools' path any number of headers
+of the lengths sluice reads. Each 1xx head, and each response on a reused connection, is
 counted on its own. Both builds run these (the C parser counts in C, httptools' path in
 `UpstreamConnection.on_header`)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import httpx
 import pytest
-from sluice.proxy.upstream import MAX_RESPONSE_HEADER_BYTES
+from sluice.proxy.upstream import MAX_RESPONSE_HEAD_BYTES, MAX_RESPONSE_HEADER_BYTES
 
 from tests.fixtures import ProxyHarness, passthrough_snapshot
 from tests.proxy.raw_backends import CHAT_RESPONSE
@@ -59,11 +64,14 @@ def _post(harness: ProxyHarness, stream: bool) -> httpx.Response:
     return httpx.post(harness.url + "/v1/chat/completions", json=body, timeout=30)
 
 
-def _assert_refused(response: httpx.Response) -> None:
+def _assert_refused(response: httpx.Response, limit: str = "headers") -> None:
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "upstream_protocol"
-    assert f"headers over {MAX_RESPONSE_HEADER_BYTES} bytes" in error["message"]
+    if limit == "headers":
+        assert f"response headers over {MAX_RESPONSE_HEADER_BYTES} bytes" in error["message"]
+    else:
+        assert f"response head over {MAX_RESPONSE_HEAD_BYTES} bytes" in error["message"]
 
 
 def _serve(answer: bytes) -> tuple[OneAnswerBackend, ProxyHarness]:
@@ -128,6 +136,68 @@ def test_each_interim_head_is_counted_on_its_own() -> None:
         response = _post(harness, stream=False)
         assert response.status_code == 200
         assert json.loads(response.content) == json.loads(CHAT_RESPONSE)
+    finally:
+        harness.close()
+        backend.close()
+
+
+class CutOffBackend(OneAnswerBackend):
+    """OneAnswerBackend whose answer the proxy cuts off (it closes the connection midway):
+    its send ends there; the connection stays open otherwise."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__(answer, close=False)
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            super()._serve(conn)
+        except OSError:  # the proxy closed the connection under the answer
+            pass
+
+
+def test_a_header_line_that_never_ends_is_cut_at_the_heads_limit() -> None:
+    """Status line, then one header 4 MiB long, never ended (the backend then waits): a
+    502 at once, not at the response-head deadline (60 s), with at most one read past
+    the limit held."""
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-long: " + b"v" * (4 << 20)
+    backend = CutOffBackend(answer)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        for stream in (False, True):
+            started = time.monotonic()
+            _assert_refused(_post(harness, stream=stream), limit="head")
+            assert time.monotonic() - started < 20
+    finally:
+        harness.close()
+        backend.close()
+
+
+class CountingBackend(OneAnswerBackend):
+    """OneAnswerBackend that keeps each connection for the next request, and counts its
+    connections."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.connections = 0
+        super().__init__(answer, close=False)
+
+    def _serve(self, conn: socket.socket) -> None:
+        self.connections += 1
+        super()._serve(conn)
+
+
+def test_each_response_on_a_reused_connection_is_counted_on_its_own() -> None:
+    """Five answers of 3/4 of the limit each on one keep-alive connection: each is 200."""
+    filler = _headers(MAX_RESPONSE_HEADER_BYTES * 3 // 4)
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + filler
+    answer += b"content-length: %d\r\n\r\n%s" % (len(CHAT_RESPONSE), CHAT_RESPONSE)
+    backend = CountingBackend(answer)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        for _ in range(5):
+            response = _post(harness, stream=False)
+            assert response.status_code == 200
+            assert json.loads(response.content) == json.loads(CHAT_RESPONSE)
+        assert backend.connections == 1  # the five went over one reused connection
     finally:
         harness.close()
         backend.close()

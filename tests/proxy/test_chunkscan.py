@@ -237,46 +237,109 @@ def test_c_and_python_agree_on_framed_events_with_bytes_changed(
         assert found == chunkscan.scan_in_python(bytes(data), pos, LAYOUT)
 
 
+def _size_line(length: int, zeros: int, upper: list[bool]) -> bytes:
+    """`length` in hex after `zeros` leading zeros, each letter upper case where `upper`
+    says so."""
+    digits = "0" * zeros + format(length, "x")
+    flags = upper + [False] * (len(digits) - len(upper))
+    return "".join(c.upper() if up else c for c, up in zip(digits, flags, strict=False)).encode()
+
+
+CHUNK_STRATEGIES = {
+    "prefix": st.binary(max_size=4),
+    "length": st.one_of(st.just(0), st.integers(min_value=0, max_value=70000)),
+    "ending": st.sampled_from([b"\n\n", b"\n"]),
+    "zeros": st.integers(min_value=0, max_value=4),
+    "upper": st.lists(st.booleans(), min_size=8, max_size=8),
+    "after": st.binary(max_size=8),
+}
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(
-    length=st.one_of(st.just(0), st.integers(min_value=0, max_value=300)),
-    ending=st.sampled_from([b"\n\n", b"\n\n", b"\n", b"", b"\r"]),
-    digits=st.sampled_from(["%x", "%X", "%04x", "%08x", "%09x"]),
-    extension=st.booleans(),
-    line_end=st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\r\r", b"\n"]),
-    trailer=st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\r\r", b"\n\n", b"\r"]),
-    cut=st.sampled_from([0, 0, 0, 1, 2, 3, 10, 60]),
-    after=st.binary(max_size=8),
-)
-def test_a_chunk_is_an_events_when_whole_and_framed_as_vllm_frames_it(
+@given(cut=st.integers(min_value=1, max_value=80000), **CHUNK_STRATEGIES)
+def test_a_whole_chunk_framed_as_vllm_frames_it_is_an_events(
+    prefix: bytes,
     length: int,
     ending: bytes,
-    digits: str,
-    extension: bool,
-    line_end: bytes,
-    trailer: bytes,
+    zeros: int,
+    upper: list[bool],
+    after: bytes,
     cut: int,
+) -> None:
+    """event_chunk, the framing the relay and the scan share: a chunk whose size line is
+    1-8 hex digits (either case, leading zeros) and CRLF, whose data (2 bytes at least)
+    ends in a newline, and whose CRLF follows it, gives its data's span; the same chunk
+    cut short anywhere gives (-1, -1) (the parser's, until the rest arrives)."""
+    payload = b"a" * max(0, length - len(ending)) + ending
+    size = _size_line(len(payload), zeros, upper)
+    if len(payload) < 2 or len(size) > 8:
+        return
+    chunk = size + b"\r\n" + payload + b"\r\n"
+    start = len(prefix) + len(size) + 2
+    assert chunkscan.event_chunk(prefix + chunk + after, len(prefix)) == (
+        start,
+        start + len(payload),
+    )
+    short = prefix + chunk[: len(chunk) - 1 - cut % len(chunk)]
+    assert chunkscan.event_chunk(short, len(prefix)) == (-1, -1)
+
+
+DEFECTS = [
+    "nine digits",
+    "not hex",
+    "extension",
+    "one byte",
+    "no newline",
+    "size line not CRLF",
+    "data not followed by CRLF",
+]
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    defect=st.sampled_from(DEFECTS),
+    odd=st.sampled_from([b"g", b"G", b"/", b":", b"@", b"`", b" ", b"-", b"x", b"\n"]),
+    **CHUNK_STRATEGIES,
+)
+def test_a_chunk_framed_otherwise_is_the_parsers(
+    defect: str,
+    odd: bytes,
+    prefix: bytes,
+    length: int,
+    ending: bytes,
+    zeros: int,
+    upper: list[bool],
     after: bytes,
 ) -> None:
-    """event_chunk, the framing the relay and the scan share: a chunk's data span when its
-    size line is 1-8 hex digits and CRLF, its data (2 bytes at least) ends in a newline
-    and is whole in the read, its CRLF after; else (-1, -1), for the parser."""
-    payload = b"a" * length + ending  # its other bytes are the caller's to read
-    size = (digits % len(payload)).encode() + (b";a=b" if extension else b"")
-    chunk = b"xy" + size + line_end + payload + trailer
-    whole = chunk + after
-    read = whole[: len(whole) - cut] if cut else whole
-    start = 2 + len(size) + len(line_end)
-    framed_as_vllm = (
-        digits != "%09x"
-        and not extension
-        and len(payload) >= 2
-        and payload.endswith(b"\n")
-        and line_end == b"\r\n"
-        and read[start + len(payload) : start + len(payload) + 2] == b"\r\n"  # whole, CRLF
-    )
-    expected = (start, start + len(payload)) if framed_as_vllm else (-1, -1)
-    assert chunkscan.event_chunk(read, 2) == expected
+    """One thing unlike vLLM's framing, with the rest as vLLM frames it: (-1, -1). A byte
+    that is no hex digit replaces one, so read as a digit it would give a size that fits."""
+    payload = b"a" * max(0, length - len(ending)) + ending
+    if defect == "one byte":
+        payload = b"\n"
+    if defect == "no newline":
+        payload = payload[:-1] + b"a"
+    size = _size_line(len(payload), zeros, upper)
+    if len(size) > 8:
+        return
+    line_end, trailer = b"\r\n", b"\r\n"
+    other = odd if odd not in (b"\r", b"\n") else b"x"  # neither CR nor LF
+    if defect == "nine digits":
+        size = b"0" * (9 - len(size)) + size
+    if defect == "not hex":
+        # Its last digit, and the data as long as reading that byte as the digit next to
+        # its range would make it ('g' as 16, '/' as -1, ':' as 10, '@' and '`' as 9).
+        misread = {b"g": 16, b"G": 16, b"/": -1, b":": 10, b"@": 9, b"`": 9}.get(odd, 0)
+        sixteens = max(1, len(payload) // 16)
+        payload = b"a" * (16 * sixteens + misread - 2) + b"\n\n"
+        size = format(sixteens, "x").encode() + odd
+    if defect == "extension":
+        size += b";a=b"
+    if defect == "size line not CRLF":
+        line_end = b"\r" + other if upper[0] else other + b"\n"
+    if defect == "data not followed by CRLF":
+        trailer = b"\r" + other if upper[1] else other + b"\n"
+    read = prefix + size + line_end + payload + trailer + after
+    assert chunkscan.event_chunk(read, len(prefix)) == (-1, -1)
 
 
 @pytest.mark.skipif(
