@@ -245,38 +245,48 @@ def _size_line(length: int, zeros: int, upper: list[bool]) -> bytes:
     return "".join(c.upper() if up else c for c, up in zip(digits, flags, strict=False)).encode()
 
 
-CHUNK_STRATEGIES = {
-    "prefix": st.binary(max_size=4),
-    "length": st.one_of(st.just(0), st.integers(min_value=0, max_value=70000)),
-    "ending": st.sampled_from([b"\n\n", b"\n"]),
-    "zeros": st.integers(min_value=0, max_value=4),
-    "upper": st.lists(st.booleans(), min_size=8, max_size=8),
-    "after": st.binary(max_size=8),
-}
+@dataclass(frozen=True)
+class ChunkParts:
+    """A chunk as vLLM frames it, drawn: bytes before it in the read, its data's length
+    and ending, its size line's leading zeros and letter cases, bytes after it."""
+
+    prefix: bytes
+    length: int
+    ending: bytes
+    zeros: int
+    upper: list[bool]
+    after: bytes
+
+    def payload(self) -> bytes:
+        return b"a" * max(0, self.length - len(self.ending)) + self.ending
+
+
+CHUNKS = st.builds(
+    ChunkParts,
+    prefix=st.binary(max_size=4),
+    length=st.one_of(st.just(0), st.integers(min_value=0, max_value=70000)),
+    ending=st.sampled_from([b"\n\n", b"\n"]),
+    zeros=st.integers(min_value=0, max_value=4),
+    upper=st.lists(st.booleans(), min_size=8, max_size=8),
+    after=st.binary(max_size=8),
+)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(cut=st.integers(min_value=1, max_value=80000), **CHUNK_STRATEGIES)
-def test_a_whole_chunk_framed_as_vllm_frames_it_is_an_events(
-    prefix: bytes,
-    length: int,
-    ending: bytes,
-    zeros: int,
-    upper: list[bool],
-    after: bytes,
-    cut: int,
-) -> None:
+@given(parts=CHUNKS, cut=st.integers(min_value=1, max_value=80000))
+def test_a_whole_chunk_framed_as_vllm_frames_it_is_an_events(parts: ChunkParts, cut: int) -> None:
     """event_chunk, the framing the relay and the scan share: a chunk whose size line is
     1-8 hex digits (either case, leading zeros) and CRLF, whose data (2 bytes at least)
     ends in a newline, and whose CRLF follows it, gives its data's span; the same chunk
     cut short anywhere gives (-1, -1) (the parser's, until the rest arrives)."""
-    payload = b"a" * max(0, length - len(ending)) + ending
-    size = _size_line(len(payload), zeros, upper)
+    payload = parts.payload()
+    prefix = parts.prefix
+    size = _size_line(len(payload), parts.zeros, parts.upper)
     if len(payload) < 2 or len(size) > 8:
         return
     chunk = size + b"\r\n" + payload + b"\r\n"
     start = len(prefix) + len(size) + 2
-    assert chunkscan.event_chunk(prefix + chunk + after, len(prefix)) == (
+    assert chunkscan.event_chunk(prefix + chunk + parts.after, len(prefix)) == (
         start,
         start + len(payload),
     )
@@ -297,28 +307,21 @@ DEFECTS = [
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(
+    parts=CHUNKS,
     defect=st.sampled_from(DEFECTS),
     odd=st.sampled_from([b"g", b"G", b"/", b":", b"@", b"`", b" ", b"-", b"x", b"\n"]),
-    **CHUNK_STRATEGIES,
 )
 def test_a_chunk_framed_otherwise_is_the_parsers(
-    defect: str,
-    odd: bytes,
-    prefix: bytes,
-    length: int,
-    ending: bytes,
-    zeros: int,
-    upper: list[bool],
-    after: bytes,
+    parts: ChunkParts, defect: str, odd: bytes
 ) -> None:
     """One thing unlike vLLM's framing, with the rest as vLLM frames it: (-1, -1). A byte
     that is no hex digit replaces one, so read as a digit it would give a size that fits."""
-    payload = b"a" * max(0, length - len(ending)) + ending
+    payload = parts.payload()
     if defect == "one byte":
         payload = b"\n"
     if defect == "no newline":
         payload = payload[:-1] + b"a"
-    size = _size_line(len(payload), zeros, upper)
+    size = _size_line(len(payload), parts.zeros, parts.upper)
     if len(size) > 8:
         return
     line_end, trailer = b"\r\n", b"\r\n"
@@ -335,11 +338,11 @@ def test_a_chunk_framed_otherwise_is_the_parsers(
     if defect == "extension":
         size += b";a=b"
     if defect == "size line not CRLF":
-        line_end = b"\r" + other if upper[0] else other + b"\n"
+        line_end = b"\r" + other if parts.upper[0] else other + b"\n"
     if defect == "data not followed by CRLF":
-        trailer = b"\r" + other if upper[1] else other + b"\n"
-    read = prefix + size + line_end + payload + trailer + after
-    assert chunkscan.event_chunk(read, len(prefix)) == (-1, -1)
+        trailer = b"\r" + other if parts.upper[1] else other + b"\n"
+    read = parts.prefix + size + line_end + payload + trailer + parts.after
+    assert chunkscan.event_chunk(read, len(parts.prefix)) == (-1, -1)
 
 
 @pytest.mark.skipif(
