@@ -290,7 +290,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_too_large(self) -> None:
         """The head's (or its trailer's) headers passed MAX_RESPONSE_HEADER_BYTES: the
-        response fails as a protocol error, before anything of it reached the client."""
+        response fails as a protocol error (a head's before anything reached the client;
+        a stream's trailers after its events, which end it as any broken stream)."""
         self._exc = UpstreamError(
             "protocol",
             f"backend response headers over {MAX_RESPONSE_HEADER_BYTES} bytes",
