@@ -456,7 +456,13 @@ class ProxyApp:
                     )  # fmt: skip
                 else:
                     conn, replica = await self.pools.open_exchange(
-                        backend, adapter.method, path, upstream_headers, payload, hint
+                        backend,
+                        adapter.method,
+                        path,
+                        upstream_headers,
+                        payload,
+                        hint,
+                        watchdog if stream else None,  # a whole answer's head waits for it all
                     )
                 if keepalive is not None:
                     keepalive.may_start = False
@@ -502,6 +508,9 @@ class ProxyApp:
                 if not watchdog.claim_cancellation():
                     raise
                 kind = watchdog.expired or "timeout"
+                hung = watchdog.hung_backend()
+                if isinstance(hung, Replica):  # passive ejection, as for a refused connect
+                    hung.record_failure()
                 message = timeout_message(kind, effective)
                 if kind == SHUTDOWN:
                     ex.error_code = kind

@@ -21,6 +21,7 @@ from .affinity import AffinityRouter, RoutingHint
 from .errors import bad_gateway
 from .response import Header
 from .snapshot import Backend
+from .timeouts import StreamWatchdog
 from .upstream import UpstreamConnection, UpstreamError
 from .upstream_pool import Origin, UpstreamPool, open_exchange
 
@@ -138,6 +139,7 @@ class BackendPools:
         headers: list[Header],
         payload: bytes,
         hint: RoutingHint | None = None,
+        watch: StreamWatchdog | None = None,
     ) -> tuple[UpstreamConnection, Replica]:
         """Sends a request to one of the backend's replicas and waits for the response
         head; a replica that cannot be reached before any response byte is recorded as
@@ -145,7 +147,9 @@ class BackendPools:
         `proxy_next_upstream` tries every server): with two of three replicas down, a
         request that picked both still reaches the third. The replica's `outstanding`
         count includes the exchange; its caller takes it off when the exchange ends. A
-        hint still reading the replicas' load waits for it first (affinity.py)."""
+        hint still reading the replicas' load waits for it first (affinity.py). `watch`,
+        a stream's watchdog, is told each replica the request goes to: one that holds a
+        stream without a head until it times out counts as failing (`hung_backend`)."""
         if hint is not None and hint.reading is not None:
             await self.router.settle(backend, hint)
         tried: tuple[Replica, ...] = ()
@@ -153,6 +157,8 @@ class BackendPools:
         for _ in range(len(backend.urls)):
             replica = self.choose(backend, exclude=tried, hint=hint)
             replica.pool.outstanding += 1
+            if watch is not None:
+                watch.sending(replica)
             try:
                 conn = await open_exchange(replica.pool, method, path, headers, payload)
             except UpstreamError as exc:

@@ -59,6 +59,8 @@ class StreamWatchdog:
         "expired",
         "got_head",
         "last_token",
+        "sent_at",
+        "sent_to",
         "started",
         "timeouts",
     )
@@ -82,6 +84,10 @@ class StreamWatchdog:
         self.last_token = NO_TOKEN
         self.expired: str | None = None
         self.got_head = False
+        # The backend replica the request went to last, and when (`sending`): the one to
+        # blame when no head comes (`hung_backend`).
+        self.sent_to: object | None = None
+        self.sent_at = 0.0
         self._slot: int | None = None  # the Deadlines slot it waits in, if any
         self._arm()
 
@@ -134,6 +140,33 @@ class StreamWatchdog:
         self.expired = kind
         if self._task is not None and not self._task.done():
             self._task.cancel()
+
+    def sending(self, replica: object) -> None:
+        """The request goes to `replica` now (each one a request tries, in turn)."""
+        self.sent_to = replica
+        self.sent_at = monotonic()
+
+    def hung_backend(self) -> object | None:
+        """After an expiry: the replica that held the request without answering its head
+        for at least half of the limit that expired (a stream's head comes before its
+        first token, in milliseconds from a healthy vLLM), else None. Half, not all:
+        the limits run from the request's start, and a request that spent most of its time
+        queued for a permit must not blame the replica it reached last."""
+        if self.got_head or self.sent_to is None:
+            return None
+        kind = self.expired
+        t = self.timeouts
+        if kind == RESPONSE_HEAD:
+            limit = t.response_head
+        elif kind == FIRST_TOKEN:
+            limit = t.first_token
+        elif kind == TOTAL:
+            limit = t.total
+        else:
+            return None
+        if limit is None or monotonic() - self.sent_at < limit / 2:
+            return None
+        return self.sent_to
 
     def head(self) -> None:
         """The backend's response head arrived: its deadline no longer applies. The slot

@@ -4,6 +4,7 @@ before the first byte, passive ejection, and the active health probes (proxy/hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -14,8 +15,10 @@ import httpx
 import pytest
 from sluice.control.config.build import BuiltConfig
 from sluice.proxy.backends import Replica
+from sluice.proxy.deadlines import Deadlines
 from sluice.proxy.health import UNHEALTHY_AFTER, HealthProber, probe
-from sluice.proxy.snapshot import HealthCheck
+from sluice.proxy.snapshot import HealthCheck, StreamTimeouts
+from sluice.proxy.timeouts import FIRST_TOKEN, RESPONSE_HEAD, SHUTDOWN, TOTAL, StreamWatchdog
 from sluice.proxy.upstream_pool import Origin
 
 from tests.apps.fixtures import SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
@@ -38,14 +41,33 @@ Pair = tuple[ProcessServer, ProcessServer]
 
 
 def config(
-    tmp_path: Path, urls: list[str], *, health: bool = False, name: str = "presets"
+    tmp_path: Path,
+    urls: list[str],
+    *,
+    health: bool = False,
+    name: str = "presets",
+    strategy: str | None = None,
+    extra: str = "",
 ) -> BuiltConfig:
+    backend = [HEALTH] if health else []
+    if strategy is not None:
+        backend.append(f"routing: {{strategy: {strategy}}}")
     text = GATEWAY.format(
         urls=", ".join(f'"{u}"' for u in urls),
-        health=HEALTH if health else "",
+        health="\n    ".join(backend),
         key=digest(SUPPORT_KEY),
     )
-    return build(write_config(tmp_path / name, text))
+    return build(write_config(tmp_path / name, text + extra))
+
+
+@contextlib.contextmanager
+def hung_replica() -> Iterator[str]:
+    """A replica that takes connections and requests (the kernel's backlog) and never
+    answers, as a stopped or wedged vLLM does."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -110,6 +132,112 @@ def test_an_unreachable_replica_is_retried_elsewhere_then_ejected(
     finally:
         proxy.close()
     assert clients[0].stats()["requests"] == 6
+
+
+@pytest.mark.parametrize("strategy", ["score", "least_outstanding"])
+def test_a_replica_that_never_answers_a_streams_head_is_ejected_after_three_timeouts(
+    tmp_path: Path, sim_pair: Pair, clients: tuple[SimClient, SimClient], strategy: str
+) -> None:
+    timeouts = "timeouts: {response_head: 400ms}\n"
+    with hung_replica() as hung:
+        proxy = AppsProxy(
+            config(tmp_path, [hung, sim_pair[0].url], strategy=strategy, extra=timeouts)
+        )
+        try:
+            stuck = replica(proxy, hung)
+            outcomes: list[str] = []
+            with httpx.Client(timeout=10) as client:
+                # Other prompts each time: the score strategy would keep one prompt on the
+                # replica that served it first (prefix affinity), whichever that was.
+                for n in range(16):
+                    answer = chat(
+                        client,
+                        proxy.url,
+                        SUPPORT_KEY,
+                        max_tokens=2,
+                        messages=[{"role": "user", "content": f"question {n}"}],
+                    )
+                    assert answer.status_code == 200  # a stream's error is an SSE event
+                    if "response_head_timeout" in answer.text:
+                        outcomes.append("timeout")
+                        assert stuck.consecutive_failures == outcomes.count("timeout")
+                    else:
+                        assert answer.text.rstrip().endswith("data: [DONE]"), answer.text
+                        assert "error" not in answer.text
+                        outcomes.append("served")
+                    if outcomes.count("timeout") == 3 and outcomes[-1] == "served":
+                        break
+            assert outcomes.count("timeout") == 3, outcomes
+            assert proxy.harness.lt.call(lambda: stuck.ejected_until > time.monotonic())
+            assert stuck.consecutive_failures == 3
+            with httpx.Client(timeout=10) as client:
+                after = [chat(client, proxy.url, SUPPORT_KEY, max_tokens=2) for _ in range(3)]
+            assert all("error" not in a.text and a.status_code == 200 for a in after)
+        finally:
+            proxy.close()
+    # Every request the hung replica did not hold was served by the live one.
+    assert clients[0].stats()["requests"] == outcomes.count("served") + len(after)
+
+
+def test_a_whole_answer_or_a_client_that_leaves_does_not_count_against_the_replica(
+    tmp_path: Path, sim_pair: Pair, clients: tuple[SimClient, SimClient]
+) -> None:
+    # A whole answer's head comes with its last token: its total limit says nothing of the
+    # replica. A client that gives up says nothing of it either.
+    timeouts = "timeouts: {first_token: 400ms, response_head: 400ms, total: 400ms}\n"
+    with hung_replica() as hung:
+        proxy = AppsProxy(
+            config(tmp_path, [hung, sim_pair[0].url], strategy="least_outstanding", extra=timeouts)
+        )
+        try:
+            stuck = replica(proxy, hung)
+            with httpx.Client(timeout=10) as client:
+                for _ in range(3):
+                    whole = chat(client, proxy.url, SUPPORT_KEY, max_tokens=2, stream=False)
+                    assert whole.status_code == 504
+                    assert whole.json()["error"]["code"] == "total_timeout"
+            for _ in range(3):
+                with httpx.Client(timeout=0.2) as client, pytest.raises(httpx.ReadTimeout):
+                    chat(client, proxy.url, SUPPORT_KEY, max_tokens=2)
+                wait_for(lambda: stuck.pool.outstanding == 0, timeout=3.0)
+            assert stuck.consecutive_failures == 0
+            assert stuck.ejected_until == 0.0
+        finally:
+            proxy.close()
+    assert clients[0].stats()["requests"] == 0  # all six went to the hung replica
+
+
+@pytest.mark.parametrize(
+    ("kind", "held_for", "blamed"),
+    [
+        (RESPONSE_HEAD, 1.0, True),  # held for the whole limit
+        (RESPONSE_HEAD, 0.55, True),  # more than half of it
+        (RESPONSE_HEAD, 0.45, False),  # queued for most of it: not the replica's doing
+        (FIRST_TOKEN, 1.5, True),
+        (FIRST_TOKEN, 1.2, False),  # under half of first_token (3 s)
+        (TOTAL, 5.0, True),
+        (SHUTDOWN, 1.0, False),  # the proxy's doing
+    ],
+)
+def test_the_replica_is_blamed_only_when_it_held_the_request_half_the_limit(
+    kind: str, held_for: float, blamed: bool
+) -> None:
+    async def run() -> tuple[object | None, object | None]:
+        timeouts = StreamTimeouts(first_token=3.0, inter_token=None, total=10.0, response_head=1.0)
+        watchdog = StreamWatchdog(timeouts, Deadlines(asyncio.get_running_loop()))
+        watchdog.sending("first")
+        watchdog.sending("second")  # tried in turn: the last one holds the request
+        watchdog.sent_at -= held_for
+        watchdog.expired = kind
+        hung = watchdog.hung_backend()
+        watchdog.head()
+        after_head = watchdog.hung_backend()
+        watchdog.stop()
+        return hung, after_head
+
+    hung, after_head = asyncio.run(run())
+    assert hung == ("second" if blamed else None)
+    assert after_head is None  # a head came: whatever expired later is not a hang
 
 
 def test_two_dead_replicas_of_three_never_fail_a_request(
