@@ -81,7 +81,11 @@ async def relay_whole(
         error = orjson.loads(body)["error"]
         message = str(error.get("message") or f"backend answered {status}")
         raise ApiError(status, message, code=f"upstream_http_{status}", headers=retry)
-    response.send(status, [(b"content-type", content_type), *retry, *extra_headers], body)
+    headers = [(b"content-type", content_type), *retry, *extra_headers]
+    if response.head_only:  # a HEAD relayed: the length is the backend's, not the empty body's
+        response.send_head(status, headers, conn.headers.get(b"content-length"))
+    else:
+        response.send(status, headers, body)
     return conn.complete
 
 

@@ -140,8 +140,21 @@ class Response:
             self.keep_alive = False
         return b"" if self.keep_alive else b"connection: close\r\n"
 
+    @property
+    def head_only(self) -> bool:
+        """The answer to a HEAD request: its head is sent, never a body."""
+        return self._head_only
+
     def send(self, status: int, headers: list[Header], body: bytes) -> None:
         """A complete response with a Content-Length."""
+        self._send(status, headers, body, b"content-length: %d\r\n" % len(body))
+
+    def send_head(self, status: int, headers: list[Header], length: bytes | None) -> None:
+        """A HEAD request's answer relayed from the backend: the Content-Length it stated
+        (the length of the body a GET would get; RFC 9110 8.6), none when it stated none."""
+        self._send(status, headers, b"", b"content-length: " + length + b"\r\n" if length else b"")
+
+    def _send(self, status: int, headers: list[Header], body: bytes, length_line: bytes) -> None:
         if self.started:
             raise RuntimeError("response already started")
         self.started = True
@@ -153,7 +166,7 @@ class Response:
             extra = self._connection_header()
             body = b""
         else:
-            extra = self._connection_header() + b"content-length: %d\r\n" % len(body)
+            extra = self._connection_header() + length_line
         head = head_bytes(status, headers, extra)
         if self._transport is None or self._transport.is_closing():
             return

@@ -6,7 +6,9 @@ structured-output rule on every endpoint."""
 from __future__ import annotations
 
 import hashlib
+import http.server
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -415,3 +417,57 @@ def test_a_head_request_is_answered_at_once_and_its_connection_stays_usable(
     assert took < 3, took
     assert head.status_code < 500 and head.content == b""
     assert after.status_code == 200
+
+
+class _FileHandler(http.server.BaseHTTPRequestHandler):
+    """A backend that answers HEAD as RFC 9110 asks (vLLM's FastAPI answers it 405): the
+    head a GET gets, no body; or, for /chunked, no Content-Length at all."""
+
+    protocol_version = "HTTP/1.1"
+    BODY = b"x" * 1234
+
+    def _head(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "application/octet-stream")
+        if self.path == "/chunked":
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("content-length", str(len(self.BODY)))
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self._head()
+
+    def do_GET(self) -> None:
+        self._head()
+        if self.path == "/chunked":
+            self.wfile.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(self.BODY), self.BODY))
+        else:
+            self.wfile.write(self.BODY)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_relayed_head_answer_states_the_backends_length() -> None:
+    """Not the empty body's: a client that asks HEAD for the size gets the size."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    thread = threading.Thread(target=backend.serve_forever, daemon=True)
+    thread.start()
+    harness = ProxyHarness(passthrough_snapshot(f"http://127.0.0.1:{backend.server_port}"))
+    try:
+        with httpx.Client(timeout=5) as client:
+            head = client.head(harness.url + "/files/model.bin")
+            get = client.get(harness.url + "/files/model.bin")
+            unsized = client.head(harness.url + "/chunked")
+            again = client.get(harness.url + "/chunked")
+    finally:
+        harness.close()
+        backend.shutdown()
+        backend.server_close()
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == "1234" == get.headers["content-length"]
+    assert get.content == _FileHandler.BODY
+    # No length stated: none relayed (a HEAD's answer may leave it out), not "0".
+    assert unsized.status_code == 200 and "content-length" not in unsized.headers
+    assert again.content == _FileHandler.BODY
