@@ -157,7 +157,12 @@ class Adapter:
     def error_response(self, exc: ApiError) -> tuple[list[Header], bytes]:
         return JSON_HEADERS + exc.headers, exc.body()
 
-    def stream_error(self, message: str, type: str, code: str) -> bytes:
+    def stream_error(
+        self, message: str, type: str, code: str, chunk_filter: ChunkFilter | None = None
+    ) -> bytes:
+        """The terminal event of a stream sluice ends (a timeout, a backend stream that
+        broke) in the endpoint's shape. `chunk_filter`: the stream's, once it has one (the
+        Responses API numbers its events)."""
         return error_event(message, type, code)
 
     def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:

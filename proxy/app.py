@@ -17,6 +17,7 @@ from .adapters import Adapter
 from .affinity import RoutingHint
 from .auth import authenticate
 from .backends import BackendPools, Replica
+from .chunks import ChunkFilter
 from .clock import monotonic
 from .deadlines import Deadlines
 from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
@@ -444,6 +445,7 @@ class ProxyApp:
         self.watchdogs.add(watchdog)
         conn: UpstreamConnection | None = None
         replica: Replica | None = None
+        chunk_filter: ChunkFilter | None = None  # the stream's, once its head came
         clean = False
         try:
             try:
@@ -519,7 +521,7 @@ class ProxyApp:
                     ex.timeout = kind
                     error_type, status = "timeout", 504
                 if response.started:
-                    response.write(adapter.stream_error(message, error_type, kind))
+                    response.write(adapter.stream_error(message, error_type, kind, chunk_filter))
                 elif stream:
                     ex.status = 200
                     response.start(200, adapter.sse_headers + extra_headers)

@@ -193,7 +193,9 @@ class MessagesAdapter(Adapter):
         body = {"type": "error", "error": {"type": _error_kind(exc), "message": exc.message}}
         return [*JSON_HEADERS, *exc.headers], orjson.dumps(body)
 
-    def stream_error(self, message: str, type: str, code: str) -> bytes:
+    def stream_error(
+        self, message: str, type: str, code: str, chunk_filter: ChunkFilter | None = None
+    ) -> bytes:
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return named_event("error", body) + DONE_EVENT
 

@@ -41,14 +41,15 @@ async def relay_stream(
     watchdog: StreamWatchdog | None,
     n_choices: int,
     chunk_filter: ChunkFilter | None = None,
-    stream_error: Callable[[str, str, str], bytes] = error_event,
+    stream_error: Callable[[str, str, str, ChunkFilter | None], bytes] | None = None,
 ) -> bool:
     """Relays an SSE response whose head `response.start(..., with_first_write=True)`
     prepared; True when the backend's message ended cleanly, so its connection may be
     reused (possibly after its last bytes: see release_when_complete). Cancellation
     (client gone, timeout) propagates to the caller, which aborts the upstream.
-    `stream_error`: the endpoint's error event (Anthropic's and TGI's differ from
-    OpenAI's), for a backend stream that breaks."""
+    `stream_error`: the endpoint's error event (`Adapter.stream_error`: Anthropic's,
+    TGI's and the Responses API's differ from OpenAI's, the default), for a backend
+    stream that breaks."""
     if chunk_filter is None:  # an endpoint adapter may bring its own (TGI, messages, ...)
         chunk_filter = ChunkFilter(ex, ex.chat, policy.guard, n_choices, watchdog)
     relay = StreamRelay(chunk_filter, upstream, response)
@@ -62,8 +63,11 @@ async def relay_stream(
         outcome = relay.result or await relay.wait()
     except UpstreamError as exc:
         ex.upstream_error = exc.kind
+        message, code = f"backend stream broke: {exc}", "upstream_" + exc.kind
         response.write(
-            stream_error(f"backend stream broke: {exc}", "upstream_error", "upstream_" + exc.kind)
+            error_event(message, "upstream_error", code)
+            if stream_error is None
+            else stream_error(message, "upstream_error", code, chunk_filter)
         )
         return False
     finally:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Final
 
 from .adapters import Adapter
 from .chunks import ChunkFilter
+from .errors import ApiError, retry_after_of
 from .eventfilter import NamedEventFilter, named_event
 from .exchange import Exchange
 from .snapshot import StreamPolicy
@@ -71,6 +72,15 @@ def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
                     part["logprobs"] = []
 
 
+def error_event(code: str, message: str, param: str | None, sequence: int) -> bytes:
+    """A Responses API stream's `error` event (OpenAI's ResponseErrorEvent)."""
+    return named_event(
+        "error",
+        {"code": code, "message": message, "param": param, "sequence_number": sequence,
+         "type": "error"},
+    )  # fmt: skip
+
+
 class ResponsesFilter(NamedEventFilter):
     __slots__ = ("base", "items", "sequence")
     delta_marker = b'.delta"'
@@ -81,10 +91,17 @@ class ResponsesFilter(NamedEventFilter):
         super().__init__(ex, guard_spec, watchdog)
         self.base: dict[str, Any] = {}  # the response object of response.created
         self.items: dict[int, str] = {}  # guard key -> item id
-        self.sequence = 0
+        self.sequence = -1  # the last event's sequence_number (the first event's is 0)
 
     def is_terminal(self, event: bytes) -> bool:
         return any(event.find(marker) >= 0 for marker in _TERMINAL)
+
+    def observe(self, event: bytes, text: str = "") -> bytes:
+        # Unguarded, most events are not parsed: their sequence numbers run on from 0, one
+        # an event, so counting them numbers an error sluice adds after them.
+        if not event.startswith(b":"):  # a comment (a keep-alive) has none
+            self.sequence += 1
+        return super().observe(event, text)
 
     def bookkeep(self, name: str, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -248,6 +265,32 @@ class ResponsesAdapter(Adapter):
 
     def n_choices(self, body: dict[str, Any]) -> int:
         return 1
+
+    def stream_error(
+        self, message: str, type: str, code: str, chunk_filter: ChunkFilter | None = None
+    ) -> bytes:
+        """The Responses API's `error` event, numbered after the events relayed; no
+        `[DONE]` (its streams have none)."""
+        sequence = chunk_filter._next() if isinstance(chunk_filter, ResponsesFilter) else 0
+        return error_event(code, message, None, sequence)
+
+    def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
+        """A refusal after the SSE head went out early (only keep-alive comments before
+        it): the `error` event, the backend's own code and message when it gave them, and
+        the retry delay (headers are gone) as `retry_after`."""
+        code, message, param = exc.code, exc.message, exc.param
+        if relayed is not None:
+            code = str(relayed.get("code") or code)
+            message = str(relayed.get("message") or message)
+            relayed_param = relayed.get("param")
+            param = relayed_param if isinstance(relayed_param, str) else None
+        error: dict[str, object] = {"code": code, "message": message, "param": param}
+        delay = retry_after_of(exc)
+        if delay is not None:
+            error["retry_after"] = delay
+        error["sequence_number"] = 0
+        error["type"] = "error"
+        return named_event("error", error)
 
     def chunk_filter(
         self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None

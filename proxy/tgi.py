@@ -275,7 +275,9 @@ class TgiAdapter(Adapter):
         limit): huggingface_hub raises its OverloadedError for it."""
         return _event({"error": exc.message, "error_type": _error_type(exc)})
 
-    def stream_error(self, message: str, type: str, code: str) -> bytes:
+    def stream_error(
+        self, message: str, type: str, code: str, chunk_filter: ChunkFilter | None = None
+    ) -> bytes:
         return _event({"error": message, "error_type": "generation"})
 
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 from langchain_openai import OpenAI as LangchainOpenAI
-from sluice.proxy.snapshot import SamplingPlan, StreamPolicy
+from sluice.proxy.snapshot import SamplingPlan, StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import GuardSpec
 
 from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot
@@ -60,6 +60,51 @@ def test_openai_chat_completions_responses_embeddings(proxy: ProxyHarness) -> No
     embeddings = client.embeddings.create(model="chat", input=["a", "bb"])
     assert [d.index for d in embeddings.data] == [0, 1]
     assert len(embeddings.data[0].embedding) == 8
+
+
+QUICK = StreamPolicy(
+    name="quick",
+    timeouts=StreamTimeouts(first_token=0.4, inter_token=0.4, total=None, response_head=None),
+)
+
+
+GUARDED = StreamPolicy(
+    name="quick-guarded", stop=("###",), guard=GuardSpec(stop=("###",)), timeouts=QUICK.timeouts
+)
+
+
+@pytest.mark.parametrize("model", ["quick", "guarded"])  # events counted, or each parsed
+@pytest.mark.parametrize(
+    ("sim", "code"),
+    [
+        ({"ttft_ms": 3000, "itl_ms": 1}, "first_token_timeout"),
+        ({"ttft_ms": 1, "itl_ms": 3000}, "inter_token_timeout"),
+    ],
+)
+def test_openai_sdk_reads_a_responses_stream_timeout_as_its_error_event(
+    sim_ignore_stop: ProcessServer, sim: dict[str, int], code: str, model: str
+) -> None:
+    """The Responses API's own `error` event, numbered after the events relayed and with
+    no `[DONE]` (its streams have none), not a chat completion's error chunk: the SDK
+    yields it as a ResponseErrorEvent where it raised on the chat shape."""
+    routes = {"quick": {"policy": QUICK}, "guarded": {"policy": GUARDED}}
+    harness = ProxyHarness(routed_snapshot(sim_ignore_stop.url, routes))
+    try:
+        client = openai.OpenAI(base_url=harness.url + "/v1", api_key="none", max_retries=0)
+        stream = client.responses.create(
+            model=model, input="hi", stream=True,
+            extra_body={"sim": {"script": ["one", " two", " three"], **sim}},
+        )  # fmt: skip
+        events = list(stream)
+    finally:
+        harness.close()
+    last = events[-1]
+    assert isinstance(last, openai.types.responses.ResponseErrorEvent), events
+    assert last.code == code and "no token from the backend" in last.message
+    numbers = [event.sequence_number for event in events]
+    assert numbers == list(range(len(events))), numbers  # the error's follows the others'
+    if code == "inter_token_timeout":
+        assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["one"]
 
 
 def test_anthropic_sdk_messages(proxy: ProxyHarness, sim_requests: SimClient) -> None:

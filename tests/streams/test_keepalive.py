@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import OverloadedError
@@ -234,6 +235,25 @@ def test_the_anthropic_sdk_reads_a_refusal_after_the_head(sim: ProcessServer) ->
         busy.join(10)
     finally:
         h.close()
+
+
+def test_the_openai_sdk_reads_a_responses_refusal_after_the_head(sim: ProcessServer) -> None:
+    """/v1/responses answers the Responses API's `error` event (first, so numbered 0; no
+    `[DONE]`), with the retry delay the headers could no longer carry."""
+    h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
+    try:
+        busy = _occupy(h.url, 2.5)
+        client = openai.OpenAI(base_url=h.url + "/v1", api_key="unused", max_retries=0)
+        events = list(client.responses.create(model="chat", input="Hi", stream=True))
+        busy.join(10)
+    finally:
+        h.close()
+    assert len(events) == 1, events
+    error = events[0]
+    assert isinstance(error, openai.types.responses.ResponseErrorEvent)
+    assert error.code == "backend_saturated" and "saturated" in error.message
+    assert error.sequence_number == 0
+    assert isinstance(getattr(error, "retry_after", None), int) and error.retry_after >= 1
 
 
 @pytest.mark.parametrize(
