@@ -41,8 +41,17 @@ async def relay_whole(
         raise bad_gateway(f"backend response broke: {exc}", code="upstream_" + exc.kind) from None
     status = conn.status
     ex.status = status
-    content_type = conn.headers.get(b"content-type", b"application/json")
     retry = retry_headers(status, conn.headers.get(b"retry-after"), retry_after)
+    if response.head_only:
+        # A HEAD's answer has no body to read, judge or rewrite: its status, type and
+        # length go out as the backend gave them (the length a GET's body would have).
+        typed = conn.headers.get(b"content-type")
+        headers = [(b"content-type", typed)] if typed is not None else []
+        response.send_head(
+            status, [*headers, *retry, *extra_headers], conn.headers.get(b"content-length")
+        )
+        return conn.complete
+    content_type = conn.headers.get(b"content-type", b"application/json")
     is_json = content_type.lower().startswith(b"application/json")  # a media type's case
     if status == 200 and (is_json or rewrite is not None):
         # An adapter that translates the answer (TGI) sees a body of another type as
@@ -81,11 +90,7 @@ async def relay_whole(
         error = orjson.loads(body)["error"]
         message = str(error.get("message") or f"backend answered {status}")
         raise ApiError(status, message, code=f"upstream_http_{status}", headers=retry)
-    headers = [(b"content-type", content_type), *retry, *extra_headers]
-    if response.head_only:  # a HEAD relayed: the length is the backend's, not the empty body's
-        response.send_head(status, headers, conn.headers.get(b"content-length"))
-    else:
-        response.send(status, headers, body)
+    response.send(status, [(b"content-type", content_type), *retry, *extra_headers], body)
     return conn.complete
 
 

@@ -421,12 +421,20 @@ def test_a_head_request_is_answered_at_once_and_its_connection_stays_usable(
 
 class _FileHandler(http.server.BaseHTTPRequestHandler):
     """A backend that answers HEAD as RFC 9110 asks (vLLM's FastAPI answers it 405): the
-    head a GET gets, no body; or, for /chunked, no Content-Length at all."""
+    head a GET gets, no body; for /chunked, no Content-Length at all; for /missing, a 404
+    with an OpenAI-shaped error."""
 
     protocol_version = "HTTP/1.1"
     BODY = b"x" * 1234
+    MISSING = b'{"error":{"message":"no such file","type":"NotFoundError","param":null,"code":404}}'
 
     def _head(self) -> None:
+        if self.path == "/missing":
+            self.send_response(404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(self.MISSING)))
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("content-type", "application/octet-stream")
         if self.path == "/chunked":
@@ -440,7 +448,9 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._head()
-        if self.path == "/chunked":
+        if self.path == "/missing":
+            self.wfile.write(self.MISSING)
+        elif self.path == "/chunked":
             self.wfile.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(self.BODY), self.BODY))
         else:
             self.wfile.write(self.BODY)
@@ -461,6 +471,8 @@ def test_a_relayed_head_answer_states_the_backends_length() -> None:
             get = client.get(harness.url + "/files/model.bin")
             unsized = client.head(harness.url + "/chunked")
             again = client.get(harness.url + "/chunked")
+            missing_head = client.head(harness.url + "/missing")
+            missing = client.get(harness.url + "/missing")
     finally:
         harness.close()
         backend.shutdown()
@@ -471,3 +483,8 @@ def test_a_relayed_head_answer_states_the_backends_length() -> None:
     # No length stated: none relayed (a HEAD's answer may leave it out), not "0".
     assert unsized.status_code == 200 and "content-length" not in unsized.headers
     assert again.content == _FileHandler.BODY
+    # An error's head as its GET gets it: the backend's status and length, not sluice's
+    # own error (a HEAD's empty body is no malformed error).
+    assert missing.status_code == missing_head.status_code == 404
+    assert missing_head.headers["content-length"] == missing.headers["content-length"]
+    assert missing.json()["error"]["message"] == "no such file"
