@@ -91,7 +91,10 @@ class ResponsesFilter(NamedEventFilter):
         super().__init__(ex, guard_spec, watchdog)
         self.base: dict[str, Any] = {}  # the response object of response.created
         self.items: dict[int, str] = {}  # guard key -> item id
-        self.sequence = -1  # the last event's sequence_number (the first event's is 0)
+        # The last sequence_number sent (the first event's is 0). Unguarded, events go out
+        # as they came and are counted; guarded, each one sent is numbered here (`_pass`),
+        # so the events sluice adds shift the backend's after them.
+        self.sequence = -1
 
     def is_terminal(self, event: bytes) -> bool:
         return any(event.find(marker) >= 0 for marker in _TERMINAL)
@@ -106,9 +109,6 @@ class ResponsesFilter(NamedEventFilter):
     def bookkeep(self, name: str, obj: Any) -> None:
         if not isinstance(obj, dict):
             return
-        sequence = obj.get("sequence_number")
-        if isinstance(sequence, int):
-            self.sequence = sequence
         if name == "response.created" and isinstance(obj.get("response"), dict):
             self.base = obj["response"]
         elif name in ("response.completed", "response.incomplete", "response.failed"):
@@ -120,27 +120,27 @@ class ResponsesFilter(NamedEventFilter):
 
     def on_named(self, event: bytes, name: str, obj: Any) -> bytes | None:
         if not isinstance(obj, dict):
-            return event
+            return event  # not an event of this vocabulary: no number
         if name == "response.output_text.delta":
             key = _key(obj)
             text = obj.get("delta")
             if key is None or not isinstance(text, str):
-                return event
+                return self._pass(event, name, obj)
             if isinstance(obj.get("item_id"), str):
                 self.items[key] = obj["item_id"]
             out, guard = self.feed_text(key, text)
             if guard.finish_reason is not None:
                 return self._end(key, obj, out, guard)
             if out is text:
-                return event
+                return self._pass(event, name, obj)
             obj["delta"] = out
             if obj.get("logprobs"):
                 obj["logprobs"] = []
-            return named_event(name, obj)
+            return self._renumbered(name, obj)
         if name == "response.output_text.done":
             key = _key(obj)
             if key is None or key not in self.guards:
-                return event
+                return self._pass(event, name, obj)
             tail = self.finish_text(key)
             prefix = b""
             if tail is not None:
@@ -150,27 +150,43 @@ class ResponsesFilter(NamedEventFilter):
                 if out:
                     prefix = self._delta(key, obj, out)
             obj["text"] = self.text_of(key)
-            return prefix + named_event(name, obj)
+            return prefix + self._renumbered(name, obj)
         if name == "response.content_part.done":
             key = _key(obj)
             part = obj.get("part")
             if key in self.guards and isinstance(part, dict) and "text" in part:
                 part["text"] = self.text_of(key)
-                return named_event(name, obj)
-            return event
+                return self._renumbered(name, obj)
+            return self._pass(event, name, obj)
         if name == "response.output_item.done":
             item = obj.get("item")
             output_index = obj.get("output_index", 0)
             if isinstance(item, dict) and isinstance(output_index, int):
                 holder = {"output": [None] * output_index + [item]}
                 _set_texts(holder, self._texts())
-                return named_event(name, obj)
-            return event
+                return self._renumbered(name, obj)
+            return self._pass(event, name, obj)
         terminal = name in ("response.completed", "response.incomplete")
         if terminal and self.guards and isinstance(obj.get("response"), dict):
             _set_texts(obj["response"], self._texts())
-            return named_event(name, obj)
-        return event
+            return self._renumbered(name, obj)
+        return self._pass(event, name, obj)
+
+    def _pass(self, event: bytes, name: str, obj: dict[str, Any]) -> bytes:
+        """A backend event sent as it came, unless events sluice added before it shifted
+        its number."""
+        number = self._next()
+        if obj.get("sequence_number", number) == number:
+            return event
+        obj["sequence_number"] = number
+        return named_event(name, obj)
+
+    def _renumbered(self, name: str, obj: dict[str, Any]) -> bytes:
+        """A backend event sluice changed, numbered after what went out before it."""
+        number = self._next()
+        if "sequence_number" in obj:
+            obj["sequence_number"] = number
+        return named_event(name, obj)
 
     def _texts(self) -> dict[int, str]:
         return {key: self.text_of(key) for key in self.guards}

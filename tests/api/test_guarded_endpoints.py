@@ -83,6 +83,34 @@ def test_responses_stream_is_cut_at_the_policy_stop(
     assert "max_tokens" not in sent and sent["stop"] == ["###"]
 
 
+@pytest.mark.parametrize(
+    ("script", "text"),
+    [
+        (["Hello", " there", " #"], "Hello there #"),  # " #" held back, then released
+        (["Hello", " #", "##", " tail"], "Hello "),  # cut: sluice's events replace the rest
+        (["Hello", " there"], "Hello there"),  # nothing held: the backend's numbers
+    ],
+)
+def test_responses_stream_numbers_run_on_when_the_guard_adds_events(
+    proxy: ProxyHarness, script: list[str], text: str
+) -> None:
+    """A tail the guard held back goes out as a delta of sluice's before the backend's
+    `output_text.done`; every event after it moves up one (the openai SDK's stream helper
+    orders nothing, but clients that resume or dedupe by sequence_number do)."""
+    result = stream_request(
+        proxy.url,
+        {"model": "chat", "input": "hi", "stream": True, "sim": _sim({"script": script})},
+        path="/v1/responses",
+    )
+    assert result.status == 200
+    events = _named(result)
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert deltas == text
+    numbers = [d["sequence_number"] for _, d in events]
+    assert numbers == list(range(len(events))), numbers
+    assert events[-1][0] == "response.completed"
+
+
 def test_responses_nonstream_and_cut_pattern(proxy: ProxyHarness) -> None:
     resp = httpx.post(
         proxy.url + "/v1/responses",
