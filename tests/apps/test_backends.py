@@ -216,6 +216,7 @@ def test_a_whole_answer_or_a_client_that_leaves_does_not_count_against_the_repli
         (FIRST_TOKEN, 1.5, True),
         (FIRST_TOKEN, 1.2, False),  # under half of first_token (3 s)
         (TOTAL, 5.0, True),
+        (TOTAL, 4.0, False),  # under half of total (10 s)
         (SHUTDOWN, 1.0, False),  # the proxy's doing
     ],
 )
