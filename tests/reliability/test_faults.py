@@ -336,3 +336,34 @@ def test_mass_disconnects_release_everything(proxy: TunedHarness, sim_client: Si
     # A raw client gets a normal answer afterwards: nothing is wedged.
     data, _ = exchange(proxy.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert statuses(data) == [200]
+
+
+def _named_event(name: str, sequence: int) -> bytes:
+    data = json.dumps({"type": name, "sequence_number": sequence, "response": {"id": "r"}})
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+@pytest.mark.parametrize("model", ["chat", "open"])  # guarded: events parsed; open: counted
+def test_a_responses_stream_the_backend_cuts_ends_in_its_error_event(model: str) -> None:
+    """The Responses API's `error` event, numbered after the backend's last, and no
+    `[DONE]` (its streams have none), not a chat completion's error chunk."""
+    events = (_named_event("response.created", 0), _named_event("response.in_progress", 1))
+    lt = LoopThread()
+    backend = RawBackend(lt, SSE_HEAD + b"".join(_chunk(e) for e in events))  # then closes
+    h = _harness(backend.url)
+    try:
+        before = census(h)
+        body = {"model": model, "input": "hi", "stream": True}
+        result = stream_request(h.url, body, path="/v1/responses", timeout=10)
+        assert result.status == 200
+        raw = [event for _, event in result.events]
+        assert raw[:2] == [e.rstrip(b"\n") for e in events]
+        assert len(raw) == 3 and raw[2].startswith(b"event: error\ndata: "), raw
+        error = json.loads(raw[2].split(b"data: ", 1)[1])
+        assert error["type"] == "error" and error["code"] == "upstream_reset"
+        assert error["sequence_number"] == 2
+        assert_no_leaks(h, before)
+    finally:
+        h.close()
+        backend.stop()
+        lt.stop()
