@@ -243,8 +243,11 @@ def test_the_openai_sdk_reads_a_responses_refusal_after_the_head(sim: ProcessSer
     h = proxy_for(sim.url, FAST, concurrency=1, max_wait=0.8)
     try:
         busy = _occupy(h.url, 2.5)
-        client = openai.OpenAI(base_url=h.url + "/v1", api_key="unused", max_retries=0)
-        events = list(client.responses.create(model="chat", input="Hi", stream=True))
+        with (
+            openai.OpenAI(base_url=h.url + "/v1", api_key="unused", max_retries=0) as client,
+            client.responses.create(model="chat", input="Hi", stream=True) as stream,
+        ):
+            events = list(stream)
         busy.join(10)
     finally:
         h.close()
