@@ -72,13 +72,21 @@ def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
                     part["logprobs"] = []
 
 
-def error_event(code: str, message: str, param: str | None, sequence: int) -> bytes:
-    """A Responses API stream's `error` event (OpenAI's ResponseErrorEvent)."""
-    return named_event(
-        "error",
-        {"code": code, "message": message, "param": param, "sequence_number": sequence,
-         "type": "error"},
-    )  # fmt: skip
+def _error_event(
+    code: str | None,
+    message: str,
+    param: str | None,
+    sequence: int,
+    retry_after: int | None = None,
+) -> bytes:
+    """A Responses API stream's `error` event (OpenAI's ResponseErrorEvent); a refusal's
+    retry delay, when it has one, as `retry_after` (its headers are gone)."""
+    error: dict[str, object] = {"code": code, "message": message, "param": param}
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    error["sequence_number"] = sequence
+    error["type"] = "error"
+    return named_event("error", error)
 
 
 class ResponsesFilter(NamedEventFilter):
@@ -288,7 +296,7 @@ class ResponsesAdapter(Adapter):
         """The Responses API's `error` event, numbered after the events relayed; no
         `[DONE]` (its streams have none)."""
         sequence = chunk_filter._next() if isinstance(chunk_filter, ResponsesFilter) else 0
-        return error_event(code, message, None, sequence)
+        return _error_event(code, message, None, sequence)
 
     def stream_refusal(self, exc: ApiError, relayed: dict[str, object] | None = None) -> bytes:
         """A refusal after the SSE head went out early (only keep-alive comments before
@@ -300,13 +308,7 @@ class ResponsesAdapter(Adapter):
             message = str(relayed.get("message") or message)
             relayed_param = relayed.get("param")
             param = relayed_param if isinstance(relayed_param, str) else None
-        error: dict[str, object] = {"code": code, "message": message, "param": param}
-        delay = retry_after_of(exc)
-        if delay is not None:
-            error["retry_after"] = delay
-        error["sequence_number"] = 0
-        error["type"] = "error"
-        return named_event("error", error)
+        return _error_event(code, message, param, 0, retry_after_of(exc))
 
     def chunk_filter(
         self, ex: Exchange, policy: StreamPolicy, n_choices: int, watchdog: StreamWatchdog | None
