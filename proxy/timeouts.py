@@ -152,18 +152,9 @@ class StreamWatchdog:
         first token, in milliseconds from a healthy vLLM), else None. Half, not all:
         the limits run from the request's start, and a request that spent most of its time
         queued for a permit must not blame the replica it reached last."""
-        if self.got_head or self.sent_to is None:
+        if self.got_head or self.sent_to is None or self.expired == INTER_TOKEN:
             return None
-        kind = self.expired
-        t = self.timeouts
-        if kind == RESPONSE_HEAD:
-            limit = t.response_head
-        elif kind == FIRST_TOKEN:
-            limit = t.first_token
-        elif kind == TOTAL:
-            limit = t.total
-        else:
-            return None
+        limit = limit_of(self.expired, self.timeouts)
         if limit is None or monotonic() - self.sent_at < limit / 2:
             return None
         return self.sent_to
@@ -223,13 +214,31 @@ def request_deadline(timeouts: StreamTimeouts, started: float, stream: bool) -> 
     return None if bound is None else started + bound
 
 
+def limit_of(kind: str | None, timeouts: StreamTimeouts) -> float | None:
+    """The limit of the timeout named `kind`; None for none or another kind (shutdown)."""
+    if kind == FIRST_TOKEN:
+        return timeouts.first_token
+    if kind == INTER_TOKEN:
+        return timeouts.inter_token
+    if kind == RESPONSE_HEAD:
+        return timeouts.response_head
+    if kind == TOTAL:
+        return timeouts.total
+    return None
+
+
+# What a client reads for each timeout, with its limit.
+_TIMEOUT_MESSAGES: Final = {
+    FIRST_TOKEN: "no token from the backend within {:g}s",
+    INTER_TOKEN: "no token from the backend for {:g}s",
+    RESPONSE_HEAD: "no response head from the backend within {:g}s",
+    TOTAL: "request exceeded its total time limit of {:g}s",
+}
+
+
 def timeout_message(kind: str, timeouts: StreamTimeouts) -> str:
     if kind == SHUTDOWN:
         return "the proxy is shutting down; retry the request"
-    if kind == FIRST_TOKEN:
-        return f"no token from the backend within {timeouts.first_token:g}s"
-    if kind == INTER_TOKEN:
-        return f"no token from the backend for {timeouts.inter_token:g}s"
-    if kind == RESPONSE_HEAD:
-        return f"no response head from the backend within {timeouts.response_head:g}s"
-    return f"request exceeded its total time limit of {timeouts.total:g}s"
+    if kind not in _TIMEOUT_MESSAGES:
+        kind = TOTAL
+    return _TIMEOUT_MESSAGES[kind].format(limit_of(kind, timeouts))
