@@ -9,6 +9,7 @@ the requests before it). The owner (`http.HttpConnection`) runs the requests.
 from __future__ import annotations
 
 import collections
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -304,10 +305,10 @@ class RequestReader:
         version = self._version(method, parser)
         try:
             check_head(method, version, headers)
+            path, query = _path_and_query(self.url)
         except HeadError as exc:
             self.owner.refuse(exc.status, exc.message, exc.code)
             raise httptools.HttpParserError(exc.message) from None
-        path, query = _path_and_query(self.url)
         self.last_url = self.url
         request = Request(
             method=method,
@@ -436,7 +437,7 @@ def _path_and_query(url: bytes) -> tuple[str, str]:
         return known
     if url[:1] == b"/" and url.find(b"#") < 0:
         path, mark, query = url.partition(b"?")
-        split = (path.decode("latin-1"), query.decode("latin-1"))
+        split = (_path_text(path), query.decode("latin-1"))
         if not mark and len(_known_paths) < MAX_KNOWN_PATHS:
             _known_paths[url] = split
         return split
@@ -444,6 +445,27 @@ def _path_and_query(url: bytes) -> tuple[str, str]:
     # (and a compiled build checks the declared type).
     parsed: Any = httptools.parse_url(url)
     return (
-        parsed.path.decode("latin-1") if parsed.path else "/",
+        _path_text(parsed.path) if parsed.path else "/",
         parsed.query.decode("latin-1") if parsed.query else "",
     )
+
+
+def _path_text(path: bytes) -> str:
+    """The path as vLLM will route it. Its server (uvicorn) decodes %XX escapes once, so
+    `/v1/chat%2Fcompletions` is its chat endpoint: sluice matches, and forwards, the
+    decoded path, or a client could reach an endpoint past the rules sluice keeps for
+    it. A decoding that is no plain path is refused: a control, space, `?`, `#` or
+    non-ASCII character would change the request line sent upstream, and a `%` left
+    would be decoded a second time there."""
+    text = path.decode("latin-1")
+    if path.find(b"%") < 0:
+        return text
+    decoded = urllib.parse.unquote(text, encoding="latin-1")
+    for char in decoded:
+        if not ("!" <= char <= "~") or char in "?#%":
+            raise HeadError(
+                400,
+                f"the request path {text[:200]!r} decodes to characters a path cannot hold",
+                "invalid_path",
+            )
+    return decoded
