@@ -37,6 +37,16 @@ SSE_HEADERS: Final[list[Header]] = [
 ]
 
 
+def check_output_rules(body: dict[str, Any], policy: StreamPolicy, app: App | None) -> None:
+    """The Policy's and the app's structured-output rules on a body in OpenAI's terms."""
+    app_rule = app.structured if app is not None else None
+    if policy.structured is not None or app_rule is not None:  # most requests: none
+        found = find_constraint(body)
+        check_structured(policy.structured, f"policy '{policy.name}'", found)
+        if app is not None:
+            check_structured(app_rule, f"app '{app.name}'", found)
+
+
 # An endpoint may be adapted outside the compiled package (a test injects a fault
 # through one): a Python subclass's overrides must be the ones called.
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -51,6 +61,8 @@ class Adapter:
     # vLLM request field -> this endpoint's name for it; None: every vLLM field, same name.
     vocabulary: ClassVar[Mapping[str, str] | None] = None
     forwards = False  # True: the body is relayed as it is (tokenize, embeddings, ...)
+    reads_fields = True  # False: a body not read as a JSON object (a form, a forward's bytes)
+    takes_cache_salt = True  # the request runs the model: the app's cache_salt isolates it
     reshape_errors = False  # True: a backend's error is answered in error_response's shape
     model_optional = False  # True: without `model`, the app's only route serves it
     # Resumable streams (proxy/resume.py) number OpenAI chunk events; other layouts opt out.
@@ -70,12 +82,7 @@ class Adapter:
         to the request; returns the upstream body and whether it differs from the
         client's bytes."""
         policy = choice.policy
-        app_rule = app.structured if app is not None else None
-        if policy.structured is not None or app_rule is not None:  # most requests: none
-            found = find_constraint(body)
-            check_structured(policy.structured, f"policy '{policy.name}'", found)
-            if app is not None:
-                check_structured(app_rule, f"app '{app.name}'", found)
+        check_output_rules(body, policy, app)
         plan = choice.plan
         modified = bool(plan.name) or bool(policy.stop)
         if self.vocabulary is None:

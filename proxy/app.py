@@ -264,8 +264,10 @@ class ProxyApp:
         stream = adapter.is_stream(body)
         ex.stream = stream
         # Request-field rules and the app's cache_salt on the body in vLLM's field names
-        # (a forwarded body is relayed as sent).
-        modified = not adapter.forwards and self._request_fields(body, snap, choice, app)
+        # (a forwarded body too, when it is a JSON object; any other is relayed as sent).
+        modified = adapter.reads_fields and self._request_fields(
+            body, snap, choice, app, adapter.takes_cache_salt
+        )
         body, prepared = adapter.prepare(body, choice, app)
         modified = modified or prepared
         route = choice.route
@@ -329,14 +331,20 @@ class ProxyApp:
         )
 
     def _request_fields(
-        self, body: dict[str, Any], snap: Snapshot, choice: RouteChoice, app: App | None
+        self,
+        body: dict[str, Any],
+        snap: Snapshot,
+        choice: RouteChoice,
+        app: App | None,
+        salted: bool,
     ) -> bool:
-        """The request-field policy, then the app's cache_salt; True when body changed."""
+        """The request-field policy, then the app's cache_salt (`salted`: the endpoint
+        runs the model); True when body changed."""
         rules = choice.route.request_fields
         if app is not None and snap.app_field_rules:
             rules = snap.app_field_rules.get((app.name, choice.route.model), rules)
         modified = apply_field_rules(body, rules)
-        if app is not None and snap.cache_isolation:
+        if salted and app is not None and snap.cache_isolation:
             key = snap.cache_salt_key or self.salt_key
             salt = self._salts.get((key, app.name))
             if salt is None:

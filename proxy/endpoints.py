@@ -8,8 +8,11 @@ pooling or speech-to-text model adds (`vllm/entrypoints/pooling/`, `.../speech_t
 * forwarded: relayed to the route's backend with the same authentication, route rules,
   limits, deadlines, metrics and access log (tokenize, embeddings, audio, ...);
 * generating without an adapter (`/invocations`, `/inference/v1/generate`,
-  `/v1/chat/completions/batch`, stored responses): forwarded only when the route has no
-  preset and no guarding Policy, refused with a 400 naming them otherwise.
+  `/v1/chat/completions/batch`, speech to text, stored responses): forwarded only when the
+  route has no preset and no guarding Policy, refused with a 400 naming them otherwise.
+
+A forwarded JSON body gets the request-field rules and the structured-output rules as a
+generating one does, and the app's cache_salt where the endpoint runs the model.
 
 In pass-through mode (`--backend URL`) any other path is forwarded too, unless the
 snapshot says `forward_unknown_paths: false`.
@@ -53,14 +56,32 @@ FORWARDED: Final = frozenset(
         "/v1/rerank",
         "/v2/rerank",
         "/generative_scoring",
-        "/v1/audio/transcriptions",
-        "/v1/audio/translations",
     )
 )
 
 # They generate text in a shape no adapter reads (or return text generated earlier).
 UNGUARDED_GENERATING: Final = frozenset(
-    ("/invocations", "/inference/v1/generate", "/v1/chat/completions/batch")
+    (
+        "/invocations",
+        "/inference/v1/generate",
+        "/v1/chat/completions/batch",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    )
+)
+
+# Forwarded routes that only tokenize or render a template: no model runs, so no prefix
+# cache to isolate (vLLM would log the cache_salt it ignores).
+RUNS_NO_MODEL: Final = frozenset(
+    (
+        "/tokenize",
+        "/detokenize",
+        "/v1/messages/count_tokens",
+        "/v1/chat/completions/render",
+        "/v1/completions/render",
+        "/v1/chat/completions/derender",
+        "/v1/completions/derender",
+    )
 )
 UNGUARDED_PREFIXES: Final = ("/v1/responses/",)
 
@@ -73,3 +94,8 @@ def forwarded_path(path: str, snap: Snapshot) -> bool:
 
 def generates_unguarded(path: str) -> bool:
     return path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES)
+
+
+def runs_model(path: str) -> bool:
+    """A known forwarded route whose request runs the model (and so its prefix cache)."""
+    return (path in FORWARDED and path not in RUNS_NO_MODEL) or path in UNGUARDED_GENERATING

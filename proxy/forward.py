@@ -11,28 +11,29 @@ upstream model), any content type, multipart included; the route is the one the 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from importlib import metadata
 from typing import Any, Final, Protocol
 
 import orjson
 
-from .adapters import Adapter
+from .adapters import Adapter, check_output_rules
 from .auth import authenticate
 from .backends import BackendPools, Replica
 from .chunks import ChunkFilter
-from .endpoints import FORWARDED, GENERATING, LOCAL_PATHS, forwarded_path
+from .endpoints import FORWARDED, GENERATING, LOCAL_PATHS, forwarded_path, runs_model
 from .errors import ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
 from .http import Request, Response
 from .jsonbody import check_nesting
+from .modellist import answer_limit, backend_get, fetch_model_list
 from .response import JSON_HEADERS
 from .routing import RouteChoice
 from .snapshot import App, Backend, Route, Snapshot, SnapshotRef, StreamPolicy
 from .timeouts import StreamWatchdog
 from .upload import BodyStream, BodyTooLarge, BodyUnreadable, open_streamed_exchange
 from .upstream import UpstreamConnection, UpstreamError
-from .upstream_pool import open_exchange
 
 
 class ProxyApp(Protocol):
@@ -57,8 +58,27 @@ MAX_VERSION_BODY: Final = 4096
 # header lines are bounded: unbounded, a body of repeated `name="model"` lines made each
 # occurrence scan to the end and fail, quadratic (~1 s of event loop per 64 KB upload).
 _FORM_MODEL: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n){0,8}\r\n([^\r\n]*)\r\n')
+_FORM_STREAM: Final = re.compile(rb'name="stream"\r\n(?:[^\r\n]+\r\n){0,8}\r\n([^\r\n]*)\r\n')
+# What pydantic reads as true in a form field (vLLM's TranscriptionRequest.stream).
+FORM_TRUE: Final = frozenset((b"1", b"true", b"t", b"yes", b"y", b"on"))
 _SNIFF_BYTES: Final = 64 * 1024
-MAX_MODELS_BODY: Final = 4 * 1024 * 1024
+
+
+def _read_as_json(content_type: bytes) -> bool:
+    """Whether vLLM's server (FastAPI) reads a body as JSON: with no Content-Type, or
+    application/json or any application/*+json, in any case. Sluice must read the same
+    bodies: one it left unread would reach vLLM past the route and field rules."""
+    if not content_type:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
+
+
+def _is_form(content_type: bytes) -> bool:
+    """A multipart form, as Starlette reads one (its media type in any case)."""
+    return content_type[:19].lower() == b"multipart/form-data"
 
 
 def only_route(snap: Snapshot, app: App | None) -> str | None:
@@ -73,7 +93,7 @@ def upload_limit(request: Request, snap: Snapshot) -> int:
     if request.method != "POST":
         return 0
     content_type = request.headers.get(b"content-type", b"")
-    if not content_type.startswith(b"multipart/form-data"):
+    if not _is_form(content_type):
         return 0
     path = request.path
     # Pass-through forwards every path, but those the app serves itself (the generating
@@ -96,6 +116,7 @@ class ForwardAdapter(Adapter):
         self.name = request.path if request is not None else "forward"
         self.method = request.method.encode() if request is not None else b"POST"
         self.json = False
+        self.reads_fields = self.takes_cache_salt = False  # until a JSON object is read
         self.form_model: tuple[int, int] | None = None  # where a multipart `model` value is
         if request is not None:
             path = request.path + ("?" + request.query if request.query else "")
@@ -120,7 +141,7 @@ class ForwardAdapter(Adapter):
             adapter.body_stream = stream
             length = request.headers.get(b"content-length")
             adapter.stream_length = int(length) if length is not None else None
-        if request.body and content_type.startswith(b"application/json"):
+        if request.body and _read_as_json(content_type):
             check_nesting(request.body)  # re-encoding a deeper body would fail
             try:
                 body = orjson.loads(request.body)
@@ -129,14 +150,19 @@ class ForwardAdapter(Adapter):
                     f"request body is not valid JSON: {exc}", code="invalid_json"
                 ) from None
             if isinstance(body, dict):
-                adapter.json = True
+                adapter.json = adapter.reads_fields = True
+                adapter.takes_cache_salt = runs_model(request.path)
             else:
                 body = {}
-        elif content_type.startswith(b"multipart/form-data"):
+        elif _is_form(content_type):
             match = _FORM_MODEL.search(request.body, 0, _SNIFF_BYTES)
             if match is not None:
                 adapter.form_model = match.span(1)
                 body = {"model": match[1].decode("utf-8", "replace")}
+            # A streamed transcription is relayed as a stream, with its deadlines.
+            flag = _FORM_STREAM.search(request.body, 0, _SNIFF_BYTES)
+            if flag is not None and flag[1].strip().lower() in FORM_TRUE:
+                body["stream"] = True
         return adapter, body
 
     def prepare(
@@ -153,6 +179,8 @@ class ForwardAdapter(Adapter):
                 "to; use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages",
                 code="policy_not_enforceable",
             )
+        if self.reads_fields:
+            check_output_rules(body, policy, app)
         return body, False
 
     def is_stream(self, body: dict[str, Any]) -> bool:
@@ -160,11 +188,13 @@ class ForwardAdapter(Adapter):
 
     def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
         upstream = route.upstream_model
-        if upstream is None or body.get("model") in (None, upstream):
-            return raw
+        renamed = upstream is not None and body.get("model") not in (None, upstream)
         if self.json:
-            body["model"] = upstream
-            return orjson.dumps(body)
+            if renamed:
+                body["model"] = upstream
+            return orjson.dumps(body) if modified or renamed else raw
+        if not renamed or upstream is None:
+            return raw
         if self.form_model is not None:
             start, end = self.form_model
             if self.stream_length is not None:
@@ -237,12 +267,12 @@ class Forwarder:
         if route is not None:
             replica = self.app.pools.choose(route.backend)
             try:
-                conn = await open_exchange(replica.pool, b"GET", b"/version", [], b"")
-                body = await conn.read_all(MAX_VERSION_BODY)
-                if conn.status == 200:
+                status, body = await asyncio.wait_for(
+                    backend_get(replica, b"/version", MAX_VERSION_BODY), answer_limit(route)
+                )
+                if status == 200:
                     backend_version = orjson.loads(body).get("version")
-                replica.pool.release(conn)
-            except (UpstreamError, orjson.JSONDecodeError, AttributeError):
+            except (UpstreamError, TimeoutError, orjson.JSONDecodeError, AttributeError):
                 backend_version = None
         out = {"version": backend_version, "sluice": SLUICE_VERSION}
         response.send(200, JSON_HEADERS, orjson.dumps(out))
@@ -250,24 +280,13 @@ class Forwarder:
     async def _upstream_card(self, route: Route, name: str, response: Response) -> None:
         """Pass-through mode: the card from the backend's /v1/models (vLLM 0.26 has no
         /v1/models/{id} route of its own)."""
-        replica = self.app.pools.choose(route.backend)
+        status, body = await fetch_model_list(route, self.app.pools)
         try:
-            conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-            body = await conn.read_all(MAX_MODELS_BODY)
-        except UpstreamError as exc:
-            raise ApiError(
-                502, f"backend {route.backend.name}: {exc}", type="upstream_error",
-                code="upstream_" + exc.kind,
-            ) from None  # fmt: skip
-        replica.pool.release(conn)
-        try:
-            cards = orjson.loads(body).get("data") if conn.status == 200 else None
+            cards = orjson.loads(body).get("data") if status == 200 else None
         except (orjson.JSONDecodeError, AttributeError):
             cards = None
         if not isinstance(cards, list):
-            raise ApiError(
-                502, f"backend answered /v1/models with {conn.status}", code="upstream_error"
-            )
+            raise ApiError(502, f"backend answered /v1/models with {status}", code="upstream_error")
         for card in cards:
             if isinstance(card, dict) and card.get("id") == name:
                 response.send(200, JSON_HEADERS, orjson.dumps(card))

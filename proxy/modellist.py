@@ -14,18 +14,19 @@ from .errors import ApiError, bad_gateway
 from .http import Request, Response
 from .nonstream import MAX_NONSTREAM_BODY
 from .response import JSON_HEADERS
-from .snapshot import DEFAULT_RESPONSE_HEAD_TIMEOUT, Snapshot
+from .snapshot import DEFAULT_RESPONSE_HEAD_TIMEOUT, Route, Snapshot
 from .upstream import UpstreamConnection, UpstreamError
 from .upstream_pool import open_exchange
 
 
-async def model_list(replica: Replica) -> tuple[int, bytes]:
-    """The backend's `GET /v1/models`: its status and body. The connection is pooled only
-    after a complete response and closed on any failure or cancellation (never leaked)."""
+async def backend_get(replica: Replica, path: bytes, max_bytes: int) -> tuple[int, bytes]:
+    """The backend's answer to `GET path`: its status and body. The connection is pooled
+    only after a complete response and closed on any failure or cancellation (never
+    leaked)."""
     conn: UpstreamConnection | None = None
     try:
-        conn = await open_exchange(replica.pool, b"GET", b"/v1/models", [], b"")
-        return conn.status, await conn.read_all(MAX_NONSTREAM_BODY)
+        conn = await open_exchange(replica.pool, b"GET", path, [], b"")
+        return conn.status, await conn.read_all(max_bytes)
     finally:
         if conn is not None:
             if conn.complete:
@@ -63,15 +64,22 @@ async def answer_models(
     response.send(200, [*JSON_HEADERS, (b"x-sluice-config", snap.version.encode())], body)
 
 
-async def _forward_models(snap: Snapshot, pools: BackendPools, response: Response) -> None:
-    route = snap.fallback_route
-    assert route is not None
-    replica = pools.choose(route.backend)
+def answer_limit(route: Route) -> float:
+    """How long sluice waits for a backend's answer to a GET it makes for a client."""
     timeouts = route.policy.timeouts
-    limit = timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
+    return timeouts.response_head or timeouts.total or DEFAULT_RESPONSE_HEAD_TIMEOUT
+
+
+async def fetch_model_list(route: Route, pools: BackendPools) -> tuple[int, bytes]:
+    """The route's backend's `GET /v1/models` within `answer_limit`; a failure or no
+    answer in time is the client's 502 or 504."""
+    replica = pools.choose(route.backend)
+    limit = answer_limit(route)
     try:
         # wait_for, not `async with asyncio.timeout`: this module is compiled (setup.py).
-        status, body = await asyncio.wait_for(model_list(replica), limit)
+        return await asyncio.wait_for(
+            backend_get(replica, b"/v1/models", MAX_NONSTREAM_BODY), limit
+        )
     except UpstreamError as exc:
         raise bad_gateway(f"backend {route.backend.name}: {exc}") from None
     except TimeoutError:
@@ -81,6 +89,12 @@ async def _forward_models(snap: Snapshot, pools: BackendPools, response: Respons
             type="timeout",
             code="response_head_timeout",
         ) from None
+
+
+async def _forward_models(snap: Snapshot, pools: BackendPools, response: Response) -> None:
+    route = snap.fallback_route
+    assert route is not None
+    status, body = await fetch_model_list(route, pools)
     if not relayable(status, body):
         raise bad_gateway(
             f"backend {route.backend.name} answered {status} to GET /v1/models, "

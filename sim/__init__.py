@@ -8,7 +8,9 @@ Run it as `sluice sim --port 8100`, or in-process::
 
 Endpoints, as vLLM serves them: `POST /v1/chat/completions`, `POST /v1/completions`
 (stream and non-stream, n, stop, logprobs, usage), `GET /v1/models`, `GET /health`,
-`GET|POST /ping`, `GET /version`, `GET /metrics` (vLLM metric names).
+`GET|POST /ping`, `GET /version`, `GET /metrics` (vLLM metric names); `/v1/embeddings`,
+`/tokenize`, `/detokenize` and `/v1/audio/transcriptions` (a form; `stream=true` answers
+vLLM's `transcription.chunk` events, a word each, at the server's TTFT and ITL).
 `--keepalive-timeout 5` closes keep-alive connections idle for 5 s as vLLM's server
 (uvicorn) does; the default keeps them 75 s. For tests:
 

@@ -37,6 +37,9 @@ class SimApp(Protocol):
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
 EMBEDDING_DIM = 8
 _FORM_MODEL = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+_FORM_STREAM = re.compile(rb'name="stream"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]*)\r\n')
+# What pydantic reads as true in a form field (vLLM's TranscriptionRequest.stream).
+FORM_TRUE = frozenset((b"1", b"true", b"t", b"yes", b"y", b"on"))
 
 
 @dataclass
@@ -248,11 +251,43 @@ class ApiRoutes:
         """Echoes what arrived: the form's model and the size of the upload."""
         self.app.stats.log_request(request, None, None)
         content_type = request.header(b"content-type") or ""
-        if not content_type.startswith("multipart/form-data"):
+        if not content_type.lower().startswith("multipart/form-data"):  # as Starlette reads it
             error = api_error(400, "expected multipart/form-data", "file")
             response.send(error.status, error.headers, error.body)
             return
         match = _FORM_MODEL.search(request.body)
         model = match[1].decode("utf-8", "replace") if match else self.app.config.model
         text = f"sim transcription of {len(request.body)} bytes for {model}"
+        flag = _FORM_STREAM.search(request.body)
+        if flag is not None and flag[1].strip().lower() in FORM_TRUE:
+            await self._run(request, response, lambda _r, out: self._transcribe(out, model, text))
+            return
         response.send(200, JSON_HEADERS, orjson.dumps({"text": text, "usage": None}))
+
+    async def _transcribe(self, response: Response, model: str, text: str) -> None:
+        """`stream=true`: vLLM's `transcription.chunk` events (its TranscriptionStreamResponse
+        dumped whole), a word each at the configured TTFT and ITL, then the finish chunk
+        and `[DONE]`."""
+        words = text.split(" ")
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        plan = Plan(pieces, "stop", None, 0)
+        head: dict[str, Any] = {
+            "id": "trsc-" + secrets.token_hex(16),
+            "object": "transcription.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+            choice = {"delta": delta, "finish_reason": finish, "stop_reason": None}
+            return b"data: " + orjson.dumps({**head, "choices": [choice], "usage": None}) + b"\n\n"
+
+        def render(piece: str) -> bytes:
+            return chunk({"role": None, "content": piece, "tool_calls": []}, None)
+
+        response.start(200, SSE_HEADERS)
+        await self._pace(plan, parse_sim_options(None, self.app.config), response, render)
+        response.write(chunk({"role": None, "content": None, "tool_calls": []}, "stop"))
+        response.write(b"data: [DONE]\n\n")
+        response.end()
+        self._finish(plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import socket
 import threading
 import time
@@ -18,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from sluice.proxy.forward import _FORM_MODEL, _SNIFF_BYTES
-from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy
+from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy, StreamTimeouts
+from sluice.proxy.stopwords import GuardSpec
 from sluice.proxy.structured import StructuredOutputs
 
 from tests.fixtures import (
@@ -28,6 +30,7 @@ from tests.fixtures import (
     passthrough_snapshot,
     routed_snapshot,
     send_until_answered,
+    start_sim,
 )
 
 KEY = b"sk-app-a"
@@ -252,6 +255,12 @@ def test_passthrough_forwards_unknown_paths_unless_closed(sim: ProcessServer) ->
          {"messages": MSG, "structured_outputs": {"json": SCHEMA}}, 400, "structured_output_too_large"),
         ("require", "/v1/chat/completions",
          {"messages": MSG, "max_tokens": 3, "structured_outputs": {"regex": "[a-z]+"}}, 200, None),
+        # Forwarded JSON bodies obey the rule too: /invocations runs vLLM's chat handler.
+        ("deny", "/invocations",
+         {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "structured_output_denied"),
+        ("small", "/inference/v1/generate",
+         {"token_ids": [1, 2], "structured_outputs": {"json": SCHEMA}}, 400, "structured_output_too_large"),
+        ("require", "/v1/chat/completions/batch", {"messages": MSG}, 400, "structured_output_required"),
     ],
 )  # fmt: skip
 def test_structured_output_rule(
@@ -488,3 +497,137 @@ def test_a_relayed_head_answer_states_the_backends_length() -> None:
     assert missing.status_code == missing_head.status_code == 404
     assert missing_head.headers["content-length"] == missing.headers["content-length"]
     assert missing.json()["error"]["message"] == "no such file"
+
+
+def test_speech_to_text_under_a_preset_or_guard_is_refused(sim: ProcessServer) -> None:
+    """Transcription and translation generate text (with vLLM's sampling fields, as form
+    fields) that sluice neither reads nor guards: under a preset or a guarding Policy they
+    are refused as /invocations is, never served without them."""
+    guarded = StreamPolicy(name="guarded", stop=("###",), guard=GuardSpec(stop=("###",)))
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {"policy": guarded}, "open": {}}))
+    try:
+        for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            resp = httpx.post(
+                harness.url + path,
+                files={"file": ("a.wav", b"RIFF" + bytes(64), "audio/wav")},
+                data={"model": "m", "temperature": "1.0"},
+                timeout=10,
+            )
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "policy_not_enforceable" and "guarded" in error["message"]
+        served = httpx.post(
+            harness.url + "/v1/audio/transcriptions",
+            files={"file": ("a.wav", b"RIFF" + bytes(64), "audio/wav")},
+            data={"model": "open"},
+            timeout=10,
+        )
+        assert served.status_code == 200 and served.json()["text"].startswith("sim transcription")
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def silent_backend() -> Iterator[str]:
+    """A backend that takes connections and requests (the kernel's backlog) and never
+    answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_version_and_model_card_wait_for_a_silent_backend_only_so_long(
+    silent_backend: str,
+) -> None:
+    """`/version` (no key needed) and pass-through's `/v1/models/{id}` ask the backend
+    themselves: a backend that never answers costs the client the response-head limit,
+    and the connection is closed, not left open in the pool."""
+    quick = StreamPolicy(name="quick", timeouts=StreamTimeouts(response_head=0.5))
+    routed = ProxyHarness(routed_snapshot(silent_backend, {"m": {"policy": quick}}))
+    bare = passthrough_snapshot(silent_backend)
+    assert bare.fallback_route is not None
+    passthrough = ProxyHarness(
+        replace(bare, fallback_route=replace(bare.fallback_route, policy=quick))
+    )
+    try:
+        started = time.monotonic()
+        version = httpx.get(routed.url + "/version", timeout=10)
+        assert version.status_code == 200 and version.json()["version"] is None
+        card = httpx.get(passthrough.url + "/v1/models/m", timeout=10)
+        assert card.status_code == 504, card.text
+        assert card.json()["error"]["code"] == "response_head_timeout"
+        assert time.monotonic() - started < 4.0
+        for harness in (routed, passthrough):
+            assert harness.open_upstream_connections() == 0
+    finally:
+        routed.close()
+        passthrough.close()
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "APPLICATION/JSON", "application/vnd.api+json; charset=utf-8"]
+)
+def test_a_body_vllm_reads_as_json_is_read_as_json(
+    routed: ProxyHarness, sim: ProcessServer, content_type: str | None
+) -> None:
+    """vLLM's server reads a body as JSON with no Content-Type, or any application/json or
+    application/*+json in any case: sluice reads the same bodies, so their `model` meets
+    the app's route rules and the route's upstream model (an unread body went upstream
+    with the model it named)."""
+    headers = dict(AUTH)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    url = routed.url + "/v1/embeddings"
+    denied = httpx.post(url, content=b'{"model": "other", "input": "a"}', headers=headers)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
+    ok = httpx.post(url, content=b'{"model": "chat", "input": "a"}', headers=headers)
+    assert ok.status_code == 200, ok.text
+    assert SimClient(sim.url).requests()[-1]["body"]["model"] == "sim-model"
+
+
+@pytest.fixture(scope="module")
+def slow_sim() -> Iterator[ProcessServer]:
+    server = start_sim("--ttft-ms", "1500", "--itl-ms", "5")
+    yield server
+    server.stop()
+
+
+def test_a_streamed_transcription_is_relayed_as_a_stream_with_its_deadlines(
+    slow_sim: ProcessServer,
+) -> None:
+    """`stream=true` in a transcription's form (any case of its Content-Type): vLLM
+    answers with `transcription.chunk` events, which sluice relays as they come, under
+    the stream deadlines; read as a whole answer, the first-token limit never applied."""
+    quick = StreamPolicy(name="quick", timeouts=StreamTimeouts(first_token=0.3))
+    harness = ProxyHarness(routed_snapshot(slow_sim.url, {"m": {}, "quick": {"policy": quick}}))
+    client = SimClient(slow_sim.url)
+    client.reset()
+    try:
+        boundary = "b0undary"
+        form = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{{model}}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="stream"\r\n\r\nTrue\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            f"Content-Type: audio/wav\r\n\r\nRIFF0123\r\n--{boundary}--\r\n"
+        )
+        headers = {"content-type": f"Multipart/Form-Data; boundary={boundary}"}
+        url = harness.url + "/v1/audio/transcriptions"
+        with httpx.stream("POST", url, content=form.format(model="m"), headers=headers) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert events[-1] == "data: [DONE]" and chunks[0]["object"] == "transcription.chunk"
+        text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
+        assert text.startswith("sim transcription of ") and text.endswith(" for sim-model")
+        assert harness.wait_finished(1)[-1].stream
+        started = time.monotonic()
+        cut = httpx.post(url, content=form.format(model="quick"), headers=headers, timeout=10)
+        assert time.monotonic() - started < 1.2  # the backend's first token comes at 1.5 s
+        assert cut.status_code == 200
+        assert '"code":"first_token_timeout"' in cut.text.replace(" ", "")
+        client.wait_for(lambda stats: stats["aborted"] == 1, timeout=3.0)
+        assert harness.permits_in_use() == 0 and harness.busy_upstream_connections() == 0
+    finally:
+        harness.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -131,3 +133,79 @@ def test_cache_isolation_off(make: Any, sim_client: SimClient) -> None:
     assert _received(sim_client)["cache_salt"] == "mine"
     assert _post(harness, "alpha").status_code == 200
     assert "cache_salt" not in _received(sim_client)
+
+
+def _forward(harness: ProxyHarness, app: str, path: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        harness.url + path,
+        json={"model": "chat", **body},
+        headers={"authorization": f"Bearer sk-{app}"},
+        timeout=10,
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/embeddings", {"input": "a"}), ("/tokenize", {"prompt": "a"}),
+     ("/invocations", {"messages": MSG})],
+)  # fmt: skip
+def test_forwarded_json_bodies_are_held_to_the_field_rules(
+    make: Any, sim_client: SimClient, path: str, body: dict[str, Any]
+) -> None:
+    """A forwarded route relays its body unread but for `model`; a JSON object is still
+    held to the request-field rules: `priority` on /invocations (vLLM's chat handler) or
+    /v1/embeddings jumps vLLM's queue as it would on /v1/chat/completions."""
+    harness = make()
+    for field in ({"priority": -10}, {"chat_template": "{{ 7*7 }}"}):
+        r = _forward(harness, "alpha", path, **body, **field)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "field_denied"
+    assert sim_client.requests() == []
+
+
+def test_forwarded_json_bodies_get_forced_fields_and_the_salt_where_a_model_runs(
+    make: Any, sim_client: SimClient
+) -> None:
+    harness = make()
+    r = _forward(harness, "beta", "/v1/embeddings", input="a", priority=0)
+    assert r.status_code == 200, r.text
+    # The app's forced field, vLLM's default priority dropped, the app's salt added.
+    assert _received(sim_client) == {
+        "model": "sim-model",
+        "input": "a",
+        "user": "beta-user",
+        "cache_salt": _salt("beta"),
+    }
+    # Tokenizing runs no model: no prefix cache to isolate, no salt for vLLM to ignore.
+    assert _forward(harness, "beta", "/tokenize", prompt="a").status_code == 200
+    assert _received(sim_client) == {"model": "sim-model", "prompt": "a", "user": "beta-user"}
+
+
+def _raw_post(harness: ProxyHarness, target: str, body: dict[str, Any]) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10)
+    try:
+        headers = {"authorization": "Bearer sk-alpha", "content-type": "application/json"}
+        conn.request("POST", target, json.dumps(body), headers)
+        answer = conn.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        conn.close()
+
+
+def test_a_percent_encoded_path_is_the_endpoint_vllm_decodes_it_to(
+    make: Any, sim_client: SimClient
+) -> None:
+    """vLLM's server decodes %XX in the path once: `/v1/chat%2Fcompletions` is its chat
+    endpoint. Sluice routes the decoded path, so the chat pipeline's rules hold on it; a
+    path that would decode twice, or into what a path cannot hold, is refused."""
+    harness = make()
+    body = {"model": "chat", "messages": MSG, "max_tokens": 2}
+    for target in ("/v1/chat%2Fcompletions", "/v1/%63hat/completions"):
+        status, answer = _raw_post(harness, target, {**body, "priority": -10})
+        assert (status, answer["error"]["code"]) == (400, "field_denied")
+        status, answer = _raw_post(harness, target, body)
+        assert status == 200 and answer["object"] == "chat.completion"
+        assert _received(sim_client)["cache_salt"] == _salt("alpha")
+    for target in ("/v1/chat%252Fcompletions", "/v1/chat/completions%3F", "/v1/chat%20x"):
+        status, answer = _raw_post(harness, target, body)
+        assert (status, answer["error"]["code"]) == (400, "invalid_path"), target
