@@ -184,7 +184,11 @@ class ForwardAdapter(Adapter):
         return body, False
 
     def is_stream(self, body: dict[str, Any]) -> bool:
-        return body.get("stream") is True
+        """`stream: true` where the endpoint may stream (generating ones, and paths sluice
+        does not know); tokenize, embeddings, pooling, score, ... answer JSON whatever
+        `stream` says, and a stream's early keep-alive head would turn that answer into
+        a broken stream."""
+        return body.get("stream") is True and self.name not in FORWARDED
 
     def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
         upstream = route.upstream_model

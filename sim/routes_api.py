@@ -192,7 +192,8 @@ class ApiRoutes:
         await self._run(request, response, self._embeddings)
 
     async def _embeddings(self, request: Request, response: Response) -> None:
-        body, _ = self._body(request)
+        body, sim = self._body(request)
+        await self._faults(sim, "/v1/embeddings")
         raw = body.get("input")
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(inputs, list) or not inputs:

@@ -631,3 +631,22 @@ def test_a_streamed_transcription_is_relayed_as_a_stream_with_its_deadlines(
         assert harness.permits_in_use() == 0 and harness.busy_upstream_connections() == 0
     finally:
         harness.close()
+
+
+def test_stream_true_to_an_endpoint_that_never_streams_is_a_whole_answer(
+    sim: ProcessServer,
+) -> None:
+    """vLLM ignores `stream` on /v1/embeddings (and tokenize, pooling, score, ...): the
+    answer is JSON. Read as a stream, a slow answer got a keep-alive's SSE head, and the
+    embeddings that came then were answered as a broken stream."""
+    chatty = StreamPolicy(name="chatty", keepalive_interval=0.2)
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {"policy": chatty}}))
+    try:
+        body = {"model": "m", "input": "a", "stream": True, "sim": {"slow_first_byte_ms": 700}}
+        resp = httpx.post(harness.url + "/v1/embeddings", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json()["data"][0]["object"] == "embedding"
+        assert not harness.wait_finished(1)[-1].stream
+    finally:
+        harness.close()
