@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import structlog
 from sluice.control.config.build import BuiltConfig, build_config, config_version, load_config
-from sluice.control.config.gateway_schema import GatewayFile
+from sluice.control.config.gateway_schema import GatewayFile, RecordsSection
 from sluice.control.config.issues import ConfigInvalid
 from sluice.control.config.loader import CONFIG_SUFFIX, ConfigFiles, read_config_files
 from watchfiles import Change, awatch
@@ -45,7 +45,9 @@ RESTART_FIELDS: tuple[tuple[str, ...], ...] = (
     ("limits", "store_timeout"),
     ("limits", "keep_idle"),
 )
-_NO_GATEWAY = GatewayFile(kind="Gateway")
+# What a process that started without a Gateway wired: the defaults, but no records writer
+# (plugins.attach_records), so a reload that adds a Gateway with records says "restart".
+_NO_GATEWAY = GatewayFile(kind="Gateway", records=RecordsSection(path=None))
 
 
 def restart_required(running: BuiltConfig, new: BuiltConfig) -> list[str]:
@@ -108,8 +110,11 @@ class ConfigReloader:
         log: Any = None,
         initial: BuiltConfig | None = None,
         on_result: Callable[[str], None] | None = None,
+        caveats: Callable[[BuiltConfig], list[str]] | None = None,
     ) -> None:
         self._dir = Path(config_dir)
+        # Warnings of the running process's own, beyond the config's (serve.py: a worker).
+        self._caveats = caveats
         self._on_result = on_result  # e.g. the sluice_config_reload_total counter
         self._apply = apply
         self._override = backend_override
@@ -206,6 +211,8 @@ class ConfigReloader:
         self._count("ok", None)
         self._restart_required = restart_required(self._started_with, built)
         warnings = tuple(str(w) for w in built.warnings)
+        if self._caveats is not None:
+            warnings += tuple(self._caveats(built))
         if self._restart_required:
             fields = ", ".join(self._restart_required)
             warnings += (f"{self._dir}: changed but applied only at a restart: {fields}",)

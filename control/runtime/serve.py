@@ -43,13 +43,20 @@ from sluice.proxy.websocket import WebSocketUpgrade
 
 from . import lastgood
 from .admin import admin_routes, status_body
+from .caveats import log_startup_caveats, worker_reload_caveats
 from .console import attach_console
 from .limits import start_limit_store, start_stream_store, store_url
 from .logs import access_lines, configure_logging
 from .plugins import attach_health, attach_load_scraper, attach_records, attach_shared_index
 from .reloader import ConfigReloader, ReloadResult
 from .saltkey import load_or_create_key
-from .supervisor import RESTARTED_ENV, WORKER_ENV, supervise
+from .supervisor import (
+    RESTARTED_ENV,
+    WORKER_ENV,
+    report_serving,
+    report_start_failure,
+    supervise,
+)
 
 DEMO_SIM_PORT = 8100
 # Longest a reload thread waits for the event loop to run the swap (a loop that busy is
@@ -205,8 +212,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load(options)
         built = loaded.built
+        if built.warnings and os.environ.get(WORKER_ENV) is None:  # once, not per worker
+            warnings = [str(w) for w in built.warnings]
+            structlog.get_logger("sluice").warning("config_warnings", warnings=warnings)
         if options.workers > 1 and os.environ.get(WORKER_ENV) is None:
-            _warn_single_process_features(built)
+            log_startup_caveats(built)
             host = options.host or built.snapshot.listen_host
             port = options.port if options.port is not None else built.snapshot.listen_port
             return supervise(
@@ -217,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
                 permit_server=store_url(built) is None,
             )
         return uvloop.run(serve(options, loaded, demo=demo is not None))
+    except CliError as exc:
+        if report_start_failure(str(exc)):
+            return 1  # the supervisor prints it, once for all the workers
+        raise
     finally:
         if demo is not None:
             demo.terminate()
@@ -245,21 +259,6 @@ def _start_demo_sim() -> subprocess.Popen[str]:
         proc.terminate()
         raise CliError(f"the demo simulator did not start on port {DEMO_SIM_PORT}")
     return proc
-
-
-def _warn_single_process_features(built: BuiltConfig) -> None:
-    """Without `limits.store`, resumable streams live in the process that runs the
-    generation (docs/STREAMS.md); with it, every process can resume them."""
-    if store_url(built) is not None:
-        return
-    resumable = sorted(n for n, p in built.snapshot.policies.items() if p.resume_window)
-    if resumable:
-        structlog.get_logger("sluice").warning(
-            "resume_is_per_process",
-            policies=resumable,
-            detail="with --workers N a resume reaches the generation's worker only by chance "
-            "(404 stream_not_found otherwise); see docs/STREAMS.md",
-        )
 
 
 async def _sample_gauges(observer: Observer, app: ProxyApp) -> None:
@@ -307,12 +306,15 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
 
     worker_state: Path | None = None  # lastgood.py's directory, in a worker of --workers N
     if options.config_dir is not None:
+        # A worker without a store shares no resumable stream: an edit may add one.
+        alone = os.environ.get(WORKER_ENV) is not None and store_url(built) is None
         reloader = ConfigReloader(
             options.config_dir,
             apply,
             backend_override=options.backend,
             initial=built,
             on_result=observer.on_reload,
+            caveats=worker_reload_caveats if alone else None,
         )
         worker_state = lastgood.state_dir() if os.environ.get(WORKER_ENV) is not None else None
         if worker_state is not None:
@@ -395,6 +397,7 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
     except OSError as exc:
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     url = f"http://{host}:{bound}"
+    report_serving()
     # Start-up objects (modules, config) move out of the collector's reach, so collections
     # under load only walk what requests allocate.
     gc.collect()

@@ -3,6 +3,13 @@
 The workers bind the same port through SO_REUSEPORT; each loads and watches the config
 itself (the `x-sluice-config` header shows that they agree). The supervisor only starts
 them, forwards signals and reports how they exited.
+
+A worker tells the supervisor two things through files in the state directory
+(STATE_DIR_ENV, shared with lastgood.py): that it serves (`report_serving`), and, when one
+of the first workers cannot start, the one line `sluice serve` alone would print
+(`report_start_failure`). Such a failure (port taken, records database or cache-salt key
+unreadable) would recur at every restart, so the supervisor stops the others and exits 1
+with that line instead of restarting them for ever behind a live-looking process.
 """
 
 from __future__ import annotations
@@ -16,13 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
+from sluice.control.errors import CliError
 from sluice.proxy.metrics import MULTIPROC_ENV
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
 
-from .lastgood import STATE_DIR_ENV
+from .lastgood import STATE_DIR_ENV, state_dir
 from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
@@ -55,6 +64,54 @@ class _Worker:
         return delay
 
 
+# A worker's reports in the state directory, named by its pid.
+SERVING_FILE = "serving-{pid}"
+START_FAILURE_FILE = "start-failure-{pid}"
+
+
+def report_serving() -> None:
+    """Tells the supervisor, if any, that this worker listens: from now on its death is a
+    crash, and it is started again."""
+    state = state_dir()
+    if state is not None and os.environ.get(WORKER_ENV) is not None:
+        (state / SERVING_FILE.format(pid=os.getpid())).touch()
+
+
+def report_start_failure(message: str) -> bool:
+    """Hands the supervisor why this worker, one of the first, could not start; True when
+    handed (the supervisor prints it once for all workers, the caller prints nothing). False
+    in a single process, in a worker started again (the supervisor retries it with back-off)
+    and once it served: the caller prints the message itself."""
+    state = state_dir()
+    if state is None or os.environ.get(WORKER_ENV) is None:
+        return False
+    if os.environ.get(RESTARTED_ENV, "0") != "0":
+        return False
+    if (state / SERVING_FILE.format(pid=os.getpid())).exists():
+        return False
+    try:
+        (state / START_FAILURE_FILE.format(pid=os.getpid())).write_text(message, "utf-8")
+    except OSError:
+        return False
+    return True
+
+
+def _start_failure(state: Path, slot: _Worker, code: int) -> str | None:
+    """Why the process of `slot`, one of the first workers, exited before it served; None
+    when it served or was itself a restart (a crash: it is started again)."""
+    pid = slot.proc.pid
+    served = state / SERVING_FILE.format(pid=pid)
+    if served.exists():
+        served.unlink()
+        return None
+    if slot.restarts > 0:
+        return None
+    try:
+        return (state / START_FAILURE_FILE.format(pid=pid)).read_text("utf-8")
+    except OSError:  # it died without a message of its own (a signal, a traceback)
+        return f"worker {slot.worker_id} exited with status {code} before it served"
+
+
 def supervise(
     workers_wanted: int, host: str, port: int, *, metrics: bool, permit_server: bool = True
 ) -> int:
@@ -68,6 +125,8 @@ def supervise(
     so before they import prometheus_client); a worker that exits is marked dead there at
     once, so its live gauges drop out of the sums; the directory goes when all have exited.
     Exit status: 0 when every worker exited 0, else the first failure's (128+N: signal N).
+    One of the first workers that exits non-zero before it served stops the others and
+    raises CliError with its message (exit status 1, as `sluice serve` alone).
     """
     log = structlog.get_logger("sluice")
     reserved: socket.socket | None = None
@@ -103,6 +162,7 @@ def supervise(
     codes: list[int] = []
     stopping = False
     stop_signal: int | None = None
+    start_failure: str | None = None
 
     def start(slot: _Worker) -> None:
         # A reload request (SIGHUP) must not kill a worker that is starting: it is born
@@ -155,6 +215,19 @@ def supervise(
                         left=len(workers),
                     )
                     continue
+                failure = _start_failure(Path(config_dir), slot, code) if code else None
+                if failure is not None:
+                    log.error(
+                        "worker_failed_to_start",
+                        pid=pid,
+                        code=code,
+                        worker=slot.worker_id,
+                        error=failure,
+                    )
+                    start_failure = failure
+                    forward(signal.SIGTERM, None)
+                    codes.append(code)
+                    continue
                 delay = slot.backoff(time.monotonic())
                 log.error(
                     "worker_died",
@@ -188,5 +261,7 @@ def supervise(
             permits.close()
         if reserved is not None:
             reserved.close()
+    if start_failure is not None:
+        raise CliError(start_failure)  # the line one process prints; exit status 1
     failed = next((code for code in codes if code != 0), 0)
     return 128 - failed if failed < 0 else failed

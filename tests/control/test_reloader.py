@@ -303,3 +303,18 @@ def test_listeners_hear_of_a_version_before_it_serves(config_dir: Writer) -> Non
     (directory / "precise.yaml").write_text("kind: Preset\ngeneration: {temperature: [}\n")
     assert not reloader.reload_now().ok
     assert heard[-1][1] == "error"
+
+
+def test_a_gateway_added_by_reload_needs_a_restart_for_its_records(config_dir: Writer) -> None:
+    """Without a Gateway at start-up no records writer (nor /v1/feedback) was started: a
+    reload that adds one with records on says they wait for a restart."""
+    directory = config_dir({"precise.yaml": PRECISE}, base=False)
+    reloader = ConfigReloader(directory, lambda _: None)
+    assert reloader.current.gateway is None
+    (directory / "gateway.yaml").write_text(GATEWAY.replace(", policy: chat", ""))
+    result = reloader.reload_now()
+    assert result.result == "ok" and reloader.restart_required == ["records"]
+    assert result.warnings[-1].endswith("changed but applied only at a restart: records")
+    no_records = GATEWAY.replace(", policy: chat", "") + "records: {path: null}\n"
+    (directory / "gateway.yaml").write_text(no_records)
+    assert reloader.reload_now().result == "ok" and reloader.restart_required == []

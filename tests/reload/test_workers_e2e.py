@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from tests.fixtures import ProcessServer, sluice_cmd
 from tests.reload.fixtures import (
     ADMIN_TOKEN,
     DEADLINE_S,
+    GUARD,
     MODES,
     ConfigDir,
     Gateway,
@@ -410,3 +412,28 @@ def test_a_worker_restarted_after_a_refused_edit_refuses_it_too(
     assert new.admin_config()["restart_required"] == ["records"]
     assert survivor.admin_config()["restart_required"] == ["records"]
     new.close()
+
+
+@pytest.mark.slow
+def test_a_reload_that_adds_resume_without_a_store_warns_in_every_worker(
+    config: ConfigDir, start_gateway: StartGateway
+) -> None:
+    """Start-up warns when a Policy sets resume_window and no limits.store is set (a resume
+    reaches the generation's worker only by chance); an edit that adds one warns the same,
+    in each worker's reload."""
+    gateway = start_gateway(config, "--workers", str(WORKERS), watching=False)
+    gateway.wait_logged("config_watch_live", WORKERS)
+    assert gateway.log_events("resume_is_per_process") == []
+    version = config.save("guard.yaml", GUARD + "resume_window: 30s\n", write_in_place)
+    assert version is not None
+    deadline = time.monotonic() + DEADLINE_S
+    while len(applied := _reloads_to(gateway, version)) < WORKERS:
+        assert time.monotonic() < deadline, gateway.log_events("config_reloaded")
+        time.sleep(0.02)
+    for event in applied:
+        (caveat,) = [w for w in event["warnings"] if "resume_window" in w]
+        assert "policies guard" in caveat and "set limits.store" in caveat
+
+
+def _reloads_to(gateway: Gateway, version: str) -> list[dict[str, Any]]:
+    return [e for e in gateway.log_events("config_reloaded") if e["version"] == version]
