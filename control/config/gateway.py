@@ -241,7 +241,41 @@ class _Builder:
             parts.origin_secret_hash = self.secret(
                 ("edge", "origin_secret"), origin, "sluice will not require the origin secret"
             )
+        self.replica_sharing()
         return parts
+
+    def replica_sharing(self) -> None:
+        """Several replicas behind nginx and state that each keeps on its own host. Warnings,
+        not errors: a test setup may list several replicas on one host."""
+        nginx = self.gw.edge.nginx
+        if nginx is None or len(nginx.replicas) < 2:
+            return
+        path: Path = ("edge", "nginx", "replicas")
+        count = f"{len(nginx.replicas)} replicas"
+        gw = self.gw
+        if gw.limits.store is None:
+            self.warn(
+                path,
+                f"{count} and no limits.store: each replica admits every max_concurrency "
+                "on its own (documented as in flight across all replicas); set limits.store "
+                "to a Redis URL shared by the replicas",
+            )
+        isolation = gw.cache_isolation
+        if isolation.mode == "per_app" and gw.apps and isolation.secret is None:
+            self.warn(
+                path,
+                f"{count} and no cache_isolation.secret: each replica salts with the key it "
+                f"generates into {isolation.secret_file}, so an app's prompts cached through "
+                "one replica miss through another; set cache_isolation.secret (env:VAR, the "
+                "same on every replica)",
+            )
+        if gw.records.path is not None and gw.records.url is None:
+            self.warn(
+                path,
+                f"{count} and records in SQLite (records.path): each replica writes its own "
+                "file, so `sluice ab report` covers one replica and /v1/feedback finds only "
+                "its requests; set records.url to a PostgreSQL URL (or records.path: null)",
+            )
 
     def app_fields(self, parts: GatewayParts) -> None:
         """Each app that sets request_fields: its rules over every route's."""

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import os
-import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -71,7 +70,8 @@ class ConsoleServices:
     history: ConfigHistory
     live: LiveSeries
     status: Callable[[], dict[str, Any]]  # /admin/status's body
-    records_db: str | None = None  # the SQLite records file, None when records are off
+    # records_location(): the SQLite file or the PostgreSQL URL; None when records are off
+    records_db: str | None = None
 
 
 def _static(name: str) -> bytes:
@@ -310,11 +310,14 @@ def _playground_request(
 
 def _ab_reports(services: ConsoleServices) -> dict[str, Any]:
     """Every configured experiment's report, as `sluice ab report --json` computes it."""
-    from sluice.control.ab.records import read_experiment  # noqa: PLC0415 - off the import path
+    from sluice.control.ab.database import DB_ERRORS, redact  # noqa: PLC0415 - off the import path
+    from sluice.control.ab.records import read_experiment  # noqa: PLC0415
     from sluice.control.ab.report import build_report, render_json  # noqa: PLC0415
 
     snap = services.ref.current
     db = services.records_db
+    shown = None if db is None else redact(db)  # a PostgreSQL URL's password never leaves
+    unreadable: tuple[type[Exception], ...] = (FileNotFoundError, *DB_ERRORS)
     out: list[dict[str, Any]] = []
     for name, experiment in snap.experiments.items():
         if db is None:
@@ -322,9 +325,9 @@ def _ab_reports(services: ConsoleServices) -> dict[str, Any]:
             continue
         try:
             records = read_experiment(db, name, None)
-        except (FileNotFoundError, sqlite3.DatabaseError) as exc:
+        except unreadable as exc:
             out.append({"experiment": name, "error": f"cannot read the records: {exc}"})
             continue
-        report = build_report(name, records, config=experiment, db=db)
+        report = build_report(name, records, config=experiment, db=shown or "")
         out.append(json.loads(render_json(report)))
-    return {"db": db, "experiments": out}
+    return {"db": shown, "experiments": out}

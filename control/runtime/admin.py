@@ -156,8 +156,9 @@ def status_body(
     started: float,
     worker: str | None,
 ) -> dict[str, Any]:
-    """GET /admin/status. Everything but `apps` is this worker's own state; `apps` sums
-    every worker's when metrics run in multiprocess mode (--workers N)."""
+    """GET /admin/status. Everything is this worker's own state but the apps' requests,
+    statuses and tokens, which sum every worker's when metrics run in multiprocess mode
+    (--workers N); the apps' in_flight and queued are this worker's (its limiters)."""
     snap = ref.current
     now = time.monotonic()
     backends = []

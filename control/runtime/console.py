@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sluice.control.ab.database import records_location
 from sluice.control.config.build import BuiltConfig, config_version
 from sluice.control.config.issues import ConfigInvalid
 from sluice.control.config.loader import ConfigFiles, read_config_files
@@ -34,7 +35,8 @@ def attach_console(
     status: Callable[[], dict[str, Any]],
 ) -> ConsoleServices:
     """Routes /console on `app`, feeds the live series from its completion hook and the
-    history from the reloader. Call before serving."""
+    history from the reloader. Call before serving. Raises CliError when `records.url`
+    names an unset variable (as the records writer would)."""
     history = ConfigHistory()
     startup: ConfigFiles | None = None
     if config_dir is not None:
@@ -56,6 +58,7 @@ def attach_console(
 
     if reloader is not None:
         reloader.listeners.append(on_reload)
+    # Where the records writer writes (plugins.attach_records), read at start-up like it.
     records = built.gateway.records if built.gateway is not None else None
     services = ConsoleServices(
         ref=app.ref,
@@ -64,7 +67,7 @@ def attach_console(
         history=history,
         live=live,
         status=status,
-        records_db=None if records is None or records.path is None else str(records.path),
+        records_db=None if records is None else records_location(records),
     )
     app.extra_routes.update(console_routes(services))
     return services

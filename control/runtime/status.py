@@ -102,8 +102,8 @@ def format_status(url: str, s: dict[str, Any]) -> str:
     )
     if s.get("worker") is not None:
         lines.append(
-            "\n(one worker's view, except the apps' totals, which cover every worker; "
-            "run it again to reach another worker)"
+            "\n(one worker's view: in flight and queued are this worker's own; the apps' "
+            "requests and tokens cover every worker; run it again to reach another worker)"
         )
     return "\n".join(lines)
 

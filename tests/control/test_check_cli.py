@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sluice.control.cli import main
 
-from tests.control.fixtures import EXAMPLES, REPO, Writer
+from tests.control.fixtures import EXAMPLES, GATEWAY, REPO, Writer
 
 
 def sluice(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -93,3 +93,40 @@ def test_config_show_invalid(config_dir: Writer, capsys: pytest.CaptureFixture[s
     config_dir({"x.yaml": ""})
     assert main(["config", "show", "--config", "presets"]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "FAILED presets: 1 error"
+
+
+REPLICAS = """\
+edge:
+  nginx:
+    server_name: api.example.com
+    replicas: ["10.0.0.1:8000", "10.0.0.2:8000"]
+"""
+SHARED = """\
+limits: {store: "redis://127.0.0.1:6379/0"}
+cache_isolation: {secret: env:SLUICE_SALT}
+records: {url: env:SLUICE_RECORDS_URL}
+"""
+
+
+def test_check_warns_when_replicas_share_nothing(config_dir: Writer) -> None:
+    """Two replicas behind nginx, each with its own limits, cache-salt key and SQLite
+    records: warnings at the replicas list (not errors: one host may list several
+    replicas in a test), none once the three are shared."""
+    directory = config_dir({"gateway.yaml": GATEWAY + REPLICAS})
+    result = sluice("check", "presets", cwd=directory.parent)
+    assert result.returncode == 0, result.stdout
+    at = "presets/gateway.yaml:11:15: edge.nginx.replicas: warning: 2 replicas"
+    replica_lines = [line for line in result.stdout.splitlines() if line.startswith(at)]
+    assert len(replica_lines) == 3, result.stdout
+    store, salt, records = replica_lines
+    assert "no limits.store" in store and "set limits.store" in store
+    assert "no cache_isolation.secret" in salt and "set cache_isolation.secret" in salt
+    assert "records.path" in records and "set records.url" in records
+
+    config_dir({"gateway.yaml": GATEWAY + REPLICAS + SHARED})
+    shared = sluice("check", "presets", cwd=directory.parent)
+    assert shared.returncode == 0, shared.stdout
+    assert "edge.nginx.replicas" not in shared.stdout
+    one = REPLICAS.replace(', "10.0.0.2:8000"', "")
+    config_dir({"gateway.yaml": GATEWAY + one})
+    assert "edge.nginx.replicas" not in sluice("check", "presets", cwd=directory.parent).stdout

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 
 from tests.fixtures import key_line, sluice_cmd
-from tests.scale.fixtures import wait_until
+from tests.scale.fixtures import ADMIN_TOKEN, wait_until
 
 KEY = "sk-scale-records-2f9c41d7e8"
 GATEWAY = """\
@@ -150,3 +150,41 @@ def test_records_and_feedback_resume_after_postgres_restarts(
         timeout=10,
     )
     assert rated.status_code == 200, rated.text
+
+
+CONSOLE_GATEWAY = GATEWAY.replace(
+    "kind: Gateway\n", "kind: Gateway\nadmin: {{token: env:SLUICE_ADMIN_TOKEN}}\n"
+)
+
+
+def test_the_consoles_ab_view_reads_the_records_in_postgres(
+    start, slow_sim, postgres, tmp_path: Path
+) -> None:
+    """The console reads where the writer writes (`records.url`), as `sluice ab report`
+    does, not the SQLite `records.path` left at its default; the URL's password is never
+    shown."""
+    config = tmp_path / "cfg"
+    config.mkdir()
+    gateway = CONSOLE_GATEWAY.format(sim_url=slow_sim.url, key=key_line(KEY))
+    (config / "gateway.yaml").write_text(gateway.replace("name: tone", "name: tone-console"))
+    (config / "warm.yaml").write_text("kind: Preset\ngeneration: {temperature: 0.7}\n")
+    (config / "cold.yaml").write_text("kind: Preset\ngeneration: {temperature: 0.1}\n")
+    with_password = postgres.url.replace("sluice@", "sluice:hunter2@")
+    replica = start(config, env={"SLUICE_TEST_PG": with_password})
+    served = {_chat(replica, f"console-{i}") for i in range(4)}
+
+    def recorded() -> bool:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            rows = conn.execute("SELECT request_id FROM records").fetchall()
+        return served <= {row[0] for row in rows}
+
+    wait_until("the records in PostgreSQL", recorded)
+    with httpx.Client(base_url=replica.url, timeout=10) as client:
+        login = client.post("/console/login", data={"token": ADMIN_TOKEN})
+        assert login.status_code == 303, login.text
+        reply = client.get("/console/api/ab")
+    assert reply.status_code == 200, reply.text
+    assert "hunter2" not in reply.text and reply.json()["db"] == postgres.url
+    (report,) = reply.json()["experiments"]
+    assert report["experiment"] == "tone-console" and "error" not in report, report
+    assert sum(v["n"] for v in report["variants"]) == len(served)
