@@ -20,8 +20,9 @@ from typing import Any, Final
 from .errors import ApiError, bad_request
 from .snapshot import FieldRules
 
-# vLLM's value for a field the request leaves out (ChatCompletionRequest defaults).
-VLLM_FIELD_DEFAULTS: Final[dict[str, Any]] = {"priority": 0}
+# vLLM's value for a field the request leaves out (ChatCompletionRequest's and
+# ResponsesRequest's defaults).
+VLLM_FIELD_DEFAULTS: Final[dict[str, Any]] = {"priority": 0, "background": False}
 CACHE_SALT: Final = "cache_salt"
 
 

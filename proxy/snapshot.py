@@ -106,8 +106,16 @@ NO_POLICY: Final = StreamPolicy(name="")
 # Fields of a vLLM request that a client must not set unless a route or app allows them:
 # `priority` jumps the backend's queue (with --scheduling-policy priority), `chat_template`
 # is a template the backend executes, `kv_transfer_params` steers disaggregated prefill's KV
-# transfers, `vllm_xargs` reaches custom logits processors and plugins.
-DEFAULT_DENIED_FIELDS: Final = ("priority", "chat_template", "kv_transfer_params", "vllm_xargs")
+# transfers, `vllm_xargs` reaches custom logits processors and plugins, `background` (the
+# Responses API, with vLLM's response store on) goes on generating after the request has
+# ended: past the app's limits, the deadlines and a disconnect's abort.
+DEFAULT_DENIED_FIELDS: Final = (
+    "priority",
+    "chat_template",
+    "kv_transfer_params",
+    "vllm_xargs",
+    "background",
+)
 DEFAULT_DENIER: Final = "sluice's default request-field policy (allow it with request_fields)"
 DEFAULT_DENIED: Final[Mapping[str, str]] = MappingProxyType(
     dict.fromkeys(DEFAULT_DENIED_FIELDS, DEFAULT_DENIER)

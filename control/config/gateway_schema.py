@@ -101,7 +101,8 @@ RequestFields = dict[str, FieldRule]
 REQUEST_FIELDS_DESCRIPTION = (
     "Per top-level request field: allow, deny (400 unless the value is vLLM's default) or "
     "{force: value}. Layered: Gateway, then route, then app (the more specific wins); "
-    "priority, chat_template, kv_transfer_params and vllm_xargs are denied unless allowed."
+    "priority, chat_template, kv_transfer_params, vllm_xargs and background are denied "
+    "unless allowed."
 )
 
 

@@ -79,6 +79,7 @@ apps:
         "chat_template": DEFAULT_DENIER,
         "kv_transfer_params": DEFAULT_DENIER,
         "vllm_xargs": DEFAULT_DENIER,
+        "background": DEFAULT_DENIER,
         "logit_bias": "the Gateway's request_fields",
     }
     assert dict(bare.forced) == {"user": "anonymous"}

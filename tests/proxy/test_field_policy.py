@@ -209,3 +209,26 @@ def test_a_percent_encoded_path_is_the_endpoint_vllm_decodes_it_to(
     for target in ("/v1/chat%252Fcompletions", "/v1/chat/completions%3F", "/v1/chat%20x"):
         status, answer = _raw_post(harness, target, body)
         assert (status, answer["error"]["code"]) == (400, "invalid_path"), target
+
+
+def test_a_background_response_is_denied_by_default(make: Any, sim_client: SimClient) -> None:
+    """`background: true` (the Responses API, with vLLM's response store on) is answered
+    at once while vLLM goes on generating: past the app's limits, the deadlines and a
+    disconnect's abort. Denied unless allowed; `false`, vLLM's default, is dropped."""
+    harness = make()
+
+    def respond(**fields: Any) -> httpx.Response:
+        return httpx.post(
+            harness.url + "/v1/responses",
+            json={"model": "chat", "input": "Hi", "max_output_tokens": 2, **fields},
+            headers={"authorization": "Bearer sk-alpha"},
+            timeout=10,
+        )
+
+    refused = respond(background=True, store=True)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "field_denied"
+    assert refused.json()["error"]["param"] == "background"
+    assert sim_client.requests() == []
+    assert respond(background=False).status_code == 200
+    assert "background" not in _received(sim_client)
