@@ -20,7 +20,7 @@ from .backends import BackendPools, Replica
 from .chunks import ChunkFilter
 from .clock import monotonic
 from .deadlines import Deadlines
-from .endpoints import GENERATING, LOCAL_PATHS, forwarded_path
+from .endpoints import GENERATING, LOCAL_PATHS, OPERATOR_PATHS, forwarded_path
 from .errors import (
     ApiError,
     method_not_allowed,
@@ -169,6 +169,13 @@ class ProxyApp:
                 handler = self.extra_routes.get(path)
                 if handler is not None:
                     await handler(request, response)
+                elif path in OPERATOR_PATHS:
+                    raise ApiError(
+                        403,
+                        f"{path} is one of vLLM's operator routes: sluice does not forward "
+                        "it; call the backend directly",
+                        code="operator_route",
+                    )
                 elif forwarded_path(path, self.ref.current):
                     await self.completions(request, response, self.forwarder.adapter)
                 else:

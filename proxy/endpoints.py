@@ -86,6 +86,31 @@ RUNS_NO_MODEL: Final = frozenset(
 UNGUARDED_PREFIXES: Final = ("/v1/responses/",)
 
 
+# vLLM's operator routes (elastic scaling, sleep, cache resets, profiling, LoRA loading,
+# weight updates, RPC to its workers): never forwarded, not even in pass-through, where an
+# API key (or, without apps, anybody) could otherwise put the GPU to sleep. Ops call the
+# backend directly.
+OPERATOR_PATHS: Final = frozenset(
+    (
+        "/scale_elastic_ep",
+        "/sleep",
+        "/wake_up",
+        "/reset_prefix_cache",
+        "/reset_mm_cache",
+        "/reset_encoder_cache",
+        "/collective_rpc",
+        "/start_profile",
+        "/stop_profile",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/pause",
+        "/resume",
+        "/update_weights",
+        "/init_weight_transfer_engine",
+    )
+)
+
+
 def forwarded_path(path: str, snap: Snapshot) -> bool:
     if path in FORWARDED or path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES):
         return True

@@ -241,6 +241,21 @@ def test_passthrough_forwards_unknown_paths_unless_closed(sim: ProcessServer) ->
         harness.close()
 
 
+def test_passthrough_never_forwards_vllms_operator_routes(sim: ProcessServer) -> None:
+    """Pass-through relays the paths sluice does not know, but not vLLM's operator routes
+    (sleep, elastic scaling, LoRA loading, ...): a client must not put the GPU to sleep."""
+    harness = ProxyHarness(passthrough_snapshot(sim.url))
+    try:
+        for path in ("/sleep", "/scale_elastic_ep", "/v1/load_lora_adapter", "/collective_rpc"):
+            resp = httpx.post(harness.url + path, json={}, timeout=10)
+            assert resp.status_code == 403, (path, resp.text)  # forwarded: the sim's 404
+            assert resp.json()["error"]["code"] == "operator_route"
+        assert harness.open_upstream_connections() == 0  # the backend was never asked
+        assert httpx.get(harness.url + "/sim/stats", timeout=10).status_code == 200
+    finally:
+        harness.close()
+
+
 @pytest.mark.parametrize(
     ("mode", "path", "body", "status", "code"),
     [
