@@ -157,6 +157,12 @@ class ForwardAdapter(Adapter):
         elif _is_form(content_type):
             match = _FORM_MODEL.search(request.body, 0, _SNIFF_BYTES)
             if match is not None:
+                if _FORM_MODEL.search(request.body, match.end(), _SNIFF_BYTES) is not None:
+                    # vLLM's form parser keeps the last: sluice would route by another.
+                    raise bad_request(
+                        "the form has more than one 'model' field", param="model",
+                        code="duplicate_model",
+                    )  # fmt: skip
                 adapter.form_model = match.span(1)
                 body = {"model": match[1].decode("utf-8", "replace")}
             # A streamed transcription is relayed as a stream, with its deadlines.

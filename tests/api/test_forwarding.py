@@ -124,6 +124,25 @@ def test_multipart_audio_is_forwarded_with_the_upstream_model(routed: ProxyHarne
     assert resp.json()["text"].endswith("for sim-model")
 
 
+def test_a_form_with_two_model_fields_is_refused(routed: ProxyHarness) -> None:
+    """vLLM's form parser keeps a field's last value; sluice routes by the first `model`:
+    with two, the app's route rules would judge one model and vLLM serve the other."""
+    part = 'Content-Disposition: form-data; name="model"\r\n\r\n{}\r\n'
+    form = (
+        "--b\r\n" + part.format("chat") + "--b\r\n" + part.format("other")
+        + '--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + "RIFF\r\n--b--\r\n"
+    )  # fmt: skip
+    resp = httpx.post(
+        routed.url + "/v1/audio/transcriptions",
+        content=form.encode(),
+        headers={**AUTH, "content-type": "multipart/form-data; boundary=b"},
+        timeout=10,
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "duplicate_model"
+
+
 @pytest.mark.parametrize(
     "part",
     [
