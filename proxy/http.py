@@ -46,6 +46,10 @@ LINGER_MAX_BYTES: Final = 1024 * 1024
 # Open client connections per process; beyond it a new one gets 503 and is closed.
 DEFAULT_MAX_CONNECTIONS: Final = 4096
 REQUEST_TASK: Final = "sluice-request"
+# Complete requests one connection may queue behind the one that runs (pipelining) before
+# its reading pauses. Reading goes on below that so a client that leaves is seen, and its
+# running request ends (a paused socket reports no close).
+MAX_PIPELINED: Final = 8
 
 Handler = Callable[[Request, "Response"], Awaitable[None]]
 
@@ -240,12 +244,15 @@ class HttpConnection(asyncio.Protocol):
     def _advance(self) -> None:
         """Starts the next complete request when none runs; once none is left, answers a
         pending refusal. Requests complete while another runs wait (pipelining), and
-        reading pauses so a client cannot queue unbounded work on one connection."""
+        reading pauses at MAX_PIPELINED so a client cannot queue unbounded work on one
+        connection."""
         if self._task is not None or self.closing:
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self._pause_reading()
             return
         if self.pipeline:
             self._start(self.pipeline.popleft())
-            if self.pipeline:
+            if len(self.pipeline) >= MAX_PIPELINED:
                 self._pause_reading()
             return
         if self._refusal is not None:

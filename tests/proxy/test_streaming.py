@@ -219,6 +219,29 @@ def test_keep_alive_and_pipelining_on_the_client_side(proxy: ProxyHarness) -> No
     assert data.count(b'"object":"chat.completion"') == 2
 
 
+def test_a_pipelining_client_that_leaves_aborts_its_running_request(
+    proxy: ProxyHarness, sim_client: SimClient
+) -> None:
+    """A whole (non-stream) answer writes nothing until it is done, so only the socket's
+    close tells that its client left. With a second request queued behind it, reading
+    used to pause, the close went unseen and the generation ran to its end."""
+    body = json.dumps({**CHAT, "max_tokens": 400, "sim": {"itl_ms": 20}}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(request + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sim_client.wait_for(lambda stats: stats["active"] == 1, timeout=3.0)
+    # The generation would take 8 s; the close is seen at once.
+    elapsed = sim_client.wait_for(lambda stats: stats["aborted"] == 1, timeout=3.0)
+    assert elapsed < 2.0
+    deadline = time.monotonic() + 2.0
+    while proxy.permits_in_use() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.permits_in_use() == 0 and proxy.busy_upstream_connections() == 0
+
+
 def test_a_client_that_stops_reading_pauses_the_backend(
     proxy: ProxyHarness, sim_client: SimClient
 ) -> None:
