@@ -6,7 +6,7 @@ pooling or speech-to-text model adds (`vllm/entrypoints/pooling/`, `.../speech_t
   responses, messages, TGI);
 * local: answered by sluice itself (`/health`, `/ping`, `/version`, `GET /`);
 * forwarded: relayed to the route's backend with the same authentication, route rules,
-  limits, deadlines, metrics and access log (tokenize, embeddings, audio, ...);
+  limits, deadlines, metrics and access log (tokenize, embeddings, pooling, score, ...);
 * generating without an adapter (`/invocations`, `/inference/v1/generate`,
   `/v1/chat/completions/batch`, speech to text, stored responses): forwarded only when the
   route has no preset and no guarding Policy, refused with a 400 naming them otherwise.
@@ -38,7 +38,9 @@ GENERATING: Final[dict[str, Adapter]] = {
 
 LOCAL_PATHS: Final = frozenset(("/health", "/ping", "/version"))
 
-FORWARDED: Final = frozenset(
+# Forwarded routes that only tokenize or render a template: no model runs, so no prefix
+# cache to isolate (vLLM would log the cache_salt it ignores).
+RUNS_NO_MODEL: Final = frozenset(
     (
         "/tokenize",
         "/detokenize",
@@ -47,6 +49,11 @@ FORWARDED: Final = frozenset(
         "/v1/completions/render",
         "/v1/chat/completions/derender",
         "/v1/completions/derender",
+    )
+)
+
+FORWARDED: Final = RUNS_NO_MODEL | frozenset(
+    (
         "/v1/embeddings",
         "/pooling",
         "/classify",
@@ -67,20 +74,6 @@ UNGUARDED_GENERATING: Final = frozenset(
         "/v1/chat/completions/batch",
         "/v1/audio/transcriptions",
         "/v1/audio/translations",
-    )
-)
-
-# Forwarded routes that only tokenize or render a template: no model runs, so no prefix
-# cache to isolate (vLLM would log the cache_salt it ignores).
-RUNS_NO_MODEL: Final = frozenset(
-    (
-        "/tokenize",
-        "/detokenize",
-        "/v1/messages/count_tokens",
-        "/v1/chat/completions/render",
-        "/v1/completions/render",
-        "/v1/chat/completions/derender",
-        "/v1/completions/derender",
     )
 )
 UNGUARDED_PREFIXES: Final = ("/v1/responses/",)

@@ -1,12 +1,15 @@
 """The routes sluice relays without reading their text (tokenize, embeddings, pooling,
-audio, ...) and the ones it answers itself (`/health`, `/ping`, `/version`,
+speech to text, ...) and the ones it answers itself (`/health`, `/ping`, `/version`,
 `GET /v1/models/{id}`).
 
 A forwarded request runs the generating endpoints' pipeline (`ProxyApp.completions`):
-authentication, the app's route rules, limits, deadlines, metrics and the access log. Its
-body goes upstream as the client sent it (only `model` is rewritten to the route's
-upstream model), any content type, multipart included; the route is the one the body's
-`model` names (a JSON body, or a multipart form's `model` field), else the app's only route.
+authentication, the app's route rules, limits, deadlines, metrics and the access log. A
+body that vLLM reads as a JSON object also gets the request-field rules, the app's
+cache_salt where a model runs, and (where text is generated) the structured-output rules,
+and is re-encoded when they change it; any other body (a multipart form, ...) goes upstream
+as the client sent it, but for its `model`, rewritten to the route's upstream model. The
+route is the one the body's `model` names (a JSON body, or a form's `model` field), else
+the app's only route.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from .adapters import Adapter, check_output_rules
 from .auth import authenticate
 from .backends import BackendPools, Replica
 from .chunks import ChunkFilter
-from .endpoints import FORWARDED, GENERATING, LOCAL_PATHS, forwarded_path, runs_model
+from .endpoints import (
+    FORWARDED,
+    GENERATING,
+    LOCAL_PATHS,
+    UNGUARDED_GENERATING,
+    forwarded_path,
+    runs_model,
+)
 from .errors import ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
 from .http import Request, Response
@@ -185,7 +195,9 @@ class ForwardAdapter(Adapter):
                 "to; use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages",
                 code="policy_not_enforceable",
             )
-        if self.reads_fields:
+        if self.reads_fields and self.name in UNGUARDED_GENERATING:
+            # Only where text is generated: tokenize or embeddings under `require` are no
+            # requests for free text.
             check_output_rules(body, policy, app)
         return body, False
 

@@ -254,6 +254,8 @@ class HttpConnection(asyncio.Protocol):
             self._start(self.pipeline.popleft())
             if len(self.pipeline) >= MAX_PIPELINED:
                 self._pause_reading()
+            elif self._refusal is None and not self._claimed:
+                self._resume_reading()  # below the bound again: a close is seen
             return
         if self._refusal is not None:
             self._answer_refusal()

@@ -139,9 +139,10 @@ def _off_is_false(value: Any) -> Any:
 class CacheIsolationSection(Section):
     mode: Annotated[Literal["per_app", "off"], BeforeValidator(_off_is_false)] = Field(
         default="per_app",
-        description="per_app: with apps declared, every request carries vLLM's cache_salt "
-        "derived from its app (HMAC-SHA256 of the app name, and of the client's own "
-        "cache_salt if it sent one), so one app cannot probe another's cached prompts by "
+        description="per_app: with apps declared, every JSON request that runs a model "
+        "(not tokenize or render) carries vLLM's cache_salt derived from its app "
+        "(HMAC-SHA256 of the app name, and of the client's own cache_salt if it sent one), "
+        "so one app cannot probe another's cached prompts by "
         "timing; off: requests go upstream as sent.",
     )
     secret: EnvSecret | None = Field(

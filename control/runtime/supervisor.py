@@ -74,7 +74,10 @@ def report_serving() -> None:
     crash, and it is started again."""
     state = state_dir()
     if state is not None and os.environ.get(WORKER_ENV) is not None:
-        (state / SERVING_FILE.format(pid=os.getpid())).touch()
+        try:
+            (state / SERVING_FILE.format(pid=os.getpid())).touch()
+        except OSError as exc:  # the worker serves anyway; a start failure is then a crash
+            structlog.get_logger("sluice").warning("serving_not_reported", error=str(exc))
 
 
 def report_start_failure(message: str) -> bool:

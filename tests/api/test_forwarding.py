@@ -295,6 +295,9 @@ def test_passthrough_never_forwards_vllms_operator_routes(sim: ProcessServer) ->
         ("small", "/inference/v1/generate",
          {"token_ids": [1, 2], "structured_outputs": {"json": SCHEMA}}, 400, "structured_output_too_large"),
         ("require", "/v1/chat/completions/batch", {"messages": MSG}, 400, "structured_output_required"),
+        # No text is generated there: `require` asks nothing of them.
+        ("require", "/tokenize", {"prompt": "hi"}, 200, None),
+        ("require", "/v1/embeddings", {"input": "a"}, 200, None),
     ],
 )  # fmt: skip
 def test_structured_output_rule(

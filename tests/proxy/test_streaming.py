@@ -230,8 +230,18 @@ def test_a_pipelining_client_that_leaves_aborts_its_running_request(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
     )
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(request + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(request + health)
+        sim_client.wait_for(lambda stats: stats["active"] == 1, timeout=3.0)
+    # The generation would take 8 s; the close is seen at once.
+    elapsed = sim_client.wait_for(lambda stats: stats["aborted"] == 1, timeout=3.0)
+    assert elapsed < 2.0
+    # Queued past the bound (3 answered, then the slow one with 7 behind it): reading
+    # paused at 10 queued and goes on once the queue is below 8 again.
+    sim_client.reset()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(health * 3 + request + health * 7)
         sim_client.wait_for(lambda stats: stats["active"] == 1, timeout=3.0)
     # The generation would take 8 s; the close is seen at once.
     elapsed = sim_client.wait_for(lambda stats: stats["aborted"] == 1, timeout=3.0)
