@@ -15,7 +15,6 @@ the app's only route.
 from __future__ import annotations
 
 import asyncio
-import re
 from importlib import metadata
 from typing import Any, Final, Protocol
 
@@ -35,6 +34,7 @@ from .endpoints import (
 )
 from .errors import ApiError, bad_gateway, bad_request, not_found
 from .exchange import Exchange
+from .formparts import FormScan, form_boundary
 from .http import Request, Response
 from .jsonbody import check_nesting
 from .modellist import answer_limit, backend_get, fetch_model_list
@@ -67,8 +67,6 @@ MAX_VERSION_BODY: Final = 4096
 # The part named `model`: its header lines (a few at most), a blank line, its value. The
 # header lines are bounded: unbounded, a body of repeated `name="model"` lines made each
 # occurrence scan to the end and fail, quadratic (~1 s of event loop per 64 KB upload).
-_FORM_MODEL: Final = re.compile(rb'name="model"\r\n(?:[^\r\n]+\r\n){0,8}\r\n([^\r\n]*)\r\n')
-_FORM_STREAM: Final = re.compile(rb'name="stream"\r\n(?:[^\r\n]+\r\n){0,8}\r\n([^\r\n]*)\r\n')
 # What pydantic reads as true in a form field (vLLM's TranscriptionRequest.stream).
 FORM_TRUE: Final = frozenset((b"1", b"true", b"t", b"yes", b"y", b"on"))
 _SNIFF_BYTES: Final = 64 * 1024
@@ -84,6 +82,31 @@ def _read_as_json(content_type: bytes) -> bool:
     return media == b"application/json" or (
         media.startswith(b"application/") and media.endswith(b"+json")
     )
+
+
+class FormTail:
+    """Watches a streamed form past the bytes read before its route was chosen: a `model`
+    or `stream` field there is one vLLM would read and sluice did not."""
+
+    __slots__ = ("_had_model", "_scan")
+
+    def __init__(self, scan: FormScan, had_model: bool) -> None:
+        self._scan = scan
+        self._had_model = had_model
+
+    def check(self, data: bytes) -> None:
+        for field in self._scan.feed(data):
+            if field.name == b"model" and self._had_model:
+                raise _misplaced("the form has more than one 'model' field", "duplicate_model")
+            raise _misplaced(
+                f"the form's '{field.name.decode()}' field comes after the first "
+                f"{_SNIFF_BYTES // 1024} KiB: send it before the file",
+                "form_field_too_late",
+            )
+
+
+def _misplaced(message: str, code: str) -> ApiError:
+    return bad_request(message, param="file", code=code)
 
 
 def _is_form(content_type: bytes) -> bool:
@@ -133,6 +156,29 @@ class ForwardAdapter(Adapter):
             self.upstream_path = path.encode("latin-1")
             self.content_type = request.headers.get(b"content-type", b"")
 
+    def read_form(self, scan: FormScan, prefix: bytes, body: dict[str, Any]) -> None:
+        """The form's `model` (its route) and `stream` from the bytes read before the route
+        is chosen; a streamed rest is watched for either (vLLM would read one sluice did
+        not judge: the request is refused, its upload cut)."""
+        fields = scan.feed(prefix)
+        models = [f for f in fields if f.name == b"model"]
+        if len(models) > 1:
+            raise _misplaced("the form has more than one 'model' field", "duplicate_model")
+        if models:
+            model = models[0]
+            if model.end < 0:
+                raise _misplaced("the form's 'model' field is too long", "invalid_model")
+            self.form_model = (model.start, model.end)
+            body["model"] = prefix[model.start : model.end].decode("utf-8", "replace")
+        streams = [f for f in fields if f.name == b"stream"]
+        if streams:  # vLLM keeps a field's last value
+            flag = streams[-1]
+            value = prefix[flag.start : flag.end] if flag.end >= 0 else b""
+            if value.strip().lower() in FORM_TRUE:
+                body["stream"] = True
+        if self.body_stream is not None:
+            self.body_stream.inspect = FormTail(scan, bool(models)).check
+
     async def begin_forward(self, request: Request) -> tuple[Adapter, dict[str, Any]]:
         adapter = ForwardAdapter(request)
         content_type = adapter.content_type
@@ -165,20 +211,9 @@ class ForwardAdapter(Adapter):
             else:
                 body = {}
         elif _is_form(content_type):
-            match = _FORM_MODEL.search(request.body, 0, _SNIFF_BYTES)
-            if match is not None:
-                if _FORM_MODEL.search(request.body, match.end(), _SNIFF_BYTES) is not None:
-                    # vLLM's form parser keeps the last: sluice would route by another.
-                    raise bad_request(
-                        "the form has more than one 'model' field", param="model",
-                        code="duplicate_model",
-                    )  # fmt: skip
-                adapter.form_model = match.span(1)
-                body = {"model": match[1].decode("utf-8", "replace")}
-            # A streamed transcription is relayed as a stream, with its deadlines.
-            flag = _FORM_STREAM.search(request.body, 0, _SNIFF_BYTES)
-            if flag is not None and flag[1].strip().lower() in FORM_TRUE:
-                body["stream"] = True
+            boundary = form_boundary(content_type)
+            if boundary is not None:  # without one, no form vLLM could read either
+                adapter.read_form(FormScan(boundary), request.body, body)
         return adapter, body
 
     def prepare(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from .upstream import UpstreamConnection, UpstreamError
@@ -50,6 +51,7 @@ class BodyStream:
         "_paused",
         "_waiter",
         "buffered",
+        "inspect",
         "limit",
         "received",
     )
@@ -64,6 +66,8 @@ class BodyStream:
         self._exc: BaseException | None = None
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # Sees each piece before it goes upstream; raising refuses the request.
+        self.inspect: Callable[[bytes], None] | None = None
 
     # -- fed by the connection -------------------------------------------------------
 
@@ -156,6 +160,8 @@ async def open_streamed_exchange(
             data = await body.read()
             if not data:
                 break
+            if body.inspect is not None:
+                body.inspect(data)
             await _write(conn, data, chunked=length is None)
         if length is None:
             await _write(conn, b"", chunked=True, last=True)
