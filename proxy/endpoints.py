@@ -11,8 +11,9 @@ pooling or speech-to-text model adds (`vllm/entrypoints/pooling/`, `.../speech_t
   `/v1/chat/completions/batch`, speech to text, stored responses): forwarded only when the
   route has no preset and no guarding Policy, refused with a 400 naming them otherwise.
 
-A forwarded JSON body gets the request-field rules and the structured-output rules as a
-generating one does, and the app's cache_salt where the endpoint runs the model.
+A forwarded JSON body gets the request-field rules as a generating one does, the app's
+cache_salt where the endpoint runs the model, and the structured-output rules where it
+generates text.
 
 In pass-through mode (`--backend URL`) any other path is forwarded too, unless the
 snapshot says `forward_unknown_paths: false`.
@@ -108,10 +109,6 @@ def forwarded_path(path: str, snap: Snapshot) -> bool:
     if path in FORWARDED or path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES):
         return True
     return not snap.routes and snap.fallback_route is not None and snap.forward_unknown_paths
-
-
-def generates_unguarded(path: str) -> bool:
-    return path in UNGUARDED_GENERATING or path.startswith(UNGUARDED_PREFIXES)
 
 
 def runs_model(path: str) -> bool:

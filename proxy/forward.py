@@ -64,9 +64,6 @@ try:
 except metadata.PackageNotFoundError:  # a source tree without an install
     SLUICE_VERSION = None
 MAX_VERSION_BODY: Final = 4096
-# The part named `model`: its header lines (a few at most), a blank line, its value. The
-# header lines are bounded: unbounded, a body of repeated `name="model"` lines made each
-# occurrence scan to the end and fail, quadratic (~1 s of event loop per 64 KB upload).
 # What pydantic reads as true in a form field (vLLM's TranscriptionRequest.stream).
 FORM_TRUE: Final = frozenset((b"1", b"true", b"t", b"yes", b"y", b"on"))
 _SNIFF_BYTES: Final = 64 * 1024
