@@ -62,6 +62,12 @@ def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="close keep-alive connections idle this long, like vLLM's server (5); default: 75",
     )
+    p.add_argument(
+        "--responses-store",
+        action="store_true",
+        help="keep /v1/responses answers for GET /v1/responses/{id} and previous_response_id, "
+        "as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1 (in memory, per replica)",
+    )
     p.set_defaults(target="sluice.control.runtime.simulator:run")
 
 

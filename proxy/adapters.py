@@ -75,6 +75,11 @@ class Adapter:
         on); an endpoint that translates its protocol does it here."""
         return self, body
 
+    def names_stored_response(self, body: dict[str, Any]) -> bool:
+        """The request reads a response vLLM stored (in one replica's memory): a replica
+        that answers 404 may not be the one holding it (BackendPools.open_exchange)."""
+        return False
+
     def prepare(
         self, body: dict[str, Any], choice: RouteChoice, app: App | None = None
     ) -> tuple[dict[str, Any], bool]:

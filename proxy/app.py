@@ -286,6 +286,8 @@ class ProxyApp:
             self.pools.router.share(route.backend, hint)
         n_choices = adapter.n_choices(body)
         extra_headers = base_headers  # with the choice's (never mutated past here)
+        # vLLM keeps a stored response in one replica's memory: the others answer 404.
+        seek_stored = len(route.backend.urls) > 1 and adapter.names_stored_response(body)
 
         app_limiter = None
         if app is not None and app.max_concurrency is not None:
@@ -316,6 +318,7 @@ class ProxyApp:
                     route.backend,
                     adapter,
                     hint,
+                    seek_stored,
                 )
             except (ApiError, LimitExceeded) as exc:
                 answer_refusal(resumable, ex, exc, base_headers, adapter)
@@ -335,6 +338,7 @@ class ProxyApp:
             route.backend,
             adapter,
             hint,
+            seek_stored,
         )
 
     def _request_fields(
@@ -374,6 +378,7 @@ class ProxyApp:
         backend: Backend,
         adapter: Adapter,
         hint: RoutingHint | None = None,
+        seek_stored: bool = False,
     ) -> None:
         """Permits (app, then backend), then the exchange with the backend."""
         keepalive = None
@@ -424,6 +429,7 @@ class ProxyApp:
                         keepalive,
                         hint,
                         backend_limiter.retry_after,
+                        seek_stored,
                     )
                 finally:
                     backend_permit.release()
@@ -450,6 +456,7 @@ class ProxyApp:
         keepalive: KeepAlive | None = None,
         hint: RoutingHint | None = None,
         retry_after: Callable[[], int] | None = None,
+        seek_stored: bool = False,
     ) -> None:
         path = adapter.upstream_path
         upstream_headers = [*adapter.upstream_headers(), (b"x-request-id", ex.request_id.encode())]
@@ -480,6 +487,7 @@ class ProxyApp:
                         payload,
                         hint,
                         watchdog if stream else None,  # a whole answer's head waits for it all
+                        seek_stored,
                     )
                 if keepalive is not None:
                     keepalive.may_start = False

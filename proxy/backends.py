@@ -140,6 +140,7 @@ class BackendPools:
         payload: bytes,
         hint: RoutingHint | None = None,
         watch: StreamWatchdog | None = None,
+        seek_stored: bool = False,
     ) -> tuple[UpstreamConnection, Replica]:
         """Sends a request to one of the backend's replicas and waits for the response
         head; a replica that cannot be reached before any response byte is recorded as
@@ -149,7 +150,10 @@ class BackendPools:
         count includes the exchange; its caller takes it off when the exchange ends. A
         hint still reading the replicas' load waits for it first (affinity.py). `watch`,
         a stream's watchdog, is told each replica the request goes to: one that holds a
-        stream without a head until it times out counts as failing (`hung_backend`)."""
+        stream without a head until it times out counts as failing (`hung_backend`).
+        `seek_stored`: the request reads a response vLLM stored in one replica's memory; a
+        404 from one replica is followed by the next (as nginx's `proxy_next_upstream
+        http_404`), and the last replica's answer is the client's."""
         if hint is not None and hint.reading is not None:
             await self.router.settle(backend, hint)
         tried: tuple[Replica, ...] = ()
@@ -173,6 +177,11 @@ class BackendPools:
                 replica.pool.outstanding -= 1
                 raise
             replica.record_success()
+            if seek_stored and conn.status == 404 and len(tried) + 1 < len(backend.urls):
+                conn.abort()  # not the replica that holds it
+                replica.pool.outstanding -= 1
+                tried = (*tried, replica)
+                continue
             return conn, replica
         assert last is not None
         raise bad_gateway(f"backend {backend.name}: {last}", code="upstream_" + last.kind)

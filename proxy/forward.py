@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from importlib import metadata
 from typing import Any, Final, Protocol
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -29,6 +30,7 @@ from .endpoints import (
     GENERATING,
     LOCAL_PATHS,
     UNGUARDED_GENERATING,
+    UNGUARDED_PREFIXES,
     forwarded_path,
     runs_model,
 )
@@ -211,7 +213,16 @@ class ForwardAdapter(Adapter):
             boundary = form_boundary(content_type)
             if boundary is not None:  # without one, no form vLLM could read either
                 adapter.read_form(FormScan(boundary), request.body, body)
+        if "model" not in body and request.query and adapter.names_stored_response(body):
+            # A stored response is read without a body: an app with several routes names
+            # its model in the query (vLLM ignores the parameter).
+            named = parse_qs(request.query).get("model")
+            if named:
+                body["model"] = named[-1]
         return adapter, body
+
+    def names_stored_response(self, body: dict[str, Any]) -> bool:
+        return self.name.startswith(UNGUARDED_PREFIXES)
 
     def prepare(
         self, body: dict[str, Any], choice: RouteChoice, app: App | None = None

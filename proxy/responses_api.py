@@ -290,6 +290,9 @@ class ResponsesAdapter(Adapter):
     def n_choices(self, body: dict[str, Any]) -> int:
         return 1
 
+    def names_stored_response(self, body: dict[str, Any]) -> bool:
+        return isinstance(body.get("previous_response_id"), str)
+
     def stream_error(
         self, message: str, type: str, code: str, chunk_filter: ChunkFilter | None = None
     ) -> bytes:

@@ -92,9 +92,12 @@ def choose_route(
     if route is None:
         allowed = _routes_for(snap, app)
         if not isinstance(model, str) or not model:
+            where = ""
+            if request.path.startswith("/v1/responses/"):  # a stored one: no body to name it
+                where = " (a stored response's: in the query, ?model=NAME)"
             raise ApiError(
                 400,
-                f"'model' is required; available models: {', '.join(allowed) or 'none'}",
+                f"'model' is required{where}; available models: {', '.join(allowed) or 'none'}",
                 param="model",
                 code="missing_model",
             )

@@ -12,7 +12,9 @@ Endpoints, as vLLM serves them: `POST /v1/chat/completions`, `POST /v1/completio
 `/tokenize`, `/detokenize` and `/v1/audio/transcriptions` (a form; `stream=true` answers
 vLLM's `transcription.chunk` events, a word each, at the server's TTFT and ITL).
 `--keepalive-timeout 5` closes keep-alive connections idle for 5 s as vLLM's server
-(uvicorn) does; the default keeps them 75 s. For tests:
+(uvicorn) does; the default keeps them 75 s. `--responses-store` keeps `/v1/responses`
+answers as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1 does (in this process):
+`GET /v1/responses/{id}`, `POST .../cancel` and `previous_response_id`. For tests:
 
 - `GET /sim/stats`: `{"requests", "active", "waiting", "completed", "aborted", "closed",
   "stalled", "failed", "errors", "tokens", "prompt_tokens", "finished": {reason: n},

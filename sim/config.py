@@ -38,6 +38,9 @@ class SimConfig:
     # Close a keep-alive connection idle this long, as vLLM's server (uvicorn) does after
     # 5 s; None: the HTTP server's own long default.
     keepalive_timeout_s: float | None = None
+    # vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1: `/v1/responses` keeps what it answers (in
+    # this process, as vLLM does) for `GET /v1/responses/{id}` and `previous_response_id`.
+    responses_store: bool = False
 
     def __post_init__(self) -> None:
         problems = []

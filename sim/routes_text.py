@@ -5,6 +5,12 @@ converts a chat stream (named events, then `data: [DONE]`); the Responses API as
 event types (named events, no `[DONE]`), keys in the order of the pydantic models. Tokens
 are paced with sleeps instead of the scheduler: these routes exist for client and policy
 tests, not for load.
+
+With `responses_store` (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1) a response asked with
+`store` (the default) is kept in this process, as vLLM keeps it in its server's memory:
+`GET /v1/responses/{id}` answers it, `POST /v1/responses/{id}/cancel` refuses it (it is not
+a background one) and `previous_response_id` may name it. An id this process does not
+hold is vLLM's 404, whichever replica made it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from sluice.proxy.http import Request, Response
 from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.sse import DONE_EVENT
 
-from .errors import api_error
+from .errors import api_error, field_error
 from .routes_api import (
     SSE_HEADERS,
     ApiRoutes,
@@ -30,9 +36,17 @@ from .routes_api import (
 )
 from .text import chat_prompt_text, count_chat_tokens
 
+STORED_PREFIX = "/v1/responses/"
+# vLLM never evicts (it warns of the leak); the simulator keeps the newest, for soak runs.
+STORE_LIMIT = 10_000
+
 
 class TextRoutes(ApiRoutes):
-    """ApiRoutes plus the two text-generating routes."""
+    """ApiRoutes plus the two text-generating routes and the stored responses."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.stored: dict[str, dict[str, Any]] = {}
 
     def table(self) -> dict[str, dict[str, Any]]:
         return {
@@ -40,6 +54,53 @@ class TextRoutes(ApiRoutes):
             "/v1/responses": {"POST": self.responses},
             "/v1/messages": {"POST": self.messages},
         }
+
+    def stored_routes(self, path: str) -> dict[str, Any] | None:
+        """`GET /v1/responses/{response_id}` and `POST .../{response_id}/cancel`, matched
+        as FastAPI matches them (the id is one path segment); None: no such route."""
+        rest = path[len(STORED_PREFIX) :] if path.startswith(STORED_PREFIX) else ""
+        handlers: dict[str, Any] = {"GET": self.retrieve}
+        if rest.endswith("/cancel"):
+            rest = rest[: -len("/cancel")]
+            handlers = {"POST": self.cancel}
+        return handlers if rest and "/" not in rest else None
+
+    # -- stored responses ----------------------------------------------------------------
+
+    def _stored(self, response_id: str) -> dict[str, Any]:
+        if not response_id.startswith("resp"):
+            raise api_error(
+                400,
+                f"Invalid 'response_id': '{response_id}'. Expected an ID that begins with 'resp'.",
+                "response_id",
+            )
+        found = self.stored.get(response_id)
+        if found is None:
+            raise api_error(404, f"Response with id '{response_id}' not found.", "response_id")
+        return found
+
+    def _keep(self, obj: dict[str, Any]) -> None:
+        self.stored[obj["id"]] = obj
+        if len(self.stored) > STORE_LIMIT:
+            del self.stored[next(iter(self.stored))]
+
+    async def retrieve(self, request: Request, response: Response) -> None:
+        await self._run(request, response, self._retrieve)
+
+    async def _retrieve(self, request: Request, response: Response) -> None:
+        self.app.stats.log_request(request, None, None)
+        found = self._stored(request.path[len(STORED_PREFIX) :])
+        response.send(200, JSON_HEADERS, orjson.dumps(found))
+
+    async def cancel(self, request: Request, response: Response) -> None:
+        await self._run(request, response, self._cancel)
+
+    async def _cancel(self, request: Request, response: Response) -> None:
+        self.app.stats.log_request(request, None, None)
+        found = self._stored(request.path[len(STORED_PREFIX) : -len("/cancel")])
+        if found["status"] not in ("queued", "in_progress"):  # no background mode here
+            raise api_error(400, "Cannot cancel a synchronous response.", "response_id")
+        response.send(200, JSON_HEADERS, orjson.dumps(found))
 
     # -- /v1/responses -----------------------------------------------------------------
 
@@ -49,6 +110,13 @@ class TextRoutes(ApiRoutes):
     async def _responses(self, request: Request, response: Response) -> None:
         body, sim = self._body(request)
         await self._faults(sim, "/v1/responses")
+        previous = body.get("previous_response_id")
+        if previous is not None:  # checked before anything runs, as vLLM does
+            if not isinstance(previous, str):
+                loc = ("body", "previous_response_id")
+                raise field_error("string_type", loc, "Input should be a valid string", previous)
+            self._stored(previous)
+        keep = self.app.config.responses_store and body.get("store", True) is not False
         raw_input = body.get("input")
         if isinstance(raw_input, str):
             messages: list[Any] = [{"role": "user", "content": raw_input}]
@@ -91,7 +159,7 @@ class TextRoutes(ApiRoutes):
                 "parallel_tool_calls": True, "temperature": body.get("temperature", 1.0),
                 "tool_choice": "auto", "tools": [], "top_p": body.get("top_p", 1.0),
                 "background": False, "max_output_tokens": max_tokens, "max_tool_calls": None,
-                "previous_response_id": None, "prompt": None, "reasoning": None,
+                "previous_response_id": previous, "prompt": None, "reasoning": None,
                 "service_tier": "auto",
                 "status": "incomplete" if incomplete else status,
                 "text": None, "top_logprobs": None, "truncation": "disabled", "usage": usage,
@@ -103,7 +171,10 @@ class TextRoutes(ApiRoutes):
             await asyncio.sleep(sim.ttft_s + sim.itl_s * max(0, len(plan.pieces) - 1))
             self.app.stats.tokens += len(plan.pieces)
             self._finish(plan)
-            response.send(200, JSON_HEADERS, orjson.dumps(response_obj("completed", text)))
+            answer = response_obj("completed", text)
+            if keep:
+                self._keep(answer)
+            response.send(200, JSON_HEADERS, orjson.dumps(answer))
             return
         response.start(200, SSE_HEADERS)
         sequence = iter(range(1 << 30))
@@ -150,6 +221,8 @@ class TextRoutes(ApiRoutes):
             obj["type"] = name
             response.write(sse_event(name, obj))
         final = response_obj("completed", text)
+        if keep:
+            self._keep(final)
         name = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         response.write(
             sse_event(name, {"response": final, "sequence_number": next(sequence), "type": name})

@@ -69,10 +69,11 @@ class SimApp:
             "/sim/reset": {"POST": self.sim_reset},
             "/sim/health": {"POST": self.sim_health},
         }
-        self.routes.update(TextRoutes(self).table())
+        self.text_routes = TextRoutes(self)
+        self.routes.update(self.text_routes.table())
 
     async def handle(self, request: Request, response: Response) -> None:
-        methods = self.routes.get(request.path)
+        methods = self.routes.get(request.path) or self.text_routes.stored_routes(request.path)
         try:
             if methods is None:
                 raise detail_error(404, "Not Found")

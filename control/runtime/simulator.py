@@ -31,6 +31,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
             prefix_cache_blocks=getattr(args, "prefix_cache", None) or 0,
             prefill_ms_per_block=getattr(args, "prefill_ms_per_block", None) or 0.0,
             keepalive_timeout_s=getattr(args, "keepalive_timeout", None),
+            responses_store=getattr(args, "responses_store", False),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
