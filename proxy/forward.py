@@ -147,7 +147,6 @@ class ForwardAdapter(Adapter):
         self.request = request
         self.name = request.path if request is not None else "forward"
         self.method = request.method.encode() if request is not None else b"POST"
-        self.json = False
         self.reads_fields = self.takes_cache_salt = False  # until a JSON object is read
         self.form_model: tuple[int, int] | None = None  # where a multipart `model` value is
         if request is not None:
@@ -205,7 +204,7 @@ class ForwardAdapter(Adapter):
                     f"request body is not valid JSON: {exc}", code="invalid_json"
                 ) from None
             if isinstance(body, dict):
-                adapter.json = adapter.reads_fields = True
+                adapter.reads_fields = True
                 adapter.takes_cache_salt = runs_model(request.path)
             else:
                 body = {}
@@ -254,7 +253,7 @@ class ForwardAdapter(Adapter):
     def payload(self, body: dict[str, Any], raw: bytes, modified: bool, route: Route) -> bytes:
         upstream = route.upstream_model
         renamed = upstream is not None and body.get("model") not in (None, upstream)
-        if self.json:
+        if self.reads_fields:  # the body is a JSON object
             if renamed:
                 body["model"] = upstream
             return orjson.dumps(body) if modified or renamed else raw
