@@ -85,11 +85,21 @@ compiler-deps:
 test: $(STAMP) edge-deps browser-deps scale-deps lint typecheck imports compiled
 	$(MAKE) --no-print-directory test-pure test-compiled
 
+# Each suite runs on TEST_JOBS pytest-xdist processes: most of a test's time is spent
+# waiting on the servers it started, so two processes on two cores take ~60% of the time
+# of one. The tests marked `serial` (load-timed: a burst whose spread must stay within a
+# queue's wait, TTFTs compared under load) run afterwards, alone. TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
+PYTEST_PURE := SLUICE_EXPECT_BUILD=pure $(VENV)/bin/pytest -q
+PYTEST_COMPILED := SLUICE_EXPECT_BUILD=compiled PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/pytest -q -p no:cacheprovider
+
 test-pure: $(STAMP)
-	SLUICE_EXPECT_BUILD=pure $(VENV)/bin/pytest -q
+	$(PYTEST_PURE) -n $(TEST_JOBS) -m "not serial"
+	$(PYTEST_PURE) -m serial
 
 test-compiled: compiled
-	SLUICE_EXPECT_BUILD=compiled PYTHONPATH=$(CURDIR)/$(COMPILED) $(VENV)/bin/pytest -q -p no:cacheprovider
+	$(PYTEST_COMPILED) -n $(TEST_JOBS) -m "not serial"
+	$(PYTEST_COMPILED) -m serial
 
 # The long reliability runs behind docs/RELIABILITY.md (~10 min on 2 cores): 10,000+
 # fuzz cases of each kind, the fault matrix, 50 reloads under 200 streams, 100,000 mixed

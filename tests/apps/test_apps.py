@@ -182,6 +182,7 @@ def test_presets_per_app(gateway: AppsProxy, sim: ProcessServer) -> None:
     ]
 
 
+@pytest.mark.serial  # load-timed: TTFTs compared while 8 streams saturate an app
 def test_one_app_saturating_its_limit_adds_no_queueing_to_another(gateway: AppsProxy) -> None:
     """batch may run 2 requests at once; 8 slow batch streams keep it saturated with a
     queue. support's requests meanwhile wait for no permit and keep their TTFT."""

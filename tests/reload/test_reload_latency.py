@@ -9,6 +9,9 @@ from sluice.control.bench.loadgen import percentile
 from bench.reload_latency import STYLES, measure
 from tests.reload.fixtures import ConfigDir, Gateway
 
+# Load-timed: run alone, after the parallel pass (Makefile).
+pytestmark = pytest.mark.serial
+
 SAMPLES = 5
 # The bound for "every new request uses it"; the design target is well under.
 BOUND_S = 1.0

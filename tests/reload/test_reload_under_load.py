@@ -38,6 +38,9 @@ from tests.reload.fixtures import (
     write_temp_and_mv,
 )
 
+# Load-timed: run alone, after the parallel pass (Makefile).
+pytestmark = pytest.mark.serial
+
 CONCURRENCY = 200
 EDITS = 50
 CONVERGE_S = 1.0  # the acceptance bound: last valid edit -> every new request uses it

@@ -32,7 +32,8 @@ from tests.scale.fixtures import (
     wait_until,
 )
 
-pytestmark = pytest.mark.edge
+# Edge binaries, and load-timed: run alone, after the parallel pass (Makefile).
+pytestmark = [pytest.mark.edge, pytest.mark.serial]
 
 REPLICAS = 3
 WORKERS = 2

@@ -13,6 +13,9 @@ import pytest
 
 from tests.scale.fixtures import burst, statuses, write_gateway
 
+# Load-timed: run alone, after the parallel pass (Makefile).
+pytestmark = pytest.mark.serial
+
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_limit_holds_across_workers(start, slow_sim, sim_stats, tmp_path: Path, workers) -> None:
