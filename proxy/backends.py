@@ -178,7 +178,10 @@ class BackendPools:
                 raise
             replica.record_success()
             if seek_stored and conn.status == 404 and len(tried) + 1 < len(backend.urls):
-                conn.abort()  # not the replica that holds it
+                # Not the replica that holds it. Its 404 comes whole with its head (vLLM's
+                # error JSON): the connection goes back to the pool, else it is closed.
+                conn.settle()
+                replica.pool.release(conn)
                 replica.pool.outstanding -= 1
                 tried = (*tried, replica)
                 continue

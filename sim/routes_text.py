@@ -68,7 +68,7 @@ class TextRoutes(ApiRoutes):
     # -- stored responses ----------------------------------------------------------------
 
     def _stored(self, response_id: str) -> dict[str, Any]:
-        if not response_id.startswith("resp"):
+        if not response_id.startswith("resp_"):
             raise api_error(
                 400,
                 f"Invalid 'response_id': '{response_id}'. Expected an ID that begins with 'resp'.",

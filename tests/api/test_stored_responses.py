@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from sluice.proxy.snapshot import App, Backend, QueueLimits
+from sluice.proxy.snapshot import App, Backend, QueueLimits, RoutingPolicy
 
 from tests.fixtures import ProcessServer, ProxyHarness, SimClient, routed_snapshot, start_sim
 from tests.scale.fixtures import start_sluice
@@ -31,7 +31,14 @@ def replicas() -> Iterator[list[ProcessServer]]:
 
 @pytest.fixture
 def proxy(replicas: list[ProcessServer]) -> Iterator[ProxyHarness]:
-    backend = Backend(name="sim", urls=tuple(s.url for s in replicas), queue=QueueLimits())
+    # Least outstanding: with both idle, replica 0 is asked first, every time (the score
+    # strategy would alternate its ties, and sometimes ask the holder first).
+    backend = Backend(
+        name="sim",
+        urls=tuple(s.url for s in replicas),
+        queue=QueueLimits(),
+        routing=RoutingPolicy(strategy="least_outstanding"),
+    )
     harness = ProxyHarness(routed_snapshot("", {"chat": {}}, backend=backend))
     for sim in replicas:
         SimClient(sim.url).reset()
@@ -61,20 +68,26 @@ def test_a_stored_response_is_read_from_the_replica_that_holds_it(
     with _sdk(proxy.url) as client:
         for holder in replicas:
             made = _made_on(holder)
-            for _ in range(3):  # whichever replica sluice asks first
+            for _ in range(3):
                 read = client.responses.retrieve(made.id)
                 assert read.id == made.id and read.output_text == made.output_text
             assert len(_asked(holder, "GET", f"/v1/responses/{made.id}")) == 3
+            # Replica 0 is asked first: it answers for its own, and 404 for the other's.
+            assert len(_asked(replicas[0], "GET", f"/v1/responses/{made.id}")) == 3
             with pytest.raises(openai.BadRequestError) as refused:
                 client.responses.cancel(made.id)  # the holder's answer, not another's 404
             assert "Cannot cancel a synchronous response." in refused.value.message
+    # Each 404 came whole: its connection went back to the pool and was used again.
+    first = proxy.lt.call(lambda: proxy.app.pools.all()[0])
+    assert first.pool.origin.port == httpx.URL(replicas[0].url).port
+    assert len(first.pool.open) == 1
     assert proxy.permits_in_use() == 0
 
 
 def test_previous_response_id_continues_on_the_holder(
     proxy: ProxyHarness, replicas: list[ProcessServer]
 ) -> None:
-    holder = replicas[1]  # least-outstanding choice asks replica 0 first when both are idle
+    holder = replicas[1]  # replica 0 is asked first, and answers 404
     first = _made_on(holder)
     with _sdk(proxy.url) as client:
         follow = client.responses.create(
@@ -91,7 +104,8 @@ def test_previous_response_id_continues_on_the_holder(
         assert events[-1].response.previous_response_id == follow.id
     sent = _asked(holder, "POST", "/v1/responses")
     assert [r["body"].get("previous_response_id") for r in sent] == [None, first.id, follow.id]
-    # Replica 0 was asked too, answered 404 before generating, and holds nothing of it.
+    # Replica 0 was asked each time, answered 404 before generating, and holds nothing.
+    assert len(_asked(replicas[0], "POST", "/v1/responses")) == 2
     assert SimClient(replicas[0].url).stats()["tokens"] == 0
     assert proxy.permits_in_use() == 0
 
@@ -139,7 +153,7 @@ def test_workers_find_the_holder_too(replicas: list[ProcessServer], tmp_path: Pa
     config.mkdir()
     (config / "gateway.yaml").write_text(
         "kind: Gateway\n"
-        f"backends:\n  - {{name: sim, urls: [{urls}]}}\n"
+        f"backends:\n  - {{name: sim, urls: [{urls}], routing: {{strategy: least_outstanding}}}}\n"
         "routes:\n  - {model: chat, backend: sim, upstream_model: sim-model}\n",
         encoding="utf-8",
     )
@@ -150,5 +164,8 @@ def test_workers_find_the_holder_too(replicas: list[ProcessServer], tmp_path: Pa
             with httpx.Client(timeout=10) as fresh:
                 read = fresh.get(f"{server.url}/v1/responses/{made.id}")
             assert read.status_code == 200 and read.json()["id"] == made.id
+        # Each worker asks replica 0 first (least outstanding, both idle): its 404, then
+        # the holder's answer.
+        assert len(_asked(replicas[0], "GET", f"/v1/responses/{made.id}")) == 6
     finally:
         server.stop()
