@@ -56,6 +56,9 @@ _UNSUPPORTED: Final = {
     "adapter_id": None,
 }
 _TGI_FIELDS: Final = ("inputs", "parameters", "stream")
+# Top-level completions fields that would make more than the one text TGI answers (the
+# stream filter reads one choice): refused at any other value.
+_ONE_TEXT: Final = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False)}
 _FINISH: Final = {"length": "length", "stop": "eos_token", "content_filter": "stop_sequence"}
 
 
@@ -86,6 +89,9 @@ def translate(body: dict[str, Any], stream: bool) -> dict[str, Any]:
     )
     if unknown:
         raise tgi_error(422, f"unknown parameters: {', '.join(unknown)}", "validation")
+    for name, allowed in _ONE_TEXT.items():
+        if body.get(name) not in allowed:
+            raise tgi_error(422, f"`{name}` is not supported: TGI answers one text", "validation")
     # Other top-level fields pass through, as unknown fields of an OpenAI body do.
     out: dict[str, Any] = {k: v for k, v in body.items() if k not in _TGI_FIELDS}
     out["prompt"] = inputs

@@ -43,6 +43,8 @@ CLOSE_NORMAL: Final = 1000
 CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_UNSUPPORTED: Final = 1003
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN: Final = 1013
 
 
 class WebSocketUpgrade:
@@ -69,6 +71,16 @@ class WebSocketUpgrade:
         if not session.handshake(request, transport):
             return
         transport.set_protocol(session)
+        try:
+            await self._serve(conn, request, rest, session)
+        finally:
+            # The request message counted against the server's body budget until now.
+            conn.state.body_budget.release(session.reserved)
+            session.reserved = 0
+
+    async def _serve(
+        self, conn: HttpConnection, request: Request, rest: bytes, session: WebSocketSession
+    ) -> None:
         if rest:
             session.data_received(rest)
         try:
@@ -90,6 +102,11 @@ class WebSocketUpgrade:
             await self.app.completions(request, response, chat=request.path == WEBSOCKET_PATHS[0])
         except ClientGone:
             return  # the client went away mid-stream: the exchange was aborted
+        except Exception:
+            # A fault of sluice's own: the client gets 1011 (where an HTTP client gets a
+            # 500), and the connection's done-callback logs the error.
+            session.close(CLOSE_INTERNAL_ERROR, "internal error")
+            raise
         session.close(response.close_code)
 
 
@@ -118,6 +135,8 @@ class WebSocketSession(asyncio.Protocol):
         self.first_message: asyncio.Future[bytes | None] = conn.loop.create_future()
         self._parts: list[bytes] = []
         self._size = 0
+        self._pending_pong: bytes | None = None
+        self.reserved = 0  # bytes of the body budget the request message holds
         self.closed = False
 
     def handshake(self, request: Request, transport: asyncio.Transport) -> bool:
@@ -133,6 +152,9 @@ class WebSocketSession(asyncio.Protocol):
             event = next(self.ws.events(), None)
         except RemoteProtocolError as exc:
             _reject(transport, 400, f"bad WebSocket handshake: {exc}")
+            return False
+        except ValueError:  # wsproto decodes Host, Connection, ... as ASCII
+            _reject(transport, 400, "bad WebSocket handshake: a header is not ASCII")
             return False
         if not isinstance(event, WsRequest):
             _reject(transport, 400, "bad WebSocket handshake")
@@ -152,7 +174,7 @@ class WebSocketSession(asyncio.Protocol):
                 if isinstance(event, TextMessage):
                     self._text(event)
                 elif isinstance(event, Ping):
-                    self._send(self.ws.send(event.response()))
+                    self._pong(event)
                 elif isinstance(event, CloseConnection):
                     self._client_closed(event)
                     return
@@ -173,6 +195,12 @@ class WebSocketSession(asyncio.Protocol):
             self.close(CLOSE_TOO_BIG, f"request message exceeds {self.max_message} bytes")
             self.first_message.set_result(None)
             return
+        # Held, as an HTTP body is, within the bytes all connections may hold at once.
+        if not self.conn.state.body_budget.reserve(len(data)):
+            self.close(CLOSE_TRY_AGAIN, "the server holds too many request bodies; retry")
+            self.first_message.set_result(None)
+            return
+        self.reserved += len(data)
         self._parts.append(data)
         if event.message_finished:
             self.first_message.set_result(b"".join(self._parts))
@@ -193,10 +221,26 @@ class WebSocketSession(asyncio.Protocol):
         if not self.first_message.done():
             self.first_message.set_result(None)
 
+    def _pong(self, ping: Ping) -> None:
+        """Answered at once, unless the client is not reading what it is sent: then only
+        the latest ping is answered, once writing resumes (RFC 6455, 5.5.3 allows it), so
+        a client that pings and never reads cannot grow the write buffer."""
+        pong = self.ws.send(ping.response())
+        if self.conn.write_paused:
+            self._pending_pong = pong
+        else:
+            self._send(pong)
+
     def pause_writing(self) -> None:
         self.conn.pause_writing()
 
     def resume_writing(self) -> None:
+        pong = self._pending_pong
+        if pong is not None:
+            self._pending_pong = None
+            transport = self.conn.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(pong)
         self.conn.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:

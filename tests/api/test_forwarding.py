@@ -418,6 +418,28 @@ def test_tgi_parameters_must_be_an_object_or_absent(sim: ProcessServer) -> None:
         harness.close()
 
 
+def test_tgi_refuses_top_level_fields_that_make_more_than_one_text(sim: ProcessServer) -> None:
+    """A top-level `n: 2` passed through to /v1/completions: two choices merged into one
+    TGI stream (and the guard ran per choice on text the client read merged)."""
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {}}))
+    SimClient(sim.url).reset()
+    try:
+        for extra in ({"n": 2}, {"best_of": 3}, {"echo": True}):
+            for path in ("/generate", "/generate_stream"):
+                body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}, **extra}
+                resp = httpx.post(harness.url + path, json=body, timeout=10)
+                assert resp.status_code == 422, (extra, path, resp.text)
+                assert resp.json()["error_type"] == "validation"
+                assert next(iter(extra)) in resp.json()["error"]
+        assert SimClient(sim.url).stats()["requests"] == 0
+        for same in ({"n": 1}, {"best_of": None}, {"echo": False}):
+            body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}, **same}
+            resp = httpx.post(harness.url + "/generate", json=body, timeout=10)
+            assert resp.status_code == 200, (same, resp.text)
+    finally:
+        harness.close()
+
+
 def _multipart(model: str, size: int) -> tuple[bytes, str]:
     boundary = "sluice-test-boundary"
     head = (

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import websockets
+from sluice.proxy.build import build_kind
 from sluice.proxy.snapshot import App, Backend, QueueLimits, StreamPolicy, StreamTimeouts
 from sluice.proxy.websocket import WebSocketUpgrade
 
@@ -260,3 +261,82 @@ def test_the_message_limit_counts_bytes_not_characters(proxy: ProxyHarness) -> N
         sock.sendall(_frame(1, text.encode()))
         reply = _read_until_closed(sock)
     assert reply[:1] == b"\x88" and reply[2:4] == (1009).to_bytes(2, "big"), reply[:40]
+
+
+def test_a_handshake_header_that_is_not_ascii_is_a_400(proxy: ProxyHarness) -> None:
+    """wsproto decodes Host, Connection, ... as ASCII: a byte above 0x7f raised past the
+    handshake, and the connection closed without an answer (a traceback in the log)."""
+    handler_errors: list[BaseException] = []
+    proxy.server.state.on_error = handler_errors.append
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(HANDSHAKE.replace(b"Host: x", b"Host: caf\xe9"))
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:80]
+    assert b"bad_websocket_handshake" in reply and b"not ASCII" in reply
+    assert handler_errors == []
+
+
+def test_pings_from_a_client_that_does_not_read_are_answered_once_it_reads(
+    proxy: ProxyHarness,
+) -> None:
+    """A client that pings and never reads: while its connection's writing is paused, only
+    the latest ping is answered, when writing resumes (each was answered before, without
+    bound, into the write buffer)."""
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(HANDSHAKE)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+        conn = proxy.lt.call(lambda: next(iter(proxy.server.state.connections)))
+        proxy.lt.call(conn.pause_writing)  # as the transport does when its buffer is full
+        sock.sendall(b"".join(_frame(9, b"p%d" % i) for i in range(2000)))
+        time.sleep(0.5)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)  # nothing answered while paused
+        proxy.lt.call(conn.transport.get_protocol().resume_writing)
+        sock.settimeout(5)
+        pong = sock.recv(4096)
+    assert pong == b"\x8a\x05p1999"  # one pong, for the latest ping
+
+
+def test_the_request_message_counts_against_the_servers_body_budget(
+    proxy: ProxyHarness, sim_client: SimClient
+) -> None:
+    """Every connection's message was held outside the budget HTTP bodies share: 4,096
+    connections each sending a 4 MiB message held 16 GiB."""
+    budget = proxy.server.state.body_budget
+    held = proxy.lt.call(lambda: budget.limit - budget.used)
+    assert proxy.lt.call(lambda: budget.reserve(held))
+    sim_client.reset()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(HANDSHAKE)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101 ")
+            sock.sendall(_frame(1, json.dumps(body(max_tokens=3)).encode()))
+            reply = _read_until_closed(sock)
+        assert reply[:1] == b"\x88" and reply[2:4] == (1013).to_bytes(2, "big"), reply[:40]
+        assert sim_client.stats()["requests"] == 0
+    finally:
+        proxy.lt.call(lambda: budget.release(held))
+    messages, code, _ = asyncio.run(exchange(proxy.url, body(max_tokens=3)))
+    assert code == 1000 and messages[-1] == "[DONE]"
+    assert proxy.lt.call(lambda: budget.used) == 0  # the message's bytes went back
+
+
+@pytest.mark.skipif(
+    build_kind() == "compiled", reason="compiled, the app's method cannot be replaced"
+)
+def test_a_fault_of_sluices_own_closes_with_1011(
+    proxy: ProxyHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP client gets a 500 for a bug in the pipeline; a WebSocket client got a bare
+    TCP close, with no close frame. Now: 1011, and the error is still reported."""
+    handler_errors: list[BaseException] = []
+    proxy.server.state.on_error = handler_errors.append
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(proxy.app, "completions", broken)
+    messages, code, _ = asyncio.run(exchange(proxy.url, body(max_tokens=3)))
+    assert code == 1011 and messages == []
+    assert [str(e) for e in handler_errors] == ["a bug"]
