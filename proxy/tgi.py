@@ -140,7 +140,7 @@ class TgiStreamFilter(ChunkFilter):
     """The completions ChunkFilter (timers, guard) with its output rewritten to TGI
     events. Tokens are counted from the usage chunk vLLM sends last."""
 
-    __slots__ = ("final", "prefix", "seed", "text", "tokens")
+    __slots__ = ("ended", "final", "prefix", "seed", "text", "tokens")
 
     def __init__(
         self,
@@ -156,6 +156,7 @@ class TgiStreamFilter(ChunkFilter):
         self.seed = seed
         self.tokens = 0
         self.final: tuple[str, str | None, Any] | None = None  # last text, finish, stop_reason
+        self.ended = False  # the final event or an error event went out
 
     def observe(self, event: bytes, text: str = "") -> bytes:
         return self._to_tgi(super().observe(event, text))
@@ -165,7 +166,19 @@ class TgiStreamFilter(ChunkFilter):
         return None if out is None else self._to_tgi(out)
 
     def eof_tail(self) -> bytes:
-        return self._to_tgi(self.flush_held()) + self._last()
+        """The backend ended without [DONE]: the final event if its finish came, else
+        TGI's `incomplete_generation` error, so the client never reads a stream that just
+        stops (a TGI stream's last event carries `generated_text`)."""
+        out = self._to_tgi(self.flush_held())
+        if self.final is None and not self.ended:
+            self.ended = True
+            return out + _event(
+                {
+                    "error": "the backend ended the stream before the generation finished",
+                    "error_type": "incomplete_generation",
+                }
+            )
+        return out + self._last()
 
     def _to_tgi(self, data: bytes) -> bytes:
         parts: list[bytes] = []
@@ -184,6 +197,7 @@ class TgiStreamFilter(ChunkFilter):
             if error is not None:
                 message = error.get("message") if isinstance(error, dict) else str(error)
                 parts.append(_event({"error": message, "error_type": "generation"}))
+                self.ended = True
                 continue
             usage = obj.get("usage")
             if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
@@ -211,6 +225,7 @@ class TgiStreamFilter(ChunkFilter):
             return b""
         text, finish, stop_reason = self.final
         self.final = None
+        self.ended = True
         self.text.append(text)
         generated = self.prefix + "".join(self.text)
         tokens = self.tokens or self.ex.completion_tokens or self.ex.content_chunks

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import httpx
 import orjson
 import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import IncompleteGenerationError
 from sluice.proxy.eventfilter import parse_named
 from sluice.proxy.observe import JsonAccessLog, access_fields
 from sluice.proxy.snapshot import Snapshot, StreamPolicy, StreamTimeouts
@@ -443,6 +445,45 @@ def test_a_backends_204_goes_out_without_a_content_length() -> None:
         head = sock.recv(65536)
     assert head.startswith(b"HTTP/1.1 204 No Content\r\n"), head
     assert b"content-length" not in head.lower() and head.endswith(b"\r\n\r\n")
+
+
+def test_a_tgi_stream_the_backend_ends_unfinished_ends_with_incomplete_generation(
+    mode: str,
+) -> None:
+    """A backend that ends its stream cleanly with no finish chunk and no [DONE]: the TGI
+    stream just stopped, with no last event (`generated_text`) and no error. Now TGI's own
+    `incomplete_generation` error, which huggingface_hub raises as IncompleteGenerationError;
+    with the finish chunk but no [DONE], the last event as usual."""
+    base = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+    token = {"choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
+    finish = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+
+    def stream(*chunks: dict[str, object]) -> list[dict[str, object]]:
+        events = [b"data: " + json.dumps(base | c).encode() + b"\n\n" for c in chunks]
+        with (
+            _served(HEAD + _chunked(events), mode) as harness,
+            httpx.stream(
+                "POST", harness.url + "/generate_stream", json={"inputs": "hi"}, timeout=10
+            ) as reply,
+        ):
+            raw = reply.read()
+        assert reply.status_code == 200
+        return [json.loads(e[5:]) for e in raw.split(b"\n\n") if e.startswith(b"data:")]
+
+    cut = stream(token)
+    assert cut[0]["token"]["text"] == "ok"
+    assert cut[-1] == {
+        "error": "the backend ended the stream before the generation finished",
+        "error_type": "incomplete_generation",
+    }
+    finished = stream(token, finish)
+    assert finished[-1]["generated_text"] == "ok" and "error" not in finished[-1]
+
+    events = [b"data: " + json.dumps(base | token).encode() + b"\n\n"]
+    with _served(HEAD + _chunked(events), mode) as harness:
+        client = InferenceClient(harness.url)
+        with pytest.raises(IncompleteGenerationError):
+            list(client.text_generation("hi", stream=True))
 
 
 BROKEN = b"ZZ\r\nnot a chunk\r\n"  # a chunk size that is no hex number: the framing breaks
