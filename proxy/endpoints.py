@@ -26,6 +26,7 @@ from typing import Final
 from .adapters import Adapter, CompletionsAdapter
 from .messages import MessagesAdapter
 from .responses_api import ResponsesAdapter
+from .routing import STORED_RESPONSE_PREFIX
 from .snapshot import Snapshot
 from .tgi import TGI_PATHS, TgiAdapter
 
@@ -77,7 +78,7 @@ UNGUARDED_GENERATING: Final = frozenset(
         "/v1/audio/translations",
     )
 )
-UNGUARDED_PREFIXES: Final = ("/v1/responses/",)
+UNGUARDED_PREFIXES: Final = (STORED_RESPONSE_PREFIX,)
 
 
 # vLLM's operator routes (elastic scaling, sleep, cache resets, profiling, LoRA loading,

@@ -28,6 +28,9 @@ from .snapshot import (
 
 BUCKETS: Final = 10_000
 PRESET_HEADER: Final = b"x-sluice-preset"
+# A stored Responses-API response's own paths (GET, cancel): their request has no body
+# to name a model in. Here, not in `endpoints`, which imports this module.
+STORED_RESPONSE_PREFIX: Final = "/v1/responses/"
 
 
 class RouteChoice:
@@ -93,7 +96,7 @@ def choose_route(
         allowed = _routes_for(snap, app)
         if not isinstance(model, str) or not model:
             where = ""
-            if request.path.startswith("/v1/responses/"):  # a stored one: no body to name it
+            if request.path.startswith(STORED_RESPONSE_PREFIX):
                 where = " (a stored response's: in the query, ?model=NAME)"
             raise ApiError(
                 400,
