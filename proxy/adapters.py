@@ -92,7 +92,7 @@ class Adapter:
         modified = bool(plan.name) or bool(policy.stop)
         if self.vocabulary is None:
             if plan.name:
-                apply_plan(body, plan)
+                apply_plan(body, plan, self.chat)
             merge_stop(body, policy.stop)
             return body, modified
         _check_vocabulary(plan, self.vocabulary, self.name)
@@ -103,8 +103,8 @@ class Adapter:
             if ours in body:
                 body[theirs] = body.pop(ours)
         if plan.name:
-            apply_plan(body, plan)
-        merge_stop(body, policy.stop)
+            apply_plan(body, plan, False, self.vocabulary)
+        merge_stop(body, policy.stop, self.vocabulary.get("stop", "stop"))
         for ours, theirs in renamed.items():
             if theirs in body:
                 body[ours] = body.pop(theirs)

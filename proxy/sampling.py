@@ -8,7 +8,7 @@ result. Field names are vLLM's: the GenerationConfig mapping ran when the snapsh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from .errors import ApiError, bad_request
@@ -16,9 +16,18 @@ from .snapshot import SamplingPlan
 
 # Chat requests may say max_completion_tokens instead of max_tokens; vLLM prefers the
 # former when both are set, so a rule on max_tokens governs whichever the request uses.
-_ALIASES: Final[dict[str, tuple[str, ...]]] = {
+# Only chat's: vLLM's completions and Responses requests ignore max_completion_tokens, so
+# there it must not stand in for the limit the preset sends.
+_CHAT_ALIASES: Final[dict[str, tuple[str, ...]]] = {
     "max_tokens": ("max_completion_tokens", "max_tokens")
 }
+
+# vLLM's beam search (`use_beam_search`, its extension of chat and completions requests)
+# builds its parameters from these fields alone: every other sampling field, `stop`
+# included, is dropped, so under a preset that sets one it would undo the preset.
+BEAM_SEARCH_READS: Final = frozenset(
+    ("n", "max_tokens", "temperature", "ignore_eos", "length_penalty")
+)
 
 # What vLLM uses when a request leaves a field out and the model's generation_config.json
 # does not set it either (vLLM's SamplingParams defaults). Only fields whose default does
@@ -50,8 +59,8 @@ VLLM_DOMAIN: Final[dict[str, _Check]] = {
 }
 
 
-def _keys(field: str) -> tuple[str, ...]:
-    return _ALIASES.get(field, (field,))
+def _keys(field: str, chat: bool) -> tuple[str, ...]:
+    return _CHAT_ALIASES.get(field, (field,)) if chat else (field,)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -73,50 +82,73 @@ def unchanged_value(field: str, value: Any, plan: SamplingPlan) -> bool:
     return field in VLLM_DEFAULTS and _same(value, VLLM_DEFAULTS[field])
 
 
-def _check_domain(key: str, value: Any) -> None:
+def _check_domain(key: str, value: Any, shown_key: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise bad_request(f"'{key}' must be a number", param=key, code="invalid_type")
+        raise bad_request(f"'{shown_key}' must be a number", param=shown_key, code="invalid_type")
     check = VLLM_DOMAIN.get(key)
     if check is not None and not check[0](value):
         shown = float(value) if key in ("temperature", "top_p", "min_p") else value
         raise ApiError(
             400,
-            f"{key} {check[1]}, got {shown}. (parameter={key}, value={shown})",
+            f"{shown_key} {check[1]}, got {shown}. (parameter={shown_key}, value={shown})",
             type="BadRequestError",
-            param=key,
+            param=shown_key,
             code="invalid_value",
         )
 
 
-def apply_plan(body: dict[str, Any], plan: SamplingPlan) -> None:
+_NO_NAMES: Final[Mapping[str, str]] = {}
+
+
+def apply_plan(
+    body: dict[str, Any],
+    plan: SamplingPlan,
+    chat: bool = True,
+    names: Mapping[str, str] | None = None,
+) -> None:
     """Merges the plan into `body` in place; raises ApiError(400) for a denied field set to
-    another value, or a clamped field outside vLLM's domain."""
+    another value, a clamped field outside vLLM's domain, or beam search asked for under a
+    preset it would undo. `chat`: a chat request (`max_completion_tokens` is its
+    `max_tokens` too). `names`: the endpoint's own name for a vLLM field, for the errors
+    (the body is in vLLM's names here)."""
+    names = names or _NO_NAMES
+    _refuse_beam_search(body, plan)
     for field in plan.denied:
-        for key in _keys(field):
+        for key in _keys(field, chat):
             value = body.get(key)
             if value is None:
                 continue
             if not unchanged_value(field, value, plan):
+                shown = names.get(key, key)
                 raise ApiError(
                     400,
-                    f"'{key}' may not be set by the client: preset '{plan.name}' denies it",
-                    param=key,
+                    f"'{shown}' may not be set by the client: preset '{plan.name}' denies it",
+                    param=shown,
                     code="field_denied",
                 )
             del body[key]  # what the preset (or vLLM) applies is the same value
     for field, value in plan.defaults.items():
-        if not any(key in body and body[key] is not None for key in _keys(field)):
+        if not any(body.get(key) is not None for key in _keys(field, chat)):
             body[field] = value
     for field, value in plan.forced.items():
-        for key in _keys(field):
+        for key in _keys(field, chat):
             body.pop(key, None)
         body[field] = value
     for field, (low, high) in plan.clamps.items():
-        for key in _keys(field):
+        keys = _keys(field, chat)
+        if (
+            field == "max_tokens"
+            and high is not None
+            and not any(body.get(key) is not None for key in keys)
+        ):
+            # Left out (or null), the limit is all the context holds: past the clamp.
+            body[field] = high
+            continue
+        for key in keys:
             value = body.get(key)
             if value is None:
                 continue
-            _check_domain(key, value)
+            _check_domain(key, value, names.get(key, key))
             # The bound itself, never converted to the request value's type: an integer 0
             # under a clamp [0.5, 1.5] becomes 0.5 (integer fields have integer bounds).
             if low is not None and value < low:
@@ -125,8 +157,24 @@ def apply_plan(body: dict[str, Any], plan: SamplingPlan) -> None:
                 body[key] = high
 
 
-def merge_stop(body: dict[str, Any], stop: tuple[str, ...]) -> None:
-    """Adds the policy's stop strings to the request's own (order kept, no duplicates)."""
+def _refuse_beam_search(body: dict[str, Any], plan: SamplingPlan) -> None:
+    value = body.get("use_beam_search")
+    if value is None or value is False:
+        return
+    dropped = sorted({*plan.defaults, *plan.forced, *plan.clamps} - BEAM_SEARCH_READS)
+    if dropped:
+        raise ApiError(
+            400,
+            f"'use_beam_search' may not be set by the client: vLLM's beam search ignores "
+            f"{', '.join(dropped)}, which preset '{plan.name}' sets",
+            param="use_beam_search",
+            code="field_denied",
+        )
+
+
+def merge_stop(body: dict[str, Any], stop: tuple[str, ...], shown: str = "stop") -> None:
+    """Adds the policy's stop strings to the request's own (order kept, no duplicates).
+    `shown`: the endpoint's name for `stop`, for the error."""
     if not stop:
         return
     requested = body.get("stop")
@@ -137,5 +185,5 @@ def merge_stop(body: dict[str, Any], stop: tuple[str, ...]) -> None:
         requested = [requested]
     # A tuple: a preset's stop_strings, applied to the body before the policy's.
     if not isinstance(requested, (list, tuple)) or not all(isinstance(s, str) for s in requested):
-        raise bad_request("'stop' must be a string or a list of strings", param="stop")
+        raise bad_request(f"'{shown}' must be a string or a list of strings", param=shown)
     body["stop"] = list(dict.fromkeys([*requested, *stop]))

@@ -92,7 +92,7 @@ class Unsupported:
 
 
 def _unsupported() -> dict[str, Unsupported]:
-    beam = "beam search is not available through vLLM's OpenAI-compatible API"
+    beam = "a preset does not select beam search (vLLM's is the request field use_beam_search)"
     runtime = "a runtime option of transformers' generate(), not a sampling setting vLLM takes"
     table = {
         "num_beams": Unsupported(f"{beam} (1, no beam search, is what vLLM does)", (1,)),

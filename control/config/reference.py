@@ -311,7 +311,15 @@ POLICY_MODES = """\
 The preset's own value must lie inside its clamp. With `extends`, a child's value and
 policy replace the parent's field by field; `do_sample` and `temperature` both govern
 vLLM's `temperature`, and the one set nearer the child wins. The policy of
-`max_new_tokens` also governs chat's `max_completion_tokens`.
+`max_new_tokens` also governs chat's `max_completion_tokens` (vLLM reads that name in
+chat requests only). A clamp on `max_new_tokens` also bounds a request that sets no
+limit, or `null`: it is sent the clamp's maximum, since vLLM's own limit is the whole
+context. A clamp on any other field bounds only what a request sends.
+
+vLLM's beam search (the request field `use_beam_search`) builds its parameters from `n`,
+`max_tokens`, `temperature`, `ignore_eos` and `length_penalty` alone. Under a preset that
+sets any other field (`stop_strings` and `top_k` included), a request that asks for it
+is refused with 400 `field_denied`, since it would undo the preset.
 """
 
 

@@ -111,7 +111,7 @@ def test_import_fails_on_unsupported_fields_in_one_line(
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
-    assert line.startswith("sluice preset: cannot import: num_beams: 4: beam search is not")
+    assert line.startswith("sluice preset: cannot import: num_beams: 4: a preset does not")
     assert "typical_p: 0.9: vLLM has no typical-p sampling" in line
     assert 'temperature: expected a number, got the string "hot"' in line
 

@@ -226,7 +226,7 @@ def test_deny_without_a_value(config_dir: Writer) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "why"),
     [
-        ("num_beams", 4, "beam search is not available"),
+        ("num_beams", 4, "a preset does not select beam search"),
         ("typical_p", 0.9, "vLLM has no typical-p sampling"),
         ("no_repeat_ngram_size", 3, "repetition_guard"),
         ("max_length", 100, "use max_new_tokens"),
@@ -247,9 +247,9 @@ def test_policy_on_unknown_or_unsupported_field(config_dir: Writer) -> None:
     assert issues_of(preset_dir(config_dir, precise=text)) == [
         "presets/precise.yaml:2:22: policy.temprature: no policy for 'temprature': "
         "not a generation field (did you mean 'temperature'?)",
-        "presets/precise.yaml:2:39: policy.num_beams: no policy for 'num_beams': beam search "
-        "is not available through vLLM's OpenAI-compatible API (1, no beam search, is what "
-        "vLLM does)",
+        "presets/precise.yaml:2:39: policy.num_beams: no policy for 'num_beams': a preset "
+        "does not select beam search (vLLM's is the request field use_beam_search) (1, no "
+        "beam search, is what vLLM does)",
     ]
 
 

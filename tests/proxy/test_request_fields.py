@@ -126,3 +126,100 @@ def test_a_backend_retry_after_is_passed_on_only_as_seconds() -> None:
     ]
     assert retry_headers(503, None, None) == [(b"retry-after", b"1")]
     assert retry_headers(500, b"7", lambda: 3) == []
+
+
+def _post_to(harness: ProxyHarness, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(harness.url + path, json={"model": "chat", **body}, timeout=10)
+
+
+def test_beam_search_is_refused_under_a_preset_it_would_undo(
+    harness_for: Any, sim_client: SimClient
+) -> None:
+    """vLLM's beam search drops top_k, top_p, the penalties, seed and stop: under a preset
+    that sets one, `use_beam_search` would undo it."""
+    harness = harness_for(
+        "generation: {top_k: 20, stop_strings: ['END']}\npolicy: {top_k: force}\n"
+    )
+    for path, body in (
+        ("/v1/chat/completions", {"messages": MSG}),
+        ("/v1/completions", {"prompt": "Hi"}),
+    ):
+        r = _post_to(harness, path, {**body, "use_beam_search": True, "n": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "field_denied" and error["param"] == "use_beam_search"
+        assert "stop, top_k" in error["message"]
+    assert sim_client.requests() == []
+    # Off, it changes nothing.
+    assert _post(harness, use_beam_search=False).status_code == 200
+    assert _sent(sim_client)["top_k"] == 20
+
+
+def test_beam_search_passes_under_a_preset_it_honours(
+    harness_for: Any, sim_client: SimClient
+) -> None:
+    harness = harness_for("generation: {temperature: 0.3, max_new_tokens: 4}\n")
+    assert _post(harness, use_beam_search=True).status_code == 200
+    sent = _sent(sim_client)
+    assert sent["use_beam_search"] is True and sent["temperature"] == 0.3
+
+
+def test_max_completion_tokens_stands_for_max_tokens_only_in_chat(
+    harness_for: Any, sim_client: SimClient
+) -> None:
+    """vLLM reads max_completion_tokens in chat requests only: elsewhere it must not keep
+    the preset's limit from being sent."""
+    harness = harness_for(
+        "generation: {max_new_tokens: 5}\npolicy:\n  max_new_tokens: {clamp: [1, 5]}\n"
+    )
+    r = _post_to(harness, "/v1/responses", {"input": "Hi", "max_completion_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert _sent(sim_client)["max_output_tokens"] == 5
+    r = _post_to(harness, "/v1/completions", {"prompt": "Hi", "max_completion_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert _sent(sim_client)["max_tokens"] == 5
+    # In chat it is the request's limit (vLLM prefers it to max_tokens).
+    r = _post_to(harness, "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert _sent(sim_client)["max_completion_tokens"] == 2
+    assert "max_tokens" not in _sent(sim_client)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_max_tokens_clamp_bounds_a_request_that_sets_none(
+    harness_for: Any, sim_client: SimClient, path: str
+) -> None:
+    """Left out, the limit is the whole context: a clamp's upper bound applies."""
+    harness = harness_for("policy:\n  max_new_tokens: {clamp: [1, 5]}\n")
+    body: dict[str, Any] = {
+        "/v1/chat/completions": {"messages": MSG},
+        "/v1/completions": {"prompt": "Hi"},
+        "/v1/responses": {"input": "Hi"},
+    }[path]
+    name = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    for extra in ({}, {name: None}):
+        r = _post_to(harness, path, {**body, **extra})
+        assert r.status_code == 200, r.text
+        assert _sent(sim_client)[name] == 5
+    r = _post_to(harness, path, {**body, name: 3})
+    assert r.status_code == 200, r.text
+    assert _sent(sim_client)[name] == 3
+
+
+def test_errors_name_the_endpoints_own_field(harness_for: Any, sim_client: SimClient) -> None:
+    harness = harness_for(
+        "generation: {max_new_tokens: 5}\n"
+        "policy:\n  max_new_tokens: {clamp: [1, 5]}\n  stop_strings: deny\n"
+    )
+    r = _post_to(harness, "/v1/responses", {"input": "Hi", "max_output_tokens": "5"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "max_output_tokens" and "'max_output_tokens'" in error["message"]
+    r = _post_to(
+        harness,
+        "/v1/messages",
+        {"max_tokens": 5, "messages": MSG, "stop_sequences": ["x"]},
+    )
+    assert r.status_code == 400, r.text
+    assert "'stop_sequences' may not be set" in r.text
+    assert sim_client.requests() == []
