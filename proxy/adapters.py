@@ -141,10 +141,21 @@ class Adapter:
 
     def n_choices(self, body: dict[str, Any]) -> int:
         """The choices a stream carries: `n` for each prompt. A completions prompt that is
-        a list of strings or of token lists is a batch (one of token ids is one prompt)."""
-        n = body.get("n", 1)
-        if not isinstance(n, int) or isinstance(n, bool):
+        a list of strings or of token lists is a batch (one of token ids is one prompt).
+        vLLM reads `2.0` as 2 and so does this; a string it would read too ("2") is
+        refused, as `stream`'s are: counted as one choice, a stream's others would be cut
+        when the first ended."""
+        n = body.get("n")
+        if n is None or n is True:
             n = 1
+        elif isinstance(n, float) and n.is_integer():
+            n = int(n)
+        elif not isinstance(n, int) or n is False:
+            raise bad_request(
+                f"Invalid type for 'n': expected an integer, but got {json_type(n)} instead.",
+                param="n",
+                code="invalid_type",
+            )
         if not self.chat:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

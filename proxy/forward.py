@@ -220,6 +220,12 @@ class ForwardAdapter(Adapter):
                 body["model"] = named[-1]
         return adapter, body
 
+    def n_choices(self, body: dict[str, Any]) -> int:
+        """A forwarded body goes as it came (a form's fields are strings): its `n` refuses
+        nothing here."""
+        n = body.get("n")
+        return n if type(n) is int else 1
+
     def names_stored_response(self, body: dict[str, Any]) -> bool:
         return self.name.startswith(UNGUARDED_PREFIXES)
 

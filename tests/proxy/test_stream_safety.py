@@ -101,7 +101,9 @@ def test_non_stream_response_gets_the_same_rules(sim_ignore_stop: ProcessServer)
         harness.close()
 
 
-def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer) -> None:
+# vLLM reads n: 2.0 as 2: counted as one choice, choice 1 was cut when choice 0 ended.
+@pytest.mark.parametrize("n", [2, 2.0])
+def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer, n: float) -> None:
     harness = ProxyHarness(
         routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": policy(stop=("###",))}})
     )
@@ -109,7 +111,7 @@ def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer) ->
         script = ["a", "b", "#", "##", "c", "d"]
         result = stream_request(
             harness.url,
-            {"model": "chat", "messages": MSG, "stream": True, "n": 2, "sim": {"script": script}},
+            {"model": "chat", "messages": MSG, "stream": True, "n": n, "sim": {"script": script}},
         )
         texts: dict[int, str] = {}
         finishes: dict[int, str] = {}
@@ -124,6 +126,25 @@ def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer) ->
         assert texts == {0: "ab", 1: "ab"}
         assert finishes == {0: "stop", 1: "stop"}
         assert result.data()[-1] == "[DONE]"
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("n", ["2", 1.5, False, [2]])
+def test_an_n_that_is_no_whole_number_is_refused(sim_ignore_stop: ProcessServer, n: object) -> None:
+    harness = ProxyHarness(
+        routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": policy(stop=("###",))}})
+    )
+    try:
+        r = httpx.post(
+            harness.url + "/v1/chat/completions",
+            json={"model": "chat", "messages": MSG, "stream": True, "n": n},
+            timeout=10,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "n" and error["code"] == "invalid_type"
+        assert "expected an integer" in error["message"]
     finally:
         harness.close()
 
