@@ -7,9 +7,10 @@ Authenticated with the app's key, like a completion. Only the app that made a re
 rate it (403 otherwise); an id that is in no record is 404. Rating again replaces the
 earlier score or label in the report (all are kept in the store).
 
-With several worker processes the request may have been served by another worker whose
-record is still in its buffer; an id not found is therefore looked up once more after one
-flush interval before the 404.
+The record may not be in the database yet: with several workers (or replicas on one
+PostgreSQL) another worker may still buffer it, or wait for the write lock. So an id not
+found is looked up again, at growing gaps, until no record submitted before the feedback
+came can still be on its way (`write_bound`); only then is it 404.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from sluice.proxy.http import Handler, Request, Response
 from sluice.proxy.response import JSON_HEADERS
 from sluice.proxy.snapshot import SnapshotRef
 
-from .records import RecordWriter, StoreUnavailable
+from .records import BUSY_TIMEOUT, RateResult, RecordWriter, StoreUnavailable
 
 FEEDBACK_PATH = "/v1/feedback"
 LABELS = ("good", "bad")
 MAX_REQUEST_ID = 128  # as the x-request-id the proxy accepts
 MAX_SCORE = 1e6  # |score|: any rating scale; far from where the statistics overflow
 FIELDS = frozenset({"request_id", "score", "label"})
+# The longest one feedback request waits for a record (the default write bound is 6 s); past
+# it, with the record possibly still on its way (a flush interval of minutes), 503.
+MAX_LOOKUP_WAIT = 10.0
+MAX_RECHECK_GAP = 1.0  # gaps between lookups double from the flush interval up to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +91,42 @@ def parse_feedback(raw: bytes) -> Feedback:
     return Feedback(request_id, label=label)
 
 
+def write_bound(flush_interval: float) -> float:
+    """The longest a record submitted before now can take to reach the database, or to be
+    dropped: its writer's next flush, then the wait for another connection's lock, after
+    which the writer drops the batch (SQLite's busy timeout). PostgreSQL's inserts wait on
+    no lock; the same allowance covers a slow server there.
+
+    Request ids cannot shorten this: their time prefix is that of the batch of 256 ids they
+    were drawn from (hours old when traffic is light), and a client may send its own."""
+    return flush_interval + BUSY_TIMEOUT
+
+
+async def rate_when_recorded(
+    store: RecordWriter, feedback: Feedback, app: str, *, first_gap: float, wait: float
+) -> RateResult:
+    """`store.rate`, looked up again while the answer is unknown, for up to `wait` seconds,
+    at gaps doubling from `first_gap` to MAX_RECHECK_GAP. Between lookups it holds nothing:
+    each lookup is one job on the writer thread, whose connection only that job uses."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    gap = min(first_gap, MAX_RECHECK_GAP)
+    while True:
+        result = await store.rate(feedback.request_id, app, feedback.score, feedback.label)
+        left = deadline - loop.time()
+        if result != "unknown" or left <= 0:
+            return result
+        await asyncio.sleep(min(gap, left))
+        gap = min(2 * gap, MAX_RECHECK_GAP)
+
+
 def feedback_handler(ref: SnapshotRef, store: RecordWriter, *, recheck_after: float) -> Handler:
     """The handler for FEEDBACK_PATH; `recheck_after` is the store's flush interval."""
+    bound = write_bound(recheck_after)
+    wait = min(bound, MAX_LOOKUP_WAIT)
+    # Past `bound` an id still missing is in no record: 404. A flush interval so long that
+    # `wait` ends first leaves it undecided: 503, retry once the bound has passed.
+    retry_after = str(math.ceil(bound - wait)).encode() if bound > wait else None
 
     async def handle(request: Request, response: Response) -> None:
         if request.method != "POST":
@@ -96,12 +135,9 @@ def feedback_handler(ref: SnapshotRef, store: RecordWriter, *, recheck_after: fl
         feedback = parse_feedback(request.body)
         app_name = app.name if app is not None else ""
         try:
-            result = await store.rate(feedback.request_id, app_name, feedback.score, feedback.label)
-            if result == "unknown":
-                await asyncio.sleep(recheck_after)
-                result = await store.rate(
-                    feedback.request_id, app_name, feedback.score, feedback.label
-                )
+            result = await rate_when_recorded(
+                store, feedback, app_name, first_gap=recheck_after, wait=wait
+            )
         except StoreUnavailable as exc:
             store.metrics.feedback.labels("unavailable").inc()
             raise ApiError(
@@ -111,6 +147,16 @@ def feedback_handler(ref: SnapshotRef, store: RecordWriter, *, recheck_after: fl
                 code="feedback_unavailable",
                 headers=[(b"retry-after", b"1")],
             ) from None
+        if result == "unknown" and retry_after is not None:
+            store.metrics.feedback.labels("unavailable").inc()
+            raise ApiError(
+                503,
+                f"no record with id '{feedback.request_id}' yet; records are written every "
+                f"{recheck_after:g}s, so it may still come: retry later",
+                type="server_error",
+                code="request_not_recorded_yet",
+                headers=[(b"retry-after", retry_after)],
+            )
         store.metrics.feedback.labels(result).inc()
         if result == "unknown":
             raise not_found(f"no request with id '{feedback.request_id}'", code="request_not_found")
@@ -132,4 +178,12 @@ def feedback_handler(ref: SnapshotRef, store: RecordWriter, *, recheck_after: fl
     return handle
 
 
-__all__ = ["FEEDBACK_PATH", "LABELS", "Feedback", "feedback_handler", "parse_feedback"]
+__all__ = [
+    "FEEDBACK_PATH",
+    "LABELS",
+    "Feedback",
+    "feedback_handler",
+    "parse_feedback",
+    "rate_when_recorded",
+    "write_bound",
+]

@@ -1,16 +1,20 @@
 """POST /v1/feedback through the proxy: authenticated by the app key, only for the app's
-own requests, 400/401/403/404/405, and for a request whose record is still buffered."""
+own requests, 400/401/403/404/405, for a request whose record is still buffered, and for
+one whose record another worker writes late."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from sluice.control.ab.records import RecordWriter
+from sluice.control.ab import feedback as feedback_module
+from sluice.control.ab.records import BUSY_TIMEOUT, RecordWriter
 
 from tests.apps.fixtures import BATCH_KEY, SUPPORT_KEY, AppsProxy, build, chat, digest, write_config
 from tests.fixtures import ProcessServer
@@ -150,7 +154,43 @@ def test_not_json_and_wrong_method(proxy: AppsProxy) -> None:
     assert get.status_code == 405 and get.headers["allow"] == "POST"
 
 
-def test_an_unknown_id_is_404_after_one_recheck(
+def test_a_record_another_worker_writes_late_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim: ProcessServer
+) -> None:
+    # Two workers on one database; another connection holds the write lock for 2.5 s (a
+    # slow disk, a long checkpoint), so the serving worker's record lands 2.5 s late. The
+    # feedback, through the other worker, was 404 after one recheck (0.1 s here).
+    monkeypatch.chdir(tmp_path)
+    serving = make_proxy(tmp_path, sim, "100ms")
+    rating = AppsProxy(serving.built)
+    lock = sqlite3.connect("data/records.sqlite", isolation_level=None, check_same_thread=False)
+    release = threading.Timer(2.5, lock.execute, ("COMMIT",))
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        release.start()
+        request_id = served(serving, SUPPORT_KEY)
+        started = time.monotonic()
+        with httpx.Client(timeout=30) as client:
+            resp = client.post(
+                rating.url + "/v1/feedback",
+                json={"request_id": request_id, "label": "good"},
+                headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        release.join()
+        lock.close()
+        rating.close()
+        serving.close()
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["label"] == "good"
+    assert 2.0 <= elapsed < 2.5 + 2.0  # found within a recheck gap of the lock's release
+    with sqlite3.connect("data/records.sqlite") as conn:
+        rows = conn.execute("SELECT request_id, app, label FROM feedback").fetchall()
+    assert rows == [(request_id, "support", "good")]
+
+
+def test_an_unknown_id_is_404_once_no_record_can_be_on_its_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim: ProcessServer
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -163,8 +203,28 @@ def test_an_unknown_id_is_404_after_one_recheck(
         proxy.close()
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "request_not_found"
-    # Looked up again after one flush interval: another worker may still buffer it.
-    assert 0.2 <= elapsed < 2.0
+    # Looked up until another worker's flush and its wait for the lock are over.
+    assert 0.2 + BUSY_TIMEOUT <= elapsed < 0.2 + BUSY_TIMEOUT + 3.0
+
+
+def test_an_id_still_undecided_when_the_wait_ends_is_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim: ProcessServer
+) -> None:
+    # A flush interval longer than a feedback request waits: the record may still come.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(feedback_module, "MAX_LOOKUP_WAIT", 0.5)
+    proxy = make_proxy(tmp_path, sim, "30s")
+    try:
+        started = time.monotonic()
+        resp = feedback(proxy.url, SUPPORT_KEY, {"request_id": "not-yet", "score": 1})
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["retry-after"] == str(math.ceil(30 + BUSY_TIMEOUT - 0.5))
+    error = resp.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "request_not_recorded_yet")
+    assert 0.5 <= elapsed < 3.0
 
 
 def test_no_records_no_feedback_route(
