@@ -15,6 +15,7 @@ the app's only route.
 from __future__ import annotations
 
 import asyncio
+import time
 from importlib import metadata
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
@@ -326,8 +327,12 @@ class Forwarder:
             backends = [snap.fallback_route.backend]
         if not backends:
             return True
+        # Up: passing its health check (if any) and not ejected for failing requests.
+        now = time.monotonic()
         return any(
-            replica.healthy for backend in backends for replica in self.app.pools.replicas(backend)
+            replica.available(now)
+            for backend in backends
+            for replica in self.app.pools.replicas(backend)
         )
 
     async def _version(self, response: Response) -> None:

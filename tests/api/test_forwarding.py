@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sluice.proxy.snapshot import App, QueueLimits, StreamPolicy, StreamTimeouts
+from sluice.proxy.snapshot import App, Backend, QueueLimits, StreamPolicy, StreamTimeouts
 from sluice.proxy.stopwords import GuardSpec
 from sluice.proxy.structured import StructuredOutputs
 
@@ -26,6 +26,7 @@ from tests.fixtures import (
     ProcessServer,
     ProxyHarness,
     SimClient,
+    free_port,
     passthrough_snapshot,
     routed_snapshot,
     send_until_answered,
@@ -228,6 +229,24 @@ def test_health_ping_version_and_model_card(routed: ProxyHarness) -> None:
     assert other.status_code == 404  # exists, but not for this app
     routed.lt.call(lambda: setattr(routed.app, "ready", False))
     assert httpx.get(url + "/health", timeout=10).status_code == 503
+
+
+def test_health_is_503_while_every_replica_is_ejected() -> None:
+    """With no health check, a replica that keeps failing is ejected; with all of them
+    out, sluice is not serving that backend, and vLLM's /health says so too."""
+    dead = tuple(f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    backend = Backend(name="sim", urls=dead, queue=QueueLimits())
+    harness = ProxyHarness(routed_snapshot(dead[0], {"chat": {}}, backend=backend))
+    try:
+        assert httpx.get(harness.url + "/health", timeout=10).status_code == 200
+        body = {"model": "chat", "messages": MSG}
+        for _ in range(4):  # each tries both replicas: three failures eject each
+            r = httpx.post(harness.url + "/v1/chat/completions", json=body, timeout=10)
+            assert r.status_code == 502, r.text
+        assert httpx.get(harness.url + "/health", timeout=10).status_code == 503
+        assert httpx.get(harness.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        harness.close()
 
 
 def test_passthrough_reads_a_form_to_a_generating_path_whole(sim: ProcessServer) -> None:
