@@ -26,8 +26,6 @@ from types import FrameType
 
 from sluice.control.errors import CliError
 
-from . import loadgen
-
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
@@ -58,17 +56,21 @@ timeouts: {{first_token: 30s, inter_token: 5s, total: 300s}}
 """
 
 
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """A pre-exec hook that has the child SIGTERMed if the bench process dies (even by
-    SIGKILL); None where prctl is unavailable. prctl is looked up here, in the parent, so
-    the child between fork and exec runs no dynamic loading."""
+def pdeathsig_setter() -> Callable[[], bool] | None:
+    """A function that has the calling process SIGTERMed when its parent dies (even by
+    SIGKILL); it returns whether the kernel took the request. None where prctl is
+    unavailable (not Linux). prctl is looked up here, so that a pre-exec hook runs no
+    dynamic loading between fork and exec.
+
+    The kernel sends the signal when the *thread* that forked the process exits, not its
+    process: fork from a thread that lives as long as the parent (its main thread)."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 
-    def set_pdeathsig() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    def set_pdeathsig() -> bool:
+        return bool(prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) == 0)
 
     return set_pdeathsig
 
@@ -90,7 +92,7 @@ class Child:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
-                preexec_fn=_pdeathsig_setter(),  # noqa: PLW1509 -- loads nothing after fork
+                preexec_fn=pdeathsig_setter(),  # noqa: PLW1509 -- loads nothing after fork
             )
 
     @property
@@ -263,6 +265,9 @@ def interruptible() -> Iterator[None]:
     It is passed on as SIGINT rather than raised here: inside the event loop asyncio.Runner
     turns SIGINT into a cancellation of the run, while an exception raised in a signal
     handler could land in a protocol callback, where the loop would swallow it."""
+    # Here, not at the top: every `sluice serve` worker imports this module (for
+    # pdeathsig_setter), and the load generator brings the simulator's modules (~75 ms).
+    from . import loadgen  # noqa: PLC0415
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         loadgen.interrupted.set()  # and no load goes on if the cancellation is lost

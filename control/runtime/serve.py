@@ -52,10 +52,13 @@ from .reloader import ConfigReloader, ReloadResult
 from .saltkey import load_or_create_key
 from .supervisor import (
     RESTARTED_ENV,
+    SUPERVISOR_WATCH_S,
     WORKER_ENV,
+    die_with_supervisor,
     report_serving,
     report_start_failure,
     supervise,
+    supervisor_gone,
 )
 
 DEMO_SIM_PORT = 8100
@@ -206,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     options = _options(args)
     configure_logging(options.log_level, options.log_format)
+    watch_supervisor = False
+    if os.environ.get(WORKER_ENV) is not None:
+        watch_supervisor = not die_with_supervisor()
+        if supervisor_gone():  # it died before the kernel was asked: no signal comes
+            structlog.get_logger("sluice").warning("supervisor_gone", pid=os.getpid())
+            return 1
     demo = None
     if args.demo:
         demo = _start_demo_sim()
@@ -226,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
                 metrics=options.metrics,
                 permit_server=store_url(built) is None,
             )
-        return uvloop.run(serve(options, loaded, demo=demo is not None))
+        return uvloop.run(
+            serve(options, loaded, demo=demo is not None, watch_supervisor=watch_supervisor)
+        )
     except CliError as exc:
         if report_start_failure(str(exc)):
             return 1  # the supervisor prints it, once for all the workers
@@ -268,7 +279,22 @@ async def _sample_gauges(observer: Observer, app: ProxyApp) -> None:
         await asyncio.sleep(GAUGE_INTERVAL_S)
 
 
-async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) -> int:
+async def _watch_supervisor(stop: asyncio.Event, log: Any) -> None:
+    """Where the kernel cannot signal a worker when its supervisor dies (no prctl): looks
+    every SUPERVISOR_WATCH_S, then drains as on SIGTERM."""
+    # Nothing but the kernel's PR_SET_PDEATHSIG tells of a re-parenting, and that is what
+    # is missing here; one getppid() a second costs nothing.
+    while not supervisor_gone():  # noqa: ASYNC110
+        await asyncio.sleep(SUPERVISOR_WATCH_S)
+    log.warning("supervisor_gone", pid=os.getpid())
+    stop.set()
+
+
+async def serve(
+    options: ServeOptions, loaded: Loaded, *, demo: bool = False, watch_supervisor: bool = False
+) -> int:
+    """`watch_supervisor`: a worker that polls for its supervisor's death (see
+    supervisor.die_with_supervisor)."""
     log = structlog.get_logger("sluice")
     built = loaded.built
     return_large_allocations_to_os()  # large request bodies leave no RSS behind
@@ -396,7 +422,7 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
         bound = await server.listen(host, port, reuse_port=options.workers > 1)
     except OSError as exc:
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    url = f"http://{host}:{bound}"
+    url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     report_serving()
     # Start-up objects (modules, config) move out of the collector's reach, so collections
     # under load only walk what requests allocate.
@@ -427,6 +453,7 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
         )
         watch_task = loop.create_task(reloader.watch())
     gauge_task = loop.create_task(_sample_gauges(observer, app)) if observer.metrics else None
+    supervisor_task = loop.create_task(_watch_supervisor(stop, log)) if watch_supervisor else None
 
     await stop.wait()
     await drain(app, server, options.drain_timeout, log, grace=options.drain_grace)
@@ -437,7 +464,7 @@ async def serve(options: ServeOptions, loaded: Loaded, *, demo: bool = False) ->
     if isinstance(app.streams, RedisStreamStore):
         await app.streams.aclose()
     await limits.aclose()
-    for task in (watch_task, gauge_task):
+    for task in (watch_task, gauge_task, supervisor_task):
         if task is not None:
             task.cancel()
             try:

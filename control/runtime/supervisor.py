@@ -10,6 +10,10 @@ of the first workers cannot start, the one line `sluice serve` alone would print
 (`report_start_failure`). Such a failure (port taken, records database or cache-salt key
 unreadable) would recur at every restart, so the supervisor stops the others and exits 1
 with that line instead of restarting them for ever behind a live-looking process.
+
+No worker outlives the supervisor (`die_with_supervisor`): one left behind by a SIGKILLed
+supervisor would go on serving the shared port, an old build, beside the workers of the
+next `sluice serve --workers N`, each with its own permits.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
+from sluice.control.bench.processes import pdeathsig_setter
 from sluice.control.errors import CliError
 from sluice.proxy.metrics import MULTIPROC_ENV
 from sluice.proxy.permit_socket import PERMIT_SOCKET_ENV
@@ -36,6 +41,10 @@ from .limits import PermitServerThread
 
 WORKER_ENV = "SLUICE_WORKER_ID"
 RESTARTED_ENV = "SLUICE_WORKER_RESTARTS"  # how often its slot was started again (0: first)
+SUPERVISOR_PID_ENV = "SLUICE_SUPERVISOR_PID"
+# Where a worker cannot have the kernel signal it (no prctl), it looks this often whether
+# its supervisor is still its parent.
+SUPERVISOR_WATCH_S = 1.0
 SUPERVISOR_POLL_S = 0.1
 # A worker that dies is started again after 0.5 s, then 1, 2, 4... up to 30 s while it
 # keeps dying within STABLE_S of its start; one that ran that long starts over at 0.5 s.
@@ -99,6 +108,42 @@ def report_start_failure(message: str) -> bool:
     return True
 
 
+def die_with_supervisor() -> bool:
+    """In a worker: has the kernel SIGTERM it, so that it drains, when the supervisor dies,
+    even by SIGKILL (PR_SET_PDEATHSIG). False where prctl is unavailable (not Linux): the
+    worker then polls `supervisor_gone` every SUPERVISOR_WATCH_S instead. Either way the
+    caller checks `supervisor_gone` once after this: a supervisor that died before the
+    request took effect sends nothing."""
+    setter = pdeathsig_setter()
+    return setter is not None and setter()
+
+
+def supervisor_gone() -> bool:
+    """True in a worker whose supervisor has exited (the worker was re-parented); False in
+    a single process."""
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
+    return expected is not None and os.getppid() != int(expected)
+
+
+def _reserve(host: str) -> socket.socket:
+    """A bound (not listening) socket on a free port of `host`, of the address family that
+    `host` resolves to (IPv6 for ::1); CliError with the line `sluice serve` alone prints
+    when it cannot be bound."""
+    sock: socket.socket | None = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        if sock is not None:
+            sock.close()
+        raise CliError(f"cannot listen on {host}:0: {exc.strerror or exc}") from None
+    return sock
+
+
 def _start_failure(state: Path, slot: _Worker, code: int) -> str | None:
     """Why the process of `slot`, one of the first workers, exited before it served; None
     when it served or was itself a restart (a crash: it is started again)."""
@@ -137,16 +182,17 @@ def supervise(
         # Workers must share one port: pick it here, and keep it bound (not listening) until
         # they exit, so that the host hands it to nothing else while they start; they join
         # it through SO_REUSEPORT. A bound socket that does not listen gets no connections.
-        reserved = socket.socket()
-        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reserved.bind((host, 0))
+        reserved = _reserve(host)
         port = reserved.getsockname()[1]
     argv = [sys.executable, "-m", "sluice.control.cli", *sys.argv[1:]]
     argv = [a for a in argv if a != "--demo"]
     # The address the supervisor resolved: a worker started again after an edit of
     # `listen` must join its siblings' socket, not bind the new one (that needs a restart).
     argv += ["--host", host, "--port", str(port)]
-    env = dict(os.environ)
+    # Each worker asks the kernel to signal it when its parent dies (die_with_supervisor).
+    # The kernel means the thread that forked it: that is this main thread (signal.signal
+    # below works only there), which lives as long as the supervisor.
+    env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
     metrics_dir = None
     if metrics:
         metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
