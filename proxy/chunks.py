@@ -22,6 +22,7 @@ from . import lenientjson
 from .chunkscan import layout_of, scan
 from .clock import monotonic
 from .exchange import Exchange
+from .nonstream import drop_token_details
 from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
@@ -229,6 +230,7 @@ class ChunkFilter:
                     delta["content"] = out
                 else:
                     choice["text"] = out
+                drop_token_details(choice)
                 modified = True
             elif text is None and out:
                 delta["content" if self.chat else "text"] = out
@@ -576,8 +578,7 @@ class ChunkFilter:
         self.finished.add(index)
         choice["finish_reason"] = guard.finish_reason
         choice["stop_reason"] = guard.matched
-        if "logprobs" in choice:
-            choice["logprobs"] = None  # they may describe tokens of the removed text
+        drop_token_details(choice)
         self.ex.finish_reason = guard.finish_reason
         self.ex.cut = guard.matched
 

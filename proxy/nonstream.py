@@ -114,12 +114,20 @@ def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exch
         holder[key] = result.text
         choice["finish_reason"] = result.finish_reason
         choice["stop_reason"] = result.matched
-        if "logprobs" in choice:
-            choice["logprobs"] = None
+        drop_token_details(choice)
         ex.finish_reason = result.finish_reason
         ex.cut = result.matched
         changed = True
     return changed
+
+
+def drop_token_details(choice: dict[str, Any]) -> None:
+    """A choice whose text the guard changed (held back, cut): its logprobs and token ids
+    (`return_token_ids`) describe the backend's text, tokens the client was not sent."""
+    if choice.get("logprobs") is not None:
+        choice["logprobs"] = None
+    if choice.get("token_ids") is not None:
+        choice["token_ids"] = None
 
 
 def _is_openai_error(body: bytes) -> bool:

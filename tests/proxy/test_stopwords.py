@@ -11,6 +11,8 @@ import pytest
 import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sluice.proxy.exchange import Exchange
+from sluice.proxy.nonstream import guard_completion
 from sluice.proxy.stopwords import CutPattern, GuardResult, GuardSpec, RepetitionGuard, _all_in
 
 STOP_POOL = ("###", "。\n\n用户:", "ab", "b", "abc", "🙂🙃", "\n\nUser:", "a#")
@@ -397,3 +399,20 @@ def test_the_all_safe_check_is_issuperset(chars: set[str], piece: str) -> None:
     """`_all_in` (the compiled loop the guard asks before scanning) is set.issuperset."""
     assert _all_in(chars, piece) == chars.issuperset(piece)
     assert _all_in(chars | set(piece), piece)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_cut_whole_answer_keeps_no_token_details(chat: bool) -> None:
+    """vLLM's logprobs and token ids (return_token_ids) cover the whole generated text: on
+    a choice the guard cut they would give the client what was cut."""
+    text = "keep this ### drop that"
+    holder = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    choice = {"index": 0, **holder, "logprobs": {"content": []}, "token_ids": [1, 2, 3]}
+    untouched = {"index": 1, **holder, "logprobs": {"content": []}, "token_ids": [4]}
+    untouched = {**untouched, **({"message": {"content": "fine"}} if chat else {"text": "fine"})}
+    body = {"choices": [choice, untouched]}
+    ex = Exchange("r", time.monotonic())
+    assert guard_completion(body, GuardSpec(stop=("###",)), chat, ex)
+    assert choice["logprobs"] is None and choice["token_ids"] is None
+    assert choice["finish_reason"] == "stop"
+    assert untouched["logprobs"] == {"content": []} and untouched["token_ids"] == [4]

@@ -130,6 +130,32 @@ def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer, n:
         harness.close()
 
 
+def test_a_chunk_whose_text_is_held_back_carries_no_logprobs(
+    sim_ignore_stop: ProcessServer,
+) -> None:
+    """Logprobs name the chunk's tokens: on a chunk whose text the guard held back (or
+    cut), they would send the client what the guard kept from it."""
+    harness = ProxyHarness(
+        routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": policy(stop=("###",))}})
+    )
+    try:
+        script = ["a", "b", "#", "##", "c"]
+        body = {"model": "chat", "messages": MSG, "stream": True, "logprobs": True}
+        result = stream_request(harness.url, {**body, "sim": {"script": script}})
+        choices = [
+            obj["choices"][0] for obj in result.data() if isinstance(obj, dict) and obj["choices"]
+        ]
+        sent = [(c["delta"].get("content"), c.get("logprobs")) for c in choices]
+        tokens = [
+            [t["token"] for t in lp["content"]] for text, lp in sent if text and lp is not None
+        ]
+        assert tokens == [["a"], ["b"]], sent  # "#" was held, then the stop matched
+        assert all(lp is None for text, lp in sent if text not in ("a", "b")), sent
+        assert "".join(text or "" for text, _ in sent) == "ab"
+    finally:
+        harness.close()
+
+
 @pytest.mark.parametrize("n", ["2", 1.5, False, [2]])
 def test_an_n_that_is_no_whole_number_is_refused(sim_ignore_stop: ProcessServer, n: object) -> None:
     harness = ProxyHarness(
