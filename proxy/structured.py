@@ -2,8 +2,9 @@
 a JSON schema, a regex, a choice list or a grammar, and how large that constraint may be.
 
 Every endpoint spells the constraint its own way (`response_format`, vLLM's
-`structured_outputs`, the Responses API's `text.format`, TGI's `parameters.grammar`); the
-adapters hand this module what they found, so one rule holds on all of them.
+`structured_outputs`, the Responses API's `text.format`, the Messages API's
+`output_config.format`, TGI's `parameters.grammar`); the adapters hand this module what
+they found, so one rule holds on all of them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class StructuredOutputs:
 
 
 def find_constraint(body: dict[str, Any]) -> tuple[str, Any] | None:
-    """The structured-output constraint of an OpenAI-style body (chat, completions,
-    responses), as (field name, value); None when the output is free text."""
+    """The structured-output constraint of a body (chat, completions, responses,
+    messages), as (field name, value); None when the output is free text."""
     outputs = body.get("structured_outputs")
     if outputs is not None:
         return "structured_outputs", outputs
@@ -40,6 +41,13 @@ def find_constraint(body: dict[str, Any]) -> tuple[str, Any] | None:
         fmt = text.get("format")
         if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
             return "text.format", fmt
+    output_config = body.get("output_config")
+    if isinstance(output_config, dict):
+        fmt = output_config.get("format")
+        # vLLM's /v1/messages constrains the output with `format.schema` and ignores a
+        # format without one: counting that would let it pass a `require` rule unconstrained.
+        if isinstance(fmt, dict) and fmt.get("schema"):
+            return "output_config.format", fmt
     for legacy in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         if body.get(legacy) is not None:
             return legacy, body[legacy]

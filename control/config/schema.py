@@ -205,7 +205,8 @@ class StructuredOutputsSection(Section):
     mode: Literal["allow", "deny", "require"] = Field(
         default="allow",
         description="allow: requests may constrain their output (response_format, "
-        "structured_outputs, text.format, TGI grammar); deny: 400 when they do; require: 400 "
+        "structured_outputs, text.format, Messages output_config.format, TGI grammar); deny: 400 "
+        "when they do; require: 400 "
         "when they don't.",
     )
     max_schema_bytes: Int | None = Field(

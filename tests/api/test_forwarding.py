@@ -385,6 +385,42 @@ def test_structured_output_rule(
         harness.close()
 
 
+def test_messages_output_config_format_obeys_the_rule(sim: ProcessServer) -> None:
+    """vLLM's /v1/messages constrains its output with `output_config.format` (a JSON
+    schema): deny refuses it before the backend sees it, require accepts it."""
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    body = {"model": "m", "messages": MSG, "max_tokens": 3, "output_config": {"format": fmt}}
+    client = SimClient(sim.url)
+    client.reset()
+    harness = ProxyHarness(routed_snapshot(sim.url, {"m": {"policy": _policy("deny")}}))
+    try:
+        refused = httpx.post(harness.url + "/v1/messages", json=body, timeout=10)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == {
+            "type": "invalid_request_error",
+            "message": "policy 'so-deny' does not allow structured output "
+            "('output_config.format' was set)",
+        }
+        assert client.requests() == []
+        effort_only = {**body, "output_config": {"effort": "low"}}
+        assert httpx.post(harness.url + "/v1/messages", json=effort_only, timeout=10).is_success
+
+        harness.swap(routed_snapshot(sim.url, {"m": {"policy": _policy("require")}}))
+        accepted = httpx.post(harness.url + "/v1/messages", json=body, timeout=10)
+        assert accepted.status_code == 200, accepted.text
+        assert client.requests()[-1]["body"]["output_config"] == {"format": fmt}
+        # vLLM ignores a format without a schema: the output would be free text.
+        no_schema = {**body, "output_config": {"format": {"type": "json_schema"}}}
+        assert (
+            httpx.post(harness.url + "/v1/messages", json=no_schema, timeout=10).status_code == 400
+        )
+
+        harness.swap(routed_snapshot(sim.url, {"m": {}}))
+        assert httpx.post(harness.url + "/v1/messages", json=body, timeout=10).status_code == 200
+    finally:
+        harness.close()
+
+
 def test_tgi_grammar_becomes_structured_outputs_and_obeys_the_rule(sim: ProcessServer) -> None:
     harness = ProxyHarness(routed_snapshot(sim.url, {"m": {}}))
     tgi = {
