@@ -6,7 +6,8 @@ pooled one: a probe must not take or poison the relay's keep-alive connections) 
 A replica is marked down after UNHEALTHY_AFTER failed probes in a row and up again after
 one success. The prober follows reloads: it compares the snapshot it last saw with
 `ref.current` every RECONCILE_INTERVAL and starts, restarts or stops probes to match;
-a replica whose probe is removed counts as healthy again.
+a replica whose probe is removed counts as healthy again, and its `sluice_backend_healthy`
+series goes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import ssl
 from typing import Final
 
@@ -21,12 +23,23 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
 from .backends import BackendPools, Replica
+from .metrics import MULTIPROC_ENV
 from .snapshot import HealthCheck, Snapshot, SnapshotRef
 from .upstream_pool import Origin
 
 UNHEALTHY_AFTER: Final = 2  # one lost probe on a busy engine is not an outage
 RECONCILE_INTERVAL: Final = 1.0
 MAX_STATUS_LINE: Final = 1024
+
+# With several workers a series' timestamp in the multiprocess files is its rank, not a time.
+# The gauge is `livemostrecent`: at scrape time prometheus-client keeps, per series, the
+# live workers' sample of the largest timestamp and leaves out a series whose samples all
+# carry 0. It cannot delete a label set from a worker's file (Gauge.remove only warns, on
+# stderr), so a retired series is written with rank 0; down outranks up, so a replica any
+# worker sees down reads 0, as under `livemin`.
+_RETIRED: Final = 0.0
+_UP: Final = 1.0
+_DOWN: Final = 2.0
 
 _log = structlog.get_logger("sluice.health")
 
@@ -82,13 +95,29 @@ async def probe(origin: Origin, check: HealthCheck) -> str | None:
 
 class HealthMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.healthy = Gauge(
             "sluice_backend_healthy",
             "1 while the replica passes its active health check, 0 while it fails",
             ["backend", "url"],
             registry=registry if registry is not None else CollectorRegistry(),
-            multiprocess_mode="livemin",
+            multiprocess_mode="livemostrecent",
         )
+
+    def set(self, backend: str, url: str, *, healthy: bool) -> None:
+        child = self.healthy.labels(backend, url)
+        value = 1.0 if healthy else 0.0
+        if self.multiprocess:  # Gauge.set would write the time as the rank
+            child._value.set(value, timestamp=_UP if healthy else _DOWN)
+        else:
+            child.set(value)
+
+    def retire(self, backend: str, url: str) -> None:
+        """Takes the series out of /metrics: its probe is gone."""
+        if self.multiprocess:
+            self.healthy.labels(backend, url)._value.set(1.0, timestamp=_RETIRED)
+        else:
+            self.healthy.remove(backend, url)
 
 
 class HealthProber:
@@ -137,8 +166,8 @@ class HealthProber:
                 del self._probes[url]
                 if want is None:
                     self._set(url, name, replica, healthy=True)
-                    with contextlib.suppress(KeyError):
-                        self.metrics.healthy.remove(name, url)
+                if want is None or want[0] != name:
+                    self.metrics.retire(name, url)
         loop = asyncio.get_running_loop()
         for url, (name, check, replica) in wanted.items():
             if url not in self._probes:
@@ -147,7 +176,7 @@ class HealthProber:
 
     async def _probe_loop(self, url: str, name: str, check: HealthCheck, replica: Replica) -> None:
         failures = 0
-        self.metrics.healthy.labels(name, url).set(1 if replica.healthy else 0)
+        self.metrics.set(name, url, healthy=replica.healthy)
         while True:
             problem = await probe(replica.pool.origin, check)
             if problem is None:
@@ -166,7 +195,7 @@ class HealthProber:
         if replica.healthy == healthy:
             return
         replica.healthy = healthy
-        self.metrics.healthy.labels(backend, url).set(1 if healthy else 0)
+        self.metrics.set(backend, url, healthy=healthy)
         if healthy:
             _log.info("replica_healthy", backend=backend, url=url)
         else:
