@@ -105,6 +105,7 @@ class ChunkFilter:
         "guard_spec",
         "guards",
         "n_choices",
+        "reasoning_guards",
         "skips_common",
         "upstream_error",
         "watchdog",
@@ -124,6 +125,10 @@ class ChunkFilter:
         self.n_choices = max(1, n_choices)
         self.watchdog = watchdog
         self.guards: dict[int, StreamGuard] = {}
+        # A chat choice's reasoning (`delta.reasoning`, or vLLM's older `reasoning_content`)
+        # has a guard of its own while it lasts: its held tail goes out, as reasoning, when
+        # the choice's content, a tool call or its finish begins.
+        self.reasoning_guards: dict[int, tuple[StreamGuard, str]] = {}
         self.finished: set[int] = set()  # choices the guard ended
         self.done = False  # the client has its [DONE]: stop reading the backend
         self.upstream_error = False
@@ -202,6 +207,10 @@ class ChunkFilter:
                     or delta.get("tool_calls")
                 ):
                     self._token()
+                if guard_spec is not None and self._guard_reasoning(choice, delta, index, text):
+                    modified = True
+                    if index in self.finished:
+                        continue  # the reasoning matched: nothing after it is sent
             else:
                 delta = choice
                 text = choice.get("text")
@@ -275,7 +284,11 @@ class ChunkFilter:
         the caller has it ("": not yet), as for `observe`."""
         if not text:
             text = event.decode("latin-1")
-        if not event.startswith(b"data:") or text.find("\n") < len(text) - 2:
+        if (
+            not event.startswith(b"data:")
+            or text.find("\n") < len(text) - 2
+            or self.reasoning_guards  # a reasoning tail held: parsed, it goes out first
+        ):
             return self._parse_event(event)  # other fields or lines: the parse reads them
         if self._token_opening and 0 not in self.finished:
             start, end = token_span(text, self._token_opening, self._token_end)
@@ -573,6 +586,54 @@ class ChunkFilter:
         ex.last_token_at = now
         ex.content_chunks += 1
 
+    def _guard_reasoning(
+        self, choice: dict[str, Any], delta: dict[str, Any], index: int, text: Any
+    ) -> bool:
+        """Guards the choice's reasoning delta, as its content is: a stop string or cut
+        pattern in the reasoning ends the choice there (vLLM's own stop strings read the
+        reasoning too). True when the chunk changed."""
+        key = "reasoning" if "reasoning" in delta else "reasoning_content"
+        piece = delta.get(key)
+        held = self.reasoning_guards.get(index)
+        changed = False
+        if isinstance(piece, str) and piece:
+            if held is None:
+                assert self.guard_spec is not None
+                held = self.reasoning_guards[index] = (self.guard_spec.start(), key)
+            guard = held[0]
+            out = guard.feed(piece)
+            if guard.finish_reason is not None:
+                return self._end_in_reasoning(choice, delta, key, out, guard)
+            if out is not piece:
+                delta[key] = out
+                drop_token_details(choice)
+                changed = True
+        if held is not None and (
+            text or delta.get("tool_calls") or choice.get("finish_reason") is not None
+        ):
+            # The reasoning is over: what its guard held back goes out before the rest.
+            guard, key = held
+            del self.reasoning_guards[index]
+            tail = guard.finish()
+            if guard.finish_reason is not None:
+                return self._end_in_reasoning(
+                    choice, delta, key, (delta.get(key) or "") + tail, guard
+                )
+            if tail:
+                delta[key] = (delta.get(key) or "") + tail
+                changed = True
+        return changed
+
+    def _end_in_reasoning(
+        self, choice: dict[str, Any], delta: dict[str, Any], key: str, out: str, guard: StreamGuard
+    ) -> bool:
+        delta[key] = out
+        delta.pop("content", None)
+        delta.pop("tool_calls", None)
+        self.reasoning_guards.pop(choice.get("index", 0), None)
+        self._end_choice(choice, guard)
+        return True
+
     def _end_choice(self, choice: dict[str, Any], guard: StreamGuard) -> None:
         index = choice.get("index", 0)
         self.finished.add(index)
@@ -596,11 +657,32 @@ class ChunkFilter:
         """What the client gets when the backend ended without [DONE]."""
         return self.flush_held() + DONE_EVENT
 
+    def _flush_reasoning(self) -> bytes:
+        """Reasoning still held back when the backend ended with no content after it."""
+        out = b""
+        for index in sorted(self.reasoning_guards):
+            if index in self.finished:
+                continue
+            guard, key = self.reasoning_guards[index]
+            tail = guard.finish()
+            if not tail and guard.finish_reason is None:
+                continue
+            choice: dict[str, Any] = {"index": index, "delta": {key: tail}, "logprobs": None}
+            choice["finish_reason"] = guard.finish_reason
+            if guard.finish_reason is not None:
+                self.finished.add(index)
+                choice["stop_reason"] = guard.matched
+            obj = dict(self._chunk_template())
+            obj["choices"] = [choice]
+            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+        self.reasoning_guards.clear()
+        return out
+
     def flush_held(self) -> bytes:
         """Text still held back when the backend ended without a finish chunk, by choice
         index (the guards' own order is whichever choice came first, which depends on
         which of its chunks were read by their layout and which were parsed)."""
-        out = b""
+        out = self._flush_reasoning()
         guards = self.guards
         for index in sorted(guards):
             guard = guards[index]

@@ -104,13 +104,23 @@ def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exch
         holder = choice.get("message") if chat else choice
         if not isinstance(holder, dict):
             continue
-        key = "content" if chat else "text"
-        text = holder.get(key)
-        if not isinstance(text, str) or not text:
-            continue
-        result = spec.apply(text)
-        if result.finish_reason is None:
-            continue
+        result = None
+        if chat:  # the reasoning first: it came before the content
+            key = "reasoning" if "reasoning" in holder else "reasoning_content"
+            reasoning = holder.get(key)
+            if isinstance(reasoning, str) and reasoning:
+                result = spec.apply(reasoning)
+                if result.finish_reason is not None:  # nothing after it was sent
+                    holder["content"] = None
+                    holder.pop("tool_calls", None)
+        if result is None or result.finish_reason is None:
+            key = "content" if chat else "text"
+            text = holder.get(key)
+            if not isinstance(text, str) or not text:
+                continue
+            result = spec.apply(text)
+            if result.finish_reason is None:
+                continue
         holder[key] = result.text
         choice["finish_reason"] = result.finish_reason
         choice["stop_reason"] = result.matched

@@ -1,0 +1,145 @@
+"""A Policy's stop strings and cut patterns hold in a reasoning model's reasoning too
+(`delta.reasoning`, vLLM's older `reasoning_content`), split across chunks, as in its
+content: before, the guard read `content` alone, and a cut pattern went out whole in the
+reasoning (vLLM is never sent cut patterns, so nothing else stops them)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from sluice.proxy.snapshot import StreamPolicy
+from sluice.proxy.stopwords import CutPattern, GuardSpec
+
+from tests.fixtures import ProxyHarness, routed_snapshot, stream_request
+from tests.proxy.test_backend_framing import OneAnswerBackend, _chunked
+
+MSG = [{"role": "user", "content": "x"}]
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+BASE = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+CUT = CutPattern(pattern=r"secret-\d+", max_len=32)
+POLICY = StreamPolicy(
+    name="p",
+    stop=("###",),
+    cut_patterns=(CUT,),
+    guard=GuardSpec(stop=("###",), cut_patterns=(CUT,)),
+)
+
+
+def _stream(deltas: list[dict[str, Any]]) -> bytes:
+    events = [
+        b"data: "
+        + json.dumps(
+            BASE | {"choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]},
+            separators=(",", ":"),
+        ).encode()
+        + b"\n\n"
+        for d in deltas
+    ]
+    last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    events.append(b"data: " + json.dumps(BASE | {"choices": [last]}).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return HEAD + _chunked(events)
+
+
+@contextmanager
+def _served(answer: bytes) -> Iterator[ProxyHarness]:
+    backend = OneAnswerBackend(answer, close=False)
+    harness = ProxyHarness(routed_snapshot(backend.url, {"m": {"policy": POLICY}}))
+    try:
+        yield harness
+    finally:
+        harness.close()
+        backend.close()
+
+
+def _read(harness: ProxyHarness) -> tuple[dict[str, str], list[str | None]]:
+    result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+    assert result.status == 200, result.body
+    texts: dict[str, str] = {}
+    finishes: list[str | None] = []
+    for obj in result.data():
+        if not isinstance(obj, dict):
+            continue
+        for choice in obj["choices"]:
+            for key, value in choice["delta"].items():
+                if isinstance(value, str) and value and key != "role":
+                    texts[key] = texts.get(key, "") + value
+            if choice.get("finish_reason"):
+                finishes.append(choice["finish_reason"])
+    assert result.data()[-1] == "[DONE]"
+    return texts, finishes
+
+
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content"])
+def test_a_cut_pattern_split_across_reasoning_chunks_ends_the_choice(key: str) -> None:
+    deltas = [{"role": "assistant", "content": ""}]
+    deltas += [{key: piece} for piece in ["Think: the ", "key is sec", "ret-4", "2 so"]]
+    deltas += [{"content": "The answer"}]
+    with _served(_stream(deltas)) as harness:
+        texts, finishes = _read(harness)
+    assert texts == {key: "Think: the key is "}  # no content after the cut
+    assert finishes == ["content_filter"]
+
+
+def test_a_stop_string_in_the_reasoning_stops_there() -> None:
+    deltas = [{"reasoning": p} for p in ["first #", "#", "# then"]] + [{"content": "late"}]
+    with _served(_stream(deltas)) as harness:
+        texts, finishes = _read(harness)
+    assert texts == {"reasoning": "first "}
+    assert finishes == ["stop"]
+
+
+def test_held_reasoning_goes_out_before_the_content() -> None:
+    """A reasoning tail that might begin a stop string is held, then sent, as reasoning,
+    when the content begins: nothing is lost or moved to the content."""
+    deltas = [{"reasoning": "maybe #"}, {"reasoning": "#"}, {"content": "Answer ##"}]
+    deltas += [{"content": "# more"}]
+    with _served(_stream(deltas)) as harness:
+        texts, finishes = _read(harness)
+    assert texts == {"reasoning": "maybe ##", "content": "Answer "}
+    assert finishes == ["stop"]
+
+
+def test_reasoning_with_nothing_after_it_is_released_at_the_end() -> None:
+    with _served(_stream([{"reasoning": "only #"}, {"reasoning": "#"}])) as harness:
+        texts, finishes = _read(harness)
+    assert texts == {"reasoning": "only ##"}
+    assert finishes == ["stop"]  # the backend's own
+
+
+def test_a_whole_answer_cut_in_its_reasoning_has_no_content() -> None:
+    body = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "reasoning": "the key is secret-42, so",
+                    "content": "secret answer",
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    raw = json.dumps(body).encode()
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+    with _served(answer % (len(raw), raw)) as harness:
+        r = httpx.post(
+            harness.url + "/v1/chat/completions",
+            json={"model": "m", "messages": MSG},
+            timeout=10,
+        )
+    choice = r.json()["choices"][0]
+    assert choice["message"]["reasoning"] == "the key is "
+    assert choice["message"]["content"] is None
+    assert choice["finish_reason"] == "content_filter"
