@@ -278,6 +278,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parser callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Bytes after the whole response (a second response, or junk) in the same read
+            # or later: what was asked for has been read; the rest must neither replace its
+            # status and body nor be read as the next request's answer.
+            self.keep_alive = False
+            self._exc = UpstreamError("protocol", "backend sent bytes after its response", False)
+            raise httptools.HttpParserError("bytes after the response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         """httptools' call per header (the compiled build's parser collects them in C)."""
         self._header_bytes += len(name) + len(value) + 4

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 from sluice.proxy.relay import MAX_EVENT_BYTES
@@ -348,6 +349,55 @@ def test_an_event_that_never_ends_breaks_its_stream_at_the_limit() -> None:
         assert backend.sent < 2 * MAX_EVENT_BYTES
         (exchange,) = harness.wait_finished(1)
         assert exchange.upstream_error == "protocol"
+    finally:
+        harness.close()
+        backend.close()
+
+
+JUNK = [
+    b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{"evil":1}',
+    b"HTTP/1.1 200 OK\r\n",
+    b"garbage",
+]
+
+
+@pytest.mark.parametrize("junk", JUNK, ids=["a second response", "a status line", "garbage"])
+def test_bytes_after_a_whole_answer_are_not_relayed_nor_read_as_the_next(junk: bytes) -> None:
+    """A backend that sends more than its answer, in the same write: the client gets the
+    answer alone, and the connection is not pooled (the next request read the rest as its
+    own answer: a 502 for a request the backend had answered)."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    backend = OneAnswerBackend(head % len(CHAT_RESPONSE) + CHAT_RESPONSE + junk, close=False)
+    harness = ProxyHarness(passthrough_snapshot(backend.url))
+    try:
+        for _ in range(3):
+            r = httpx.post(
+                harness.url + "/v1/chat/completions",
+                json={"model": "m", "messages": MSG},
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+            assert r.content == CHAT_RESPONSE
+    finally:
+        harness.close()
+        backend.close()
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["pass-through", "guarded"])
+def test_bytes_after_a_streams_last_chunk_do_not_poison_the_next_request(guarded: bool) -> None:
+    answer = _stream_head(True) + _chunked(_events(b"\n")) + b"HTTP/1.1 200 OK\r\n"
+    backend = OneAnswerBackend(answer, close=False)
+    harness = ProxyHarness(_guarded(backend.url) if guarded else passthrough_snapshot(backend.url))
+    try:
+        for _ in range(3):
+            result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+            assert result.status == 200, result.body
+            assert result.data()[-1] == "[DONE]"
+            assert "".join(
+                c["delta"].get("content") or ""
+                for obj in result.data()[:-1]
+                for c in obj["choices"]
+            ) == "".join(TOKENS)
     finally:
         harness.close()
         backend.close()
