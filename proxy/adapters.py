@@ -148,14 +148,19 @@ class Adapter:
         n = body.get("n")
         if n is None or n is True:
             n = 1
-        elif isinstance(n, float) and n.is_integer():
-            n = int(n)
-        elif not isinstance(n, int) or n is False:
+        # `False` before any isinstance: compiled, a value narrowed to int is no bool.
+        elif (
+            n is False
+            or not isinstance(n, int | float)
+            or (isinstance(n, float) and not n.is_integer())
+        ):
             raise bad_request(
                 f"Invalid type for 'n': expected an integer, but got {json_type(n)} instead.",
                 param="n",
                 code="invalid_type",
             )
+        else:
+            n = int(n)  # vLLM reads 2.0 as 2
         if not self.chat:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
