@@ -26,6 +26,12 @@ from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
 _TERMINAL: Final = (b"response.completed", b"response.incomplete", b"response.failed")
+# The text parts the guard reads: the answer's and a reasoning model's reasoning (vLLM is
+# sent the policy's stop strings, never its cut patterns: only sluice keeps those out).
+_TEXT_PARTS: Final = ("output_text", "reasoning_text")
+_DELTAS: Final = {"response.output_text.delta": "output_text",
+                  "response.reasoning_text.delta": "reasoning_text"}  # fmt: skip
+_DONES: Final = ("response.output_text.done", "response.reasoning_text.done")
 
 
 def _key(obj: dict[str, Any]) -> int | None:
@@ -66,7 +72,7 @@ def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
             continue
         for content_index, part in enumerate(item["content"]):
             key = output_index * 1024 + content_index
-            if isinstance(part, dict) and part.get("type") == "output_text" and key in texts:
+            if isinstance(part, dict) and part.get("type") in _TEXT_PARTS and key in texts:
                 part["text"] = texts[key]
                 if part.get("logprobs"):
                     part["logprobs"] = []
@@ -90,7 +96,7 @@ def _error_event(
 
 
 class ResponsesFilter(NamedEventFilter):
-    __slots__ = ("base", "items", "sequence")
+    __slots__ = ("base", "items", "kinds", "sequence")
     delta_marker = b'.delta"'
 
     def __init__(
@@ -99,6 +105,7 @@ class ResponsesFilter(NamedEventFilter):
         super().__init__(ex, guard_spec, watchdog)
         self.base: dict[str, Any] = {}  # the response object of response.created
         self.items: dict[int, str] = {}  # guard key -> item id
+        self.kinds: dict[int, str] = {}  # guard key -> its part's type (_TEXT_PARTS)
         # The last sequence_number sent (the first event's is 0). Unguarded, events go out
         # as they came and are counted; guarded, each one sent is numbered here (`_pass`),
         # so the events sluice adds shift the backend's after them.
@@ -129,11 +136,13 @@ class ResponsesFilter(NamedEventFilter):
     def on_named(self, event: bytes, name: str, obj: Any) -> bytes | None:
         if not isinstance(obj, dict):
             return event  # not an event of this vocabulary: no number
-        if name == "response.output_text.delta":
+        kind = _DELTAS.get(name)
+        if kind is not None:
             key = _key(obj)
             text = obj.get("delta")
             if key is None or not isinstance(text, str):
                 return self._pass(event, name, obj)
+            self.kinds[key] = kind
             if isinstance(obj.get("item_id"), str):
                 self.items[key] = obj["item_id"]
             out, guard = self.feed_text(key, text)
@@ -145,7 +154,7 @@ class ResponsesFilter(NamedEventFilter):
             if obj.get("logprobs"):
                 obj["logprobs"] = []
             return self._renumbered(name, obj)
-        if name == "response.output_text.done":
+        if name in _DONES:
             key = _key(obj)
             if key is None or key not in self.guards:
                 return self._pass(event, name, obj)
@@ -204,47 +213,42 @@ class ResponsesFilter(NamedEventFilter):
         return self.sequence
 
     def _delta(self, key: int, like: dict[str, Any], text: str) -> bytes:
-        return named_event(
-            "response.output_text.delta",
-            {
-                "content_index": key % 1024,
-                "delta": text,
-                "item_id": self.items.get(key, like.get("item_id", "")),
-                "logprobs": [],
-                "output_index": key // 1024,
-                "sequence_number": self._next(),
-                "type": "response.output_text.delta",
-            },
-        )
+        kind = self.kinds.get(key, "output_text")
+        name = f"response.{kind}.delta"
+        obj: dict[str, Any] = {
+            "content_index": key % 1024,
+            "delta": text,
+            "item_id": self.items.get(key, like.get("item_id", "")),
+        }
+        if kind == "output_text":
+            obj["logprobs"] = []
+        obj.update(output_index=key // 1024, sequence_number=self._next(), type=name)
+        return named_event(name, obj)
 
     def _end(self, key: int, like: dict[str, Any], out: str, guard: StreamGuard) -> bytes:
-        """Closes the cut text part, its message item and the response."""
+        """Closes the cut text part, its item (the message, or the reasoning) and the
+        response."""
         self.cut(key, guard)
         text = self.text_of(key)
         item_id = self.items.get(key, like.get("item_id", ""))
         output_index, content_index = key // 1024, key % 1024
-        part: dict[str, Any] = {
-            "annotations": [],
-            "text": text,
-            "type": "output_text",
-            "logprobs": None,
-        }
-        item = {
-            "id": item_id,
-            "content": [part],
-            "role": "assistant",
-            "status": "completed",
-            "type": "message",
-        }
-        events = [self._delta(key, like, out)] if out else []
-        events.append(
-            named_event(
-                "response.output_text.done",
-                {"content_index": content_index, "item_id": item_id, "logprobs": [],
-                 "output_index": output_index, "sequence_number": self._next(), "text": text,
-                 "type": "response.output_text.done"},
-            )
-        )  # fmt: skip
+        kind = self.kinds.get(key, "output_text")
+        part: dict[str, Any]
+        item: dict[str, Any]
+        done: dict[str, Any] = {"content_index": content_index, "item_id": item_id}
+        if kind == "output_text":
+            part = {"annotations": [], "text": text, "type": kind, "logprobs": None}
+            item = {"id": item_id, "content": [part], "role": "assistant",
+                    "status": "completed", "type": "message"}  # fmt: skip
+            done["logprobs"] = []
+        else:
+            part = {"text": text, "type": kind}
+            item = {"id": item_id, "content": [part], "summary": [], "type": "reasoning",
+                    "status": "completed"}  # fmt: skip
+        events = [self._delta(key, like, out)] if out else []  # numbered before the done
+        done.update(output_index=output_index, sequence_number=self._next(), text=text)
+        done["type"] = f"response.{kind}.done"
+        events.append(named_event(done["type"], done))
         events.append(
             named_event(
                 "response.content_part.done",
@@ -330,7 +334,7 @@ class ResponsesAdapter(Adapter):
             if not isinstance(item, dict) or not isinstance(item.get("content"), list):
                 continue
             for content_index, part in enumerate(item["content"]):
-                if not isinstance(part, dict) or part.get("type") != "output_text":
+                if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
                     continue
                 text = part.get("text")
                 if not isinstance(text, str):

@@ -143,3 +143,77 @@ def test_a_whole_answer_cut_in_its_reasoning_has_no_content() -> None:
     assert choice["message"]["reasoning"] == "the key is "
     assert choice["message"]["content"] is None
     assert choice["finish_reason"] == "content_filter"
+
+
+def _named_stream(events: list[dict[str, Any]]) -> bytes:
+    out = []
+    for number, event in enumerate(events):
+        obj = {**event, "sequence_number": number}
+        out.append(b"event: %b\ndata: %b\n\n" % (obj["type"].encode(), json.dumps(obj).encode()))
+    return HEAD + _chunked(out)
+
+
+def _responses_events(reasoning: list[str], answer: list[str]) -> list[dict[str, Any]]:
+    base = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": base}]
+    item = {"id": "rs_1", "type": "reasoning", "summary": [], "content": []}
+    events.append({"type": "response.output_item.added", "output_index": 0, "item": item})
+    for piece in reasoning:
+        events.append(
+            {"type": "response.reasoning_text.delta", "output_index": 0, "content_index": 0,
+             "item_id": "rs_1", "delta": piece}
+        )  # fmt: skip
+    for piece in answer:
+        events.append(
+            {"type": "response.output_text.delta", "output_index": 1, "content_index": 0,
+             "item_id": "msg_1", "delta": piece, "logprobs": []}
+        )  # fmt: skip
+    events.append({"type": "response.completed", "response": {**base, "status": "completed"}})
+    return events
+
+
+def test_a_responses_stream_cut_in_its_reasoning_closes_the_reasoning_item() -> None:
+    answer = _named_stream(_responses_events(["Think: the ", "key is sec", "ret-42"], ["Hi"]))
+    with _served(answer) as harness:
+        result = stream_request(
+            harness.url, {"model": "m", "input": "x", "stream": True}, path="/v1/responses"
+        )
+    assert result.status == 200, result.body
+    events = []
+    for _, raw in result.events:
+        data = raw.split(b"data: ", 1)[1]
+        events.append(json.loads(data))
+    names = [e["type"] for e in events]
+    reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert reasoning == "Think: the key is "
+    assert "response.output_text.delta" not in names
+    done = next(e for e in events if e["type"] == "response.reasoning_text.done")
+    assert done["text"] == "Think: the key is "
+    item = next(e for e in events if e["type"] == "response.output_item.done")["item"]
+    assert item["type"] == "reasoning" and item["content"][0]["text"] == "Think: the key is "
+    assert names[-1] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "secret" not in result.body.decode()
+
+
+def test_a_whole_responses_answer_cut_in_its_reasoning() -> None:
+    body = {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "output": [
+            {"id": "rs_1", "type": "reasoning", "summary": [],
+             "content": [{"type": "reasoning_text", "text": "so secret-7 it is"}]},
+            {"id": "msg_1", "type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "secret-7", "annotations": []}]},
+        ],
+    }  # fmt: skip
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        r = httpx.post(harness.url + "/v1/responses", json={"model": "m", "input": "x"}, timeout=10)
+    got = r.json()
+    assert [item["type"] for item in got["output"]] == ["reasoning"]
+    assert got["output"][0]["content"][0]["text"] == "so "
+    assert got["status"] == "incomplete"
