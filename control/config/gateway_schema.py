@@ -70,6 +70,19 @@ def _check_env_secret(value: str) -> str:
 
 EnvSecret = Annotated[str, Strict(), AfterValidator(_check_env_secret), TypeLabel("env:VAR")]
 
+
+def _check_log_path(value: str) -> str:
+    """A log file; `off` would turn nginx's log off and leave the format name after it."""
+    if value == "off":
+        raise ValueError(
+            "'off' is not a file path here: nginx would read it as turning the log off and "
+            "then refuse the log format after it; to discard the log, write /dev/null"
+        )
+    return value
+
+
+LogPath = Annotated[FilePath, AfterValidator(_check_log_path)]
+
 FIELD_MODES_HINT = "allow, deny or {force: value}"
 
 
@@ -428,7 +441,10 @@ class TlsSection(Section):
     cert: FilePath = Field(description="Certificate chain file (PEM).")
     key: FilePath = Field(description="Private key file (PEM).")
     port: Port = Field(
-        default=443, ge=1, le=65535, description="Port of the TLS server block (HTTP/2 and 1.1)."
+        default=443,
+        ge=1,
+        le=65535,
+        description="Port of the TLS server block (HTTP/2 and 1.1); not the same as listen.",
     )
 
 
@@ -441,11 +457,15 @@ class NginxSection(Section):
     server_name: ServerName = Field(description="Public host name.")
     listen: Port = Field(default=8080, ge=1, le=65535, description="Port nginx listens on.")
     replicas: tuple[HostPort, ...] = Field(
-        default=(), description="sluice replicas as host:port; empty: the Gateway's listen."
+        default=(),
+        description="sluice replicas as host:port or [IPv6]:port; empty: the Gateway's listen.",
     )
     tls: TlsSection | None = Field(default=None, description="TLS certificate; null: plain HTTP.")
     limit_conn: Int | None = Field(
-        default=None, ge=1, description="Connections per client address; null: no limit."
+        default=None,
+        ge=1,
+        le=65535,  # nginx: "connection limit must be less 65536"
+        description="Connections per client address; null: no limit.",
     )
     limit_req: LimitReqSection | None = Field(
         default=None, description="Request rate per client address; null: no limit."
@@ -456,9 +476,9 @@ class NginxSection(Section):
         "them, the x-sluice-client-ip header the rendered Worker sets is the client address "
         "for limit_conn, limit_req and the log; empty: the TCP peer is the client.",
     )
-    access_log: FilePath = Field(
+    access_log: LogPath = Field(
         default="/var/log/nginx/sluice-access.log",
-        description="JSON access log file (relative: to nginx's prefix).",
+        description="JSON access log file (relative: to nginx's prefix); /dev/null: none.",
     )
 
 
@@ -469,7 +489,9 @@ class CloudflareSection(Section):
     )
     origin: Url = Field(description="Origin the Worker forwards to (nginx), no path.")
     allowed_origins: tuple[Origin, ...] = Field(
-        default=(), description="CORS origins allowed; empty: no CORS headers."
+        default=(),
+        description="CORS origins allowed, like https://app.example.com (normalised as browsers "
+        "send them: lower case, no default port); empty: no CORS headers.",
     )
     keepalive_interval: Duration = Field(
         default=30.0, description="SSE comment sent when a stream is idle this long (< 100s)."
@@ -608,6 +630,15 @@ def gateway_issues(doc: GatewayFile) -> list[DocumentIssue]:
             (
                 ("records", "max_buffer"),
                 f"max_buffer {records.max_buffer} < batch_size {records.batch_size}",
+            )
+        )
+    nginx = doc.edge.nginx
+    if nginx is not None and nginx.tls is not None and nginx.tls.port == nginx.listen:
+        issues.append(
+            (
+                ("edge", "nginx", "tls", "port"),
+                f"{nginx.listen} is also edge.nginx.listen: the plain-HTTP server (health "
+                "checks, the redirect to TLS) and the TLS server need two ports",
             )
         )
     cloudflare = doc.edge.cloudflare

@@ -191,21 +191,48 @@ def check_url(value: str) -> str:
     return value.removesuffix("/")
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def check_origin(value: str) -> str:
-    """A CORS origin: a URL without a path, or `*`."""
-    return value if value == "*" else check_url(value)
+    """A CORS origin: a URL without a path, or `*`; normalised to what a browser sends in
+    its Origin header (lower-case scheme and host, no default port, compressed IPv6), which
+    the Worker compares as a string."""
+    if value == "*":
+        return value
+    scheme, sep, rest = value.partition("://")
+    scheme, host, port = split_url(scheme.lower() + sep + rest)
+    host = f"[{ipaddress.IPv6Address(host).compressed}]" if ":" in host else host.lower()
+    if port is None or port == DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def check_host_port(value: str) -> str:
-    """`host:port` of an nginx upstream server line."""
+    """`host:port` or `[IPv6]:port` of an nginx upstream server line."""
     host, colon, port = value.rpartition(":")
+    if not value.startswith("[") and ":" in host:
+        # nginx reads the text after the first colon as the port: "invalid port in upstream".
+        like = f", like [{host}]:{port}" if _is_ipv6(host) and port.isdigit() else ""
+        raise ValueError(f"{value!r}: an IPv6 address goes in brackets, [address]:port{like}")
     if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not host:port")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    problem = _check_host_text(bare)
+    if host.startswith("[") and host.endswith("]"):
+        if "%" in host or not _is_ipv6(host[1:-1]):  # nginx takes no zone id
+            raise ValueError(f"{host[1:-1]!r} is not an IPv6 address")
+        return value
+    problem = _check_host_text(host)
     if problem is not None:
         raise ValueError(problem)
     return value
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_http_path(value: str) -> str:

@@ -189,3 +189,91 @@ def test_bad_durations(text: object) -> None:
 )
 def test_sticky(sticky: str, normalised: str) -> None:
     assert values.check_sticky(sticky) == normalised
+
+
+EDGE_NGINX = """\
+edge:
+  nginx:
+    server_name: api.example.com
+    {key}: {value}
+"""
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "replicas",
+            '["::1:28000"]',
+            "replicas[0]: '::1:28000': an IPv6 address goes in brackets, [address]:port, "
+            "like [::1]:28000",
+        ),
+        (
+            "replicas",
+            '["::1"]',
+            "replicas[0]: '::1': an IPv6 address goes in brackets, [address]:port",
+        ),
+        ("replicas", '["[127.0.0.1]:80"]', "replicas[0]: '127.0.0.1' is not an IPv6 address"),
+        ("limit_conn", "100000", "limit_conn: must be <= 65535, got 100000"),
+        (
+            "access_log",
+            "'off'",
+            "access_log: 'off' is not a file path here: nginx would read it as turning the "
+            "log off and then refuse the log format after it; to discard the log, write "
+            "/dev/null",
+        ),
+        (
+            "tls",
+            "{cert: /etc/ssl/a.pem, key: /etc/ssl/k.pem, port: 8080}",
+            "tls.port: 8080 is also edge.nginx.listen: the plain-HTTP server (health checks, "
+            "the redirect to TLS) and the TLS server need two ports",
+        ),
+    ],
+)
+def test_edge_nginx_values_that_nginx_refuses_are_refused(
+    config_dir: Writer, key: str, value: str, message: str
+) -> None:
+    edge = EDGE_NGINX.format(key=key, value=value)
+    (issue,) = issues_of(config_dir({"gateway.yaml": GATEWAY + edge}))
+    at, _, text = issue.partition(": ")
+    assert at.startswith("presets/gateway.yaml:11:")
+    assert text == f"edge.nginx.{message}"
+
+
+@pytest.mark.parametrize("replica", ["127.0.0.1:8000", "[::1]:28000", "vllm-0.internal:8000"])
+def test_replicas_host_port(replica: str) -> None:
+    assert values.check_host_port(replica) == replica
+
+
+@pytest.mark.parametrize(
+    ("origin", "canonical"),
+    [
+        ("https://App.Example.com", "https://app.example.com"),
+        ("https://b.example.com:443", "https://b.example.com"),
+        ("http://x:80/", "http://x"),
+        ("HTTP://X:8080", "http://x:8080"),
+        ("https://x:80", "https://x:80"),
+        ("http://[0:0::1]:80", "http://[::1]"),
+        ("http://[::ABCD]:8080", "http://[::abcd]:8080"),
+        ("*", "*"),
+    ],
+)
+def test_origins_are_normalised_to_what_browsers_send(origin: str, canonical: str) -> None:
+    assert values.check_origin(origin) == canonical
+
+
+def test_allowed_origins_reach_the_worker_normalised(config_dir: Writer) -> None:
+    edge = """\
+edge:
+  cloudflare:
+    worker_name: sluice-edge
+    routes: ["api.example.com/v1/*"]
+    origin: https://origin.example.com
+    allowed_origins: ["https://App.Example.com", "https://b.example.com:443"]
+"""
+    gateway = built(config_dir({"gateway.yaml": GATEWAY + edge})).gateway
+    assert gateway is not None and gateway.edge.cloudflare is not None
+    assert gateway.edge.cloudflare.allowed_origins == (
+        "https://app.example.com",
+        "https://b.example.com",
+    )
