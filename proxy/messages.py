@@ -24,10 +24,14 @@ from .http import Header
 from .response import JSON_HEADERS
 from .snapshot import StreamPolicy
 from .sse import DONE_EVENT
-from .stopwords import StreamGuard
+from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
 _STOP_REASONS: Final = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+# The deltas the guard reads, and their text's field: the answer's text and a reasoning
+# model's thinking (vLLM is sent the policy's stop strings, never its cut patterns).
+_TEXT_DELTAS: Final = {"text_delta": "text", "thinking_delta": "thinking"}
+_TEXT_BLOCKS: Final = {"text": "text", "thinking": "thinking"}
 
 
 def _stop_reason(guard: StreamGuard) -> str:
@@ -35,8 +39,14 @@ def _stop_reason(guard: StreamGuard) -> str:
 
 
 class MessagesFilter(NamedEventFilter):
-    __slots__ = ()
+    __slots__ = ("kinds",)
     delta_marker = b'"content_block_delta"'
+
+    def __init__(
+        self, ex: Exchange, guard_spec: GuardSpec | None, watchdog: StreamWatchdog | None
+    ) -> None:
+        super().__init__(ex, guard_spec, watchdog)
+        self.kinds: dict[int, str] = {}  # block index -> its delta's type (_TEXT_DELTAS)
 
     def is_terminal(self, event: bytes) -> bool:
         return event.find(b"message_delta") >= 0
@@ -67,17 +77,20 @@ class MessagesFilter(NamedEventFilter):
         if name == "content_block_delta":
             delta = obj.get("delta")
             index = obj.get("index", 0)
-            if not isinstance(delta, dict) or delta.get("type") != "text_delta":
+            kind = delta.get("type") if isinstance(delta, dict) else None
+            field = _TEXT_DELTAS.get(kind) if isinstance(kind, str) else None
+            if field is None or not isinstance(delta, dict) or not isinstance(kind, str):
                 return event
-            text = delta.get("text")
+            text = delta.get(field)
             if not isinstance(text, str) or not isinstance(index, int):
                 return event
+            self.kinds[index] = kind
             out, guard = self.feed_text(index, text)
             if guard.finish_reason is not None:
                 return self._end(index, out, guard)
             if out is text:
                 return event
-            delta["text"] = out
+            delta[field] = out
             return named_event(name, obj)
         if name == "content_block_stop":
             index = obj.get("index", 0)
@@ -94,10 +107,11 @@ class MessagesFilter(NamedEventFilter):
         return event
 
     def _delta(self, index: int, text: str) -> bytes:
+        kind = self.kinds.get(index, "text_delta")
         return named_event(
             "content_block_delta",
             {"type": "content_block_delta", "index": index,
-             "delta": {"type": "text_delta", "text": text}},
+             "delta": {"type": kind, _TEXT_DELTAS[kind]: text}},
         )  # fmt: skip
 
     def _end(self, index: int, out: str, guard: StreamGuard) -> bytes:
@@ -169,15 +183,17 @@ class MessagesAdapter(Adapter):
         if spec is None or not isinstance(content, list):
             return None
         for position, block in enumerate(content):
-            if not isinstance(block, dict) or block.get("type") != "text":
+            kind = block.get("type") if isinstance(block, dict) else None
+            field = _TEXT_BLOCKS.get(kind) if isinstance(kind, str) else None
+            if field is None or not isinstance(block, dict):
                 continue
-            text = block.get("text")
+            text = block.get(field)
             if not isinstance(text, str):
                 continue
             result = spec.apply(text)
             if result.finish_reason is None:
                 continue
-            block["text"] = result.text
+            block[field] = result.text
             del content[position + 1 :]
             obj["stop_reason"] = (
                 "refusal" if result.finish_reason == "content_filter" else "stop_sequence"

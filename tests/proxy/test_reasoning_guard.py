@@ -217,3 +217,80 @@ def test_a_whole_responses_answer_cut_in_its_reasoning() -> None:
     assert [item["type"] for item in got["output"]] == ["reasoning"]
     assert got["output"][0]["content"][0]["text"] == "so "
     assert got["status"] == "incomplete"
+
+
+def _messages_events(thinking: list[str], text: list[str]) -> bytes:
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "content": []}},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": ""}},
+    ]  # fmt: skip
+    for piece in thinking:
+        events.append(
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "thinking_delta", "thinking": piece}}
+        )  # fmt: skip
+    events.append({"type": "content_block_stop", "index": 0})
+    events.append(
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}
+    )
+    for piece in text:
+        events.append(
+            {"type": "content_block_delta", "index": 1,
+             "delta": {"type": "text_delta", "text": piece}}
+        )  # fmt: skip
+    events.append({"type": "content_block_stop", "index": 1})
+    events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn"}})
+    events.append({"type": "message_stop"})
+    out = [
+        b"event: %b\ndata: %b\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
+    ]
+    return HEAD + _chunked([*out, b"data: [DONE]\n\n"])
+
+
+def test_a_messages_stream_cut_in_its_thinking_ends_the_message() -> None:
+    answer = _messages_events(["Think: the ", "key is sec", "ret-42 ok"], ["Hi"])
+    with _served(answer) as harness:
+        result = stream_request(
+            harness.url,
+            {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True},
+            path="/v1/messages",
+        )
+    assert result.status == 200, result.body
+    events = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events[:-1]]
+    thinking = "".join(e["delta"]["thinking"] for e in events if e["type"] == "content_block_delta")
+    assert thinking == "Think: the key is "
+    assert all(
+        e["delta"]["type"] == "thinking_delta"
+        for e in events
+        if "delta" in e and "type" in e["delta"]
+    )
+    final = next(e for e in events if e["type"] == "message_delta")
+    assert final["delta"]["stop_reason"] == "refusal"
+    assert events[-1]["type"] == "message_stop"
+    assert "secret" not in result.body.decode() and "Hi" not in result.body.decode()
+
+
+def test_a_whole_message_cut_in_its_thinking() -> None:
+    body = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "so secret-7 it is", "signature": ""},
+            {"type": "text", "text": "secret-7"},
+        ],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 2},
+    }
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        r = httpx.post(
+            harness.url + "/v1/messages",
+            json={"model": "m", "max_tokens": 5, "messages": MSG},
+            timeout=10,
+        )
+    got = r.json()
+    assert got["content"] == [{"type": "thinking", "thinking": "so ", "signature": ""}]
+    assert got["stop_reason"] == "refusal"
