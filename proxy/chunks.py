@@ -107,6 +107,7 @@ class ChunkFilter:
         "n_choices",
         "reasoning_guards",
         "skips_common",
+        "tool_guards",
         "upstream_error",
         "watchdog",
     )
@@ -129,6 +130,9 @@ class ChunkFilter:
         # has a guard of its own while it lasts: its held tail goes out, as reasoning, when
         # the choice's content, a tool call or its finish begins.
         self.reasoning_guards: dict[int, tuple[StreamGuard, str]] = {}
+        # Each tool call's arguments, by (choice, tool call) index, likewise: what they hold
+        # back goes out when the choice finishes.
+        self.tool_guards: dict[tuple[int, int], StreamGuard] = {}
         self.finished: set[int] = set()  # choices the guard ended
         self.done = False  # the client has its [DONE]: stop reading the backend
         self.upstream_error = False
@@ -211,6 +215,14 @@ class ChunkFilter:
                     modified = True
                     if index in self.finished:
                         continue  # the reasoning matched: nothing after it is sent
+                if (
+                    guard_spec is not None
+                    and (self.tool_guards or delta.get("tool_calls"))
+                    and self._guard_tool_calls(choice, delta, index)
+                ):
+                    modified = True
+                    if index in self.finished:
+                        continue
             else:
                 delta = choice
                 text = choice.get("text")
@@ -288,6 +300,7 @@ class ChunkFilter:
             not event.startswith(b"data:")
             or text.find("\n") < len(text) - 2
             or self.reasoning_guards  # a reasoning tail held: parsed, it goes out first
+            or self.tool_guards
         ):
             return self._parse_event(event)  # other fields or lines: the parse reads them
         if self._token_opening and 0 not in self.finished:
@@ -624,6 +637,61 @@ class ChunkFilter:
                 changed = True
         return changed
 
+    def _guard_tool_calls(self, choice: dict[str, Any], delta: dict[str, Any], index: int) -> bool:
+        """Guards each tool call's arguments as text: a stop string or cut pattern in them
+        ends the choice there. True when the chunk changed."""
+        calls = delta.get("tool_calls")
+        changed = False
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(call, dict):
+                    continue
+                arguments = function.get("arguments")
+                tool = call.get("index", 0)
+                if not isinstance(arguments, str) or not arguments or type(tool) is not int:
+                    continue
+                guard = self.tool_guards.get((index, tool))
+                if guard is None:
+                    assert self.guard_spec is not None
+                    guard = self.tool_guards[(index, tool)] = self.guard_spec.start()
+                out = guard.feed(arguments)
+                if guard.finish_reason is not None:
+                    function["arguments"] = out
+                    del calls[position + 1 :]
+                    delta.pop("content", None)
+                    return self._end_in_tool_call(choice, index, guard)
+                if out is not arguments:
+                    function["arguments"] = out
+                    drop_token_details(choice)
+                    changed = True
+        if choice.get("finish_reason") is not None:
+            for tool, tail, guard in self._tool_tails(index):
+                if tail:
+                    if not isinstance(delta.get("tool_calls"), list):
+                        delta["tool_calls"] = []
+                    delta["tool_calls"].append({"index": tool, "function": {"arguments": tail}})
+                    changed = True
+                if guard.finish_reason is not None:
+                    return self._end_in_tool_call(choice, index, guard)
+        return changed
+
+    def _tool_tails(self, index: int) -> list[tuple[int, str, StreamGuard]]:
+        """What the choice's tool-call guards still hold, by tool call; the guards go."""
+        tails = []
+        for key in sorted(k for k in self.tool_guards if k[0] == index):
+            guard = self.tool_guards.pop(key)
+            tails.append((key[1], guard.finish(), guard))
+            if guard.finish_reason is not None:
+                break
+        return tails
+
+    def _end_in_tool_call(self, choice: dict[str, Any], index: int, guard: StreamGuard) -> bool:
+        for key in [k for k in self.tool_guards if k[0] == index]:
+            del self.tool_guards[key]
+        self._end_choice(choice, guard)
+        return True
+
     def _end_in_reasoning(
         self, choice: dict[str, Any], delta: dict[str, Any], key: str, out: str, guard: StreamGuard
     ) -> bool:
@@ -658,7 +726,7 @@ class ChunkFilter:
         return self.flush_held() + DONE_EVENT
 
     def _flush_reasoning(self) -> bytes:
-        """Reasoning still held back when the backend ended with no content after it."""
+        """Reasoning, and tool-call arguments, still held back when the backend ended."""
         out = b""
         for index in sorted(self.reasoning_guards):
             if index in self.finished:
@@ -676,6 +744,27 @@ class ChunkFilter:
             obj["choices"] = [choice]
             out += b"data: " + orjson.dumps(obj) + SEPARATOR
         self.reasoning_guards.clear()
+        for index in sorted({key[0] for key in self.tool_guards}):
+            if index in self.finished:
+                continue
+            calls = []
+            ended: StreamGuard | None = None
+            for tool, tail, guard in self._tool_tails(index):
+                if tail:
+                    calls.append({"index": tool, "function": {"arguments": tail}})
+                if guard.finish_reason is not None:
+                    ended = guard
+            if not calls and ended is None:
+                continue
+            choice = {"index": index, "delta": {"tool_calls": calls}, "logprobs": None}
+            choice["finish_reason"] = ended.finish_reason if ended is not None else None
+            if ended is not None:
+                self.finished.add(index)
+                choice["stop_reason"] = ended.matched
+            obj = dict(self._chunk_template())
+            obj["choices"] = [choice]
+            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+        self.tool_guards.clear()
         return out
 
     def flush_held(self) -> bytes:

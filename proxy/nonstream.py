@@ -95,7 +95,9 @@ async def relay_whole(
 
 
 def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exchange) -> bool:
-    """Applies the guard to a non-stream response body in place; True when changed."""
+    """Applies the guard to a non-stream response body in place; True when changed. A chat
+    message's texts are read in the order they were generated: its reasoning, its content,
+    then each tool call's arguments; the first match cuts there and drops what follows."""
     changed = False
     choices = body.get("choices")
     for choice in choices if isinstance(choices, list) else ():
@@ -104,31 +106,55 @@ def guard_completion(body: dict[str, Any], spec: GuardSpec, chat: bool, ex: Exch
         holder = choice.get("message") if chat else choice
         if not isinstance(holder, dict):
             continue
-        result = None
-        if chat:  # the reasoning first: it came before the content
-            key = "reasoning" if "reasoning" in holder else "reasoning_content"
-            reasoning = holder.get(key)
-            if isinstance(reasoning, str) and reasoning:
-                result = spec.apply(reasoning)
-                if result.finish_reason is not None:  # nothing after it was sent
-                    holder["content"] = None
-                    holder.pop("tool_calls", None)
-        if result is None or result.finish_reason is None:
-            key = "content" if chat else "text"
-            text = holder.get(key)
-            if not isinstance(text, str) or not text:
-                continue
-            result = spec.apply(text)
+        for container, key in _texts(holder, chat):
+            result = spec.apply(container[key])
             if result.finish_reason is None:
                 continue
-        holder[key] = result.text
-        choice["finish_reason"] = result.finish_reason
-        choice["stop_reason"] = result.matched
-        drop_token_details(choice)
-        ex.finish_reason = result.finish_reason
-        ex.cut = result.matched
-        changed = True
+            container[key] = result.text
+            if chat:
+                _drop_after(holder, container, key)
+            choice["finish_reason"] = result.finish_reason
+            choice["stop_reason"] = result.matched
+            drop_token_details(choice)
+            ex.finish_reason = result.finish_reason
+            ex.cut = result.matched
+            changed = True
+            break
     return changed
+
+
+def _texts(holder: dict[str, Any], chat: bool) -> list[tuple[dict[str, Any], str]]:
+    """Where a message's (or completion choice's) non-empty texts are, in generation order."""
+    if not chat:
+        keys = ["text"]
+    else:
+        keys = ["reasoning" if "reasoning" in holder else "reasoning_content", "content"]
+    found = [(holder, key) for key in keys if isinstance(holder.get(key), str) and holder[key]]
+    calls = holder.get("tool_calls") if chat else None
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                found.append((function, "arguments"))
+    return found
+
+
+def _drop_after(holder: dict[str, Any], cut: dict[str, Any], key: str) -> None:
+    """Takes out of a chat message the texts generated after the one the guard cut
+    (`cut[key]`): nothing after a match was sent."""
+    if cut is holder and key != "content" and holder.get("content"):
+        holder["content"] = None  # cut in the reasoning
+    calls = holder.get("tool_calls")
+    if not isinstance(calls, list):
+        return
+    if cut is holder:
+        holder["tool_calls"] = []
+        return
+    for at, call in enumerate(calls):
+        if isinstance(call, dict) and call.get("function") is cut:
+            del calls[at + 1 :]
+            return
 
 
 def drop_token_details(choice: dict[str, Any]) -> None:

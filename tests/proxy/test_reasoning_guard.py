@@ -294,3 +294,81 @@ def test_a_whole_message_cut_in_its_thinking() -> None:
     got = r.json()
     assert got["content"] == [{"type": "thinking", "thinking": "so ", "signature": ""}]
     assert got["stop_reason"] == "refusal"
+
+
+def _call(tool: int, arguments: str, name: str | None = None) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": tool, "function": {"arguments": arguments}}
+    if name is not None:
+        call["id"] = f"call_{tool}"
+        call["type"] = "function"
+        call["function"]["name"] = name
+    return call
+
+
+def _tool_stream(calls: list[dict[str, Any]]) -> bytes:
+    events = []
+    for call in calls:
+        choice = {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None,
+                  "finish_reason": None}  # fmt: skip
+        events.append(b"data: " + json.dumps(BASE | {"choices": [choice]}).encode() + b"\n\n")
+    last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+    events.append(b"data: " + json.dumps(BASE | {"choices": [last]}).encode() + b"\n\n")
+    return HEAD + _chunked([*events, b"data: [DONE]\n\n"])
+
+
+def _arguments(harness: ProxyHarness) -> tuple[dict[int, str], list[str]]:
+    result = stream_request(harness.url, {"model": "m", "messages": MSG, "stream": True})
+    assert result.status == 200, result.body
+    assert result.data()[-1] == "[DONE]"
+    arguments: dict[int, str] = {}
+    finishes = []
+    for obj in result.data()[:-1]:
+        for choice in obj["choices"]:
+            for call in choice["delta"].get("tool_calls") or ():
+                tool = call["index"]
+                arguments[tool] = arguments.get(tool, "") + call["function"].get("arguments", "")
+            if choice.get("finish_reason"):
+                finishes.append(choice["finish_reason"])
+    return arguments, finishes
+
+
+def test_a_cut_pattern_split_across_tool_call_arguments_ends_the_choice() -> None:
+    calls = [_call(0, "", "lookup"), _call(0, '{"key": "sec'), _call(0, 'ret-42"}')]
+    calls.append(_call(1, '{"more": 1}', "other"))
+    with _served(_tool_stream(calls)) as harness:
+        arguments, finishes = _arguments(harness)
+    assert arguments == {0: '{"key": "'}
+    assert finishes == ["content_filter"]
+
+
+def test_held_tool_call_arguments_go_out_when_the_choice_finishes() -> None:
+    calls = [_call(0, "", "lookup"), _call(0, '{"q": "a #'), _call(0, '#"}')]
+    with _served(_tool_stream(calls)) as harness:
+        arguments, finishes = _arguments(harness)
+    assert arguments == {0: '{"q": "a ##"}'}
+    assert finishes == ["tool_calls"]
+
+
+def test_a_whole_answer_cut_in_a_tool_call() -> None:
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+            {"id": "b", "type": "function",
+             "function": {"name": "g", "arguments": '{"k": "secret-9"}'}},
+            {"id": "c", "type": "function", "function": {"name": "h", "arguments": "{}"}},
+        ],
+    }  # fmt: skip
+    body = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}  # fmt: skip
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        r = httpx.post(
+            harness.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=10
+        )
+    choice = r.json()["choices"][0]
+    calls = choice["message"]["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == ['{"x": 1}', '{"k": "']
+    assert choice["finish_reason"] == "content_filter"
