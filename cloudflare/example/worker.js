@@ -90,6 +90,10 @@ export default {
     }
 
     const headers = forwardHeaders(request.headers);
+    const websocket = (request.headers.get("upgrade") ?? "").toLowerCase() === "websocket";
+    // A WebSocket (sluice takes it on the completion paths): the runtime makes the
+    // origin's handshake itself when the request passed to fetch() asks for the upgrade.
+    if (websocket) headers.set("upgrade", "websocket");
     headers.set(REQUEST_ID_HEADER, requestId);
     const clientIp = request.headers.get("cf-connecting-ip");
     if (clientIp) headers.set(CLIENT_IP_HEADER, clientIp);
@@ -111,6 +115,10 @@ export default {
 
     const outHeaders = new Headers(response.headers);
     if (allowOrigin !== null) addCorsHeaders(outHeaders, allowOrigin);
+    if (response.webSocket) {
+      // 101: the client's socket is the origin's, relayed message by message.
+      return new Response(null, { status: 101, webSocket: response.webSocket, headers: outHeaders });
+    }
     let body = NULL_BODY_STATUS.has(response.status) ? null : response.body;
     const type = outHeaders.get("content-type") ?? "";
     if (body !== null && type.toLowerCase().startsWith("text/event-stream")) {

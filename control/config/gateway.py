@@ -269,6 +269,16 @@ class _Builder:
                 "one replica miss through another; set cache_isolation.secret (env:VAR, the "
                 "same on every replica)",
             )
+        resumable = self.resumable_policies()
+        if resumable and gw.limits.store is None:
+            names = ", ".join(resumable)
+            self.warn(
+                path,
+                f"{count} and resume_window in policies {names} without limits.store: a "
+                "resume (GET /v1/streams/<id>) reaches the replica that runs the generation "
+                "only by chance (404 stream_not_found otherwise); set limits.store to a Redis "
+                "URL shared by the replicas (docs/STREAMS.md)",
+            )
         if gw.records.path is not None and gw.records.url is None:
             self.warn(
                 path,
@@ -276,6 +286,17 @@ class _Builder:
                 "file, so `sluice ab report` covers one replica and /v1/feedback finds only "
                 "its requests; set records.url to a PostgreSQL URL (or records.path: null)",
             )
+
+    def resumable_policies(self) -> list[str]:
+        """The policies with `resume_window` that a route or an experiment variant uses."""
+        used = {r.policy for r in self.gw.routes} | {
+            v.policy for e in self.gw.experiments for v in e.variants
+        }
+        return sorted(
+            name
+            for name in used
+            if name is not None and name in self.policies and self.policies[name].resume_window
+        )
 
     def app_fields(self, parts: GatewayParts) -> None:
         """Each app that sets request_fields: its rules over every route's."""

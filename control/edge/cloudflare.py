@@ -35,6 +35,8 @@ CORS_ALLOW_HEADERS = (
     "x-request-id",
     "x-sluice-preset",
 )
+# A resume's position in the stream (GET /v1/streams/<id>), sent by EventSource itself.
+RESUME_HEADER = "last-event-id"
 # Response headers a browser script may read.
 CORS_EXPOSE_HEADERS = (
     "retry-after",
@@ -58,11 +60,26 @@ def _sticky_headers(gateway: GatewayFile) -> list[str]:
     )
 
 
-def worker_settings(gateway: GatewayFile) -> dict[str, Any]:
+def _config_headers(built: BuiltConfig, gateway: GatewayFile) -> set[str]:
+    """Request headers the config gives a meaning: experiments' sticky headers, backends'
+    session headers (routing.session_header), and Last-Event-ID where a route's streams
+    are resumable (resume_window)."""
+    headers = set(_sticky_headers(gateway))
+    headers |= {b.routing.session_header for b in gateway.backends if b.routing.session_header}
+    policies = [route.policy for route in built.snapshot.routes.values()]
+    for route in built.snapshot.routes.values():
+        if route.experiment is not None:
+            policies += [v.policy for v in route.experiment.variants if v.policy is not None]
+    if any(policy.resume_window for policy in policies):
+        headers.add(RESUME_HEADER)
+    return headers
+
+
+def worker_settings(built: BuiltConfig, gateway: GatewayFile) -> dict[str, Any]:
     """What worker.js embeds as `SETTINGS`: plain JSON data."""
     section = gateway.edge.cloudflare
     assert section is not None
-    allow = sorted(set(CORS_ALLOW_HEADERS) | set(_sticky_headers(gateway)))
+    allow = sorted(set(CORS_ALLOW_HEADERS) | _config_headers(built, gateway))
     return {
         "allowedOrigins": list(section.allowed_origins),
         "corsAllowHeaders": allow,
@@ -82,7 +99,7 @@ def render_cloudflare(built: BuiltConfig, gateway: GatewayFile) -> RenderedFiles
     if section is None:
         raise CliError("the Gateway document has no edge.cloudflare section: nothing to render")
     env = environment(TEMPLATES)
-    settings = worker_settings(gateway)
+    settings = worker_settings(built, gateway)
     worker = env.get_template("worker.js.j2").render(settings=settings)
     wrangler = env.get_template("wrangler.toml.j2").render(
         name=section.worker_name,

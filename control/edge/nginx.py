@@ -2,9 +2,9 @@
 
 One http-context file (`sluice.conf`, for nginx.conf's http block; Debian:
 /etc/nginx/conf.d/): an upstream of the replicas with HTTP/1.1 keep-alive, SSE-safe proxy
-settings, timeouts derived from the policies, the body limit, X-Request-ID, per-client
-limits, a JSON access log, health locations, and an optional TLS server block. Only
-/v1/ and the health checks are reachable through it: /metrics and /admin stay private.
+settings, WebSocket upgrades on the completion paths, timeouts derived from the routes'
+deadlines, the body limit, X-Request-ID, per-client limits, a JSON access log, health
+locations, and an optional TLS server block. Only /v1/ and the health checks are reachable through it: /metrics and /admin stay private.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sluice.control.errors import CliError
 from sluice.proxy.endpoints import FORWARDED, LOCAL_PATHS, UNGUARDED_GENERATING
 from sluice.proxy.http import KEEPALIVE_IDLE_TIMEOUT
 from sluice.proxy.tgi import TGI_PATHS
+from sluice.proxy.websocket import WEBSOCKET_PATHS
 
 from .templates import RenderedFiles, environment
 from .timing import (
@@ -81,7 +82,7 @@ def nginx_context(built: BuiltConfig, gateway: GatewayFile) -> dict[str, Any]:
         "health_timeout": HEALTH_READ_TIMEOUT,
         "read_timeout": timing.read_timeout,
         "read_timeout_why": (
-            f"longest policy total {seconds(longest)}"
+            f"longest route total {seconds(longest)}"
             if longest is not None
             else f"a route without a total timeout ({seconds(UNBOUNDED_STREAM_SECONDS)})"
         )
@@ -90,6 +91,7 @@ def nginx_context(built: BuiltConfig, gateway: GatewayFile) -> dict[str, Any]:
         "max_body_bytes": max_body,
         "max_upload_bytes": gateway.limits.max_upload_bytes,
         "root_paths": root_paths(),
+        "websocket_paths": [path[1:] for path in WEBSOCKET_PATHS],
         "body_buffer": min(max_body, BODY_BUFFER_MAX),
         "limit_conn": section.limit_conn,
         "limit_req": section.limit_req,

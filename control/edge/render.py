@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         rendered = render(args.target_kind, built, _gateway(built, directory))
     except RenderError as exc:
         raise CliError(str(exc)) from None
+    # The config's own warnings, as `sluice check` prints them: some say what an edge in
+    # front of several replicas breaks (resume, limits without a shared store).
+    for issue in built.warnings:
+        print(issue, file=sys.stderr)
     for warning in rendered.warnings:
         print(f"sluice render: warning: {warning}", file=sys.stderr)
     if args.out is None:

@@ -1,7 +1,8 @@
 """How long the edge waits for sluice, derived from the Gateway document and the policies.
 
 Before its first byte, sluice waits for an app permit, a backend permit and the backend's
-connect; after it, a stream lasts at most its policy's `total`. The edge's timeouts cover
+connect; after it, a stream lasts at most its route's `total` (its Policy's, else the
+Gateway's `timeouts.total`). The edge's timeouts cover
 all of it plus a margin, so sluice's own deadlines always fire first and the client gets
 sluice's terminal error event rather than a cut connection.
 """
@@ -39,13 +40,13 @@ class EdgeTiming:
 
 
 def edge_timing(built: BuiltConfig, gateway: GatewayFile) -> EdgeTiming:
-    """From the policies the routes and experiment variants use, and the queues."""
-    route_policy = {route.model: route.policy for route in gateway.routes}
-    used: list[str | None] = list(route_policy.values())
-    for experiment in gateway.experiments:
-        default = route_policy.get(experiment.route)
-        used += [variant.policy or default for variant in experiment.variants]
-    totals = [built.policies[name].timeouts.total if name is not None else None for name in used]
+    """From the deadlines sluice applies to each route and experiment variant (its Policy's,
+    else the Gateway's `timeouts`, as the snapshot resolved them), and the queues."""
+    totals: list[float | None] = []
+    for route in built.snapshot.routes.values():
+        totals.append(route.policy.timeouts.total)
+        if route.experiment is not None:
+            totals += [(v.policy or route.policy).timeouts.total for v in route.experiment.variants]
     longest = None if not totals or None in totals else max(t for t in totals if t is not None)
     # Only apps with a concurrency limit queue.
     limited = [app for app in gateway.apps if app.max_concurrency is not None]

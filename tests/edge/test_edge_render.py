@@ -19,7 +19,7 @@ import pytest
 from sluice.control.config.build import ConfigInvalid, load_config
 from sluice.control.edge.render import render
 from sluice.control.edge.templates import RenderError, environment
-from sluice.control.edge.timing import EdgeTiming
+from sluice.control.edge.timing import EdgeTiming, edge_timing
 
 from tests.fixtures import REPO, sluice_cmd
 
@@ -182,6 +182,45 @@ def test_example_timeouts_exceed_every_policy_total() -> None:
     assert f"client_max_body_size {built.snapshot.max_body_bytes};" in conf
 
 
+def _timing(tmp_path: Path, gateway: str, policies: str = "") -> EdgeTiming:
+    (tmp_path / "gateway.yaml").write_text(gateway)
+    if policies:
+        (tmp_path / "policies.yaml").write_text(policies)
+    built = load_config(tmp_path)
+    assert built.gateway is not None
+    return edge_timing(built, built.gateway)
+
+
+TIMING_GATEWAY = (
+    "kind: Gateway\n"
+    "timeouts: {total: 3h}\n"
+    "backends: [{name: b, urls: ['http://127.0.0.1:8100'], queue: {max_wait: 10s}}]\n"
+)
+
+
+def test_route_without_a_policy_takes_the_gateways_total(tmp_path: Path) -> None:
+    """sluice holds a route without a Policy to the Gateway's timeouts.total (3h here):
+    nginx must wait longer than that, not the 1h of "no total"."""
+    timing = _timing(tmp_path, TIMING_GATEWAY + "routes: [{model: chat, backend: b}]\n")
+    assert timing.longest_total == 3 * 3600
+    assert timing.read_timeout == 3 * 3600 + 10 + 5 + 30
+
+
+def test_policy_without_a_total_takes_the_gateways(tmp_path: Path) -> None:
+    routes = "routes: [{model: a, backend: b, policy: p}, {model: c, backend: b, policy: q}]\n"
+    policies = (
+        "kind: Policy\nname: p\nkeepalive_interval: 5s\n---\n"
+        "kind: Policy\nname: q\ntimeouts: {total: 20m}\n"
+    )
+    assert _timing(tmp_path, TIMING_GATEWAY + routes, policies).longest_total == 3 * 3600
+
+
+def test_a_total_turned_off_is_unbounded(tmp_path: Path) -> None:
+    gateway = TIMING_GATEWAY.replace("{total: 3h}", "{total: null}")
+    timing = _timing(tmp_path, gateway + "routes: [{model: chat, backend: b}]\n")
+    assert timing.longest_total is None
+
+
 # -- the command --------------------------------------------------------------------------------
 
 
@@ -231,3 +270,42 @@ def test_cloudflare_warns_when_queues_outlast_its_idle_limit(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert "524" in result.stderr  # a 96s queue wait + a 5s connect: past 100s
     assert "origin_secret is not set" in result.stderr
+
+
+def test_render_prints_the_configs_warnings(tmp_path: Path) -> None:
+    """Resume behind nginx with several replicas and no shared store lands on another
+    replica (404 stream_not_found): render says so, as check does."""
+    (tmp_path / "gateway.yaml").write_text(
+        "kind: Gateway\n"
+        "backends: [{name: b, urls: ['http://127.0.0.1:8100']}]\n"
+        "routes: [{model: chat, backend: b, policy: resumable}]\n"
+        "edge: {nginx: {server_name: api.example.com, "
+        "replicas: ['10.0.0.1:8000', '10.0.0.2:8000']}}\n"
+    )
+    (tmp_path / "policy.yaml").write_text("kind: Policy\nname: resumable\nresume_window: 30s\n")
+    result = _sluice("render", "nginx", "--config", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "resume_window" in line]
+    assert len(lines) == 1, result.stderr
+    assert "edge.nginx.replicas" in lines[0] and "warning" in lines[0]
+    assert "resumable" in lines[0] and "limits.store" in lines[0]
+    assert "no limits.store: each replica admits" in result.stderr  # the other warnings too
+    checked = _sluice("check", str(tmp_path))
+    assert lines[0] in checked.stdout
+
+
+def test_no_resume_warning_with_a_shared_store_or_one_replica(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text("kind: Policy\nname: resumable\nresume_window: 30s\n")
+    base = (
+        "kind: Gateway\n"
+        "backends: [{name: b, urls: ['http://127.0.0.1:8100']}]\n"
+        "routes: [{model: chat, backend: b, policy: resumable}]\n"
+    )
+    for extra in (
+        "limits: {store: 'redis://127.0.0.1:6379/0'}\n"
+        "edge: {nginx: {server_name: a.example.com, replicas: ['10.0.0.1:8000', '10.0.0.2:8000']}}\n",
+        "edge: {nginx: {server_name: a.example.com, replicas: ['10.0.0.1:8000']}}\n",
+    ):
+        (tmp_path / "gateway.yaml").write_text(base + extra)
+        built = load_config(tmp_path)
+        assert not [w for w in built.warnings if "resume_window" in str(w)], built.warnings

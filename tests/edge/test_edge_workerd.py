@@ -4,6 +4,8 @@ to echo). Bindings are wrangler.toml's [vars] plus the secret `wrangler secret p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from tests.edge.fixtures import ORIGIN_SECRET, Workerd, render, start_sluice, write_config
 from tests.fixtures import ProcessServer, SimClient, stream_request
@@ -45,9 +48,17 @@ def gateway(origin: str) -> dict[str, Any]:
     }
 
 
-def start_worker(root: Path, origin: str, *, secret: str | None = ORIGIN_SECRET) -> Workerd:
-    """Renders for `origin` and runs worker.js with wrangler.toml's vars and the secret."""
-    config = write_config(root / "render-config", gateway(origin))
+def start_worker(
+    root: Path,
+    origin: str,
+    *,
+    secret: str | None = ORIGIN_SECRET,
+    document: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> Workerd:
+    """Renders `document` (default: gateway(origin)) and `files` and runs worker.js with
+    wrangler.toml's vars and the secret."""
+    config = write_config(root / "render-config", document or gateway(origin), files)
     render("cloudflare", config, root)
     bindings = dict(tomllib.loads((root / "wrangler.toml").read_text())["vars"])
     if secret is not None:
@@ -166,6 +177,41 @@ def test_cors_preflight_is_answered_at_the_edge(stack: Stack) -> None:
     assert "x-request-id" in actual.headers["access-control-expose-headers"]
 
 
+def test_cors_preflight_allows_the_headers_the_config_uses(tmp_path: Path) -> None:
+    """Last-Event-ID where a route's streams are resumable, a backend's session header."""
+    document = gateway("http://127.0.0.1:1")
+    document["backends"][0]["routing"] = {"session_header": "X-Chat-Session"}
+    document["routes"][0]["policy"] = "resumable"
+    policy = "kind: Policy\nname: resumable\nresume_window: 30s\n"
+    worker = start_worker(
+        tmp_path, "http://127.0.0.1:1", document=document, files={"policy.yaml": policy}
+    )
+    try:
+        allowed = httpx.options(
+            worker.url + "/v1/streams/abc",
+            headers={
+                "access-control-request-method": "GET",
+                "access-control-request-headers": "last-event-id, x-chat-session",
+                "origin": APP_ORIGIN,
+            },
+            timeout=5,
+        )
+    finally:
+        worker.stop()
+    assert allowed.status_code == 204
+    listed = {h.strip() for h in allowed.headers["access-control-allow-headers"].split(",")}
+    assert {"last-event-id", "x-chat-session", "authorization"} <= listed
+
+
+def test_cors_preflight_lists_no_header_the_config_does_not_use(stack: Stack) -> None:
+    allowed = httpx.options(
+        stack.worker.url + "/v1/chat/completions",
+        headers={"access-control-request-method": "POST", "origin": APP_ORIGIN},
+        timeout=5,
+    )
+    assert "last-event-id" not in allowed.headers["access-control-allow-headers"]
+
+
 def test_silent_origin_gets_keepalive_comments(stack: Stack, sim_client: SimClient) -> None:
     # The backend goes quiet after 2 tokens; sluice (no inter-token timeout) keeps waiting.
     start = time.monotonic()
@@ -269,3 +315,29 @@ def test_paths_outside_v1_are_not_forwarded(scripted_worker: Workerd) -> None:
     response = httpx.get(scripted_worker.url + "/admin/status", timeout=5)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+async def _websocket_exchange(
+    url: str, path: str, request: dict[str, Any]
+) -> tuple[list[str], int]:
+    messages: list[str] = []
+    async with websockets.connect(url.replace("http://", "ws://") + path) as ws:
+        await ws.send(json.dumps(request))
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                message = await ws.recv()
+                assert isinstance(message, str)
+                messages.append(message)
+    assert ws.protocol.close_rcvd is not None
+    return messages, ws.protocol.close_rcvd.code
+
+
+def test_websocket_passes_the_worker(stack: Stack) -> None:
+    """sluice's WebSocket on a completion path works through the Worker as it does direct
+    (the Worker adds the origin secret to the upgrade request)."""
+    messages, code = asyncio.run(
+        _websocket_exchange(stack.worker.url, "/v1/chat/completions", chat(5))
+    )
+    assert code == 1000
+    assert messages[-1] == "[DONE]" and len(messages) > 1
+    assert "choices" in json.loads(messages[0])
