@@ -28,9 +28,14 @@ from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
 _STOP_REASONS: Final = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}
-# The deltas the guard reads, and their text's field: the answer's text and a reasoning
-# model's thinking (vLLM is sent the policy's stop strings, never its cut patterns).
-_TEXT_DELTAS: Final = {"text_delta": "text", "thinking_delta": "thinking"}
+# The deltas the guard reads, and their text's field: the answer's text, a reasoning
+# model's thinking and a tool call's input as generated (vLLM is sent the policy's stop
+# strings, never its cut patterns).
+_TEXT_DELTAS: Final = {
+    "text_delta": "text",
+    "thinking_delta": "thinking",
+    "input_json_delta": "partial_json",
+}
 _TEXT_BLOCKS: Final = {"text": "text", "thinking": "thinking"}
 
 
@@ -184,17 +189,25 @@ class MessagesAdapter(Adapter):
             return None
         for position, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
-            field = _TEXT_BLOCKS.get(kind) if isinstance(kind, str) else None
-            if field is None or not isinstance(block, dict):
-                continue
-            text = block.get(field)
-            if not isinstance(text, str):
-                continue
-            result = spec.apply(text)
-            if result.finish_reason is None:
-                continue
-            block[field] = result.text
-            del content[position + 1 :]
+            if kind == "tool_use" and isinstance(block, dict):
+                # Its input is an object here: read as JSON text; a match drops the call
+                # (half an object is no input).
+                result = spec.apply(orjson.dumps(block.get("input")).decode())
+                if result.finish_reason is None:
+                    continue
+                del content[position:]
+            else:
+                field = _TEXT_BLOCKS.get(kind) if isinstance(kind, str) else None
+                if field is None or not isinstance(block, dict):
+                    continue
+                text = block.get(field)
+                if not isinstance(text, str):
+                    continue
+                result = spec.apply(text)
+                if result.finish_reason is None:
+                    continue
+                block[field] = result.text
+                del content[position + 1 :]
             obj["stop_reason"] = (
                 "refusal" if result.finish_reason == "content_filter" else "stop_sequence"
             )

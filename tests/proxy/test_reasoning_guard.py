@@ -372,3 +372,52 @@ def test_a_whole_answer_cut_in_a_tool_call() -> None:
     calls = choice["message"]["tool_calls"]
     assert [c["function"]["arguments"] for c in calls] == ['{"x": 1}', '{"k": "']
     assert choice["finish_reason"] == "content_filter"
+
+
+def test_a_messages_tool_use_input_is_guarded_streamed_and_whole() -> None:
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "content": []}},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}},
+    ]  # fmt: skip
+    for piece in ['{"key": "sec', 'ret-42"}']:
+        events.append(
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "input_json_delta", "partial_json": piece}}
+        )  # fmt: skip
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}},
+        {"type": "message_stop"},
+    ]
+    out = [
+        b"event: %b\ndata: %b\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
+    ]
+    with _served(HEAD + _chunked([*out, b"data: [DONE]\n\n"])) as harness:
+        result = stream_request(
+            harness.url,
+            {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True},
+            path="/v1/messages",
+        )
+    assert result.status == 200, result.body
+    got = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events[:-1]]
+    partial = "".join(e["delta"]["partial_json"] for e in got if e["type"] == "content_block_delta")
+    assert partial == '{"key": "'
+    assert next(e for e in got if e["type"] == "message_delta")["delta"]["stop_reason"] == "refusal"
+
+    body = {
+        "id": "msg_1", "type": "message", "role": "assistant", "stop_reason": "tool_use",
+        "content": [{"type": "text", "text": "Calling."},
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {"k": "secret-9"}}],
+    }  # fmt: skip
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        r = httpx.post(
+            harness.url + "/v1/messages",
+            json={"model": "m", "max_tokens": 5, "messages": MSG},
+            timeout=10,
+        )
+    answer = r.json()
+    assert answer["content"] == [{"type": "text", "text": "Calling."}]
+    assert answer["stop_reason"] == "refusal"
