@@ -22,7 +22,7 @@ from .errors import ApiError, retry_after_of
 from .eventfilter import NamedEventFilter, named_event
 from .exchange import Exchange
 from .snapshot import StreamPolicy
-from .stopwords import GuardSpec, StreamGuard
+from .stopwords import GuardResult, GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
 
 _TERMINAL: Final = (b"response.completed", b"response.incomplete", b"response.failed")
@@ -30,8 +30,14 @@ _TERMINAL: Final = (b"response.completed", b"response.incomplete", b"response.fa
 # sent the policy's stop strings, never its cut patterns: only sluice keeps those out).
 _TEXT_PARTS: Final = ("output_text", "reasoning_text")
 _DELTAS: Final = {"response.output_text.delta": "output_text",
-                  "response.reasoning_text.delta": "reasoning_text"}  # fmt: skip
-_DONES: Final = ("response.output_text.done", "response.reasoning_text.done")
+                  "response.reasoning_text.delta": "reasoning_text",
+                  "response.function_call_arguments.delta": "function_call_arguments"}  # fmt: skip
+_DONES: Final = (
+    "response.output_text.done",
+    "response.reasoning_text.done",
+    "response.function_call_arguments.done",
+)
+_CALL: Final = "function_call_arguments"  # a function call's arguments: text of the item
 
 
 def _key(obj: dict[str, Any]) -> int | None:
@@ -68,6 +74,11 @@ def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
     if not isinstance(output, list):
         return
     for output_index, item in enumerate(output):
+        if isinstance(item, dict) and item.get("type") == "function_call":
+            key = output_index * 1024
+            if key in texts and "arguments" in item:
+                item["arguments"] = texts[key]
+            continue
         if not isinstance(item, dict) or not isinstance(item.get("content"), list):
             continue
         for content_index, part in enumerate(item["content"]):
@@ -76,6 +87,19 @@ def _set_texts(response: dict[str, Any], texts: dict[int, str]) -> None:
                 part["text"] = texts[key]
                 if part.get("logprobs"):
                     part["logprobs"] = []
+
+
+def _cut_whole(
+    obj: dict[str, Any], output: list[Any], output_index: int, result: GuardResult, ex: Exchange
+) -> dict[str, Any]:
+    """A whole response cut in its item `output_index`: the items after it go."""
+    del output[output_index + 1 :]
+    if result.finish_reason == "content_filter":
+        obj["status"] = "incomplete"
+        obj["incomplete_details"] = {"reason": "content_filter"}
+    ex.finish_reason = result.finish_reason
+    ex.cut = result.matched
+    return obj
 
 
 def _error_event(
@@ -96,7 +120,7 @@ def _error_event(
 
 
 class ResponsesFilter(NamedEventFilter):
-    __slots__ = ("base", "items", "kinds", "sequence")
+    __slots__ = ("base", "calls", "items", "kinds", "sequence")
     delta_marker = b'.delta"'
 
     def __init__(
@@ -105,7 +129,8 @@ class ResponsesFilter(NamedEventFilter):
         super().__init__(ex, guard_spec, watchdog)
         self.base: dict[str, Any] = {}  # the response object of response.created
         self.items: dict[int, str] = {}  # guard key -> item id
-        self.kinds: dict[int, str] = {}  # guard key -> its part's type (_TEXT_PARTS)
+        self.kinds: dict[int, str] = {}  # guard key -> its part's type (_TEXT_PARTS, _CALL)
+        self.calls: dict[int, dict[str, Any]] = {}  # output index -> its function_call item
         # The last sequence_number sent (the first event's is 0). Unguarded, events go out
         # as they came and are counted; guarded, each one sent is numbered here (`_pass`),
         # so the events sluice adds shift the backend's after them.
@@ -126,6 +151,11 @@ class ResponsesFilter(NamedEventFilter):
             return
         if name == "response.created" and isinstance(obj.get("response"), dict):
             self.base = obj["response"]
+        elif name == "response.output_item.added":
+            item, output_index = obj.get("item"), obj.get("output_index")
+            called = isinstance(item, dict) and item.get("type") == "function_call"
+            if called and isinstance(item, dict) and isinstance(output_index, int):
+                self.calls[output_index] = item
         elif name in ("response.completed", "response.incomplete", "response.failed"):
             _record(self.ex, obj.get("response"))
             self.done = True
@@ -166,7 +196,9 @@ class ResponsesFilter(NamedEventFilter):
                     return self._end(key, obj, out, guard)
                 if out:
                     prefix = self._delta(key, obj, out)
-            obj["text"] = self.text_of(key)
+            obj["arguments" if name == "response.function_call_arguments.done" else "text"] = (
+                self.text_of(key)
+            )
             return prefix + self._renumbered(name, obj)
         if name == "response.content_part.done":
             key = _key(obj)
@@ -215,48 +247,55 @@ class ResponsesFilter(NamedEventFilter):
     def _delta(self, key: int, like: dict[str, Any], text: str) -> bytes:
         kind = self.kinds.get(key, "output_text")
         name = f"response.{kind}.delta"
-        obj: dict[str, Any] = {
-            "content_index": key % 1024,
-            "delta": text,
-            "item_id": self.items.get(key, like.get("item_id", "")),
-        }
+        obj: dict[str, Any] = {} if kind == _CALL else {"content_index": key % 1024}
+        obj["delta"] = text
+        obj["item_id"] = self.items.get(key, like.get("item_id", ""))
         if kind == "output_text":
             obj["logprobs"] = []
         obj.update(output_index=key // 1024, sequence_number=self._next(), type=name)
         return named_event(name, obj)
 
     def _end(self, key: int, like: dict[str, Any], out: str, guard: StreamGuard) -> bytes:
-        """Closes the cut text part, its item (the message, or the reasoning) and the
-        response."""
+        """Closes the cut text part, its item (the message, the reasoning, or the function
+        call) and the response."""
         self.cut(key, guard)
         text = self.text_of(key)
         item_id = self.items.get(key, like.get("item_id", ""))
         output_index, content_index = key // 1024, key % 1024
         kind = self.kinds.get(key, "output_text")
-        part: dict[str, Any]
-        item: dict[str, Any]
-        done: dict[str, Any] = {"content_index": content_index, "item_id": item_id}
-        if kind == "output_text":
-            part = {"annotations": [], "text": text, "type": kind, "logprobs": None}
-            item = {"id": item_id, "content": [part], "role": "assistant",
-                    "status": "completed", "type": "message"}  # fmt: skip
-            done["logprobs"] = []
-        else:
-            part = {"text": text, "type": kind}
-            item = {"id": item_id, "content": [part], "summary": [], "type": "reasoning",
-                    "status": "completed"}  # fmt: skip
         events = [self._delta(key, like, out)] if out else []  # numbered before the done
-        done.update(output_index=output_index, sequence_number=self._next(), text=text)
-        done["type"] = f"response.{kind}.done"
-        events.append(named_event(done["type"], done))
-        events.append(
-            named_event(
-                "response.content_part.done",
-                {"content_index": content_index, "item_id": item_id,
-                 "output_index": output_index, "part": part,
-                 "sequence_number": self._next(), "type": "response.content_part.done"},
-            )
-        )  # fmt: skip
+        if kind == _CALL:
+            item = {**self.calls.get(output_index, {}), "arguments": text, "status": "completed"}
+            item.setdefault("id", item_id)
+            item.setdefault("type", "function_call")
+            done: dict[str, Any] = {"arguments": text, "item_id": item_id,
+                                    "output_index": output_index}  # fmt: skip
+            done.update(sequence_number=self._next(), type=f"response.{kind}.done")
+            events.append(named_event(done["type"], done))
+        else:
+            part: dict[str, Any]
+            if kind == "output_text":
+                part = {"annotations": [], "text": text, "type": kind, "logprobs": None}
+                item = {"id": item_id, "content": [part], "role": "assistant",
+                        "status": "completed", "type": "message"}  # fmt: skip
+            else:
+                part = {"text": text, "type": kind}
+                item = {"id": item_id, "content": [part], "summary": [], "type": "reasoning",
+                        "status": "completed"}  # fmt: skip
+            done = {"content_index": content_index, "item_id": item_id}
+            if kind == "output_text":
+                done["logprobs"] = []
+            done.update(output_index=output_index, sequence_number=self._next(), text=text)
+            done["type"] = f"response.{kind}.done"
+            events.append(named_event(done["type"], done))
+            events.append(
+                named_event(
+                    "response.content_part.done",
+                    {"content_index": content_index, "item_id": item_id,
+                     "output_index": output_index, "part": part,
+                     "sequence_number": self._next(), "type": "response.content_part.done"},
+                )
+            )  # fmt: skip
         events.append(
             named_event(
                 "response.output_item.done",
@@ -331,6 +370,13 @@ class ResponsesAdapter(Adapter):
         if spec is None or not isinstance(output, list):
             return None
         for output_index, item in enumerate(output):
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                arguments = item.get("arguments")
+                result = spec.apply(arguments) if isinstance(arguments, str) else None
+                if result is not None and result.finish_reason is not None:
+                    item["arguments"] = result.text
+                    return _cut_whole(obj, output, output_index, result, ex)
+                continue
             if not isinstance(item, dict) or not isinstance(item.get("content"), list):
                 continue
             for content_index, part in enumerate(item["content"]):
@@ -346,11 +392,5 @@ class ResponsesAdapter(Adapter):
                 if part.get("logprobs"):
                     part["logprobs"] = []
                 del item["content"][content_index + 1 :]
-                del output[output_index + 1 :]
-                if result.finish_reason == "content_filter":
-                    obj["status"] = "incomplete"
-                    obj["incomplete_details"] = {"reason": "content_filter"}
-                ex.finish_reason = result.finish_reason
-                ex.cut = result.matched
-                return obj
+                return _cut_whole(obj, output, output_index, result, ex)
         return None

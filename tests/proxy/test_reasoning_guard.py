@@ -421,3 +421,50 @@ def test_a_messages_tool_use_input_is_guarded_streamed_and_whole() -> None:
     answer = r.json()
     assert answer["content"] == [{"type": "text", "text": "Calling."}]
     assert answer["stop_reason"] == "refusal"
+
+
+def test_a_responses_function_call_cut_in_its_arguments() -> None:
+    base = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+    item = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "lookup",
+            "arguments": "", "status": "in_progress"}  # fmt: skip
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": base},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
+    ]
+    for piece in ['{"key": "sec', 'ret-42"}']:
+        events.append(
+            {"type": "response.function_call_arguments.delta", "output_index": 0,
+             "item_id": "fc_1", "delta": piece}
+        )  # fmt: skip
+    events.append(
+        {"type": "response.function_call_arguments.done", "output_index": 0, "item_id": "fc_1",
+         "arguments": '{"key": "secret-42"}'}
+    )  # fmt: skip
+    events.append({"type": "response.completed", "response": {**base, "status": "completed"}})
+    with _served(_named_stream(events)) as harness:
+        result = stream_request(
+            harness.url, {"model": "m", "input": "x", "stream": True}, path="/v1/responses"
+        )
+    assert result.status == 200, result.body
+    got = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events]
+    deltas = "".join(
+        e["delta"] for e in got if e["type"] == "response.function_call_arguments.delta"
+    )
+    assert deltas == '{"key": "'
+    done = next(e for e in got if e["type"] == "response.function_call_arguments.done")
+    assert done["arguments"] == '{"key": "'
+    final_item = next(e for e in got if e["type"] == "response.output_item.done")["item"]
+    assert final_item["name"] == "lookup" and final_item["arguments"] == '{"key": "'
+    assert got[-1]["type"] == "response.incomplete"
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
+    assert "secret" not in result.body.decode()
+
+    body = {"id": "resp_1", "object": "response", "status": "completed",
+            "output": [{**item, "arguments": '{"k": "secret-9"}', "status": "completed"}]}  # fmt: skip
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        r = httpx.post(harness.url + "/v1/responses", json={"model": "m", "input": "x"}, timeout=10)
+    answer = r.json()
+    assert answer["output"][0]["arguments"] == '{"k": "'
+    assert answer["status"] == "incomplete"
