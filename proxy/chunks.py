@@ -735,35 +735,19 @@ class ChunkFilter:
             tail = guard.finish()
             if not tail and guard.finish_reason is None:
                 continue
-            choice: dict[str, Any] = {"index": index, "delta": {key: tail}, "logprobs": None}
-            choice["finish_reason"] = guard.finish_reason
-            if guard.finish_reason is not None:
-                self.finished.add(index)
-                choice["stop_reason"] = guard.matched
-            obj = dict(self._chunk_template())
-            obj["choices"] = [choice]
-            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+            out += self._held_chunk({"index": index, "delta": {key: tail}}, guard)
         self.reasoning_guards.clear()
         for index in sorted({key[0] for key in self.tool_guards}):
             if index in self.finished:
                 continue
             calls = []
-            ended: StreamGuard | None = None
+            last: StreamGuard | None = None
             for tool, tail, guard in self._tool_tails(index):
                 if tail:
                     calls.append({"index": tool, "function": {"arguments": tail}})
-                if guard.finish_reason is not None:
-                    ended = guard
-            if not calls and ended is None:
-                continue
-            choice = {"index": index, "delta": {"tool_calls": calls}, "logprobs": None}
-            choice["finish_reason"] = ended.finish_reason if ended is not None else None
-            if ended is not None:
-                self.finished.add(index)
-                choice["stop_reason"] = ended.matched
-            obj = dict(self._chunk_template())
-            obj["choices"] = [choice]
-            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+                last = guard  # the one that matched, if any: _tool_tails stops there
+            if last is not None and (calls or last.finish_reason is not None):
+                out += self._held_chunk({"index": index, "delta": {"tool_calls": calls}}, last)
         self.tool_guards.clear()
         return out
 
@@ -785,12 +769,17 @@ class ChunkFilter:
                 choice["delta"] = {"content": tail}
             else:
                 choice["text"] = tail
-            choice["logprobs"] = None
-            choice["finish_reason"] = guard.finish_reason
-            if guard.finish_reason is not None:
-                self.finished.add(index)
-                choice["stop_reason"] = guard.matched
-            obj = dict(self._chunk_template())
-            obj["choices"] = [choice]
-            out += b"data: " + orjson.dumps(obj) + SEPARATOR
+            out += self._held_chunk(choice, guard)
         return out
+
+    def _held_chunk(self, choice: dict[str, Any], guard: StreamGuard) -> bytes:
+        """A chunk of sluice's with what `guard` still held at the stream's end (`choice`,
+        its index and text); the choice ends there when the guard matched."""
+        choice["logprobs"] = None
+        choice["finish_reason"] = guard.finish_reason
+        if guard.finish_reason is not None:
+            self.finished.add(choice["index"])
+            choice["stop_reason"] = guard.matched
+        obj = dict(self._chunk_template())
+        obj["choices"] = [choice]
+        return b"data: " + orjson.dumps(obj) + SEPARATOR

@@ -4,7 +4,8 @@ One http-context file (`sluice.conf`, for nginx.conf's http block; Debian:
 /etc/nginx/conf.d/): an upstream of the replicas with HTTP/1.1 keep-alive, SSE-safe proxy
 settings, WebSocket upgrades on the completion paths, timeouts derived from the routes'
 deadlines, the body limit, X-Request-ID, per-client limits, a JSON access log, health
-locations, and an optional TLS server block. Only /v1/ and the health checks are reachable through it: /metrics and /admin stay private.
+locations, and an optional TLS server block. Only /v1/ and the health checks are
+reachable through it: /metrics and /admin stay private.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ fails them, so the edge tests cannot silently stop running there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 import yaml
 
 from tests.fixtures import REPO, ProcessServer, sluice_cmd
@@ -259,3 +261,17 @@ class Workerd:
 
 def _compatibility_date(wrangler: Path) -> str:
     return str(tomllib.loads(wrangler.read_text())["compatibility_date"])
+
+
+async def websocket_exchange(url: str, path: str, request: dict[str, Any]) -> tuple[list[str], int]:
+    """One completion over a WebSocket at `url` + `path`: its messages and close code."""
+    messages: list[str] = []
+    async with websockets.connect(url.replace("http://", "ws://") + path) as ws:
+        await ws.send(json.dumps(request))
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                message = await ws.recv()
+                assert isinstance(message, str)
+                messages.append(message)
+    assert ws.protocol.close_rcvd is not None
+    return messages, ws.protocol.close_rcvd.code

@@ -5,7 +5,6 @@ abort the generation, and nginx's own answers must be sluice-shaped."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import ssl
 import subprocess
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import websockets
 
 from tests.edge.fixtures import (
     Nginx,
@@ -24,6 +22,7 @@ from tests.edge.fixtures import (
     openssl_binary,
     render,
     start_sluice,
+    websocket_exchange,
     write_config,
 )
 from tests.fixtures import ProcessServer, SimClient, free_port, stream_request
@@ -246,21 +245,6 @@ def test_vllm_and_tgi_routes_outside_v1_pass_and_uploads_stream(stack: Stack) ->
     assert "transcription of" in upload.json()["text"]
 
 
-async def _websocket_exchange(
-    url: str, path: str, request: dict[str, Any]
-) -> tuple[list[str], int]:
-    messages: list[str] = []
-    async with websockets.connect(url.replace("http://", "ws://") + path) as ws:
-        await ws.send(json.dumps(request))
-        with contextlib.suppress(websockets.ConnectionClosed):
-            while True:
-                message = await ws.recv()
-                assert isinstance(message, str)
-                messages.append(message)
-    assert ws.protocol.close_rcvd is not None
-    return messages, ws.protocol.close_rcvd.code
-
-
 @pytest.mark.parametrize(
     ("path", "request_body"),
     [
@@ -271,7 +255,7 @@ async def _websocket_exchange(
 def test_websocket_passes_nginx(stack: Stack, path: str, request_body: dict[str, Any]) -> None:
     """sluice's WebSocket on the completion paths works through nginx as it does direct,
     and a plain POST on the same path still reuses the keep-alive connection."""
-    messages, code = asyncio.run(_websocket_exchange(stack.url, path, request_body))
+    messages, code = asyncio.run(websocket_exchange(stack.url, path, request_body))
     assert code == 1000
     assert messages[-1] == "[DONE]" and len(messages) > 1
     assert "choices" in json.loads(messages[0])

@@ -5,7 +5,6 @@ to echo). Bindings are wrangler.toml's [vars] plus the secret `wrangler secret p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -18,9 +17,15 @@ from typing import Any
 
 import httpx
 import pytest
-import websockets
 
-from tests.edge.fixtures import ORIGIN_SECRET, Workerd, render, start_sluice, write_config
+from tests.edge.fixtures import (
+    ORIGIN_SECRET,
+    Workerd,
+    render,
+    start_sluice,
+    websocket_exchange,
+    write_config,
+)
 from tests.fixtures import ProcessServer, SimClient, stream_request
 
 pytestmark = pytest.mark.edge
@@ -317,26 +322,11 @@ def test_paths_outside_v1_are_not_forwarded(scripted_worker: Workerd) -> None:
     assert response.json()["error"]["code"] == "not_found"
 
 
-async def _websocket_exchange(
-    url: str, path: str, request: dict[str, Any]
-) -> tuple[list[str], int]:
-    messages: list[str] = []
-    async with websockets.connect(url.replace("http://", "ws://") + path) as ws:
-        await ws.send(json.dumps(request))
-        with contextlib.suppress(websockets.ConnectionClosed):
-            while True:
-                message = await ws.recv()
-                assert isinstance(message, str)
-                messages.append(message)
-    assert ws.protocol.close_rcvd is not None
-    return messages, ws.protocol.close_rcvd.code
-
-
 def test_websocket_passes_the_worker(stack: Stack) -> None:
     """sluice's WebSocket on a completion path works through the Worker as it does direct
     (the Worker adds the origin secret to the upgrade request)."""
     messages, code = asyncio.run(
-        _websocket_exchange(stack.worker.url, "/v1/chat/completions", chat(5))
+        websocket_exchange(stack.worker.url, "/v1/chat/completions", chat(5))
     )
     assert code == 1000
     assert messages[-1] == "[DONE]" and len(messages) > 1

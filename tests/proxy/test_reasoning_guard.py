@@ -21,6 +21,11 @@ from tests.proxy.test_backend_framing import OneAnswerBackend, _chunked
 MSG = [{"role": "user", "content": "x"}]
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 BASE = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+_REQUESTS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"model": "m", "messages": MSG},
+    "/v1/responses": {"model": "m", "input": "x"},
+    "/v1/messages": {"model": "m", "max_tokens": 5, "messages": MSG},
+}
 CUT = CutPattern(pattern=r"secret-\d+", max_len=32)
 POLICY = StreamPolicy(
     name="p",
@@ -55,6 +60,14 @@ def _served(answer: bytes) -> Iterator[ProxyHarness]:
     finally:
         harness.close()
         backend.close()
+
+
+def _whole(body: dict[str, Any], path: str) -> httpx.Response:
+    """`body` as the backend's whole answer to a request on `path`, through the proxy."""
+    raw = json.dumps(body).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    with _served(head % len(raw) + raw) as harness:
+        return httpx.post(harness.url + path, json=_REQUESTS[path], timeout=10)
 
 
 def _read(harness: ProxyHarness) -> tuple[dict[str, str], list[str | None]]:
@@ -131,26 +144,34 @@ def test_a_whole_answer_cut_in_its_reasoning_has_no_content() -> None:
             }
         ],
     }
-    raw = json.dumps(body).encode()
-    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
-    with _served(answer % (len(raw), raw)) as harness:
-        r = httpx.post(
-            harness.url + "/v1/chat/completions",
-            json={"model": "m", "messages": MSG},
-            timeout=10,
-        )
+    r = _whole(body, "/v1/chat/completions")
     choice = r.json()["choices"][0]
     assert choice["message"]["reasoning"] == "the key is "
     assert choice["message"]["content"] is None
     assert choice["finish_reason"] == "content_filter"
 
 
-def _named_stream(events: list[dict[str, Any]]) -> bytes:
+def _named_stream(events: list[dict[str, Any]], numbered: bool = True) -> bytes:
+    """Named events as a backend streams them: the Responses API's numbered, Messages'
+    not, and then its `[DONE]`."""
     out = []
     for number, event in enumerate(events):
-        obj = {**event, "sequence_number": number}
+        obj = {**event, "sequence_number": number} if numbered else event
         out.append(b"event: %b\ndata: %b\n\n" % (obj["type"].encode(), json.dumps(obj).encode()))
-    return HEAD + _chunked(out)
+    return HEAD + _chunked(out if numbered else [*out, b"data: [DONE]\n\n"])
+
+
+def _streamed(answer: bytes, path: str) -> tuple[list[dict[str, Any]], str]:
+    """The events a client reads when the backend streams `answer` on `path`, parsed (no
+    [DONE]), and the body as it came."""
+    request = {**_REQUESTS[path], "stream": True}
+    with _served(answer) as harness:
+        result = stream_request(harness.url, request, path=path)
+    assert result.status == 200, result.body
+    events = [
+        json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events if b"[DONE]" not in raw
+    ]
+    return events, result.body.decode()
 
 
 def _responses_events(reasoning: list[str], answer: list[str]) -> list[dict[str, Any]]:
@@ -174,15 +195,7 @@ def _responses_events(reasoning: list[str], answer: list[str]) -> list[dict[str,
 
 def test_a_responses_stream_cut_in_its_reasoning_closes_the_reasoning_item() -> None:
     answer = _named_stream(_responses_events(["Think: the ", "key is sec", "ret-42"], ["Hi"]))
-    with _served(answer) as harness:
-        result = stream_request(
-            harness.url, {"model": "m", "input": "x", "stream": True}, path="/v1/responses"
-        )
-    assert result.status == 200, result.body
-    events = []
-    for _, raw in result.events:
-        data = raw.split(b"data: ", 1)[1]
-        events.append(json.loads(data))
+    events, body = _streamed(answer, "/v1/responses")
     names = [e["type"] for e in events]
     reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
     assert reasoning == "Think: the key is "
@@ -194,7 +207,7 @@ def test_a_responses_stream_cut_in_its_reasoning_closes_the_reasoning_item() -> 
     assert names[-1] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "content_filter"}
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    assert "secret" not in result.body.decode()
+    assert "secret" not in body
 
 
 def test_a_whole_responses_answer_cut_in_its_reasoning() -> None:
@@ -209,10 +222,7 @@ def test_a_whole_responses_answer_cut_in_its_reasoning() -> None:
              "content": [{"type": "output_text", "text": "secret-7", "annotations": []}]},
         ],
     }  # fmt: skip
-    raw = json.dumps(body).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    with _served(head % len(raw) + raw) as harness:
-        r = httpx.post(harness.url + "/v1/responses", json={"model": "m", "input": "x"}, timeout=10)
+    r = _whole(body, "/v1/responses")
     got = r.json()
     assert [item["type"] for item in got["output"]] == ["reasoning"]
     assert got["output"][0]["content"][0]["text"] == "so "
@@ -242,22 +252,12 @@ def _messages_events(thinking: list[str], text: list[str]) -> bytes:
     events.append({"type": "content_block_stop", "index": 1})
     events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn"}})
     events.append({"type": "message_stop"})
-    out = [
-        b"event: %b\ndata: %b\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
-    ]
-    return HEAD + _chunked([*out, b"data: [DONE]\n\n"])
+    return _named_stream(events, numbered=False)
 
 
 def test_a_messages_stream_cut_in_its_thinking_ends_the_message() -> None:
     answer = _messages_events(["Think: the ", "key is sec", "ret-42 ok"], ["Hi"])
-    with _served(answer) as harness:
-        result = stream_request(
-            harness.url,
-            {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True},
-            path="/v1/messages",
-        )
-    assert result.status == 200, result.body
-    events = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events[:-1]]
+    events, body = _streamed(answer, "/v1/messages")
     thinking = "".join(e["delta"]["thinking"] for e in events if e["type"] == "content_block_delta")
     assert thinking == "Think: the key is "
     assert all(
@@ -268,7 +268,7 @@ def test_a_messages_stream_cut_in_its_thinking_ends_the_message() -> None:
     final = next(e for e in events if e["type"] == "message_delta")
     assert final["delta"]["stop_reason"] == "refusal"
     assert events[-1]["type"] == "message_stop"
-    assert "secret" not in result.body.decode() and "Hi" not in result.body.decode()
+    assert "secret" not in body and "Hi" not in body
 
 
 def test_a_whole_message_cut_in_its_thinking() -> None:
@@ -283,14 +283,7 @@ def test_a_whole_message_cut_in_its_thinking() -> None:
         "stop_reason": "end_turn",
         "usage": {"input_tokens": 1, "output_tokens": 2},
     }
-    raw = json.dumps(body).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    with _served(head % len(raw) + raw) as harness:
-        r = httpx.post(
-            harness.url + "/v1/messages",
-            json={"model": "m", "max_tokens": 5, "messages": MSG},
-            timeout=10,
-        )
+    r = _whole(body, "/v1/messages")
     got = r.json()
     assert got["content"] == [{"type": "thinking", "thinking": "so ", "signature": ""}]
     assert got["stop_reason"] == "refusal"
@@ -362,12 +355,7 @@ def test_a_whole_answer_cut_in_a_tool_call() -> None:
     }  # fmt: skip
     body = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}  # fmt: skip
-    raw = json.dumps(body).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    with _served(head % len(raw) + raw) as harness:
-        r = httpx.post(
-            harness.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=10
-        )
+    r = _whole(body, "/v1/chat/completions")
     choice = r.json()["choices"][0]
     calls = choice["message"]["tool_calls"]
     assert [c["function"]["arguments"] for c in calls] == ['{"x": 1}', '{"k": "']
@@ -390,17 +378,7 @@ def test_a_messages_tool_use_input_is_guarded_streamed_and_whole() -> None:
         {"type": "message_delta", "delta": {"stop_reason": "tool_use"}},
         {"type": "message_stop"},
     ]
-    out = [
-        b"event: %b\ndata: %b\n\n" % (e["type"].encode(), json.dumps(e).encode()) for e in events
-    ]
-    with _served(HEAD + _chunked([*out, b"data: [DONE]\n\n"])) as harness:
-        result = stream_request(
-            harness.url,
-            {"model": "m", "max_tokens": 5, "messages": MSG, "stream": True},
-            path="/v1/messages",
-        )
-    assert result.status == 200, result.body
-    got = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events[:-1]]
+    got, _ = _streamed(_named_stream(events, numbered=False), "/v1/messages")
     partial = "".join(e["delta"]["partial_json"] for e in got if e["type"] == "content_block_delta")
     assert partial == '{"key": "'
     assert next(e for e in got if e["type"] == "message_delta")["delta"]["stop_reason"] == "refusal"
@@ -410,14 +388,7 @@ def test_a_messages_tool_use_input_is_guarded_streamed_and_whole() -> None:
         "content": [{"type": "text", "text": "Calling."},
                     {"type": "tool_use", "id": "t", "name": "f", "input": {"k": "secret-9"}}],
     }  # fmt: skip
-    raw = json.dumps(body).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    with _served(head % len(raw) + raw) as harness:
-        r = httpx.post(
-            harness.url + "/v1/messages",
-            json={"model": "m", "max_tokens": 5, "messages": MSG},
-            timeout=10,
-        )
+    r = _whole(body, "/v1/messages")
     answer = r.json()
     assert answer["content"] == [{"type": "text", "text": "Calling."}]
     assert answer["stop_reason"] == "refusal"
@@ -441,12 +412,7 @@ def test_a_responses_function_call_cut_in_its_arguments() -> None:
          "arguments": '{"key": "secret-42"}'}
     )  # fmt: skip
     events.append({"type": "response.completed", "response": {**base, "status": "completed"}})
-    with _served(_named_stream(events)) as harness:
-        result = stream_request(
-            harness.url, {"model": "m", "input": "x", "stream": True}, path="/v1/responses"
-        )
-    assert result.status == 200, result.body
-    got = [json.loads(raw.split(b"data: ", 1)[1]) for _, raw in result.events]
+    got, body = _streamed(_named_stream(events), "/v1/responses")
     deltas = "".join(
         e["delta"] for e in got if e["type"] == "response.function_call_arguments.delta"
     )
@@ -457,14 +423,11 @@ def test_a_responses_function_call_cut_in_its_arguments() -> None:
     assert final_item["name"] == "lookup" and final_item["arguments"] == '{"key": "'
     assert got[-1]["type"] == "response.incomplete"
     assert [e["sequence_number"] for e in got] == list(range(len(got)))
-    assert "secret" not in result.body.decode()
+    assert "secret" not in body
 
     body = {"id": "resp_1", "object": "response", "status": "completed",
             "output": [{**item, "arguments": '{"k": "secret-9"}', "status": "completed"}]}  # fmt: skip
-    raw = json.dumps(body).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    with _served(head % len(raw) + raw) as harness:
-        r = httpx.post(harness.url + "/v1/responses", json={"model": "m", "input": "x"}, timeout=10)
+    r = _whole(body, "/v1/responses")
     answer = r.json()
     assert answer["output"][0]["arguments"] == '{"k": "'
     assert answer["status"] == "incomplete"
