@@ -251,7 +251,6 @@ class ChunkFilter:
                     delta["content"] = out
                 else:
                     choice["text"] = out
-                drop_token_details(choice)
                 modified = True
             elif text is None and out:
                 delta["content" if self.chat else "text"] = out
@@ -619,7 +618,6 @@ class ChunkFilter:
                 return self._end_in_reasoning(choice, delta, key, out, guard)
             if out is not piece:
                 delta[key] = out
-                drop_token_details(choice)
                 changed = True
         if held is not None and (
             text or delta.get("tool_calls") or choice.get("finish_reason") is not None
@@ -663,7 +661,6 @@ class ChunkFilter:
                     return self._end_in_tool_call(choice, index, guard)
                 if out is not arguments:
                     function["arguments"] = out
-                    drop_token_details(choice)
                     changed = True
         if choice.get("finish_reason") is not None:
             for tool, tail, guard in self._tool_tails(index):

@@ -158,8 +158,9 @@ def _drop_after(holder: dict[str, Any], cut: dict[str, Any], key: str) -> None:
 
 
 def drop_token_details(choice: dict[str, Any]) -> None:
-    """A choice whose text the guard changed (held back, cut): its logprobs and token ids
-    (`return_token_ids`) describe the backend's text, tokens the client was not sent."""
+    """A choice the guard ended: its logprobs and token ids (`return_token_ids`) may name
+    tokens of the text it removed. (A chunk whose text is only held back keeps its
+    logprobs: the playground colours each token by them, and the held text follows.)"""
     if choice.get("logprobs") is not None:
         choice["logprobs"] = None
     if choice.get("token_ids") is not None:

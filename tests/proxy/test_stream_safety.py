@@ -130,11 +130,12 @@ def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer, n:
         harness.close()
 
 
-def test_a_chunk_whose_text_is_held_back_carries_no_logprobs(
+def test_logprobs_stay_on_held_chunks_and_leave_the_one_that_cuts(
     sim_ignore_stop: ProcessServer,
 ) -> None:
-    """Logprobs name the chunk's tokens: on a chunk whose text the guard held back (or
-    cut), they would send the client what the guard kept from it."""
+    """A chunk whose text is held back keeps its logprobs (the console colours each token
+    by them, and the held text follows); the chunk that ends the choice carries none, nor
+    token ids: they may name the tokens the guard removed."""
     harness = ProxyHarness(
         routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": policy(stop=("###",))}})
     )
@@ -145,13 +146,13 @@ def test_a_chunk_whose_text_is_held_back_carries_no_logprobs(
         choices = [
             obj["choices"][0] for obj in result.data() if isinstance(obj, dict) and obj["choices"]
         ]
-        sent = [(c["delta"].get("content"), c.get("logprobs")) for c in choices]
         tokens = [
-            [t["token"] for t in lp["content"]] for text, lp in sent if text and lp is not None
+            [t["token"] for t in c["logprobs"]["content"]] for c in choices if c.get("logprobs")
         ]
-        assert tokens == [["a"], ["b"]], sent  # "#" was held, then the stop matched
-        assert all(lp is None for text, lp in sent if text not in ("a", "b")), sent
-        assert "".join(text or "" for text, _ in sent) == "ab"
+        assert tokens == [["a"], ["b"], ["#"]], choices  # "#" held: its chunk sent empty
+        last = choices[-1]
+        assert last["finish_reason"] == "stop" and last["logprobs"] is None
+        assert "".join(c["delta"].get("content") or "" for c in choices) == "ab"
     finally:
         harness.close()
 
