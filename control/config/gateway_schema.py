@@ -31,6 +31,7 @@ from .values import (
     HostPort,
     HttpPath,
     Int,
+    KeepaliveInterval,
     ModelName,
     Name,
     Origin,
@@ -493,8 +494,9 @@ class CloudflareSection(Section):
         description="CORS origins allowed, like https://app.example.com (normalised as browsers "
         "send them: lower case, no default port); empty: no CORS headers.",
     )
-    keepalive_interval: Duration = Field(
-        default=30.0, description="SSE comment sent when a stream is idle this long (< 100s)."
+    keepalive_interval: KeepaliveInterval = Field(
+        default=30.0,
+        description="SSE comment sent when a stream is idle this long (< 100s).",
     )
 
 

@@ -16,7 +16,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from .values import Bool, Duration, Float, Int, Name, NonEmptyText, Text, check_int64
+from .values import (
+    Bool,
+    Duration,
+    Float,
+    Int,
+    KeepaliveInterval,
+    Name,
+    NonEmptyText,
+    Text,
+    check_int64,
+)
 
 Path = tuple[str | int, ...]
 DocumentIssue = tuple[Path, str]
@@ -236,7 +246,7 @@ class PolicyFile(Section):
         default_factory=TimeoutsSection,
         description="Stream deadlines; a field left out takes the Gateway's `timeouts`.",
     )
-    keepalive_interval: Duration | None = Field(
+    keepalive_interval: KeepaliveInterval | None = Field(
         default=15.0,
         description="SSE comment `: keep-alive` after this long without a write while a "
         "stream waits (queue, first token, silent backend); null: off.",

@@ -93,6 +93,18 @@ def parse_duration(value: Any) -> Any:
     return seconds
 
 
+MIN_KEEPALIVE_INTERVAL = 0.1
+
+
+def parse_keepalive_interval(value: Any) -> Any:
+    """A duration of at least 100ms: a keep-alive beats an idle timeout of seconds, and
+    a shorter one (0.1ms reads as 0 in nginx and the Worker) floods every waiting stream."""
+    seconds = parse_duration(value)
+    if seconds < MIN_KEEPALIVE_INTERVAL:
+        raise ValueError(f"a keep-alive interval must be at least 100ms, got {value!r}")
+    return seconds
+
+
 def parse_duration_or_zero(value: Any) -> Any:
     """A duration, or 0 (off)."""
     if not isinstance(value, bool) and value in (0, "0"):
@@ -354,6 +366,9 @@ RoutePattern = Annotated[
 Text = Annotated[str, Strict(), AfterValidator(check_text), TypeLabel("string")]
 NonEmptyText = Annotated[str, Strict(), AfterValidator(check_nonempty), TypeLabel("string")]
 Duration = Annotated[float, BeforeValidator(parse_duration), TypeLabel("duration")]
+KeepaliveInterval = Annotated[
+    float, BeforeValidator(parse_keepalive_interval), TypeLabel("duration, >= 100ms")
+]
 DurationOrZero = Annotated[
     float, BeforeValidator(parse_duration_or_zero), TypeLabel("duration or 0")
 ]

@@ -277,3 +277,14 @@ edge:
         "https://app.example.com",
         "https://b.example.com",
     )
+
+
+@pytest.mark.parametrize("interval", ["0.1ms", "50ms", 0.01])
+def test_a_keepalive_interval_under_100ms_is_refused(config_dir: Writer, interval: object) -> None:
+    """0.1ms read as 0 by the renderers, and a keep-alive per loop pass flooded every
+    waiting stream."""
+    chat = f"kind: Policy\nstop: ['x']\nkeepalive_interval: {interval}\n"
+    (issue,) = issues_of(config_dir({"chat.yaml": chat}))
+    assert issue.startswith("presets/chat.yaml:3:21: keepalive_interval: ")
+    assert "a keep-alive interval must be at least 100ms" in issue
+    assert built(config_dir({"chat.yaml": chat.replace(str(interval), "100ms")}))
