@@ -36,6 +36,7 @@ from tests.reload.fixtures import (
 
 WORKERS = 2
 BOTH_WITHIN_S = 2.0
+WORKER_START_S = 15.0
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
 
@@ -361,7 +362,9 @@ def test_a_worker_restarted_during_an_invalid_edit_serves_the_last_good_config(
 def _pin_new_worker(gateway: Gateway, clients: dict[int, PinnedClient]) -> PinnedClient:
     """A connection to the worker started again after one of `clients`' workers died."""
     new_pid = gateway.wait_logged("worker_restarted")[0]["pid"]
-    deadline = time.monotonic() + DEADLINE_S
+    # A process's start-up (imports, the config read), not a reload: the compiled build
+    # under the suite's parallel load took 3.04 s once.
+    deadline = time.monotonic() + WORKER_START_S
     while not [e for e in gateway.log_events("serving") if e["pid"] == new_pid]:
         assert time.monotonic() < deadline, gateway.log_events("worker_died")
         time.sleep(0.05)
