@@ -22,10 +22,10 @@ from . import lenientjson
 from .chunkscan import layout_of, scan
 from .clock import monotonic
 from .exchange import Exchange
-from .nonstream import drop_token_details
 from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
+from .tokendetails import DetailHold, drop_token_details, take_token_details
 from .vllmshape import (
     CHAT_TEXT_OPEN,
     CHAT_TOKEN_END,
@@ -99,6 +99,7 @@ class ChunkFilter:
         "_token_end",
         "_token_opening",
         "chat",
+        "detail_holds",
         "done",
         "ex",
         "finished",
@@ -133,6 +134,8 @@ class ChunkFilter:
         # Each tool call's arguments, by (choice, tool call) index, likewise: what they hold
         # back goes out when the choice finishes.
         self.tool_guards: dict[tuple[int, int], StreamGuard] = {}
+        # A choice's logprobs and token ids while its text is held back (`tokendetails`).
+        self.detail_holds: dict[int, DetailHold] = {}
         self.finished: set[int] = set()  # choices the guard ended
         self.done = False  # the client has its [DONE]: stop reading the backend
         self.upstream_error = False
@@ -244,7 +247,13 @@ class ChunkFilter:
             if guard.finish_reason is None and finish is not None:
                 out += guard.finish()
             if guard.finish_reason is not None:
+                hold = self.detail_holds.get(index)
+                if hold is not None:  # released text that waited goes out before the cut
+                    out = hold.unsent + out
                 self._end_choice(choice, guard)
+                modified = True
+            elif index in self.detail_holds or self._holds_details(choice, index, guard):
+                out = self._hold_details(choice, index, text or "", out)
                 modified = True
             if text is not None and out is not text:
                 if self.chat:
@@ -300,6 +309,7 @@ class ChunkFilter:
             or text.find("\n") < len(text) - 2
             or self.reasoning_guards  # a reasoning tail held: parsed, it goes out first
             or self.tool_guards
+            or self.detail_holds
         ):
             return self._parse_event(event)  # other fields or lines: the parse reads them
         if self._token_opening and 0 not in self.finished:
@@ -598,6 +608,33 @@ class ChunkFilter:
         ex.last_token_at = now
         ex.content_chunks += 1
 
+    def _holds_details(self, choice: dict[str, Any], index: int, guard: StreamGuard) -> bool:
+        """Whether the choice's token details must wait (`tokendetails`): it has some,
+        and one of its guards holds text back."""
+        if choice.get("logprobs") is None and choice.get("token_ids") is None:
+            return False
+        return guard.holding or self._other_guard_holds(index)
+
+    def _other_guard_holds(self, index: int) -> bool:
+        """Whether the choice's reasoning or one of its tool calls holds text back."""
+        reasoning = self.reasoning_guards.get(index)
+        if reasoning is not None and reasoning[0].holding:
+            return True
+        return any(g.holding for (i, _), g in self.tool_guards.items() if i == index)
+
+    def _hold_details(self, choice: dict[str, Any], index: int, text: str, out: str) -> str:
+        """The chunk's details set aside until all of its text goes out, and those that
+        waited for the text now released put on it; returns the text it carries."""
+        hold = self.detail_holds.get(index)
+        if hold is None:
+            hold = self.detail_holds[index] = DetailHold()
+        hold.add(text, take_token_details(choice))
+        sent, details = hold.release(out, self._other_guard_holds(index))
+        choice.update(details)
+        if hold.idle:
+            del self.detail_holds[index]
+        return sent
+
     def _guard_reasoning(
         self, choice: dict[str, Any], delta: dict[str, Any], index: int, text: Any
     ) -> bool:
@@ -705,6 +742,7 @@ class ChunkFilter:
         choice["finish_reason"] = guard.finish_reason
         choice["stop_reason"] = guard.matched
         drop_token_details(choice)
+        self.detail_holds.pop(index, None)  # the details that waited name cut text
         self.ex.finish_reason = guard.finish_reason
         self.ex.cut = guard.matched
 
@@ -759,20 +797,32 @@ class ChunkFilter:
             if index in self.finished:
                 continue
             tail = guard.finish()
-            if not tail and guard.finish_reason is None:
+            hold = self.detail_holds.pop(index, None)
+            details: dict[str, Any] = {}
+            if hold is not None:  # the text released but not sent goes out before the tail
+                if guard.finish_reason is None:
+                    tail, details = hold.drain(tail)
+                else:  # cut: the details that waited name cut text
+                    tail = hold.unsent + tail
+            if not tail and not details and guard.finish_reason is None:
                 continue
             choice: dict[str, Any] = {"index": index}
             if self.chat:
                 choice["delta"] = {"content": tail}
             else:
                 choice["text"] = tail
-            out += self._held_chunk(choice, guard)
+            out += self._held_chunk(choice, guard, details)
         return out
 
-    def _held_chunk(self, choice: dict[str, Any], guard: StreamGuard) -> bytes:
+    def _held_chunk(
+        self, choice: dict[str, Any], guard: StreamGuard, details: dict[str, Any] | None = None
+    ) -> bytes:
         """A chunk of sluice's with what `guard` still held at the stream's end (`choice`,
-        its index and text); the choice ends there when the guard matched."""
+        its index and text, and the token `details` of that text when they waited with
+        it); the choice ends there when the guard matched."""
         choice["logprobs"] = None
+        if details:
+            choice.update(details)
         choice["finish_reason"] = guard.finish_reason
         if guard.finish_reason is not None:
             self.finished.add(choice["index"])

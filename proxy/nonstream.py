@@ -15,6 +15,7 @@ from .exchange import Exchange
 from .http import Header, Response
 from .snapshot import StreamPolicy
 from .stopwords import GuardSpec
+from .tokendetails import drop_token_details
 from .upstream import UpstreamConnection, UpstreamError
 
 MAX_NONSTREAM_BODY: Final = 64 * 1024 * 1024
@@ -155,16 +156,6 @@ def _drop_after(holder: dict[str, Any], cut: dict[str, Any], key: str) -> None:
         if isinstance(call, dict) and call.get("function") is cut:
             del calls[at + 1 :]
             return
-
-
-def drop_token_details(choice: dict[str, Any]) -> None:
-    """A choice the guard ended: its logprobs and token ids (`return_token_ids`) may name
-    tokens of the text it removed. (A chunk whose text is only held back keeps its
-    logprobs: the playground colours each token by them, and the held text follows.)"""
-    if choice.get("logprobs") is not None:
-        choice["logprobs"] = None
-    if choice.get("token_ids") is not None:
-        choice["token_ids"] = None
 
 
 def _is_openai_error(body: bytes) -> bool:

@@ -347,6 +347,11 @@ class StreamGuard:
             rep += len(held)
         return self._scan(held + piece, rep, final=False)
 
+    @property
+    def holding(self) -> bool:
+        """Whether it holds text back (that may begin a stop string or cut pattern)."""
+        return bool(self._held) and not self._done
+
     def finish(self) -> str:
         if self._done:
             return ""

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -130,31 +131,60 @@ def test_n2_choices_are_guarded_independently(sim_ignore_stop: ProcessServer, n:
         harness.close()
 
 
-def test_logprobs_stay_on_held_chunks_and_leave_the_one_that_cuts(
-    sim_ignore_stop: ProcessServer,
-) -> None:
-    """A chunk whose text is held back keeps its logprobs (the console colours each token
-    by them, and the held text follows); the chunk that ends the choice carries none, nor
-    token ids: they may name the tokens the guard removed."""
-    harness = ProxyHarness(
-        routed_snapshot(sim_ignore_stop.url, {"chat": {"policy": policy(stop=("###",))}})
-    )
+def _chunk_tokens(choice: dict[str, Any], chat: bool) -> tuple[str, list[str]]:
+    """A streamed choice's text and the tokens its logprobs name."""
+    if chat:
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        return (choice.get("delta") or {}).get("content") or "", [t["token"] for t in entries]
+    return choice.get("text") or "", list((choice.get("logprobs") or {}).get("tokens") or [])
+
+
+def _guarded_stream(url: str, chat: bool, script: list[str]) -> list[dict[str, Any]]:
+    harness = ProxyHarness(routed_snapshot(url, {"chat": {"policy": policy(stop=("###",))}}))
     try:
-        script = ["a", "b", "#", "##", "c"]
-        body = {"model": "chat", "messages": MSG, "stream": True, "logprobs": True}
-        result = stream_request(harness.url, {**body, "sim": {"script": script}})
-        choices = [
+        body: dict[str, Any] = {"model": "chat", "stream": True, "sim": {"script": script}}
+        if chat:
+            body.update(messages=MSG, logprobs=True)
+        else:
+            body.update(prompt="Hello", logprobs=1)
+        result = stream_request(
+            harness.url, body, path="/v1/chat/completions" if chat else "/v1/completions"
+        )
+        return [
             obj["choices"][0] for obj in result.data() if isinstance(obj, dict) and obj["choices"]
         ]
-        tokens = [
-            [t["token"] for t in c["logprobs"]["content"]] for c in choices if c.get("logprobs")
-        ]
-        assert tokens == [["a"], ["b"], ["#"]], choices  # "#" held: its chunk sent empty
-        last = choices[-1]
-        assert last["finish_reason"] == "stop" and last["logprobs"] is None
-        assert "".join(c["delta"].get("content") or "" for c in choices) == "ab"
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_logprobs_of_held_text_wait_and_leave_with_a_cut(
+    sim_ignore_stop: ProcessServer, chat: bool
+) -> None:
+    """The logprobs of text the guard holds back (it may begin a stop string) wait with
+    it: they would show it before the guard decided, and here it is cut. The chunk that
+    ends the choice carries none; the client sees only the tokens of the text it got."""
+    choices = _guarded_stream(sim_ignore_stop.url, chat, ["a", "b", "#", "##", "c"])
+    pairs = [_chunk_tokens(c, chat) for c in choices]
+    assert [tokens for _, tokens in pairs if tokens] == [["a"], ["b"]], choices
+    assert "".join(text for text, _ in pairs) == "ab"
+    last = choices[-1]
+    assert last["finish_reason"] == "stop" and last["logprobs"] is None
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+def test_logprobs_of_held_text_go_out_with_it(sim_ignore_stop: ProcessServer, chat: bool) -> None:
+    """Text held back and then released (no stop string after all) goes out with its
+    logprobs: every chunk's logprobs name exactly the tokens of its own text, so none are
+    lost and none shown twice (the console's playground draws a chunk by its tokens)."""
+    script = ["a", "x#", "#y", "b#", "c", "#", "##"]
+    choices = _guarded_stream(sim_ignore_stop.url, chat, script)
+    pairs = [_chunk_tokens(c, chat) for c in choices]
+    for text, tokens in pairs:
+        assert text == "".join(tokens), pairs
+    assert [t for _, tokens in pairs for t in tokens] == ["a", "x#", "#y", "b#", "c"], pairs
+    assert "".join(text for text, _ in pairs) == "ax##yb#c"
+    assert choices[-1]["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("n", ["2", 1.5, False, [2]])

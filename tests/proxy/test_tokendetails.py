@@ -1,0 +1,40 @@
+"""Token details (logprobs, token ids) that wait while the guard holds their text."""
+
+from __future__ import annotations
+
+from sluice.proxy.tokendetails import DetailHold, merge_token_details, take_token_details
+
+
+def test_details_are_taken_from_a_choice_and_joined_in_order() -> None:
+    chat = [
+        {"logprobs": {"content": [{"token": t}], "refusal": None}, "token_ids": [i]}
+        for i, t in enumerate("ab")
+    ]
+    taken = [take_token_details(choice) for choice in chat]
+    assert all(c["logprobs"] is None and c["token_ids"] is None for c in chat)
+    assert merge_token_details(taken) == {
+        "logprobs": {"content": [{"token": "a"}, {"token": "b"}], "refusal": None},
+        "token_ids": [0, 1],
+    }
+    completions = [
+        {"tokens": ["x"], "token_logprobs": [-1.0], "top_logprobs": [{}], "text_offset": [0]},
+        {"tokens": ["y"], "token_logprobs": [-2.0], "top_logprobs": [{}], "text_offset": [1]},
+    ]
+    merged = merge_token_details([{"logprobs": c} for c in completions])["logprobs"]
+    assert merged["tokens"] == ["x", "y"] and merged["text_offset"] == [0, 1]
+    assert completions[0]["tokens"] == ["x"]  # the chunks' own objects are not changed
+    assert take_token_details({"logprobs": None}) == {}
+
+
+def test_released_text_waits_for_the_chunk_whose_details_wait() -> None:
+    hold = DetailHold()
+    hold.add("ab", {"token_ids": [1]})
+    assert hold.release("a", blocked=False) == ("", {})  # "b" held: the chunk's text waits
+    hold.add("cd", {"token_ids": [2]})
+    assert hold.release("bcd", blocked=True) == ("", {})  # another guard holds text back
+    assert hold.release("", blocked=False) == ("abcd", {"token_ids": [1, 2]})
+    assert hold.idle
+    hold.add("ef", {"token_ids": [3]})
+    hold.add("g", {"token_ids": [4]})
+    assert hold.release("ef", blocked=False) == ("ef", {"token_ids": [3]})
+    assert hold.drain("g") == ("g", {"token_ids": [4]})
