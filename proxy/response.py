@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Final, Protocol
 
 from mypy_extensions import mypyc_attr
@@ -70,8 +71,10 @@ class ClientGone(Exception):
 
 # Each status line built once: %-formatting parses its format on every call (~1 us of a
 # response head's ~3).
+# A backend's status (a 304, a 418) keeps its registered phrase; sluice's own, as above.
 _STATUS_LINES: Final[dict[int, bytes]] = {
-    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    for status, reason in ({s.value: s.phrase.encode() for s in HTTPStatus} | _REASONS).items()
 }
 
 

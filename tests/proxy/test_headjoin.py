@@ -44,6 +44,21 @@ def test_a_response_head_is_its_lines() -> None:
     assert lines[2:] == [b"content-type: text/event-stream", b"x-a: 1", b"e: f", b"", b""]
 
 
+@pytest.mark.parametrize(
+    ("status", "line"),
+    [
+        (304, b"HTTP/1.1 304 Not Modified"),
+        (413, b"HTTP/1.1 413 Payload Too Large"),
+        (418, b"HTTP/1.1 418 I'm a Teapot"),
+        (599, b"HTTP/1.1 599 Unknown"),
+    ],
+)
+def test_a_relayed_status_keeps_its_reason_phrase(status: int, line: bytes) -> None:
+    """A backend's status goes out with its registered reason phrase (a 304 read
+    "Unknown"); only a code with none gets that."""
+    assert head_bytes(status, [], b"").split(b"\r\n")[0] == line
+
+
 @pytest.mark.parametrize("header", [(b"a",), (b"a", b"b", b"c")])
 def test_a_header_that_is_not_a_pair_is_refused(header: object) -> None:
     with pytest.raises((TypeError, ValueError)):  # compiled: TypeError; interpreted: ValueError
