@@ -314,6 +314,7 @@ class Metrics:
         self._tokens: dict[tuple[str, str], list[int]] = {}  # [in, out] since the flush
         self._queue_wait = _Pending(self.queue_wait, QUEUE_BUCKETS)
         self._config_version = ""
+        self._queue_names: set[str] = set()  # the limiters set_gauges saw last
 
     # -- once per request ----------------------------------------------------------------
 
@@ -395,6 +396,12 @@ class Metrics:
         self.active_streams.set(active_streams)
         for name, depth in queues.items():
             self.queue_depth.labels(name).set(depth)
+        # A limiter a reload removed (an app, a backend) has no queue: its series goes.
+        for name in self._queue_names.difference(queues):
+            self.queue_depth.labels(name).set(0)
+            if not self.multiprocess:  # files keep the 0 there; removal is unsupported
+                self.queue_depth.remove(name)
+        self._queue_names = set(queues)
         if version != self._config_version:
             if self._config_version:
                 self.config_info.labels(self._config_version).set(0)

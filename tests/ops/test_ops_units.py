@@ -206,6 +206,10 @@ def test_gauges_follow_the_state() -> None:
         ("sluice_queue_depth", (("limiter", "backend:sim"),)): 4,
     }
     assert samples(r, "sluice_config_info") == {("sluice_config_info", (("version", "v2"),)): 1}
+    m.set_gauges(1, {"backend:sim": 1}, "v3")  # a reload removed app a and its limiter
+    assert samples(r, "sluice_queue_depth") == {
+        ("sluice_queue_depth", (("limiter", "backend:sim"),)): 1,
+    }
     m.record_reload("error")
     m.record_reload("error")
     assert samples(r, "sluice_config_last_reload_success") == {
