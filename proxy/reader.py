@@ -441,6 +441,8 @@ def _path_and_query(url: bytes) -> tuple[str, str]:
         if not mark and len(_known_paths) < MAX_KNOWN_PATHS:
             _known_paths[url] = split
         return split
+    if url == b"*":  # asterisk form (`OPTIONS *`): no path to forward; nginx answers 400
+        raise HeadError(400, "the request target '*' names no path", "invalid_path")
     # Any: httptools' stub types the URL's parts as bytes, but an absent part is None
     # (and a compiled build checks the declared type).
     parsed: Any = httptools.parse_url(url)

@@ -211,6 +211,22 @@ def test_a_percent_encoded_path_is_the_endpoint_vllm_decodes_it_to(
         assert (status, answer["error"]["code"]) == (400, "invalid_path"), target
 
 
+@pytest.mark.parametrize("method", ["OPTIONS", "GET"])
+def test_the_asterisk_target_is_refused_not_forwarded_as_the_root(make: Any, method: str) -> None:
+    """`OPTIONS *` (and `GET *`, which HTTP does not allow) name no path: refused with
+    400 as nginx does, where they went to the backend as `/`."""
+    harness = make()
+    conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10)
+    try:
+        conn.request(method, "*", headers={"authorization": "Bearer sk-alpha"})
+        answer = conn.getresponse()
+        status, error = answer.status, json.loads(answer.read())["error"]
+    finally:
+        conn.close()
+    assert (status, error["code"]) == (400, "invalid_path")
+    assert "'*'" in error["message"]
+
+
 def test_a_background_response_is_denied_by_default(make: Any, sim_client: SimClient) -> None:
     """`background: true` (the Responses API, with vLLM's response store on) is answered
     at once while vLLM goes on generating: past the app's limits, the deadlines and a
