@@ -253,7 +253,7 @@ class ChunkFilter:
                 self._end_choice(choice, guard)
                 modified = True
             elif index in self.detail_holds or self._holds_details(choice, index, guard):
-                out = self._hold_details(choice, index, text or "", out)
+                out = self._hold_details(choice, index, text or "", out, guard)
                 modified = True
             if text is not None and out is not text:
                 if self.chat:
@@ -613,21 +613,25 @@ class ChunkFilter:
         and one of its guards holds text back."""
         if choice.get("logprobs") is None and choice.get("token_ids") is None:
             return False
-        return guard.holding or self._other_guard_holds(index)
+        return guard.held_length > 0 or self._other_guard_holds(index)
 
     def _other_guard_holds(self, index: int) -> bool:
         """Whether the choice's reasoning or one of its tool calls holds text back."""
         reasoning = self.reasoning_guards.get(index)
-        if reasoning is not None and reasoning[0].holding:
+        if reasoning is not None and reasoning[0].held_length:
             return True
-        return any(g.holding for (i, _), g in self.tool_guards.items() if i == index)
+        return any(g.held_length for (i, _), g in self.tool_guards.items() if i == index)
 
-    def _hold_details(self, choice: dict[str, Any], index: int, text: str, out: str) -> str:
+    def _hold_details(
+        self, choice: dict[str, Any], index: int, text: str, out: str, guard: StreamGuard
+    ) -> str:
         """The chunk's details set aside until all of its text goes out, and those that
         waited for the text now released put on it; returns the text it carries."""
         hold = self.detail_holds.get(index)
         if hold is None:
+            # `out` may begin with text an earlier chunk left held: its offsets come first.
             hold = self.detail_holds[index] = DetailHold()
+            hold.fed = len(out) + guard.held_length - len(text)
         hold.add(text, take_token_details(choice))
         sent, details = hold.release(out, self._other_guard_holds(index))
         choice.update(details)

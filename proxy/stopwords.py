@@ -348,9 +348,9 @@ class StreamGuard:
         return self._scan(held + piece, rep, final=False)
 
     @property
-    def holding(self) -> bool:
-        """Whether it holds text back (that may begin a stop string or cut pattern)."""
-        return bool(self._held) and not self._done
+    def held_length(self) -> int:
+        """How much text it holds back (that may begin a stop string or cut pattern)."""
+        return 0 if self._done else len(self._held)
 
     def finish(self) -> str:
         if self._done:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from sluice.proxy.tokendetails import DetailHold, merge_token_details, take_token_details
+
+from tests.fixtures import stream_request
+from tests.proxy.test_backend_framing import _chunked
+from tests.proxy.test_reasoning_guard import _REQUESTS, BASE, HEAD, _served
 
 
 def test_details_are_taken_from_a_choice_and_joined_in_order() -> None:
@@ -38,3 +44,30 @@ def test_released_text_waits_for_the_chunk_whose_details_wait() -> None:
     hold.add("g", {"token_ids": [4]})
     assert hold.release("ef", blocked=False) == ("ef", {"token_ids": [3]})
     assert hold.drain("g") == ("g", {"token_ids": [4]})
+
+
+def test_a_chunk_after_text_held_without_details_waits_for_its_own_text() -> None:
+    """Text an earlier chunk left held (that chunk had no logprobs) comes first in what the
+    guard releases: the next chunk's logprobs wait until its own text is all out."""
+    deltas = [({"content": "x#"}, None), ({"content": "ab#"}, ["ab#"]), ({"content": "c"}, ["c"])]
+    events = []
+    for delta, tokens in deltas:
+        logprobs = None if tokens is None else {"content": [{"token": t} for t in tokens]}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+        events.append(b"data: " + json.dumps(BASE | {"choices": [choice]}).encode() + b"\n\n")
+    last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    events += [b"data: " + json.dumps(BASE | {"choices": [last]}).encode() + b"\n\n"]
+    with _served(HEAD + _chunked([*events, b"data: [DONE]\n\n"])) as harness:
+        body = {**_REQUESTS["/v1/chat/completions"], "stream": True}
+        result = stream_request(harness.url, body)
+    sent = []
+    for obj in result.data():
+        if isinstance(obj, dict) and obj["choices"]:
+            choice = obj["choices"][0]
+            entries = (choice.get("logprobs") or {}).get("content") or []
+            sent.append((choice["delta"].get("content") or "", [e["token"] for e in entries]))
+    assert [pair for pair in sent if pair != ("", [])] == [
+        ("x", []),
+        ("#", []),  # the first chunk's held "#": released before "ab#", with no logprobs
+        ("ab#c", ["ab#", "c"]),
+    ], sent
