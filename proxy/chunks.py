@@ -656,7 +656,7 @@ class ChunkFilter:
             guard = held[0]
             out = guard.feed(piece)
             if guard.finish_reason is not None:
-                return self._end_in_reasoning(choice, delta, key, out, guard)
+                return self._end_in_reasoning(choice, index, delta, key, out, guard)
             if out is not piece:
                 delta[key] = out
                 changed = True
@@ -667,12 +667,11 @@ class ChunkFilter:
             guard, key = held
             del self.reasoning_guards[index]
             tail = guard.finish()
+            released = (delta.get(key) or "") + tail
             if guard.finish_reason is not None:
-                return self._end_in_reasoning(
-                    choice, delta, key, (delta.get(key) or "") + tail, guard
-                )
+                return self._end_in_reasoning(choice, index, delta, key, released, guard)
             if tail:
-                delta[key] = (delta.get(key) or "") + tail
+                delta[key] = released
                 changed = True
         return changed
 
@@ -731,12 +730,18 @@ class ChunkFilter:
         return True
 
     def _end_in_reasoning(
-        self, choice: dict[str, Any], delta: dict[str, Any], key: str, out: str, guard: StreamGuard
+        self,
+        choice: dict[str, Any],
+        index: int,
+        delta: dict[str, Any],
+        key: str,
+        out: str,
+        guard: StreamGuard,
     ) -> bool:
         delta[key] = out
         delta.pop("content", None)
         delta.pop("tool_calls", None)
-        self.reasoning_guards.pop(choice.get("index", 0), None)
+        self.reasoning_guards.pop(index, None)
         self._end_choice(choice, guard)
         return True
 
