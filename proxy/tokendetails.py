@@ -12,10 +12,10 @@ console's playground shows a chunk's tokens by them). A cut drops what still wai
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 # The keys of a choice whose values name its tokens (chat and completions alike).
-DETAIL_KEYS = ("logprobs", "token_ids")
+DETAIL_KEYS: Final = ("logprobs", "token_ids")
 
 
 def drop_token_details(choice: dict[str, Any]) -> None:
