@@ -25,7 +25,7 @@ from .exchange import Exchange
 from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
 from .stopwords import GuardSpec, StreamGuard
 from .timeouts import StreamWatchdog
-from .tokendetails import DetailHold, drop_token_details, take_token_details
+from .tokendetails import DetailHold, drop_token_details, has_token_details, take_token_details
 from .vllmshape import (
     CHAT_TEXT_OPEN,
     CHAT_TOKEN_END,
@@ -249,7 +249,7 @@ class ChunkFilter:
             if guard.finish_reason is not None:
                 hold = self.detail_holds.get(index)
                 if hold is not None:  # released text that waited goes out before the cut
-                    out = hold.unsent + out
+                    out = hold.drain(out, cut=True)[0]
                 self._end_choice(choice, guard)
                 modified = True
             elif index in self.detail_holds or self._holds_details(choice, index, guard):
@@ -611,9 +611,9 @@ class ChunkFilter:
     def _holds_details(self, choice: dict[str, Any], index: int, guard: StreamGuard) -> bool:
         """Whether the choice's token details must wait (`tokendetails`): it has some,
         and one of its guards holds text back."""
-        if choice.get("logprobs") is None and choice.get("token_ids") is None:
-            return False
-        return guard.held_length > 0 or self._other_guard_holds(index)
+        return has_token_details(choice) and (
+            guard.held_length > 0 or self._other_guard_holds(index)
+        )
 
     def _other_guard_holds(self, index: int) -> bool:
         """Whether the choice's reasoning or one of its tool calls holds text back."""
@@ -630,8 +630,8 @@ class ChunkFilter:
         hold = self.detail_holds.get(index)
         if hold is None:
             # `out` may begin with text an earlier chunk left held: its offsets come first.
-            hold = self.detail_holds[index] = DetailHold()
-            hold.fed = len(out) + guard.held_length - len(text)
+            hold = DetailHold(len(out) + guard.held_length - len(text))
+            self.detail_holds[index] = hold
         hold.add(text, take_token_details(choice))
         sent, details = hold.release(out, self._other_guard_holds(index))
         choice.update(details)
@@ -809,10 +809,7 @@ class ChunkFilter:
             hold = self.detail_holds.pop(index, None)
             details: dict[str, Any] = {}
             if hold is not None:  # the text released but not sent goes out before the tail
-                if guard.finish_reason is None:
-                    tail, details = hold.drain(tail)
-                else:  # cut: the details that waited name cut text
-                    tail = hold.unsent + tail
+                tail, details = hold.drain(tail, cut=guard.finish_reason is not None)
             if not tail and not details and guard.finish_reason is None:
                 continue
             choice: dict[str, Any] = {"index": index}

@@ -26,6 +26,10 @@ def drop_token_details(choice: dict[str, Any]) -> None:
             choice[key] = None
 
 
+def has_token_details(choice: dict[str, Any]) -> bool:
+    return any(choice.get(key) is not None for key in DETAIL_KEYS)
+
+
 def take_token_details(choice: dict[str, Any]) -> dict[str, Any]:
     """The choice's details that are set, removed from it (set to null)."""
     taken: dict[str, Any] = {}
@@ -61,12 +65,14 @@ def merge_token_details(parts: list[dict[str, Any]]) -> dict[str, Any]:
 class DetailHold:
     """One choice's details that wait, and the released text that waits with them.
 
-    Offsets count characters of the choice's text as fed to its guard."""
+    Offsets count characters of the choice's text as fed to its guard, from the first
+    character the guard has not yet released when the hold begins (`fed`: how many
+    characters an earlier chunk left held, which come before the first chunk's own)."""
 
     __slots__ = ("fed", "sent", "unsent", "waiting")
 
-    def __init__(self) -> None:
-        self.fed = 0  # characters fed to the guard
+    def __init__(self, fed: int) -> None:
+        self.fed = fed  # characters fed to the guard
         self.sent = 0  # characters sent to the client
         self.unsent = ""  # released by the guard, not yet sent: its chunk's details wait
         # (start, end, details) of each chunk whose details have not gone out
@@ -95,9 +101,11 @@ class DetailHold:
         self.sent = upto
         return text, merge_token_details(parts) if parts else {}
 
-    def drain(self, tail: str) -> tuple[str, dict[str, Any]]:
-        """At the choice's end without a cut: everything that waits, with `tail`."""
-        parts = [details for _, _, details in self.waiting]
+    def drain(self, tail: str, cut: bool) -> tuple[str, dict[str, Any]]:
+        """At the choice's end: the released text that waited, with `tail` (the guard's
+        last release), and the details that waited, unless a cut ended the choice (they
+        may name the text it removed)."""
+        parts = [] if cut else [details for _, _, details in self.waiting]
         self.waiting.clear()
         text, self.unsent = self.unsent + tail, ""
         return text, merge_token_details(parts) if parts else {}

@@ -9,6 +9,7 @@ from sluice.proxy.tokendetails import DetailHold, merge_token_details, take_toke
 from tests.fixtures import stream_request
 from tests.proxy.test_backend_framing import _chunked
 from tests.proxy.test_reasoning_guard import _REQUESTS, BASE, HEAD, _served
+from tests.proxy.test_stream_safety import _chunk_tokens
 
 
 def test_details_are_taken_from_a_choice_and_joined_in_order() -> None:
@@ -33,7 +34,7 @@ def test_details_are_taken_from_a_choice_and_joined_in_order() -> None:
 
 
 def test_released_text_waits_for_the_chunk_whose_details_wait() -> None:
-    hold = DetailHold()
+    hold = DetailHold(0)
     hold.add("ab", {"token_ids": [1]})
     assert hold.release("a", blocked=False) == ("", {})  # "b" held: the chunk's text waits
     hold.add("cd", {"token_ids": [2]})
@@ -43,7 +44,7 @@ def test_released_text_waits_for_the_chunk_whose_details_wait() -> None:
     hold.add("ef", {"token_ids": [3]})
     hold.add("g", {"token_ids": [4]})
     assert hold.release("ef", blocked=False) == ("ef", {"token_ids": [3]})
-    assert hold.drain("g") == ("g", {"token_ids": [4]})
+    assert hold.drain("g", cut=False) == ("g", {"token_ids": [4]})
 
 
 def test_a_chunk_after_text_held_without_details_waits_for_its_own_text() -> None:
@@ -60,12 +61,11 @@ def test_a_chunk_after_text_held_without_details_waits_for_its_own_text() -> Non
     with _served(HEAD + _chunked([*events, b"data: [DONE]\n\n"])) as harness:
         body = {**_REQUESTS["/v1/chat/completions"], "stream": True}
         result = stream_request(harness.url, body)
-    sent = []
-    for obj in result.data():
-        if isinstance(obj, dict) and obj["choices"]:
-            choice = obj["choices"][0]
-            entries = (choice.get("logprobs") or {}).get("content") or []
-            sent.append((choice["delta"].get("content") or "", [e["token"] for e in entries]))
+    sent = [
+        _chunk_tokens(obj["choices"][0], chat=True)
+        for obj in result.data()
+        if isinstance(obj, dict) and obj["choices"]
+    ]
     assert [pair for pair in sent if pair != ("", [])] == [
         ("x", []),
         ("#", []),  # the first chunk's held "#": released before "ab#", with no logprobs
