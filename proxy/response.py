@@ -38,31 +38,8 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
 
-_REASONS: Final = {
-    100: b"Continue",
-    200: b"OK",
-    204: b"No Content",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    411: b"Length Required",
-    413: b"Payload Too Large",
-    414: b"URI Too Long",
-    415: b"Unsupported Media Type",
-    417: b"Expectation Failed",
-    422: b"Unprocessable Entity",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
+# RFC 9110's names where Python 3.11's `HTTPStatus` still has RFC 7231's.
+_RFC9110_PHRASES: Final = {413: b"Payload Too Large", 414: b"URI Too Long"}
 
 
 class ClientGone(Exception):
@@ -70,11 +47,12 @@ class ClientGone(Exception):
 
 
 # Each status line built once: %-formatting parses its format on every call (~1 us of a
-# response head's ~3).
-# A backend's status (a 304, a 418) keeps its registered phrase; sluice's own, as above.
+# response head's ~3). Every registered code: a backend's status (a 304, a 418) is relayed.
 _STATUS_LINES: Final[dict[int, bytes]] = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    for status, reason in ({s.value: s.phrase.encode() for s in HTTPStatus} | _REASONS).items()
+    for status, reason in (
+        {s.value: s.phrase.encode() for s in HTTPStatus} | _RFC9110_PHRASES
+    ).items()
 }
 
 
