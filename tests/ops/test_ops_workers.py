@@ -32,9 +32,14 @@ def worker_states(server: ProcessServer) -> dict[int, dict[str, Any]]:
 
 
 def metrics_dir(server: ProcessServer) -> Path:
-    started = next(e for e in server.json_logs() if e.get("event") == "workers_started")
-    assert len(started["pids"]) == WORKERS
-    return Path(started["metrics_dir"])
+    def started() -> dict[str, Any] | None:
+        return next((e for e in server.json_logs() if e.get("event") == "workers_started"), None)
+
+    # A worker can answer before the supervisor, descheduled under load, logs the line.
+    wait_until("the supervisor's workers_started line", lambda: started() is not None)
+    event = started()
+    assert event is not None and len(event["pids"]) == WORKERS
+    return Path(event["metrics_dir"])
 
 
 def test_metrics_add_up_across_workers(start, ops_config: Path) -> None:
