@@ -24,6 +24,58 @@ ITL_BUCKETS: Final[tuple[float, ...]] = (
 )  # fmt: skip
 
 
+def itl_bucket(gap: float) -> int:
+    """The histogram bucket of an inter-token gap: the index of the first of ITL_BUCKETS
+    not below it (le semantics), len(ITL_BUCKETS) past the last (and for NaN). Written
+    out as comparisons with literals, smallest first (a typical gap is found in a few):
+    compiled, each is one machine comparison, where a loop over ITL_BUCKETS unboxed one
+    float per bound (~250 instructions a token). tests/proxy/test_exchange.py holds the
+    two to each other."""
+    if gap <= 0.001:
+        return 0
+    if gap <= 0.0025:
+        return 1
+    if gap <= 0.005:
+        return 2
+    if gap <= 0.0075:
+        return 3
+    if gap <= 0.01:
+        return 4
+    if gap <= 0.0125:
+        return 5
+    if gap <= 0.015:
+        return 6
+    if gap <= 0.02:
+        return 7
+    if gap <= 0.025:
+        return 8
+    if gap <= 0.03:
+        return 9
+    if gap <= 0.04:
+        return 10
+    if gap <= 0.05:
+        return 11
+    if gap <= 0.075:
+        return 12
+    if gap <= 0.1:
+        return 13
+    if gap <= 0.15:
+        return 14
+    if gap <= 0.25:
+        return 15
+    if gap <= 0.5:
+        return 16
+    if gap <= 1.0:
+        return 17
+    if gap <= 2.5:
+        return 18
+    if gap <= 5.0:
+        return 19
+    if gap <= 10.0:
+        return 20
+    return 21
+
+
 class Exchange:
     __slots__ = (
         "app",
@@ -100,16 +152,17 @@ class Exchange:
     def add_gap(self, gap: float) -> None:
         self.gap_count += 1
         self.gap_sum += gap
-        # The bucket by a scan from the smallest: a typical gap is found in a few
-        # comparisons, cheaper than a call to bisect with a float boxed for it.
-        bucket = 0
-        for bound in ITL_BUCKETS:
-            if gap <= bound:
-                break
-            bucket += 1
-        self.gap_buckets[bucket] += 1
+        buckets = self.gap_buckets
+        bucket = itl_bucket(gap)
+        buckets[bucket] = buckets[bucket] + 1
         if gap > self.gap_max:  # noqa: PLR1730 - cheaper than max() per token
             self.gap_max = gap
+
+    def add_zero_gaps(self, count: int) -> None:
+        """`count` gaps of 0: tokens that came in the read of the one before them."""
+        self.gap_count += count
+        buckets = self.gap_buckets
+        buckets[0] = buckets[0] + count
 
     def record_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):

@@ -7,6 +7,7 @@ import bisect
 import datetime as dt
 import io
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sluice.control.runtime.logs import access_lines, configure_logging
-from sluice.proxy.exchange import ITL_BUCKETS, Exchange
+from sluice.proxy.exchange import ITL_BUCKETS, Exchange, itl_bucket
 from sluice.proxy.metrics import DURATION_BUCKETS, Metrics, bucket_of
 from sluice.proxy.observe import JsonAccessLog, Observer, access_fields
 from sluice.proxy.request import declared_length
@@ -76,6 +77,32 @@ def test_gaps_on_and_around_every_bucket_bound_land_where_prometheus_puts_them()
     for bound in ITL_BUCKETS:
         gaps += [bound, bound * 0.999, bound * 1.001]
     test_folded_gaps_equal_one_observe_per_gap.hypothesis.inner_test(gaps)  # type: ignore[attr-defined]
+
+
+def test_itl_bucket_is_the_first_bound_not_below_the_gap_at_and_beside_each_bound() -> None:
+    """itl_bucket's comparisons, written out with literals, against ITL_BUCKETS by bisect
+    (le semantics): on each bound, the float just below it and the float just above."""
+    gaps = [0.0, -1.0, math.inf, 1e9]
+    for bound in ITL_BUCKETS:
+        gaps += [bound, math.nextafter(bound, 0.0), math.nextafter(bound, math.inf)]
+    for gap in gaps:
+        assert itl_bucket(gap) == bisect.bisect_left(ITL_BUCKETS, gap), gap
+    assert itl_bucket(math.nan) == len(ITL_BUCKETS)  # as the loop it replaced: +Inf
+
+
+def test_zero_gaps_count_as_gaps_of_zero() -> None:
+    """Tokens that came in one read: add_zero_gaps(k) records what k add_gap(0.0) do."""
+    one_by_one, at_once = Exchange("a", 1.0), Exchange("b", 1.0)
+    for ex in (one_by_one, at_once):
+        ex.add_gap(0.02)
+    for _ in range(3):
+        one_by_one.add_gap(0.0)
+    at_once.add_zero_gaps(3)
+    for ex in (one_by_one, at_once):
+        ex.add_gap(0.2)
+    fields = ("gap_count", "gap_sum", "gap_max", "gap_buckets")
+    assert [getattr(at_once, f) for f in fields] == [getattr(one_by_one, f) for f in fields]
+    assert at_once.gap_count == 5 and at_once.gap_buckets[0] == 3
 
 
 @settings(max_examples=40, deadline=None)
