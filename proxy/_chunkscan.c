@@ -1,6 +1,7 @@
 /* vLLM's stream chunks read in C: the compiled build's `chunkscan.scan`.
 
     scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, int, int, int, int]
+    scan_tokens(data: bytes, pos: int, layout: tuple[bytes, ...]) -> int
 
 From `pos` (the start of an HTTP chunk's size line in a backend read), the whole chunks
 that each hold one SSE event in one of vLLM's commonest forms, spelled for one stream by
@@ -17,7 +18,8 @@ Returns (the position after those chunks, how many carried a text, the finish re
 start and end in `data` (-1, 0: none), the prompt and completion counts (-1, 0: none)).
 A second finish or usage chunk, and anything else (another event, a partial chunk, the
 last chunk, a size line it does not read), ends the scan, at the returned position, for
-the relay's general path.
+the relay's general path. `scan_tokens` answers the relay's usual read (token chunks
+only) in one int, without the tuple: see its comment.
 
 This records what `StreamRelay.feed_chunks` and `ChunkFilter.observe` record of such
 events, without each event's copy, its latin-1 decoding and the calls between them;
@@ -207,39 +209,52 @@ static Py_ssize_t chunk_end(const unsigned char *data, Py_ssize_t n, Py_ssize_t 
     return end + 2;
 }
 
-static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The scan itself, for both entry points: `*pos` moved past the chunks it takes, what
+   they record in `*found`. 0 with an exception set for arguments of the wrong type. */
+static int scan_records(PyObject *const *args, Py_ssize_t nargs, const char *name,
+                        Py_ssize_t *pos_out, records *found)
 {
     if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) ||
         PyTuple_GET_SIZE(args[2]) != PARTS) {
-        PyErr_SetString(PyExc_TypeError, "scan(data: bytes, pos: int, layout: 5 bytes in a tuple)");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s(data: bytes, pos: int, layout: 5 bytes in a tuple)",
+                     name);
+        return 0;
     }
     part layout[PARTS];
     for (int i = 0; i < PARTS; i++) {
         PyObject *item = PyTuple_GET_ITEM(args[2], i);
         if (!PyBytes_Check(item)) {
-            PyErr_SetString(PyExc_TypeError, "scan: the layout's parts are bytes");
-            return NULL;
+            PyErr_Format(PyExc_TypeError, "%s: the layout's parts are bytes", name);
+            return 0;
         }
         layout[i].data = PyBytes_AS_STRING(item);
         layout[i].size = PyBytes_GET_SIZE(item);
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred())
-        return NULL;
+        return 0;
     if (pos < 0) {
-        PyErr_SetString(PyExc_ValueError, "scan: pos must not be negative");
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "%s: pos must not be negative", name);
+        return 0;
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    records found = {0, -1, 0, -1, 0};
     while (pos < n) {
-        Py_ssize_t next = chunk_end(data, n, pos, layout, &found);
+        Py_ssize_t next = chunk_end(data, n, pos, layout, found);
         if (next < 0)
             break;
         pos = next;
     }
+    *pos_out = pos;
+    return 1;
+}
+
+static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    records found = {0, -1, 0, -1, 0};
+    if (!scan_records(args, nargs, "scan", &pos, &found))
+        return NULL;
     /* Built by hand: Py_BuildValue parses its format on every call. */
     PyObject *result = PyTuple_New(6);
     if (result == NULL)
@@ -262,10 +277,32 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* chunkscan.PACK_SHIFT: the tokens' place in scan_tokens' answer. */
+#define PACK_SHIFT 24
+#define PACK_LIMIT ((Py_ssize_t)1 << PACK_SHIFT)
+
+/* The relay's usual read, whose chunks hold tokens only, answered in one int: the position
+   after them, and how many carried a text shifted by PACK_SHIFT. -1 where they held a
+   finish reason or usage counts, or a figure does not fit: `scan` reads those. */
+static PyObject *scan_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    records found = {0, -1, 0, -1, 0};
+    if (!scan_records(args, nargs, "scan_tokens", &pos, &found))
+        return NULL;
+    if (found.reason_start >= 0 || found.prompt >= 0 || pos >= PACK_LIMIT ||
+        found.tokens >= PACK_LIMIT)
+        return PyLong_FromLong(-1);
+    return PyLong_FromSsize_t(pos | (found.tokens << PACK_SHIFT));
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, pos, layout): the position after vLLM's common chunks from pos, and "
      "what they record (tokens, the finish reason's span, the usage counts)."},
+    {"scan_tokens", (PyCFunction)(void (*)(void))scan_tokens, METH_FASTCALL,
+     "scan_tokens(data, pos, layout): scan's position | its tokens << 24, or -1 where the "
+     "chunks held a finish reason or usage counts."},
     {NULL, NULL, 0, NULL},
 };
 

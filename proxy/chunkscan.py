@@ -27,6 +27,7 @@ from .vllmshape import (
 )
 
 _scan_in_c: Final[Any] = c_function("_chunkscan", "scan")
+_scan_tokens_in_c: Final[Any] = c_function("_chunkscan", "scan_tokens")
 # Whether the scan runs in C (tests check it against the build).
 SCAN_IN_C: Final = _scan_in_c is not None
 
@@ -96,6 +97,26 @@ def scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, in
         found: tuple[int, int, int, int, int, int] = _scan_in_c(data, pos, layout)
         return found
     return scan_in_python(data, pos, layout)
+
+
+# `scan_tokens`' answer: the position after the chunks below this shift, the tokens above.
+PACK_SHIFT: Final = 24
+PACK_MASK: Final = (1 << PACK_SHIFT) - 1
+
+
+def scan_tokens(data: bytes, pos: int, layout: tuple[bytes, ...]) -> int:
+    """`scan` for the relay's usual read, whose chunks hold tokens only, in one int: the
+    position after them | how many carried a text << PACK_SHIFT. -1 where they held a
+    finish reason or usage counts, or a figure does not fit: `scan` reads those (a
+    stream's last read or two). Compiled, a 6-tuple built in C and taken apart again cost
+    ~600 instructions a read, twice the scan's own."""
+    if _scan_tokens_in_c is not None:
+        packed: int = _scan_tokens_in_c(data, pos, layout)
+        return packed
+    end, tokens, reason_start, _, prompt, _ = scan_in_python(data, pos, layout)
+    if reason_start >= 0 or prompt >= 0 or end > PACK_MASK or tokens > PACK_MASK:
+        return -1
+    return end | tokens << PACK_SHIFT
 
 
 def scan_in_python(

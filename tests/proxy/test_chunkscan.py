@@ -178,6 +178,29 @@ def observed(events: list[Event]) -> tuple[int, str | None, tuple[int, int] | No
     return ex.content_chunks, ex.finish_reason, usage, unchanged
 
 
+def packed(found: tuple[int, int, int, int, int, int]) -> int:
+    """What scan_tokens answers for what scan found: its position and tokens in one int
+    when it found no finish reason and no usage, else -1."""
+    end, tokens, reason_start, _, prompt, _ = found
+    if reason_start >= 0 or prompt >= 0:
+        return -1
+    return end + tokens * 2**24
+
+
+def test_scan_tokens_leaves_finish_and_usage_chunks_and_overlong_reads_to_scan() -> None:
+    token, finish = (
+        b"%x\r\n%b\r\n" % (len(e.data), e.data)
+        for e in (token_event("hi"), finish_event("", "stop", fingerprint=False))
+    )
+    assert chunkscan.scan_tokens(token * 3, 0, LAYOUT) == 3 * len(token) + (3 << 24)
+    assert chunkscan.scan_tokens(token * 3 + finish, 0, LAYOUT) == -1
+    assert chunkscan.scan_tokens(token * 3 + finish, len(token), LAYOUT) == -1
+    # Past 2**24 - 1 bytes the position does not fit: scan reads it.
+    long_read = b"x" * 2**24 + token
+    assert chunkscan.scan_tokens(long_read, 2**24, LAYOUT) == -1
+    assert chunkscan.scan(long_read, 2**24, LAYOUT)[:2] == (len(long_read), 1)
+
+
 def test_the_scan_runs_in_c_in_the_compiled_build_only() -> None:
     assert chunkscan.SCAN_IN_C is (build_kind() == "compiled")
 
@@ -198,6 +221,7 @@ def test_the_scan_takes_vllms_common_chunks_and_records_what_observe_does(
     pos, tokens, reason, counts = expected_scan(data, events, spans)
     found = chunkscan.scan(data, 0, LAYOUT)
     assert found == chunkscan.scan_in_python(data, 0, LAYOUT)
+    assert chunkscan.scan_tokens(data, 0, LAYOUT) == packed(found)
     end, scanned_tokens, reason_start, reason_end, prompt, completion = found
     assert (end, scanned_tokens) == (pos, tokens)
     assert (data[reason_start:reason_end].decode() if reason_start >= 0 else None) == reason
@@ -216,7 +240,9 @@ IN_C = pytest.mark.skipif(not chunkscan.SCAN_IN_C, reason="the pure build has th
 def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
     assert chunkscan.scan(data, pos, LAYOUT) == chunkscan.scan_in_python(data, pos, LAYOUT)
     short = (b"d", b"\n\n", b"f", b"g", b"d")  # parts that random bytes can match
-    assert chunkscan.scan(data, pos, short) == chunkscan.scan_in_python(data, pos, short)
+    expected = chunkscan.scan_in_python(data, pos, short)
+    assert chunkscan.scan(data, pos, short) == expected
+    assert chunkscan.scan_tokens(data, pos, short) == packed(expected)
 
 
 @IN_C
@@ -359,7 +385,14 @@ def test_the_relay_hands_whole_chunks_to_the_scan(monkeypatch: pytest.MonkeyPatc
         advanced.append(found[0] - pos)
         return found
 
+    def watched_tokens(data: bytes, pos: int, layout: tuple[bytes, ...]) -> int:
+        packed = chunkscan.scan_tokens(data, pos, layout)
+        if packed >= 0:
+            advanced.append((packed & chunkscan.PACK_MASK) - pos)
+        return packed
+
     monkeypatch.setattr(chunks, "scan", watched)
+    monkeypatch.setattr(chunks, "scan_tokens", watched_tokens)
     middle = [token_event("a"), token_event("b"), finish_event("c", "stop", True)]
     middle.append(usage_event(3, 3, True))
     body, spans = framed([ROLE, *middle, DONE], [], b"%x")
@@ -374,6 +407,10 @@ def test_a_negative_position_or_a_wrong_layout_is_refused() -> None:
         chunkscan.scan(b"", -1, LAYOUT)
     with pytest.raises((TypeError, ValueError)):
         chunkscan.scan(b"1\r\nab\r\n", 0, LAYOUT[:3])
+    with pytest.raises(ValueError, match="pos"):
+        chunkscan.scan_tokens(b"", -1, LAYOUT)
+    with pytest.raises((TypeError, ValueError)):
+        chunkscan.scan_tokens(b"1\r\nab\r\n", 0, LAYOUT[:3])
 
 
 def test_the_filter_records_what_it_skips_once_it_knows_the_streams_head() -> None:
