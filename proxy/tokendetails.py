@@ -21,9 +21,7 @@ DETAIL_KEYS: Final = ("logprobs", "token_ids")
 def drop_token_details(choice: dict[str, Any]) -> None:
     """A choice the guard ended: its logprobs and token ids may name tokens of the text
     it removed."""
-    for key in DETAIL_KEYS:
-        if choice.get(key) is not None:
-            choice[key] = None
+    take_token_details(choice)
 
 
 def has_token_details(choice: dict[str, Any]) -> bool:
