@@ -42,6 +42,13 @@ _END_ASSERTIONS: Final = ("$", "\\b", "\\B", "\\Z", "\\M")
 _EMPTY_PROBES: Final = ("", "a", " ", "\n", "a b\n0.")
 _MEMO_LIMIT: Final = 1 << 16
 _WORD: Final = re.compile(r"\S+")  # \S and str.split() share one definition of whitespace
+# GuardSpec.pass_table's values for an ASCII character: no match can start at it; a
+# stop string starts with it (or a cut pattern without a literal prefix may); a cut
+# pattern may, which its literal prefix decides.
+PASS_SAFE: Final = 0
+PASS_NEVER: Final = 1
+PASS_CHECK: Final = 2
+_LITERAL_WHOLE: Final = -2  # _literal_start: the literal prefix is whole in the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +176,7 @@ class GuardSpec:
         "_unsafe",
         "cut_patterns",
         "max_holdback",
+        "pass_table",
         "repetition",
         "stop",
     )
@@ -219,6 +227,7 @@ class GuardSpec:
             if self._cuts and all(c.literal for c in self._cuts)
             else None
         )
+        self.pass_table = self._pass_table()
 
     def __repr__(self) -> str:
         return (
@@ -246,16 +255,37 @@ class GuardSpec:
         lower = ""
         for literal, icase in literals:
             if icase:
-                text = lower = lower or piece.lower()
-            else:
-                text = piece
-            first = literal[0]
-            at = text.find(first)
-            while at >= 0:
-                if literal.startswith(text[at : at + len(literal)]):
-                    return False  # a match (or the start of one) may begin here
-                at = text.find(first, at + 1)
+                lower = lower or piece.lower()
+            if _literal_start(lower if icase else piece, literal) != -1:
+                return False
         return True
+
+    def _pass_table(self) -> bytes | None:
+        """What `StreamGuard.feed` passes unchanged, for a guard that holds nothing
+        (`StreamGuard.idle`), as data for the relay's scan of whole reads (`chunkscan.
+        scan_passed`): an ASCII piece passes when no character is PASS_NEVER's and either
+        none is PASS_CHECK's or no cut pattern's literal prefix can begin in it (as
+        `_no_start_in`). 128 bytes, one per ASCII character, then each literal prefix as
+        (ignore case 0/1, length, the literal lower-cased under ignore case). None where
+        passing needs more than the piece: a repetition guard counts words, a lookbehind
+        keeps the released text."""
+        if self.repetition is not None or (self._cuts and self._ctx_len > 1):
+            return None
+        literals = self._literals or ()
+        if any(len(literal) > 255 for literal, _ in literals):
+            return None
+        table = bytearray(128)
+        for code in range(128):
+            ch = chr(code)
+            if ch in self._firsts or (ch in self._unsafe and not literals):
+                table[code] = PASS_NEVER
+            elif ch in self._unsafe:
+                table[code] = PASS_CHECK
+            elif ch not in self._safe:
+                return None  # not memoized: never at construction, which memoizes ASCII
+        for literal, icase in literals:
+            table += bytes((int(icase), len(literal))) + literal.encode("ascii")
+        return bytes(table)
 
     def _all_safe(self, piece: str) -> bool:
         """True when no match can start at any character of `piece`; fills the memos."""
@@ -347,6 +377,17 @@ class StreamGuard:
             rep += len(held)
         return self._scan(held + piece, rep, final=False)
 
+    def idle(self) -> bool:
+        """Nothing held back, no loop pending, and nothing a piece must be added to but the
+        last character released: a piece the spec's `pass_table` passes, `feed` would pass
+        unchanged, and `passed` records it."""
+        return not self._done and not self._held and self._rep_at < 0 and self._ctx is None
+
+    def passed(self, last: str) -> None:
+        """Pieces the spec's `pass_table` passed went out, the last ending in `last` (the
+        one character of released text a cut pattern's ``\\b`` or ``^`` looks back at)."""
+        self._last = last
+
     @property
     def held_length(self) -> int:
         """How much text it holds back (that may begin a stop string or cut pattern)."""
@@ -377,9 +418,22 @@ class StreamGuard:
             if not final:
                 pend = self._stop_pending(buf) * k
         text, base = "", -1
+        lower = ""
         for rank, cut in enumerate(spec._cuts, 1):
             if _all_in(cut.safe, buf):
                 continue
+            if cut.literal and buf.isascii():
+                # Without its literal prefix whole in the text, no match of it can be, and
+                # the start of one only where the text ends in the start of the literal:
+                # decided here, where the regular expression's partial search costs ~8,000
+                # instructions (a held "\n" or "i" brings most events here).
+                if cut.icase:
+                    lower = lower or buf.lower()
+                at = _literal_start(lower if cut.icase else buf, cut.literal)
+                if at != _LITERAL_WHOLE and (at < 0 or final or n - at < cut.max_len):
+                    if at >= 0 and not final and at * k + rank < pend:
+                        pend = at * k + rank
+                    continue
             if base < 0:
                 ctx = self._context()
                 text, base = ctx + buf, len(ctx)
@@ -472,6 +526,23 @@ def _all_in(chars: set[str], piece: str) -> bool:
     over a generator into one): set.issuperset is a method call that builds an iterator
     over the string (~3x for a token's few characters)."""
     return all(ch in chars for ch in piece)
+
+
+def _literal_start(text: str, literal: str) -> int:
+    """Where in `text` (lower-cased where the cut pattern ignores case) its literal prefix
+    `literal` first begins: _LITERAL_WHOLE where it is whole there (a match may begin: the
+    regular expression decides); else the first position from which the rest of `text` is
+    the start of it (where only the start of a match can begin); -1 where it begins
+    nowhere, and no match of the pattern does. (Once the rest of the text is shorter than
+    the literal, it cannot be whole at any later position.)"""
+    first = literal[0]
+    size = len(literal)
+    at = text.find(first)
+    while at >= 0:
+        if literal.startswith(text[at : at + size]):
+            return _LITERAL_WHOLE if len(text) - at >= size else at
+        at = text.find(first, at + 1)
+    return -1
 
 
 def _word_end(piece: str, k: int) -> int:

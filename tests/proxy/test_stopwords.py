@@ -416,3 +416,40 @@ def test_a_cut_whole_answer_keeps_no_token_details(chat: bool) -> None:
     assert choice["logprobs"] is None and choice["token_ids"] is None
     assert choice["finish_reason"] == "stop"
     assert untouched["logprobs"] == {"content": []} and untouched["token_ids"] == [4]
+
+
+LITERAL_POOL = (  # patterns with a literal prefix (`_literal_prefix`)
+    CutPattern(r"(?i)ignore (all )?previous", 21),
+    CutPattern(r"(?i)begin [a-z ]*key", 12),
+    CutPattern(r"ignore all", 4),  # longer than max_len: never a match, starts released
+    CutPattern(r"foo\b", 6),
+    CutPattern(r"foo$", 6),
+    CutPattern(r"bc(?!de)", 4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(STOP_POOL), max_size=2, unique=True),
+    st.lists(st.sampled_from(LITERAL_POOL), min_size=1, max_size=2, unique=True),
+    st.lists(st.sampled_from(CUT_POOL), max_size=1),
+    texts((*WORDS, "BEGIN RSA KEY", "begin  key", "ignore all", "foo bar", "FOO")),
+    st.lists(st.integers(0, 10_000), max_size=10),
+)
+def test_a_cut_patterns_literal_prefix_decides_as_its_regular_expression_does(
+    stops: list[str],
+    literal_cuts: list[CutPattern],
+    other_cuts: list[CutPattern],
+    text: str,
+    bounds: list[int],
+) -> None:
+    """The guard skips the partial search of a cut pattern with a literal prefix where the
+    prefix is not whole in the text; with the prefix forgotten (so every such search
+    runs), every chunking of the text is released and cut the same way."""
+    cuts = list(dict.fromkeys([*literal_cuts, *other_cuts]))
+    spec, searching = GuardSpec(stops, cuts), GuardSpec(stops, cuts)
+    assert all(cut.literal for cut in spec._cuts[: len(literal_cuts)])
+    for cut in searching._cuts:
+        cut.literal = ""
+    for pieces in (chunk(text, bounds), list(text), [text]):
+        assert run(spec, pieces) == run(searching, pieces)
