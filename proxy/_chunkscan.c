@@ -2,6 +2,7 @@
 
     scan(data: bytes, pos: int, layout: tuple[bytes, ...]) -> tuple[int, int, int, int, int, int]
     scan_tokens(data: bytes, pos: int, layout: tuple[bytes, ...]) -> int
+    scan_passed(data: bytes, pos: int, layout: tuple[bytes, ...], table: bytes) -> int
 
 From `pos` (the start of an HTTP chunk's size line in a backend read), the whole chunks
 that each hold one SSE event in one of vLLM's commonest forms, spelled for one stream by
@@ -19,7 +20,8 @@ start and end in `data` (-1, 0: none), the prompt and completion counts (-1, 0: 
 A second finish or usage chunk, and anything else (another event, a partial chunk, the
 last chunk, a size line it does not read), ends the scan, at the returned position, for
 the relay's general path. `scan_tokens` answers the relay's usual read (token chunks
-only) in one int, without the tuple: see its comment.
+only) in one int, without the tuple: see its comment. `scan_passed` is the guarded
+stream's: token chunks whose texts its guard would pass unchanged (chunkscan.scan_passed).
 
 This records what `StreamRelay.feed_chunks` and `ChunkFilter.observe` record of such
 events, without each event's copy, its latin-1 decoding and the calls between them;
@@ -178,10 +180,11 @@ static int read_usage(const unsigned char *event, Py_ssize_t size, const part *l
     return 1;
 }
 
-/* The end of the chunk at `pos` when its event is one of the forms above (its records
-   added to `found`); -1 otherwise. */
-static Py_ssize_t chunk_end(const unsigned char *data, Py_ssize_t n, Py_ssize_t pos,
-                            const part *layout, records *found)
+/* The chunk at `pos`, when it is whole in `data` and holds one event as vLLM sends it
+   (its only newline the first of its blank line): the event's start in `*start`, its size
+   in `*size`, and the chunk's end returned; -1 otherwise. */
+static Py_ssize_t event_chunk(const unsigned char *data, Py_ssize_t n, Py_ssize_t pos,
+                              Py_ssize_t *start_out, Py_ssize_t *size_out)
 {
     /* The size line: 1-8 hex digits and CRLF (chunk extensions are the parser's). */
     Py_ssize_t size = 0;
@@ -204,9 +207,24 @@ static Py_ssize_t chunk_end(const unsigned char *data, Py_ssize_t n, Py_ssize_t 
     const unsigned char *event = data + start;
     if (memchr(event, '\n', (size_t)size) != event + size - 2)
         return -1; /* another line before the blank line */
+    *start_out = start;
+    *size_out = size;
+    return end + 2;
+}
+
+/* The end of the chunk at `pos` when its event is one of the forms above (its records
+   added to `found`); -1 otherwise. */
+static Py_ssize_t chunk_end(const unsigned char *data, Py_ssize_t n, Py_ssize_t pos,
+                            const part *layout, records *found)
+{
+    Py_ssize_t start, size;
+    Py_ssize_t end = event_chunk(data, n, pos, &start, &size);
+    if (end < 0)
+        return -1;
+    const unsigned char *event = data + start;
     if (!read_choice(event, size, layout, start, found) && !read_usage(event, size, layout, found))
         return -1;
-    return end + 2;
+    return end;
 }
 
 /* The scan itself, for both entry points: `*pos` moved past the chunks it takes, what
@@ -296,6 +314,116 @@ static PyObject *scan_tokens(PyObject *module, PyObject *const *args, Py_ssize_t
     return PyLong_FromSsize_t(pos | (found.tokens << PACK_SHIFT));
 }
 
+/* GuardSpec.pass_table's values (stopwords.PASS_NEVER, PASS_CHECK) and its ASCII part. */
+#define PASS_NEVER 1
+#define PASS_CHECK 2
+#define PASS_ASCII 128
+/* chunkscan.LAST_SHIFT: the last text's last character's place in scan_passed's answer. */
+#define LAST_SHIFT (2 * PACK_SHIFT)
+
+static unsigned char folded(unsigned char c, int icase)
+{
+    return icase && c >= 'A' && c <= 'Z' ? (unsigned char)(c + ('a' - 'A')) : c;
+}
+
+/* Whether the guard's pass table passes `text` (a token's raw JSON string content), as
+   chunkscan.text_passes: ASCII with no escape, no PASS_NEVER character, and either no
+   PASS_CHECK one or no literal prefix beginning anywhere in it. */
+static int text_passes(const unsigned char *text, Py_ssize_t size, const unsigned char *table,
+                       Py_ssize_t table_size)
+{
+    int check = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        unsigned char c = text[i];
+        if (c >= PASS_ASCII || c == '\\')
+            return 0;
+        unsigned char kind = table[c];
+        if (kind == PASS_NEVER)
+            return 0;
+        check |= kind == PASS_CHECK;
+    }
+    if (!check)
+        return 1;
+    for (Py_ssize_t p = PASS_ASCII; p + 2 <= table_size;) {
+        int icase = table[p];
+        Py_ssize_t length = table[p + 1];
+        const unsigned char *literal = table + p + 2;
+        p += 2 + length;
+        if (length == 0 || p > table_size)
+            return 0; /* not a table GuardSpec writes: pass nothing */
+        for (Py_ssize_t at = 0; at < size; at++) {
+            if (folded(text[at], icase) != literal[0])
+                continue;
+            Py_ssize_t common = size - at < length ? size - at : length;
+            Py_ssize_t k = 1;
+            while (k < common && folded(text[at + k], icase) == literal[k])
+                k++;
+            if (k == common)
+                return 0; /* a match (or the start of one) may begin here */
+        }
+    }
+    return 1;
+}
+
+/* A guarded stream's token chunks that its idle guard passes unchanged, in one int: see
+   chunkscan.scan_passed. */
+static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) ||
+        PyTuple_GET_SIZE(args[2]) != PARTS || !PyBytes_Check(args[3]) ||
+        PyBytes_GET_SIZE(args[3]) < PASS_ASCII) {
+        PyErr_SetString(PyExc_TypeError, "scan_passed(data: bytes, pos: int, layout: 5 bytes in "
+                                         "a tuple, table: bytes of at least 128)");
+        return NULL;
+    }
+    PyObject *opening = PyTuple_GET_ITEM(args[2], OPENING);
+    PyObject *closing = PyTuple_GET_ITEM(args[2], CLOSING);
+    if (!PyBytes_Check(opening) || !PyBytes_Check(closing)) {
+        PyErr_SetString(PyExc_TypeError, "scan_passed: the layout's parts are bytes");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    if (pos < 0) {
+        PyErr_SetString(PyExc_ValueError, "scan_passed: pos must not be negative");
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const char *open_data = PyBytes_AS_STRING(opening);
+    Py_ssize_t open_size = PyBytes_GET_SIZE(opening);
+    const char *close_data = PyBytes_AS_STRING(closing);
+    Py_ssize_t close_size = PyBytes_GET_SIZE(closing);
+    const unsigned char *table = (const unsigned char *)PyBytes_AS_STRING(args[3]);
+    Py_ssize_t table_size = PyBytes_GET_SIZE(args[3]);
+    Py_ssize_t tokens = 0;
+    long long last = 0;
+    while (pos < n && tokens < PACK_LIMIT - 1) {
+        Py_ssize_t start, size;
+        Py_ssize_t end = event_chunk(data, n, pos, &start, &size);
+        if (end < 0 || end > PACK_LIMIT - 1)
+            break;
+        const unsigned char *event = data + start;
+        if (!at(event, size, 0, open_data, open_size))
+            break;
+        const unsigned char *quote =
+            memchr(event + open_size, '"', (size_t)(size - open_size));
+        if (quote == NULL)
+            break;
+        Py_ssize_t text_end = quote - event;
+        if (text_end == open_size || text_end != size - close_size ||
+            !at(event, size, text_end, close_data, close_size) ||
+            !text_passes(event + open_size, text_end - open_size, table, table_size))
+            break;
+        tokens++;
+        last = event[text_end - 1];
+        pos = end;
+    }
+    return PyLong_FromLongLong((long long)pos | ((long long)tokens << PACK_SHIFT) |
+                               (last << LAST_SHIFT));
+}
+
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(data, pos, layout): the position after vLLM's common chunks from pos, and "
@@ -303,6 +431,9 @@ static PyMethodDef methods[] = {
     {"scan_tokens", (PyCFunction)(void (*)(void))scan_tokens, METH_FASTCALL,
      "scan_tokens(data, pos, layout): scan's position | its tokens << 24, or -1 where the "
      "chunks held a finish reason or usage counts."},
+    {"scan_passed", (PyCFunction)(void (*)(void))scan_passed, METH_FASTCALL,
+     "scan_passed(data, pos, layout, table): the position after the token chunks an idle "
+     "guard passes | their count << 24 | the last text's last character << 48."},
     {NULL, NULL, 0, NULL},
 };
 

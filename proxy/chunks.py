@@ -19,7 +19,7 @@ from typing import Any, Final
 import orjson
 
 from . import lenientjson
-from .chunkscan import PACK_MASK, PACK_SHIFT, layout_of, scan, scan_tokens
+from .chunkscan import LAST_SHIFT, PACK_MASK, PACK_SHIFT, layout_of, scan, scan_passed, scan_tokens
 from .clock import monotonic
 from .exchange import Exchange
 from .sse import DONE_EVENT, SEPARATOR, data_of, event_data, is_done
@@ -66,6 +66,11 @@ _COMPLETION_TEXT: Final = re.compile(
 )
 
 
+# One-character strings of ASCII by code: indexed, where chr() is a builtin looked up and
+# called through the interpreter compiled (~400 instructions).
+_ASCII: Final = tuple(map(chr, range(128)))
+
+
 def _count_after(event: bytes, text: str, key: str, start: int) -> int:
     """The non-negative integer right after `key` (its first match from `start`); -1 when
     the key is absent or not followed by digits. `text` is `event` decoded as latin-1."""
@@ -95,6 +100,7 @@ class ChunkFilter:
         "_head",
         "_last_event",
         "_layout",
+        "_pass_table",
         "_template",
         "_token_end",
         "_token_opening",
@@ -148,10 +154,13 @@ class ChunkFilter:
         # This stream's chunk forms for `skip_common` (chunkscan.layout_of), once its
         # head is known; () until then.
         self._layout: tuple[bytes, ...] = ()
-        # Whether the relay may hand whole chunks to `skip_common`: only where `observe`
-        # is this class's (an endpoint's filter reads its own events) and no guard reads
-        # the text.
-        self.skips_common = type(self) is ChunkFilter and guard_spec is None
+        # Whether the relay may hand whole chunks to `skip_common` (no guard) or
+        # `skip_passed` (a guard whose pass_table tells what it passes): only where
+        # `observe` and `guarded` are this class's (an endpoint's filter reads its own).
+        self._pass_table = b"" if guard_spec is None else guard_spec.pass_table or b""
+        self.skips_common = type(self) is ChunkFilter and (
+            guard_spec is None or bool(self._pass_table)
+        )
 
     def _parse_event(self, event: bytes) -> bytes | None:
         """The full path: parse the chunk, guard each choice, rewrite when changed."""
@@ -468,6 +477,26 @@ class ChunkFilter:
             self.ex.prompt_tokens = prompt
             self.ex.completion_tokens = completion
         return end
+
+    def skip_passed(self, data: bytes, pos: int) -> int:
+        """`skip_common` of a guarded stream: from `pos`, the whole chunks that hold choice
+        0's token chunks in vLLM's literal form, with texts its guard passes unchanged
+        (`chunkscan.scan_passed`), recorded as `guarded` records each and sent on
+        unchanged. Only while the guard holds nothing and no other guard or hold is open
+        (then `guarded` parses or holds); returns `pos` otherwise, or where the first chunk
+        is something else."""
+        layout = self._layout
+        if not layout or self.reasoning_guards or self.tool_guards or self.detail_holds:
+            return pos
+        guard = self.guards.get(0)
+        if guard is None or not guard.idle() or 0 in self.finished:
+            return pos
+        packed = scan_passed(data, pos, layout, self._pass_table)
+        tokens = packed >> PACK_SHIFT & PACK_MASK
+        if tokens:
+            self._tokens(tokens)
+            guard.passed(_ASCII[packed >> LAST_SHIFT])
+        return packed & PACK_MASK
 
     def observe(self, event: bytes, text: str = "") -> bytes:
         """No guard: the event goes out unchanged. vLLM's common chunks are read by their

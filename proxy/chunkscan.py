@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from .native import c_function
+from .stopwords import PASS_CHECK, PASS_NEVER
 from .vllmshape import (
     CHAT_FINISH_CLOSING,
     CHAT_FINISH_MIDDLE,
@@ -28,6 +29,7 @@ from .vllmshape import (
 
 _scan_in_c: Final[Any] = c_function("_chunkscan", "scan")
 _scan_tokens_in_c: Final[Any] = c_function("_chunkscan", "scan_tokens")
+_scan_passed_in_c: Final[Any] = c_function("_chunkscan", "scan_passed")
 # Whether the scan runs in C (tests check it against the build).
 SCAN_IN_C: Final = _scan_in_c is not None
 
@@ -117,6 +119,76 @@ def scan_tokens(data: bytes, pos: int, layout: tuple[bytes, ...]) -> int:
     if reason_start >= 0 or prompt >= 0 or end > PACK_MASK or tokens > PACK_MASK:
         return -1
     return end | tokens << PACK_SHIFT
+
+
+# `scan_passed`'s answer also holds the last text's last character, above this shift.
+LAST_SHIFT: Final = 2 * PACK_SHIFT
+
+
+def scan_passed(data: bytes, pos: int, layout: tuple[bytes, ...], table: bytes) -> int:
+    """`scan_tokens` for a guarded stream whose guard holds nothing (`StreamGuard.idle`):
+    from `pos`, the whole chunks that each hold a token chunk of choice 0 in `layout`'s
+    form with a non-empty ASCII text, no escape in it, that the guard's `table`
+    (`GuardSpec.pass_table`) passes. In one int: the position after them | how many <<
+    PACK_SHIFT | the last text's last character << LAST_SHIFT (0: no chunk taken). The
+    guard would send each of them on unchanged; anything else (an empty text, a text it
+    may hold back or cut, a finish, usage) ends the scan, for `ChunkFilter.guarded`."""
+    if _scan_passed_in_c is not None:
+        packed: int = _scan_passed_in_c(data, pos, layout, table)
+        return packed
+    return scan_passed_in_python(data, pos, layout, table)
+
+
+def scan_passed_in_python(data: bytes, pos: int, layout: tuple[bytes, ...], table: bytes) -> int:
+    """`scan_passed` in Python: the pure build's, and what the C one is tested against."""
+    if pos < 0:
+        raise ValueError("scan_passed: pos must not be negative")
+    opening, closing = layout[0], layout[1]
+    n = len(data)
+    tokens = last = 0
+    while pos < n and tokens < PACK_MASK:
+        start, end = event_chunk(data, pos)
+        if start < 0 or end + 2 > PACK_MASK or data.find(b"\n", start, end) != end - 2:
+            break
+        text_start = start + len(opening)
+        quote = data.find(b'"', text_start, end) if data.startswith(opening, start, end) else -1
+        if (
+            quote <= text_start
+            or quote != end - len(closing)
+            or not data.startswith(closing, quote, end)
+            or not text_passes(data[text_start:quote], table)
+        ):
+            break
+        tokens += 1
+        last = data[quote - 1]
+        pos = end + 2
+    return pos | tokens << PACK_SHIFT | last << LAST_SHIFT
+
+
+def text_passes(text: bytes, table: bytes) -> bool:
+    """Whether `GuardSpec.pass_table` passes `text`, a token's raw JSON string content."""
+    check = False
+    for c in text:
+        if c >= 128 or c == 92:  # 92: a backslash, an escape
+            return False
+        kind = table[c]
+        if kind == PASS_NEVER:
+            return False
+        check = check or kind == PASS_CHECK
+    if not check:
+        return True
+    p = 128
+    while p + 2 <= len(table):
+        icase, size = table[p], table[p + 1]
+        literal = table[p + 2 : p + 2 + size]
+        p += 2 + size
+        folded = text.lower() if icase else text
+        at = folded.find(literal[:1])
+        while at >= 0:
+            if literal.startswith(folded[at : at + size]):
+                return False  # a match (or the start of one) may begin here
+            at = folded.find(literal[:1], at + 1)
+    return True
 
 
 def scan_in_python(

@@ -212,6 +212,7 @@ class StreamRelay(ReadTaker):
         sent = 0  # data[sent:pos] are unchanged chunks not yet written
         parts: list[bytes] | None = None  # only once an event changed
         skips = self._skips
+        guarded = self._guarded
         try:
             while pos < n:
                 if skips and ex.finish_reason is None:
@@ -219,7 +220,11 @@ class StreamRelay(ReadTaker):
                     # form: recorded and left as they are, in one call (chunkscan); the
                     # loop below reads the rest. Not after a finish reason: the scan takes
                     # the chunks after it with it, or they are another choice's.
-                    pos = chunk_filter.skip_common(data, pos)
+                    pos = (
+                        chunk_filter.skip_passed(data, pos)
+                        if guarded
+                        else chunk_filter.skip_common(data, pos)
+                    )
                     if pos >= n:
                         break
                 start, end = event_chunk(data, pos)

@@ -22,7 +22,7 @@ from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.eventfilter import NamedEventFilter
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.snapshot import StreamPolicy
-from sluice.proxy.stopwords import GuardSpec
+from sluice.proxy.stopwords import GuardSpec, RepetitionGuard
 from sluice.proxy.tgi import TgiStreamFilter
 
 from tests.proxy.test_relay_frames import SIZE_FORMATS, dechunk, relay_exchange
@@ -427,11 +427,13 @@ def test_the_filter_records_what_it_skips_once_it_knows_the_streams_head() -> No
     assert (ex.prompt_tokens, ex.completion_tokens) == (8, 2)
 
 
-def test_a_guarded_filter_or_an_endpoints_filter_skips_nothing() -> None:
-    """A guard reads every text; an endpoint's filter (TGI's, Anthropic's) rewrites or
-    reads every event in its own `observe`."""
+def test_a_guard_that_needs_more_than_a_text_or_an_endpoints_filter_skips_nothing() -> None:
+    """A repetition guard counts every word (a guard without one skips what it passes:
+    tests/proxy/test_guard_passes.py); an endpoint's filter (TGI's, Anthropic's) rewrites
+    or reads every event in its own `observe`."""
     ex = Exchange("r", 0.0)
-    assert not ChunkFilter(ex, True, GuardSpec(stop=("x",)), 1).skips_common
+    repetition = GuardSpec(stop=("x",), repetition=RepetitionGuard(2, 3))
+    assert not ChunkFilter(ex, True, repetition, 1).skips_common
     assert not TgiStreamFilter(ex, None, None, "", None).skips_common
     assert not NamedEventFilter(ex, None, None).skips_common
 
