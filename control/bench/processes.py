@@ -56,6 +56,16 @@ timeouts: {{first_token: 30s, inter_token: 5s, total: 300s}}
 """
 
 
+def write_policy_config(workdir: Path, model: str) -> Path:
+    """`--policy`'s config (POLICY_CONFIG for `model`) in a folder of its own under
+    `workdir`: the folder, for `sluice serve --config`."""
+    policy_dir = workdir / "policy"
+    policy_dir.mkdir()
+    stop = json.dumps(list(POLICY_STOP))
+    (policy_dir / "bench.yaml").write_text(POLICY_CONFIG.format(model=json.dumps(model), stop=stop))
+    return policy_dir
+
+
 def pdeathsig_setter() -> Callable[[], bool] | None:
     """A function that has the calling process SIGTERMed when its parent dies (even by
     SIGKILL); it returns whether the kernel took the request. None where prctl is
@@ -317,13 +327,7 @@ def start_targets(
         if args.config:
             serve_argv += ["--config", str(Path(args.config).resolve())]
         elif args.policy:
-            policy_dir = workdir / "policy"
-            policy_dir.mkdir()
-            stop = json.dumps(list(POLICY_STOP))
-            (policy_dir / "bench.yaml").write_text(
-                POLICY_CONFIG.format(model=json.dumps(args.model), stop=stop)
-            )
-            serve_argv += ["--config", str(policy_dir)]
+            serve_argv += ["--config", str(write_policy_config(workdir, args.model))]
         sluice = Child("sluice", sluice_argv(*serve_argv), workdir)
         children.append(sluice)
         proxy.wait_port(port)
