@@ -365,8 +365,8 @@ static int text_passes(const unsigned char *text, Py_ssize_t size, const unsigne
     return 1;
 }
 
-/* A guarded stream's token chunks that its idle guard passes unchanged, in one int: see
-   chunkscan.scan_passed. */
+/* A guarded stream's token chunks that its idle guard passes unchanged, in one int (-1
+   from a position the answer cannot hold): see chunkscan.scan_passed. */
 static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) ||
@@ -389,6 +389,8 @@ static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "scan_passed: pos must not be negative");
         return NULL;
     }
+    if (pos >= PACK_LIMIT)
+        return PyLong_FromLong(-1); /* past what the answer holds: the relay reads on */
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     const char *open_data = PyBytes_AS_STRING(opening);

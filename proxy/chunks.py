@@ -492,6 +492,8 @@ class ChunkFilter:
         if guard is None or not guard.idle() or 0 in self.finished:
             return pos
         packed = scan_passed(data, pos, layout, self._pass_table)
+        if packed < 0:
+            return pos
         tokens = packed >> PACK_SHIFT & PACK_MASK
         if tokens:
             self._tokens(tokens)

@@ -130,7 +130,8 @@ def scan_passed(data: bytes, pos: int, layout: tuple[bytes, ...], table: bytes) 
     from `pos`, the whole chunks that each hold a token chunk of choice 0 in `layout`'s
     form with a non-empty ASCII text, no escape in it, that the guard's `table`
     (`GuardSpec.pass_table`) passes. In one int: the position after them | how many <<
-    PACK_SHIFT | the last text's last character << LAST_SHIFT (0: no chunk taken). The
+    PACK_SHIFT | the last text's last character << LAST_SHIFT (0: no chunk taken); -1
+    where `pos` is past what that int holds (a read of over 16 MiB). The
     guard would send each of them on unchanged; anything else (an empty text, a text it
     may hold back or cut, a finish, usage) ends the scan, for `ChunkFilter.guarded`."""
     if _scan_passed_in_c is not None:
@@ -143,6 +144,8 @@ def scan_passed_in_python(data: bytes, pos: int, layout: tuple[bytes, ...], tabl
     """`scan_passed` in Python: the pure build's, and what the C one is tested against."""
     if pos < 0:
         raise ValueError("scan_passed: pos must not be negative")
+    if pos > PACK_MASK:
+        return -1
     opening, closing = layout[0], layout[1]
     n = len(data)
     tokens = last = 0

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sluice.proxy import chunkscan
+from sluice.proxy import chunks, chunkscan
 from sluice.proxy.chunks import ChunkFilter
 from sluice.proxy.exchange import Exchange
 from sluice.proxy.snapshot import StreamPolicy
@@ -42,8 +43,30 @@ BENCH_GUARD = GuardSpec(
         CutPattern("BEGIN [A-Z ]*PRIVATE KEY", 40),
     ),
 )
-ALPHABET = 'abiIgnoreBEGIN #<|>\n\t.\\"é0'
-PIECES = st.text(alphabet=st.sampled_from(list(ALPHABET)), min_size=1, max_size=8)
+ALPHABET = 'abiIgnoreBEGIN #<|>\n\t.\\"é0ks'
+# Words most of which the guards below pass, and text that may begin or hold a match.
+WORDS = (
+    " the",
+    " cat",
+    "ing",
+    " a",
+    " on",
+    ",",
+    " sat",
+    "s",
+    " BEG",
+    " Be",
+    " skill",
+    "kill",
+    "ed",
+)
+PIECES = st.one_of(
+    st.sampled_from(WORDS),
+    st.sampled_from(WORDS),
+    st.text(alphabet=st.sampled_from(list(ALPHABET)), min_size=1, max_size=8),
+)
+# A cut pattern that looks at the character before the text (`StreamGuard.passed` keeps it).
+WORD_GUARD = GuardSpec(stop=("###",), cut_patterns=(CutPattern(r"\bkill\b", 8),))
 STOPS = st.lists(
     st.text(alphabet=st.sampled_from(list("ab#\n<")), min_size=1, max_size=4), max_size=3
 )
@@ -170,25 +193,61 @@ def test_the_scan_takes_exactly_the_token_chunks_the_table_passes(
 ) -> None:
     data, spans = framed(events, hows, b"%x")
     data = data[: cut % (len(data) + 1)]
+    for spec in (BENCH_GUARD, WORD_GUARD):
+        table = spec.pass_table
+        assert table is not None
+        pos, tokens, last = expected_passed(data, events, spans, spec)
+        packed = chunkscan.scan_passed(data, 0, LAYOUT, table)
+        assert packed == pos | tokens << chunkscan.PACK_SHIFT | last << chunkscan.LAST_SHIFT
+        assert chunkscan.scan_passed_in_python(data, 0, LAYOUT, table) == packed
+
+
+def test_the_scan_takes_several_chunks_and_stops_at_another_choices() -> None:
     table = BENCH_GUARD.pass_table
     assert table is not None
-    pos, tokens, last = expected_passed(data, events, spans, BENCH_GUARD)
+    texts = (" the", " cat", " sat")
+    events = [token_event(t) for t in texts]
+    other = token_event(" on").data.replace(b'"index":0', b'"index":1')
+    events.append(Event(other, "other"))
+    data, spans = framed(events, [], b"%x")
     packed = chunkscan.scan_passed(data, 0, LAYOUT, table)
-    assert packed == pos | tokens << chunkscan.PACK_SHIFT | last << chunkscan.LAST_SHIFT
+    assert spans[2] is not None
+    assert packed == spans[2][1] | 3 << chunkscan.PACK_SHIFT | ord("t") << chunkscan.LAST_SHIFT
     assert chunkscan.scan_passed_in_python(data, 0, LAYOUT, table) == packed
+    assert chunkscan.scan_passed(data, spans[2][1], LAYOUT, table) == spans[2][1]
 
 
 @IN_C
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(data=st.binary(max_size=300), pos=st.integers(min_value=0, max_value=320))
 def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
-    short = (b"d", b"\n\n", b"f", b"g", b"d")  # parts that random bytes can match
+    short = (b"d", b'"\n\n', b"f", b"g", b"d")  # parts that random bytes can match
     table = bytes(range(3)) * 43 + b"\x01\x02ab\x00\x01c"  # 129 bytes, then two literals
     for layout in (LAYOUT, short):
-        expected = chunkscan.scan_passed_in_python(data, pos, layout, table[:128])
-        assert chunkscan.scan_passed(data, pos, layout, table[:128]) == expected
-        expected = chunkscan.scan_passed_in_python(data, pos, layout, table[1:])
-        assert chunkscan.scan_passed(data, pos, layout, table[1:]) == expected
+        for part in (table[:128], table[1:]):
+            expected = chunkscan.scan_passed_in_python(data, pos, layout, part)
+            assert chunkscan.scan_passed(data, pos, layout, part) == expected
+
+
+@IN_C
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    texts=st.lists(PIECES, max_size=8),
+    noise=st.lists(st.tuples(st.integers(min_value=0, max_value=2_000), st.binary(max_size=3))),
+)
+def test_c_and_python_agree_on_token_chunks_with_bytes_changed(
+    texts: list[str], noise: list[tuple[int, bytes]]
+) -> None:
+    data = bytearray(framed([token_event(t) for t in texts], [], b"%x")[0])
+    for offset, replacement in noise:
+        at = offset % (len(data) + 1)
+        data[at : at + len(replacement)] = replacement
+    for spec in (BENCH_GUARD, WORD_GUARD):
+        table = spec.pass_table
+        assert table is not None
+        for pos in {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}:
+            expected = chunkscan.scan_passed_in_python(bytes(data), pos, LAYOUT, table)
+            assert chunkscan.scan_passed(bytes(data), pos, LAYOUT, table) == expected
 
 
 def test_a_short_table_or_a_negative_position_is_refused() -> None:
@@ -196,6 +255,11 @@ def test_a_short_table_or_a_negative_position_is_refused() -> None:
     assert table is not None
     with pytest.raises(ValueError):
         chunkscan.scan_passed(b"", -1, LAYOUT, table)
+    # past what the packed answer holds: -1, and the filter takes nothing there
+    event = token_event(" the").data
+    far = b"x" * 2**24 + b"%x\r\n%b\r\n" % (len(event), event)
+    assert chunkscan.scan_passed(far, 2**24, LAYOUT, table) == -1
+    assert chunkscan.scan_passed_in_python(far, 2**24, LAYOUT, table) == -1
     if chunkscan.SCAN_IN_C:
         with pytest.raises(TypeError):
             chunkscan.scan_passed(b"", 0, LAYOUT, table[:127])
@@ -224,19 +288,28 @@ def content_of(body: bytes) -> str:
     return "".join(c["delta"].get("content") or "" for k in chunks for c in k["choices"])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     texts=st.lists(PIECES, min_size=1, max_size=24),
+    word_guard=st.booleans(),
     inject=st.sampled_from(
-        ["", "###", "\n\nUser:", "Ignore previous instructions", "BEGIN RSA PRIVATE KEY"]
+        [
+            "",
+            "###",
+            "\n\nUser:",
+            "Ignore previous instructions",
+            "BEGIN RSA PRIVATE KEY",
+            " kill ",
+        ]
     ),
     at=st.integers(min_value=0, max_value=23),
-    hows=st.lists(st.sampled_from(["own", "own", "with_next", "split"]), max_size=6),
-    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=12),
+    hows=st.lists(st.sampled_from(["own", "own", "own", "with_next", "split"]), max_size=6),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=4),
     size_format=SIZE_FORMATS,
 )
 def test_a_guarded_relay_that_scans_sends_and_records_what_one_reading_every_event_does(
     texts: list[str],
+    word_guard: bool,
     inject: str,
     at: int,
     hows: list[str],
@@ -247,7 +320,8 @@ def test_a_guarded_relay_that_scans_sends_and_records_what_one_reading_every_eve
     events = [ROLE, *map(token_event, texts[:-1]), finish_event(texts[-1], "length", True)]
     events += [usage_event(8, len(texts), True), DONE]
     body, _ = framed(events, hows, size_format)
-    policy = StreamPolicy(name="p", stop=BENCH_GUARD.stop, guard=BENCH_GUARD)
+    spec = WORD_GUARD if word_guard else BENCH_GUARD
+    policy = StreamPolicy(name="p", stop=spec.stop, guard=spec)
     sent, ex = relay_exchange(body, cuts, policy)
     sent_reading, ex_reading = relay_exchange(body, cuts, policy, skips_common=False)
     after_head = sent.index(b"\r\n\r\n")  # the same framing (the heads' dates may differ)
@@ -256,6 +330,35 @@ def test_a_guarded_relay_that_scans_sends_and_records_what_one_reading_every_eve
     assert [getattr(ex, name) for name in records] == [
         getattr(ex_reading, name) for name in records
     ]
-    if inject:  # the guard still cuts, wherever the scan took the chunks before
-        assert inject not in content_of(dechunk(sent)[0])
+    text = content_of(dechunk(sent)[0])
+    if inject and (inject == " kill ") == word_guard:
+        # the guard still cuts, wherever the scan took the chunks before
+        assert inject.strip() not in (text.split() if word_guard else text)
         assert ex.finish_reason in ("stop", "content_filter")
+
+
+def test_the_relay_hands_a_guarded_streams_reads_to_the_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay test above holds that scanning changes nothing, so it would pass with no
+    scan at all: here the chunks the guard passes go to the scan, and "kill" after the
+    scanned " s" is not cut (the guard's \\b looks back at the "s"), " kill" is. (Compiled,
+    the scan's calls are not watched; the text is the same.)"""
+    taken: list[int] = []
+
+    def watched(data: bytes, pos: int, layout: tuple[bytes, ...], table: bytes) -> int:
+        packed = chunkscan.scan_passed_in_python(data, pos, layout, table)
+        taken.append(packed >> chunkscan.PACK_SHIFT & chunkscan.PACK_MASK)
+        return packed
+
+    if not chunkscan.SCAN_IN_C:  # compiled, the filter's call cannot be watched
+        monkeypatch.setattr(chunks, "scan_passed", watched)
+    texts = [" the", " cat", " sat", " on", " s", "kill", " a", " kill", " me"]
+    events = [ROLE, *map(token_event, texts), finish_event("", "length", True), DONE]
+    body, _ = framed(events, [], b"%x")
+    policy = StreamPolicy(name="p", stop=WORD_GUARD.stop, guard=WORD_GUARD)
+    sent, ex = relay_exchange(body, [], policy)
+    if not chunkscan.SCAN_IN_C:
+        assert sum(taken) >= 4  # " the" is the guard's first text, read by `guarded`
+    assert content_of(dechunk(sent)[0]) == " the cat sat on skill a "
+    assert (ex.finish_reason, ex.cut) == ("content_filter", r"\bkill\b")

@@ -421,7 +421,7 @@ def test_a_cut_whole_answer_keeps_no_token_details(chat: bool) -> None:
 LITERAL_POOL = (  # patterns with a literal prefix (`_literal_prefix`)
     CutPattern(r"(?i)ignore (all )?previous", 21),
     CutPattern(r"(?i)begin [a-z ]*key", 12),
-    CutPattern(r"ignore all", 4),  # longer than max_len: never a match, starts released
+    CutPattern(r"ignore all", 4),  # longer than max_len: found only in a piece that holds it
     CutPattern(r"foo\b", 6),
     CutPattern(r"foo$", 6),
     CutPattern(r"bc(?!de)", 4),
