@@ -254,13 +254,24 @@ def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
 def test_c_and_python_agree_on_framed_events_with_bytes_changed(
     events: list[Event], noise: list[tuple[int, bytes]]
 ) -> None:
-    data = bytearray(framed(events, [], b"%x")[0])
+    data = changed(framed(events, [], b"%x")[0], noise)
+    for pos in chunk_starts(data):
+        found = chunkscan.scan(data, pos, LAYOUT)
+        assert found == chunkscan.scan_in_python(data, pos, LAYOUT)
+
+
+def changed(data: bytes, noise: list[tuple[int, bytes]]) -> bytes:
+    """`data` with each (offset, replacement) of `noise` written over it, in turn."""
+    out = bytearray(data)
     for offset, replacement in noise:
-        at = offset % (len(data) + 1)
-        data[at : at + len(replacement)] = replacement
-    for pos in {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}:
-        found = chunkscan.scan(bytes(data), pos, LAYOUT)
-        assert found == chunkscan.scan_in_python(bytes(data), pos, LAYOUT)
+        at = offset % (len(out) + 1)
+        out[at : at + len(replacement)] = replacement
+    return bytes(out)
+
+
+def chunk_starts(data: bytes) -> set[int]:
+    """0 and every position after a CRLF where a hex digit follows: where a size line may be."""
+    return {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}
 
 
 def _size_line(length: int, zeros: int, upper: list[bool]) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +24,8 @@ from tests.proxy.test_chunkscan import (
     LAYOUT,
     ROLE,
     Event,
+    changed,
+    chunk_starts,
     finish_event,
     framed,
     token_event,
@@ -238,16 +239,13 @@ def test_c_and_python_agree_on_any_bytes(data: bytes, pos: int) -> None:
 def test_c_and_python_agree_on_token_chunks_with_bytes_changed(
     texts: list[str], noise: list[tuple[int, bytes]]
 ) -> None:
-    data = bytearray(framed([token_event(t) for t in texts], [], b"%x")[0])
-    for offset, replacement in noise:
-        at = offset % (len(data) + 1)
-        data[at : at + len(replacement)] = replacement
+    data = changed(framed([token_event(t) for t in texts], [], b"%x")[0], noise)
     for spec in (BENCH_GUARD, WORD_GUARD):
         table = spec.pass_table
         assert table is not None
-        for pos in {0} | {m.end() for m in re.finditer(rb"\r\n(?=[0-9a-fA-F])", data)}:
-            expected = chunkscan.scan_passed_in_python(bytes(data), pos, LAYOUT, table)
-            assert chunkscan.scan_passed(bytes(data), pos, LAYOUT, table) == expected
+        for pos in chunk_starts(data):
+            expected = chunkscan.scan_passed_in_python(data, pos, LAYOUT, table)
+            assert chunkscan.scan_passed(data, pos, LAYOUT, table) == expected
 
 
 def test_a_short_table_or_a_negative_position_is_refused() -> None:
