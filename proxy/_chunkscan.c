@@ -115,22 +115,34 @@ static int object_ends(const unsigned char *event, Py_ssize_t size, Py_ssize_t p
            memcmp(event + p, OBJECT_END, (size_t)LITERAL_SIZE(OBJECT_END)) == 0;
 }
 
+/* Where the text after the token opening ends (at the next quote): -1 when the event does
+   not begin with `opening` or has no quote after it. */
+static Py_ssize_t text_end_after(const unsigned char *event, Py_ssize_t size, const part *opening)
+{
+    if (!at(event, size, 0, opening->data, opening->size))
+        return -1;
+    const unsigned char *quote =
+        memchr(event + opening->size, '"', (size_t)(size - opening->size));
+    return quote == NULL ? -1 : quote - event;
+}
+
+/* Whether the rest of the event, from the text's end, is the token closing: a token chunk. */
+static int token_closes(const unsigned char *event, Py_ssize_t size, Py_ssize_t text_end,
+                        const part *closing)
+{
+    return text_end == size - closing->size && at(event, size, text_end, closing->data, closing->size);
+}
+
 /* A token chunk or the choice's last chunk; its records added. 0: neither. `base`: the
    event's position in the read, for the reason's span. */
 static int read_choice(const unsigned char *event, Py_ssize_t size, const part *layout,
                        Py_ssize_t base, records *found)
 {
-    const part *opening = &layout[OPENING];
-    if (!at(event, size, 0, opening->data, opening->size))
+    Py_ssize_t text_start = layout[OPENING].size;
+    Py_ssize_t text_end = text_end_after(event, size, &layout[OPENING]);
+    if (text_end < 0)
         return 0;
-    Py_ssize_t text_start = opening->size;
-    const unsigned char *quote =
-        memchr(event + text_start, '"', (size_t)(size - text_start));
-    if (quote == NULL)
-        return 0;
-    Py_ssize_t text_end = quote - event;
-    const part *closing = &layout[CLOSING];
-    if (text_end == size - closing->size && at(event, size, text_end, closing->data, closing->size)) {
+    if (token_closes(event, size, text_end, &layout[CLOSING])) {
         found->tokens += text_end > text_start;
         return 1;
     }
@@ -376,12 +388,14 @@ static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t
                                          "a tuple, table: bytes of at least 128)");
         return NULL;
     }
-    PyObject *opening = PyTuple_GET_ITEM(args[2], OPENING);
-    PyObject *closing = PyTuple_GET_ITEM(args[2], CLOSING);
-    if (!PyBytes_Check(opening) || !PyBytes_Check(closing)) {
+    PyObject *opening_item = PyTuple_GET_ITEM(args[2], OPENING);
+    PyObject *closing_item = PyTuple_GET_ITEM(args[2], CLOSING);
+    if (!PyBytes_Check(opening_item) || !PyBytes_Check(closing_item)) {
         PyErr_SetString(PyExc_TypeError, "scan_passed: the layout's parts are bytes");
         return NULL;
     }
+    const part opening = {PyBytes_AS_STRING(opening_item), PyBytes_GET_SIZE(opening_item)};
+    const part closing = {PyBytes_AS_STRING(closing_item), PyBytes_GET_SIZE(closing_item)};
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred())
         return NULL;
@@ -393,10 +407,6 @@ static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t
         return PyLong_FromLong(-1); /* past what the answer holds: the relay reads on */
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    const char *open_data = PyBytes_AS_STRING(opening);
-    Py_ssize_t open_size = PyBytes_GET_SIZE(opening);
-    const char *close_data = PyBytes_AS_STRING(closing);
-    Py_ssize_t close_size = PyBytes_GET_SIZE(closing);
     const unsigned char *table = (const unsigned char *)PyBytes_AS_STRING(args[3]);
     Py_ssize_t table_size = PyBytes_GET_SIZE(args[3]);
     Py_ssize_t tokens = 0;
@@ -407,16 +417,9 @@ static PyObject *scan_passed(PyObject *module, PyObject *const *args, Py_ssize_t
         if (end < 0 || end > PACK_LIMIT - 1)
             break;
         const unsigned char *event = data + start;
-        if (!at(event, size, 0, open_data, open_size))
-            break;
-        const unsigned char *quote =
-            memchr(event + open_size, '"', (size_t)(size - open_size));
-        if (quote == NULL)
-            break;
-        Py_ssize_t text_end = quote - event;
-        if (text_end == open_size || text_end != size - close_size ||
-            !at(event, size, text_end, close_data, close_size) ||
-            !text_passes(event + open_size, text_end - open_size, table, table_size))
+        Py_ssize_t text_end = text_end_after(event, size, &opening);
+        if (text_end <= opening.size || !token_closes(event, size, text_end, &closing) ||
+            !text_passes(event + opening.size, text_end - opening.size, table, table_size))
             break;
         tokens++;
         last = event[text_end - 1];

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from .native import c_function
-from .stopwords import PASS_CHECK, PASS_NEVER
+from .stopwords import PASS_CHECK, PASS_NEVER, literal_start
 from .vllmshape import (
     CHAT_FINISH_CLOSING,
     CHAT_FINISH_MIDDLE,
@@ -154,11 +154,10 @@ def scan_passed_in_python(data: bytes, pos: int, layout: tuple[bytes, ...], tabl
         if start < 0 or end + 2 > PACK_MASK or data.find(b"\n", start, end) != end - 2:
             break
         text_start = start + len(opening)
-        quote = data.find(b'"', text_start, end) if data.startswith(opening, start, end) else -1
+        quote = _text_end_after(data, start, end, opening)
         if (
             quote <= text_start
-            or quote != end - len(closing)
-            or not data.startswith(closing, quote, end)
+            or not _token_closes(data, quote, end, closing)
             or not text_passes(data[text_start:quote], table)
         ):
             break
@@ -186,12 +185,22 @@ def text_passes(text: bytes, table: bytes) -> bool:
         literal = table[p + 2 : p + 2 + size]
         p += 2 + size
         folded = text.lower() if icase else text
-        at = folded.find(literal[:1])
-        while at >= 0:
-            if literal.startswith(folded[at : at + size]):
-                return False  # a match (or the start of one) may begin here
-            at = folded.find(literal[:1], at + 1)
+        if literal_start(folded.decode("ascii"), literal.decode("ascii")) != -1:
+            return False  # a match (or the start of one) may begin here
     return True
+
+
+def _text_end_after(data: bytes, start: int, end: int, opening: bytes) -> int:
+    """Where the text after the token opening ends (at the next quote) in the event
+    data[start:end]: -1 when it does not begin with `opening` or has no quote after it."""
+    if not data.startswith(opening, start, end):
+        return -1
+    return data.find(b'"', start + len(opening), end)
+
+
+def _token_closes(data: bytes, text_end: int, end: int, closing: bytes) -> bool:
+    """Whether the rest of the event, from the text's end, is the token closing."""
+    return text_end == end - len(closing) and data.startswith(closing, text_end, end)
 
 
 def scan_in_python(
@@ -211,9 +220,9 @@ def scan_in_python(
         # A token chunk, or the choice's last one.
         read = False
         text_start = start + len(opening)
-        quote = data.find(b'"', text_start, end) if data.startswith(opening, start, end) else -1
+        quote = _text_end_after(data, start, end, opening)
         if quote >= 0:
-            if quote == end - len(closing) and data.startswith(closing, quote, end):
+            if _token_closes(data, quote, end, closing):
                 tokens += quote > text_start
                 read = True
             elif reason_start < 0 and data.startswith(middle, quote, end):

@@ -48,7 +48,7 @@ _WORD: Final = re.compile(r"\S+")  # \S and str.split() share one definition of 
 PASS_SAFE: Final = 0
 PASS_NEVER: Final = 1
 PASS_CHECK: Final = 2
-_LITERAL_WHOLE: Final = -2  # _literal_start: the literal prefix is whole in the text
+_LITERAL_WHOLE: Final = -2  # literal_start: the literal prefix is whole in the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +256,7 @@ class GuardSpec:
         for literal, icase in literals:
             if icase:
                 lower = lower or piece.lower()
-            if _literal_start(lower if icase else piece, literal) != -1:
+            if literal_start(lower if icase else piece, literal) != -1:
                 return False
         return True
 
@@ -429,7 +429,7 @@ class StreamGuard:
                 # instructions (a held "\n" or "i" brings most events here).
                 if cut.icase:
                     lower = lower or buf.lower()
-                at = _literal_start(lower if cut.icase else buf, cut.literal)
+                at = literal_start(lower if cut.icase else buf, cut.literal)
                 if at != _LITERAL_WHOLE and (at < 0 or final or n - at < cut.max_len):
                     if at >= 0 and not final and at * k + rank < pend:
                         pend = at * k + rank
@@ -528,7 +528,7 @@ def _all_in(chars: set[str], piece: str) -> bool:
     return all(ch in chars for ch in piece)
 
 
-def _literal_start(text: str, literal: str) -> int:
+def literal_start(text: str, literal: str) -> int:
     """Where in `text` (lower-cased where the cut pattern ignores case) its literal prefix
     `literal` first begins: _LITERAL_WHOLE where it is whole there (a match may begin: the
     regular expression decides); else the first position from which the rest of `text` is
@@ -552,4 +552,14 @@ def _word_end(piece: str, k: int) -> int:
     raise AssertionError("unreachable: piece.split() and \\S+ disagree")
 
 
-__all__ = ["CutPattern", "GuardResult", "GuardSpec", "RepetitionGuard", "StreamGuard"]
+__all__ = [
+    "PASS_CHECK",
+    "PASS_NEVER",
+    "PASS_SAFE",
+    "CutPattern",
+    "GuardResult",
+    "GuardSpec",
+    "RepetitionGuard",
+    "StreamGuard",
+    "literal_start",
+]
